@@ -1,0 +1,21 @@
+//! Umbra's policy core: the data model (identities, services, service policies), the compiled
+//! index that answers "may this identity dial or bind this service", and the declarative
+//! document that describes a whole desired state.
+//!
+//! This crate decides; it never does I/O. It has no async runtime, no sockets and never reads the
+//! clock or a random source: time (`Timestamp`) and identifiers are arguments, so that every
+//! decision can be unit-tested, property-tested and fuzzed without a network. The controller
+//! validates and compiles policy with it, and the routers and gateways enforce with it.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod model;
+mod name;
+mod selector;
+
+pub use model::{
+    Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,
+    Service, ServicePolicy, State, Timestamp,
+};
+pub use name::{Name, NameError, MAX_NAME_LEN};
+pub use selector::{Selector, SelectorError};

@@ -1,0 +1,6 @@
+//! Umbra's wire messages: what the controller sends routers on the control channel (a full
+//! snapshot, then ordered deltas) and what clients send routers at the start of a stream.
+//!
+//! Pure data and framing: no sockets, no runtime. Every decoder bounds what a peer can make it
+//! allocate and refuses unknown versions instead of guessing.
+#![forbid(unsafe_code)]
