@@ -1,1 +1,23 @@
-//! placeholder
+//! The Umbra controller: the certificate authority and the source of truth.
+//!
+//! It enrolls every identity with its own short-lived X.509 certificate (one-time token plus
+//! CSR; the private key never leaves the enrollee), stores identities, services and service
+//! policies in SQLite, serves the management API to admins over mutual TLS, and pushes every
+//! committed change to routers over the control channel, revocations included.
+//!
+//! It must never: issue a certificate whose subject or SANs the requester chose, accept a token
+//! twice, authorize by anything but the certificate a handshake verified, or publish a change it
+//! has not durably committed.
+#![forbid(unsafe_code)]
+
+pub mod api;
+mod clock;
+mod core;
+mod error;
+mod server;
+mod store;
+
+pub use clock::{to_timestamp, Clock};
+pub use core::{files, init, Actor, Controller, ControllerConfig, RevokedSerials};
+pub use error::ControllerError;
+pub use server::{Server, ALPN};

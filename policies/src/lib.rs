@@ -9,13 +9,29 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod apply;
+mod decision;
+mod doc;
+mod error;
+mod index;
 mod model;
 mod name;
+mod plan;
+mod rules;
 mod selector;
+#[cfg(test)]
+mod testing;
+
+pub use apply::apply_plan;
+pub use decision::{Deny, Explanation, Permit};
+pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};
+pub use error::{DocError, DocErrorKind, Entity};
+pub use index::Index;
 
 pub use model::{
     Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,
     Service, ServicePolicy, State, Timestamp,
 };
 pub use name::{Name, NameError, MAX_NAME_LEN};
+pub use plan::{plan, Change, Plan};
 pub use selector::{Selector, SelectorError};

@@ -366,6 +366,15 @@ impl Semantic {
     }
 }
 
+impl fmt::Display for Semantic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Semantic::AnyOf => "anyOf",
+            Semantic::AllOf => "allOf",
+        })
+    }
+}
+
 /// A service policy: which identities may dial (or bind) which services.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -4,3 +4,14 @@
 //! Pure data and framing: no sockets, no runtime. Every decoder bounds what a peer can make it
 //! allocate and refuses unknown versions instead of guessing.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod control;
+pub mod frame;
+
+pub use control::{
+    ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, Snapshot,
+    CONTROL_PROTOCOL_VERSION,
+};
+pub use frame::{encode, FrameDecoder, FrameError, MAX_CONTROL_FRAME};

@@ -1,0 +1,403 @@
+//! Durable state in SQLite: the model, enrollment tokens, issued certificates, the ordered change
+//! log that the control channel replays, and the audit log.
+//!
+//! Every write is one transaction that persists the model changes, appends them to the change log
+//! with their sequence numbers, and records the audit entries, so either all of a command takes
+//! effect or none of it does. WAL with `synchronous=FULL`: a committed write survives a crash.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension, Transaction};
+use umbra_policies::{Identity, IdentityId, Service, ServicePolicy, State, Timestamp};
+use umbra_proto::api::{AuditEntry, CertInfo};
+use umbra_proto::{ChangeEvent, Delta, Replica, RevokedCert, RouterInfo};
+
+use crate::error::ControllerError;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS identities (id TEXT PRIMARY KEY, name TEXT NOT NULL UNIQUE, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS services (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS policies (name TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS routers (id TEXT PRIMARY KEY, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS tokens (
+    jti TEXT PRIMARY KEY, identity_id TEXT NOT NULL, issued_at INTEGER NOT NULL,
+    expires_at INTEGER NOT NULL, used_at INTEGER);
+CREATE INDEX IF NOT EXISTS tokens_identity ON tokens (identity_id);
+CREATE TABLE IF NOT EXISTS certs (
+    serial TEXT PRIMARY KEY, identity_id TEXT NOT NULL, issued_at INTEGER NOT NULL,
+    not_after INTEGER NOT NULL, revoked_at INTEGER);
+CREATE INDEX IF NOT EXISTS certs_identity ON certs (identity_id);
+CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS audit (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL,
+    action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
+";
+
+/// An audit record before it is stored.
+#[derive(Debug, Clone)]
+pub struct AuditRecord {
+    /// Who acted: a SPIFFE id, or `controller`.
+    pub actor: String,
+    /// What was done, e.g. `identity.create`.
+    pub action: &'static str,
+    /// On what.
+    pub target: String,
+    /// Details as JSON; never a secret.
+    pub detail: serde_json::Value,
+}
+
+/// Bookkeeping that is not part of the replicated model.
+#[derive(Debug, Clone)]
+pub enum Record {
+    /// A new enrollment token; earlier unused tokens of the same identity stop working.
+    Token { jti: String, identity: IdentityId, expires_at: Timestamp },
+    /// A token was spent.
+    TokenUsed { jti: String },
+    /// A certificate was issued.
+    Cert { serial: String, identity: IdentityId, not_after: Timestamp },
+}
+
+/// Everything one command writes.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Model changes, replicated to routers in this order.
+    pub changes: Vec<ChangeEvent>,
+    /// Local bookkeeping.
+    pub records: Vec<Record>,
+    /// Audit entries.
+    pub audit: Vec<AuditRecord>,
+}
+
+impl Batch {
+    /// Whether the batch writes nothing at all.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty() && self.records.is_empty() && self.audit.is_empty()
+    }
+}
+
+/// A token row.
+#[derive(Debug, Clone)]
+pub struct TokenRow {
+    /// The identity it enrolls.
+    pub identity: IdentityId,
+    /// When it was spent or superseded by a newer token, if it was.
+    pub used_at: Option<Timestamp>,
+}
+
+/// The SQLite store.
+pub struct Store {
+    conn: Connection,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+fn ts(v: i64) -> Timestamp {
+    Timestamp(u64::try_from(v).unwrap_or(0))
+}
+
+fn sql_ts(t: Timestamp) -> i64 {
+    i64::try_from(t.0).unwrap_or(i64::MAX)
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, ControllerError> {
+        let conn = Connection::open(path)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { conn })
+    }
+
+    /// Reads a metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, ControllerError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// Writes a metadata value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), ControllerError> {
+        self.conn.execute(
+            "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
+    /// Loads everything the controller keeps in memory.
+    pub fn load(&self, epoch: String, now: Timestamp) -> Result<Replica, ControllerError> {
+        let mut state = State::default();
+        let mut stmt = self.conn.prepare("SELECT body FROM identities")?;
+        for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let i: Identity = serde_json::from_str(&body?)?;
+            state.identities.insert(i.id.clone(), i);
+        }
+        let mut stmt = self.conn.prepare("SELECT body FROM services")?;
+        for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let s: Service = serde_json::from_str(&body?)?;
+            state.services.insert(s.name.clone(), s);
+        }
+        let mut stmt = self.conn.prepare("SELECT body FROM policies")?;
+        for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let p: ServicePolicy = serde_json::from_str(&body?)?;
+            state.policies.insert(p.name.clone(), p);
+        }
+        let mut replica = Replica { epoch, seq: self.last_seq()?, state, ..Default::default() };
+        let mut stmt = self.conn.prepare("SELECT body FROM routers")?;
+        for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
+            let r: RouterInfo = serde_json::from_str(&body?)?;
+            replica.routers.insert(r.id.clone(), r);
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT serial, identity_id, not_after FROM certs WHERE revoked_at IS NOT NULL AND not_after > ?1",
+        )?;
+        let rows = stmt.query_map([sql_ts(now)], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+        })?;
+        for row in rows {
+            let (serial, identity, not_after) = row?;
+            let identity = IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            replica
+                .revoked
+                .insert(serial.clone(), RevokedCert { serial, identity, not_after: ts(not_after) });
+        }
+        Ok(replica)
+    }
+
+    /// The sequence number of the last committed change (0 when there is none).
+    pub fn last_seq(&self) -> Result<u64, ControllerError> {
+        let seq: Option<i64> = self.conn.query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
+        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    }
+
+    /// The changes after `seq`, in order, or `None` when they are no longer all kept.
+    pub fn changes_since(&self, seq: u64) -> Result<Option<Vec<Delta>>, ControllerError> {
+        let first: Option<i64> = self.conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0))?;
+        let last = self.last_seq()?;
+        if seq > last {
+            return Ok(None);
+        }
+        if seq < last && first.is_some_and(|f| u64::try_from(f).unwrap_or(0) > seq + 1) {
+            return Ok(None);
+        }
+        let mut stmt = self.conn.prepare("SELECT seq, at, body FROM changes WHERE seq > ?1 ORDER BY seq")?;
+        let rows = stmt.query_map([i64::try_from(seq).unwrap_or(i64::MAX)], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (seq, at, body) = row?;
+            out.push(Delta {
+                seq: u64::try_from(seq).unwrap_or(0),
+                at: ts(at),
+                change: serde_json::from_str(&body)?,
+            });
+        }
+        Ok(Some(out))
+    }
+
+    /// Looks up a token by its nonce.
+    pub fn token(&self, jti: &str) -> Result<Option<TokenRow>, ControllerError> {
+        let row = self
+            .conn
+            .query_row("SELECT identity_id, used_at FROM tokens WHERE jti = ?1", [jti], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+            })
+            .optional()?;
+        let Some((identity, used_at)) = row else { return Ok(None) };
+        let identity = IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+        Ok(Some(TokenRow { identity, used_at: used_at.map(ts) }))
+    }
+
+    /// The identity a certificate was issued to, and whether it was revoked.
+    pub fn cert_owner(&self, serial: &str) -> Result<Option<(IdentityId, bool)>, ControllerError> {
+        let row = self
+            .conn
+            .query_row(
+                "SELECT identity_id, revoked_at IS NOT NULL FROM certs WHERE serial = ?1",
+                [serial],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, bool>(1)?)),
+            )
+            .optional()?;
+        row.map(|(id, revoked)| {
+            IdentityId::new(id).map(|id| (id, revoked)).map_err(|e| ControllerError::Corrupt(e.to_string()))
+        })
+        .transpose()
+    }
+
+    /// Certificates issued to an identity, newest first.
+    pub fn certs_of(&self, identity: &IdentityId) -> Result<Vec<CertInfo>, ControllerError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT serial, issued_at, not_after, revoked_at IS NOT NULL FROM certs WHERE identity_id = ?1 ORDER BY issued_at DESC, rowid DESC",
+        )?;
+        let rows = stmt.query_map([identity.as_str()], |r| {
+            Ok(CertInfo {
+                serial: r.get(0)?,
+                issued_at: ts(r.get(1)?),
+                not_after: ts(r.get(2)?),
+                revoked: r.get(3)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The set of identity ids that have enrolled.
+    pub fn enrolled_ids(&self) -> Result<std::collections::HashSet<String>, ControllerError> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT identity_id FROM certs")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Unrevoked, unexpired certificates of an identity (what revoking it must add to the list).
+    pub fn live_certs_of(&self, identity: &IdentityId, now: Timestamp) -> Result<Vec<RevokedCert>, ControllerError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT serial, not_after FROM certs WHERE identity_id = ?1 AND revoked_at IS NULL AND not_after > ?2",
+        )?;
+        let rows = stmt.query_map(params![identity.as_str(), sql_ts(now)], |r| {
+            Ok(RevokedCert { serial: r.get(0)?, identity: identity.clone(), not_after: ts(r.get(1)?) })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// The newest audit entries, newest last.
+    pub fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, at, actor, action, target, detail FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
+        )?;
+        let rows = stmt.query_map([limit], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (id, at, actor, action, target, detail) = row?;
+            out.push(AuditEntry {
+                id: u64::try_from(id).unwrap_or(0),
+                at: ts(at),
+                actor,
+                action,
+                target,
+                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`.
+    /// Returns the deltas as committed.
+    pub fn commit(&mut self, batch: &Batch, seq: u64, now: Timestamp) -> Result<Vec<Delta>, ControllerError> {
+        let tx = self.conn.transaction()?;
+        let mut deltas = Vec::with_capacity(batch.changes.len());
+        for (i, change) in batch.changes.iter().enumerate() {
+            persist_change(&tx, change, now)?;
+            let seq = seq + 1 + i as u64;
+            tx.execute(
+                "INSERT INTO changes (seq, at, body) VALUES (?1, ?2, ?3)",
+                params![i64::try_from(seq).unwrap_or(i64::MAX), sql_ts(now), serde_json::to_string(change)?],
+            )?;
+            deltas.push(Delta { seq, at: now, change: change.clone() });
+        }
+        for record in &batch.records {
+            match record {
+                Record::Token { jti, identity, expires_at } => {
+                    tx.execute(
+                        "UPDATE tokens SET used_at = ?2 WHERE identity_id = ?1 AND used_at IS NULL",
+                        params![identity.as_str(), sql_ts(now)],
+                    )?;
+                    tx.execute(
+                        "INSERT INTO tokens (jti, identity_id, issued_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                        params![jti, identity.as_str(), sql_ts(now), sql_ts(*expires_at)],
+                    )?;
+                }
+                Record::TokenUsed { jti } => {
+                    let n = tx.execute(
+                        "UPDATE tokens SET used_at = ?2 WHERE jti = ?1 AND used_at IS NULL",
+                        params![jti, sql_ts(now)],
+                    )?;
+                    if n != 1 {
+                        return Err(ControllerError::Conflict("the enrollment token was already used".into()));
+                    }
+                }
+                Record::Cert { serial, identity, not_after } => {
+                    tx.execute(
+                        "INSERT INTO certs (serial, identity_id, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
+                        params![serial, identity.as_str(), sql_ts(now), sql_ts(*not_after)],
+                    )?;
+                }
+            }
+        }
+        for a in &batch.audit {
+            tx.execute(
+                "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![sql_ts(now), a.actor, a.action, a.target, a.detail.to_string()],
+            )?;
+        }
+        tx.commit()?;
+        Ok(deltas)
+    }
+}
+
+fn persist_change(tx: &Transaction<'_>, change: &ChangeEvent, now: Timestamp) -> Result<(), ControllerError> {
+    match change {
+        ChangeEvent::IdentityPut { identity } => {
+            tx.execute(
+                "INSERT INTO identities (id, name, body) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(id) DO UPDATE SET name = excluded.name, body = excluded.body",
+                params![identity.id.as_str(), identity.name.as_str(), serde_json::to_string(identity)?],
+            )?;
+        }
+        ChangeEvent::IdentityDeleted { id } => {
+            tx.execute("DELETE FROM identities WHERE id = ?1", [id.as_str()])?;
+            tx.execute("DELETE FROM tokens WHERE identity_id = ?1", [id.as_str()])?;
+            tx.execute("DELETE FROM routers WHERE id = ?1", [id.as_str()])?;
+        }
+        ChangeEvent::ServicePut { service } => {
+            tx.execute(
+                "INSERT INTO services (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                params![service.name.as_str(), serde_json::to_string(service)?],
+            )?;
+        }
+        ChangeEvent::ServiceDeleted { name } => {
+            tx.execute("DELETE FROM services WHERE name = ?1", [name.as_str()])?;
+        }
+        ChangeEvent::PolicyPut { policy } => {
+            tx.execute(
+                "INSERT INTO policies (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET body = excluded.body",
+                params![policy.name.as_str(), serde_json::to_string(policy)?],
+            )?;
+        }
+        ChangeEvent::PolicyDeleted { name } => {
+            tx.execute("DELETE FROM policies WHERE name = ?1", [name.as_str()])?;
+        }
+        ChangeEvent::CertRevoked { cert } => {
+            tx.execute(
+                "UPDATE certs SET revoked_at = ?2 WHERE serial = ?1 AND revoked_at IS NULL",
+                params![cert.serial, sql_ts(now)],
+            )?;
+        }
+        ChangeEvent::RouterPut { router } => {
+            tx.execute(
+                "INSERT INTO routers (id, body) VALUES (?1, ?2) ON CONFLICT(id) DO UPDATE SET body = excluded.body",
+                params![router.id.as_str(), serde_json::to_string(router)?],
+            )?;
+        }
+        ChangeEvent::RouterDeleted { id } => {
+            tx.execute("DELETE FROM routers WHERE id = ?1", [id.as_str()])?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,229 @@
+//! Request and response bodies of the controller's HTTPS API (enrollment, management, renewal).
+//!
+//! Shared by the controller and every client so both sides agree on one definition. Requests are
+//! `deny_unknown_fields`: a misspelt field is an error, never silently ignored.
+
+use serde::{Deserialize, Serialize};
+use umbra_policies::{
+    Action, Identity, IdentityKind, Name, Selector, Semantic, Service, ServicePolicy, Timestamp,
+};
+
+/// Largest request body the controller reads (an `apply` document can be large).
+pub const MAX_REQUEST_BODY: usize = 16 * 1024 * 1024;
+
+/// The error body of every non-2xx response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// Machine-readable code, e.g. `not_found`, `invalid`, `conflict`, `forbidden`.
+    pub code: String,
+    /// One line for a person.
+    pub message: String,
+}
+
+/// `POST /v1/enroll`: a one-time token and a CSR; the private key stays with the enrollee.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    /// The enrollment token (compact JWT).
+    pub token: String,
+    /// The certificate signing request, DER, base64 (standard alphabet).
+    pub csr: String,
+}
+
+/// What an enrollee needs besides its own key to build its identity file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollResponse {
+    /// The identity's certificate (leaf, then intermediate), PEM.
+    pub cert_pem: String,
+    /// The root CA certificate, PEM.
+    pub ca_pem: String,
+    /// The identity as the controller knows it.
+    pub identity: Identity,
+    /// The trust domain of the SPIFFE ids.
+    pub trust_domain: String,
+}
+
+/// `POST /v1/renew`: a fresh CSR, authenticated by the current certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewRequest {
+    /// The certificate signing request, DER, base64.
+    pub csr: String,
+}
+
+/// The renewed certificate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewResponse {
+    /// The new certificate (leaf, then intermediate), PEM.
+    pub cert_pem: String,
+    /// Its expiry.
+    pub not_after: Timestamp,
+}
+
+/// `POST /v1/identities` and `POST /v1/routers`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateIdentityRequest {
+    /// The new identity's name.
+    pub name: Name,
+    /// `agent` or `admin` (routers are created through `/v1/routers`).
+    #[serde(default = "default_kind")]
+    pub kind: IdentityKind,
+    /// Role attributes.
+    #[serde(default)]
+    pub roles: Vec<Name>,
+    /// How long the enrollment token is valid, in seconds (default 30 minutes).
+    #[serde(default)]
+    pub token_ttl_secs: Option<u64>,
+}
+
+fn default_kind() -> IdentityKind {
+    IdentityKind::Agent
+}
+
+/// A created identity and its one-time enrollment token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenResponse {
+    /// The identity.
+    pub identity: Identity,
+    /// The enrollment token; it works once.
+    pub token: String,
+    /// When the token stops working.
+    pub token_expires_at: Timestamp,
+}
+
+/// `POST /v1/identities/{name}/token`: a new token for an existing identity.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    /// How long the token is valid, in seconds.
+    #[serde(default)]
+    pub token_ttl_secs: Option<u64>,
+}
+
+/// One issued certificate of an identity.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CertInfo {
+    /// Serial number, hex.
+    pub serial: String,
+    /// When it was issued.
+    pub issued_at: Timestamp,
+    /// When it expires.
+    pub not_after: Timestamp,
+    /// Whether it was revoked.
+    pub revoked: bool,
+}
+
+/// An identity with its enrollment state, as `identity list|show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityView {
+    /// The identity.
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Whether it has ever enrolled.
+    pub enrolled: bool,
+    /// Certificates issued to it, newest first (only in `show`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub certs: Vec<CertInfo>,
+}
+
+/// `POST /v1/services` (create) body is a [`Service`]; the response is the stored value.
+pub type ServiceBody = Service;
+
+/// `POST /v1/policies`: grant access.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    /// The policy's name; generated from the selectors when absent.
+    #[serde(default)]
+    pub name: Option<Name>,
+    /// Dial (default) or Bind.
+    #[serde(default = "default_action")]
+    pub action: Action,
+    /// Identity selectors.
+    pub identities: Vec<Selector>,
+    /// Service selectors.
+    pub services: Vec<Selector>,
+    /// How selectors combine.
+    #[serde(default)]
+    pub semantic: Semantic,
+}
+
+fn default_action() -> Action {
+    Action::Dial
+}
+
+/// The stored policy, in responses.
+pub type PolicyBody = ServicePolicy;
+
+/// `GET /v1/explain?identity=NAME&service=NAME&action=dial`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExplainResponse {
+    /// Whether access is granted now.
+    pub allowed: bool,
+    /// The policies that grant it.
+    pub granting: Vec<Name>,
+    /// Why, in one sentence.
+    pub reason: String,
+}
+
+/// `POST /v1/apply`: make the controller match a document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyRequest {
+    /// The YAML document.
+    pub document: String,
+    /// Only compute and return the plan.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+/// The plan, and whether it was carried out.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApplyResponse {
+    /// One line per change, as a diff.
+    pub plan: String,
+    /// How many changes the plan has.
+    pub changes: usize,
+    /// Whether they were committed.
+    pub applied: bool,
+}
+
+/// `GET /v1/export`: the current state as a document.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExportResponse {
+    /// The YAML document.
+    pub document: String,
+}
+
+/// One audit record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Monotonic id.
+    pub id: u64,
+    /// When.
+    pub at: Timestamp,
+    /// Who (a SPIFFE id, or `controller` for the controller itself).
+    pub actor: String,
+    /// What, e.g. `identity.create`.
+    pub action: String,
+    /// On what.
+    pub target: String,
+    /// Details, as JSON.
+    pub detail: serde_json::Value,
+}
+
+/// A router as `router list` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouterView {
+    /// The router identity.
+    #[serde(flatten)]
+    pub identity: Identity,
+    /// Where clients reach it, once it has reported.
+    pub advertise: Option<String>,
+    /// Whether it has enrolled.
+    pub enrolled: bool,
+}

@@ -1,0 +1,303 @@
+//! The control channel: how the controller keeps every router's copy of the model exact.
+//!
+//! A router connects, says which history (`epoch`) and sequence number it last applied, and the
+//! controller answers with either the deltas after that number or a full [`Snapshot`] followed
+//! by deltas. Every committed change has exactly one sequence number, so a router that applies
+//! deltas in order holds the same state as the controller; a gap means it must resynchronize.
+//! Revocations are deltas like any other, persisted with their sequence number, so a router that
+//! was away when one happened still receives it before anything newer.
+
+use serde::{Deserialize, Serialize};
+use umbra_policies::{Identity, IdentityId, Name, Service, ServicePolicy, State, Timestamp};
+
+/// Version of the control protocol; a router refuses messages of another version.
+pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
+
+/// A certificate that must be refused before it expires on its own.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokedCert {
+    /// The certificate's serial number, lower-case hex.
+    pub serial: String,
+    /// The identity it was issued to.
+    pub identity: IdentityId,
+    /// When it would have expired anyway; after this it can be dropped from the list.
+    pub not_after: Timestamp,
+}
+
+/// Where clients reach a router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouterInfo {
+    /// The router's identity id.
+    pub id: IdentityId,
+    /// The router's name.
+    pub name: Name,
+    /// The address (`host:port`, UDP) that clients connect to; absent until it first reports.
+    pub advertise: Option<String>,
+}
+
+/// The whole state as of one sequence number.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Identifies the controller's history; sequence numbers only compare within one epoch.
+    pub epoch: String,
+    /// The sequence number of the last change included.
+    pub seq: u64,
+    /// Identities, services and policies.
+    pub state: State,
+    /// Certificates revoked before they expire.
+    pub revoked: Vec<RevokedCert>,
+    /// Known routers.
+    pub routers: Vec<RouterInfo>,
+}
+
+/// One committed change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delta {
+    /// Its sequence number: exactly one more than the previous delta's.
+    pub seq: u64,
+    /// When the controller committed it.
+    pub at: Timestamp,
+    /// What changed.
+    pub change: ChangeEvent,
+}
+
+/// What a delta changes. Puts carry the whole new value, so applying one needs no prior value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ChangeEvent {
+    /// An identity was created or changed (including being disabled or revoked).
+    IdentityPut {
+        /// The new value.
+        identity: Identity,
+    },
+    /// An identity was deleted.
+    IdentityDeleted {
+        /// Its id.
+        id: IdentityId,
+    },
+    /// A service was created or changed.
+    ServicePut {
+        /// The new value.
+        service: Service,
+    },
+    /// A service was deleted.
+    ServiceDeleted {
+        /// Its name.
+        name: Name,
+    },
+    /// A policy was created or changed.
+    PolicyPut {
+        /// The new value.
+        policy: ServicePolicy,
+    },
+    /// A policy was deleted.
+    PolicyDeleted {
+        /// Its name.
+        name: Name,
+    },
+    /// A certificate was revoked.
+    CertRevoked {
+        /// Which one.
+        cert: RevokedCert,
+    },
+    /// A router was created or reported a new address.
+    RouterPut {
+        /// The new value.
+        router: RouterInfo,
+    },
+    /// A router was deleted.
+    RouterDeleted {
+        /// Its id.
+        id: IdentityId,
+    },
+}
+
+/// One frame on the control channel, controller to router.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ControlMessage {
+    /// Start of a stream: the protocol version, so either side can refuse a mismatch.
+    Hello {
+        /// [`CONTROL_PROTOCOL_VERSION`] of the sender.
+        version: u32,
+        /// The controller's epoch.
+        epoch: String,
+    },
+    /// The whole state; deltas follow.
+    Snapshot(Box<Snapshot>),
+    /// One change.
+    Delta(Box<Delta>),
+    /// Sent when nothing else was for a while, so a router notices a dead connection.
+    Heartbeat {
+        /// The latest sequence number.
+        seq: u64,
+    },
+}
+
+/// Why a delta could not be applied to a local copy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApplyError {
+    /// The delta does not follow the last applied one; the copy must be resynchronized.
+    #[error("sequence gap: expected {expected}, got {got}")]
+    Gap {
+        /// The next sequence number the copy expected.
+        expected: u64,
+        /// What arrived.
+        got: u64,
+    },
+}
+
+/// A router's (or any follower's) copy of the controller's state, kept exact by applying
+/// snapshots and deltas in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replica {
+    /// The controller epoch this copy follows.
+    pub epoch: String,
+    /// The last applied sequence number.
+    pub seq: u64,
+    /// The model.
+    pub state: State,
+    /// Revoked certificate serials with their details.
+    pub revoked: std::collections::BTreeMap<String, RevokedCert>,
+    /// Known routers by id.
+    pub routers: std::collections::BTreeMap<IdentityId, RouterInfo>,
+}
+
+impl Replica {
+    /// Replaces the copy with a snapshot.
+    pub fn from_snapshot(s: Snapshot) -> Replica {
+        Replica {
+            epoch: s.epoch,
+            seq: s.seq,
+            state: s.state,
+            revoked: s.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+            routers: s.routers.into_iter().map(|r| (r.id.clone(), r)).collect(),
+        }
+    }
+
+    /// The copy as a snapshot (what a controller sends a new follower).
+    pub fn to_snapshot(&self) -> Snapshot {
+        Snapshot {
+            epoch: self.epoch.clone(),
+            seq: self.seq,
+            state: self.state.clone(),
+            revoked: self.revoked.values().cloned().collect(),
+            routers: self.routers.values().cloned().collect(),
+        }
+    }
+
+    /// Applies the next delta. A delta that is not exactly `seq + 1` is refused, because
+    /// skipping one could skip a revocation.
+    pub fn apply(&mut self, delta: &Delta) -> Result<(), ApplyError> {
+        let expected = self.seq + 1;
+        if delta.seq != expected {
+            return Err(ApplyError::Gap { expected, got: delta.seq });
+        }
+        self.apply_change(&delta.change);
+        self.seq = delta.seq;
+        Ok(())
+    }
+
+    /// Applies a change without sequence bookkeeping (the controller uses this on its own copy).
+    pub fn apply_change(&mut self, change: &ChangeEvent) {
+        let state = &mut self.state;
+        match change {
+            ChangeEvent::IdentityPut { identity } => {
+                state.identities.insert(identity.id.clone(), identity.clone());
+            }
+            ChangeEvent::IdentityDeleted { id } => {
+                state.identities.remove(id);
+            }
+            ChangeEvent::ServicePut { service } => {
+                state.services.insert(service.name.clone(), service.clone());
+            }
+            ChangeEvent::ServiceDeleted { name } => {
+                state.services.remove(name);
+            }
+            ChangeEvent::PolicyPut { policy } => {
+                state.policies.insert(policy.name.clone(), policy.clone());
+            }
+            ChangeEvent::PolicyDeleted { name } => {
+                state.policies.remove(name);
+            }
+            ChangeEvent::CertRevoked { cert } => {
+                self.revoked.insert(cert.serial.clone(), cert.clone());
+            }
+            ChangeEvent::RouterPut { router } => {
+                self.routers.insert(router.id.clone(), router.clone());
+            }
+            ChangeEvent::RouterDeleted { id } => {
+                self.routers.remove(id);
+            }
+        }
+    }
+
+    /// Drops revoked entries for certificates that have expired anyway.
+    pub fn prune_revoked(&mut self, now: Timestamp) {
+        self.revoked.retain(|_, r| r.not_after > now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umbra_policies::{IdentityKind, Name};
+
+    fn ident(id: &str) -> Identity {
+        Identity {
+            id: IdentityId::new(id).unwrap(),
+            name: Name::new(id).unwrap(),
+            kind: IdentityKind::Agent,
+            roles: Default::default(),
+            disabled: false,
+            revoked: false,
+            expires_at: None,
+        }
+    }
+
+    fn delta(seq: u64, change: ChangeEvent) -> Delta {
+        Delta { seq, at: Timestamp(0), change }
+    }
+
+    #[test]
+    fn applies_in_order_and_refuses_gaps() {
+        let mut r = Replica { epoch: "e".into(), ..Default::default() };
+        r.apply(&delta(1, ChangeEvent::IdentityPut { identity: ident("a") })).unwrap();
+        assert_eq!(r.state.identities.len(), 1);
+        let err = r.apply(&delta(3, ChangeEvent::IdentityDeleted { id: IdentityId::new("a").unwrap() }));
+        assert_eq!(err, Err(ApplyError::Gap { expected: 2, got: 3 }));
+        assert_eq!(r.state.identities.len(), 1, "a refused delta changes nothing");
+        r.apply(&delta(2, ChangeEvent::IdentityDeleted { id: IdentityId::new("a").unwrap() })).unwrap();
+        assert!(r.state.identities.is_empty());
+        assert_eq!(r.seq, 2);
+    }
+
+    #[test]
+    fn snapshot_round_trip_and_json() {
+        let mut r = Replica { epoch: "e".into(), ..Default::default() };
+        r.apply(&delta(
+            1,
+            ChangeEvent::CertRevoked {
+                cert: RevokedCert { serial: "ab".into(), identity: IdentityId::new("a").unwrap(), not_after: Timestamp(10) },
+            },
+        ))
+        .unwrap();
+        let snap = r.to_snapshot();
+        let json = serde_json::to_string(&ControlMessage::Snapshot(Box::new(snap.clone()))).unwrap();
+        let back: ControlMessage = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, ControlMessage::Snapshot(Box::new(snap.clone())));
+        assert_eq!(Replica::from_snapshot(snap), r);
+        r.prune_revoked(Timestamp(10));
+        assert!(r.revoked.is_empty());
+    }
+
+    #[test]
+    fn unknown_fields_and_kinds_are_refused() {
+        assert!(serde_json::from_str::<ControlMessage>(r#"{"kind":"heartbeat","seq":1,"x":2}"#).is_err());
+        assert!(serde_json::from_str::<ControlMessage>(r#"{"kind":"nope"}"#).is_err());
+    }
+}

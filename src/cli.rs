@@ -1,0 +1,286 @@
+//! Command-line syntax. Parsing only; `main.rs` dispatches.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Umbra: a zero-trust, dark-by-default network overlay for AI agents.
+#[derive(Debug, Parser)]
+#[command(name = "umbra", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Admin identity file for management commands [default: .umbra/admin.json]
+    #[arg(long, global = true, env = "UMBRA_ADMIN")]
+    pub admin: Option<PathBuf>,
+    /// Controller address (host:port), overriding the one in the identity file
+    #[arg(long, global = true, env = "UMBRA_CONTROLLER")]
+    pub controller: Option<String>,
+    /// Print JSON instead of tables
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Initialize (if needed) and run Umbra on loopback with its embedded defaults
+    Quickstart {
+        /// The controller's directory
+        #[arg(long, env = "UMBRA_DIR", default_value = ".umbra")]
+        dir: PathBuf,
+    },
+    /// Create or run a controller
+    #[command(subcommand)]
+    Controller(ControllerCmd),
+    /// Manage identities
+    #[command(subcommand)]
+    Identity(IdentityCmd),
+    /// Enroll with a one-time token: make a key here, get a certificate, write an identity file
+    Enroll(EnrollArgs),
+    /// Manage services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+    /// Manage service policies
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Manage edge routers
+    #[command(subcommand)]
+    Router(RouterCmd),
+    /// Make the controller's state match a YAML document
+    Apply(ApplyArgs),
+    /// Print the controller's state as a YAML document
+    Export,
+    /// Print the newest audit log entries
+    Audit {
+        /// How many entries
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ControllerCmd {
+    /// Create the CA, the token key, the store and the first admin identity in DIR
+    Init {
+        /// The controller's directory
+        #[arg(long, env = "UMBRA_DIR", default_value = ".umbra")]
+        dir: PathBuf,
+        /// The SPIFFE trust domain of every identity
+        #[arg(long, default_value = "umbra.local")]
+        trust_domain: String,
+        /// Where clients will reach the controller (host:port)
+        #[arg(long, default_value = "127.0.0.1:1280")]
+        address: String,
+    },
+    /// Serve enrollment, the management API and the control channel
+    Run(RunArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The controller's directory
+    #[arg(long, env = "UMBRA_DIR", default_value = ".umbra")]
+    pub dir: PathBuf,
+    /// Address to listen on (TCP) [default: the address given at init]
+    #[arg(long)]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Address clients should use, if not the listening one
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Lifetime of issued identity certificates
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub cert_validity: std::time::Duration,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IdentityCmd {
+    /// Create an identity and print (or write) its one-time enrollment token
+    Create {
+        /// Name: a-z, 0-9, '-', '_', '.'; at most 63 characters
+        name: String,
+        /// Role attributes, comma separated
+        #[arg(long = "role", value_delimiter = ',')]
+        roles: Vec<String>,
+        /// agent or admin
+        #[arg(long, default_value = "agent")]
+        kind: String,
+        /// How long the token works
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        token_ttl: std::time::Duration,
+        /// Write the token to this file (0600) instead of printing it
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List identities
+    List,
+    /// Show one identity and its certificates
+    Show { name: String },
+    /// Revoke an identity: its certificates are refused everywhere and its live paths cut
+    Revoke { name: String },
+    /// Delete an identity (its certificates are revoked first)
+    Delete {
+        name: String,
+        /// Also delete policies that name it with @name
+        #[arg(long)]
+        cascade: bool,
+    },
+    /// Issue a new enrollment token for an existing identity
+    Token {
+        name: String,
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        token_ttl: std::time::Duration,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// Renew an identity file's certificate (with a fresh key), authenticating with the current one
+    Renew {
+        /// The identity file [default: the admin file]
+        #[arg(long)]
+        identity: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnrollArgs {
+    /// The token, or a file that holds it
+    pub token: String,
+    /// Where to write the identity file (0600)
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCmd {
+    /// Create a service
+    Create {
+        name: String,
+        /// The router dials this address
+        #[arg(long, conflicts_with = "hosted", required_unless_present = "hosted")]
+        address: Option<String>,
+        /// Hosted through the SDK by identities that hold Bind
+        #[arg(long)]
+        hosted: bool,
+        /// Where tunnelers expose it (NAME:PORT or IP:PORT), repeatable
+        #[arg(long = "intercept")]
+        intercepts: Vec<String>,
+        /// Role attributes, comma separated
+        #[arg(long = "role", value_delimiter = ',')]
+        roles: Vec<String>,
+        /// Send a PROXY protocol v2 header with the caller's identity
+        #[arg(long)]
+        proxy_protocol: bool,
+    },
+    /// List services
+    List,
+    /// Show one service
+    Show { name: String },
+    /// Delete a service
+    Delete {
+        name: String,
+        /// Also delete policies that name it with @name
+        #[arg(long)]
+        cascade: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// Grant identities access to services
+    Grant {
+        /// Identity selectors: @name, #role or #all (repeatable or comma separated)
+        #[arg(long = "identity", required = true, value_delimiter = ',')]
+        identities: Vec<String>,
+        /// Service selectors: @name, #role or #all
+        #[arg(long = "service", required = true, value_delimiter = ',')]
+        services: Vec<String>,
+        /// Grant Bind (host the service) instead of Dial
+        #[arg(long)]
+        bind: bool,
+        /// Require every selector to match instead of any
+        #[arg(long)]
+        all_of: bool,
+        /// The policy's name [default: generated]
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Delete a policy; access it alone granted is cut
+    Revoke { name: String },
+    /// List policies
+    List,
+    /// Say which policies grant an identity access to a service, or why none does
+    Explain {
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        service: String,
+        /// Explain Bind instead of Dial
+        #[arg(long)]
+        bind: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RouterCmd {
+    /// Create a router identity and print (or write) its enrollment token
+    Create {
+        name: String,
+        #[arg(long, default_value = "30m", value_parser = parse_duration)]
+        token_ttl: std::time::Duration,
+        #[arg(short, long)]
+        output: Option<PathBuf>,
+    },
+    /// List routers
+    List,
+    /// Delete a router
+    Delete { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ApplyArgs {
+    /// The YAML document ('-' for standard input)
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Print the plan without changing anything
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// Parses `90s`, `30m`, `24h`, `7d` (or plain seconds).
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 7d"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit {unit:?} (use s, m, h or d)")),
+    };
+    n.checked_mul(mult)
+        .map(std::time::Duration::from_secs)
+        .ok_or_else(|| format!("{s:?} is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90s").unwrap().as_secs(), 90);
+        assert_eq!(parse_duration("30m").unwrap().as_secs(), 1800);
+        assert_eq!(parse_duration("2d").unwrap().as_secs(), 172800);
+        assert_eq!(parse_duration("15").unwrap().as_secs(), 15);
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("m").is_err());
+        assert!(parse_duration("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn cli_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

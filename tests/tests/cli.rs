@@ -1,0 +1,113 @@
+//! The `umbra` binary, as an operator uses it, against a real controller.
+
+use std::os::unix::fs::PermissionsExt;
+
+use umbra_tests::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operator_workflow_through_the_cli() {
+    let t = TestController::start().await;
+    let token_path = t.path("agent-1.jwt");
+    let tp = token_path.to_str().unwrap();
+
+    let o = t.umbra(&["identity", "create", "agent-1", "--role", "analysts,ops", "-o", tp]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777, 0o600);
+
+    let id_path = t.path("agent-1.json");
+    let o = t.umbra(&["enroll", tp, "-o", id_path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("spiffe://test.umbra/agent/agent-1"), "{}", stdout(&o));
+    assert_eq!(std::fs::metadata(&id_path).unwrap().permissions().mode() & 0o777, 0o600);
+    // The token works once.
+    let o = t.umbra(&["enroll", tp, "-o", t.path("again.json").to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already used"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "one-line error: {}", stderr(&o));
+
+    let o = t.umbra(&["service", "create", "llm", "--address", "127.0.0.1:8080", "--intercept", "llm.umbra:443", "--role", "ai"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.umbra(&["policy", "grant", "--identity", "#analysts", "--service", "@llm"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let policy = stdout(&o).trim().to_owned();
+    assert_eq!(policy, "dial-analysts-llm");
+
+    let o = t.umbra(&["policy", "explain", "--identity", "agent-1", "--service", "llm"]);
+    assert!(stdout(&o).starts_with("allowed"), "{}", stdout(&o));
+    assert!(stdout(&o).contains(&policy));
+
+    let o = t.umbra(&["identity", "list"]);
+    let out = stdout(&o);
+    assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("agent-1") && l.contains("enrolled") && l.contains("analysts,ops")), "{out}");
+    let o = t.umbra(&["identity", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v.as_array().unwrap().len(), 2);
+
+    // The agent renews its own certificate with the CLI.
+    let o = t.umbra(&["identity", "renew", "--identity", id_path.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let o = t.umbra(&["policy", "revoke", &policy]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.umbra(&["policy", "explain", "--identity", "agent-1", "--service", "llm"]);
+    assert!(stdout(&o).starts_with("denied"), "{}", stdout(&o));
+
+    let o = t.umbra(&["identity", "revoke", "agent-1"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.umbra(&["identity", "show", "agent-1"]);
+    assert!(stdout(&o).contains("revoked:  true"), "{}", stdout(&o));
+
+    let o = t.umbra(&["export"]);
+    assert!(stdout(&o).contains("llm.umbra:443"), "{}", stdout(&o));
+    let o = t.umbra(&["audit"]);
+    assert!(stdout(&o).contains("identity.revoke"), "{}", stdout(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_messages() {
+    let t = TestController::start().await;
+    // Usage errors exit 2.
+    let o = t.umbra(&["identity", "frobnicate"]);
+    assert_eq!(o.status.code(), Some(2));
+    let o = t.umbra(&["service", "create", "x"]);
+    assert_eq!(o.status.code(), Some(2), "--address or --hosted is required");
+    // User errors exit 1 with one line.
+    for args in [
+        vec!["identity", "show", "nobody"],
+        vec!["identity", "create", "Bad_Name"],
+        vec!["policy", "grant", "--identity", "agent", "--service", "@x"],
+        vec!["service", "create", "x", "--address", "no-port"],
+        vec!["identity", "create", "x", "--token-ttl", "5w"],
+    ] {
+        let o = t.umbra(&args);
+        assert_ne!(o.status.code(), Some(0), "{args:?}");
+        let err = stderr(&o);
+        assert!(err.starts_with("error: ") || o.status.code() == Some(2), "{args:?}: {err}");
+        assert!(err.trim().lines().count() <= 3, "{args:?}: {err}");
+    }
+    let o = t.umbra(&["identity", "show", "nobody"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no identity named nobody"), "{}", stderr(&o));
+    // A missing admin file is a clear error.
+    let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", t.path("missing.json").as_os_str())]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.json"), "{}", stderr(&o));
+}
+
+#[test]
+fn init_refuses_an_initialized_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("c");
+    let o = umbra_cmd(&["controller", "init", "--dir", d.to_str().unwrap()], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for key in ["root.key", "intermediate.key", "token.key", "admin.json"] {
+        let mode = std::fs::metadata(d.join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    let o = umbra_cmd(&["controller", "init", "--dir", d.to_str().unwrap()], &[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("already initialized"), "{}", stderr(&o));
+    let o = umbra_cmd(&["controller", "init", "--dir", dir.path().join("e").to_str().unwrap(), "--trust-domain", "Not Valid"], &[]);
+    assert_eq!(o.status.code(), Some(1));
+}
