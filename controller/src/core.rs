@@ -22,7 +22,8 @@ use umbra_policies::{
     State, Timestamp,
 };
 use umbra_proto::api::{
-    ApplyResponse, AuditEntry, CreateIdentityRequest, EnrollResponse, ExplainResponse,
+    ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeService, EdgeView, EnrollResponse,
+    ExplainResponse,
     GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
 };
 use umbra_proto::{ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo};
@@ -900,6 +901,37 @@ impl Controller {
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::RouterPut { router: info });
         self.commit(&mut inner, batch)
+    }
+
+    /// What `identity` may use now, and where the routers are.
+    pub fn edge_view(&self, identity: &Identity) -> EdgeView {
+        let index = self.index();
+        let now = self.now();
+        let mut services: std::collections::BTreeMap<Name, EdgeService> = Default::default();
+        for (action, svcs) in [
+            (Action::Dial, index.services_for(&identity.id, Action::Dial, now)),
+            (Action::Bind, index.services_for(&identity.id, Action::Bind, now)),
+        ] {
+            for s in svcs {
+                let e = services.entry(s.name.clone()).or_insert_with(|| EdgeService {
+                    name: s.name.clone(),
+                    intercepts: s.intercepts.clone(),
+                    dial: false,
+                    bind: false,
+                });
+                match action {
+                    Action::Dial => e.dial = true,
+                    Action::Bind => e.bind = true,
+                }
+            }
+        }
+        let routers = self.lock().replica.routers.values().filter(|r| r.advertise.is_some()).cloned().collect();
+        EdgeView { routers, services: services.into_values().collect() }
+    }
+
+    /// A receiver of every committed delta, for watchers that recompute a view.
+    pub fn deltas(&self) -> broadcast::Receiver<Arc<Delta>> {
+        self.deltas.subscribe()
     }
 
     /// Revoked certificates (for tests and diagnostics).

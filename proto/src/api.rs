@@ -227,3 +227,28 @@ pub struct RouterView {
     /// Whether it has enrolled.
     pub enrolled: bool,
 }
+
+/// `GET /v1/edge` (and each frame of `GET /v1/edge/watch`): what an identity may use and where
+/// the routers are. Only the caller's own services appear; others do not exist for it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeView {
+    /// Routers that have reported an address.
+    pub routers: Vec<crate::RouterInfo>,
+    /// Services the identity may dial or bind, by name.
+    pub services: Vec<EdgeService>,
+}
+
+/// One service as an identity sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeService {
+    /// The service's name.
+    pub name: Name,
+    /// Where a tunneler exposes it.
+    pub intercepts: Vec<umbra_policies::HostPort>,
+    /// Whether the identity may dial it.
+    pub dial: bool,
+    /// Whether the identity may host it.
+    pub bind: bool,
+}

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod control;
 pub mod frame;
+pub mod stream;
 
 pub use control::{
     ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, Snapshot,

@@ -111,3 +111,21 @@ fn init_refuses_an_initialized_directory() {
     let o = umbra_cmd(&["controller", "init", "--dir", dir.path().join("e").to_str().unwrap(), "--trust-domain", "Not Valid"], &[]);
     assert_eq!(o.status.code(), Some(1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_identity_file_is_a_clear_error() {
+    let t = TestController::start().await;
+    let bad = t.path("bad.json");
+    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.admin_path()).unwrap()).unwrap();
+    v["cert_pem"] = serde_json::Value::String("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into());
+    std::fs::write(&bad, v.to_string()).unwrap();
+    for file in [&bad, &t.path("nothing.json")] {
+        let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", file.as_os_str()), ("UMBRA_CONTROLLER", t.addr().as_ref())]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    }
+    std::fs::write(&bad, "{not json").unwrap();
+    let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", bad.as_os_str())]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+}

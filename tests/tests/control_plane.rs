@@ -519,3 +519,44 @@ async fn routers_follow_the_control_channel() {
     let e = t.client_for(&agent).stream("/v1/control").await.err().expect("refused");
     assert!(matches!(e, SdkError::Handshake { .. } | SdkError::Api { status: 403, .. }), "{e}");
 }
+
+#[tokio::test]
+async fn an_identity_sees_only_its_own_services() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let a1 = enrolled(&t, "a1", IdentityKind::Agent, &["analysts"]).await;
+    let a2 = enrolled(&t, "a2", IdentityKind::Agent, &[]).await;
+    for s in ["llm", "db", "tools"] {
+        let _: Service = admin.call(Method::POST, "/v1/services", Some(&service(s, &[]))).await.unwrap();
+    }
+    grant(&admin, &["#analysts"], &["@llm", "@tools"]).await.unwrap();
+    let v: EdgeView = t.client_for(&a1).call(Method::GET, "/v1/edge", NONE).await.unwrap();
+    let names: Vec<&str> = v.services.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["llm", "tools"]);
+    assert!(v.services.iter().all(|s| s.dial && !s.bind));
+    assert_eq!(v.services[0].intercepts[0].to_string(), "llm.umbra:443");
+    let v: EdgeView = t.client_for(&a2).call(Method::GET, "/v1/edge", NONE).await.unwrap();
+    assert!(v.services.is_empty(), "nothing is granted, so nothing exists");
+
+    // The watch pushes a new view when a grant changes it.
+    use umbra_proto::FrameDecoder;
+    let mut s = t.client_for(&a2).stream("/v1/edge/watch").await.unwrap();
+    let mut d = FrameDecoder::new(1 << 20);
+    let mut views = Vec::new();
+    let mut granted = false;
+    while views.len() < 2 {
+        if let Some(v) = d.next::<EdgeView>().unwrap() {
+            views.push(v);
+            if !granted {
+                grant(&admin, &["@a2"], &["@db"]).await.unwrap();
+                granted = true;
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout(Duration::from_secs(10), s.chunk()).await.expect("timely").unwrap().expect("open");
+        d.push(&chunk);
+    }
+    assert!(views[0].services.is_empty());
+    assert_eq!(views[1].services.len(), 1);
+    assert_eq!(views[1].services[0].name.as_str(), "db");
+}

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 use umbra_proto::{ChangeEvent, ControlMessage};
 
 use super::error::ApiError;
-use super::extract::Router;
+use super::extract::{AnyIdentity, Router};
 use super::{blocking, AppState};
 
 /// How often an idle channel carries a heartbeat, so a router notices a dead controller.
@@ -58,7 +58,7 @@ pub async fn stream(State(s): State<AppState>, Router(router, peer): Router, Que
                     Ok(d) if d.seq <= last => continue,
                     Ok(d) => {
                         last = d.seq;
-                        let ends = ends_router(&d.change, &router.id, &serial);
+                        let ends = ends_identity(&d.change, &router.id, &serial);
                         let msg = ControlMessage::Delta(Box::new((*d).clone()));
                         if send(&tx, &msg).await.is_err() || ends {
                             return;
@@ -92,8 +92,8 @@ fn since_label(initial: &[ControlMessage]) -> &'static str {
     }
 }
 
-/// Whether a change revokes the router's own access, which ends its channel.
-fn ends_router(change: &ChangeEvent, id: &umbra_policies::IdentityId, serial: &str) -> bool {
+/// Whether a change revokes the identity's own access, which ends its channel.
+fn ends_identity(change: &ChangeEvent, id: &umbra_policies::IdentityId, serial: &str) -> bool {
     match change {
         ChangeEvent::CertRevoked { cert } => cert.serial == serial,
         ChangeEvent::IdentityDeleted { id: gone } => gone == id,
@@ -103,6 +103,71 @@ fn ends_router(change: &ChangeEvent, id: &umbra_policies::IdentityId, serial: &s
 }
 
 async fn send(tx: &mpsc::Sender<Bytes>, msg: &ControlMessage) -> Result<(), ()> {
+    send_frame(tx, msg).await
+}
+
+/// `GET /v1/edge`: the caller's services and the routers.
+pub async fn edge(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity) -> Result<axum::Json<umbra_proto::api::EdgeView>, ApiError> {
+    blocking(&s, move |c| {
+        let identity = c.authorize_peer(&peer, None)?;
+        Ok(c.edge_view(&identity))
+    })
+    .await
+    .map(axum::Json)
+}
+
+/// `GET /v1/edge/watch`: the caller's view now and again after every change that alters it, as
+/// length-prefixed JSON frames; it ends when the caller loses its own access.
+pub async fn edge_watch(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity) -> Result<Response, ApiError> {
+    let p = peer.clone();
+    let (mut rx, identity, view) = blocking(&s, move |c| {
+        let rx = c.deltas();
+        let identity = c.authorize_peer(&p, None)?;
+        let view = c.edge_view(&identity);
+        Ok((rx, identity, view))
+    })
+    .await?;
+    let (tx, body_rx) = mpsc::channel::<Bytes>(16);
+    let ctrl = s.clone();
+    tokio::spawn(async move {
+        let mut last = view;
+        if send_frame(&tx, &last).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                r = rx.recv() => match r {
+                    Ok(d) => {
+                        if ends_identity(&d.change, &identity.id, &peer.serial.to_string()) {
+                            return;
+                        }
+                        // Coalesce a burst of deltas into one recomputation.
+                        while rx.try_recv().is_ok() {}
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = tx.closed() => return,
+            }
+            let (c, p) = (ctrl.clone(), peer.clone());
+            let next = tokio::task::spawn_blocking(move || c.authorize_peer(&p, None).map(|i| c.edge_view(&i))).await;
+            let Ok(Ok(view)) = next else { return };
+            if view != last {
+                last = view;
+                if send_frame(&tx, &last).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    let body = futures::stream::unfold(body_rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    Response::builder()
+        .header("content-type", "application/x-umbra-edge")
+        .body(Body::from_stream(body))
+        .map_err(ApiError::internal)
+}
+
+async fn send_frame<T: serde::Serialize>(tx: &mpsc::Sender<Bytes>, msg: &T) -> Result<(), ()> {
     let frame = umbra_proto::encode(msg).map_err(|_| ())?;
     tx.send(Bytes::from(frame)).await.map_err(|_| ())
 }

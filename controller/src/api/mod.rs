@@ -58,6 +58,8 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/health", get(handlers::health))
         .route("/v1/renew", post(handlers::renew))
         .route("/v1/control", get(control::stream))
+        .route("/v1/edge", get(control::edge))
+        .route("/v1/edge/watch", get(control::edge_watch))
         .route("/v1/identities", get(handlers::list_identities).post(handlers::create_identity))
         .route("/v1/identities/{name}", get(handlers::show_identity).delete(handlers::delete_identity))
         .route("/v1/identities/{name}/revoke", post(handlers::revoke_identity))
