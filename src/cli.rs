@@ -28,6 +28,9 @@ pub enum Command {
         /// The controller's directory
         #[arg(long, env = "UMBRA_DIR", default_value = ".umbra")]
         dir: PathBuf,
+        /// Address for the controller to listen on [default: 127.0.0.1:1280]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Create or run a controller
     #[command(subcommand)]

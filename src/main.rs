@@ -65,7 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Controller(ControllerCmd::Run(args)) => run_controller(args).await,
-        Command::Quickstart { dir } => quickstart(dir).await,
+        Command::Quickstart { dir, listen } => quickstart(dir, listen).await,
         Command::Enroll(args) => {
             let token = read_token(&args.token)?;
             let file = umbra_sdk::enroll(&token, cli.controller.as_deref()).await?;
@@ -89,7 +89,7 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
 }
 
 /// Initializes `dir` on first use, then runs the controller there with the embedded defaults.
-async fn quickstart(dir: std::path::PathBuf) -> anyhow::Result<()> {
+async fn quickstart(dir: std::path::PathBuf, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
     let cfg = umbra_controller::ControllerConfig::new(&dir);
     if !dir.join(umbra_controller::files::DB).exists() {
         let td: umbra_pki::TrustDomain = "umbra.local".parse()?;
@@ -104,7 +104,7 @@ async fn quickstart(dir: std::path::PathBuf) -> anyhow::Result<()> {
     println!("  umbra policy grant --identity '#analysts' --service '@echo'");
     println!("  umbra policy explain --identity agent-1 --service echo");
     println!("admin identity: {} (used by default from this directory)", admin.display());
-    run_controller(cli::RunArgs { dir, listen: None, advertise: None, cert_validity: cfg.cert_validity }).await
+    run_controller(cli::RunArgs { dir, listen, advertise: None, cert_validity: cfg.cert_validity }).await
 }
 
 async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {

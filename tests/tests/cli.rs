@@ -129,3 +129,48 @@ async fn a_damaged_identity_file_is_a_clear_error() {
     let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", bad.as_os_str())]);
     assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
 }
+
+/// README's main command: `umbra quickstart` initializes on first use and serves; an operator
+/// can then manage it with the admin file it wrote.
+#[test]
+fn quickstart_initializes_and_serves() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().join("q");
+    let mut child = std::process::Command::new(umbra_bin())
+        .args([
+            "quickstart",
+            "--dir",
+            d.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut addr = None;
+    let mut seen = Vec::new();
+    for line in lines.by_ref().take(30) {
+        let line = line.unwrap();
+        if let Some(a) = line.strip_prefix("controller listening on ") {
+            addr = Some(a.trim().to_owned());
+            break;
+        }
+        seen.push(line);
+    }
+    let addr = addr.unwrap_or_else(|| panic!("no listening line in {seen:?}"));
+    assert!(seen.iter().any(|l| l.contains("initialized")), "{seen:?}");
+    let admin = d.join("admin.json");
+    let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", admin.as_os_str())]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("admin"), "{}", stdout(&o));
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "a clean shutdown on SIGTERM: {status:?}");
+    let _ = addr;
+}
