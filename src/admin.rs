@@ -6,7 +6,7 @@ use anyhow::Context;
 use http::Method;
 use serde_json::json;
 use umbra_pki::IdentityFile;
-use umbra_policies::{Action, Hosting, HostPort, Name, Selector, Semantic, Service};
+use umbra_policies::{Action, HostPort, Hosting, Name, Selector, Semantic, Service};
 use umbra_proto::api::*;
 use umbra_sdk::ControllerClient;
 
@@ -17,12 +17,15 @@ use crate::output;
 const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
 
 fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
-    admin.clone().unwrap_or_else(|| Path::new(".umbra").join("admin.json"))
+    admin
+        .clone()
+        .unwrap_or_else(|| Path::new(".umbra").join("admin.json"))
 }
 
 /// Loads an identity file and renews its certificate first if it is getting old.
 async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
-    let file = IdentityFile::load(path).with_context(|| format!("admin identity {}", path.display()))?;
+    let file =
+        IdentityFile::load(path).with_context(|| format!("admin identity {}", path.display()))?;
     let leaf = file.leaf()?;
     let now = umbra_controller::to_timestamp(std::time::SystemTime::now()).0;
     let life = leaf.not_after.0.saturating_sub(leaf.not_before.0) as f64;
@@ -34,7 +37,9 @@ async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
                 tracing::info!(path = %path.display(), "renewed the certificate");
                 return Ok(renewed);
             }
-            Err(e) => tracing::warn!(error = %e, "could not renew the certificate; using the current one"),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not renew the certificate; using the current one")
+            }
         }
     }
     Ok(file)
@@ -48,12 +53,16 @@ fn names(v: &[String], what: &str) -> anyhow::Result<Vec<Name>> {
 }
 
 fn selectors(v: &[String]) -> anyhow::Result<Vec<Selector>> {
-    v.iter().map(|s| s.parse::<Selector>().map_err(anyhow::Error::from)).collect()
+    v.iter()
+        .map(|s| s.parse::<Selector>().map_err(anyhow::Error::from))
+        .collect()
 }
 
 fn path_seg(name: &str) -> anyhow::Result<String> {
     // Names are a URL-safe alphabet by construction; refuse anything else before it reaches a URL.
-    Ok(Name::new(name).with_context(|| format!("invalid name {name:?}"))?.to_string())
+    Ok(Name::new(name)
+        .with_context(|| format!("invalid name {name:?}"))?
+        .to_string())
 }
 
 /// Writes a token to a file (0600) or standard output.
@@ -92,16 +101,26 @@ fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(admin: &Option<PathBuf>, controller: Option<&str>, json: bool, command: Command) -> anyhow::Result<()> {
+pub async fn run(
+    admin: &Option<PathBuf>,
+    controller: Option<&str>,
+    json: bool,
+    command: Command,
+) -> anyhow::Result<()> {
     let path = admin_path(admin);
     // `identity renew --identity FILE` renews any identity, not only the admin's.
     if let Command::Identity(IdentityCmd::Renew { identity }) = &command {
         let target = identity.clone().unwrap_or(path);
-        let file = IdentityFile::load(&target).with_context(|| format!("identity {}", target.display()))?;
+        let file = IdentityFile::load(&target)
+            .with_context(|| format!("identity {}", target.display()))?;
         let renewed = umbra_sdk::renew(&file).await?;
         renewed.save(&target)?;
         let leaf = renewed.leaf()?;
-        println!("renewed {} until {} UTC", leaf.spiffe, output::time(leaf.not_after));
+        println!(
+            "renewed {} until {} UTC",
+            leaf.spiffe,
+            output::time(leaf.not_after)
+        );
         return Ok(());
     }
     let file = load_renewing(&path).await?;
@@ -116,10 +135,18 @@ pub async fn run(admin: &Option<PathBuf>, controller: Option<&str>, json: bool, 
             let document = if args.file.as_os_str() == "-" {
                 std::io::read_to_string(std::io::stdin())?
             } else {
-                std::fs::read_to_string(&args.file).with_context(|| format!("reading {}", args.file.display()))?
+                std::fs::read_to_string(&args.file)
+                    .with_context(|| format!("reading {}", args.file.display()))?
             };
             let r: ApplyResponse = c
-                .call(Method::POST, "/v1/apply", Some(&ApplyRequest { document, dry_run: args.dry_run }))
+                .call(
+                    Method::POST,
+                    "/v1/apply",
+                    Some(&ApplyRequest {
+                        document,
+                        dry_run: args.dry_run,
+                    }),
+                )
                 .await?;
             if json {
                 return output::json(&r);
@@ -138,25 +165,47 @@ pub async fn run(admin: &Option<PathBuf>, controller: Option<&str>, json: bool, 
             Ok(())
         }
         Command::Audit { limit } => {
-            let r: Vec<AuditEntry> = c.call(Method::GET, &format!("/v1/audit?limit={limit}"), none).await?;
+            let r: Vec<AuditEntry> = c
+                .call(Method::GET, &format!("/v1/audit?limit={limit}"), none)
+                .await?;
             if json {
                 return output::json(&r);
             }
             let rows = r
                 .into_iter()
-                .map(|e| vec![e.id.to_string(), output::time(e.at), e.actor, e.action, e.target])
+                .map(|e| {
+                    vec![
+                        e.id.to_string(),
+                        output::time(e.at),
+                        e.actor,
+                        e.action,
+                        e.target,
+                    ]
+                })
                 .collect();
             output::table(&["id", "time (utc)", "actor", "action", "target"], rows);
             Ok(())
         }
-        Command::Controller(_) | Command::Enroll(_) | Command::Quickstart { .. } => unreachable!("handled in main"),
+        Command::Controller(_)
+        | Command::Enroll(_)
+        | Command::Quickstart { .. }
+        | Command::Tunnel { .. }
+        | Command::Demo => {
+            unreachable!("handled in main")
+        }
     }
 }
 
 async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow::Result<()> {
     let none: Option<&()> = None;
     match cmd {
-        IdentityCmd::Create { name, roles, kind, token_ttl, output } => {
+        IdentityCmd::Create {
+            name,
+            roles,
+            kind,
+            token_ttl,
+            output,
+        } => {
             let req = CreateIdentityRequest {
                 name: Name::new(name.as_str()).with_context(|| format!("invalid name {name:?}"))?,
                 kind: kind.parse().map_err(anyhow::Error::msg)?,
@@ -166,12 +215,18 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
             let r: TokenResponse = c.call(Method::POST, "/v1/identities", Some(&req)).await?;
             emit_token(&r, &output, json)
         }
-        IdentityCmd::Token { name, token_ttl, output } => {
+        IdentityCmd::Token {
+            name,
+            token_ttl,
+            output,
+        } => {
             let r: TokenResponse = c
                 .call(
                     Method::POST,
                     &format!("/v1/identities/{}/token", path_seg(&name)?),
-                    Some(&TokenRequest { token_ttl_secs: Some(token_ttl.as_secs()) }),
+                    Some(&TokenRequest {
+                        token_ttl_secs: Some(token_ttl.as_secs()),
+                    }),
                 )
                 .await?;
             emit_token(&r, &output, json)
@@ -194,14 +249,26 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
                     } else {
                         "pending"
                     };
-                    vec![i.name.to_string(), i.kind.to_string(), output::list(&i.roles), status.into(), i.id.to_string()]
+                    vec![
+                        i.name.to_string(),
+                        i.kind.to_string(),
+                        output::list(&i.roles),
+                        status.into(),
+                        i.id.to_string(),
+                    ]
                 })
                 .collect();
             output::table(&["name", "kind", "roles", "status", "id"], rows);
             Ok(())
         }
         IdentityCmd::Show { name } => {
-            let v: IdentityView = c.call(Method::GET, &format!("/v1/identities/{}", path_seg(&name)?), none).await?;
+            let v: IdentityView = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/identities/{}", path_seg(&name)?),
+                    none,
+                )
+                .await?;
             if json {
                 return output::json(&v);
             }
@@ -218,22 +285,40 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
                 let rows = v
                     .certs
                     .iter()
-                    .map(|c| vec![c.serial.clone(), output::time(c.issued_at), output::time(c.not_after), c.revoked.to_string()])
+                    .map(|c| {
+                        vec![
+                            c.serial.clone(),
+                            output::time(c.issued_at),
+                            output::time(c.not_after),
+                            c.revoked.to_string(),
+                        ]
+                    })
                     .collect();
-                output::table(&["serial", "issued (utc)", "expires (utc)", "revoked"], rows);
+                output::table(
+                    &["serial", "issued (utc)", "expires (utc)", "revoked"],
+                    rows,
+                );
             }
             Ok(())
         }
         IdentityCmd::Revoke { name } => {
             let i: umbra_policies::Identity = c
-                .call(Method::POST, &format!("/v1/identities/{}/revoke", path_seg(&name)?), none)
+                .call(
+                    Method::POST,
+                    &format!("/v1/identities/{}/revoke", path_seg(&name)?),
+                    none,
+                )
                 .await?;
             println!("revoked {} ({})", i.name, i.id);
             Ok(())
         }
         IdentityCmd::Delete { name, cascade } => {
             let r: serde_json::Value = c
-                .call(Method::DELETE, &format!("/v1/identities/{}?cascade={cascade}", path_seg(&name)?), none)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/identities/{}?cascade={cascade}", path_seg(&name)?),
+                    none,
+                )
                 .await?;
             println!("deleted {name}");
             print_deleted_policies(&r);
@@ -244,7 +329,11 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
 }
 
 fn print_deleted_policies(r: &serde_json::Value) {
-    if let Some(p) = r.get("deleted_policies").and_then(|p| p.as_array()).filter(|p| !p.is_empty()) {
+    if let Some(p) = r
+        .get("deleted_policies")
+        .and_then(|p| p.as_array())
+        .filter(|p| !p.is_empty())
+    {
         let names: Vec<&str> = p.iter().filter_map(|v| v.as_str()).collect();
         println!("deleted policies: {}", names.join(", "));
     }
@@ -253,9 +342,18 @@ fn print_deleted_policies(r: &serde_json::Value) {
 async fn service(c: &ControllerClient, json: bool, cmd: ServiceCmd) -> anyhow::Result<()> {
     let none: Option<&()> = None;
     match cmd {
-        ServiceCmd::Create { name, address, hosted, intercepts, roles, proxy_protocol } => {
+        ServiceCmd::Create {
+            name,
+            address,
+            hosted,
+            intercepts,
+            roles,
+            proxy_protocol,
+        } => {
             let hosting = match (address, hosted) {
-                (Some(a), false) => Hosting::Address(a.parse::<HostPort>().context("invalid --address")?),
+                (Some(a), false) => {
+                    Hosting::Address(a.parse::<HostPort>().context("invalid --address")?)
+                }
                 (None, true) => Hosting::Sdk,
                 _ => anyhow::bail!("give exactly one of --address HOST:PORT or --hosted"),
             };
@@ -265,7 +363,10 @@ async fn service(c: &ControllerClient, json: bool, cmd: ServiceCmd) -> anyhow::R
                 hosting,
                 intercepts: intercepts
                     .iter()
-                    .map(|i| i.parse::<HostPort>().with_context(|| format!("invalid --intercept {i:?}")))
+                    .map(|i| {
+                        i.parse::<HostPort>()
+                            .with_context(|| format!("invalid --intercept {i:?}"))
+                    })
                     .collect::<anyhow::Result<_>>()?,
                 proxy_protocol,
             };
@@ -288,19 +389,34 @@ async fn service(c: &ControllerClient, json: bool, cmd: ServiceCmd) -> anyhow::R
                         Hosting::Address(a) => a.to_string(),
                         Hosting::Sdk => "hosted (sdk)".into(),
                     };
-                    vec![s.name.to_string(), hosting, output::list(&s.intercepts), output::list(&s.roles)]
+                    vec![
+                        s.name.to_string(),
+                        hosting,
+                        output::list(&s.intercepts),
+                        output::list(&s.roles),
+                    ]
                 })
                 .collect();
             output::table(&["name", "address", "intercepts", "roles"], rows);
             Ok(())
         }
         ServiceCmd::Show { name } => {
-            let s: Service = c.call(Method::GET, &format!("/v1/services/{}", path_seg(&name)?), none).await?;
+            let s: Service = c
+                .call(
+                    Method::GET,
+                    &format!("/v1/services/{}", path_seg(&name)?),
+                    none,
+                )
+                .await?;
             output::json(&s)
         }
         ServiceCmd::Delete { name, cascade } => {
             let r: serde_json::Value = c
-                .call(Method::DELETE, &format!("/v1/services/{}?cascade={cascade}", path_seg(&name)?), none)
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/services/{}?cascade={cascade}", path_seg(&name)?),
+                    none,
+                )
                 .await?;
             println!("deleted service {name}");
             print_deleted_policies(&r);
@@ -312,15 +428,28 @@ async fn service(c: &ControllerClient, json: bool, cmd: ServiceCmd) -> anyhow::R
 async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Result<()> {
     let none: Option<&()> = None;
     match cmd {
-        PolicyCmd::Grant { identities, services, bind, all_of, name } => {
+        PolicyCmd::Grant {
+            identities,
+            services,
+            bind,
+            all_of,
+            name,
+        } => {
             let req = GrantRequest {
-                name: name.map(|n| Name::new(n.as_str()).with_context(|| format!("invalid --name {n:?}"))).transpose()?,
+                name: name
+                    .map(|n| Name::new(n.as_str()).with_context(|| format!("invalid --name {n:?}")))
+                    .transpose()?,
                 action: if bind { Action::Bind } else { Action::Dial },
                 identities: selectors(&identities)?,
                 services: selectors(&services)?,
-                semantic: if all_of { Semantic::AllOf } else { Semantic::AnyOf },
+                semantic: if all_of {
+                    Semantic::AllOf
+                } else {
+                    Semantic::AnyOf
+                },
             };
-            let p: umbra_policies::ServicePolicy = c.call(Method::POST, "/v1/policies", Some(&req)).await?;
+            let p: umbra_policies::ServicePolicy =
+                c.call(Method::POST, "/v1/policies", Some(&req)).await?;
             if json {
                 return output::json(&p);
             }
@@ -328,12 +457,19 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
             Ok(())
         }
         PolicyCmd::Revoke { name } => {
-            let _: serde_json::Value = c.call(Method::DELETE, &format!("/v1/policies/{}", path_seg(&name)?), none).await?;
+            let _: serde_json::Value = c
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/policies/{}", path_seg(&name)?),
+                    none,
+                )
+                .await?;
             println!("revoked policy {name}");
             Ok(())
         }
         PolicyCmd::List => {
-            let r: Vec<umbra_policies::ServicePolicy> = c.call(Method::GET, "/v1/policies", none).await?;
+            let r: Vec<umbra_policies::ServicePolicy> =
+                c.call(Method::GET, "/v1/policies", none).await?;
             if json {
                 return output::json(&r);
             }
@@ -344,25 +480,46 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                         Semantic::AnyOf => "anyOf",
                         Semantic::AllOf => "allOf",
                     };
-                    vec![p.name.to_string(), p.action.to_string(), output::list(&p.identities), output::list(&p.services), sem.into()]
+                    vec![
+                        p.name.to_string(),
+                        p.action.to_string(),
+                        output::list(&p.identities),
+                        output::list(&p.services),
+                        sem.into(),
+                    ]
                 })
                 .collect();
-            output::table(&["name", "action", "identities", "services", "semantic"], rows);
+            output::table(
+                &["name", "action", "identities", "services", "semantic"],
+                rows,
+            );
             Ok(())
         }
-        PolicyCmd::Explain { identity, service, bind } => {
+        PolicyCmd::Explain {
+            identity,
+            service,
+            bind,
+        } => {
             let action = if bind { "bind" } else { "dial" };
             let r: ExplainResponse = c
                 .call(
                     Method::GET,
-                    &format!("/v1/explain?identity={}&service={}&action={action}", path_seg(&identity)?, path_seg(&service)?),
+                    &format!(
+                        "/v1/explain?identity={}&service={}&action={action}",
+                        path_seg(&identity)?,
+                        path_seg(&service)?
+                    ),
                     none,
                 )
                 .await?;
             if json {
                 return output::json(&r);
             }
-            println!("{}: {}", if r.allowed { "allowed" } else { "denied" }, r.reason);
+            println!(
+                "{}: {}",
+                if r.allowed { "allowed" } else { "denied" },
+                r.reason
+            );
             if !r.granting.is_empty() {
                 println!("granted by: {}", output::list(&r.granting));
             }
@@ -374,7 +531,11 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
 async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Result<()> {
     let none: Option<&()> = None;
     match cmd {
-        RouterCmd::Create { name, token_ttl, output } => {
+        RouterCmd::Create {
+            name,
+            token_ttl,
+            output,
+        } => {
             let body = json!({ "name": Name::new(name.as_str()).with_context(|| format!("invalid name {name:?}"))?, "token_ttl_secs": token_ttl.as_secs() });
             let r: TokenResponse = c.call(Method::POST, "/v1/routers", Some(&body)).await?;
             emit_token(&r, &output, json)
@@ -390,7 +551,14 @@ async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Res
                     vec![
                         v.identity.name.to_string(),
                         v.advertise.unwrap_or_else(|| "-".into()),
-                        if v.identity.revoked { "revoked" } else if v.enrolled { "enrolled" } else { "pending" }.into(),
+                        if v.identity.revoked {
+                            "revoked"
+                        } else if v.enrolled {
+                            "enrolled"
+                        } else {
+                            "pending"
+                        }
+                        .into(),
                         v.identity.id.to_string(),
                     ]
                 })
@@ -398,8 +566,15 @@ async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Res
             output::table(&["name", "advertise", "status", "id"], rows);
             Ok(())
         }
+        RouterCmd::Enroll { .. } | RouterCmd::Run { .. } => unreachable!("handled in main"),
         RouterCmd::Delete { name } => {
-            let _: serde_json::Value = c.call(Method::DELETE, &format!("/v1/routers/{}", path_seg(&name)?), none).await?;
+            let _: serde_json::Value = c
+                .call(
+                    Method::DELETE,
+                    &format!("/v1/routers/{}", path_seg(&name)?),
+                    none,
+                )
+                .await?;
             println!("deleted router {name}");
             Ok(())
         }

@@ -32,6 +32,8 @@ pub enum Command {
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
     },
+    /// Play the whole story on loopback: enroll, grant, dial, deny, revoke a live connection
+    Demo,
     /// Create or run a controller
     #[command(subcommand)]
     Controller(ControllerCmd),
@@ -49,6 +51,15 @@ pub enum Command {
     /// Manage edge routers
     #[command(subcommand)]
     Router(RouterCmd),
+    /// Expose, on loopback, exactly the services an identity may dial
+    Tunnel {
+        /// The agent's identity file
+        #[arg(long)]
+        identity: PathBuf,
+        /// Keep this file updated with /etc/hosts lines for the intercept names
+        #[arg(long)]
+        hosts_file: Option<PathBuf>,
+    },
     /// Make the controller's state match a YAML document
     Apply(ApplyArgs),
     /// Print the controller's state as a YAML document
@@ -236,6 +247,29 @@ pub enum RouterCmd {
     List,
     /// Delete a router
     Delete { name: String },
+    /// Enroll this machine as a router with its one-time token
+    Enroll {
+        /// The token, or a file that holds it
+        token: String,
+        /// The router's directory (its identity goes to DIR/router.json)
+        #[arg(long, default_value = ".umbra-router")]
+        dir: PathBuf,
+    },
+    /// Run an edge router
+    Run {
+        /// The router's directory
+        #[arg(long, default_value = ".umbra-router")]
+        dir: PathBuf,
+        /// UDP address to listen on
+        #[arg(long, default_value = "127.0.0.1:3022")]
+        listen: std::net::SocketAddr,
+        /// Address clients should use, if not the listening one
+        #[arg(long)]
+        advertise: Option<String>,
+        /// Serve the last policy for at most this long without hearing from the controller
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        stale_after: std::time::Duration,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -253,7 +287,9 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 7d"))?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,

@@ -3,6 +3,7 @@
 
 mod admin;
 mod cli;
+mod demo;
 mod output;
 
 use std::process::ExitCode;
@@ -14,10 +15,20 @@ use cli::{Cli, Command, ControllerCmd};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Servers report what they do; one-shot commands and the demo speak only of problems.
+    let default_filter = match cli.command {
+        Command::Quickstart { .. }
+        | Command::Controller(ControllerCmd::Run(_))
+        | Command::Router(cli::RouterCmd::Run { .. }) => {
+            "warn,umbra=info,umbra_controller=info,umbra_edge_router=info"
+        }
+        Command::Tunnel { .. } => "warn,umbra_tunneler=info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,umbra=info,umbra_controller=info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -52,8 +63,13 @@ fn one_line(e: &anyhow::Error) -> String {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Controller(ControllerCmd::Init { dir, trust_domain, address }) => {
-            let td: umbra_pki::TrustDomain = trust_domain.parse().context("invalid --trust-domain")?;
+        Command::Controller(ControllerCmd::Init {
+            dir,
+            trust_domain,
+            address,
+        }) => {
+            let td: umbra_pki::TrustDomain =
+                trust_domain.parse().context("invalid --trust-domain")?;
             address
                 .parse::<umbra_policies::HostPort>()
                 .context("invalid --address")?;
@@ -66,15 +82,94 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Controller(ControllerCmd::Run(args)) => run_controller(args).await,
         Command::Quickstart { dir, listen } => quickstart(dir, listen).await,
+        Command::Demo => demo::run().await,
         Command::Enroll(args) => {
             let token = read_token(&args.token)?;
             let file = umbra_sdk::enroll(&token, cli.controller.as_deref()).await?;
             file.save(&args.output)?;
-            println!("enrolled {} ({}) -> {}", file.name, file.spiffe(), args.output.display());
+            println!(
+                "enrolled {} ({}) -> {}",
+                file.name,
+                file.spiffe(),
+                args.output.display()
+            );
             Ok(())
         }
+        Command::Router(cli::RouterCmd::Enroll { token, dir }) => {
+            let token = read_token(&token)?;
+            let file = umbra_sdk::enroll(&token, cli.controller.as_deref()).await?;
+            anyhow::ensure!(
+                file.kind == umbra_policies::IdentityKind::Router,
+                "this token enrolls a {}, not a router",
+                file.kind
+            );
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(ROUTER_FILE);
+            file.save(&path)?;
+            println!("enrolled router {} -> {}", file.name, path.display());
+            Ok(())
+        }
+        Command::Router(cli::RouterCmd::Run {
+            dir,
+            listen,
+            advertise,
+            stale_after,
+        }) => {
+            let identity = umbra_pki::IdentityFile::load(dir.join(ROUTER_FILE))?;
+            let mut cfg = umbra_edge_router::RouterConfig::new(identity, listen);
+            cfg.advertise = advertise;
+            cfg.controller = cli.controller.clone();
+            cfg.stale_after = stale_after;
+            let router = umbra_edge_router::Router::start(cfg).await?;
+            println!("router listening on {} (udp)", router.local_addr());
+            shutdown_signal().await;
+            router.shutdown().await;
+            Ok(())
+        }
+        Command::Tunnel {
+            identity,
+            hosts_file,
+        } => tunnel(identity, hosts_file, cli.controller).await,
         command => admin::run(&cli.admin, cli.controller.as_deref(), cli.json, command).await,
     }
+}
+
+/// The router's identity file inside its directory.
+const ROUTER_FILE: &str = "router.json";
+
+/// Runs a tunneler for an identity until interrupted, printing its listeners as they change.
+async fn tunnel(
+    identity: std::path::PathBuf,
+    hosts_file: Option<std::path::PathBuf>,
+    controller: Option<String>,
+) -> anyhow::Result<()> {
+    let file = umbra_pki::IdentityFile::load(&identity)?;
+    let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
+    let cfg = umbra_tunneler::TunnelerConfig {
+        controller,
+        hosts_file,
+        ..Default::default()
+    };
+    let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;
+    let mut mappings = tunneler.mappings();
+    let printer = async {
+        loop {
+            if mappings.changed().await.is_err() {
+                return;
+            }
+            let list = mappings.borrow_and_update().clone();
+            println!("services: {}", list.len());
+            for m in list {
+                println!("  {} -> {} ({})", m.intercept, m.listen, m.service);
+            }
+        }
+    };
+    tokio::select! {
+        _ = printer => {}
+        _ = shutdown_signal() => {}
+    }
+    tunneler.shutdown().await;
+    Ok(())
 }
 
 /// A token given inline or in a file.
@@ -83,40 +178,105 @@ fn read_token(arg: &str) -> anyhow::Result<String> {
     if arg.len() < 4096 && path.is_file() {
         let meta = std::fs::metadata(path)?;
         anyhow::ensure!(meta.len() <= 16 * 1024, "{arg}: too large to be a token");
-        return Ok(std::fs::read_to_string(path).with_context(|| format!("reading {arg}"))?.trim().to_owned());
+        return Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("reading {arg}"))?
+            .trim()
+            .to_owned());
     }
     Ok(arg.trim().to_owned())
 }
 
-/// Initializes `dir` on first use, then runs the controller there with the embedded defaults.
-async fn quickstart(dir: std::path::PathBuf, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+/// Initializes `dir` on first use, then runs a controller and one edge router in this process
+/// on loopback with the embedded defaults.
+async fn quickstart(
+    dir: std::path::PathBuf,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<()> {
     let cfg = umbra_controller::ControllerConfig::new(&dir);
     if !dir.join(umbra_controller::files::DB).exists() {
         let td: umbra_pki::TrustDomain = "umbra.local".parse()?;
         umbra_controller::init(&cfg, &td, "127.0.0.1:1280")?;
-        println!("initialized {} with a new CA and an admin identity", dir.display());
+        println!(
+            "initialized {} with a new CA and an admin identity",
+            dir.display()
+        );
     }
+    let args = cli::RunArgs {
+        dir: dir.clone(),
+        listen,
+        advertise: None,
+        cert_validity: cfg.cert_validity,
+    };
+    let (ctrl, server) = start_controller(&args).await?;
+
+    // One router, enrolled on first use like any other.
+    let router_path = dir.join(ROUTER_FILE);
+    if !router_path.exists() {
+        let c = ctrl.clone();
+        let tok = tokio::task::spawn_blocking(move || {
+            let name = umbra_policies::Name::new("router-1").map_err(anyhow::Error::from)?;
+            c.create_router(&umbra_controller::Actor::controller(), name, None)
+                .map_err(anyhow::Error::from)
+        })
+        .await??;
+        umbra_sdk::enroll(&tok.token, Some(&ctrl.address()))
+            .await?
+            .save(&router_path)?;
+    }
+    let mut identity = umbra_pki::IdentityFile::load(&router_path)?;
+    identity.controller = ctrl.address();
+    let router_listen = match listen {
+        Some(l) => std::net::SocketAddr::new(l.ip(), 0),
+        None => "127.0.0.1:3022".parse()?,
+    };
+    let router = umbra_edge_router::Router::start(umbra_edge_router::RouterConfig::new(
+        identity,
+        router_listen,
+    ))
+    .await?;
+
     let admin = dir.join(umbra_controller::files::ADMIN);
-    println!("next steps (in another shell, in this directory):");
+    println!(
+        "admin identity: {} (used by default from this directory)",
+        admin.display()
+    );
+    println!("next steps, in another shell in this directory:");
     println!("  umbra identity create agent-1 --role analysts -o agent-1.jwt");
     println!("  umbra enroll agent-1.jwt -o agent-1.json");
-    println!("  umbra service create echo --address 127.0.0.1:7 --intercept echo.umbra:7");
+    println!("  umbra service create echo --address 127.0.0.1:7007 --intercept 127.0.0.1:17007");
     println!("  umbra policy grant --identity '#analysts' --service '@echo'");
-    println!("  umbra policy explain --identity agent-1 --service echo");
-    println!("admin identity: {} (used by default from this directory)", admin.display());
-    run_controller(cli::RunArgs { dir, listen, advertise: None, cert_validity: cfg.cert_validity }).await
+    println!("  umbra tunnel --identity agent-1.json    # then connect to 127.0.0.1:17007");
+    println!("router listening on {} (udp)", router.local_addr());
+    println!("controller listening on {}", server.local_addr());
+    shutdown_signal().await;
+    eprintln!("shutting down");
+    router.shutdown().await;
+    server.shutdown().await;
+    Ok(())
 }
 
-async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {
+/// Opens the directory and starts serving; keeps the first admin's file pointing at where the
+/// controller really is.
+async fn start_controller(
+    args: &cli::RunArgs,
+) -> anyhow::Result<(
+    std::sync::Arc<umbra_controller::Controller>,
+    umbra_controller::Server,
+)> {
     let mut cfg = umbra_controller::ControllerConfig::new(&args.dir);
     cfg.cert_validity = args.cert_validity;
-    let ctrl = std::sync::Arc::new(tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??);
+    let ctrl = std::sync::Arc::new(
+        tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??,
+    );
     let listen = match args.listen {
         Some(l) => l,
-        None => ctrl.address().parse().context("the stored controller address is not IP:PORT; pass --listen")?,
+        None => ctrl
+            .address()
+            .parse()
+            .context("the stored controller address is not IP:PORT; pass --listen")?,
     };
-    let server = umbra_controller::Server::start(ctrl.clone(), listen, args.advertise).await?;
-    // Keep the first admin's file pointing at where the controller really is.
+    let server =
+        umbra_controller::Server::start(ctrl.clone(), listen, args.advertise.clone()).await?;
     let admin_path = args.dir.join(umbra_controller::files::ADMIN);
     if let Ok(mut admin) = umbra_pki::IdentityFile::load(&admin_path) {
         let addr = ctrl.address();
@@ -125,6 +285,11 @@ async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {
             admin.save(&admin_path)?;
         }
     }
+    Ok((ctrl, server))
+}
+
+async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {
+    let (_ctrl, server) = start_controller(&args).await?;
     println!("controller listening on {}", server.local_addr());
     shutdown_signal().await;
     eprintln!("shutting down");

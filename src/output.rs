@@ -11,7 +11,11 @@ pub fn table(header: &[&str], rows: Vec<Vec<String>>) {
         }
     }
     let line = |cells: Vec<String>| {
-        let s: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let s: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
         println!("{}", s.join("  ").trim_end());
     };
     line(header.iter().map(|h| h.to_uppercase()).collect());
@@ -42,7 +46,12 @@ pub fn time(t: umbra_policies::Timestamp) -> String {
     let days = secs.div_euclid(86400);
     let rem = secs.rem_euclid(86400);
     let (y, m, d) = civil_from_days(days);
-    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 /// Howard Hinnant's days-to-civil algorithm.
@@ -63,7 +72,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 mod tests {
     #[test]
     fn formats_time() {
-        assert_eq!(super::time(umbra_policies::Timestamp(0)), "1970-01-01 00:00:00");
-        assert_eq!(super::time(umbra_policies::Timestamp(1_764_100_000)), "2025-11-25 19:46:40");
+        assert_eq!(
+            super::time(umbra_policies::Timestamp(0)),
+            "1970-01-01 00:00:00"
+        );
+        assert_eq!(
+            super::time(umbra_policies::Timestamp(1_764_100_000)),
+            "2025-11-25 19:46:40"
+        );
     }
 }

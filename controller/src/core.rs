@@ -23,8 +23,7 @@ use umbra_policies::{
 };
 use umbra_proto::api::{
     ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeService, EdgeView, EnrollResponse,
-    ExplainResponse,
-    GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
+    ExplainResponse, GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
 };
 use umbra_proto::{ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo};
 
@@ -82,7 +81,10 @@ pub struct Actor {
 impl Actor {
     /// The controller itself (initialization, maintenance).
     pub fn controller() -> Actor {
-        Actor { id: None, label: "controller".into() }
+        Actor {
+            id: None,
+            label: "controller".into(),
+        }
     }
 }
 
@@ -128,7 +130,9 @@ pub struct Controller {
 
 impl std::fmt::Debug for Controller {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Controller").field("dir", &self.cfg.dir).finish_non_exhaustive()
+        f.debug_struct("Controller")
+            .field("dir", &self.cfg.dir)
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,10 +143,17 @@ fn secs(d: Duration) -> u64 {
 /// Creates a controller directory: the CA, the token key, the store and the first admin, whose
 /// identity file is written to `DIR/admin.json`. `address` is where clients will reach the
 /// controller (`host:port`); `run` rewrites it if the controller ends up listening elsewhere.
-pub fn init(cfg: &ControllerConfig, trust_domain: &TrustDomain, address: &str) -> Result<PathBuf, ControllerError> {
+pub fn init(
+    cfg: &ControllerConfig,
+    trust_domain: &TrustDomain,
+    address: &str,
+) -> Result<PathBuf, ControllerError> {
     let dir = &cfg.dir;
     if dir.join(files::DB).exists() {
-        return Err(ControllerError::Setup(format!("{} is already initialized", dir.display())));
+        return Err(ControllerError::Setup(format!(
+            "{} is already initialized",
+            dir.display()
+        )));
     }
     std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
     set_mode(dir, 0o700)?;
@@ -159,7 +170,12 @@ pub fn init(cfg: &ControllerConfig, trust_domain: &TrustDomain, address: &str) -
 
     let ctrl = Controller::open(cfg.clone())?;
     let admin = parse_name("admin")?;
-    let identity = ctrl.insert_identity(&Actor::controller(), admin, IdentityKind::Admin, Default::default())?;
+    let identity = ctrl.insert_identity(
+        &Actor::controller(),
+        admin,
+        IdentityKind::Admin,
+        Default::default(),
+    )?;
     let file = ctrl.issue_local_identity(&Actor::controller(), &identity.id)?;
     let path = dir.join(files::ADMIN);
     file.save(&path)?;
@@ -168,7 +184,8 @@ pub fn init(cfg: &ControllerConfig, trust_domain: &TrustDomain, address: &str) -
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ControllerError> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(ControllerError::io(path))
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(ControllerError::io(path))
 }
 
 fn new_identity_id() -> IdentityId {
@@ -198,23 +215,41 @@ impl Controller {
         let td = store
             .meta("trust_domain")?
             .ok_or_else(|| ControllerError::Corrupt("no trust domain in the store".into()))?;
-        let td: TrustDomain = td.parse().map_err(|e| ControllerError::Corrupt(format!("trust domain: {e}")))?;
-        let epoch = store.meta("epoch")?.ok_or_else(|| ControllerError::Corrupt("no epoch in the store".into()))?;
-        let address = store.meta("address")?.unwrap_or_else(|| "127.0.0.1:1280".into());
+        let td: TrustDomain = td
+            .parse()
+            .map_err(|e| ControllerError::Corrupt(format!("trust domain: {e}")))?;
+        let epoch = store
+            .meta("epoch")?
+            .ok_or_else(|| ControllerError::Corrupt("no epoch in the store".into()))?;
+        let address = store
+            .meta("address")?
+            .unwrap_or_else(|| "127.0.0.1:1280".into());
         let ca = CertificateAuthority::load(dir, &td)?;
         let signer = TokenSigner::load(&dir.join(files::TOKEN_KEY))?;
         let verifier = signer.verifying_key();
         let replica = store.load(epoch, cfg.clock.timestamp())?;
-        let names = replica.state.identities.values().map(|i| (i.name.clone(), i.id.clone())).collect();
+        let names = replica
+            .state
+            .identities
+            .values()
+            .map(|i| (i.name.clone(), i.id.clone()))
+            .collect();
         let revoked = Arc::new(RevokedSerials::default());
-        revoked.0.store(Arc::new(replica.revoked.keys().cloned().collect()));
+        revoked
+            .0
+            .store(Arc::new(replica.revoked.keys().cloned().collect()));
         let (deltas, _) = broadcast::channel(4096);
         Ok(Controller {
             cfg,
             ca,
             signer,
             verifier,
-            inner: Mutex::new(Inner { store, replica, names, index: None }),
+            inner: Mutex::new(Inner {
+                store,
+                replica,
+                names,
+                index: None,
+            }),
             deltas,
             revoked,
             address: Mutex::new(address),
@@ -251,7 +286,10 @@ impl Controller {
 
     /// Where clients reach the controller; it goes into enrollment tokens.
     pub fn address(&self) -> String {
-        self.address.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        self.address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Records where clients reach the controller (after binding the listener).
@@ -291,7 +329,9 @@ impl Controller {
         for d in &deltas {
             match &d.change {
                 ChangeEvent::IdentityPut { identity } => {
-                    inner.names.insert(identity.name.clone(), identity.id.clone());
+                    inner
+                        .names
+                        .insert(identity.name.clone(), identity.id.clone());
                 }
                 ChangeEvent::IdentityDeleted { id } => {
                     if let Some(i) = inner.replica.state.identities.get(id) {
@@ -306,7 +346,9 @@ impl Controller {
             inner.replica.seq = d.seq;
         }
         if revoked_changed {
-            self.revoked.0.store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
+            self.revoked
+                .0
+                .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
         }
         for d in deltas {
             // No receivers is normal (no router connected).
@@ -315,8 +357,18 @@ impl Controller {
         Ok(())
     }
 
-    fn audit(actor: &Actor, action: &'static str, target: impl Into<String>, detail: serde_json::Value) -> AuditRecord {
-        AuditRecord { actor: actor.label.clone(), action, target: target.into(), detail }
+    fn audit(
+        actor: &Actor,
+        action: &'static str,
+        target: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> AuditRecord {
+        AuditRecord {
+            actor: actor.label.clone(),
+            action,
+            target: target.into(),
+            detail,
+        }
     }
 
     // ----- identities -------------------------------------------------------------------------
@@ -330,7 +382,9 @@ impl Controller {
     ) -> Result<Identity, ControllerError> {
         let mut inner = self.lock();
         if inner.names.contains_key(&name) {
-            return Err(ControllerError::Conflict(format!("an identity named {name} already exists")));
+            return Err(ControllerError::Conflict(format!(
+                "an identity named {name} already exists"
+            )));
         }
         let identity = Identity {
             id: new_identity_id(),
@@ -342,10 +396,16 @@ impl Controller {
             expires_at: None,
         };
         let mut batch = Batch::default();
-        batch.changes.push(ChangeEvent::IdentityPut { identity: identity.clone() });
+        batch.changes.push(ChangeEvent::IdentityPut {
+            identity: identity.clone(),
+        });
         if kind == IdentityKind::Router {
             batch.changes.push(ChangeEvent::RouterPut {
-                router: RouterInfo { id: identity.id.clone(), name: identity.name.clone(), advertise: None },
+                router: RouterInfo {
+                    id: identity.id.clone(),
+                    name: identity.name.clone(),
+                    advertise: None,
+                },
             });
         }
         batch.audit.push(Self::audit(
@@ -359,22 +419,40 @@ impl Controller {
     }
 
     /// Creates an agent or admin identity and returns its one-time enrollment token.
-    pub fn create_identity(&self, actor: &Actor, req: CreateIdentityRequest) -> Result<TokenResponse, ControllerError> {
+    pub fn create_identity(
+        &self,
+        actor: &Actor,
+        req: CreateIdentityRequest,
+    ) -> Result<TokenResponse, ControllerError> {
         if req.kind == IdentityKind::Router {
-            return Err(ControllerError::Invalid("routers are created with `umbra router create`".into()));
+            return Err(ControllerError::Invalid(
+                "routers are created with `umbra router create`".into(),
+            ));
         }
-        let identity = self.insert_identity(actor, req.name, req.kind, req.roles.into_iter().collect())?;
+        let identity =
+            self.insert_identity(actor, req.name, req.kind, req.roles.into_iter().collect())?;
         self.issue_token(actor, identity.name.as_str(), req.token_ttl_secs)
     }
 
     /// Creates a router identity and returns its enrollment token.
-    pub fn create_router(&self, actor: &Actor, name: Name, ttl: Option<u64>) -> Result<TokenResponse, ControllerError> {
-        let identity = self.insert_identity(actor, name, IdentityKind::Router, Default::default())?;
+    pub fn create_router(
+        &self,
+        actor: &Actor,
+        name: Name,
+        ttl: Option<u64>,
+    ) -> Result<TokenResponse, ControllerError> {
+        let identity =
+            self.insert_identity(actor, name, IdentityKind::Router, Default::default())?;
         self.issue_token(actor, identity.name.as_str(), ttl)
     }
 
     /// Issues a new enrollment token for an existing identity; earlier unused tokens stop working.
-    pub fn issue_token(&self, actor: &Actor, name: &str, ttl: Option<u64>) -> Result<TokenResponse, ControllerError> {
+    pub fn issue_token(
+        &self,
+        actor: &Actor,
+        name: &str,
+        ttl: Option<u64>,
+    ) -> Result<TokenResponse, ControllerError> {
         let ttl = ttl.unwrap_or(secs(self.cfg.default_token_ttl));
         if ttl == 0 || ttl > secs(self.cfg.max_token_ttl) {
             return Err(ControllerError::Invalid(format!(
@@ -388,7 +466,9 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ControllerError::NotFound(format!("no identity named {name}")))?;
         if identity.revoked {
-            return Err(ControllerError::Conflict(format!("identity {name} is revoked")));
+            return Err(ControllerError::Conflict(format!(
+                "identity {name} is revoked"
+            )));
         }
         let now = self.now();
         let claims = EnrollmentClaims {
@@ -404,7 +484,11 @@ impl Controller {
         };
         let token = self.signer.sign(&claims);
         let mut batch = Batch::default();
-        batch.records.push(Record::Token { jti: claims.jti.clone(), identity: identity.id.clone(), expires_at: claims.exp });
+        batch.records.push(Record::Token {
+            jti: claims.jti.clone(),
+            identity: identity.id.clone(),
+            expires_at: claims.exp,
+        });
         batch.audit.push(Self::audit(
             actor,
             "identity.token",
@@ -412,11 +496,18 @@ impl Controller {
             serde_json::json!({ "expires_at": claims.exp }),
         ));
         self.commit(&mut inner, batch)?;
-        Ok(TokenResponse { identity, token, token_expires_at: claims.exp })
+        Ok(TokenResponse {
+            identity,
+            token,
+            token_expires_at: claims.exp,
+        })
     }
 
     /// Lists identities (all kinds, or one).
-    pub fn list_identities(&self, kind: Option<IdentityKind>) -> Result<Vec<IdentityView>, ControllerError> {
+    pub fn list_identities(
+        &self,
+        kind: Option<IdentityKind>,
+    ) -> Result<Vec<IdentityView>, ControllerError> {
         let inner = self.lock();
         let enrolled = inner.store.enrolled_ids()?;
         let mut out: Vec<IdentityView> = inner
@@ -424,7 +515,11 @@ impl Controller {
             .identities
             .values()
             .filter(|i| kind.is_none_or(|k| i.kind == k))
-            .map(|i| IdentityView { identity: i.clone(), enrolled: enrolled.contains(i.id.as_str()), certs: vec![] })
+            .map(|i| IdentityView {
+                identity: i.clone(),
+                enrolled: enrolled.contains(i.id.as_str()),
+                certs: vec![],
+            })
             .collect();
         out.sort_by(|a, b| a.identity.name.cmp(&b.identity.name));
         Ok(out)
@@ -438,10 +533,19 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ControllerError::NotFound(format!("no identity named {name}")))?;
         let certs = inner.store.certs_of(&identity.id)?;
-        Ok(IdentityView { enrolled: !certs.is_empty(), identity, certs })
+        Ok(IdentityView {
+            enrolled: !certs.is_empty(),
+            identity,
+            certs,
+        })
     }
 
-    fn revoke_certs(inner: &Inner, id: &IdentityId, now: Timestamp, batch: &mut Batch) -> Result<(), ControllerError> {
+    fn revoke_certs(
+        inner: &Inner,
+        id: &IdentityId,
+        now: Timestamp,
+        batch: &mut Batch,
+    ) -> Result<(), ControllerError> {
         for cert in inner.store.live_certs_of(id, now)? {
             batch.changes.push(ChangeEvent::CertRevoked { cert });
         }
@@ -457,7 +561,9 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ControllerError::NotFound(format!("no identity named {name}")))?;
         if actor.id.as_ref() == Some(&identity.id) {
-            return Err(ControllerError::Conflict("an admin cannot revoke its own identity".into()));
+            return Err(ControllerError::Conflict(
+                "an admin cannot revoke its own identity".into(),
+            ));
         }
         let now = self.now();
         let mut batch = Batch::default();
@@ -465,9 +571,19 @@ impl Controller {
         Self::revoke_certs(&inner, &identity.id, now, &mut batch)?;
         if !identity.revoked {
             identity.revoked = true;
-            batch.changes.insert(0, ChangeEvent::IdentityPut { identity: identity.clone() });
+            batch.changes.insert(
+                0,
+                ChangeEvent::IdentityPut {
+                    identity: identity.clone(),
+                },
+            );
         }
-        batch.audit.push(Self::audit(actor, "identity.revoke", name, serde_json::json!({ "id": identity.id })));
+        batch.audit.push(Self::audit(
+            actor,
+            "identity.revoke",
+            name,
+            serde_json::json!({ "id": identity.id }),
+        ));
         self.commit(&mut inner, batch)?;
         Ok(identity)
     }
@@ -475,15 +591,28 @@ impl Controller {
     /// Deletes an identity (or router). A `@name` reference in a policy blocks the delete unless
     /// `cascade`, which deletes those policies too: removing a selector could widen an `allOf`
     /// policy, deleting the policy never widens anything.
-    pub fn delete_identity(&self, actor: &Actor, name: &str, cascade: bool, kind: Option<IdentityKind>) -> Result<Vec<Name>, ControllerError> {
+    pub fn delete_identity(
+        &self,
+        actor: &Actor,
+        name: &str,
+        cascade: bool,
+        kind: Option<IdentityKind>,
+    ) -> Result<Vec<Name>, ControllerError> {
         let mut inner = self.lock();
         let identity = inner
             .identity_named(name)
             .filter(|i| kind.is_none_or(|k| i.kind == k))
             .cloned()
-            .ok_or_else(|| ControllerError::NotFound(format!("no {} named {name}", kind.map_or("identity", |k| k.as_str()))))?;
+            .ok_or_else(|| {
+                ControllerError::NotFound(format!(
+                    "no {} named {name}",
+                    kind.map_or("identity", |k| k.as_str())
+                ))
+            })?;
         if actor.id.as_ref() == Some(&identity.id) {
-            return Err(ControllerError::Conflict("an admin cannot delete its own identity".into()));
+            return Err(ControllerError::Conflict(
+                "an admin cannot delete its own identity".into(),
+            ));
         }
         let referencing = referencing_policies(inner.state(), &identity.name, true);
         if !referencing.is_empty() && !cascade {
@@ -495,12 +624,18 @@ impl Controller {
         let now = self.now();
         let mut batch = Batch::default();
         Self::revoke_certs(&inner, &identity.id, now, &mut batch)?;
-        batch.changes.push(ChangeEvent::IdentityDeleted { id: identity.id.clone() });
+        batch.changes.push(ChangeEvent::IdentityDeleted {
+            id: identity.id.clone(),
+        });
         if identity.kind == IdentityKind::Router {
-            batch.changes.push(ChangeEvent::RouterDeleted { id: identity.id.clone() });
+            batch.changes.push(ChangeEvent::RouterDeleted {
+                id: identity.id.clone(),
+            });
         }
         for p in &referencing {
-            batch.changes.push(ChangeEvent::PolicyDeleted { name: p.clone() });
+            batch
+                .changes
+                .push(ChangeEvent::PolicyDeleted { name: p.clone() });
         }
         batch.audit.push(Self::audit(
             actor,
@@ -515,19 +650,40 @@ impl Controller {
     // ----- services ---------------------------------------------------------------------------
 
     /// Creates a service.
-    pub fn create_service(&self, actor: &Actor, service: Service) -> Result<Service, ControllerError> {
+    pub fn create_service(
+        &self,
+        actor: &Actor,
+        service: Service,
+    ) -> Result<Service, ControllerError> {
         let mut inner = self.lock();
         if inner.state().services.contains_key(&service.name) {
-            return Err(ControllerError::Conflict(format!("a service named {} already exists", service.name)));
+            return Err(ControllerError::Conflict(format!(
+                "a service named {} already exists",
+                service.name
+            )));
         }
         for other in inner.state().services.values() {
-            if let Some(i) = service.intercepts.iter().find(|i| other.intercepts.contains(i)) {
-                return Err(ControllerError::Conflict(format!("intercept {i} is already used by service {}", other.name)));
+            if let Some(i) = service
+                .intercepts
+                .iter()
+                .find(|i| other.intercepts.contains(i))
+            {
+                return Err(ControllerError::Conflict(format!(
+                    "intercept {i} is already used by service {}",
+                    other.name
+                )));
             }
         }
         let mut batch = Batch::default();
-        batch.changes.push(ChangeEvent::ServicePut { service: service.clone() });
-        batch.audit.push(Self::audit(actor, "service.create", service.name.as_str(), serde_json::to_value(&service)?));
+        batch.changes.push(ChangeEvent::ServicePut {
+            service: service.clone(),
+        });
+        batch.audit.push(Self::audit(
+            actor,
+            "service.create",
+            service.name.as_str(),
+            serde_json::to_value(&service)?,
+        ));
         self.commit(&mut inner, batch)?;
         Ok(service)
     }
@@ -548,7 +704,12 @@ impl Controller {
     }
 
     /// Deletes a service; `@name` references block it unless `cascade` (see `delete_identity`).
-    pub fn delete_service(&self, actor: &Actor, name: &str, cascade: bool) -> Result<Vec<Name>, ControllerError> {
+    pub fn delete_service(
+        &self,
+        actor: &Actor,
+        name: &str,
+        cascade: bool,
+    ) -> Result<Vec<Name>, ControllerError> {
         let mut inner = self.lock();
         let service = inner
             .state()
@@ -564,11 +725,20 @@ impl Controller {
             )));
         }
         let mut batch = Batch::default();
-        batch.changes.push(ChangeEvent::ServiceDeleted { name: service.name.clone() });
+        batch.changes.push(ChangeEvent::ServiceDeleted {
+            name: service.name.clone(),
+        });
         for p in &referencing {
-            batch.changes.push(ChangeEvent::PolicyDeleted { name: p.clone() });
+            batch
+                .changes
+                .push(ChangeEvent::PolicyDeleted { name: p.clone() });
         }
-        batch.audit.push(Self::audit(actor, "service.delete", name, serde_json::json!({ "deleted_policies": referencing })));
+        batch.audit.push(Self::audit(
+            actor,
+            "service.delete",
+            name,
+            serde_json::json!({ "deleted_policies": referencing }),
+        ));
         self.commit(&mut inner, batch)?;
         Ok(referencing)
     }
@@ -576,7 +746,11 @@ impl Controller {
     // ----- policies ---------------------------------------------------------------------------
 
     /// Creates a service policy.
-    pub fn grant(&self, actor: &Actor, req: GrantRequest) -> Result<ServicePolicy, ControllerError> {
+    pub fn grant(
+        &self,
+        actor: &Actor,
+        req: GrantRequest,
+    ) -> Result<ServicePolicy, ControllerError> {
         let mut inner = self.lock();
         let state = inner.state();
         let mut problems = Vec::new();
@@ -605,7 +779,9 @@ impl Controller {
         }
         let name = match req.name {
             Some(n) if state.policies.contains_key(&n) => {
-                return Err(ControllerError::Conflict(format!("a policy named {n} already exists")))
+                return Err(ControllerError::Conflict(format!(
+                    "a policy named {n} already exists"
+                )))
             }
             Some(n) => n,
             None => generated_policy_name(state, req.action, &req.identities, &req.services),
@@ -618,8 +794,15 @@ impl Controller {
             semantic: req.semantic,
         };
         let mut batch = Batch::default();
-        batch.changes.push(ChangeEvent::PolicyPut { policy: policy.clone() });
-        batch.audit.push(Self::audit(actor, "policy.grant", policy.name.as_str(), serde_json::to_value(&policy)?));
+        batch.changes.push(ChangeEvent::PolicyPut {
+            policy: policy.clone(),
+        });
+        batch.audit.push(Self::audit(
+            actor,
+            "policy.grant",
+            policy.name.as_str(),
+            serde_json::to_value(&policy)?,
+        ));
         self.commit(&mut inner, batch)?;
         Ok(policy)
     }
@@ -634,8 +817,15 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ControllerError::NotFound(format!("no policy named {name}")))?;
         let mut batch = Batch::default();
-        batch.changes.push(ChangeEvent::PolicyDeleted { name: policy.name.clone() });
-        batch.audit.push(Self::audit(actor, "policy.revoke", name, serde_json::to_value(&policy)?));
+        batch.changes.push(ChangeEvent::PolicyDeleted {
+            name: policy.name.clone(),
+        });
+        batch.audit.push(Self::audit(
+            actor,
+            "policy.revoke",
+            name,
+            serde_json::to_value(&policy)?,
+        ));
         self.commit(&mut inner, batch)
     }
 
@@ -645,7 +835,12 @@ impl Controller {
     }
 
     /// Names the policies that grant `identity` access to `service`, or says why none does.
-    pub fn explain(&self, identity: &str, service: &str, action: Action) -> Result<ExplainResponse, ControllerError> {
+    pub fn explain(
+        &self,
+        identity: &str,
+        service: &str,
+        action: Action,
+    ) -> Result<ExplainResponse, ControllerError> {
         let id = {
             let inner = self.lock();
             inner
@@ -654,7 +849,11 @@ impl Controller {
                 .ok_or_else(|| ControllerError::NotFound(format!("no identity named {identity}")))?
         };
         let ex = self.index().explain(&id, service, action, self.now());
-        Ok(ExplainResponse { allowed: ex.decision.is_ok(), granting: ex.granting, reason: ex.reason })
+        Ok(ExplainResponse {
+            allowed: ex.decision.is_ok(),
+            granting: ex.granting,
+            reason: ex.reason,
+        })
     }
 
     // ----- declarative state ------------------------------------------------------------------
@@ -665,7 +864,12 @@ impl Controller {
     }
 
     /// Makes the state match a document (or only computes the plan, with `dry_run`).
-    pub fn apply(&self, actor: &Actor, yaml: &str, dry_run: bool) -> Result<ApplyResponse, ControllerError> {
+    pub fn apply(
+        &self,
+        actor: &Actor,
+        yaml: &str,
+        dry_run: bool,
+    ) -> Result<ApplyResponse, ControllerError> {
         let doc = umbra_policies::parse_document(yaml).map_err(rejected)?;
         let mut inner = self.lock();
         let plan = umbra_policies::plan(inner.state(), &doc).map_err(rejected)?;
@@ -674,7 +878,11 @@ impl Controller {
         let text = plan.to_string();
         let changes = plan.changes.len();
         if dry_run || plan.is_empty() {
-            return Ok(ApplyResponse { plan: text, changes, applied: false });
+            return Ok(ApplyResponse {
+                plan: text,
+                changes,
+                applied: false,
+            });
         }
         let now = self.now();
         let mut batch = Batch::default();
@@ -682,20 +890,40 @@ impl Controller {
         for change in plan.changes {
             use umbra_policies::Change;
             match change {
-                Change::CreateIdentity { name, kind, roles, disabled } => {
+                Change::CreateIdentity {
+                    name,
+                    kind,
+                    roles,
+                    disabled,
+                } => {
                     if inner.names.contains_key(&name) {
-                        return Err(ControllerError::Conflict(format!("an identity named {name} already exists")));
+                        return Err(ControllerError::Conflict(format!(
+                            "an identity named {name} already exists"
+                        )));
                     }
-                    let identity = Identity { id: new_identity_id(), name, kind, roles, disabled, revoked: false, expires_at: None };
+                    let identity = Identity {
+                        id: new_identity_id(),
+                        name,
+                        kind,
+                        roles,
+                        disabled,
+                        revoked: false,
+                        expires_at: None,
+                    };
                     batch.changes.push(ChangeEvent::IdentityPut { identity });
                 }
-                Change::UpdateIdentity { id, name, roles, disabled } => {
-                    let mut identity = inner
-                        .state()
-                        .identities
-                        .get(&id)
-                        .cloned()
-                        .ok_or_else(|| ControllerError::Conflict(format!("identity {name} changed during apply")))?;
+                Change::UpdateIdentity {
+                    id,
+                    name,
+                    roles,
+                    disabled,
+                } => {
+                    let mut identity =
+                        inner.state().identities.get(&id).cloned().ok_or_else(|| {
+                            ControllerError::Conflict(format!(
+                                "identity {name} changed during apply"
+                            ))
+                        })?;
                     identity.roles = roles;
                     identity.disabled = disabled;
                     batch.changes.push(ChangeEvent::IdentityPut { identity });
@@ -709,17 +937,32 @@ impl Controller {
                     Self::revoke_certs(&inner, &id, now, &mut revocations)?;
                     batch.changes.push(ChangeEvent::IdentityDeleted { id });
                 }
-                Change::PutService(service) => batch.changes.push(ChangeEvent::ServicePut { service }),
-                Change::DeleteService { name } => batch.changes.push(ChangeEvent::ServiceDeleted { name }),
+                Change::PutService(service) => {
+                    batch.changes.push(ChangeEvent::ServicePut { service })
+                }
+                Change::DeleteService { name } => {
+                    batch.changes.push(ChangeEvent::ServiceDeleted { name })
+                }
                 Change::PutPolicy(policy) => batch.changes.push(ChangeEvent::PolicyPut { policy }),
-                Change::DeletePolicy { name } => batch.changes.push(ChangeEvent::PolicyDeleted { name }),
+                Change::DeletePolicy { name } => {
+                    batch.changes.push(ChangeEvent::PolicyDeleted { name })
+                }
             }
         }
         // Revocations first, then the rest in plan order.
         revocations.changes.append(&mut batch.changes);
-        revocations.audit.push(Self::audit(actor, "apply", "state", serde_json::json!({ "plan": text })));
+        revocations.audit.push(Self::audit(
+            actor,
+            "apply",
+            "state",
+            serde_json::json!({ "plan": text }),
+        ));
         self.commit(&mut inner, revocations)?;
-        Ok(ApplyResponse { plan: text, changes, applied: true })
+        Ok(ApplyResponse {
+            plan: text,
+            changes,
+            applied: true,
+        })
     }
 
     // ----- routers ----------------------------------------------------------------------------
@@ -735,7 +978,11 @@ impl Controller {
             .filter(|i| i.kind == IdentityKind::Router)
             .map(|i| RouterView {
                 identity: i.clone(),
-                advertise: inner.replica.routers.get(&i.id).and_then(|r| r.advertise.clone()),
+                advertise: inner
+                    .replica
+                    .routers
+                    .get(&i.id)
+                    .and_then(|r| r.advertise.clone()),
                 enrolled: enrolled.contains(i.id.as_str()),
             })
             .collect();
@@ -753,15 +1000,18 @@ impl Controller {
             .verify(token, now)
             .map_err(|e| ControllerError::Enrollment(e.to_string()))?;
         let mut inner = self.lock();
-        let row = inner
-            .store
-            .token(&claims.jti)?
-            .ok_or_else(|| ControllerError::Enrollment("the token is unknown to this controller".into()))?;
+        let row = inner.store.token(&claims.jti)?.ok_or_else(|| {
+            ControllerError::Enrollment("the token is unknown to this controller".into())
+        })?;
         if row.used_at.is_some() {
-            return Err(ControllerError::Enrollment("the token was already used (or replaced by a newer one)".into()));
+            return Err(ControllerError::Enrollment(
+                "the token was already used (or replaced by a newer one)".into(),
+            ));
         }
         if row.identity != claims.sub {
-            return Err(ControllerError::Enrollment("the token does not match its identity".into()));
+            return Err(ControllerError::Enrollment(
+                "the token does not match its identity".into(),
+            ));
         }
         let identity = inner
             .state()
@@ -770,13 +1020,27 @@ impl Controller {
             .cloned()
             .ok_or_else(|| ControllerError::Enrollment("the identity no longer exists".into()))?;
         if !identity.is_active(now) {
-            return Err(ControllerError::Enrollment(format!("identity {} is revoked, disabled or expired", identity.name)));
+            return Err(ControllerError::Enrollment(format!(
+                "identity {} is revoked, disabled or expired",
+                identity.name
+            )));
         }
         let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(csr_der, &spiffe, self.cfg.cert_validity, self.cfg.clock.now())?;
+        let issued = self.ca.issue(
+            csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
         let mut batch = Batch::default();
-        batch.records.push(Record::TokenUsed { jti: claims.jti.clone() });
-        batch.records.push(Record::Cert { serial: issued.serial.to_string(), identity: identity.id.clone(), not_after: issued.not_after });
+        batch.records.push(Record::TokenUsed {
+            jti: claims.jti.clone(),
+        });
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
         batch.audit.push(Self::audit(
             &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
             "identity.enroll",
@@ -796,10 +1060,19 @@ impl Controller {
     pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
         let identity = self.authorize_peer(peer, None)?;
         let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(csr_der, &spiffe, self.cfg.cert_validity, self.cfg.clock.now())?;
+        let issued = self.ca.issue(
+            csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
         let mut inner = self.lock();
         let mut batch = Batch::default();
-        batch.records.push(Record::Cert { serial: issued.serial.to_string(), identity: identity.id.clone(), not_after: issued.not_after });
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
         batch.audit.push(Self::audit(
             &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
             "identity.renew",
@@ -807,12 +1080,19 @@ impl Controller {
             serde_json::json!({ "old_serial": peer.serial.to_string(), "serial": issued.serial.to_string() }),
         ));
         self.commit(&mut inner, batch)?;
-        Ok(RenewResponse { cert_pem: issued.cert_pem, not_after: issued.not_after })
+        Ok(RenewResponse {
+            cert_pem: issued.cert_pem,
+            not_after: issued.not_after,
+        })
     }
 
     /// Creates a complete identity file here, for an identity whose key may be generated on this
     /// machine (the first admin at `init`).
-    pub fn issue_local_identity(&self, actor: &Actor, id: &IdentityId) -> Result<IdentityFile, ControllerError> {
+    pub fn issue_local_identity(
+        &self,
+        actor: &Actor,
+        id: &IdentityId,
+    ) -> Result<IdentityFile, ControllerError> {
         let identity = self
             .lock()
             .state()
@@ -822,11 +1102,25 @@ impl Controller {
             .ok_or_else(|| ControllerError::NotFound("no such identity".into()))?;
         let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
         let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(&key.csr_der, &spiffe, self.cfg.cert_validity, self.cfg.clock.now())?;
+        let issued = self.ca.issue(
+            &key.csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
         let mut inner = self.lock();
         let mut batch = Batch::default();
-        batch.records.push(Record::Cert { serial: issued.serial.to_string(), identity: identity.id.clone(), not_after: issued.not_after });
-        batch.audit.push(Self::audit(actor, "identity.issue_local", identity.name.as_str(), serde_json::json!({ "serial": issued.serial.to_string() })));
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
+        batch.audit.push(Self::audit(
+            actor,
+            "identity.issue_local",
+            identity.name.as_str(),
+            serde_json::json!({ "serial": issued.serial.to_string() }),
+        ));
         self.commit(&mut inner, batch)?;
         Ok(IdentityFile {
             version: 1,
@@ -844,8 +1138,13 @@ impl Controller {
     /// Checks that a handshake-verified certificate still speaks for an active identity of the
     /// expected kind: the certificate was issued by this controller to that very identity (not
     /// to an earlier namesake) and is not revoked.
-    pub fn authorize_peer(&self, peer: &PeerCert, kind: Option<IdentityKind>) -> Result<Identity, ControllerError> {
-        let forbidden = || ControllerError::Forbidden("this certificate is not allowed here".into());
+    pub fn authorize_peer(
+        &self,
+        peer: &PeerCert,
+        kind: Option<IdentityKind>,
+    ) -> Result<Identity, ControllerError> {
+        let forbidden =
+            || ControllerError::Forbidden("this certificate is not allowed here".into());
         if peer.spiffe.trust_domain() != self.trust_domain() {
             return Err(forbidden());
         }
@@ -853,9 +1152,19 @@ impl Controller {
             return Err(forbidden());
         }
         let inner = self.lock();
-        let identity = inner.identity_named(peer.spiffe.name().as_str()).cloned().ok_or_else(forbidden)?;
-        let (owner, revoked) = inner.store.cert_owner(&peer.serial.to_string())?.ok_or_else(forbidden)?;
-        if owner != identity.id || revoked || identity.kind != peer.spiffe.kind() || !identity.is_active(self.now()) {
+        let identity = inner
+            .identity_named(peer.spiffe.name().as_str())
+            .cloned()
+            .ok_or_else(forbidden)?;
+        let (owner, revoked) = inner
+            .store
+            .cert_owner(&peer.serial.to_string())?
+            .ok_or_else(forbidden)?;
+        if owner != identity.id
+            || revoked
+            || identity.kind != peer.spiffe.kind()
+            || !identity.is_active(self.now())
+        {
             return Err(forbidden());
         }
         Ok(identity)
@@ -871,17 +1180,27 @@ impl Controller {
     /// What a follower at `since` (epoch, seq) needs first, and a receiver for what follows.
     /// The receiver is subscribed before the state is read, so no delta falls in between;
     /// the caller skips received deltas at or below the returned sequence number.
-    pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<(Vec<ControlMessage>, u64, broadcast::Receiver<Arc<Delta>>), ControllerError> {
+    pub fn subscribe(
+        &self,
+        since: Option<(&str, u64)>,
+    ) -> Result<(Vec<ControlMessage>, u64, broadcast::Receiver<Arc<Delta>>), ControllerError> {
         let rx = self.deltas.subscribe();
         let inner = self.lock();
         let epoch = inner.replica.epoch.clone();
-        let mut out = vec![ControlMessage::Hello { version: umbra_proto::control::CONTROL_PROTOCOL_VERSION, epoch: epoch.clone() }];
+        let mut out = vec![ControlMessage::Hello {
+            version: umbra_proto::control::CONTROL_PROTOCOL_VERSION,
+            epoch: epoch.clone(),
+        }];
         let resumed = match since {
             Some((e, seq)) if e == epoch => inner.store.changes_since(seq)?,
             _ => None,
         };
         match resumed {
-            Some(deltas) => out.extend(deltas.into_iter().map(|d| ControlMessage::Delta(Box::new(d)))),
+            Some(deltas) => out.extend(
+                deltas
+                    .into_iter()
+                    .map(|d| ControlMessage::Delta(Box::new(d))),
+            ),
             None => {
                 let mut replica = inner.replica.clone();
                 replica.prune_revoked(self.now());
@@ -892,9 +1211,17 @@ impl Controller {
     }
 
     /// Records where a router is reached.
-    pub fn router_advertise(&self, router: &Identity, advertise: &str) -> Result<(), ControllerError> {
+    pub fn router_advertise(
+        &self,
+        router: &Identity,
+        advertise: &str,
+    ) -> Result<(), ControllerError> {
         let mut inner = self.lock();
-        let info = RouterInfo { id: router.id.clone(), name: router.name.clone(), advertise: Some(advertise.to_owned()) };
+        let info = RouterInfo {
+            id: router.id.clone(),
+            name: router.name.clone(),
+            advertise: Some(advertise.to_owned()),
+        };
         if inner.replica.routers.get(&router.id) == Some(&info) {
             return Ok(());
         }
@@ -909,24 +1236,42 @@ impl Controller {
         let now = self.now();
         let mut services: std::collections::BTreeMap<Name, EdgeService> = Default::default();
         for (action, svcs) in [
-            (Action::Dial, index.services_for(&identity.id, Action::Dial, now)),
-            (Action::Bind, index.services_for(&identity.id, Action::Bind, now)),
+            (
+                Action::Dial,
+                index.services_for(&identity.id, Action::Dial, now),
+            ),
+            (
+                Action::Bind,
+                index.services_for(&identity.id, Action::Bind, now),
+            ),
         ] {
             for s in svcs {
-                let e = services.entry(s.name.clone()).or_insert_with(|| EdgeService {
-                    name: s.name.clone(),
-                    intercepts: s.intercepts.clone(),
-                    dial: false,
-                    bind: false,
-                });
+                let e = services
+                    .entry(s.name.clone())
+                    .or_insert_with(|| EdgeService {
+                        name: s.name.clone(),
+                        intercepts: s.intercepts.clone(),
+                        dial: false,
+                        bind: false,
+                    });
                 match action {
                     Action::Dial => e.dial = true,
                     Action::Bind => e.bind = true,
                 }
             }
         }
-        let routers = self.lock().replica.routers.values().filter(|r| r.advertise.is_some()).cloned().collect();
-        EdgeView { routers, services: services.into_values().collect() }
+        let routers = self
+            .lock()
+            .replica
+            .routers
+            .values()
+            .filter(|r| r.advertise.is_some())
+            .cloned()
+            .collect();
+        EdgeView {
+            routers,
+            services: services.into_values().collect(),
+        }
     }
 
     /// A receiver of every committed delta, for watchers that recompute a view.
@@ -945,7 +1290,11 @@ fn rejected(errors: Vec<umbra_policies::DocError>) -> ControllerError {
 }
 
 fn join(names: &[Name]) -> String {
-    names.iter().map(Name::as_str).collect::<Vec<_>>().join(", ")
+    names
+        .iter()
+        .map(Name::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Policies that name `name` with `@name` on the identity side (`identity_side`) or service side.
@@ -954,22 +1303,34 @@ fn referencing_policies(state: &State, name: &Name, identity_side: bool) -> Vec<
         .policies
         .values()
         .filter(|p| {
-            let sels = if identity_side { &p.identities } else { &p.services };
-            sels.iter().any(|s| matches!(s, Selector::Named(n) if n == name))
+            let sels = if identity_side {
+                &p.identities
+            } else {
+                &p.services
+            };
+            sels.iter()
+                .any(|s| matches!(s, Selector::Named(n) if n == name))
         })
         .map(|p| p.name.clone())
         .collect()
 }
 
 /// `dial-agent-1-llm`, made unique with a numeric suffix.
-fn generated_policy_name(state: &State, action: Action, ids: &[Selector], svcs: &[Selector]) -> Name {
+fn generated_policy_name(
+    state: &State,
+    action: Action,
+    ids: &[Selector],
+    svcs: &[Selector],
+) -> Name {
     let part = |s: Option<&Selector>| match s {
         Some(Selector::All) | None => "all".to_owned(),
         Some(Selector::Role(n)) | Some(Selector::Named(n)) => n.to_string(),
     };
     let mut base = format!("{action}-{}-{}", part(ids.first()), part(svcs.first()));
     base.truncate(54);
-    let base = base.trim_end_matches(|c: char| !c.is_ascii_alphanumeric()).to_owned();
+    let base = base
+        .trim_end_matches(|c: char| !c.is_ascii_alphanumeric())
+        .to_owned();
     let mut candidate = base.clone();
     let mut n = 2;
     loop {

@@ -47,18 +47,31 @@ pub struct Server {
 impl Server {
     /// Binds `listen` and starts serving. If `advertise` is `None`, the bound address is what
     /// tokens and identity files name.
-    pub async fn start(ctrl: Arc<Controller>, listen: SocketAddr, advertise: Option<String>) -> Result<Server, ControllerError> {
-        let listener = TcpListener::bind(listen).await.map_err(ControllerError::io(listen.to_string()))?;
-        let local_addr = listener.local_addr().map_err(ControllerError::io(listen.to_string()))?;
+    pub async fn start(
+        ctrl: Arc<Controller>,
+        listen: SocketAddr,
+        advertise: Option<String>,
+    ) -> Result<Server, ControllerError> {
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(ControllerError::io(listen.to_string()))?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(ControllerError::io(listen.to_string()))?;
         let advertise = advertise.unwrap_or_else(|| local_addr.to_string());
         ctrl.set_address(&advertise)?;
 
         // Peers check this certificate against their own clocks, so it is dated by the real one.
-        let creds = ctrl.ca().issue_server(SERVER_CERT_VALIDITY, std::time::SystemTime::now())?;
+        let creds = ctrl
+            .ca()
+            .issue_server(SERVER_CERT_VALIDITY, std::time::SystemTime::now())?;
         let enroll_tls = umbra_pki::server_config(creds.clone(), ClientAuth::None, ALPN)?;
         let main_tls = umbra_pki::server_config(
             creds,
-            ClientAuth::Required { roots: vec![ctrl.ca().root_der().clone()], revoked: ctrl.revoked_serials() },
+            ClientAuth::Required {
+                roots: vec![ctrl.ca().root_der().clone()],
+                revoked: ctrl.revoked_serials(),
+            },
             ALPN,
         )?;
         let enroll_app = api::enroll_router(ctrl.clone());
@@ -103,7 +116,11 @@ impl Server {
             conns.shutdown().await;
         });
         tracing::info!(%local_addr, %advertise, "controller listening");
-        Ok(Server { local_addr, shutdown, task })
+        Ok(Server {
+            local_addr,
+            shutdown,
+            task,
+        })
     }
 
     /// The bound address.
@@ -145,7 +162,8 @@ async fn serve_conn(
         let peer = umbra_pki::peer_identity(tls.get_ref().1)?;
         main_app.layer(axum::Extension(Peer(Arc::new(peer))))
     };
-    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| app.clone().oneshot(req));
+    let service =
+        hyper::service::service_fn(move |req: hyper::Request<Incoming>| app.clone().oneshot(req));
     hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)

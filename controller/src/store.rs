@@ -51,11 +51,19 @@ pub struct AuditRecord {
 #[derive(Debug, Clone)]
 pub enum Record {
     /// A new enrollment token; earlier unused tokens of the same identity stop working.
-    Token { jti: String, identity: IdentityId, expires_at: Timestamp },
+    Token {
+        jti: String,
+        identity: IdentityId,
+        expires_at: Timestamp,
+    },
     /// A token was spent.
     TokenUsed { jti: String },
     /// A certificate was issued.
-    Cert { serial: String, identity: IdentityId, not_after: Timestamp },
+    Cert {
+        serial: String,
+        identity: IdentityId,
+        not_after: Timestamp,
+    },
 }
 
 /// Everything one command writes.
@@ -150,7 +158,12 @@ impl Store {
             let p: ServicePolicy = serde_json::from_str(&body?)?;
             state.policies.insert(p.name.clone(), p);
         }
-        let mut replica = Replica { epoch, seq: self.last_seq()?, state, ..Default::default() };
+        let mut replica = Replica {
+            epoch,
+            seq: self.last_seq()?,
+            state,
+            ..Default::default()
+        };
         let mut stmt = self.conn.prepare("SELECT body FROM routers")?;
         for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
             let r: RouterInfo = serde_json::from_str(&body?)?;
@@ -160,27 +173,41 @@ impl Store {
             "SELECT serial, identity_id, not_after FROM certs WHERE revoked_at IS NOT NULL AND not_after > ?1",
         )?;
         let rows = stmt.query_map([sql_ts(now)], |r| {
-            Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
         })?;
         for row in rows {
             let (serial, identity, not_after) = row?;
-            let identity = IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
-            replica
-                .revoked
-                .insert(serial.clone(), RevokedCert { serial, identity, not_after: ts(not_after) });
+            let identity =
+                IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+            replica.revoked.insert(
+                serial.clone(),
+                RevokedCert {
+                    serial,
+                    identity,
+                    not_after: ts(not_after),
+                },
+            );
         }
         Ok(replica)
     }
 
     /// The sequence number of the last committed change (0 when there is none).
     pub fn last_seq(&self) -> Result<u64, ControllerError> {
-        let seq: Option<i64> = self.conn.query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
+        let seq: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
         Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
     }
 
     /// The changes after `seq`, in order, or `None` when they are no longer all kept.
     pub fn changes_since(&self, seq: u64) -> Result<Option<Vec<Delta>>, ControllerError> {
-        let first: Option<i64> = self.conn.query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0))?;
+        let first: Option<i64> = self
+            .conn
+            .query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0))?;
         let last = self.last_seq()?;
         if seq > last {
             return Ok(None);
@@ -188,9 +215,15 @@ impl Store {
         if seq < last && first.is_some_and(|f| u64::try_from(f).unwrap_or(0) > seq + 1) {
             return Ok(None);
         }
-        let mut stmt = self.conn.prepare("SELECT seq, at, body FROM changes WHERE seq > ?1 ORDER BY seq")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT seq, at, body FROM changes WHERE seq > ?1 ORDER BY seq")?;
         let rows = stmt.query_map([i64::try_from(seq).unwrap_or(i64::MAX)], |r| {
-            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?, r.get::<_, String>(2)?))
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?,
+            ))
         })?;
         let mut out = Vec::new();
         for row in rows {
@@ -208,13 +241,21 @@ impl Store {
     pub fn token(&self, jti: &str) -> Result<Option<TokenRow>, ControllerError> {
         let row = self
             .conn
-            .query_row("SELECT identity_id, used_at FROM tokens WHERE jti = ?1", [jti], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
-            })
+            .query_row(
+                "SELECT identity_id, used_at FROM tokens WHERE jti = ?1",
+                [jti],
+                |r| Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?)),
+            )
             .optional()?;
-        let Some((identity, used_at)) = row else { return Ok(None) };
-        let identity = IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
-        Ok(Some(TokenRow { identity, used_at: used_at.map(ts) }))
+        let Some((identity, used_at)) = row else {
+            return Ok(None);
+        };
+        let identity =
+            IdentityId::new(identity).map_err(|e| ControllerError::Corrupt(e.to_string()))?;
+        Ok(Some(TokenRow {
+            identity,
+            used_at: used_at.map(ts),
+        }))
     }
 
     /// The identity a certificate was issued to, and whether it was revoked.
@@ -228,7 +269,9 @@ impl Store {
             )
             .optional()?;
         row.map(|(id, revoked)| {
-            IdentityId::new(id).map(|id| (id, revoked)).map_err(|e| ControllerError::Corrupt(e.to_string()))
+            IdentityId::new(id)
+                .map(|id| (id, revoked))
+                .map_err(|e| ControllerError::Corrupt(e.to_string()))
         })
         .transpose()
     }
@@ -251,18 +294,28 @@ impl Store {
 
     /// The set of identity ids that have enrolled.
     pub fn enrolled_ids(&self) -> Result<std::collections::HashSet<String>, ControllerError> {
-        let mut stmt = self.conn.prepare("SELECT DISTINCT identity_id FROM certs")?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT DISTINCT identity_id FROM certs")?;
         let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Unrevoked, unexpired certificates of an identity (what revoking it must add to the list).
-    pub fn live_certs_of(&self, identity: &IdentityId, now: Timestamp) -> Result<Vec<RevokedCert>, ControllerError> {
+    pub fn live_certs_of(
+        &self,
+        identity: &IdentityId,
+        now: Timestamp,
+    ) -> Result<Vec<RevokedCert>, ControllerError> {
         let mut stmt = self.conn.prepare(
             "SELECT serial, not_after FROM certs WHERE identity_id = ?1 AND revoked_at IS NULL AND not_after > ?2",
         )?;
         let rows = stmt.query_map(params![identity.as_str(), sql_ts(now)], |r| {
-            Ok(RevokedCert { serial: r.get(0)?, identity: identity.clone(), not_after: ts(r.get(1)?) })
+            Ok(RevokedCert {
+                serial: r.get(0)?,
+                identity: identity.clone(),
+                not_after: ts(r.get(1)?),
+            })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
@@ -299,7 +352,12 @@ impl Store {
 
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`.
     /// Returns the deltas as committed.
-    pub fn commit(&mut self, batch: &Batch, seq: u64, now: Timestamp) -> Result<Vec<Delta>, ControllerError> {
+    pub fn commit(
+        &mut self,
+        batch: &Batch,
+        seq: u64,
+        now: Timestamp,
+    ) -> Result<Vec<Delta>, ControllerError> {
         let tx = self.conn.transaction()?;
         let mut deltas = Vec::with_capacity(batch.changes.len());
         for (i, change) in batch.changes.iter().enumerate() {
@@ -307,13 +365,25 @@ impl Store {
             let seq = seq + 1 + i as u64;
             tx.execute(
                 "INSERT INTO changes (seq, at, body) VALUES (?1, ?2, ?3)",
-                params![i64::try_from(seq).unwrap_or(i64::MAX), sql_ts(now), serde_json::to_string(change)?],
+                params![
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                    sql_ts(now),
+                    serde_json::to_string(change)?
+                ],
             )?;
-            deltas.push(Delta { seq, at: now, change: change.clone() });
+            deltas.push(Delta {
+                seq,
+                at: now,
+                change: change.clone(),
+            });
         }
         for record in &batch.records {
             match record {
-                Record::Token { jti, identity, expires_at } => {
+                Record::Token {
+                    jti,
+                    identity,
+                    expires_at,
+                } => {
                     tx.execute(
                         "UPDATE tokens SET used_at = ?2 WHERE identity_id = ?1 AND used_at IS NULL",
                         params![identity.as_str(), sql_ts(now)],
@@ -329,10 +399,16 @@ impl Store {
                         params![jti, sql_ts(now)],
                     )?;
                     if n != 1 {
-                        return Err(ControllerError::Conflict("the enrollment token was already used".into()));
+                        return Err(ControllerError::Conflict(
+                            "the enrollment token was already used".into(),
+                        ));
                     }
                 }
-                Record::Cert { serial, identity, not_after } => {
+                Record::Cert {
+                    serial,
+                    identity,
+                    not_after,
+                } => {
                     tx.execute(
                         "INSERT INTO certs (serial, identity_id, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
                         params![serial, identity.as_str(), sql_ts(now), sql_ts(*not_after)],
@@ -343,7 +419,13 @@ impl Store {
         for a in &batch.audit {
             tx.execute(
                 "INSERT INTO audit (at, actor, action, target, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![sql_ts(now), a.actor, a.action, a.target, a.detail.to_string()],
+                params![
+                    sql_ts(now),
+                    a.actor,
+                    a.action,
+                    a.target,
+                    a.detail.to_string()
+                ],
             )?;
         }
         tx.commit()?;
@@ -351,13 +433,21 @@ impl Store {
     }
 }
 
-fn persist_change(tx: &Transaction<'_>, change: &ChangeEvent, now: Timestamp) -> Result<(), ControllerError> {
+fn persist_change(
+    tx: &Transaction<'_>,
+    change: &ChangeEvent,
+    now: Timestamp,
+) -> Result<(), ControllerError> {
     match change {
         ChangeEvent::IdentityPut { identity } => {
             tx.execute(
                 "INSERT INTO identities (id, name, body) VALUES (?1, ?2, ?3)
                  ON CONFLICT(id) DO UPDATE SET name = excluded.name, body = excluded.body",
-                params![identity.id.as_str(), identity.name.as_str(), serde_json::to_string(identity)?],
+                params![
+                    identity.id.as_str(),
+                    identity.name.as_str(),
+                    serde_json::to_string(identity)?
+                ],
             )?;
         }
         ChangeEvent::IdentityDeleted { id } => {

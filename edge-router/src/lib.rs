@@ -1,4 +1,168 @@
 //! Umbra edge router: accepts only mutually authenticated QUIC connections, authorizes every
-//! stream against the policy the controller pushes, and dials the service on the caller's behalf
-//! or hands the stream to an SDK host. (Built in the data-plane issue.)
+//! stream against the policy the controller pushes, and dials the service on the caller's
+//! behalf (or hands the stream to an SDK host).
+//!
+//! Who a caller is comes only from the certificate its handshake verified; what it may do comes
+//! only from `umbra_policies::Index` over the replica the controller keeps exact. Every
+//! connection and stream watches the policy and ends itself, with `codes::REVOKED`, the moment
+//! the policy no longer allows it.
+//!
+//! It must never: trust anything in a request frame for identity, serve a policy older than
+//! `stale_after` without word from the controller, dial an internal address for a service named
+//! by DNS name, or let a peer grow anything without a bound.
 #![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod config;
+mod control;
+pub mod egress;
+mod error;
+mod hosts;
+mod policy;
+pub mod proxy;
+mod server;
+mod splice;
+mod stats;
+mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use umbra_pki::{ClientAuth, ServerCredentials};
+use umbra_policies::IdentityKind;
+
+pub use config::{Limits, RouterConfig};
+pub use error::RouterError;
+pub use policy::{Policy, PolicyRx, Refusal};
+pub use stats::RouterStats;
+
+/// How long shutdown waits for tasks to finish on their own before aborting them.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// A running router.
+pub struct Router;
+
+/// Owns a running router's tasks; [`RouterHandle::shutdown`] ends them all.
+pub struct RouterHandle {
+    local_addr: SocketAddr,
+    policy: PolicyRx,
+    cancel: CancellationToken,
+    tasks: JoinSet<()>,
+    endpoint: quinn::Endpoint,
+    shared: Arc<server::Shared>,
+}
+
+impl Router {
+    /// Binds the QUIC endpoint, starts following the controller and serving. Returns at once;
+    /// until the first snapshot arrives every connection is refused with `codes::SHUTDOWN`
+    /// (see [`RouterHandle::ready`]).
+    pub async fn start(cfg: RouterConfig) -> Result<RouterHandle, RouterError> {
+        let identity = &cfg.identity;
+        if identity.kind != IdentityKind::Router {
+            return Err(RouterError::NotARouter(identity.spiffe().to_string()));
+        }
+        let (tx, rx) = watch::channel(None);
+        let roots = umbra_pki::parse_pem_chain(&identity.ca_pem)?;
+        let tls = umbra_pki::server_config(
+            ServerCredentials::from_identity(identity)?,
+            ClientAuth::Required {
+                roots,
+                revoked: Arc::new(policy::LiveRevocations(rx.clone())),
+            },
+            &[umbra_proto::stream::ALPN],
+        )?;
+        let server_config = server::quinn_config(tls, &cfg.limits)?;
+        let endpoint = quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| {
+            RouterError::Bind {
+                addr: cfg.listen,
+                source,
+            }
+        })?;
+        let local_addr = endpoint.local_addr().map_err(|source| RouterError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let advertise = cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| local_addr.to_string());
+        let client =
+            umbra_sdk::ControllerClient::for_identity(identity, cfg.controller.as_deref())?;
+
+        let cancel = CancellationToken::new();
+        let mut tasks = JoinSet::new();
+        let follower = control::Follower {
+            client,
+            advertise: advertise.clone(),
+            stale_after: cfg.stale_after,
+            tx,
+            cancel: cancel.clone(),
+        };
+        tasks.spawn(follower.run());
+        let shared = Arc::new(server::Shared::new(cfg.limits.clone(), rx.clone()));
+        tasks.spawn(server::accept_loop(
+            endpoint.clone(),
+            Arc::clone(&shared),
+            cancel.clone(),
+        ));
+        tracing::info!(router = %identity.spiffe(), %local_addr, %advertise, "edge router listening");
+        Ok(RouterHandle {
+            local_addr,
+            policy: rx,
+            cancel,
+            tasks,
+            endpoint,
+            shared,
+        })
+    }
+}
+
+impl RouterHandle {
+    /// The bound UDP address.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// A receiver of the current policy (`None` while failing closed).
+    pub fn policy(&self) -> PolicyRx {
+        self.policy.clone()
+    }
+
+    /// The allow / deny / terminate counters so far.
+    pub fn stats(&self) -> RouterStats {
+        self.shared.stats.snapshot()
+    }
+
+    /// Waits until the router holds a policy from the controller.
+    pub async fn ready(&self) {
+        let mut rx = self.policy.clone();
+        // An error means the follower is gone, i.e. the router is shutting down.
+        let _ = rx.wait_for(|p| p.is_some()).await;
+    }
+
+    /// Stops accepting, closes every connection with `codes::SHUTDOWN`, and waits (briefly) for
+    /// every task to end.
+    pub async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.endpoint.close(
+            quinn::VarInt::from_u32(umbra_proto::stream::codes::SHUTDOWN),
+            b"shutting down",
+        );
+        let drain = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+            self.tasks.shutdown().await;
+        }
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        tracing::info!(addr = %self.local_addr, "edge router stopped");
+    }
+}
+
+impl Drop for RouterHandle {
+    fn drop(&mut self) {
+        // Dropping without shutdown still ends every task (the JoinSet aborts them).
+        self.cancel.cancel();
+    }
+}

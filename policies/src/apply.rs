@@ -97,16 +97,22 @@ impl Applier {
                 self.state.identities.remove(id);
             }
             Change::PutService(service) => {
-                self.state.services.insert(service.name.clone(), service.clone());
+                self.state
+                    .services
+                    .insert(service.name.clone(), service.clone());
             }
             Change::DeleteService { name } => {
-                (self.state.services.remove(name)).ok_or_else(|| DocErrorKind::UnknownService(name.clone()))?;
+                (self.state.services.remove(name))
+                    .ok_or_else(|| DocErrorKind::UnknownService(name.clone()))?;
             }
             Change::PutPolicy(policy) => {
-                self.state.policies.insert(policy.name.clone(), policy.clone());
+                self.state
+                    .policies
+                    .insert(policy.name.clone(), policy.clone());
             }
             Change::DeletePolicy { name } => {
-                (self.state.policies.remove(name)).ok_or_else(|| DocErrorKind::UnknownPolicy(name.clone()))?;
+                (self.state.policies.remove(name))
+                    .ok_or_else(|| DocErrorKind::UnknownPolicy(name.clone()))?;
             }
         }
         Ok(())
@@ -121,7 +127,8 @@ impl Applier {
 
     fn reachable_mut(&mut self, id: &IdentityId) -> Result<&mut Identity, DocErrorKind> {
         self.reachable(id)?;
-        (self.state.identities.get_mut(id)).ok_or_else(|| DocErrorKind::UnknownIdentityId(id.clone()))
+        (self.state.identities.get_mut(id))
+            .ok_or_else(|| DocErrorKind::UnknownIdentityId(id.clone()))
     }
 
     /// Fails if another identity than `me` has this name.

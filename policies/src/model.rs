@@ -350,12 +350,7 @@ pub enum Semantic {
 impl Semantic {
     /// Combines selectors: an empty list matches nothing under either semantic, so that a
     /// policy with no selectors can never grant anything by accident.
-    pub fn matches<'a>(
-        self,
-        selectors: &[Selector],
-        name: &Name,
-        roles: &'a BTreeSet<Name>,
-    ) -> bool {
+    pub fn matches(self, selectors: &[Selector], name: &Name, roles: &BTreeSet<Name>) -> bool {
         if selectors.is_empty() {
             return false;
         }

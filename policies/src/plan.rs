@@ -104,8 +104,9 @@ pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> 
         problems.extend(e);
     }
     let mut plan = Plan::default();
-    let by_name: HashMap<&Name, &Identity> =
-        (current.identities.values()).map(|i| (&i.name, i)).collect();
+    let by_name: HashMap<&Name, &Identity> = (current.identities.values())
+        .map(|i| (&i.name, i))
+        .collect();
 
     let mut wanted: Vec<(usize, &DocIdentity)> = desired.identities.iter().enumerate().collect();
     wanted.sort_by(|a, b| a.1.name.cmp(&b.1.name));
@@ -130,7 +131,9 @@ pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> 
                     problems.push(format!("{path}.kind"), kind);
                 }
                 None if have.roles != want.roles || have.disabled != want.disabled => {
-                    plan.before.identities.insert(have.id.clone(), (*have).clone());
+                    plan.before
+                        .identities
+                        .insert(have.id.clone(), (*have).clone());
                     updates.push(Change::UpdateIdentity {
                         id: have.id.clone(),
                         name: want.name.clone(),
@@ -154,17 +157,25 @@ pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> 
     plan.before.policies = policies.before;
 
     plan.changes.extend(creates);
-    plan.changes.extend(services.puts.into_iter().map(Change::PutService));
+    plan.changes
+        .extend(services.puts.into_iter().map(Change::PutService));
     plan.changes.extend(updates);
-    plan.changes.extend(policies.puts.into_iter().map(Change::PutPolicy));
+    plan.changes
+        .extend(policies.puts.into_iter().map(Change::PutPolicy));
     let delete_policy = |name| Change::DeletePolicy { name };
-    plan.changes.extend(policies.deletes.into_iter().map(delete_policy));
+    plan.changes
+        .extend(policies.deletes.into_iter().map(delete_policy));
     let delete_service = |name| Change::DeleteService { name };
-    plan.changes.extend(services.deletes.into_iter().map(delete_service));
-    plan.changes.extend(identity_deletes.into_iter().map(|i| Change::DeleteIdentity {
-        id: i.id.clone(),
-        name: i.name.clone(),
-    }));
+    plan.changes
+        .extend(services.deletes.into_iter().map(delete_service));
+    plan.changes.extend(
+        identity_deletes
+            .into_iter()
+            .map(|i| Change::DeleteIdentity {
+                id: i.id.clone(),
+                name: i.name.clone(),
+            }),
+    );
     problems.finish(|| plan)
 }
 
@@ -207,7 +218,10 @@ fn diff<T: Clone + PartialEq>(
     }
     puts.sort_by(|a, b| name(a).cmp(name(b)));
     let keep: HashSet<&Name> = desired.iter().map(&name).collect();
-    let deletes = (current.keys()).filter(|k| !keep.contains(k)).cloned().collect();
+    let deletes = (current.keys())
+        .filter(|k| !keep.contains(k))
+        .cloned()
+        .collect();
     Diff {
         puts,
         deletes,
@@ -288,7 +302,7 @@ impl fmt::Display for Plan {
                     disabled,
                 } => {
                     let head = format!("identity {name} ({kind})");
-                     listed(f, '+', &head, &identity_fields(roles, *disabled))?
+                    listed(f, '+', &head, &identity_fields(roles, *disabled))?
                 }
                 Change::UpdateIdentity {
                     id,
@@ -302,21 +316,21 @@ impl fmt::Display for Plan {
                             let old = identity_fields(&old.roles, old.disabled);
                             changed(f, &format!("identity {name}"), &old, &new)?
                         }
-                        None =>  listed(f, '~', &format!("identity {name}"), &new)?,
+                        None => listed(f, '~', &format!("identity {name}"), &new)?,
                     }
                 }
                 Change::PutService(s) => {
                     let head = format!("service {}", s.name);
                     match b.services.get(&s.name) {
                         Some(old) => changed(f, &head, &service_fields(old), &service_fields(s))?,
-                        None =>  listed(f, '+', &head, &service_fields(s))?,
+                        None => listed(f, '+', &head, &service_fields(s))?,
                     }
                 }
                 Change::PutPolicy(p) => {
                     let head = format!("policy {}", p.name);
                     match b.policies.get(&p.name) {
                         Some(old) => changed(f, &head, &policy_fields(old), &policy_fields(p))?,
-                        None =>  listed(f, '+', &head, &policy_fields(p))?,
+                        None => listed(f, '+', &head, &policy_fields(p))?,
                     }
                 }
                 Change::DeleteIdentity { name, .. } => writeln!(f, "- identity {name}")?,

@@ -59,8 +59,14 @@ pub(crate) fn state(
     policies: impl IntoIterator<Item = ServicePolicy>,
 ) -> State {
     State {
-        identities: (identities.into_iter()).map(|i| (i.id.clone(), i)).collect(),
-        services: (services.into_iter()).map(|s| (s.name.clone(), s)).collect(),
-        policies: (policies.into_iter()).map(|p| (p.name.clone(), p)).collect(),
+        identities: (identities.into_iter())
+            .map(|i| (i.id.clone(), i))
+            .collect(),
+        services: (services.into_iter())
+            .map(|s| (s.name.clone(), s))
+            .collect(),
+        policies: (policies.into_iter())
+            .map(|p| (p.name.clone(), p))
+            .collect(),
     }
 }

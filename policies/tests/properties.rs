@@ -116,13 +116,15 @@ fn policy() -> impl Strategy<Value = ServicePolicy> {
         proptest::collection::vec(selector("i", 22), 0..4),
         proptest::collection::vec(selector("s", 16), 0..4),
     )
-        .prop_map(|(k, action, semantic, identities, services)| ServicePolicy {
-            name: name(format!("p{k}")),
-            action,
-            identities,
-            services,
-            semantic,
-        })
+        .prop_map(
+            |(k, action, semantic, identities, services)| ServicePolicy {
+                name: name(format!("p{k}")),
+                action,
+                identities,
+                services,
+                semantic,
+            },
+        )
 }
 
 fn any_state() -> impl Strategy<Value = State> {
@@ -232,8 +234,13 @@ proptest! {
 // identities (`x`) use their own names, which documents never take.
 
 fn doc_identity() -> impl Strategy<Value = DocIdentity> {
-    (any::<bool>(), 0usize..12, roles(), prop::bool::weighted(0.2)).prop_map(
-        |(admin, k, roles, disabled)| DocIdentity {
+    (
+        any::<bool>(),
+        0usize..12,
+        roles(),
+        prop::bool::weighted(0.2),
+    )
+        .prop_map(|(admin, k, roles, disabled)| DocIdentity {
             name: name(format!("{}{k}", if admin { "m" } else { "a" })),
             kind: if admin {
                 IdentityKind::Admin
@@ -242,8 +249,7 @@ fn doc_identity() -> impl Strategy<Value = DocIdentity> {
             },
             roles,
             disabled,
-        },
-    )
+        })
 }
 
 /// A selector for a valid document: `@name` only of a name the document holds.
@@ -258,15 +264,23 @@ fn resolve(choice: (u8, usize), names: &[&Name]) -> Selector {
 
 fn document() -> impl Strategy<Value = Document> {
     let choices = || proptest::collection::vec((any::<u8>(), any::<usize>()), 1..4);
-    let policy = (0usize..12, any::<bool>(), any::<bool>(), choices(), choices());
+    let policy = (
+        0usize..12,
+        any::<bool>(),
+        any::<bool>(),
+        choices(),
+        choices(),
+    );
     (
         proptest::collection::vec(doc_identity(), 0..14),
         proptest::collection::vec(service(), 0..8),
         proptest::collection::vec(policy, 0..10),
     )
         .prop_map(|(identities, services, policies)| {
-            let identities: BTreeMap<Name, DocIdentity> =
-                identities.into_iter().map(|i| (i.name.clone(), i)).collect();
+            let identities: BTreeMap<Name, DocIdentity> = identities
+                .into_iter()
+                .map(|i| (i.name.clone(), i))
+                .collect();
             let services: BTreeMap<Name, Service> =
                 services.into_iter().map(|s| (s.name.clone(), s)).collect();
             let id_names: Vec<&Name> = identities.keys().collect();
@@ -277,7 +291,11 @@ fn document() -> impl Strategy<Value = Document> {
                     action: if bind { Action::Bind } else { Action::Dial },
                     identities: ids.into_iter().map(|c| resolve(c, &id_names)).collect(),
                     services: svcs.into_iter().map(|c| resolve(c, &svc_names)).collect(),
-                    semantic: if all_of { Semantic::AllOf } else { Semantic::AnyOf },
+                    semantic: if all_of {
+                        Semantic::AllOf
+                    } else {
+                        Semantic::AnyOf
+                    },
                 })
                 .map(|p| (p.name.clone(), p))
                 .collect();
@@ -292,8 +310,14 @@ fn document() -> impl Strategy<Value = Document> {
 /// A current state: what some earlier document made, plus routers, revoked identities and
 /// expiry times that documents do not manage, and policies naming routers.
 fn current_state() -> impl Strategy<Value = State> {
-    (document(), 0usize..3, 0usize..3, proptest::option::of(0u64..100), policy()).prop_map(
-        |(doc, routers, revoked, expiry, extra_policy)| {
+    (
+        document(),
+        0usize..3,
+        0usize..3,
+        proptest::option::of(0u64..100),
+        policy(),
+    )
+        .prop_map(|(doc, routers, revoked, expiry, extra_policy)| {
             let mut state = State::default();
             let mut add = |name: Name, kind, roles, disabled, revoked| {
                 let id = IdentityId::new(format!("old-{name}")).unwrap();
@@ -312,17 +336,38 @@ fn current_state() -> impl Strategy<Value = State> {
                 add(i.name, i.kind, i.roles, i.disabled, false);
             }
             for k in 0..routers {
-                add(name(format!("r{k}")), IdentityKind::Router, BTreeSet::new(), false, false);
+                add(
+                    name(format!("r{k}")),
+                    IdentityKind::Router,
+                    BTreeSet::new(),
+                    false,
+                    false,
+                );
             }
             for k in 0..revoked {
-                add(name(format!("x{k}")), IdentityKind::Agent, BTreeSet::new(), false, true);
+                add(
+                    name(format!("x{k}")),
+                    IdentityKind::Agent,
+                    BTreeSet::new(),
+                    false,
+                    true,
+                );
             }
-            state.services = doc.services.into_iter().map(|s| (s.name.clone(), s)).collect();
-            state.policies = doc.policies.into_iter().map(|p| (p.name.clone(), p)).collect();
-            state.policies.insert(extra_policy.name.clone(), extra_policy);
+            state.services = doc
+                .services
+                .into_iter()
+                .map(|s| (s.name.clone(), s))
+                .collect();
+            state.policies = doc
+                .policies
+                .into_iter()
+                .map(|p| (p.name.clone(), p))
+                .collect();
             state
-        },
-    )
+                .policies
+                .insert(extra_policy.name.clone(), extra_policy);
+            state
+        })
 }
 
 proptest! {

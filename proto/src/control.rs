@@ -174,7 +174,11 @@ impl Replica {
             epoch: s.epoch,
             seq: s.seq,
             state: s.state,
-            revoked: s.revoked.into_iter().map(|r| (r.serial.clone(), r)).collect(),
+            revoked: s
+                .revoked
+                .into_iter()
+                .map(|r| (r.serial.clone(), r))
+                .collect(),
             routers: s.routers.into_iter().map(|r| (r.id.clone(), r)).collect(),
         }
     }
@@ -195,7 +199,10 @@ impl Replica {
     pub fn apply(&mut self, delta: &Delta) -> Result<(), ApplyError> {
         let expected = self.seq + 1;
         if delta.seq != expected {
-            return Err(ApplyError::Gap { expected, got: delta.seq });
+            return Err(ApplyError::Gap {
+                expected,
+                got: delta.seq,
+            });
         }
         self.apply_change(&delta.change);
         self.seq = delta.seq;
@@ -207,7 +214,9 @@ impl Replica {
         let state = &mut self.state;
         match change {
             ChangeEvent::IdentityPut { identity } => {
-                state.identities.insert(identity.id.clone(), identity.clone());
+                state
+                    .identities
+                    .insert(identity.id.clone(), identity.clone());
             }
             ChangeEvent::IdentityDeleted { id } => {
                 state.identities.remove(id);
@@ -260,34 +269,76 @@ mod tests {
     }
 
     fn delta(seq: u64, change: ChangeEvent) -> Delta {
-        Delta { seq, at: Timestamp(0), change }
+        Delta {
+            seq,
+            at: Timestamp(0),
+            change,
+        }
     }
 
     #[test]
     fn applies_in_order_and_refuses_gaps() {
-        let mut r = Replica { epoch: "e".into(), ..Default::default() };
-        r.apply(&delta(1, ChangeEvent::IdentityPut { identity: ident("a") })).unwrap();
+        let mut r = Replica {
+            epoch: "e".into(),
+            ..Default::default()
+        };
+        r.apply(&delta(
+            1,
+            ChangeEvent::IdentityPut {
+                identity: ident("a"),
+            },
+        ))
+        .unwrap();
         assert_eq!(r.state.identities.len(), 1);
-        let err = r.apply(&delta(3, ChangeEvent::IdentityDeleted { id: IdentityId::new("a").unwrap() }));
-        assert_eq!(err, Err(ApplyError::Gap { expected: 2, got: 3 }));
-        assert_eq!(r.state.identities.len(), 1, "a refused delta changes nothing");
-        r.apply(&delta(2, ChangeEvent::IdentityDeleted { id: IdentityId::new("a").unwrap() })).unwrap();
+        let err = r.apply(&delta(
+            3,
+            ChangeEvent::IdentityDeleted {
+                id: IdentityId::new("a").unwrap(),
+            },
+        ));
+        assert_eq!(
+            err,
+            Err(ApplyError::Gap {
+                expected: 2,
+                got: 3
+            })
+        );
+        assert_eq!(
+            r.state.identities.len(),
+            1,
+            "a refused delta changes nothing"
+        );
+        r.apply(&delta(
+            2,
+            ChangeEvent::IdentityDeleted {
+                id: IdentityId::new("a").unwrap(),
+            },
+        ))
+        .unwrap();
         assert!(r.state.identities.is_empty());
         assert_eq!(r.seq, 2);
     }
 
     #[test]
     fn snapshot_round_trip_and_json() {
-        let mut r = Replica { epoch: "e".into(), ..Default::default() };
+        let mut r = Replica {
+            epoch: "e".into(),
+            ..Default::default()
+        };
         r.apply(&delta(
             1,
             ChangeEvent::CertRevoked {
-                cert: RevokedCert { serial: "ab".into(), identity: IdentityId::new("a").unwrap(), not_after: Timestamp(10) },
+                cert: RevokedCert {
+                    serial: "ab".into(),
+                    identity: IdentityId::new("a").unwrap(),
+                    not_after: Timestamp(10),
+                },
             },
         ))
         .unwrap();
         let snap = r.to_snapshot();
-        let json = serde_json::to_string(&ControlMessage::Snapshot(Box::new(snap.clone()))).unwrap();
+        let json =
+            serde_json::to_string(&ControlMessage::Snapshot(Box::new(snap.clone()))).unwrap();
         let back: ControlMessage = serde_json::from_str(&json).unwrap();
         assert_eq!(back, ControlMessage::Snapshot(Box::new(snap.clone())));
         assert_eq!(Replica::from_snapshot(snap), r);
@@ -297,7 +348,10 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_kinds_are_refused() {
-        assert!(serde_json::from_str::<ControlMessage>(r#"{"kind":"heartbeat","seq":1,"x":2}"#).is_err());
+        assert!(
+            serde_json::from_str::<ControlMessage>(r#"{"kind":"heartbeat","seq":1,"x":2}"#)
+                .is_err()
+        );
         assert!(serde_json::from_str::<ControlMessage>(r#"{"kind":"nope"}"#).is_err());
     }
 }

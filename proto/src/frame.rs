@@ -28,7 +28,10 @@ pub enum FrameError {
 /// Encodes one message as a frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg)?;
-    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge { len: body.len(), max: u32::MAX as usize })?;
+    let len = u32::try_from(body.len()).map_err(|_| FrameError::TooLarge {
+        len: body.len(),
+        max: u32::MAX as usize,
+    })?;
     let mut out = Vec::with_capacity(4 + body.len());
     out.extend_from_slice(&len.to_be_bytes());
     out.extend_from_slice(&body);
@@ -45,7 +48,10 @@ pub struct FrameDecoder {
 impl FrameDecoder {
     /// A decoder that refuses frames longer than `max` bytes.
     pub fn new(max: usize) -> Self {
-        FrameDecoder { buf: Vec::new(), max }
+        FrameDecoder {
+            buf: Vec::new(),
+            max,
+        }
     }
 
     /// Adds received bytes.
@@ -79,7 +85,10 @@ mod tests {
     #[test]
     fn reassembles_byte_by_byte() {
         let a = ControlMessage::Heartbeat { seq: 7 };
-        let b = ControlMessage::Hello { version: 1, epoch: "x".into() };
+        let b = ControlMessage::Hello {
+            version: 1,
+            epoch: "x".into(),
+        };
         let mut bytes = encode(&a).unwrap();
         bytes.extend(encode(&b).unwrap());
         let mut d = FrameDecoder::new(1024);
@@ -97,10 +106,16 @@ mod tests {
     fn refuses_oversized_and_malformed() {
         let mut d = FrameDecoder::new(16);
         d.push(&1000u32.to_be_bytes());
-        assert!(matches!(d.next::<ControlMessage>(), Err(FrameError::TooLarge { len: 1000, .. })));
+        assert!(matches!(
+            d.next::<ControlMessage>(),
+            Err(FrameError::TooLarge { len: 1000, .. })
+        ));
         let mut d = FrameDecoder::new(16);
         d.push(&3u32.to_be_bytes());
         d.push(b"{x}");
-        assert!(matches!(d.next::<ControlMessage>(), Err(FrameError::Malformed(_))));
+        assert!(matches!(
+            d.next::<ControlMessage>(),
+            Err(FrameError::Malformed(_))
+        ));
     }
 }

@@ -126,7 +126,10 @@ impl TryFrom<u8> for Status {
             1 => Ok(Status::Denied),
             2 => Ok(Status::Unavailable),
             3 => Ok(Status::BadRequest),
-            value => Err(StreamFrameError::Unknown { what: "status", value }),
+            value => Err(StreamFrameError::Unknown {
+                what: "status",
+                value,
+            }),
         }
     }
 }
@@ -177,7 +180,9 @@ mod tests {
 
     #[test]
     fn request_round_trip() {
-        let req = ServiceRequest { service: Name::new("llm").unwrap() };
+        let req = ServiceRequest {
+            service: Name::new("llm").unwrap(),
+        };
         let bytes = encode_request(Op::Dial, &req).unwrap();
         let (op, len) = decode_request_header(bytes[..4].try_into().unwrap()).unwrap();
         assert_eq!(op, Op::Dial);
@@ -188,12 +193,30 @@ mod tests {
 
     #[test]
     fn bad_frames_are_refused() {
-        assert!(matches!(decode_request_header([2, 1, 0, 1]), Err(StreamFrameError::Version(2))));
-        assert!(matches!(decode_request_header([1, 9, 0, 1]), Err(StreamFrameError::Unknown { .. })));
-        assert!(matches!(decode_request_header([1, 1, 0xff, 0xff]), Err(StreamFrameError::TooLarge(_))));
+        assert!(matches!(
+            decode_request_header([2, 1, 0, 1]),
+            Err(StreamFrameError::Version(2))
+        ));
+        assert!(matches!(
+            decode_request_header([1, 9, 0, 1]),
+            Err(StreamFrameError::Unknown { .. })
+        ));
+        assert!(matches!(
+            decode_request_header([1, 1, 0xff, 0xff]),
+            Err(StreamFrameError::TooLarge(_))
+        ));
         assert!(serde_json::from_slice::<ServiceRequest>(br#"{"service":"LLM"}"#).is_err());
-        assert!(serde_json::from_slice::<ServiceRequest>(br#"{"service":"x","identity":"admin"}"#).is_err());
-        assert!(matches!(decode_response([1, 7]), Err(StreamFrameError::Unknown { .. })));
-        assert_eq!(decode_response(encode_response(Status::Denied)).unwrap(), Status::Denied);
+        assert!(
+            serde_json::from_slice::<ServiceRequest>(br#"{"service":"x","identity":"admin"}"#)
+                .is_err()
+        );
+        assert!(matches!(
+            decode_response([1, 7]),
+            Err(StreamFrameError::Unknown { .. })
+        ));
+        assert_eq!(
+            decode_response(encode_response(Status::Denied)).unwrap(),
+            Status::Denied
+        );
     }
 }

@@ -37,7 +37,9 @@ pub struct ControllerClient {
 
 impl std::fmt::Debug for ControllerClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ControllerClient").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("ControllerClient")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -65,14 +67,26 @@ impl ResponseStream {
 
 impl ControllerClient {
     /// A client with an explicit TLS configuration and server name.
-    pub fn new(addr: impl Into<String>, server_name: &'static str, tls: Arc<rustls::ClientConfig>) -> Self {
-        ControllerClient { addr: addr.into(), server_name, tls }
+    pub fn new(
+        addr: impl Into<String>,
+        server_name: &'static str,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Self {
+        ControllerClient {
+            addr: addr.into(),
+            server_name,
+            tls,
+        }
     }
 
     /// A client that authenticates as `identity` to the controller its file names (or `addr`).
     pub fn for_identity(identity: &IdentityFile, addr: Option<&str>) -> Result<Self, SdkError> {
         let tls = umbra_pki::client_config(identity, &[b"http/1.1"])?;
-        Ok(ControllerClient::new(addr.unwrap_or(&identity.controller), CONTROLLER_SERVER_NAME, tls))
+        Ok(ControllerClient::new(
+            addr.unwrap_or(&identity.controller),
+            CONTROLLER_SERVER_NAME,
+            tls,
+        ))
     }
 
     /// The controller address.
@@ -80,18 +94,30 @@ impl ControllerClient {
         &self.addr
     }
 
-    async fn send(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<hyper::Response<Incoming>, SdkError> {
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> Result<hyper::Response<Incoming>, SdkError> {
         let addr = self.addr.clone();
         let connect = async {
             let tcp = TcpStream::connect(&addr)
                 .await
-                .map_err(|source| SdkError::Unreachable { addr: addr.clone(), source })?;
+                .map_err(|source| SdkError::Unreachable {
+                    addr: addr.clone(),
+                    source,
+                })?;
             let _ = tcp.set_nodelay(true);
-            let name = ServerName::try_from(self.server_name).map_err(|e| SdkError::Protocol(e.to_string()))?;
+            let name = ServerName::try_from(self.server_name)
+                .map_err(|e| SdkError::Protocol(e.to_string()))?;
             TlsConnector::from(self.tls.clone())
                 .connect(name, tcp)
                 .await
-                .map_err(|source| SdkError::Handshake { addr: addr.clone(), source })
+                .map_err(|source| SdkError::Handshake {
+                    addr: addr.clone(),
+                    source,
+                })
         };
         let tls = tokio::time::timeout(CONNECT_TIMEOUT, connect)
             .await
@@ -127,23 +153,36 @@ impl ControllerClient {
     }
 
     /// Sends a request and decodes the JSON answer; non-2xx answers become [`SdkError::Api`].
-    pub async fn call<T: DeserializeOwned>(&self, method: Method, path: &str, body: Option<&impl Serialize>) -> Result<T, SdkError> {
+    pub async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<T, SdkError> {
         let body = body
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|e| SdkError::Protocol(e.to_string()))?;
         let resp = self.send(method, path, body).await?;
         let status = resp.status();
-        let bytes = tokio::time::timeout(REQUEST_TIMEOUT, Limited::new(resp.into_body(), MAX_RESPONSE).collect())
-            .await
-            .map_err(|_| SdkError::Timeout(self.addr.clone()))?
-            .map_err(|e| SdkError::Protocol(format!("reading the response: {e}")))?
-            .to_bytes();
+        let bytes = tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            Limited::new(resp.into_body(), MAX_RESPONSE).collect(),
+        )
+        .await
+        .map_err(|_| SdkError::Timeout(self.addr.clone()))?
+        .map_err(|e| SdkError::Protocol(format!("reading the response: {e}")))?
+        .to_bytes();
         if !status.is_success() {
             return Err(api_error(status, &bytes));
         }
-        let bytes = if bytes.is_empty() { Bytes::from_static(b"null") } else { bytes };
-        serde_json::from_slice(&bytes).map_err(|e| SdkError::Protocol(format!("unexpected response: {e}")))
+        let bytes = if bytes.is_empty() {
+            Bytes::from_static(b"null")
+        } else {
+            bytes
+        };
+        serde_json::from_slice(&bytes)
+            .map_err(|e| SdkError::Protocol(format!("unexpected response: {e}")))
     }
 
     /// Sends a GET whose answer is a long-lived stream.
@@ -158,7 +197,9 @@ impl ControllerClient {
                 .unwrap_or_default();
             return Err(api_error(status, &bytes));
         }
-        Ok(ResponseStream { body: resp.into_body() })
+        Ok(ResponseStream {
+            body: resp.into_body(),
+        })
     }
 }
 
@@ -181,7 +222,11 @@ fn tls_refusal(e: &(dyn std::error::Error + 'static)) -> Option<String> {
 
 fn api_error(status: StatusCode, bytes: &[u8]) -> SdkError {
     match serde_json::from_slice::<ErrorBody>(bytes) {
-        Ok(e) => SdkError::Api { status: status.as_u16(), code: e.code, message: e.message },
+        Ok(e) => SdkError::Api {
+            status: status.as_u16(),
+            code: e.code,
+            message: e.message,
+        },
         Err(_) => SdkError::Api {
             status: status.as_u16(),
             code: "http".into(),

@@ -15,7 +15,10 @@ use crate::error::SdkError;
 /// The token's signature cannot be checked before the CA is trusted; what makes this safe is
 /// the pin: a controller that cannot prove a chain to the pinned root gets nothing, and the
 /// controller checks the signature before it signs anything.
-pub async fn enroll(token: &str, controller_override: Option<&str>) -> Result<IdentityFile, SdkError> {
+pub async fn enroll(
+    token: &str,
+    controller_override: Option<&str>,
+) -> Result<IdentityFile, SdkError> {
     let claims = umbra_pki::decode_unverified(token.trim())?;
     let key = umbra_pki::generate_key_and_csr(claims.name.as_str())?;
     let tls = umbra_pki::client_config_pinned(claims.ca, &[b"http/1.1"]);
@@ -30,7 +33,9 @@ pub async fn enroll(token: &str, controller_override: Option<&str>) -> Result<Id
     // Check what came back against what we pinned and asked for.
     let roots = umbra_pki::parse_pem_chain(&resp.ca_pem)?;
     if roots.len() != 1 || umbra_pki::fingerprint(&roots[0]) != claims.ca {
-        return Err(SdkError::Protocol("the controller returned a CA other than the pinned one".into()));
+        return Err(SdkError::Protocol(
+            "the controller returned a CA other than the pinned one".into(),
+        ));
     }
     let file = IdentityFile {
         version: 1,
@@ -52,7 +57,9 @@ pub async fn enroll(token: &str, controller_override: Option<&str>) -> Result<Id
 pub async fn renew(identity: &IdentityFile) -> Result<IdentityFile, SdkError> {
     let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
     let client = ControllerClient::for_identity(identity, None)?;
-    let req = RenewRequest { csr: base64::engine::general_purpose::STANDARD.encode(&key.csr_der) };
+    let req = RenewRequest {
+        csr: base64::engine::general_purpose::STANDARD.encode(&key.csr_der),
+    };
     let resp: RenewResponse = client.call(Method::POST, "/v1/renew", Some(&req)).await?;
     let mut file = identity.clone();
     file.cert_pem = resp.cert_pem;
@@ -65,7 +72,10 @@ pub async fn renew(identity: &IdentityFile) -> Result<IdentityFile, SdkError> {
 fn check_issued(file: &IdentityFile, expected: &SpiffeId) -> Result<(), SdkError> {
     let leaf = file.leaf()?;
     if &leaf.spiffe != expected {
-        return Err(SdkError::Protocol(format!("the controller issued {} instead of {expected}", leaf.spiffe)));
+        return Err(SdkError::Protocol(format!(
+            "the controller issued {} instead of {expected}",
+            leaf.spiffe
+        )));
     }
     // Building a client config fails if the certificate and key do not belong together.
     umbra_pki::client_config(file, &[b"http/1.1"])?;

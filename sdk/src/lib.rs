@@ -1,17 +1,23 @@
 //! The Umbra SDK: what a program needs to be an Umbra identity.
 //!
-//! Today: enrollment (generate a key locally, send only a CSR with the one-time token over TLS
-//! pinned to the CA fingerprint the token carries), certificate renewal, and a client for the
-//! controller's HTTPS API. The data plane (dial and bind over routers) builds on these.
+//! Enrollment (generate a key locally, send only a CSR with the one-time token over TLS pinned to
+//! the CA fingerprint the token carries), certificate renewal, a client for the controller's
+//! HTTPS API, and the data plane: [`Context::dial`] opens a stream to a service through an edge
+//! router, [`Context::bind`] hosts one with no listening port.
 //!
 //! It must never send a private key anywhere, trust a controller whose CA does not match the
-//! pinned fingerprint, or log a token or key.
+//! pinned fingerprint, trust a router that is not a router of its own trust domain, or log a
+//! token or key.
 #![forbid(unsafe_code)]
 
 mod client;
+mod context;
 mod enroll;
 mod error;
+mod stream;
 
 pub use client::{ControllerClient, ResponseStream};
+pub use context::{Caller, Context, EdgeWatch, Listener};
 pub use enroll::{enroll, renew};
 pub use error::SdkError;
+pub use stream::Stream;

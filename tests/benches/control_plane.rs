@@ -24,7 +24,10 @@ async fn tokens(t: &TestController, prefix: &str, n: usize) -> Vec<String> {
             roles: vec![],
             token_ttl_secs: None,
         };
-        let r: TokenResponse = c.call(Method::POST, "/v1/identities", Some(&req)).await.expect("create");
+        let r: TokenResponse = c
+            .call(Method::POST, "/v1/identities", Some(&req))
+            .await
+            .expect("create");
         out.push(r.token);
     }
     out
@@ -35,7 +38,10 @@ fn pct(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let t = TestController::start().await;
         let addr = t.addr();
@@ -54,7 +60,10 @@ fn main() {
 
         // Concurrent: WORKERS enrollees at once.
         let toks = tokens(&t, "par", CONCURRENT).await;
-        let chunks: Vec<Vec<String>> = toks.chunks(CONCURRENT / WORKERS).map(|c| c.to_vec()).collect();
+        let chunks: Vec<Vec<String>> = toks
+            .chunks(CONCURRENT / WORKERS)
+            .map(|c| c.to_vec())
+            .collect();
         let start = Instant::now();
         let mut tasks = Vec::new();
         for chunk in chunks {
@@ -72,10 +81,35 @@ fn main() {
 
         let verdict = |v: f64| if v >= TARGET_PER_SEC { "pass" } else { "MISS" };
         println!();
-        println!("{:<44} {:>14} {:>12} {:>6}", "control plane (loopback, 2 cores)", "measured", "target", "");
-        println!("{:<44} {:>12.0}/s {:>10}/s {:>6}", "enrollments, sequential", seq_rate, TARGET_PER_SEC, verdict(seq_rate));
-        println!("{:<44} {:>12.0}/s {:>10}/s {:>6}", format!("enrollments, {WORKERS} concurrent enrollees"), par_rate, TARGET_PER_SEC, verdict(par_rate));
-        println!("{:<44} {:>12.2?} {:>12}", "enrollment latency p50", pct(&lat, 0.5), "-");
-        println!("{:<44} {:>12.2?} {:>12}", "enrollment latency p99", pct(&lat, 0.99), "-");
+        println!(
+            "{:<44} {:>14} {:>12} {:>6}",
+            "control plane (loopback, 2 cores)", "measured", "target", ""
+        );
+        println!(
+            "{:<44} {:>12.0}/s {:>10}/s {:>6}",
+            "enrollments, sequential",
+            seq_rate,
+            TARGET_PER_SEC,
+            verdict(seq_rate)
+        );
+        println!(
+            "{:<44} {:>12.0}/s {:>10}/s {:>6}",
+            format!("enrollments, {WORKERS} concurrent enrollees"),
+            par_rate,
+            TARGET_PER_SEC,
+            verdict(par_rate)
+        );
+        println!(
+            "{:<44} {:>12.2?} {:>12}",
+            "enrollment latency p50",
+            pct(&lat, 0.5),
+            "-"
+        );
+        println!(
+            "{:<44} {:>12.2?} {:>12}",
+            "enrollment latency p99",
+            pct(&lat, 0.99),
+            "-"
+        );
     });
 }

@@ -14,6 +14,7 @@ use umbra_controller::{Clock, Controller, ControllerConfig, Server};
 use umbra_pki::{IdentityFile, TrustDomain};
 use umbra_sdk::ControllerClient;
 
+pub mod dataplane;
 /// A controller running in this process on an ephemeral loopback port.
 pub struct TestController {
     /// The controller's directory (CA, store, admin.json).
@@ -48,14 +49,26 @@ impl TestController {
     }
 
     async fn boot(dir: tempfile::TempDir, cfg: ControllerConfig) -> TestController {
-        let ctrl = Arc::new(tokio::task::spawn_blocking(move || Controller::open(cfg)).await.expect("join").expect("open"));
+        let ctrl = Arc::new(
+            tokio::task::spawn_blocking(move || Controller::open(cfg))
+                .await
+                .expect("join")
+                .expect("open"),
+        );
         let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
-        let server = Server::start(ctrl.clone(), listen, None).await.expect("start");
+        let server = Server::start(ctrl.clone(), listen, None)
+            .await
+            .expect("start");
         let admin_path = dir.path().join("ctrl").join("admin.json");
         let mut admin = IdentityFile::load(&admin_path).expect("admin.json");
         admin.controller = server.local_addr().to_string();
         admin.save(&admin_path).expect("save admin");
-        TestController { dir, ctrl, server: Some(server), admin }
+        TestController {
+            dir,
+            ctrl,
+            server: Some(server),
+            admin,
+        }
     }
 
     fn refresh_admin(&mut self) {
@@ -68,7 +81,10 @@ impl TestController {
     }
 
     /// Restarts with a changed configuration (another clock, say).
-    pub async fn restart_with(mut self, tweak: impl FnOnce(&mut ControllerConfig)) -> TestController {
+    pub async fn restart_with(
+        mut self,
+        tweak: impl FnOnce(&mut ControllerConfig),
+    ) -> TestController {
         let mut cfg = self.ctrl.config().clone();
         tweak(&mut cfg);
         if let Some(s) = self.server.take() {
@@ -81,7 +97,10 @@ impl TestController {
 
     /// The controller's address.
     pub fn addr(&self) -> String {
-        self.server.as_ref().map(|s| s.local_addr().to_string()).unwrap_or_default()
+        self.server
+            .as_ref()
+            .map(|s| s.local_addr().to_string())
+            .unwrap_or_default()
     }
 
     /// The admin identity file's path.
@@ -111,7 +130,13 @@ impl TestController {
 
     /// Runs the `umbra` binary as the first admin against this controller.
     pub fn umbra(&self, args: &[&str]) -> Output {
-        umbra_cmd(args, &[("UMBRA_ADMIN", self.admin_path().as_os_str()), ("UMBRA_CONTROLLER", self.addr().as_ref())])
+        umbra_cmd(
+            args,
+            &[
+                ("UMBRA_ADMIN", self.admin_path().as_os_str()),
+                ("UMBRA_CONTROLLER", self.addr().as_ref()),
+            ],
+        )
     }
 }
 
@@ -125,14 +150,21 @@ pub fn umbra_bin() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     let dir = exe.parent().and_then(Path::parent).expect("target dir");
     let bin = dir.join("umbra");
-    assert!(bin.exists(), "{} is missing: run the tests with `cargo test --workspace`", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run the tests with `cargo test --workspace`",
+        bin.display()
+    );
     bin
 }
 
 /// Runs the `umbra` binary with extra environment variables; returns its output.
 pub fn umbra_cmd(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     let mut cmd = std::process::Command::new(umbra_bin());
-    cmd.args(args).env_remove("UMBRA_ADMIN").env_remove("UMBRA_CONTROLLER").env("UMBRA_LOG", "error");
+    cmd.args(args)
+        .env_remove("UMBRA_ADMIN")
+        .env_remove("UMBRA_CONTROLLER")
+        .env("UMBRA_LOG", "error");
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -10,36 +10,88 @@ async fn operator_workflow_through_the_cli() {
     let token_path = t.path("agent-1.jwt");
     let tp = token_path.to_str().unwrap();
 
-    let o = t.umbra(&["identity", "create", "agent-1", "--role", "analysts,ops", "-o", tp]);
+    let o = t.umbra(&[
+        "identity",
+        "create",
+        "agent-1",
+        "--role",
+        "analysts,ops",
+        "-o",
+        tp,
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&token_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
 
     let id_path = t.path("agent-1.json");
     let o = t.umbra(&["enroll", tp, "-o", id_path.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("spiffe://test.umbra/agent/agent-1"), "{}", stdout(&o));
-    assert_eq!(std::fs::metadata(&id_path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert!(
+        stdout(&o).contains("spiffe://test.umbra/agent/agent-1"),
+        "{}",
+        stdout(&o)
+    );
+    assert_eq!(
+        std::fs::metadata(&id_path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     // The token works once.
     let o = t.umbra(&["enroll", tp, "-o", t.path("again.json").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already used"), "{}", stderr(&o));
-    assert_eq!(stderr(&o).trim().lines().count(), 1, "one-line error: {}", stderr(&o));
+    assert_eq!(
+        stderr(&o).trim().lines().count(),
+        1,
+        "one-line error: {}",
+        stderr(&o)
+    );
 
-    let o = t.umbra(&["service", "create", "llm", "--address", "127.0.0.1:8080", "--intercept", "llm.umbra:443", "--role", "ai"]);
+    let o = t.umbra(&[
+        "service",
+        "create",
+        "llm",
+        "--address",
+        "127.0.0.1:8080",
+        "--intercept",
+        "llm.umbra:443",
+        "--role",
+        "ai",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = t.umbra(&["policy", "grant", "--identity", "#analysts", "--service", "@llm"]);
+    let o = t.umbra(&[
+        "policy",
+        "grant",
+        "--identity",
+        "#analysts",
+        "--service",
+        "@llm",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let policy = stdout(&o).trim().to_owned();
     assert_eq!(policy, "dial-analysts-llm");
 
-    let o = t.umbra(&["policy", "explain", "--identity", "agent-1", "--service", "llm"]);
+    let o = t.umbra(&[
+        "policy",
+        "explain",
+        "--identity",
+        "agent-1",
+        "--service",
+        "llm",
+    ]);
     assert!(stdout(&o).starts_with("allowed"), "{}", stdout(&o));
     assert!(stdout(&o).contains(&policy));
 
     let o = t.umbra(&["identity", "list"]);
     let out = stdout(&o);
     assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
-    assert!(out.lines().any(|l| l.starts_with("agent-1") && l.contains("enrolled") && l.contains("analysts,ops")), "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("agent-1")
+            && l.contains("enrolled")
+            && l.contains("analysts,ops")),
+        "{out}"
+    );
     let o = t.umbra(&["identity", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
     assert_eq!(v.as_array().unwrap().len(), 2);
@@ -50,7 +102,14 @@ async fn operator_workflow_through_the_cli() {
 
     let o = t.umbra(&["policy", "revoke", &policy]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let o = t.umbra(&["policy", "explain", "--identity", "agent-1", "--service", "llm"]);
+    let o = t.umbra(&[
+        "policy",
+        "explain",
+        "--identity",
+        "agent-1",
+        "--service",
+        "llm",
+    ]);
     assert!(stdout(&o).starts_with("denied"), "{}", stdout(&o));
 
     let o = t.umbra(&["identity", "revoke", "agent-1"]);
@@ -71,7 +130,11 @@ async fn exit_codes_and_messages() {
     let o = t.umbra(&["identity", "frobnicate"]);
     assert_eq!(o.status.code(), Some(2));
     let o = t.umbra(&["service", "create", "x"]);
-    assert_eq!(o.status.code(), Some(2), "--address or --hosted is required");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "--address or --hosted is required"
+    );
     // User errors exit 1 with one line.
     for args in [
         vec!["identity", "show", "nobody"],
@@ -83,14 +146,24 @@ async fn exit_codes_and_messages() {
         let o = t.umbra(&args);
         assert_ne!(o.status.code(), Some(0), "{args:?}");
         let err = stderr(&o);
-        assert!(err.starts_with("error: ") || o.status.code() == Some(2), "{args:?}: {err}");
+        assert!(
+            err.starts_with("error: ") || o.status.code() == Some(2),
+            "{args:?}: {err}"
+        );
         assert!(err.trim().lines().count() <= 3, "{args:?}: {err}");
     }
     let o = t.umbra(&["identity", "show", "nobody"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no identity named nobody"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("no identity named nobody"),
+        "{}",
+        stderr(&o)
+    );
     // A missing admin file is a clear error.
-    let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", t.path("missing.json").as_os_str())]);
+    let o = umbra_cmd(
+        &["identity", "list"],
+        &[("UMBRA_ADMIN", t.path("missing.json").as_os_str())],
+    );
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.json"), "{}", stderr(&o));
 }
@@ -108,7 +181,17 @@ fn init_refuses_an_initialized_directory() {
     let o = umbra_cmd(&["controller", "init", "--dir", d.to_str().unwrap()], &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("already initialized"), "{}", stderr(&o));
-    let o = umbra_cmd(&["controller", "init", "--dir", dir.path().join("e").to_str().unwrap(), "--trust-domain", "Not Valid"], &[]);
+    let o = umbra_cmd(
+        &[
+            "controller",
+            "init",
+            "--dir",
+            dir.path().join("e").to_str().unwrap(),
+            "--trust-domain",
+            "Not Valid",
+        ],
+        &[],
+    );
     assert_eq!(o.status.code(), Some(1));
 }
 
@@ -116,11 +199,20 @@ fn init_refuses_an_initialized_directory() {
 async fn a_damaged_identity_file_is_a_clear_error() {
     let t = TestController::start().await;
     let bad = t.path("bad.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(t.admin_path()).unwrap()).unwrap();
-    v["cert_pem"] = serde_json::Value::String("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into());
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(t.admin_path()).unwrap()).unwrap();
+    v["cert_pem"] = serde_json::Value::String(
+        "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
+    );
     std::fs::write(&bad, v.to_string()).unwrap();
     for file in [&bad, &t.path("nothing.json")] {
-        let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", file.as_os_str()), ("UMBRA_CONTROLLER", t.addr().as_ref())]);
+        let o = umbra_cmd(
+            &["identity", "list"],
+            &[
+                ("UMBRA_ADMIN", file.as_os_str()),
+                ("UMBRA_CONTROLLER", t.addr().as_ref()),
+            ],
+        );
         assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
         assert!(stderr(&o).starts_with("error: "), "{}", stderr(&o));
         assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
@@ -173,4 +265,15 @@ fn quickstart_initializes_and_serves() {
     let status = child.wait().unwrap();
     assert!(status.success(), "a clean shutdown on SIGTERM: {status:?}");
     let _ = addr;
+}
+
+/// `umbra demo` plays enroll, grant, dial, deny and revoke on real components and checks each.
+#[test]
+fn the_demo_runs_its_whole_story() {
+    let o = umbra_cmd(&["demo"], &[]);
+    assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
+    let out = stdout(&o);
+    for needle in ["echoed \"hello, overlay\"", "refused identically", "access revoked", "demo complete"] {
+        assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
+    }
 }

@@ -16,14 +16,28 @@ fn name(s: &str) -> Name {
     Name::new(s).unwrap()
 }
 
-async fn create(c: &ControllerClient, n: &str, kind: IdentityKind, roles: &[&str]) -> TokenResponse {
-    let req = CreateIdentityRequest { name: name(n), kind, roles: roles.iter().map(|r| name(r)).collect(), token_ttl_secs: None };
-    c.call(Method::POST, "/v1/identities", Some(&req)).await.expect("create identity")
+async fn create(
+    c: &ControllerClient,
+    n: &str,
+    kind: IdentityKind,
+    roles: &[&str],
+) -> TokenResponse {
+    let req = CreateIdentityRequest {
+        name: name(n),
+        kind,
+        roles: roles.iter().map(|r| name(r)).collect(),
+        token_ttl_secs: None,
+    };
+    c.call(Method::POST, "/v1/identities", Some(&req))
+        .await
+        .expect("create identity")
 }
 
 async fn enrolled(t: &TestController, n: &str, kind: IdentityKind, roles: &[&str]) -> IdentityFile {
     let tok = create(&t.admin_client(), n, kind, roles).await;
-    umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.expect("enroll")
+    umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .expect("enroll")
 }
 
 fn service(n: &str, roles: &[&str]) -> Service {
@@ -36,19 +50,32 @@ fn service(n: &str, roles: &[&str]) -> Service {
     }
 }
 
-async fn grant(c: &ControllerClient, ids: &[&str], svcs: &[&str]) -> Result<umbra_policies::ServicePolicy, SdkError> {
+async fn grant(
+    c: &ControllerClient,
+    ids: &[&str],
+    svcs: &[&str],
+) -> Result<umbra_policies::ServicePolicy, SdkError> {
     let req = GrantRequest {
         name: None,
         action: Action::Dial,
         identities: ids.iter().map(|s| s.parse::<Selector>().unwrap()).collect(),
-        services: svcs.iter().map(|s| s.parse::<Selector>().unwrap()).collect(),
+        services: svcs
+            .iter()
+            .map(|s| s.parse::<Selector>().unwrap())
+            .collect(),
         semantic: Semantic::AnyOf,
     };
     c.call(Method::POST, "/v1/policies", Some(&req)).await
 }
 
 async fn explain(c: &ControllerClient, id: &str, svc: &str) -> ExplainResponse {
-    c.call(Method::GET, &format!("/v1/explain?identity={id}&service={svc}"), NONE).await.expect("explain")
+    c.call(
+        Method::GET,
+        &format!("/v1/explain?identity={id}&service={svc}"),
+        NONE,
+    )
+    .await
+    .expect("explain")
 }
 
 fn api_status(e: &SdkError) -> Option<u16> {
@@ -67,18 +94,33 @@ async fn enroll_grant_explain_revoke_and_survive_restart() {
     let t = TestController::start().await;
     let admin = t.admin_client();
     let agent = enrolled(&t, "agent-1", IdentityKind::Agent, &["analysts"]).await;
-    assert_eq!(agent.spiffe().to_string(), "spiffe://test.umbra/agent/agent-1");
+    assert_eq!(
+        agent.spiffe().to_string(),
+        "spiffe://test.umbra/agent/agent-1"
+    );
 
     // The identity file holds a key: written 0600 and never shown by Debug.
     let path = t.path("agent-1.json");
     agent.save(&path).unwrap();
     use std::os::unix::fs::PermissionsExt;
-    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     assert!(!format!("{agent:?}").contains("PRIVATE KEY"));
 
-    let _: Service = admin.call(Method::POST, "/v1/services", Some(&service("llm", &["ai"]))).await.unwrap();
-    let _: Service = admin.call(Method::POST, "/v1/services", Some(&service("db", &[]))).await.unwrap();
-    assert!(!explain(&admin, "agent-1", "llm").await.allowed, "deny by default");
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("llm", &["ai"])))
+        .await
+        .unwrap();
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("db", &[])))
+        .await
+        .unwrap();
+    assert!(
+        !explain(&admin, "agent-1", "llm").await.allowed,
+        "deny by default"
+    );
     let p = grant(&admin, &["#analysts"], &["@llm"]).await.unwrap();
     let ex = explain(&admin, "agent-1", "llm").await;
     assert!(ex.allowed, "{ex:?}");
@@ -88,21 +130,38 @@ async fn enroll_grant_explain_revoke_and_survive_restart() {
     // The agent can renew its own certificate, and the new one works.
     let renewed = umbra_sdk::renew(&agent).await.expect("renew");
     assert_ne!(renewed.leaf().unwrap().serial, agent.leaf().unwrap().serial);
-    assert_ne!(renewed.key_pem.expose(), agent.key_pem.expose(), "renewal rotates the key");
+    assert_ne!(
+        renewed.key_pem.expose(),
+        agent.key_pem.expose(),
+        "renewal rotates the key"
+    );
     // An agent is not an admin.
-    let e = t.client_for(&renewed).call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let e = t
+        .client_for(&renewed)
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(403), "{e}");
 
     // Revoke: the record stays, every certificate is refused at the handshake.
-    let _: umbra_policies::Identity = admin.call(Method::POST, "/v1/identities/agent-1/revoke", NONE).await.unwrap();
+    let _: umbra_policies::Identity = admin
+        .call(Method::POST, "/v1/identities/agent-1/revoke", NONE)
+        .await
+        .unwrap();
     let ex = explain(&admin, "agent-1", "llm").await;
     assert!(!ex.allowed);
     assert!(ex.reason.contains("revoked"), "{}", ex.reason);
     let e = umbra_sdk::renew(&renewed).await.unwrap_err();
-    assert!(is_handshake_refusal(&e), "a revoked certificate must fail the handshake: {e}");
+    assert!(
+        is_handshake_refusal(&e),
+        "a revoked certificate must fail the handshake: {e}"
+    );
     let e = umbra_sdk::renew(&agent).await.unwrap_err();
     assert!(is_handshake_refusal(&e), "{e}");
-    let show: IdentityView = admin.call(Method::GET, "/v1/identities/agent-1", NONE).await.unwrap();
+    let show: IdentityView = admin
+        .call(Method::GET, "/v1/identities/agent-1", NONE)
+        .await
+        .unwrap();
     assert!(show.identity.revoked);
     assert_eq!(show.certs.len(), 2);
     assert!(show.certs.iter().all(|c| c.revoked));
@@ -110,27 +169,50 @@ async fn enroll_grant_explain_revoke_and_survive_restart() {
     // Restart: everything committed is still there, revocations included.
     let t = t.restart().await;
     let admin = t.admin_client();
-    let ids: Vec<IdentityView> = admin.call(Method::GET, "/v1/identities", NONE).await.unwrap();
+    let ids: Vec<IdentityView> = admin
+        .call(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap();
     let names: Vec<&str> = ids.iter().map(|i| i.identity.name.as_str()).collect();
     assert_eq!(names, vec!["admin", "agent-1"]);
     let svcs: Vec<Service> = admin.call(Method::GET, "/v1/services", NONE).await.unwrap();
     assert_eq!(svcs.len(), 2);
-    let pols: Vec<umbra_policies::ServicePolicy> = admin.call(Method::GET, "/v1/policies", NONE).await.unwrap();
+    let pols: Vec<umbra_policies::ServicePolicy> =
+        admin.call(Method::GET, "/v1/policies", NONE).await.unwrap();
     assert_eq!(pols.len(), 1);
     let mut renewed = renewed;
     renewed.controller = t.addr(); // the restarted controller listens on a new ephemeral port
     let e = umbra_sdk::renew(&renewed).await.unwrap_err();
-    assert!(is_handshake_refusal(&e), "revocation must survive a restart: {e}");
+    assert!(
+        is_handshake_refusal(&e),
+        "revocation must survive a restart: {e}"
+    );
 
     // The audit log recorded who did what.
-    let audit: Vec<AuditEntry> = admin.call(Method::GET, "/v1/audit?limit=100", NONE).await.unwrap();
+    let audit: Vec<AuditEntry> = admin
+        .call(Method::GET, "/v1/audit?limit=100", NONE)
+        .await
+        .unwrap();
     let actions: Vec<&str> = audit.iter().map(|a| a.action.as_str()).collect();
-    for want in ["identity.create", "identity.enroll", "identity.renew", "service.create", "policy.grant", "identity.revoke"] {
+    for want in [
+        "identity.create",
+        "identity.enroll",
+        "identity.renew",
+        "service.create",
+        "policy.grant",
+        "identity.revoke",
+    ] {
         assert!(actions.contains(&want), "audit lacks {want}: {actions:?}");
     }
-    let revoke = audit.iter().find(|a| a.action == "identity.revoke").unwrap();
+    let revoke = audit
+        .iter()
+        .find(|a| a.action == "identity.revoke")
+        .unwrap();
     assert_eq!(revoke.actor, "spiffe://test.umbra/admin/admin");
-    assert!(!serde_json::to_string(&audit).unwrap().contains("eyJ"), "no token in the audit log");
+    assert!(
+        !serde_json::to_string(&audit).unwrap().contains("eyJ"),
+        "no token in the audit log"
+    );
 }
 
 #[tokio::test]
@@ -138,17 +220,27 @@ async fn tokens_work_once_and_bad_tokens_are_refused() {
     let t = TestController::start().await;
     let admin = t.admin_client();
     let tok = create(&admin, "agent-1", IdentityKind::Agent, &[]).await;
-    umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.expect("first use");
-    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.unwrap_err();
+    umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .expect("first use");
+    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("already used"), "{e}");
 
     // Tampered payload: the signature no longer matches.
     let tok = create(&admin, "agent-2", IdentityKind::Agent, &[]).await;
     let mut parts: Vec<String> = tok.token.split('.').map(str::to_owned).collect();
-    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(&parts[1]).unwrap();
-    let tampered = String::from_utf8(payload).unwrap().replace("agent-2", "agent-9");
+    let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(&parts[1])
+        .unwrap();
+    let tampered = String::from_utf8(payload)
+        .unwrap()
+        .replace("agent-2", "agent-9");
     parts[1] = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(tampered);
-    let e = umbra_sdk::enroll(&parts.join("."), Some(&t.addr())).await.unwrap_err();
+    let e = umbra_sdk::enroll(&parts.join("."), Some(&t.addr()))
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(401), "{e}");
     assert!(e.to_string().contains("enrollment refused"), "{e}");
 
@@ -161,48 +253,81 @@ async fn tokens_work_once_and_bad_tokens_are_refused() {
     // A token from another controller (another CA and signing key).
     let other = TestController::start().await;
     let foreign = create(&other.admin_client(), "agent-3", IdentityKind::Agent, &[]).await;
-    let e = umbra_sdk::enroll(&foreign.token, Some(&t.addr())).await.unwrap_err();
-    assert!(is_handshake_refusal(&e), "the pinned CA does not match, so nothing is sent: {e}");
+    let e = umbra_sdk::enroll(&foreign.token, Some(&t.addr()))
+        .await
+        .unwrap_err();
+    assert!(
+        is_handshake_refusal(&e),
+        "the pinned CA does not match, so nothing is sent: {e}"
+    );
 
     // A token for a deleted identity.
     let tok = create(&admin, "agent-4", IdentityKind::Agent, &[]).await;
-    let _: serde_json::Value = admin.call(Method::DELETE, "/v1/identities/agent-4", NONE).await.unwrap();
-    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.unwrap_err();
+    let _: serde_json::Value = admin
+        .call(Method::DELETE, "/v1/identities/agent-4", NONE)
+        .await
+        .unwrap();
+    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(401), "{e}");
 
     // A newer token replaces an older unused one.
     let old = create(&admin, "agent-5", IdentityKind::Agent, &[]).await;
     let new: TokenResponse = admin
-        .call(Method::POST, "/v1/identities/agent-5/token", Some(&TokenRequest::default()))
+        .call(
+            Method::POST,
+            "/v1/identities/agent-5/token",
+            Some(&TokenRequest::default()),
+        )
         .await
         .unwrap();
-    let e = umbra_sdk::enroll(&old.token, Some(&t.addr())).await.unwrap_err();
+    let e = umbra_sdk::enroll(&old.token, Some(&t.addr()))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("replaced"), "{e}");
-    umbra_sdk::enroll(&new.token, Some(&t.addr())).await.expect("the newer token works");
+    umbra_sdk::enroll(&new.token, Some(&t.addr()))
+        .await
+        .expect("the newer token works");
 
     // Expired: issued now, presented to the same controller an hour later.
     let tok = create(&admin, "agent-6", IdentityKind::Agent, &[]).await;
     let t = t.restart_with(shifted_clock(3600)).await;
-    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.unwrap_err();
+    let e = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap_err();
     assert!(e.to_string().contains("expired"), "{e}");
 }
 
 /// Builds a CSR with rcgen that asks for more than it should get.
 fn greedy_csr() -> (Vec<u8>, rcgen::KeyPair) {
     let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(vec!["evil.example".to_owned(), "localhost".to_owned()]).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "admin");
-    params.subject_alt_names.push(rcgen::SanType::URI("spiffe://test.umbra/admin/admin".try_into().unwrap()));
+    let mut params =
+        rcgen::CertificateParams::new(vec!["evil.example".to_owned(), "localhost".to_owned()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "admin");
+    params.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://test.umbra/admin/admin".try_into().unwrap(),
+    ));
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     let csr = params.serialize_request(&key).unwrap();
     (csr.der().to_vec(), key)
 }
 
-async fn raw_enroll(t: &TestController, token: &str, csr: &[u8]) -> Result<EnrollResponse, SdkError> {
+async fn raw_enroll(
+    t: &TestController,
+    token: &str,
+    csr: &[u8],
+) -> Result<EnrollResponse, SdkError> {
     let claims = umbra_pki::decode_unverified(token).unwrap();
     let tls = umbra_pki::client_config_pinned(claims.ca, &[b"http/1.1"]);
     let c = ControllerClient::new(t.addr(), umbra_pki::ENROLL_SERVER_NAME, tls);
-    let req = EnrollRequest { token: token.to_owned(), csr: base64::engine::general_purpose::STANDARD.encode(csr) };
+    let req = EnrollRequest {
+        token: token.to_owned(),
+        csr: base64::engine::general_purpose::STANDARD.encode(csr),
+    };
     c.call(Method::POST, "/v1/enroll", Some(&req)).await
 }
 
@@ -222,13 +347,25 @@ async fn the_controller_not_the_csr_decides_what_is_certified() {
     assert_eq!(api_status(&e), Some(400), "{e}");
 
     let (csr, _) = greedy_csr();
-    let resp = raw_enroll(&t, &tok.token, &csr).await.expect("the token still works");
-    let leaf = umbra_pki::parse_pem_chain(&resp.cert_pem).unwrap().remove(0);
+    let resp = raw_enroll(&t, &tok.token, &csr)
+        .await
+        .expect("the token still works");
+    let leaf = umbra_pki::parse_pem_chain(&resp.cert_pem)
+        .unwrap()
+        .remove(0);
     let (_, cert) = x509_parser::parse_x509_certificate(&leaf).unwrap();
     let san = cert.subject_alternative_name().unwrap().unwrap();
-    let names: Vec<String> = san.value.general_names.iter().map(|g| format!("{g:?}")).collect();
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .map(|g| format!("{g:?}"))
+        .collect();
     assert_eq!(names.len(), 1, "only the SPIFFE id: {names:?}");
-    assert!(names[0].contains("spiffe://test.umbra/agent/agent-1"), "{names:?}");
+    assert!(
+        names[0].contains("spiffe://test.umbra/agent/agent-1"),
+        "{names:?}"
+    );
     assert!(!cert.is_ca());
     assert!(cert.subject().to_string().contains("agent-1"));
 }
@@ -241,34 +378,63 @@ async fn the_management_api_takes_only_admins() {
     // No client certificate at all: the handshake is refused.
     let tls = umbra_pki::client_config_pinned(t.ctrl.ca().fingerprint(), &[b"http/1.1"]);
     let anon = ControllerClient::new(t.addr(), umbra_pki::CONTROLLER_SERVER_NAME, tls);
-    let e = anon.call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let e = anon
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert!(is_handshake_refusal(&e), "{e}");
 
     // A router certificate is authenticated but not an admin: 403.
     let tok: TokenResponse = admin
-        .call(Method::POST, "/v1/routers", Some(&serde_json::json!({"name": "r1"})))
+        .call(
+            Method::POST,
+            "/v1/routers",
+            Some(&serde_json::json!({"name": "r1"})),
+        )
         .await
         .unwrap();
-    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.unwrap();
-    let e = t.client_for(&router).call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap();
+    let e = t
+        .client_for(&router)
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(403), "{e}");
 
     // A second admin works until it is revoked, then fails at the handshake.
     let second = enrolled(&t, "ops", IdentityKind::Admin, &[]).await;
     let c2 = t.client_for(&second);
-    let _: Vec<IdentityView> = c2.call(Method::GET, "/v1/identities", NONE).await.expect("second admin");
-    let _: umbra_policies::Identity = admin.call(Method::POST, "/v1/identities/ops/revoke", NONE).await.unwrap();
-    let e = c2.call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let _: Vec<IdentityView> = c2
+        .call(Method::GET, "/v1/identities", NONE)
+        .await
+        .expect("second admin");
+    let _: umbra_policies::Identity = admin
+        .call(Method::POST, "/v1/identities/ops/revoke", NONE)
+        .await
+        .unwrap();
+    let e = c2
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert!(is_handshake_refusal(&e), "{e}");
     // An admin cannot revoke or delete itself.
-    let e = admin.call::<serde_json::Value>(Method::POST, "/v1/identities/admin/revoke", NONE).await.unwrap_err();
+    let e = admin
+        .call::<serde_json::Value>(Method::POST, "/v1/identities/admin/revoke", NONE)
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(409), "{e}");
 
     // A certificate from another CA is refused at the handshake.
     let other = TestController::start().await;
     let mut foreign = other.admin.clone();
     foreign.ca_pem = t.admin.ca_pem.clone();
-    let e = t.client_for(&foreign).call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let e = t
+        .client_for(&foreign)
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert!(is_handshake_refusal(&e), "{e}");
 }
 
@@ -277,12 +443,22 @@ async fn an_expired_admin_certificate_is_refused() {
     // The controller's clock is three days behind: the admin certificate made at init (24 h)
     // has expired by real time, which is what the TLS handshake checks.
     let t = TestController::start_with(shifted_clock(-3 * 86400)).await;
-    let e = t.admin_client().call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE).await.unwrap_err();
+    let e = t
+        .admin_client()
+        .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap_err();
     assert!(is_handshake_refusal(&e), "{e}");
 }
 
-async fn raw(c: &ControllerClient, method: Method, path: &str, body: &str) -> Result<serde_json::Value, SdkError> {
-    let v: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned()));
+async fn raw(
+    c: &ControllerClient,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> Result<serde_json::Value, SdkError> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).unwrap_or(serde_json::Value::String(body.to_owned()));
     c.call(method, path, Some(&v)).await
 }
 
@@ -293,34 +469,92 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
     let before = t.ctrl.state();
 
     let cases: Vec<(&str, serde_json::Value, u16, &str)> = vec![
-        ("/v1/identities", serde_json::json!({"name": "Bad Name"}), 400, "allowed are"),
-        ("/v1/identities", serde_json::json!({"name": "ok", "colour": "red"}), 400, "unknown field"),
-        ("/v1/identities", serde_json::json!({"name": "ok", "kind": "router"}), 400, "router"),
-        ("/v1/identities", serde_json::json!("just a string"), 400, "malformed"),
-        ("/v1/identities", serde_json::json!({"name": "x".repeat(64)}), 400, "63"),
-        ("/v1/services", serde_json::json!({"name": "s", "hosting": {"address": "nohost"}}), 400, "port"),
-        ("/v1/policies", serde_json::json!({"identities": ["agent"], "services": ["#all"]}), 400, "must start"),
-        ("/v1/policies", serde_json::json!({"identities": ["@ghost"], "services": ["#all"]}), 400, "no identity named ghost"),
-        ("/v1/apply", serde_json::json!({"document": "identities: [", "dry_run": false}), 400, ""),
+        (
+            "/v1/identities",
+            serde_json::json!({"name": "Bad Name"}),
+            400,
+            "allowed are",
+        ),
+        (
+            "/v1/identities",
+            serde_json::json!({"name": "ok", "colour": "red"}),
+            400,
+            "unknown field",
+        ),
+        (
+            "/v1/identities",
+            serde_json::json!({"name": "ok", "kind": "router"}),
+            400,
+            "router",
+        ),
+        (
+            "/v1/identities",
+            serde_json::json!("just a string"),
+            400,
+            "malformed",
+        ),
+        (
+            "/v1/identities",
+            serde_json::json!({"name": "x".repeat(64)}),
+            400,
+            "63",
+        ),
+        (
+            "/v1/services",
+            serde_json::json!({"name": "s", "hosting": {"address": "nohost"}}),
+            400,
+            "port",
+        ),
+        (
+            "/v1/policies",
+            serde_json::json!({"identities": ["agent"], "services": ["#all"]}),
+            400,
+            "must start",
+        ),
+        (
+            "/v1/policies",
+            serde_json::json!({"identities": ["@ghost"], "services": ["#all"]}),
+            400,
+            "no identity named ghost",
+        ),
+        (
+            "/v1/apply",
+            serde_json::json!({"document": "identities: [", "dry_run": false}),
+            400,
+            "",
+        ),
     ];
     for (path, body, status, needle) in cases {
-        let e = admin.call::<serde_json::Value>(Method::POST, path, Some(&body)).await.unwrap_err();
+        let e = admin
+            .call::<serde_json::Value>(Method::POST, path, Some(&body))
+            .await
+            .unwrap_err();
         assert_eq!(api_status(&e), Some(status), "{path} {body}: {e}");
         assert!(e.to_string().contains(needle), "{path} {body}: {e}");
     }
     // Oversized body.
     let huge = serde_json::json!({"document": "#".repeat(17 * 1024 * 1024), "dry_run": true});
-    let e = admin.call::<serde_json::Value>(Method::POST, "/v1/apply", Some(&huge)).await.unwrap_err();
+    let e = admin
+        .call::<serde_json::Value>(Method::POST, "/v1/apply", Some(&huge))
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(413), "{e}");
     // Unknown things are 404.
-    let e = raw(&admin, Method::POST, "/v1/identities/nobody/revoke", "null").await.unwrap_err();
+    let e = raw(&admin, Method::POST, "/v1/identities/nobody/revoke", "null")
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(404), "{e}");
-    let e = raw(&admin, Method::DELETE, "/v1/policies/nothing", "null").await.unwrap_err();
+    let e = raw(&admin, Method::DELETE, "/v1/policies/nothing", "null")
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(404), "{e}");
 
     assert_eq!(t.ctrl.state(), before, "refused requests change nothing");
     // The controller is still serving.
-    let _: Vec<IdentityView> = admin.call(Method::GET, "/v1/identities", NONE).await.unwrap();
+    let _: Vec<IdentityView> = admin
+        .call(Method::GET, "/v1/identities", NONE)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -330,8 +564,14 @@ async fn concurrent_conflicting_writes_have_one_winner() {
     for _ in 0..16 {
         let c = t.admin_client();
         tasks.push(tokio::spawn(async move {
-            let req = CreateIdentityRequest { name: name("contested"), kind: IdentityKind::Agent, roles: vec![], token_ttl_secs: None };
-            c.call::<TokenResponse>(Method::POST, "/v1/identities", Some(&req)).await
+            let req = CreateIdentityRequest {
+                name: name("contested"),
+                kind: IdentityKind::Agent,
+                roles: vec![],
+                token_ttl_secs: None,
+            };
+            c.call::<TokenResponse>(Method::POST, "/v1/identities", Some(&req))
+                .await
         }));
     }
     let mut ok = 0;
@@ -342,7 +582,15 @@ async fn concurrent_conflicting_writes_have_one_winner() {
         }
     }
     assert_eq!(ok, 1);
-    assert_eq!(t.ctrl.state().identities.values().filter(|i| i.name.as_str() == "contested").count(), 1);
+    assert_eq!(
+        t.ctrl
+            .state()
+            .identities
+            .values()
+            .filter(|i| i.name.as_str() == "contested")
+            .count(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -350,19 +598,37 @@ async fn deleting_a_named_service_needs_cascade() {
     let t = TestController::start().await;
     let admin = t.admin_client();
     let _ = enrolled(&t, "a1", IdentityKind::Agent, &[]).await;
-    let _: Service = admin.call(Method::POST, "/v1/services", Some(&service("llm", &[]))).await.unwrap();
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
+        .await
+        .unwrap();
     let p = grant(&admin, &["@a1"], &["@llm"]).await.unwrap();
-    let e = raw(&admin, Method::DELETE, "/v1/services/llm", "null").await.unwrap_err();
+    let e = raw(&admin, Method::DELETE, "/v1/services/llm", "null")
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(409), "{e}");
     assert!(e.to_string().contains(p.name.as_str()), "{e}");
-    let r = raw(&admin, Method::DELETE, "/v1/services/llm?cascade=true", "null").await.unwrap();
+    let r = raw(
+        &admin,
+        Method::DELETE,
+        "/v1/services/llm?cascade=true",
+        "null",
+    )
+    .await
+    .unwrap();
     assert_eq!(r["deleted_policies"][0], p.name.as_str());
     assert!(t.ctrl.state().policies.is_empty());
     // Duplicate intercepts are refused.
-    let _: Service = admin.call(Method::POST, "/v1/services", Some(&service("one", &[]))).await.unwrap();
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("one", &[])))
+        .await
+        .unwrap();
     let mut dup = service("two", &[]);
     dup.intercepts = service("one", &[]).intercepts;
-    let e = admin.call::<Service>(Method::POST, "/v1/services", Some(&dup)).await.unwrap_err();
+    let e = admin
+        .call::<Service>(Method::POST, "/v1/services", Some(&dup))
+        .await
+        .unwrap_err();
     assert_eq!(api_status(&e), Some(409), "{e}");
 }
 
@@ -395,16 +661,33 @@ async fn apply_and_export_round_trip() {
     let t = TestController::start().await;
     let admin = t.admin_client();
     let dry: ApplyResponse = admin
-        .call(Method::POST, "/v1/apply", Some(&ApplyRequest { document: DOC.into(), dry_run: true }))
+        .call(
+            Method::POST,
+            "/v1/apply",
+            Some(&ApplyRequest {
+                document: DOC.into(),
+                dry_run: true,
+            }),
+        )
         .await
         .unwrap();
     assert!(!dry.applied);
     assert_eq!(dry.changes, 6, "{}", dry.plan);
     assert!(dry.plan.contains("agent-1"), "{}", dry.plan);
-    assert!(t.ctrl.state().services.is_empty(), "a dry run changes nothing");
+    assert!(
+        t.ctrl.state().services.is_empty(),
+        "a dry run changes nothing"
+    );
 
     let done: ApplyResponse = admin
-        .call(Method::POST, "/v1/apply", Some(&ApplyRequest { document: DOC.into(), dry_run: false }))
+        .call(
+            Method::POST,
+            "/v1/apply",
+            Some(&ApplyRequest {
+                document: DOC.into(),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap();
     assert!(done.applied);
@@ -414,15 +697,33 @@ async fn apply_and_export_round_trip() {
 
     let export: ExportResponse = admin.call(Method::GET, "/v1/export", NONE).await.unwrap();
     let again: ApplyResponse = admin
-        .call(Method::POST, "/v1/apply", Some(&ApplyRequest { document: export.document.clone(), dry_run: false }))
+        .call(
+            Method::POST,
+            "/v1/apply",
+            Some(&ApplyRequest {
+                document: export.document.clone(),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap();
-    assert_eq!(again.changes, 0, "export then apply is a no-op: {}", again.plan);
+    assert_eq!(
+        again.changes, 0,
+        "export then apply is a no-op: {}",
+        again.plan
+    );
 
     // Every problem in a bad document is reported at once, and nothing changes.
     let bad = "identities:\n  - name: Bad\n  - name: x\n    kind: agent\n  - name: x\npolicies:\n  - name: p\n    identities: ['@nobody']\n    services: ['#all']\n";
     let e = admin
-        .call::<ApplyResponse>(Method::POST, "/v1/apply", Some(&ApplyRequest { document: bad.into(), dry_run: false }))
+        .call::<ApplyResponse>(
+            Method::POST,
+            "/v1/apply",
+            Some(&ApplyRequest {
+                document: bad.into(),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap_err();
     let msg = e.to_string();
@@ -432,7 +733,14 @@ async fn apply_and_export_round_trip() {
     }
     // Omitting the applying admin is refused rather than locking the operator out.
     let e = admin
-        .call::<ApplyResponse>(Method::POST, "/v1/apply", Some(&ApplyRequest { document: "identities: []\n".into(), dry_run: false }))
+        .call::<ApplyResponse>(
+            Method::POST,
+            "/v1/apply",
+            Some(&ApplyRequest {
+                document: "identities: []\n".into(),
+                dry_run: false,
+            }),
+        )
         .await
         .unwrap_err();
     assert_eq!(api_status(&e), Some(409), "{e}");
@@ -445,10 +753,16 @@ async fn routers_follow_the_control_channel() {
     let t = TestController::start().await;
     let admin = t.admin_client();
     let tok: TokenResponse = admin
-        .call(Method::POST, "/v1/routers", Some(&serde_json::json!({"name": "r1"})))
+        .call(
+            Method::POST,
+            "/v1/routers",
+            Some(&serde_json::json!({"name": "r1"})),
+        )
         .await
         .unwrap();
-    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr())).await.unwrap();
+    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap();
     let rc = t.client_for(&router);
 
     async fn next(s: &mut umbra_sdk::ResponseStream, d: &mut FrameDecoder) -> ControlMessage {
@@ -456,17 +770,32 @@ async fn routers_follow_the_control_channel() {
             if let Some(m) = d.next::<ControlMessage>().unwrap() {
                 return m;
             }
-            let chunk = tokio::time::timeout(Duration::from_secs(10), s.chunk()).await.expect("timely").unwrap().expect("open");
+            let chunk = tokio::time::timeout(Duration::from_secs(10), s.chunk())
+                .await
+                .expect("timely")
+                .unwrap()
+                .expect("open");
             d.push(&chunk);
         }
     }
 
-    let mut s = rc.stream("/v1/control?advertise=127.0.0.1:4433").await.unwrap();
+    let mut s = rc
+        .stream("/v1/control?advertise=127.0.0.1:4433")
+        .await
+        .unwrap();
     let mut d = FrameDecoder::new(umbra_proto::MAX_CONTROL_FRAME);
-    let ControlMessage::Hello { epoch, .. } = next(&mut s, &mut d).await else { panic!("hello first") };
-    let ControlMessage::Snapshot(snap) = next(&mut s, &mut d).await else { panic!("then a snapshot") };
+    let ControlMessage::Hello { epoch, .. } = next(&mut s, &mut d).await else {
+        panic!("hello first")
+    };
+    let ControlMessage::Snapshot(snap) = next(&mut s, &mut d).await else {
+        panic!("then a snapshot")
+    };
     assert_eq!(snap.epoch, epoch);
-    assert!(snap.state.identities.values().any(|i| i.name.as_str() == "r1"));
+    assert!(snap
+        .state
+        .identities
+        .values()
+        .any(|i| i.name.as_str() == "r1"));
 
     // A revocation arrives as deltas, pushed: the certificate first, then the identity.
     let agent = enrolled(&t, "agent-1", IdentityKind::Agent, &[]).await;
@@ -480,7 +809,10 @@ async fn routers_follow_the_control_channel() {
             if let ChangeEvent::IdentityPut { identity } = &dl.change {
                 if identity.name.as_str() == "agent-1" && !identity.revoked {
                     saw_identity = true;
-                    let _: umbra_policies::Identity = admin.call(Method::POST, "/v1/identities/agent-1/revoke", NONE).await.unwrap();
+                    let _: umbra_policies::Identity = admin
+                        .call(Method::POST, "/v1/identities/agent-1/revoke", NONE)
+                        .await
+                        .unwrap();
                 }
             }
             if let ChangeEvent::CertRevoked { cert } = &dl.change {
@@ -493,17 +825,29 @@ async fn routers_follow_the_control_channel() {
 
     // Resuming from a sequence number replays only what came after it.
     drop(s);
-    let _: Service = admin.call(Method::POST, "/v1/services", Some(&service("late", &[]))).await.unwrap();
-    let mut s = rc.stream(&format!("/v1/control?epoch={epoch}&seq={seq}")).await.unwrap();
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("late", &[])))
+        .await
+        .unwrap();
+    let mut s = rc
+        .stream(&format!("/v1/control?epoch={epoch}&seq={seq}"))
+        .await
+        .unwrap();
     let mut d = FrameDecoder::new(umbra_proto::MAX_CONTROL_FRAME);
-    assert!(matches!(next(&mut s, &mut d).await, ControlMessage::Hello { .. }));
+    assert!(matches!(
+        next(&mut s, &mut d).await,
+        ControlMessage::Hello { .. }
+    ));
     let mut got_late = false;
     for _ in 0..5 {
         match next(&mut s, &mut d).await {
-            ControlMessage::Snapshot(_) => panic!("a resumable follower gets deltas, not a snapshot"),
+            ControlMessage::Snapshot(_) => {
+                panic!("a resumable follower gets deltas, not a snapshot")
+            }
             ControlMessage::Delta(dl) => {
                 assert!(dl.seq > seq);
-                if matches!(&dl.change, ChangeEvent::ServicePut { service } if service.name.as_str() == "late") {
+                if matches!(&dl.change, ChangeEvent::ServicePut { service } if service.name.as_str() == "late")
+                {
                     got_late = true;
                     break;
                 }
@@ -516,8 +860,19 @@ async fn routers_follow_the_control_channel() {
     assert_eq!(routers[0].advertise.as_deref(), Some("127.0.0.1:4433"));
 
     // Agents may not open the control channel.
-    let e = t.client_for(&agent).stream("/v1/control").await.err().expect("refused");
-    assert!(matches!(e, SdkError::Handshake { .. } | SdkError::Api { status: 403, .. }), "{e}");
+    let e = t
+        .client_for(&agent)
+        .stream("/v1/control")
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            e,
+            SdkError::Handshake { .. } | SdkError::Api { status: 403, .. }
+        ),
+        "{e}"
+    );
 }
 
 #[tokio::test]
@@ -527,16 +882,32 @@ async fn an_identity_sees_only_its_own_services() {
     let a1 = enrolled(&t, "a1", IdentityKind::Agent, &["analysts"]).await;
     let a2 = enrolled(&t, "a2", IdentityKind::Agent, &[]).await;
     for s in ["llm", "db", "tools"] {
-        let _: Service = admin.call(Method::POST, "/v1/services", Some(&service(s, &[]))).await.unwrap();
+        let _: Service = admin
+            .call(Method::POST, "/v1/services", Some(&service(s, &[])))
+            .await
+            .unwrap();
     }
-    grant(&admin, &["#analysts"], &["@llm", "@tools"]).await.unwrap();
-    let v: EdgeView = t.client_for(&a1).call(Method::GET, "/v1/edge", NONE).await.unwrap();
+    grant(&admin, &["#analysts"], &["@llm", "@tools"])
+        .await
+        .unwrap();
+    let v: EdgeView = t
+        .client_for(&a1)
+        .call(Method::GET, "/v1/edge", NONE)
+        .await
+        .unwrap();
     let names: Vec<&str> = v.services.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(names, vec!["llm", "tools"]);
     assert!(v.services.iter().all(|s| s.dial && !s.bind));
     assert_eq!(v.services[0].intercepts[0].to_string(), "llm.umbra:443");
-    let v: EdgeView = t.client_for(&a2).call(Method::GET, "/v1/edge", NONE).await.unwrap();
-    assert!(v.services.is_empty(), "nothing is granted, so nothing exists");
+    let v: EdgeView = t
+        .client_for(&a2)
+        .call(Method::GET, "/v1/edge", NONE)
+        .await
+        .unwrap();
+    assert!(
+        v.services.is_empty(),
+        "nothing is granted, so nothing exists"
+    );
 
     // The watch pushes a new view when a grant changes it.
     use umbra_proto::FrameDecoder;
@@ -553,7 +924,11 @@ async fn an_identity_sees_only_its_own_services() {
             }
             continue;
         }
-        let chunk = tokio::time::timeout(Duration::from_secs(10), s.chunk()).await.expect("timely").unwrap().expect("open");
+        let chunk = tokio::time::timeout(Duration::from_secs(10), s.chunk())
+            .await
+            .expect("timely")
+            .unwrap()
+            .expect("open");
         d.push(&chunk);
     }
     assert!(views[0].services.is_empty());

@@ -1,4 +1,16 @@
 //! Umbra tunneler: runs beside an agent and exposes, on loopback, exactly the services its
-//! identity may dial; unauthorized services do not exist from the agent's side. (Built in the
-//! data-plane issue.)
+//! identity may dial. Each accepted TCP connection becomes one overlay stream. Services the
+//! identity may not dial have no listener: from the agent's side they do not exist.
+//!
+//! It follows the controller's per-identity view (`/v1/edge/watch`), so listeners appear and
+//! disappear as grants change, without a restart. It never listens on anything but a loopback
+//! address, and never decides access itself: the router authorizes every stream.
 #![forbid(unsafe_code)]
+
+mod addresses;
+mod plan;
+mod run;
+
+pub use addresses::{AddressBook, AddressError};
+pub use plan::{desired, Mapping};
+pub use run::{TunnelError, Tunneler, TunnelerConfig};

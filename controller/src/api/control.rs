@@ -32,7 +32,11 @@ pub struct ControlQuery {
     advertise: Option<String>,
 }
 
-pub async fn stream(State(s): State<AppState>, Router(router, peer): Router, Query(q): Query<ControlQuery>) -> Result<Response, ApiError> {
+pub async fn stream(
+    State(s): State<AppState>,
+    Router(router, peer): Router,
+    Query(q): Query<ControlQuery>,
+) -> Result<Response, ApiError> {
     if let Some(addr) = q.advertise.clone() {
         if addr.len() > 300 || addr.parse::<umbra_policies::HostPort>().is_err() {
             return Err(ApiError::invalid("advertise must be HOST:PORT"));
@@ -41,8 +45,10 @@ pub async fn stream(State(s): State<AppState>, Router(router, peer): Router, Que
         blocking(&s, move |c| c.router_advertise(&r, &addr)).await?;
     }
     let since = q.epoch.zip(q.seq);
-    let (initial, mut last, mut rx) =
-        blocking(&s, move |c| c.subscribe(since.as_ref().map(|(e, s)| (e.as_str(), *s)))).await?;
+    let (initial, mut last, mut rx) = blocking(&s, move |c| {
+        c.subscribe(since.as_ref().map(|(e, s)| (e.as_str(), *s)))
+    })
+    .await?;
     let (tx, body_rx) = mpsc::channel::<Bytes>(64);
     let serial = peer.serial.to_string();
     tracing::info!(router = %router.name, since = ?since_label(&initial), "control channel opened");
@@ -77,7 +83,9 @@ pub async fn stream(State(s): State<AppState>, Router(router, peer): Router, Que
             }
         }
     });
-    let body = futures::stream::unfold(body_rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    let body = futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
     Response::builder()
         .header("content-type", "application/x-umbra-control")
         .body(Body::from_stream(body))
@@ -85,7 +93,10 @@ pub async fn stream(State(s): State<AppState>, Router(router, peer): Router, Que
 }
 
 fn since_label(initial: &[ControlMessage]) -> &'static str {
-    if initial.iter().any(|m| matches!(m, ControlMessage::Snapshot(_))) {
+    if initial
+        .iter()
+        .any(|m| matches!(m, ControlMessage::Snapshot(_)))
+    {
         "snapshot"
     } else {
         "resumed"
@@ -97,7 +108,9 @@ fn ends_identity(change: &ChangeEvent, id: &umbra_policies::IdentityId, serial: 
     match change {
         ChangeEvent::CertRevoked { cert } => cert.serial == serial,
         ChangeEvent::IdentityDeleted { id: gone } => gone == id,
-        ChangeEvent::IdentityPut { identity } => &identity.id == id && (identity.revoked || identity.disabled),
+        ChangeEvent::IdentityPut { identity } => {
+            &identity.id == id && (identity.revoked || identity.disabled)
+        }
         _ => false,
     }
 }
@@ -107,7 +120,10 @@ async fn send(tx: &mpsc::Sender<Bytes>, msg: &ControlMessage) -> Result<(), ()> 
 }
 
 /// `GET /v1/edge`: the caller's services and the routers.
-pub async fn edge(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity) -> Result<axum::Json<umbra_proto::api::EdgeView>, ApiError> {
+pub async fn edge(
+    State(s): State<AppState>,
+    AnyIdentity(peer): AnyIdentity,
+) -> Result<axum::Json<umbra_proto::api::EdgeView>, ApiError> {
     blocking(&s, move |c| {
         let identity = c.authorize_peer(&peer, None)?;
         Ok(c.edge_view(&identity))
@@ -118,7 +134,10 @@ pub async fn edge(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity) -> 
 
 /// `GET /v1/edge/watch`: the caller's view now and again after every change that alters it, as
 /// length-prefixed JSON frames; it ends when the caller loses its own access.
-pub async fn edge_watch(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity) -> Result<Response, ApiError> {
+pub async fn edge_watch(
+    State(s): State<AppState>,
+    AnyIdentity(peer): AnyIdentity,
+) -> Result<Response, ApiError> {
     let p = peer.clone();
     let (mut rx, identity, view) = blocking(&s, move |c| {
         let rx = c.deltas();
@@ -150,7 +169,10 @@ pub async fn edge_watch(State(s): State<AppState>, AnyIdentity(peer): AnyIdentit
                 _ = tx.closed() => return,
             }
             let (c, p) = (ctrl.clone(), peer.clone());
-            let next = tokio::task::spawn_blocking(move || c.authorize_peer(&p, None).map(|i| c.edge_view(&i))).await;
+            let next = tokio::task::spawn_blocking(move || {
+                c.authorize_peer(&p, None).map(|i| c.edge_view(&i))
+            })
+            .await;
             let Ok(Ok(view)) = next else { return };
             if view != last {
                 last = view;
@@ -160,7 +182,9 @@ pub async fn edge_watch(State(s): State<AppState>, AnyIdentity(peer): AnyIdentit
             }
         }
     });
-    let body = futures::stream::unfold(body_rx, |mut rx| async move { rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx)) });
+    let body = futures::stream::unfold(body_rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
     Response::builder()
         .header("content-type", "application/x-umbra-edge")
         .body(Body::from_stream(body))

@@ -17,23 +17,39 @@ pub struct ApiError {
 impl ApiError {
     /// A 400 with a message.
     pub fn invalid(message: impl Into<String>) -> Self {
-        ApiError { status: StatusCode::BAD_REQUEST, code: "invalid", message: message.into() }
+        ApiError {
+            status: StatusCode::BAD_REQUEST,
+            code: "invalid",
+            message: message.into(),
+        }
     }
 
     /// A 403: authenticated, but this identity may not do this.
     pub fn forbidden() -> Self {
-        ApiError { status: StatusCode::FORBIDDEN, code: "forbidden", message: "this certificate is not allowed here".into() }
+        ApiError {
+            status: StatusCode::FORBIDDEN,
+            code: "forbidden",
+            message: "this certificate is not allowed here".into(),
+        }
     }
 
     /// A 413.
     pub fn too_large(limit: usize) -> Self {
-        ApiError { status: StatusCode::PAYLOAD_TOO_LARGE, code: "too_large", message: format!("request body exceeds {limit} bytes") }
+        ApiError {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            code: "too_large",
+            message: format!("request body exceeds {limit} bytes"),
+        }
     }
 
     /// A 500 that hides internals from the client (they are logged).
     pub fn internal(what: impl std::fmt::Display) -> Self {
         tracing::error!(error = %what, "internal error");
-        ApiError { status: StatusCode::INTERNAL_SERVER_ERROR, code: "internal", message: "internal error".into() }
+        ApiError {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            code: "internal",
+            message: "internal error".into(),
+        }
     }
 }
 
@@ -47,15 +63,24 @@ impl From<ControllerError> for ApiError {
             E::Forbidden(_) => return ApiError::forbidden(),
             E::Enrollment(_) => (StatusCode::UNAUTHORIZED, "enrollment_refused"),
             E::Pki(umbra_pki::PkiError::Csr(_)) => (StatusCode::BAD_REQUEST, "invalid_csr"),
-            E::Setup(_) | E::Pki(_) | E::Db(_) | E::Corrupt(_) | E::Io { .. } => return ApiError::internal(e),
+            E::Setup(_) | E::Pki(_) | E::Db(_) | E::Corrupt(_) | E::Io { .. } => {
+                return ApiError::internal(e)
+            }
         };
-        ApiError { status, code, message: e.to_string() }
+        ApiError {
+            status,
+            code,
+            message: e.to_string(),
+        }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = ErrorBody { code: self.code.to_owned(), message: self.message };
+        let body = ErrorBody {
+            code: self.code.to_owned(),
+            message: self.message,
+        };
         (self.status, axum::Json(body)).into_response()
     }
 }

@@ -33,8 +33,17 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
 #[derive(Debug, Clone)]
 pub struct Peer(pub Arc<PeerCert>);
 
-async fn authorize(parts: &Parts, state: &AppState, kind: Option<IdentityKind>) -> Result<(Identity, Arc<PeerCert>), ApiError> {
-    let peer = parts.extensions.get::<Peer>().ok_or_else(ApiError::forbidden)?.0.clone();
+async fn authorize(
+    parts: &Parts,
+    state: &AppState,
+    kind: Option<IdentityKind>,
+) -> Result<(Identity, Arc<PeerCert>), ApiError> {
+    let peer = parts
+        .extensions
+        .get::<Peer>()
+        .ok_or_else(ApiError::forbidden)?
+        .0
+        .clone();
     let p = peer.clone();
     let identity = blocking(state, move |c| c.authorize_peer(&p, kind)).await?;
     Ok((identity, peer))
@@ -48,7 +57,10 @@ impl FromRequestParts<AppState> for Admin {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let (identity, peer) = authorize(parts, state, Some(IdentityKind::Admin)).await?;
-        Ok(Admin(Actor { id: Some(identity.id), label: peer.spiffe.to_string() }))
+        Ok(Admin(Actor {
+            id: Some(identity.id),
+            label: peer.spiffe.to_string(),
+        }))
     }
 }
 

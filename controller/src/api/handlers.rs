@@ -17,7 +17,10 @@ pub async fn health() -> &'static str {
     "ok"
 }
 
-pub async fn enroll(State(s): State<AppState>, JsonBody(req): JsonBody<EnrollRequest>) -> Res<EnrollResponse> {
+pub async fn enroll(
+    State(s): State<AppState>,
+    JsonBody(req): JsonBody<EnrollRequest>,
+) -> Res<EnrollResponse> {
     if req.token.len() > 8 * 1024 {
         return Err(ApiError::invalid("the token is too large"));
     }
@@ -29,7 +32,11 @@ pub async fn enroll(State(s): State<AppState>, JsonBody(req): JsonBody<EnrollReq
     resp.map(Json)
 }
 
-pub async fn renew(State(s): State<AppState>, AnyIdentity(peer): AnyIdentity, JsonBody(req): JsonBody<RenewRequest>) -> Res<RenewResponse> {
+pub async fn renew(
+    State(s): State<AppState>,
+    AnyIdentity(peer): AnyIdentity,
+    JsonBody(req): JsonBody<RenewRequest>,
+) -> Res<RenewResponse> {
     let csr = decode_csr(&req.csr)?;
     blocking(&s, move |c| c.renew(&peer, &csr)).await.map(Json)
 }
@@ -40,16 +47,34 @@ pub struct KindQuery {
     kind: Option<IdentityKind>,
 }
 
-pub async fn list_identities(State(s): State<AppState>, _: Admin, Query(q): Query<KindQuery>) -> Res<Vec<IdentityView>> {
-    blocking(&s, move |c| c.list_identities(q.kind)).await.map(Json)
+pub async fn list_identities(
+    State(s): State<AppState>,
+    _: Admin,
+    Query(q): Query<KindQuery>,
+) -> Res<Vec<IdentityView>> {
+    blocking(&s, move |c| c.list_identities(q.kind))
+        .await
+        .map(Json)
 }
 
-pub async fn create_identity(State(s): State<AppState>, Admin(a): Admin, JsonBody(req): JsonBody<CreateIdentityRequest>) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
-    blocking(&s, move |c| c.create_identity(&a, req)).await.map(|r| (StatusCode::CREATED, Json(r)))
+pub async fn create_identity(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    JsonBody(req): JsonBody<CreateIdentityRequest>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    blocking(&s, move |c| c.create_identity(&a, req))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
 }
 
-pub async fn show_identity(State(s): State<AppState>, _: Admin, Path(name): Path<String>) -> Res<IdentityView> {
-    blocking(&s, move |c| c.show_identity(&name)).await.map(Json)
+pub async fn show_identity(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Res<IdentityView> {
+    blocking(&s, move |c| c.show_identity(&name))
+        .await
+        .map(Json)
 }
 
 #[derive(Deserialize, Default)]
@@ -64,33 +89,66 @@ pub struct Deleted {
     deleted_policies: Vec<Name>,
 }
 
-pub async fn delete_identity(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>, Query(q): Query<CascadeQuery>) -> Res<Deleted> {
+pub async fn delete_identity(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+    Query(q): Query<CascadeQuery>,
+) -> Res<Deleted> {
     blocking(&s, move |c| c.delete_identity(&a, &name, q.cascade, None))
         .await
         .map(|deleted_policies| Json(Deleted { deleted_policies }))
 }
 
-pub async fn revoke_identity(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>) -> Res<umbra_policies::Identity> {
-    blocking(&s, move |c| c.revoke_identity(&a, &name)).await.map(Json)
+pub async fn revoke_identity(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+) -> Res<umbra_policies::Identity> {
+    blocking(&s, move |c| c.revoke_identity(&a, &name))
+        .await
+        .map(Json)
 }
 
-pub async fn issue_token(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>, JsonBody(req): JsonBody<TokenRequest>) -> Res<TokenResponse> {
-    blocking(&s, move |c| c.issue_token(&a, &name, req.token_ttl_secs)).await.map(Json)
+pub async fn issue_token(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+    JsonBody(req): JsonBody<TokenRequest>,
+) -> Res<TokenResponse> {
+    blocking(&s, move |c| c.issue_token(&a, &name, req.token_ttl_secs))
+        .await
+        .map(Json)
 }
 
 pub async fn list_services(State(s): State<AppState>, _: Admin) -> Res<Vec<ServiceBody>> {
     blocking(&s, |c| Ok(c.list_services())).await.map(Json)
 }
 
-pub async fn create_service(State(s): State<AppState>, Admin(a): Admin, JsonBody(svc): JsonBody<ServiceBody>) -> Result<(StatusCode, Json<ServiceBody>), ApiError> {
-    blocking(&s, move |c| c.create_service(&a, svc)).await.map(|r| (StatusCode::CREATED, Json(r)))
+pub async fn create_service(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    JsonBody(svc): JsonBody<ServiceBody>,
+) -> Result<(StatusCode, Json<ServiceBody>), ApiError> {
+    blocking(&s, move |c| c.create_service(&a, svc))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
 }
 
-pub async fn show_service(State(s): State<AppState>, _: Admin, Path(name): Path<String>) -> Res<ServiceBody> {
+pub async fn show_service(
+    State(s): State<AppState>,
+    _: Admin,
+    Path(name): Path<String>,
+) -> Res<ServiceBody> {
     blocking(&s, move |c| c.show_service(&name)).await.map(Json)
 }
 
-pub async fn delete_service(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>, Query(q): Query<CascadeQuery>) -> Res<Deleted> {
+pub async fn delete_service(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+    Query(q): Query<CascadeQuery>,
+) -> Res<Deleted> {
     blocking(&s, move |c| c.delete_service(&a, &name, q.cascade))
         .await
         .map(|deleted_policies| Json(Deleted { deleted_policies }))
@@ -100,12 +158,24 @@ pub async fn list_policies(State(s): State<AppState>, _: Admin) -> Res<Vec<Polic
     blocking(&s, |c| Ok(c.list_policies())).await.map(Json)
 }
 
-pub async fn grant(State(s): State<AppState>, Admin(a): Admin, JsonBody(req): JsonBody<GrantRequest>) -> Result<(StatusCode, Json<PolicyBody>), ApiError> {
-    blocking(&s, move |c| c.grant(&a, req)).await.map(|r| (StatusCode::CREATED, Json(r)))
+pub async fn grant(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    JsonBody(req): JsonBody<GrantRequest>,
+) -> Result<(StatusCode, Json<PolicyBody>), ApiError> {
+    blocking(&s, move |c| c.grant(&a, req))
+        .await
+        .map(|r| (StatusCode::CREATED, Json(r)))
 }
 
-pub async fn revoke_policy(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    blocking(&s, move |c| c.revoke_policy(&a, &name)).await.map(|()| StatusCode::NO_CONTENT)
+pub async fn revoke_policy(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&s, move |c| c.revoke_policy(&a, &name))
+        .await
+        .map(|()| StatusCode::NO_CONTENT)
 }
 
 #[derive(Deserialize)]
@@ -117,8 +187,16 @@ pub struct ExplainQuery {
     action: Option<Action>,
 }
 
-pub async fn explain(State(s): State<AppState>, _: Admin, Query(q): Query<ExplainQuery>) -> Res<ExplainResponse> {
-    blocking(&s, move |c| c.explain(&q.identity, &q.service, q.action.unwrap_or(Action::Dial))).await.map(Json)
+pub async fn explain(
+    State(s): State<AppState>,
+    _: Admin,
+    Query(q): Query<ExplainQuery>,
+) -> Res<ExplainResponse> {
+    blocking(&s, move |c| {
+        c.explain(&q.identity, &q.service, q.action.unwrap_or(Action::Dial))
+    })
+    .await
+    .map(Json)
 }
 
 #[derive(Deserialize)]
@@ -133,22 +211,48 @@ pub async fn list_routers(State(s): State<AppState>, _: Admin) -> Res<Vec<Router
     blocking(&s, |c| c.list_routers()).await.map(Json)
 }
 
-pub async fn create_router(State(s): State<AppState>, Admin(a): Admin, JsonBody(req): JsonBody<RouterCreate>) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
-    blocking(&s, move |c| c.create_router(&a, req.name, req.token_ttl_secs)).await.map(|r| (StatusCode::CREATED, Json(r)))
+pub async fn create_router(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    JsonBody(req): JsonBody<RouterCreate>,
+) -> Result<(StatusCode, Json<TokenResponse>), ApiError> {
+    blocking(&s, move |c| {
+        c.create_router(&a, req.name, req.token_ttl_secs)
+    })
+    .await
+    .map(|r| (StatusCode::CREATED, Json(r)))
 }
 
-pub async fn delete_router(State(s): State<AppState>, Admin(a): Admin, Path(name): Path<String>) -> Result<StatusCode, ApiError> {
-    blocking(&s, move |c| c.delete_identity(&a, &name, true, Some(IdentityKind::Router)))
+pub async fn delete_router(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    Path(name): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    blocking(&s, move |c| {
+        c.delete_identity(&a, &name, true, Some(IdentityKind::Router))
+    })
+    .await
+    .map(|_| StatusCode::NO_CONTENT)
+}
+
+pub async fn apply(
+    State(s): State<AppState>,
+    Admin(a): Admin,
+    JsonBody(req): JsonBody<ApplyRequest>,
+) -> Res<ApplyResponse> {
+    blocking(&s, move |c| c.apply(&a, &req.document, req.dry_run))
         .await
-        .map(|_| StatusCode::NO_CONTENT)
-}
-
-pub async fn apply(State(s): State<AppState>, Admin(a): Admin, JsonBody(req): JsonBody<ApplyRequest>) -> Res<ApplyResponse> {
-    blocking(&s, move |c| c.apply(&a, &req.document, req.dry_run)).await.map(Json)
+        .map(Json)
 }
 
 pub async fn export(State(s): State<AppState>, _: Admin) -> Res<ExportResponse> {
-    blocking(&s, |c| Ok(ExportResponse { document: c.export() })).await.map(Json)
+    blocking(&s, |c| {
+        Ok(ExportResponse {
+            document: c.export(),
+        })
+    })
+    .await
+    .map(Json)
 }
 
 #[derive(Deserialize)]
@@ -158,7 +262,11 @@ pub struct AuditQuery {
     limit: Option<u32>,
 }
 
-pub async fn audit(State(s): State<AppState>, _: Admin, Query(q): Query<AuditQuery>) -> Res<Vec<AuditEntry>> {
+pub async fn audit(
+    State(s): State<AppState>,
+    _: Admin,
+    Query(q): Query<AuditQuery>,
+) -> Res<Vec<AuditEntry>> {
     let limit = q.limit.unwrap_or(100).min(10_000);
     blocking(&s, move |c| c.audit_log(limit)).await.map(Json)
 }

@@ -60,17 +60,44 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/control", get(control::stream))
         .route("/v1/edge", get(control::edge))
         .route("/v1/edge/watch", get(control::edge_watch))
-        .route("/v1/identities", get(handlers::list_identities).post(handlers::create_identity))
-        .route("/v1/identities/{name}", get(handlers::show_identity).delete(handlers::delete_identity))
-        .route("/v1/identities/{name}/revoke", post(handlers::revoke_identity))
+        .route(
+            "/v1/identities",
+            get(handlers::list_identities).post(handlers::create_identity),
+        )
+        .route(
+            "/v1/identities/{name}",
+            get(handlers::show_identity).delete(handlers::delete_identity),
+        )
+        .route(
+            "/v1/identities/{name}/revoke",
+            post(handlers::revoke_identity),
+        )
         .route("/v1/identities/{name}/token", post(handlers::issue_token))
-        .route("/v1/services", get(handlers::list_services).post(handlers::create_service))
-        .route("/v1/services/{name}", get(handlers::show_service).delete(handlers::delete_service))
-        .route("/v1/policies", get(handlers::list_policies).post(handlers::grant))
-        .route("/v1/policies/{name}", axum::routing::delete(handlers::revoke_policy))
+        .route(
+            "/v1/services",
+            get(handlers::list_services).post(handlers::create_service),
+        )
+        .route(
+            "/v1/services/{name}",
+            get(handlers::show_service).delete(handlers::delete_service),
+        )
+        .route(
+            "/v1/policies",
+            get(handlers::list_policies).post(handlers::grant),
+        )
+        .route(
+            "/v1/policies/{name}",
+            axum::routing::delete(handlers::revoke_policy),
+        )
         .route("/v1/explain", get(handlers::explain))
-        .route("/v1/routers", get(handlers::list_routers).post(handlers::create_router))
-        .route("/v1/routers/{name}", axum::routing::delete(handlers::delete_router))
+        .route(
+            "/v1/routers",
+            get(handlers::list_routers).post(handlers::create_router),
+        )
+        .route(
+            "/v1/routers/{name}",
+            axum::routing::delete(handlers::delete_router),
+        )
         .route("/v1/apply", post(handlers::apply))
         .route("/v1/export", get(handlers::export))
         .route("/v1/audit", get(handlers::audit))

@@ -92,9 +92,8 @@ fn service(i: usize, dto: ServiceDto, problems: &mut Problems) -> Draft<Service>
         (Some(_), true) => problems.take(|| path.clone(), Err(DocErrorKind::AddressAndHosted)),
         (None, false) => problems.take(|| path.clone(), Err(DocErrorKind::NoHosting)),
     };
-    let intercepts = all((dto.intercepts.into_iter().enumerate()).map(|(j, s)| {
-        problems.take(|| format!("{path}.intercepts[{j}]"), s.parse::<HostPort>())
-    }));
+    let intercepts = all((dto.intercepts.into_iter().enumerate())
+        .map(|(j, s)| problems.take(|| format!("{path}.intercepts[{j}]"), s.parse::<HostPort>())));
     let item = match (&name, roles, hosting, intercepts) {
         (Some(name), Some(roles), Some(hosting), Some(intercepts)) => Some(Service {
             name: name.clone(),
@@ -118,7 +117,11 @@ fn policy(i: usize, dto: PolicyDto, problems: &mut Problems) -> PolicyDraft {
     };
     let identities = selectors("identities", dto.identities);
     let services = selectors("services", dto.services);
-    let item = match (&name, all(identities.iter().cloned()), all(services.iter().cloned())) {
+    let item = match (
+        &name,
+        all(identities.iter().cloned()),
+        all(services.iter().cloned()),
+    ) {
         (Some(name), Some(ids), Some(svcs)) => Some(ServicePolicy {
             name: name.clone(),
             action: dto.action,

@@ -62,7 +62,11 @@ fn parses_the_example_with_defaults() {
     assert_eq!(doc.identities.len(), 3);
     assert_eq!(doc.identities[0].kind, IdentityKind::Agent);
     assert_eq!(doc.identities[1].kind, IdentityKind::Admin);
-    assert_eq!(doc.identities[2].kind, IdentityKind::Agent, "agent is the default");
+    assert_eq!(
+        doc.identities[2].kind,
+        IdentityKind::Agent,
+        "agent is the default"
+    );
     assert!(doc.identities[2].disabled);
     assert_eq!(
         doc.services[0].hosting,
@@ -76,7 +80,11 @@ fn parses_the_example_with_defaults() {
     assert_eq!(doc.policies[1].action, Action::Bind);
     assert_eq!(doc.policies[1].semantic, Semantic::AllOf);
     assert_eq!(doc.policies[2].action, Action::Dial, "dial is the default");
-    assert_eq!(doc.policies[2].semantic, Semantic::AnyOf, "anyOf is the default");
+    assert_eq!(
+        doc.policies[2].semantic,
+        Semantic::AnyOf,
+        "anyOf is the default"
+    );
     assert_eq!(doc.policies[2].identities, vec![Selector::All]);
     doc.validate().unwrap();
 }
@@ -102,8 +110,14 @@ fn invalid_names() {
     let yaml = "identities: [{name: Agent}]";
     let kind = error_at(yaml, "identities[0].name");
     assert_eq!(kind, DocErrorKind::Name(crate::NameError::InvalidChar('A')));
-    error_at("identities: [{name: a, roles: [ok, -bad]}]", "identities[0].roles[1]");
-    error_at("services: [{name: 'a b', hosted: true}]", "services[0].name");
+    error_at(
+        "identities: [{name: a, roles: [ok, -bad]}]",
+        "identities[0].roles[1]",
+    );
+    error_at(
+        "services: [{name: 'a b', hosted: true}]",
+        "services[0].name",
+    );
     error_at(
         "services: [{name: s, roles: ['x/y'], hosted: true}]",
         "services[0].roles[0]",
@@ -144,11 +158,17 @@ fn invalid_host_ports() {
 #[test]
 fn hosting_needs_exactly_one_of_address_and_hosted() {
     let both = "services: [{name: s, address: 'a:1', hosted: true}]";
-    assert_eq!(error_at(both, "services[0]"), DocErrorKind::AddressAndHosted);
+    assert_eq!(
+        error_at(both, "services[0]"),
+        DocErrorKind::AddressAndHosted
+    );
     let neither = "services: [{name: s}]";
     assert_eq!(error_at(neither, "services[0]"), DocErrorKind::NoHosting);
     let hosted_false = "services: [{name: s, hosted: false}]";
-    assert_eq!(error_at(hosted_false, "services[0]"), DocErrorKind::NoHosting);
+    assert_eq!(
+        error_at(hosted_false, "services[0]"),
+        DocErrorKind::NoHosting
+    );
     let address_and_false = "services: [{name: s, address: 'a:1', hosted: false}]";
     assert!(parse_document(address_and_false).is_ok());
 }

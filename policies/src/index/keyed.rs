@@ -21,6 +21,8 @@ pub(crate) struct KeyedRows {
     /// Open addressing with linear probing. An entry is the hash's high 32 bits above the
     /// block's offset plus one; zero marks an empty entry.
     table: Vec<u64>,
+    /// The row of each entry, by position in the input.
+    rows: Vec<(u32, u32)>,
 }
 
 impl KeyedRows {
@@ -32,23 +34,30 @@ impl KeyedRows {
         let mut map = KeyedRows {
             words: Vec::new(),
             table: vec![0; capacity],
+            rows: Vec::with_capacity(entries.len()),
         };
         for (key, row) in entries {
             let h = hash(key.as_bytes());
             let mut at = h as usize & (capacity - 1);
-            while map.table[at] != 0 {
-                if map.block(map.table[at], h, key).is_some() {
-                    break;
+            let existing = loop {
+                match map.table[at] {
+                    0 => break None,
+                    entry => match map.block(entry, h, key) {
+                        Some(found) => break Some(found),
+                        None => at = (at + 1) & (capacity - 1),
+                    },
                 }
-                at = (at + 1) & (capacity - 1);
-            }
-            if map.table[at] == 0 {
+            };
+            let found = existing.unwrap_or_else(|| {
                 map.table[at] = (h & !0xffff_ffff) | u64::from(slot(map.words.len() + 1));
                 map.words.push(slot(key.len()));
                 map.words.extend(key_words(key.as_bytes()));
                 map.words.push(slot(row.len()));
+                let start = map.words.len();
                 map.words.extend(row);
-            }
+                start..map.words.len()
+            });
+            map.rows.push((slot(found.start), slot(found.end)));
         }
         map.words.shrink_to_fit();
         map
@@ -56,6 +65,22 @@ impl KeyedRows {
 
     /// The row of `key`, if the key is present.
     pub(crate) fn get(&self, key: &str) -> Option<&[u32]> {
+        self.find(key).map(|row| &self.words[row])
+    }
+
+    /// The row of the entry that came `i`-th in the input (the first one, for a repeated key).
+    pub(crate) fn at(&self, i: u32) -> &[u32] {
+        let (start, end) = self.rows[i as usize];
+        &self.words[start as usize..end as usize]
+    }
+
+    /// The row of `key` for changing in place, if the key is present.
+    pub(crate) fn get_mut(&mut self, key: &str) -> Option<&mut [u32]> {
+        self.find(key).map(|row| &mut self.words[row])
+    }
+
+    /// Where the row of `key` is in `words`.
+    fn find(&self, key: &str) -> Option<std::ops::Range<usize>> {
         let mask = self.table.len() - 1;
         let h = hash(key.as_bytes());
         let mut at = h as usize & mask;
@@ -71,26 +96,27 @@ impl KeyedRows {
         }
     }
 
-    /// The row of a non-empty table entry, if the entry holds `key` (whose hash is `h`).
-    fn block(&self, entry: u64, h: u64, key: &str) -> Option<&[u32]> {
+    /// Where the row of a non-empty table entry is, if the entry holds `key` (whose hash is
+    /// `h`).
+    fn block(&self, entry: u64, h: u64, key: &str) -> Option<std::ops::Range<usize>> {
         if entry >> 32 != h >> 32 {
             return None;
         }
         let start = (entry as u32 - 1) as usize;
         let block = &self.words[start..];
         let key_words = key.len().div_ceil(4);
-        if block[0] as usize != key.len() || !key_words_eq(&block[1..=key_words], key.as_bytes())
-        {
+        if block[0] as usize != key.len() || !key_words_eq(&block[1..=key_words], key.as_bytes()) {
             return None;
         }
-        let row_len = block[1 + key_words] as usize;
-        let row = 2 + key_words;
-        Some(&block[row..row + row_len])
+        let row = start + 2 + key_words;
+        Some(row..row + block[1 + key_words] as usize)
     }
 
     /// Heap bytes held, for capacity planning.
     pub(crate) fn heap_bytes(&self) -> usize {
-        self.words.capacity() * size_of::<u32>() + self.table.capacity() * size_of::<u64>()
+        self.words.capacity() * size_of::<u32>()
+            + self.table.capacity() * size_of::<u64>()
+            + self.rows.capacity() * size_of::<(u32, u32)>()
     }
 }
 
@@ -144,6 +170,7 @@ mod tests {
             let map = KeyedRows::new(list.iter().enumerate().map(|(i, k)| (*k, row(i))));
             for (i, k) in list.iter().enumerate() {
                 prop_assert_eq!(map.get(k).map(|r| r.to_vec()), Some(row(i)));
+                prop_assert_eq!(map.at(slot(i)).to_vec(), row(i));
             }
             for p in &probes {
                 let want = list.iter().position(|k| k == p).map(row);
@@ -159,6 +186,7 @@ mod tests {
         assert_eq!(map.get("b"), Some(&[][..]));
         assert_eq!(map.get("c"), None);
         assert_eq!(map.get(""), None);
+        assert_eq!(map.at(2), &[1]);
     }
 
     #[test]

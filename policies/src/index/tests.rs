@@ -39,10 +39,19 @@ fn sample() -> Index {
 #[test]
 fn dial_is_granted_by_the_first_policy_by_name() {
     let index = sample();
-    assert_eq!(index.can_dial(&id("id-ann"), "llm", NOW), permit("p-analysts-ai"));
+    assert_eq!(
+        index.can_dial(&id("id-ann"), "llm", NOW),
+        permit("p-analysts-ai")
+    );
     // bob is granted llm by two policies; the first by name wins.
-    assert_eq!(index.can_dial(&id("id-bob"), "llm", NOW), permit("a-ops-all"));
-    assert_eq!(index.can_dial(&id("id-bob"), "db", NOW), permit("a-ops-all"));
+    assert_eq!(
+        index.can_dial(&id("id-bob"), "llm", NOW),
+        permit("a-ops-all")
+    );
+    assert_eq!(
+        index.can_dial(&id("id-bob"), "db", NOW),
+        permit("a-ops-all")
+    );
     assert_eq!(index.can_dial(&id("id-cid"), "db", NOW), permit("cid-db"));
 }
 
@@ -73,7 +82,11 @@ fn inactive_identities_are_refused_revocation_first() {
         Index::build(&state([ann.clone()], [s()], [p()])).can_dial(&ann.id, "llm", now)
     };
     assert_eq!(check(&ann, Timestamp(NOW.0 - 1)), permit("p"));
-    assert_eq!(check(&ann, NOW), Err(Deny::IdentityExpired), "expiry is exclusive");
+    assert_eq!(
+        check(&ann, NOW),
+        Err(Deny::IdentityExpired),
+        "expiry is exclusive"
+    );
     ann.disabled = true;
     assert_eq!(check(&ann, Timestamp(0)), Err(Deny::IdentityDisabled));
     ann.revoked = true;
@@ -83,29 +96,53 @@ fn inactive_identities_are_refused_revocation_first() {
 #[test]
 fn dial_and_bind_are_separate_grants() {
     let index = sample();
-    assert_eq!(index.can_bind(&id("id-bob"), "notes", NOW), permit("bob-binds-notes"));
+    assert_eq!(
+        index.can_bind(&id("id-bob"), "notes", NOW),
+        permit("bob-binds-notes")
+    );
     assert_eq!(
         index.check(Bind, &id("id-bob"), "notes", NOW),
         permit("bob-binds-notes")
     );
     // bob may dial notes through a-ops-all, but ann may not bind what she dials.
-    assert_eq!(index.can_dial(&id("id-bob"), "notes", NOW), permit("a-ops-all"));
-    assert_eq!(index.can_bind(&id("id-ann"), "llm", NOW), Err(Deny::NotGranted));
+    assert_eq!(
+        index.can_dial(&id("id-bob"), "notes", NOW),
+        permit("a-ops-all")
+    );
+    assert_eq!(
+        index.can_bind(&id("id-ann"), "llm", NOW),
+        Err(Deny::NotGranted)
+    );
 }
 
 #[test]
 fn all_of_needs_every_selector() {
     let index = sample();
     // a-ops-all needs #ops and #analysts: bob has both, ann only one.
-    assert_eq!(index.can_dial(&id("id-ann"), "notes", NOW), Err(Deny::NotGranted));
+    assert_eq!(
+        index.can_dial(&id("id-ann"), "notes", NOW),
+        Err(Deny::NotGranted)
+    );
     let index = Index::build(&state(
         [agent("ann", &["x"]), agent("bob", &["x"])],
         [service("s", &["a", "b"]), service("t", &["a"])],
-        [policy("p", Dial, AllOf, &["@ann", "#x"], &["#a", "#b", "#all"])],
+        [policy(
+            "p",
+            Dial,
+            AllOf,
+            &["@ann", "#x"],
+            &["#a", "#b", "#all"],
+        )],
     ));
     assert_eq!(index.can_dial(&id("id-ann"), "s", NOW), permit("p"));
-    assert_eq!(index.can_dial(&id("id-ann"), "t", NOW), Err(Deny::NotGranted));
-    assert_eq!(index.can_dial(&id("id-bob"), "s", NOW), Err(Deny::NotGranted));
+    assert_eq!(
+        index.can_dial(&id("id-ann"), "t", NOW),
+        Err(Deny::NotGranted)
+    );
+    assert_eq!(
+        index.can_dial(&id("id-bob"), "s", NOW),
+        Err(Deny::NotGranted)
+    );
 }
 
 #[test]
@@ -119,7 +156,10 @@ fn empty_selector_lists_grant_nothing() {
                 policy("no-svcs", Dial, semantic, &["#all"], &[]),
             ],
         ));
-        assert_eq!(index.can_dial(&id("id-ann"), "s", NOW), Err(Deny::NotGranted));
+        assert_eq!(
+            index.can_dial(&id("id-ann"), "s", NOW),
+            Err(Deny::NotGranted)
+        );
     }
 }
 
@@ -128,10 +168,39 @@ fn repeated_selectors_are_harmless() {
     let index = Index::build(&state(
         [agent("ann", &["a"])],
         [service("s", &[])],
-        [policy("p", Dial, AnyOf, &["#a", "#a", "@ann"], &["@s", "@s"])],
+        [policy(
+            "p",
+            Dial,
+            AnyOf,
+            &["#a", "#a", "@ann"],
+            &["@s", "@s"],
+        )],
     ));
     assert_eq!(index.can_dial(&id("id-ann"), "s", NOW), permit("p"));
     assert_eq!(names(index.services_for(&id("id-ann"), Dial, NOW)), ["s"]);
+}
+
+#[test]
+fn long_and_short_lists_meet() {
+    // 300 policies reach every service; each identity is selected by one or by all of them,
+    // so lookups intersect a short list with a long one both ways round.
+    let policies = (0..300).map(|k| {
+        let role = format!("#team-{k}");
+        policy(&format!("p{k:03}"), Dial, AnyOf, &[&role], &["#all"])
+    });
+    let everyone = policy("q-all", Dial, AnyOf, &["#all"], &["@rare"]);
+    let index = Index::build(&state(
+        [agent("one", &["team-250"]), agent("many", &[])],
+        [service("common", &[]), service("rare", &[])],
+        policies.chain([everyone]),
+    ));
+    assert_eq!(index.can_dial(&id("id-one"), "common", NOW), permit("p250"));
+    assert_eq!(index.can_dial(&id("id-one"), "rare", NOW), permit("p250"));
+    assert_eq!(index.can_dial(&id("id-many"), "rare", NOW), permit("q-all"));
+    assert_eq!(
+        index.can_dial(&id("id-many"), "common", NOW),
+        Err(Deny::NotGranted)
+    );
 }
 
 #[test]
@@ -142,7 +211,10 @@ fn services_for_is_the_sorted_union() {
         ["db", "llm", "notes"]
     );
     assert_eq!(names(index.services_for(&id("id-ann"), Dial, NOW)), ["llm"]);
-    assert_eq!(names(index.services_for(&id("id-bob"), Bind, NOW)), ["notes"]);
+    assert_eq!(
+        names(index.services_for(&id("id-bob"), Bind, NOW)),
+        ["notes"]
+    );
     assert!(index.services_for(&id("id-ann"), Bind, NOW).is_empty());
 }
 
@@ -235,11 +307,20 @@ fn with_identity_revokes_without_recompiling() {
     bob.revoked = true;
     let revoked = index.with_identity(bob);
     assert!(Arc::ptr_eq(&index.compiled, &revoked.compiled));
-    assert_eq!(revoked.can_dial(&id("id-bob"), "llm", NOW), Err(Deny::IdentityRevoked));
+    assert_eq!(
+        revoked.can_dial(&id("id-bob"), "llm", NOW),
+        Err(Deny::IdentityRevoked)
+    );
     assert!(revoked.state().identities[&id("id-bob")].revoked);
     // The original index is a snapshot and is unchanged.
-    assert_eq!(index.can_dial(&id("id-bob"), "llm", NOW), permit("a-ops-all"));
-    assert_eq!(revoked.can_dial(&id("id-ann"), "llm", NOW), permit("p-analysts-ai"));
+    assert_eq!(
+        index.can_dial(&id("id-bob"), "llm", NOW),
+        permit("a-ops-all")
+    );
+    assert_eq!(
+        revoked.can_dial(&id("id-ann"), "llm", NOW),
+        permit("p-analysts-ai")
+    );
 }
 
 #[test]
@@ -248,9 +329,15 @@ fn with_identity_recompiles_when_roles_change_or_the_identity_is_new() {
     let cid = agent("cid", &["ai-users", "analysts"]);
     let changed = index.with_identity(cid);
     assert!(!Arc::ptr_eq(&index.compiled, &changed.compiled));
-    assert_eq!(changed.can_dial(&id("id-cid"), "llm", NOW), permit("p-analysts-ai"));
+    assert_eq!(
+        changed.can_dial(&id("id-cid"), "llm", NOW),
+        permit("p-analysts-ai")
+    );
     let added = index.with_identity(agent("dee", &["analysts"]));
-    assert_eq!(added.can_dial(&id("id-dee"), "llm", NOW), permit("p-analysts-ai"));
+    assert_eq!(
+        added.can_dial(&id("id-dee"), "llm", NOW),
+        permit("p-analysts-ai")
+    );
 }
 
 #[test]

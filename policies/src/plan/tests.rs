@@ -207,12 +207,19 @@ fn stale_or_unsafe_plans_are_refused_with_every_reason() {
         },
     ]);
     let errs = apply_plan(&current(), &plan, ids()).unwrap_err();
-    let kinds: Vec<(&str, &DocErrorKind)> = errs.iter().map(|e| (e.path.as_str(), &e.kind)).collect();
+    let kinds: Vec<(&str, &DocErrorKind)> =
+        errs.iter().map(|e| (e.path.as_str(), &e.kind)).collect();
     assert_eq!(
         kinds,
         [
-            ("changes[0]", &DocErrorKind::UnknownIdentityId(id("no-such"))),
-            ("changes[1]", &DocErrorKind::RouterName { name: n("edge-1") }),
+            (
+                "changes[0]",
+                &DocErrorKind::UnknownIdentityId(id("no-such"))
+            ),
+            (
+                "changes[1]",
+                &DocErrorKind::RouterName { name: n("edge-1") }
+            ),
             ("changes[2]", &DocErrorKind::RevokedName { name: n("gone") }),
             ("changes[3]", &DocErrorKind::UnknownService(n("nope"))),
             ("changes[4]", &DocErrorKind::UnknownPolicy(n("nope"))),

@@ -1,0 +1,83 @@
+//! The router's configuration: who it is, where it listens, and the bounds on what peers can
+//! make it hold.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use umbra_pki::IdentityFile;
+
+/// Bounds on everything a peer can make the router allocate or wait for.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Open streams at once per identity, over all its connections; more are refused with
+    /// `codes::LIMIT`.
+    pub streams_per_identity: usize,
+    /// Bidirectional streams a peer may open at once on one connection (QUIC flow control).
+    pub streams_per_connection: u32,
+    /// How long a new stream has to deliver its whole request frame.
+    pub request_timeout: Duration,
+    /// QUIC handshakes in progress at once; more incoming connections are refused.
+    pub handshakes_in_flight: usize,
+    /// How long a handshake may take.
+    pub handshake_timeout: Duration,
+    /// How long connecting to a router-hosted service may take (resolution included).
+    pub connect_timeout: Duration,
+    /// Per-stream receive window, bytes: near the bandwidth-delay product, not larger, so that a
+    /// bulk stream does not build a standing queue in front of interactive ones.
+    pub stream_window: u32,
+    /// Per-connection receive window, bytes.
+    pub connection_window: u32,
+    /// Idle connections are closed after this long (keep-alives keep live ones open).
+    pub idle_timeout: Duration,
+    /// How often an otherwise idle connection sends a keep-alive.
+    pub keep_alive: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            streams_per_identity: 1024,
+            streams_per_connection: 256,
+            request_timeout: Duration::from_secs(5),
+            handshakes_in_flight: 256,
+            handshake_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            stream_window: 2 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            idle_timeout: Duration::from_secs(30),
+            keep_alive: Duration::from_secs(10),
+        }
+    }
+}
+
+/// How to run a router.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// The router's own enrolled identity (kind `router`).
+    pub identity: IdentityFile,
+    /// The UDP address to listen on.
+    pub listen: SocketAddr,
+    /// The `host:port` clients should use; defaults to the bound address.
+    pub advertise: Option<String>,
+    /// The controller address, overriding the one in the identity file.
+    pub controller: Option<String>,
+    /// Without any message from the controller (heartbeats included) for this long, the router
+    /// stops serving its last policy and refuses everything until it hears from it again.
+    pub stale_after: Duration,
+    /// Bounds on peers.
+    pub limits: Limits,
+}
+
+impl RouterConfig {
+    /// A configuration with default limits and a 60 s staleness bound.
+    pub fn new(identity: IdentityFile, listen: SocketAddr) -> Self {
+        RouterConfig {
+            identity,
+            listen,
+            advertise: None,
+            controller: None,
+            stale_after: Duration::from_secs(60),
+            limits: Limits::default(),
+        }
+    }
+}

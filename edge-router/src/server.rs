@@ -1,0 +1,296 @@
+//! The QUIC side: the endpoint's configuration, the accept loop (bounded handshakes in flight)
+//! and one task per connection that admits the peer and keeps re-admitting it whenever the
+//! policy changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use quinn::crypto::rustls::QuicServerConfig;
+use quinn::{Connection, VarInt};
+use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use umbra_pki::PeerCert;
+use umbra_policies::IdentityId;
+use umbra_proto::stream::codes;
+
+use crate::config::Limits;
+use crate::error::RouterError;
+use crate::hosts::Hosts;
+use crate::policy::{now, PolicyRx};
+use crate::stats::{bump, Counters};
+
+/// State shared by every connection.
+pub(crate) struct Shared {
+    pub limits: Limits,
+    pub policy: PolicyRx,
+    handshakes: Arc<Semaphore>,
+    streams: Mutex<HashMap<IdentityId, usize>>,
+    pub hosts: Hosts,
+    pub stats: Counters,
+}
+
+/// A counted open stream of one identity; the count drops with it.
+pub(crate) struct StreamSlot {
+    shared: Arc<Shared>,
+    id: IdentityId,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut map = self
+            .shared
+            .streams
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Shared {
+    pub fn new(limits: Limits, policy: PolicyRx) -> Self {
+        Shared {
+            handshakes: Arc::new(Semaphore::new(limits.handshakes_in_flight)),
+            limits,
+            policy,
+            streams: Mutex::new(HashMap::new()),
+            hosts: Hosts::default(),
+            stats: Counters::default(),
+        }
+    }
+
+    /// Takes one of the identity's stream slots, or `None` at its limit.
+    pub fn stream_slot(self: &Arc<Self>, id: &IdentityId) -> Option<StreamSlot> {
+        let mut map = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let n = map.entry(id.clone()).or_insert(0);
+        if *n >= self.limits.streams_per_identity {
+            return None;
+        }
+        *n += 1;
+        Some(StreamSlot {
+            shared: Arc::clone(self),
+            id: id.clone(),
+        })
+    }
+}
+
+/// The quinn server configuration: our TLS, and transport limits that keep what one peer can
+/// make us buffer small.
+pub(crate) fn quinn_config(
+    tls: Arc<rustls::ServerConfig>,
+    limits: &Limits,
+) -> Result<quinn::ServerConfig, RouterError> {
+    let crypto = QuicServerConfig::try_from(tls)?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    let mut transport = quinn::TransportConfig::default();
+    transport
+        .max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(limits.stream_window))
+        .receive_window(VarInt::from_u32(limits.connection_window))
+        .send_window(u64::from(limits.connection_window))
+        .keep_alive_interval(Some(limits.keep_alive))
+        .datagram_receive_buffer_size(None)
+        .max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
+    cfg.transport_config(Arc::new(transport));
+    cfg.max_incoming(limits.handshakes_in_flight.max(1))
+        .migration(false);
+    Ok(cfg)
+}
+
+/// Accepts connections until cancelled; every connection task is owned here.
+pub(crate) async fn accept_loop(
+    endpoint: quinn::Endpoint,
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let mut conns = JoinSet::new();
+    loop {
+        let incoming = tokio::select! {
+            _ = cancel.cancelled() => break,
+            Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+        };
+        let Ok(permit) = Arc::clone(&shared.handshakes).try_acquire_owned() else {
+            tracing::warn!(remote = %incoming.remote_address(), "too many handshakes in flight: refused");
+            incoming.refuse();
+            continue;
+        };
+        let remote = incoming.remote_address();
+        let span = tracing::info_span!("conn", %remote, identity = tracing::field::Empty);
+        let (shared, cancel) = (Arc::clone(&shared), cancel.clone());
+        conns.spawn(
+            async move {
+                let conn = match handshake(incoming, &shared).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::info!(error = %e, "handshake failed");
+                        return;
+                    }
+                };
+                drop(permit);
+                serve(conn, shared, cancel).await;
+            }
+            .instrument(span),
+        );
+    }
+    while conns.join_next().await.is_some() {}
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Connection(#[from] quinn::ConnectionError),
+    #[error("timed out")]
+    Timeout,
+    #[error("no verified peer certificate")]
+    NoCert,
+    #[error("peer certificate: {0}")]
+    Cert(#[from] umbra_pki::PkiError),
+}
+
+async fn handshake(
+    incoming: quinn::Incoming,
+    shared: &Shared,
+) -> Result<(Connection, PeerCert), HandshakeError> {
+    let connecting = incoming.accept()?;
+    let conn = tokio::time::timeout(shared.limits.handshake_timeout, connecting)
+        .await
+        .map_err(|_| HandshakeError::Timeout)??;
+    let leaf = conn
+        .peer_identity()
+        .and_then(|any| {
+            any.downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+                .ok()
+        })
+        .and_then(|chain| chain.first().cloned());
+    let Some(leaf) = leaf else {
+        conn.close(VarInt::from_u32(codes::DENIED), b"");
+        return Err(HandshakeError::NoCert);
+    };
+    match umbra_pki::parse_peer_cert(&leaf) {
+        Ok(peer) => Ok((conn, peer)),
+        Err(e) => {
+            conn.close(VarInt::from_u32(codes::DENIED), b"");
+            Err(e.into())
+        }
+    }
+}
+
+/// Admits the peer, then serves its streams while re-admitting it on every policy change.
+async fn serve(
+    (conn, peer): (Connection, PeerCert),
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+) {
+    let span = tracing::Span::current();
+    span.record("identity", tracing::field::display(&peer.spiffe));
+    let mut policy = shared.policy.clone();
+    let admitted = {
+        let current = policy.borrow_and_update();
+        match current.as_ref() {
+            None => Err(None),
+            Some(p) => p
+                .admit(&peer, now())
+                .map(|i| (i.id.clone(), i.expires_at))
+                .map_err(Some),
+        }
+    };
+    let (id, mut deadline) = match admitted {
+        Ok((id, expires)) => (id, expiry(&peer, expires)),
+        Err(None) => {
+            tracing::warn!("no current policy: connection refused");
+            bump(&shared.stats.connections_refused);
+            conn.close(VarInt::from_u32(codes::SHUTDOWN), b"no policy");
+            return;
+        }
+        Err(Some(why)) => {
+            tracing::info!(decision = "deny", reason = %why, "connection refused");
+            bump(&shared.stats.connections_refused);
+            conn.close(VarInt::from_u32(codes::DENIED), b"");
+            return;
+        }
+    };
+    tracing::info!(decision = "allow", serial = %peer.serial, "connection admitted");
+    bump(&shared.stats.connections_admitted);
+    let ctx = Arc::new(crate::stream::ConnCtx {
+        id,
+        peer,
+        conn: conn.clone(),
+        shared: Arc::clone(&shared),
+    });
+    let mut streams = JoinSet::new();
+    let stream_cancel = cancel.child_token();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                conn.close(VarInt::from_u32(codes::SHUTDOWN), b"shutting down");
+                break;
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            // Certificates and identities can expire while connected: nothing else would end
+            // such a connection, since no delta announces the passing of time.
+            _ = tokio::time::sleep_until(deadline) => {
+                tracing::info!(decision = "terminate", "certificate or identity expired: connection closed");
+                conn.close(VarInt::from_u32(codes::DENIED), b"expired");
+                bump(&shared.stats.connections_terminated);
+                break;
+            }
+            changed = policy.changed() => {
+                let verdict = match (changed, policy.borrow_and_update().as_ref()) {
+                    (Err(_), _) => Err("router stopping"),
+                    (Ok(()), None) => Err("no current policy"),
+                    (Ok(()), Some(p)) => p.admit(&ctx.peer, now()).map(|i| i.expires_at).map_err(|_| "revoked"),
+                };
+                match verdict {
+                    Ok(expires) => deadline = expiry(&ctx.peer, expires),
+                    Err("revoked") => {
+                        tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
+                        conn.close(VarInt::from_u32(codes::REVOKED), b"revoked");
+                        bump(&shared.stats.connections_terminated);
+                        break;
+                    }
+                    Err(why) => {
+                        tracing::warn!(reason = why, "connection closed");
+                        conn.close(VarInt::from_u32(codes::SHUTDOWN), why.as_bytes());
+                        break;
+                    }
+                }
+            }
+            accepted = conn.accept_bi() => match accepted {
+                Ok((send, recv)) => {
+                    let span = tracing::info_span!("stream", id = %send.id(), service = tracing::field::Empty);
+                    streams.spawn(crate::stream::handle(Arc::clone(&ctx), send, recv, stream_cancel.clone()).instrument(span));
+                }
+                Err(e) => {
+                    tracing::debug!(reason = %e, "connection ended");
+                    break;
+                }
+            },
+        }
+    }
+    stream_cancel.cancel();
+    shared.hosts.remove_connection(conn.stable_id());
+    while streams.join_next().await.is_some() {}
+}
+
+/// When a connection stops being admissible on its own: the earlier of the certificate's and
+/// the identity's expiry.
+fn expiry(
+    peer: &PeerCert,
+    identity_expires: Option<umbra_policies::Timestamp>,
+) -> tokio::time::Instant {
+    let end = identity_expires.map_or(peer.not_after, |e| e.min(peer.not_after));
+    let left = end.0.saturating_sub(now().0);
+    // Far-future expiries are capped so the addition cannot overflow.
+    tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
+}

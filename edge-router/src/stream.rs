@@ -1,0 +1,376 @@
+//! One QUIC stream: read the request within a deadline, decide with the policy, then connect and
+//! splice while watching the policy, ending the stream with `codes::REVOKED` when it no longer
+//! allows it.
+
+use std::sync::Arc;
+
+use quinn::{Connection, RecvStream, SendStream, VarInt};
+use tokio_util::sync::CancellationToken;
+use umbra_pki::PeerCert;
+use umbra_policies::{Hosting, IdentityId, Name};
+use umbra_proto::stream::{
+    codes, decode_request_header, decode_response, encode_request, encode_response,
+    IncomingRequest, Op, ServiceRequest, Status, StreamFrameError,
+};
+
+use crate::hosts::Host;
+use crate::policy::{now, Policy, PolicyRx};
+use crate::server::Shared;
+use crate::splice;
+use crate::stats::bump;
+
+/// What every stream of a connection knows about it.
+pub(crate) struct ConnCtx {
+    pub id: IdentityId,
+    pub peer: PeerCert,
+    pub conn: Connection,
+    pub shared: Arc<Shared>,
+}
+
+/// Why a request frame was not accepted.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    #[error("{0}")]
+    Frame(#[from] StreamFrameError),
+    #[error("reading the request: {0}")]
+    Read(#[from] quinn::ReadExactError),
+    #[error("the request took too long")]
+    Timeout,
+}
+
+async fn read_request(recv: &mut RecvStream) -> Result<(Op, ServiceRequest), RequestError> {
+    let mut header = [0u8; 4];
+    recv.read_exact(&mut header).await?;
+    let (op, len) = decode_request_header(header)?;
+    let mut payload = vec![0u8; len];
+    recv.read_exact(&mut payload).await?;
+    let req = serde_json::from_slice(&payload).map_err(StreamFrameError::from)?;
+    Ok((op, req))
+}
+
+/// Answers with a refusal and ends the stream both ways.
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, code: u32) {
+    let reply = encode_response(status);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.write_all(&reply)).await;
+    let _ = send.finish();
+    let _ = recv.stop(VarInt::from_u32(code));
+}
+
+/// Handles one stream a client opened.
+pub(crate) async fn handle(
+    ctx: Arc<ConnCtx>,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    cancel: CancellationToken,
+) {
+    let Some(_slot) = ctx.shared.stream_slot(&ctx.id) else {
+        tracing::warn!(
+            limit = ctx.shared.limits.streams_per_identity,
+            "stream limit of the identity reached"
+        );
+        bump(&ctx.shared.stats.limited);
+        let _ = send.reset(VarInt::from_u32(codes::LIMIT));
+        let _ = recv.stop(VarInt::from_u32(codes::LIMIT));
+        return;
+    };
+    let req = tokio::time::timeout(ctx.shared.limits.request_timeout, read_request(&mut recv))
+        .await
+        .unwrap_or(Err(RequestError::Timeout));
+    let (op, service) = match req {
+        Ok((op, r)) => (op, r.service),
+        Err(e) => {
+            tracing::info!(error = %e, "bad request refused");
+            bump(&ctx.shared.stats.bad_requests);
+            refuse(&mut send, &mut recv, Status::BadRequest, codes::PROTOCOL).await;
+            return;
+        }
+    };
+    tracing::Span::current().record("service", service.as_str());
+    match op {
+        Op::Dial => dial(&ctx, send, recv, service, cancel).await,
+        Op::Bind => bind(&ctx, send, recv, service, cancel).await,
+        Op::Incoming => {
+            tracing::info!("a client may not send Incoming: refused");
+            bump(&ctx.shared.stats.bad_requests);
+            refuse(&mut send, &mut recv, Status::BadRequest, codes::PROTOCOL).await;
+        }
+    }
+}
+
+/// The current policy, marked seen so that the next change wakes the caller.
+fn current(rx: &mut PolicyRx) -> Option<Arc<Policy>> {
+    rx.borrow_and_update().clone()
+}
+
+async fn dial(
+    ctx: &ConnCtx,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    service: Name,
+    cancel: CancellationToken,
+) {
+    let mut rx = ctx.shared.policy.clone();
+    let Some(policy) = current(&mut rx) else {
+        refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
+        return;
+    };
+    let permit = match policy.index.can_dial(&ctx.id, service.as_str(), now()) {
+        Ok(p) => p,
+        Err(why) => {
+            // The same answer whether the service exists or not.
+            tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
+            bump(&ctx.shared.stats.streams_denied);
+            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+            return;
+        }
+    };
+    tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
+    bump(&ctx.shared.stats.streams_allowed);
+    let svc = policy.replica.state.services.get(&service);
+    let proxy_protocol = svc.is_some_and(|s| s.proxy_protocol);
+    let hosting = svc.map(|s| s.hosting.clone());
+    drop(policy);
+    let (moved, revoked) = match hosting {
+        Some(Hosting::Address(target)) => {
+            let connect = crate::egress::connect(&target, ctx.shared.limits.connect_timeout);
+            let connected = tokio::select! {
+                _ = cancel.cancelled() => return,
+                c = connect => c,
+            };
+            let (tcp, addr) = match connected {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(%target, error = %e, "service unreachable");
+                    refuse(
+                        &mut send,
+                        &mut recv,
+                        Status::Unavailable,
+                        codes::UNAVAILABLE,
+                    )
+                    .await;
+                    return;
+                }
+            };
+            tracing::debug!(%addr, "connected to service");
+            let mut tcp = tcp;
+            if proxy_protocol {
+                let id = ctx.peer.spiffe.to_string();
+                let header =
+                    crate::proxy::header(ctx.conn.remote_address(), addr, &id, ctx.id.as_str());
+                if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await {
+                    tracing::warn!(error = %e, "service closed before the PROXY header");
+                    refuse(
+                        &mut send,
+                        &mut recv,
+                        Status::Unavailable,
+                        codes::UNAVAILABLE,
+                    )
+                    .await;
+                    return;
+                }
+            }
+            if send.write_all(&encode_response(Status::Ok)).await.is_err() {
+                return;
+            }
+            let (r, w) = tcp.into_split();
+            let caller = |p: &Policy| p.index.can_dial(&ctx.id, service.as_str(), now()).is_ok();
+            watched(&mut send, &mut recv, r, w, caller, &mut rx, &cancel).await
+        }
+        Some(Hosting::Sdk) => {
+            let Some((host, hsend, hrecv)) = to_host(ctx, &service).await else {
+                refuse(
+                    &mut send,
+                    &mut recv,
+                    Status::Unavailable,
+                    codes::UNAVAILABLE,
+                )
+                .await;
+                return;
+            };
+            if send.write_all(&encode_response(Status::Ok)).await.is_err() {
+                return;
+            }
+            let mut hsend = hsend;
+            // Both ends must keep their grants: the caller Dial, the host Bind.
+            let both = |p: &Policy| {
+                let t = now();
+                p.index.can_dial(&ctx.id, service.as_str(), t).is_ok()
+                    && p.index.can_bind(&host, service.as_str(), t).is_ok()
+            };
+            let out = watched(
+                &mut send, &mut recv, hrecv, &mut hsend, both, &mut rx, &cancel,
+            )
+            .await;
+            if out.1 {
+                let _ = hsend.reset(VarInt::from_u32(codes::REVOKED));
+            }
+            out
+        }
+        None => {
+            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+            return;
+        }
+    };
+    if revoked {
+        tracing::info!(decision = "terminate", "grant revoked: stream closed");
+        bump(&ctx.shared.stats.streams_terminated);
+        let _ = send.reset(VarInt::from_u32(codes::REVOKED));
+        let _ = recv.stop(VarInt::from_u32(codes::REVOKED));
+    } else {
+        match moved {
+            Some((up, down)) => tracing::debug!(up, down, "stream done"),
+            None => {
+                let _ = send.reset(VarInt::from_u32(codes::UNAVAILABLE));
+                let _ = recv.stop(VarInt::from_u32(codes::UNAVAILABLE));
+            }
+        }
+    }
+}
+
+/// Splices while re-checking `allowed` on every policy change. Returns the bytes moved (`None`
+/// if the splice failed or was cut) and whether access was revoked.
+async fn watched<R, W>(
+    send: &mut SendStream,
+    recv: &mut RecvStream,
+    from_service: R,
+    to_service: W,
+    allowed: impl Fn(&Policy) -> bool,
+    rx: &mut PolicyRx,
+    cancel: &CancellationToken,
+) -> (Option<splice::Moved>, bool)
+where
+    R: tokio::io::AsyncRead + Unpin,
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    let splice = splice::run(send, recv, from_service, to_service);
+    tokio::pin!(splice);
+    loop {
+        tokio::select! {
+            r = &mut splice => {
+                return match r {
+                    Ok(m) => (Some(m), false),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "stream ended");
+                        (None, false)
+                    }
+                };
+            }
+            _ = cancel.cancelled() => return (None, false),
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return (None, false);
+                }
+                let still = current(rx).is_some_and(|p| allowed(&p));
+                if !still {
+                    return (None, true);
+                }
+            }
+        }
+    }
+}
+
+/// How long a router waits for an SDK host to take a caller.
+const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens a stream to a registered host of `service` that may still bind it and that accepts
+/// the caller; tries each host once.
+async fn to_host(ctx: &ConnCtx, service: &Name) -> Option<(IdentityId, SendStream, RecvStream)> {
+    let policy = ctx.shared.policy.borrow().clone()?;
+    let t = now();
+    let hosts: Vec<Host> = ctx.shared.hosts.candidates(service, |id| {
+        policy.index.can_bind(id, service.as_str(), t).is_ok()
+    });
+    let req = IncomingRequest {
+        service: service.clone(),
+        caller_id: ctx.id.clone(),
+        caller_name: ctx.peer.spiffe.name().clone(),
+        caller_spiffe: ctx.peer.spiffe.to_string(),
+    };
+    let frame = encode_request(Op::Incoming, &req).ok()?;
+    for host in hosts {
+        let attempt = async {
+            let (mut s, mut r) = host.conn.open_bi().await.ok()?;
+            s.write_all(&frame).await.ok()?;
+            let mut resp = [0u8; 2];
+            r.read_exact(&mut resp).await.ok()?;
+            match decode_response(resp) {
+                Ok(Status::Ok) => Some((s, r)),
+                _ => None,
+            }
+        };
+        match tokio::time::timeout(HOST_TIMEOUT, attempt).await {
+            Ok(Some(pair)) => {
+                tracing::debug!(host = %host.id, "handed to SDK host");
+                return Some((host.id, pair.0, pair.1));
+            }
+            _ => tracing::info!(host = %host.id, "SDK host did not take the caller"),
+        }
+    }
+    None
+}
+
+/// Registers the connection as a host of `service` for as long as the bind stream stays open
+/// and the grant holds.
+async fn bind(
+    ctx: &ConnCtx,
+    mut send: SendStream,
+    mut recv: RecvStream,
+    service: Name,
+    cancel: CancellationToken,
+) {
+    let mut rx = ctx.shared.policy.clone();
+    let verdict = current(&mut rx).map(|p| p.index.can_bind(&ctx.id, service.as_str(), now()));
+    match verdict {
+        None => {
+            refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
+            return;
+        }
+        Some(Err(why)) => {
+            tracing::info!(decision = "deny", action = "bind", reason = %why, "bind refused");
+            bump(&ctx.shared.stats.streams_denied);
+            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+            return;
+        }
+        Some(Ok(permit)) => {
+            tracing::info!(decision = "allow", action = "bind", policy = %permit.policy, "host registered");
+            bump(&ctx.shared.stats.streams_allowed);
+        }
+    }
+    let host = Host {
+        id: ctx.id.clone(),
+        conn: ctx.conn.clone(),
+    };
+    if !ctx.shared.hosts.add(service.clone(), host) {
+        refuse(&mut send, &mut recv, Status::Unavailable, codes::LIMIT).await;
+        return;
+    }
+    if send.write_all(&encode_response(Status::Ok)).await.is_ok() {
+        let mut sink = [0u8; 64];
+        let revoked = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break false,
+                // The host ends its binding by finishing or resetting the stream; anything it
+                // sends is ignored.
+                r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break false },
+                changed = rx.changed() => {
+                    if changed.is_err() { break false; }
+                    let still = current(&mut rx).is_some_and(|p| p.index.can_bind(&ctx.id, service.as_str(), now()).is_ok());
+                    if !still { break true; }
+                }
+            }
+        };
+        if revoked {
+            tracing::info!(
+                decision = "terminate",
+                action = "bind",
+                "bind grant revoked"
+            );
+            bump(&ctx.shared.stats.streams_terminated);
+            let _ = send.reset(VarInt::from_u32(codes::REVOKED));
+            let _ = recv.stop(VarInt::from_u32(codes::REVOKED));
+        } else {
+            let _ = send.finish();
+        }
+    }
+    ctx.shared.hosts.remove(&service, ctx.conn.stable_id());
+}

@@ -1,0 +1,117 @@
+//! The tunneler against the real controller and router: listeners exist exactly for the
+//! services the identity may dial, follow grants live, and carry bytes end to end.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use umbra_policies::Action;
+use umbra_tests::dataplane::*;
+use umbra_tests::*;
+use umbra_tunneler::{Mapping, Tunneler, TunnelerConfig};
+
+async fn wait_for(t: &Tunneler, what: &str, pred: impl Fn(&[Mapping]) -> bool) -> Vec<Mapping> {
+    let mut rx = t.mappings();
+    let r = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let now = rx.borrow_and_update().clone();
+            if pred(&now) {
+                return now;
+            }
+            if rx.changed().await.is_err() {
+                return now;
+            }
+        }
+    })
+    .await;
+    r.unwrap_or_else(|_| panic!("timed out waiting for {what}: {:?}", t.mappings().borrow()))
+}
+
+fn listen_of(m: &[Mapping], svc: &str) -> Option<SocketAddr> {
+    m.iter()
+        .find(|m| m.service.as_str() == svc)
+        .map(|m| m.listen)
+}
+
+async fn echo_once(addr: SocketAddr, msg: &[u8]) -> std::io::Result<Vec<u8>> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(msg).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listeners_follow_grants_and_carry_bytes() {
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    service(&t, "secret", echo.hosting()).await; // exists, never granted
+
+    let ctx = umbra_sdk::Context::with_controller(a, Some(&t.addr())).unwrap();
+    let cfg = TunnelerConfig {
+        controller: Some(t.addr()),
+        name_base: "127.91.0.1".parse().unwrap(),
+        ..Default::default()
+    };
+    let tun = Tunneler::start(ctx, cfg).await.unwrap();
+
+    let m = wait_for(&tun, "the echo listener", |m| {
+        listen_of(m, "echo").is_some()
+    })
+    .await;
+    assert_eq!(m.len(), 1, "only the granted service has a listener: {m:?}");
+    let addr = listen_of(&m, "echo").unwrap();
+    assert!(addr.ip().is_loopback());
+    assert_eq!(addr.port(), 443, "the intercept keeps its real port");
+    assert_eq!(
+        echo_once(addr, b"hello through the overlay").await.unwrap(),
+        b"hello through the overlay"
+    );
+
+    // A new grant adds a listener live; revoking it removes the listener.
+    grant(&t, "agent-1-secret", Action::Dial, "agent-1", "secret").await;
+    let m = wait_for(&tun, "the secret listener", |m| {
+        listen_of(m, "secret").is_some()
+    })
+    .await;
+    let secret = listen_of(&m, "secret").unwrap();
+    assert_ne!(secret, addr);
+    assert_eq!(echo_once(secret, b"x").await.unwrap(), b"x");
+    revoke_policy(&t, "agent-1-secret").await;
+    wait_for(&tun, "the secret listener to go", |m| {
+        listen_of(m, "secret").is_none()
+    })
+    .await;
+    assert!(
+        TcpStream::connect(secret).await.is_err(),
+        "a revoked service has nothing listening"
+    );
+
+    // A live connection is cut when the identity is revoked, and every listener goes.
+    let mut live = TcpStream::connect(addr).await.unwrap();
+    live.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).await.unwrap();
+    revoke_identity(&t, "agent-1").await;
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut b = [0u8; 16];
+        loop {
+            match live.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        cut.is_ok(),
+        "the live connection must be closed after a revocation"
+    );
+    wait_for(&tun, "every listener to go", |m| m.is_empty()).await;
+    tun.shutdown().await;
+}

@@ -1,0 +1,257 @@
+//! The running tunneler: follow the view, reconcile listeners, carry connections.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+use tokio_util::sync::CancellationToken;
+use umbra_proto::api::EdgeView;
+use umbra_proto::FrameDecoder;
+use umbra_sdk::{Context, ControllerClient, SdkError};
+
+use crate::addresses::AddressBook;
+use crate::plan::{desired, Mapping};
+
+/// How the tunneler runs.
+#[derive(Debug, Clone)]
+pub struct TunnelerConfig {
+    /// Controller address, if not the identity file's.
+    pub controller: Option<String>,
+    /// Keep this file updated with `/etc/hosts` lines for the names it serves.
+    pub hosts_file: Option<PathBuf>,
+    /// Connections carried at once, over all listeners; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// First loopback address for intercept names.
+    pub name_base: std::net::Ipv4Addr,
+}
+
+impl Default for TunnelerConfig {
+    fn default() -> Self {
+        TunnelerConfig {
+            controller: None,
+            hosts_file: None,
+            max_connections: 4096,
+            name_base: crate::addresses::NAME_BASE,
+        }
+    }
+}
+
+/// Why the tunneler could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TunnelError {
+    /// Talking to the controller failed at start-up.
+    #[error(transparent)]
+    Sdk(#[from] SdkError),
+}
+
+/// A running tunneler.
+#[derive(Debug)]
+pub struct Tunneler {
+    mappings: watch::Receiver<Vec<Mapping>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Tunneler {
+    /// Starts following the identity's view and serving its services.
+    pub async fn start(ctx: Context, cfg: TunnelerConfig) -> Result<Tunneler, TunnelError> {
+        let client = ControllerClient::for_identity(ctx.identity(), cfg.controller.as_deref())?;
+        let (tx, mappings) = watch::channel(Vec::new());
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        let task = tokio::spawn(async move {
+            let mut state = Listeners {
+                ctx,
+                book: AddressBook::with_base(cfg.name_base),
+                active: BTreeMap::new(),
+                limit: std::sync::Arc::new(Semaphore::new(cfg.max_connections)),
+                tx,
+                hosts_file: cfg.hosts_file,
+            };
+            tokio::select! {
+                _ = follow(client, &mut state) => {}
+                _ = token.cancelled() => {}
+            }
+            state.clear();
+        });
+        Ok(Tunneler {
+            mappings,
+            shutdown,
+            task,
+        })
+    }
+
+    /// The current listeners; changes as grants change.
+    pub fn mappings(&self) -> watch::Receiver<Vec<Mapping>> {
+        self.mappings.clone()
+    }
+
+    /// Closes every listener and carried connection.
+    pub async fn shutdown(self) {
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+struct Listeners {
+    ctx: Context,
+    book: AddressBook,
+    active: BTreeMap<SocketAddr, (Mapping, CancellationToken)>,
+    limit: std::sync::Arc<Semaphore>,
+    tx: watch::Sender<Vec<Mapping>>,
+    hosts_file: Option<PathBuf>,
+}
+
+impl Listeners {
+    /// Makes the listeners match a view.
+    async fn reconcile(&mut self, view: &EdgeView) {
+        let (want, errors) = desired(view, &mut self.book);
+        for e in errors {
+            tracing::warn!(error = %e, "intercept not served");
+        }
+        let stale: Vec<SocketAddr> = self
+            .active
+            .iter()
+            .filter(|(addr, (m, _))| want.get(addr) != Some(m))
+            .map(|(addr, _)| *addr)
+            .collect();
+        for addr in stale {
+            if let Some((m, token)) = self.active.remove(&addr) {
+                token.cancel();
+                tracing::info!(service = %m.service, listen = %m.listen, "listener removed");
+            }
+        }
+        for (addr, m) in want {
+            if self.active.contains_key(&addr) {
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    let token = CancellationToken::new();
+                    tracing::info!(service = %m.service, intercept = %m.intercept, listen = %m.listen, "listening");
+                    tokio::spawn(accept_loop(
+                        listener,
+                        m.clone(),
+                        self.ctx.clone(),
+                        self.limit.clone(),
+                        token.clone(),
+                    ));
+                    self.active.insert(addr, (m, token));
+                }
+                Err(e) => {
+                    tracing::warn!(service = %m.service, listen = %addr, error = %e, "cannot listen")
+                }
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&self) {
+        let list: Vec<Mapping> = self.active.values().map(|(m, _)| m.clone()).collect();
+        if let Some(path) = &self.hosts_file {
+            if let Err(e) = std::fs::write(path, self.book.hosts_snippet()) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot write the hosts snippet");
+            }
+        }
+        self.tx.send_replace(list);
+    }
+
+    /// Removes every listener: access is gone or the tunneler is stopping.
+    fn clear(&mut self) {
+        for (_, (_, token)) in std::mem::take(&mut self.active) {
+            token.cancel();
+        }
+        self.publish();
+    }
+}
+
+/// Follows `/v1/edge/watch` for as long as the tunneler runs, reconnecting with backoff.
+async fn follow(client: ControllerClient, state: &mut Listeners) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match watch_once(&client, state).await {
+            // The controller refused our certificate: revoked or disabled. Nothing may stay.
+            Err(e @ SdkError::Handshake { .. }) | Err(e @ SdkError::Api { status: 403, .. }) => {
+                tracing::warn!(error = %e, "the controller refused this identity; closing every listener");
+                state.clear();
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lost the controller; keeping listeners, the router still authorizes")
+            }
+            Ok(()) => {
+                tracing::info!("the controller ended the view stream");
+                backoff = Duration::from_millis(100);
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn watch_once(client: &ControllerClient, state: &mut Listeners) -> Result<(), SdkError> {
+    let mut stream = client.stream("/v1/edge/watch").await?;
+    let mut decoder = FrameDecoder::new(16 * 1024 * 1024);
+    loop {
+        while let Some(view) = decoder
+            .next::<EdgeView>()
+            .map_err(|e| SdkError::Protocol(e.to_string()))?
+        {
+            state.reconcile(&view).await;
+        }
+        match stream.chunk().await? {
+            Some(bytes) => decoder.push(&bytes),
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    m: Mapping,
+    ctx: Context,
+    limit: std::sync::Arc<Semaphore>,
+    token: CancellationToken,
+) {
+    loop {
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = token.cancelled() => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = token.cancelled() => return,
+        };
+        let (ctx, service, token) = (ctx.clone(), m.service.clone(), token.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            tokio::select! {
+                r = carry(tcp, &ctx, service.as_str()) => {
+                    if let Err(e) = r {
+                        tracing::info!(%service, %peer, error = %e, "connection ended");
+                    }
+                }
+                _ = token.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// Carries one TCP connection as one overlay stream, both directions, with half-close.
+async fn carry(mut tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
+    let _ = tcp.set_nodelay(true);
+    let mut stream = ctx.dial(service).await?;
+    tokio::io::copy_bidirectional(&mut tcp, &mut stream)
+        .await
+        .map_err(SdkError::from_io)?;
+    Ok(())
+}
