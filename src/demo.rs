@@ -20,7 +20,9 @@ fn ok(text: impl std::fmt::Display) {
     println!("    ok: {text}");
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> anyhow::Result<T> + Send + 'static) -> anyhow::Result<T> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> anyhow::Result<T> {
     tokio::task::spawn_blocking(f).await?
 }
 
@@ -44,14 +46,20 @@ pub async fn run() -> anyhow::Result<()> {
     let scratch = tempfile::tempdir()?;
     let dir = scratch.path().join("controller");
 
-    step(1, "initialize a controller: root and intermediate CA, token key, store, admin");
+    step(
+        1,
+        "initialize a controller: root and intermediate CA, token key, store, admin",
+    );
     let cfg = ControllerConfig::new(&dir);
     let td: umbra_pki::TrustDomain = "demo.umbra".parse()?;
     let c = cfg.clone();
     blocking(move || Ok(umbra_controller::init(&c, &td, "127.0.0.1:1")?)).await?;
     let ctrl = Arc::new(blocking(move || Ok(Controller::open(cfg)?)).await?);
     let server = Server::start(ctrl.clone(), "127.0.0.1:0".parse()?, None).await?;
-    ok(format!("controller on {} (trust domain demo.umbra)", server.local_addr()));
+    ok(format!(
+        "controller on {} (trust domain demo.umbra)",
+        server.local_addr()
+    ));
     let admin = Actor::controller();
 
     step(2, "enroll an edge router and start it (QUIC, mutual TLS)");
@@ -59,11 +67,23 @@ pub async fn run() -> anyhow::Result<()> {
     let a = admin.clone();
     let tok = blocking(move || Ok(c.create_router(&a, Name::new("router-1")?, None)?)).await?;
     let router_id = umbra_sdk::enroll(&tok.token, None).await?;
-    let router = umbra_edge_router::Router::start(umbra_edge_router::RouterConfig::new(router_id, "127.0.0.1:0".parse()?)).await?;
-    tokio::time::timeout(Duration::from_secs(10), router.ready()).await.context("the router did not synchronize")?;
-    ok(format!("router on {} (udp), following the controller's policy", router.local_addr()));
+    let router = umbra_edge_router::Router::start(umbra_edge_router::RouterConfig::new(
+        router_id,
+        "127.0.0.1:0".parse()?,
+    ))
+    .await?;
+    tokio::time::timeout(Duration::from_secs(10), router.ready())
+        .await
+        .context("the router did not synchronize")?;
+    ok(format!(
+        "router on {} (udp), following the controller's policy",
+        router.local_addr()
+    ));
 
-    step(3, "start an echo service and register it twice: `echo` and `vault`");
+    step(
+        3,
+        "start an echo service and register it twice: `echo` and `vault`",
+    );
     let echo = echo_server().await?;
     for name in ["echo", "vault"] {
         let svc = Service {
@@ -76,28 +96,47 @@ pub async fn run() -> anyhow::Result<()> {
         let (c, a) = (ctrl.clone(), admin.clone());
         blocking(move || Ok(c.create_service(&a, svc)?)).await?;
     }
-    ok(format!("both point at {echo}; nothing can reach either yet"));
+    ok(format!(
+        "both point at {echo}; nothing can reach either yet"
+    ));
 
-    step(4, "create agent-1 and enroll it: the key is made here, only a CSR is sent");
+    step(
+        4,
+        "create agent-1 and enroll it: the key is made here, only a CSR is sent",
+    );
     let (c, a) = (ctrl.clone(), admin.clone());
     let tok = blocking(move || {
-        Ok(c.create_identity(&a, CreateIdentityRequest { name: Name::new("agent-1")?, kind: IdentityKind::Agent, roles: vec![], token_ttl_secs: None })?)
+        Ok(c.create_identity(
+            &a,
+            CreateIdentityRequest {
+                name: Name::new("agent-1")?,
+                kind: IdentityKind::Agent,
+                roles: vec![],
+                token_ttl_secs: None,
+            },
+        )?)
     })
     .await?;
     let agent = umbra_sdk::enroll(&tok.token, None).await?;
     ok(format!("agent-1 is {}", agent.spiffe()));
     let ctx = Context::new(agent)?;
 
-    step(5, "grant agent-1 dial on echo, and dial it through the router");
+    step(
+        5,
+        "grant agent-1 dial on echo, and dial it through the router",
+    );
     let (c, a) = (ctrl.clone(), admin.clone());
     let policy = blocking(move || {
-        Ok(c.grant(&a, GrantRequest {
-            name: None,
-            action: Action::Dial,
-            identities: vec!["@agent-1".parse::<Selector>()?],
-            services: vec!["@echo".parse::<Selector>()?],
-            semantic: Semantic::AnyOf,
-        })?)
+        Ok(c.grant(
+            &a,
+            GrantRequest {
+                name: None,
+                action: Action::Dial,
+                identities: vec!["@agent-1".parse::<Selector>()?],
+                services: vec!["@echo".parse::<Selector>()?],
+                semantic: Semantic::AnyOf,
+            },
+        )?)
     })
     .await?;
     let mut stream = dial_when_ready(&ctx, "echo").await?;
@@ -107,11 +146,28 @@ pub async fn run() -> anyhow::Result<()> {
     if &buf != b"hello, overlay" {
         bail!("the echo came back wrong");
     }
-    ok(format!("policy {} grants it; the service echoed {:?}", policy.name, String::from_utf8_lossy(&buf)));
+    ok(format!(
+        "policy {} grants it; the service echoed {:?}",
+        policy.name,
+        String::from_utf8_lossy(&buf)
+    ));
 
-    step(6, "dial vault (exists, not granted) and nosuch (does not exist)");
-    let vault = ctx.dial("vault").await.err().map(|e| e.to_string()).unwrap_or_default();
-    let nosuch = ctx.dial("nosuch").await.err().map(|e| e.to_string()).unwrap_or_default();
+    step(
+        6,
+        "dial vault (exists, not granted) and nosuch (does not exist)",
+    );
+    let vault = ctx
+        .dial("vault")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    let nosuch = ctx
+        .dial("nosuch")
+        .await
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
     if vault.is_empty() || vault.replace("vault", "X") != nosuch.replace("nosuch", "X") {
         bail!("expected the same refusal for both, got {vault:?} and {nosuch:?}");
     }
@@ -136,7 +192,10 @@ pub async fn run() -> anyhow::Result<()> {
     })
     .await
     .context("the live connection was not cut")?;
-    ok(format!("the live connection ended {:.1} ms after the revoke was committed: {outcome}", started.elapsed().as_secs_f64() * 1e3));
+    ok(format!(
+        "the live connection ended {:.1} ms after the revoke was committed: {outcome}",
+        started.elapsed().as_secs_f64() * 1e3
+    ));
     match ctx.dial("echo").await {
         Ok(_) => bail!("a revoked identity could still dial"),
         Err(e) => ok(format!("a new dial is refused: {e}")),

@@ -116,6 +116,18 @@ impl Inner {
     }
 }
 
+/// What a new control-channel follower gets: the messages to send first, the sequence number
+/// they bring it to, and the live deltas (skip those at or below `seq`).
+#[derive(Debug)]
+pub struct Subscription {
+    /// `Hello`, then a snapshot or the deltas since the follower's position.
+    pub initial: Vec<ControlMessage>,
+    /// The sequence number the initial messages reach.
+    pub seq: u64,
+    /// Every delta committed after subscribing.
+    pub deltas: broadcast::Receiver<Arc<Delta>>,
+}
+
 /// The controller.
 pub struct Controller {
     cfg: ControllerConfig,
@@ -163,7 +175,7 @@ pub fn init(
     let store = Store::open(&dir.join(files::DB))?;
     let mut epoch = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut epoch);
-    store.set_meta("trust_domain", &trust_domain.to_string())?;
+    store.set_meta("trust_domain", trust_domain.as_str())?;
     store.set_meta("epoch", &hex::encode(epoch))?;
     store.set_meta("address", address)?;
     drop(store);
@@ -1180,10 +1192,7 @@ impl Controller {
     /// What a follower at `since` (epoch, seq) needs first, and a receiver for what follows.
     /// The receiver is subscribed before the state is read, so no delta falls in between;
     /// the caller skips received deltas at or below the returned sequence number.
-    pub fn subscribe(
-        &self,
-        since: Option<(&str, u64)>,
-    ) -> Result<(Vec<ControlMessage>, u64, broadcast::Receiver<Arc<Delta>>), ControllerError> {
+    pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<Subscription, ControllerError> {
         let rx = self.deltas.subscribe();
         let inner = self.lock();
         let epoch = inner.replica.epoch.clone();
@@ -1207,7 +1216,11 @@ impl Controller {
                 out.push(ControlMessage::Snapshot(Box::new(replica.to_snapshot())));
             }
         }
-        Ok((out, inner.replica.seq, rx))
+        Ok(Subscription {
+            initial: out,
+            seq: inner.replica.seq,
+            deltas: rx,
+        })
     }
 
     /// Records where a router is reached.

@@ -113,3 +113,119 @@ impl RevocationCheck for LiveRevocations {
 pub fn now() -> Timestamp {
     umbra_pki::unix_timestamp(std::time::SystemTime::now())
 }
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use umbra_pki::{SpiffeId, TrustDomain};
+    use umbra_policies::Name;
+    use umbra_proto::RevokedCert;
+
+    fn identity(name: &str, kind: IdentityKind) -> Identity {
+        Identity {
+            id: IdentityId::new(format!("id-{name}")).unwrap(),
+            name: Name::new(name).unwrap(),
+            kind,
+            roles: Default::default(),
+            disabled: false,
+            revoked: false,
+            expires_at: None,
+        }
+    }
+
+    fn peer(name: &str, kind: IdentityKind, serial: u8) -> PeerCert {
+        let td = TrustDomain::new("test.umbra").unwrap();
+        PeerCert {
+            spiffe: SpiffeId::new(&td, kind, &Name::new(name).unwrap()),
+            serial: Serial::from_bytes(&[serial]),
+            not_before: Timestamp(0),
+            not_after: Timestamp(1000),
+        }
+    }
+
+    fn policy() -> Policy {
+        let mut replica = Replica::default();
+        let mut disabled = identity("off", IdentityKind::Agent);
+        disabled.disabled = true;
+        let mut expiring = identity("old", IdentityKind::Agent);
+        expiring.expires_at = Some(Timestamp(50));
+        for i in [
+            identity("a", IdentityKind::Agent),
+            identity("r", IdentityKind::Router),
+            disabled,
+            expiring,
+        ] {
+            replica.state.identities.insert(i.id.clone(), i);
+        }
+        let serial = Serial::from_bytes(&[9]).as_str().to_owned();
+        replica.revoked.insert(
+            serial.clone(),
+            RevokedCert {
+                serial,
+                identity: IdentityId::new("id-a").unwrap(),
+                not_after: Timestamp(1000),
+            },
+        );
+        Policy::build(replica)
+    }
+
+    #[test]
+    fn admits_only_active_agents_with_unrevoked_certificates() {
+        let p = policy();
+        let now = Timestamp(10);
+        assert_eq!(
+            p.admit(&peer("a", IdentityKind::Agent, 1), now)
+                .unwrap()
+                .name
+                .as_str(),
+            "a"
+        );
+        assert_eq!(
+            p.admit(&peer("a", IdentityKind::Agent, 9), now)
+                .unwrap_err(),
+            Refusal::CertRevoked
+        );
+        assert_eq!(
+            p.admit(&peer("ghost", IdentityKind::Agent, 1), now)
+                .unwrap_err(),
+            Refusal::Unknown
+        );
+        // A certificate of another kind with the same name is not that identity.
+        assert_eq!(
+            p.admit(&peer("a", IdentityKind::Admin, 1), now)
+                .unwrap_err(),
+            Refusal::Unknown
+        );
+        assert_eq!(
+            p.admit(&peer("r", IdentityKind::Router, 1), now)
+                .unwrap_err(),
+            Refusal::WrongKind
+        );
+        assert_eq!(
+            p.admit(&peer("off", IdentityKind::Agent, 1), now)
+                .unwrap_err(),
+            Refusal::Inactive
+        );
+        assert!(p.admit(&peer("old", IdentityKind::Agent, 1), now).is_ok());
+        assert_eq!(
+            p.admit(&peer("old", IdentityKind::Agent, 1), Timestamp(50))
+                .unwrap_err(),
+            Refusal::Inactive
+        );
+    }
+
+    #[test]
+    fn the_handshake_check_reads_the_live_policy() {
+        let (tx, rx) = watch::channel(None);
+        let check = LiveRevocations(rx);
+        let nine = Serial::from_bytes(&[9]);
+        assert!(
+            !check.is_revoked(&nine),
+            "no policy: refused after the handshake instead"
+        );
+        tx.send_replace(Some(Arc::new(policy())));
+        assert!(check.is_revoked(&nine));
+        assert!(!check.is_revoked(&Serial::from_bytes(&[1])));
+    }
+}

@@ -130,7 +130,7 @@ async fn dial(
     let proxy_protocol = svc.is_some_and(|s| s.proxy_protocol);
     let hosting = svc.map(|s| s.hosting.clone());
     drop(policy);
-    let (moved, revoked) = match hosting {
+    let end = match hosting {
         Some(Hosting::Address(target)) => {
             let connect = crate::egress::connect(&target, ctx.shared.limits.connect_timeout);
             let connected = tokio::select! {
@@ -201,8 +201,8 @@ async fn dial(
                 &mut send, &mut recv, hrecv, &mut hsend, both, &mut rx, &cancel,
             )
             .await;
-            if out.1 {
-                let _ = hsend.reset(VarInt::from_u32(codes::REVOKED));
+            if let Some(code) = end_code(&out) {
+                let _ = hsend.reset(VarInt::from_u32(code));
             }
             out
         }
@@ -211,24 +211,46 @@ async fn dial(
             return;
         }
     };
-    if revoked {
-        tracing::info!(decision = "terminate", "grant revoked: stream closed");
-        bump(&ctx.shared.stats.streams_terminated);
-        let _ = send.reset(VarInt::from_u32(codes::REVOKED));
-        let _ = recv.stop(VarInt::from_u32(codes::REVOKED));
-    } else {
-        match moved {
-            Some((up, down)) => tracing::debug!(up, down, "stream done"),
-            None => {
-                let _ = send.reset(VarInt::from_u32(codes::UNAVAILABLE));
-                let _ = recv.stop(VarInt::from_u32(codes::UNAVAILABLE));
-            }
+    match &end {
+        End::Done((up, down)) => tracing::debug!(up, down, "stream done"),
+        End::Revoked => {
+            tracing::info!(decision = "terminate", "grant revoked: stream closed");
+            bump(&ctx.shared.stats.streams_terminated);
         }
+        End::NoPolicy => tracing::warn!("no current policy: stream closed"),
+        End::Failed | End::Cancelled => {}
+    }
+    if let Some(code) = end_code(&end) {
+        let _ = send.reset(VarInt::from_u32(code));
+        let _ = recv.stop(VarInt::from_u32(code));
     }
 }
 
-/// Splices while re-checking `allowed` on every policy change. Returns the bytes moved (`None`
-/// if the splice failed or was cut) and whether access was revoked.
+/// How a spliced stream ended.
+enum End {
+    /// Both directions finished.
+    Done(splice::Moved),
+    /// One side failed (reset, stopped, connection lost, I/O error).
+    Failed,
+    /// The router is shutting down.
+    Cancelled,
+    /// The policy no longer allows it.
+    Revoked,
+    /// The router lost its policy (stale controller): it fails closed.
+    NoPolicy,
+}
+
+/// The code to reset the stream's remaining directions with, if any.
+fn end_code(end: &End) -> Option<u32> {
+    match end {
+        End::Done(_) => None,
+        End::Failed => Some(codes::UNAVAILABLE),
+        End::Cancelled | End::NoPolicy => Some(codes::SHUTDOWN),
+        End::Revoked => Some(codes::REVOKED),
+    }
+}
+
+/// Splices while re-checking `allowed` on every policy change.
 async fn watched<R, W>(
     send: &mut SendStream,
     recv: &mut RecvStream,
@@ -237,7 +259,7 @@ async fn watched<R, W>(
     allowed: impl Fn(&Policy) -> bool,
     rx: &mut PolicyRx,
     cancel: &CancellationToken,
-) -> (Option<splice::Moved>, bool)
+) -> End
 where
     R: tokio::io::AsyncRead + Unpin,
     W: tokio::io::AsyncWrite + Unpin,
@@ -248,21 +270,22 @@ where
         tokio::select! {
             r = &mut splice => {
                 return match r {
-                    Ok(m) => (Some(m), false),
+                    Ok(m) => End::Done(m),
                     Err(e) => {
                         tracing::debug!(error = %e, "stream ended");
-                        (None, false)
+                        End::Failed
                     }
                 };
             }
-            _ = cancel.cancelled() => return (None, false),
+            _ = cancel.cancelled() => return End::Cancelled,
             changed = rx.changed() => {
                 if changed.is_err() {
-                    return (None, false);
+                    return End::Cancelled;
                 }
-                let still = current(rx).is_some_and(|p| allowed(&p));
-                if !still {
-                    return (None, true);
+                match current(rx) {
+                    None => return End::NoPolicy,
+                    Some(p) if !allowed(&p) => return End::Revoked,
+                    Some(_) => {}
                 }
             }
         }
@@ -346,30 +369,38 @@ async fn bind(
     }
     if send.write_all(&encode_response(Status::Ok)).await.is_ok() {
         let mut sink = [0u8; 64];
-        let revoked = loop {
+        let end = loop {
             tokio::select! {
-                _ = cancel.cancelled() => break false,
+                _ = cancel.cancelled() => break End::Cancelled,
                 // The host ends its binding by finishing or resetting the stream; anything it
                 // sends is ignored.
-                r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break false },
+                r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break End::Done((0, 0)) },
                 changed = rx.changed() => {
-                    if changed.is_err() { break false; }
-                    let still = current(&mut rx).is_some_and(|p| p.index.can_bind(&ctx.id, service.as_str(), now()).is_ok());
-                    if !still { break true; }
+                    if changed.is_err() { break End::Cancelled; }
+                    match current(&mut rx) {
+                        None => break End::NoPolicy,
+                        Some(p) if p.index.can_bind(&ctx.id, service.as_str(), now()).is_err() => break End::Revoked,
+                        Some(_) => {}
+                    }
                 }
             }
         };
-        if revoked {
+        if matches!(end, End::Revoked) {
             tracing::info!(
                 decision = "terminate",
                 action = "bind",
                 "bind grant revoked"
             );
             bump(&ctx.shared.stats.streams_terminated);
-            let _ = send.reset(VarInt::from_u32(codes::REVOKED));
-            let _ = recv.stop(VarInt::from_u32(codes::REVOKED));
-        } else {
-            let _ = send.finish();
+        }
+        match end_code(&end) {
+            Some(code) => {
+                let _ = send.reset(VarInt::from_u32(code));
+                let _ = recv.stop(VarInt::from_u32(code));
+            }
+            None => {
+                let _ = send.finish();
+            }
         }
     }
     ctx.shared.hosts.remove(&service, ctx.conn.stable_id());

@@ -59,7 +59,9 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
-    /// The next complete message, if one has fully arrived.
+    /// The next complete message, if one has fully arrived. (Not an `Iterator`: each call picks
+    /// the message type and can fail.)
+    #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
         let Some(header) = self.buf.first_chunk::<4>() else {
             return Ok(None);

@@ -72,7 +72,7 @@ impl TestController {
     }
 
     fn refresh_admin(&mut self) {
-        self.admin = IdentityFile::load(&self.admin_path()).expect("admin.json");
+        self.admin = IdentityFile::load(self.admin_path()).expect("admin.json");
     }
 
     /// Stops the server and opens the same directory again, as a restart would.

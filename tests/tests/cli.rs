@@ -273,7 +273,12 @@ fn the_demo_runs_its_whole_story() {
     let o = umbra_cmd(&["demo"], &[]);
     assert!(o.status.success(), "{}\n{}", stdout(&o), stderr(&o));
     let out = stdout(&o);
-    for needle in ["echoed \"hello, overlay\"", "refused identically", "access revoked", "demo complete"] {
+    for needle in [
+        "echoed \"hello, overlay\"",
+        "refused identically",
+        "access revoked",
+        "demo complete",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
 }

@@ -45,10 +45,11 @@ pub async fn stream(
         blocking(&s, move |c| c.router_advertise(&r, &addr)).await?;
     }
     let since = q.epoch.zip(q.seq);
-    let (initial, mut last, mut rx) = blocking(&s, move |c| {
+    let sub = blocking(&s, move |c| {
         c.subscribe(since.as_ref().map(|(e, s)| (e.as_str(), *s)))
     })
     .await?;
+    let (initial, mut last, mut rx) = (sub.initial, sub.seq, sub.deltas);
     let (tx, body_rx) = mpsc::channel::<Bytes>(64);
     let serial = peer.serial.to_string();
     tracing::info!(router = %router.name, since = ?since_label(&initial), "control channel opened");
