@@ -1,0 +1,188 @@
+//! Certificates: enrollment, renewal, local issuance, and checking a handshake-verified peer.
+
+use super::*;
+
+impl Controller {
+    /// Spends a one-time token: checks it, signs the CSR and records the certificate, atomically.
+    pub fn enroll(&self, token: &str, csr_der: &[u8]) -> Result<EnrollResponse, ControllerError> {
+        let now = self.now();
+        let claims = self
+            .verifier
+            .verify(token, now)
+            .map_err(|e| ControllerError::Enrollment(e.to_string()))?;
+        let mut inner = self.lock();
+        let row = inner.store.token(&claims.jti)?.ok_or_else(|| {
+            ControllerError::Enrollment("the token is unknown to this controller".into())
+        })?;
+        if row.used_at.is_some() {
+            return Err(ControllerError::Enrollment(
+                "the token was already used (or replaced by a newer one)".into(),
+            ));
+        }
+        if row.identity != claims.sub {
+            return Err(ControllerError::Enrollment(
+                "the token does not match its identity".into(),
+            ));
+        }
+        let identity = inner
+            .state()
+            .identities
+            .get(&claims.sub)
+            .cloned()
+            .ok_or_else(|| ControllerError::Enrollment("the identity no longer exists".into()))?;
+        if !identity.is_active(now) {
+            return Err(ControllerError::Enrollment(format!(
+                "identity {} is revoked, disabled or expired",
+                identity.name
+            )));
+        }
+        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
+        let issued = self.ca.issue(
+            csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
+        let mut batch = Batch::default();
+        batch.records.push(Record::TokenUsed {
+            jti: claims.jti.clone(),
+        });
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
+        batch.audit.push(Self::audit(
+            &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
+            "identity.enroll",
+            identity.name.as_str(),
+            serde_json::json!({ "serial": issued.serial.to_string(), "not_after": issued.not_after }),
+        ));
+        self.commit(&mut inner, batch)?;
+        Ok(EnrollResponse {
+            cert_pem: issued.cert_pem,
+            ca_pem: self.ca.root_pem().to_owned(),
+            identity,
+            trust_domain: self.trust_domain().to_string(),
+        })
+    }
+
+    /// Issues a fresh certificate to an identity that proved its current one.
+    pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
+        let identity = self.authorize_peer(peer, None)?;
+        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
+        let issued = self.ca.issue(
+            csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
+        let mut inner = self.lock();
+        let mut batch = Batch::default();
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
+        batch.audit.push(Self::audit(
+            &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
+            "identity.renew",
+            identity.name.as_str(),
+            serde_json::json!({ "old_serial": peer.serial.to_string(), "serial": issued.serial.to_string() }),
+        ));
+        self.commit(&mut inner, batch)?;
+        Ok(RenewResponse {
+            cert_pem: issued.cert_pem,
+            not_after: issued.not_after,
+        })
+    }
+
+    /// Creates a complete identity file here, for an identity whose key may be generated on this
+    /// machine (the first admin at `init`).
+    pub fn issue_local_identity(
+        &self,
+        actor: &Actor,
+        id: &IdentityId,
+    ) -> Result<IdentityFile, ControllerError> {
+        let identity = self
+            .lock()
+            .state()
+            .identities
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ControllerError::NotFound("no such identity".into()))?;
+        let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
+        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
+        let issued = self.ca.issue(
+            &key.csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
+        let mut inner = self.lock();
+        let mut batch = Batch::default();
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
+        batch.audit.push(Self::audit(
+            actor,
+            "identity.issue_local",
+            identity.name.as_str(),
+            serde_json::json!({ "serial": issued.serial.to_string() }),
+        ));
+        self.commit(&mut inner, batch)?;
+        Ok(IdentityFile {
+            version: 1,
+            id: identity.id.clone(),
+            name: identity.name.clone(),
+            kind: identity.kind,
+            trust_domain: self.trust_domain().clone(),
+            controller: self.address(),
+            ca_pem: self.ca.root_pem().to_owned(),
+            cert_pem: issued.cert_pem,
+            key_pem: key.key_pem,
+        })
+    }
+
+    /// Checks that a handshake-verified certificate still speaks for an active identity of the
+    /// expected kind: the certificate was issued by this controller to that very identity (not
+    /// to an earlier namesake) and is not revoked.
+    pub fn authorize_peer(
+        &self,
+        peer: &PeerCert,
+        kind: Option<IdentityKind>,
+    ) -> Result<Identity, ControllerError> {
+        let forbidden =
+            || ControllerError::Forbidden("this certificate is not allowed here".into());
+        if peer.spiffe.trust_domain() != self.trust_domain() {
+            return Err(forbidden());
+        }
+        if kind.is_some_and(|k| peer.spiffe.kind() != k) {
+            return Err(forbidden());
+        }
+        let inner = self.lock();
+        let identity = inner
+            .identity_named(peer.spiffe.name().as_str())
+            .cloned()
+            .ok_or_else(forbidden)?;
+        let (owner, revoked) = inner
+            .store
+            .cert_owner(&peer.serial.to_string())?
+            .ok_or_else(forbidden)?;
+        if owner != identity.id
+            || revoked
+            || identity.kind != peer.spiffe.kind()
+            || !identity.is_active(self.now())
+        {
+            return Err(forbidden());
+        }
+        Ok(identity)
+    }
+
+    /// The newest audit entries.
+    pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+        self.lock().store.audit(limit)
+    }
+}

@@ -1,0 +1,421 @@
+//! The controller's state machine: every read and write of the model, enrollment and
+//! certificate issuance goes through [`Controller`].
+//!
+//! One mutex serializes writes. Under it a command reads the current state, builds a [`Batch`],
+//! commits it to SQLite, applies it to the in-memory replica and publishes the deltas, in that
+//! order, so that what routers see is always a prefix of what is durable. Every call here is
+//! blocking (SQLite); the HTTP layer runs them on the blocking pool.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::broadcast;
+use umbra_pki::{
+    CertificateAuthority, EnrollmentClaims, IdentityFile, PeerCert, RevocationCheck, Serial,
+    SpiffeId, TokenSigner, TokenVerifier, TrustDomain,
+};
+use umbra_policies::{
+    Action, Identity, IdentityId, IdentityKind, Index, Name, Selector, Service, ServicePolicy,
+    State, Timestamp,
+};
+use umbra_proto::api::{
+    ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeService, EdgeView, EnrollResponse,
+    ExplainResponse, GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
+};
+use umbra_proto::{ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo};
+
+use crate::clock::Clock;
+use crate::error::ControllerError;
+use crate::store::{AuditRecord, Batch, Record, Store};
+
+mod certs;
+mod declarative;
+mod follow;
+mod identities;
+mod policies;
+
+/// File names inside the controller's directory.
+pub mod files {
+    /// The SQLite database.
+    pub const DB: &str = "umbra.db";
+    /// The enrollment-token signing key.
+    pub const TOKEN_KEY: &str = "token.key";
+    /// The first admin's identity file.
+    pub const ADMIN: &str = "admin.json";
+}
+
+/// How a controller runs.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// The directory made by `umbra controller init`.
+    pub dir: PathBuf,
+    /// Lifetime of identity certificates (short, so that a lost key expires on its own).
+    pub cert_validity: Duration,
+    /// Lifetime of an enrollment token when the request names none.
+    pub default_token_ttl: Duration,
+    /// The longest enrollment token lifetime accepted.
+    pub max_token_ttl: Duration,
+    /// The time source.
+    pub clock: Clock,
+}
+
+impl ControllerConfig {
+    /// Defaults for a directory: 24 h certificates, 30 min tokens (at most 7 days).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        ControllerConfig {
+            dir: dir.into(),
+            cert_validity: Duration::from_secs(24 * 3600),
+            default_token_ttl: Duration::from_secs(30 * 60),
+            max_token_ttl: Duration::from_secs(7 * 24 * 3600),
+            clock: Clock::system(),
+        }
+    }
+}
+
+/// Who is acting, for the audit log and for rules such as "an admin cannot delete itself".
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// The acting identity's id, when the actor is an identity.
+    pub id: Option<IdentityId>,
+    /// What the audit log records: a SPIFFE id, or `controller`.
+    pub label: String,
+}
+
+impl Actor {
+    /// The controller itself (initialization, maintenance).
+    pub fn controller() -> Actor {
+        Actor {
+            id: None,
+            label: "controller".into(),
+        }
+    }
+}
+
+/// The live set of revoked certificate serials, read on every TLS handshake without a lock.
+#[derive(Debug, Default)]
+pub struct RevokedSerials(ArcSwap<HashSet<String>>);
+
+impl RevocationCheck for RevokedSerials {
+    fn is_revoked(&self, serial: &Serial) -> bool {
+        self.0.load().contains(&serial.to_string())
+    }
+}
+
+struct Inner {
+    store: Store,
+    replica: Replica,
+    names: HashMap<Name, IdentityId>,
+    index: Option<(u64, Arc<Index>)>,
+}
+
+impl Inner {
+    fn identity_named(&self, name: &str) -> Option<&Identity> {
+        let id = self.names.get(name)?;
+        self.replica.state.identities.get(id)
+    }
+
+    fn state(&self) -> &State {
+        &self.replica.state
+    }
+}
+
+/// What a new control-channel follower gets: the messages to send first, the sequence number
+/// they bring it to, and the live deltas (skip those at or below `seq`).
+#[derive(Debug)]
+pub struct Subscription {
+    /// `Hello`, then a snapshot or the deltas since the follower's position.
+    pub initial: Vec<ControlMessage>,
+    /// The sequence number the initial messages reach.
+    pub seq: u64,
+    /// Every delta committed after subscribing.
+    pub deltas: broadcast::Receiver<Arc<Delta>>,
+}
+
+/// The controller.
+pub struct Controller {
+    cfg: ControllerConfig,
+    ca: CertificateAuthority,
+    signer: TokenSigner,
+    verifier: TokenVerifier,
+    inner: Mutex<Inner>,
+    deltas: broadcast::Sender<Arc<Delta>>,
+    revoked: Arc<RevokedSerials>,
+    address: Mutex<String>,
+}
+
+impl std::fmt::Debug for Controller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Controller")
+            .field("dir", &self.cfg.dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn secs(d: Duration) -> u64 {
+    d.as_secs()
+}
+
+/// Creates a controller directory: the CA, the token key, the store and the first admin, whose
+/// identity file is written to `DIR/admin.json`. `address` is where clients will reach the
+/// controller (`host:port`); `run` rewrites it if the controller ends up listening elsewhere.
+pub fn init(
+    cfg: &ControllerConfig,
+    trust_domain: &TrustDomain,
+    address: &str,
+) -> Result<PathBuf, ControllerError> {
+    let dir = &cfg.dir;
+    if dir.join(files::DB).exists() {
+        return Err(ControllerError::Setup(format!(
+            "{} is already initialized",
+            dir.display()
+        )));
+    }
+    std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
+    set_mode(dir, 0o700)?;
+    let ca = CertificateAuthority::generate(trust_domain, cfg.clock.now())?;
+    ca.save(dir)?;
+    TokenSigner::generate().save(&dir.join(files::TOKEN_KEY))?;
+    let store = Store::open(&dir.join(files::DB))?;
+    let mut epoch = [0u8; 16];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut epoch);
+    store.set_meta("trust_domain", trust_domain.as_str())?;
+    store.set_meta("epoch", &hex::encode(epoch))?;
+    store.set_meta("address", address)?;
+    drop(store);
+
+    let ctrl = Controller::open(cfg.clone())?;
+    let admin = parse_name("admin")?;
+    let identity = ctrl.insert_identity(
+        &Actor::controller(),
+        admin,
+        IdentityKind::Admin,
+        Default::default(),
+    )?;
+    let file = ctrl.issue_local_identity(&Actor::controller(), &identity.id)?;
+    let path = dir.join(files::ADMIN);
+    file.save(&path)?;
+    Ok(path)
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<(), ControllerError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(ControllerError::io(path))
+}
+
+fn new_identity_id() -> IdentityId {
+    let mut b = [0u8; 12];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut b);
+    // 24 hex characters: random, fixed length, and valid by construction.
+    IdentityId::new(hex::encode(b)).unwrap_or_else(|_| unreachable!("hex is a valid id"))
+}
+
+pub(crate) fn parse_name(s: &str) -> Result<Name, ControllerError> {
+    Name::new(s).map_err(|e| ControllerError::Invalid(format!("invalid name {s:?}: {e}")))
+}
+
+impl Controller {
+    /// Opens an initialized directory.
+    pub fn open(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
+        let dir = &cfg.dir;
+        let db = dir.join(files::DB);
+        if !db.exists() {
+            return Err(ControllerError::Setup(format!(
+                "{} is not initialized (run `umbra controller init --dir {}`)",
+                dir.display(),
+                dir.display()
+            )));
+        }
+        let store = Store::open(&db)?;
+        let td = store
+            .meta("trust_domain")?
+            .ok_or_else(|| ControllerError::Corrupt("no trust domain in the store".into()))?;
+        let td: TrustDomain = td
+            .parse()
+            .map_err(|e| ControllerError::Corrupt(format!("trust domain: {e}")))?;
+        let epoch = store
+            .meta("epoch")?
+            .ok_or_else(|| ControllerError::Corrupt("no epoch in the store".into()))?;
+        let address = store
+            .meta("address")?
+            .unwrap_or_else(|| "127.0.0.1:1280".into());
+        let ca = CertificateAuthority::load(dir, &td)?;
+        let signer = TokenSigner::load(&dir.join(files::TOKEN_KEY))?;
+        let verifier = signer.verifying_key();
+        let replica = store.load(epoch, cfg.clock.timestamp())?;
+        let names = replica
+            .state
+            .identities
+            .values()
+            .map(|i| (i.name.clone(), i.id.clone()))
+            .collect();
+        let revoked = Arc::new(RevokedSerials::default());
+        revoked
+            .0
+            .store(Arc::new(replica.revoked.keys().cloned().collect()));
+        let (deltas, _) = broadcast::channel(4096);
+        Ok(Controller {
+            cfg,
+            ca,
+            signer,
+            verifier,
+            inner: Mutex::new(Inner {
+                store,
+                replica,
+                names,
+                index: None,
+            }),
+            deltas,
+            revoked,
+            address: Mutex::new(address),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn now(&self) -> Timestamp {
+        self.cfg.clock.timestamp()
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ControllerConfig {
+        &self.cfg
+    }
+
+    /// The certificate authority.
+    pub fn ca(&self) -> &CertificateAuthority {
+        &self.ca
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        self.ca.trust_domain()
+    }
+
+    /// The revoked-serial set that TLS handshakes consult.
+    pub fn revoked_serials(&self) -> Arc<RevokedSerials> {
+        self.revoked.clone()
+    }
+
+    /// Where clients reach the controller; it goes into enrollment tokens.
+    pub fn address(&self) -> String {
+        self.address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Records where clients reach the controller (after binding the listener).
+    pub fn set_address(&self, address: &str) -> Result<(), ControllerError> {
+        self.lock().store.set_meta("address", address)?;
+        *self.address.lock().unwrap_or_else(|e| e.into_inner()) = address.to_owned();
+        Ok(())
+    }
+
+    /// A copy of the current model.
+    pub fn state(&self) -> State {
+        self.lock().replica.state.clone()
+    }
+
+    /// The compiled policy index for the current state (rebuilt only after a model change).
+    pub fn index(&self) -> Arc<Index> {
+        let mut inner = self.lock();
+        let seq = inner.replica.seq;
+        if let Some((s, idx)) = &inner.index {
+            if *s == seq {
+                return idx.clone();
+            }
+        }
+        let idx = Arc::new(Index::build(inner.state()));
+        inner.index = Some((seq, idx.clone()));
+        idx
+    }
+
+    /// Commits a batch built under the lock and publishes its deltas.
+    fn commit(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let now = self.now();
+        let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
+        let mut revoked_changed = false;
+        for d in &deltas {
+            match &d.change {
+                ChangeEvent::IdentityPut { identity } => {
+                    inner
+                        .names
+                        .insert(identity.name.clone(), identity.id.clone());
+                }
+                ChangeEvent::IdentityDeleted { id } => {
+                    if let Some(i) = inner.replica.state.identities.get(id) {
+                        let n = i.name.clone();
+                        inner.names.remove(&n);
+                    }
+                }
+                ChangeEvent::CertRevoked { .. } => revoked_changed = true,
+                _ => {}
+            }
+            inner.replica.apply_change(&d.change);
+            inner.replica.seq = d.seq;
+        }
+        if revoked_changed {
+            self.revoked
+                .0
+                .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
+        }
+        for d in deltas {
+            // No receivers is normal (no router connected).
+            let _ = self.deltas.send(Arc::new(d));
+        }
+        Ok(())
+    }
+
+    fn audit(
+        actor: &Actor,
+        action: &'static str,
+        target: impl Into<String>,
+        detail: serde_json::Value,
+    ) -> AuditRecord {
+        AuditRecord {
+            actor: actor.label.clone(),
+            action,
+            target: target.into(),
+            detail,
+        }
+    }
+}
+
+fn rejected(errors: Vec<umbra_policies::DocError>) -> ControllerError {
+    ControllerError::Rejected(errors.into_iter().map(|e| e.to_string()).collect())
+}
+
+fn join(names: &[Name]) -> String {
+    names
+        .iter()
+        .map(Name::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Policies that name `name` with `@name` on the identity side (`identity_side`) or service side.
+fn referencing_policies(state: &State, name: &Name, identity_side: bool) -> Vec<Name> {
+    state
+        .policies
+        .values()
+        .filter(|p| {
+            let sels = if identity_side {
+                &p.identities
+            } else {
+                &p.services
+            };
+            sels.iter()
+                .any(|s| matches!(s, Selector::Named(n) if n == name))
+        })
+        .map(|p| p.name.clone())
+        .collect()
+}
