@@ -2,9 +2,9 @@
 //!
 //! A router-hosted service names `host:port`. When the host is an IP literal, an operator wrote
 //! that address on purpose and the router dials it as given. When it is a name, the router
-//! resolves it once, refuses every address that points back into the router's own network
+//! resolves it once, refuses the name if any address points back into the router's own network
 //! (loopback, link-local and cloud metadata, private, CGNAT, unspecified, multicast, broadcast,
-//! and IPv6 forms that embed such an IPv4 address), and dials the checked IP, never the name
+//! and IPv6 forms that embed such an IPv4 address), and dials the checked IPs, never the name
 //! again, so that a DNS answer that changes between check and use (rebinding) gains nothing.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -135,8 +135,8 @@ pub enum EgressError {
         /// The cause.
         source: std::io::Error,
     },
-    /// Every address the name resolved to is one the router may not dial.
-    #[error("{host} resolves only to refused addresses (first: {ip}, {reason})")]
+    /// The name resolved to an address the router may not dial.
+    #[error("{host} resolves to a refused address ({ip}, {reason})")]
     Forbidden {
         /// The name.
         host: String,
@@ -202,33 +202,27 @@ async fn resolve(target: &HostPort) -> Result<Vec<SocketAddr>, EgressError> {
     Ok(addrs.take(MAX_RESOLVED).collect())
 }
 
-/// Keeps the resolved addresses that may be dialed; refuses if none may.
+/// The resolved addresses, if every one of them may be dialed. One internal address refuses
+/// the name: a name that mixes public and internal answers is someone steering the router
+/// inwards, and trying the public ones first would only make the attack probabilistic.
 fn allowed(host: &str, resolved: Vec<SocketAddr>) -> Result<Vec<SocketAddr>, EgressError> {
-    let mut first_refusal = None;
-    let mut ok = Vec::new();
-    for addr in resolved {
-        match check(addr.ip()) {
-            Ok(()) => ok.push(addr),
-            Err(reason) => {
-                tracing::info!(host, ip = %addr.ip(), %reason, "resolved address refused");
-                first_refusal.get_or_insert((addr.ip(), reason));
-            }
-        }
-    }
-    if ok.is_empty() {
-        return Err(match first_refusal {
-            Some((ip, reason)) => EgressError::Forbidden {
-                host: host.to_owned(),
-                ip,
-                reason,
-            },
-            None => EgressError::Resolve {
-                host: host.to_owned(),
-                source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
-            },
+    if resolved.is_empty() {
+        return Err(EgressError::Resolve {
+            host: host.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"),
         });
     }
-    Ok(ok)
+    for addr in &resolved {
+        if let Err(reason) = check(addr.ip()) {
+            tracing::info!(host, ip = %addr.ip(), %reason, "name resolves to a refused address");
+            return Err(EgressError::Forbidden {
+                host: host.to_owned(),
+                ip: addr.ip(),
+                reason,
+            });
+        }
+    }
+    Ok(resolved)
 }
 
 #[cfg(test)]
@@ -327,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn a_name_resolving_only_to_internal_addresses_is_refused() {
+    fn a_name_resolving_to_any_internal_address_is_refused() {
         let resolved = vec![
             "127.0.0.1:80".parse().unwrap(),
             "[::ffff:10.0.0.1]:80".parse().unwrap(),
@@ -344,13 +338,29 @@ mod tests {
             "{e}"
         );
         let mixed = vec![
-            "10.0.0.1:80".parse().unwrap(),
             "8.8.8.8:80".parse().unwrap(),
+            "[fd00::1]:80".parse().unwrap(),
         ];
-        assert_eq!(
-            allowed("mixed.example", mixed).unwrap(),
-            vec!["8.8.8.8:80".parse::<SocketAddr>().unwrap()]
+        let e = allowed("mixed.example", mixed).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EgressError::Forbidden {
+                    reason: Forbidden::Private,
+                    ..
+                }
+            ),
+            "{e}"
         );
+        let public = vec![
+            "8.8.8.8:80".parse().unwrap(),
+            "[2606:4700::1111]:80".parse().unwrap(),
+        ];
+        assert_eq!(allowed("public.example", public.clone()).unwrap(), public);
+        assert!(matches!(
+            allowed("empty.example", vec![]),
+            Err(EgressError::Resolve { .. })
+        ));
     }
 
     #[tokio::test]

@@ -85,6 +85,9 @@ impl Router {
             addr: cfg.listen,
             source,
         })?;
+        if cfg.advertise.is_none() && local_addr.ip().is_unspecified() {
+            tracing::warn!(%local_addr, "listening on an unspecified address without --advertise: clients will be told an address they cannot reach");
+        }
         let advertise = cfg
             .advertise
             .clone()

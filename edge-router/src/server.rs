@@ -255,8 +255,9 @@ async fn serve(
                     Ok(expires) => deadline = expiry(&ctx.peer, expires),
                     Err("revoked") => {
                         tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
-                        conn.close(VarInt::from_u32(codes::REVOKED), b"revoked");
                         bump(&shared.stats.connections_terminated);
+                        cut_streams_first(&conn, &mut streams).await;
+                        conn.close(VarInt::from_u32(codes::REVOKED), b"revoked");
                         break;
                     }
                     Err(why) => {
@@ -293,4 +294,20 @@ fn expiry(
     let left = end.0.saturating_sub(now().0);
     // Far-future expiries are capped so the addition cannot overflow.
     tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
+}
+
+/// Longest a revoked connection waits for its streams to end themselves before it is closed.
+const STREAMS_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// Lets every stream of a revoked connection end itself with `codes::REVOKED` (each stream task
+/// sees the same policy change), then waits a few round trips before the connection is closed.
+///
+/// Why: a stream reset is retransmitted until acknowledged, and it stops the bulk flow in both
+/// directions, while a connection close is sent only a few times; under a flood the close can
+/// be lost and the client then learns only of a stateless reset, not that it was revoked.
+async fn cut_streams_first(conn: &Connection, streams: &mut JoinSet<()>) {
+    let drain = async { while streams.join_next().await.is_some() {} };
+    let _ = tokio::time::timeout(STREAMS_FIRST, drain).await;
+    let settle = (conn.rtt() * 4).clamp(std::time::Duration::from_millis(2), STREAMS_FIRST);
+    tokio::time::sleep(settle).await;
 }

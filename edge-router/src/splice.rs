@@ -6,8 +6,10 @@
 use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
-/// Largest chunk moved at once; also the only buffer a stream holds.
+/// Largest chunk moved at once.
 const CHUNK: usize = 64 * 1024;
+/// The buffer a stream starts with.
+const FIRST_CHUNK: usize = 4 * 1024;
 
 /// Why a splice ended early.
 #[derive(Debug, thiserror::Error)]
@@ -42,9 +44,15 @@ where
 {
     let up = async {
         let mut n = 0u64;
-        while let Some(chunk) = recv.read_chunk(CHUNK, true).await? {
-            to_service.write_all(&chunk.bytes).await?;
-            n += chunk.bytes.len() as u64;
+        // Reading into a buffer gathers the many packet-sized chunks QUIC has received into one
+        // write, instead of one system call per packet.
+        let mut buf = vec![0u8; FIRST_CHUNK];
+        while let Some(k) = recv.read(&mut buf).await? {
+            to_service.write_all(&buf[..k]).await?;
+            n += k as u64;
+            if k == buf.len() && buf.len() < CHUNK {
+                buf.resize((buf.len() * 4).min(CHUNK), 0);
+            }
         }
         // The client finished sending: pass the end on, keep the other direction open.
         to_service.shutdown().await?;
@@ -52,7 +60,9 @@ where
     };
     let down = async {
         let mut n = 0u64;
-        let mut buf = vec![0u8; CHUNK];
+        // Small while the stream is interactive or idle, so that thousands of open streams
+        // cost little; grown while a read fills it, i.e. during bulk transfer.
+        let mut buf = vec![0u8; FIRST_CHUNK];
         loop {
             let k = from_service.read(&mut buf).await?;
             if k == 0 {
@@ -60,6 +70,9 @@ where
             }
             send.write_all(&buf[..k]).await?;
             n += k as u64;
+            if k == buf.len() && buf.len() < CHUNK {
+                buf.resize((buf.len() * 4).min(CHUNK), 0);
+            }
         }
         send.finish()?;
         Ok::<u64, SpliceError>(n)

@@ -26,6 +26,7 @@ use umbra_proto::FrameDecoder;
 
 use crate::client::{ControllerClient, ResponseStream};
 use crate::error::SdkError;
+use crate::listener::Listener;
 use crate::stream::{connection_error, read_error, write_error, Stream};
 
 /// Connecting to a router, handshake included.
@@ -52,7 +53,7 @@ pub struct Caller {
     pub spiffe: String,
 }
 
-type Incoming = (Stream, Caller);
+pub(crate) type Incoming = (Stream, Caller);
 
 /// An identity's handle on the overlay. Cheap to clone; connections are shared.
 #[derive(Clone)]
@@ -87,7 +88,7 @@ impl std::fmt::Debug for Context {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -219,46 +220,34 @@ impl Context {
     }
 
     /// Hosts `service` on every router the controller lists: callers that dial it arrive on the
-    /// returned listener, with no listening port here. Needs a Bind grant.
+    /// returned listener, with no listening port here. Needs a Bind grant. The listener keeps
+    /// its registrations alive: it binds again after a router connection is lost, and on routers
+    /// that appear later. One listener per service per context.
     pub async fn bind(&self, service: &str) -> Result<Listener, SdkError> {
         let name = Name::new(service).map_err(|_| SdkError::Denied {
             service: service.to_owned(),
         })?;
         let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
         lock(&self.inner.listeners).insert(name.clone(), tx);
-        let mut binds = Vec::new();
-        let mut last = None;
-        for addr in self.routers(true).await? {
-            let conn = match self.connection(&addr).await {
-                Ok(c) => c,
-                Err(e) => {
-                    last = Some(e);
-                    continue;
-                }
-            };
-            match request(&conn, Op::Bind, &name).await {
-                Ok(pair) => binds.push(pair),
-                Err(e) if e.try_another_router() => last = Some(e),
-                Err(e) => {
-                    lock(&self.inner.listeners).remove(&name);
-                    return Err(e);
-                }
+        match crate::listener::bind_all(self, &name, &HashSet::new()).await {
+            Ok(binds) if !binds.is_empty() => Ok(Listener::start(self.clone(), name, rx, binds)),
+            Ok(_) => {
+                lock(&self.inner.listeners).remove(&name);
+                Err(SdkError::Unavailable("every router".into()))
+            }
+            Err(e) => {
+                lock(&self.inner.listeners).remove(&name);
+                Err(e)
             }
         }
-        if binds.is_empty() {
-            lock(&self.inner.listeners).remove(&name);
-            return Err(last.unwrap_or_else(|| SdkError::Unavailable("every router".into())));
-        }
-        Ok(Listener {
-            service: name,
-            rx,
-            _binds: binds,
-            listeners: Arc::clone(&self.inner.listeners),
-        })
+    }
+
+    pub(crate) fn listeners(&self) -> &Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>> {
+        &self.inner.listeners
     }
 
     /// Router addresses: the cached list, or a fresh one from the controller.
-    async fn routers(&self, refresh: bool) -> Result<Vec<String>, SdkError> {
+    pub(crate) async fn routers(&self, refresh: bool) -> Result<Vec<String>, SdkError> {
         if !refresh {
             let cached = lock(&self.inner.routers).clone();
             if !cached.is_empty() {
@@ -276,7 +265,7 @@ impl Context {
     }
 
     /// The live connection to a router, connecting if there is none.
-    async fn connection(&self, router: &str) -> Result<Connection, SdkError> {
+    pub(crate) async fn connection(&self, router: &str) -> Result<Connection, SdkError> {
         if let Some(c) = lock(&self.inner.conns).get(router) {
             if c.close_reason().is_none() {
                 return Ok(c.clone());
@@ -343,7 +332,7 @@ impl Context {
 }
 
 /// Opens a stream, sends a request and reads the router's answer.
-async fn request(
+pub(crate) async fn request(
     conn: &Connection,
     op: Op,
     service: &Name,
@@ -455,44 +444,6 @@ async fn incoming(
         Stream::new(send, recv, req.service.as_str().to_owned()),
         caller,
     ));
-}
-
-/// Callers of a service this identity hosts.
-pub struct Listener {
-    service: Name,
-    rx: mpsc::Receiver<Incoming>,
-    /// The bind streams; dropping them ends the registrations at the routers.
-    _binds: Vec<(quinn::SendStream, quinn::RecvStream)>,
-    listeners: Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>>,
-}
-
-impl std::fmt::Debug for Listener {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Listener")
-            .field("service", &self.service)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Listener {
-    /// The next caller: a stream and who it is.
-    pub async fn accept(&mut self) -> Result<(Stream, Caller), SdkError> {
-        self.rx
-            .recv()
-            .await
-            .ok_or_else(|| SdkError::Unavailable(self.service.to_string()))
-    }
-
-    /// The hosted service.
-    pub fn service(&self) -> &Name {
-        &self.service
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        lock(&self.listeners).remove(&self.service);
-    }
 }
 
 /// Successive views of an identity's services and routers (see [`Context::watch_edge`]).

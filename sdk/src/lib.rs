@@ -14,10 +14,12 @@ mod client;
 mod context;
 mod enroll;
 mod error;
+mod listener;
 mod stream;
 
 pub use client::{ControllerClient, ResponseStream};
-pub use context::{Caller, Context, EdgeWatch, Listener};
+pub use context::{Caller, Context, EdgeWatch};
 pub use enroll::{enroll, renew};
 pub use error::SdkError;
+pub use listener::Listener;
 pub use stream::Stream;

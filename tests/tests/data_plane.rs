@@ -440,7 +440,11 @@ async fn an_sdk_hosted_service_needs_no_listening_port_and_learns_its_caller() {
         matches!(e, SdkError::Unavailable(_)),
         "no host may serve it any more: {e}"
     );
-    echo_host.abort();
+    // And the host's listener closes: it may no longer host the service.
+    tokio::time::timeout(BOUND, echo_host)
+        .await
+        .expect("the listener closes")
+        .unwrap();
 
     // An identity without a dial grant is denied, the same as for a router-hosted service.
     let e = Context::new(stranger)
@@ -623,5 +627,106 @@ async fn an_agent_sees_its_services_and_their_changes() {
         .services
         .iter()
         .any(|s| s.name.as_str() == "echo-2" && s.dial));
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_sdk_host_binds_again_when_its_router_goes_away() {
+    let t = TestController::start().await;
+    let r1 = start_router(&t, "r1", |_| {}).await;
+    let host = agent(&t, "host-1").await;
+    let caller = agent(&t, "caller-1").await;
+    service(&t, "chat", Hosting::Sdk).await;
+    grant(&t, "chat-host", Action::Bind, "host-1", "chat").await;
+    grant(&t, "chat-dial", Action::Dial, "caller-1", "chat").await;
+    let hctx = Context::new(host).unwrap();
+    let mut listener = hctx.bind("chat").await.unwrap();
+    let echo_host = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let cctx = Context::new(caller).unwrap();
+    let mut s = cctx.dial("chat").await.unwrap();
+    assert_eq!(round_trip(&mut s, b"via r1").await.unwrap(), b"via r1");
+
+    // A second router appears and the first goes away: the host registers with the second.
+    let r2 = start_router(&t, "r2", |_| {}).await;
+    r1.shutdown().await;
+    let r2_addr = r2.local_addr().to_string();
+    let mut s = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match cctx.dial_via(&r2_addr, "chat").await {
+                Ok(s) => return s,
+                Err(SdkError::Unavailable(_)) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("the host binds again within the bound");
+    assert_eq!(round_trip(&mut s, b"via r2").await.unwrap(), b"via r2");
+    echo_host.abort();
+    r2.shutdown().await;
+}
+
+/// Not a benchmark (see the benches): a smoke measurement of one stream's bulk throughput
+/// through the router, printed. Run with `--release -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn bulk_throughput_smoke() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |_| {}).await;
+    // A sink service: reads everything, then answers with the byte count.
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sink.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = sink.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut n = 0u64;
+                loop {
+                    match sock.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(k) => n += k as u64,
+                    }
+                }
+                let _ = sock.write_all(&n.to_be_bytes()).await;
+            });
+        }
+    });
+    let a = agent(&t, "agent-1").await;
+    service(
+        &t,
+        "sink",
+        Hosting::Address(addr.to_string().parse().unwrap()),
+    )
+    .await;
+    grant(&t, "sink-dial", Action::Dial, "agent-1", "sink").await;
+    let ctx = Context::new(a).unwrap();
+    let mut s = ctx.dial("sink").await.unwrap();
+    let chunk = vec![0u8; 256 * 1024];
+    let total: u64 = 2 * 1024 * 1024 * 1024;
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while sent < total {
+        s.write_all(&chunk).await.unwrap();
+        sent += chunk.len() as u64;
+    }
+    s.shutdown().await.unwrap();
+    let mut n = [0u8; 8];
+    s.read_exact(&mut n).await.unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    assert_eq!(u64::from_be_bytes(n), total);
+    println!(
+        "one stream through the router: {:.2} Gbit/s",
+        total as f64 * 8.0 / secs / 1e9
+    );
     router.shutdown().await;
 }

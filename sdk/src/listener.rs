@@ -1,0 +1,173 @@
+//! Hosting a service through routers: the registrations (`Op::Bind` streams, one per router)
+//! and the task that keeps them alive.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use quinn::{RecvStream, SendStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use umbra_policies::Name;
+use umbra_proto::stream::Op;
+
+use crate::context::{lock, request, Caller, Context, Incoming};
+use crate::error::SdkError;
+use crate::stream::{read_error, Stream};
+
+/// How often a listener looks for routers it is not registered with.
+const REFRESH: Duration = Duration::from_secs(30);
+/// First and largest pause before binding again after a registration was lost.
+const REBIND_MIN: Duration = Duration::from_millis(100);
+const REBIND_MAX: Duration = Duration::from_secs(5);
+
+/// One router's registration.
+pub(crate) struct Binding {
+    router: String,
+    send: SendStream,
+    recv: RecvStream,
+}
+
+/// Registers `service` with every listed router not in `skip`. Refusals by policy are
+/// returned at once; routers that cannot be reached are left for later.
+pub(crate) async fn bind_all(
+    ctx: &Context,
+    service: &Name,
+    skip: &HashSet<String>,
+) -> Result<Vec<Binding>, SdkError> {
+    let mut binds = Vec::new();
+    for router in ctx.routers(true).await? {
+        if skip.contains(&router) {
+            continue;
+        }
+        let conn = match ctx.connection(&router).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(%router, error = %e, "router unreachable; will bind later");
+                continue;
+            }
+        };
+        match request(&conn, Op::Bind, service).await {
+            Ok((send, recv)) => binds.push(Binding { router, send, recv }),
+            Err(e) if e.try_another_router() => {
+                tracing::debug!(%router, error = %e, "bind failed; will retry")
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(binds)
+}
+
+/// Waits until a registration ends; says why.
+async fn held(mut b: Binding) -> (String, SdkError) {
+    let mut sink = [0u8; 64];
+    let why = loop {
+        match b.recv.read(&mut sink).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => break SdkError::Disconnected("the router ended the registration".into()),
+            Err(e) => break read_error(e, "bind"),
+        }
+    };
+    // Keep the send side until here: dropping it would end the registration.
+    drop(b.send);
+    (b.router, why)
+}
+
+/// Callers of a service this identity hosts.
+pub struct Listener {
+    service: Name,
+    rx: mpsc::Receiver<Incoming>,
+    keeper: tokio::task::JoinHandle<()>,
+    ctx: Context,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("service", &self.service)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Listener {
+    pub(crate) fn start(
+        ctx: Context,
+        service: Name,
+        rx: mpsc::Receiver<Incoming>,
+        binds: Vec<Binding>,
+    ) -> Listener {
+        let keeper = tokio::spawn(keep(ctx.clone(), service.clone(), binds));
+        Listener {
+            service,
+            rx,
+            keeper,
+            ctx,
+        }
+    }
+
+    /// The next caller: a stream and who it is. Fails with [`SdkError::Revoked`] or
+    /// [`SdkError::Denied`] once this identity may no longer host the service.
+    pub async fn accept(&mut self) -> Result<(Stream, Caller), SdkError> {
+        self.rx.recv().await.ok_or(SdkError::Revoked)
+    }
+
+    /// The hosted service.
+    pub fn service(&self) -> &Name {
+        &self.service
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.keeper.abort();
+        lock(self.ctx.listeners()).remove(&self.service);
+    }
+}
+
+/// Holds the registrations; binds again where one is lost, and on new routers. Ends (closing
+/// the listener) when binding is refused by policy.
+async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
+    let mut held_binds = JoinSet::new();
+    let mut bound = HashSet::new();
+    for b in binds {
+        bound.insert(b.router.clone());
+        held_binds.spawn(held(b));
+    }
+    let mut backoff = REBIND_MIN;
+    loop {
+        let wait = tokio::select! {
+            Some(ended) = held_binds.join_next(), if !held_binds.is_empty() => {
+                if let Ok((router, why)) = ended {
+                    tracing::info!(%router, service = %service, reason = %why, "registration lost");
+                    bound.remove(&router);
+                }
+                backoff
+            }
+            _ = tokio::time::sleep(REFRESH) => Duration::ZERO,
+        };
+        tokio::time::sleep(wait).await;
+        match bind_all(&ctx, &service, &bound).await {
+            Ok(new) => {
+                backoff = if new.is_empty() {
+                    (backoff * 2).min(REBIND_MAX)
+                } else {
+                    REBIND_MIN
+                };
+                for b in new {
+                    tracing::info!(router = %b.router, service = %service, "registered");
+                    bound.insert(b.router.clone());
+                    held_binds.spawn(held(b));
+                }
+            }
+            Err(SdkError::Denied { .. } | SdkError::Revoked) => {
+                tracing::warn!(service = %service, "no longer allowed to host: listener closed");
+                held_binds.shutdown().await;
+                lock(ctx.listeners()).remove(&service);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(service = %service, error = %e, "binding again failed");
+                backoff = (backoff * 2).min(REBIND_MAX);
+            }
+        }
+    }
+}
