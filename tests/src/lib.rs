@@ -43,19 +43,22 @@ impl TestController {
             .await
             .expect("join")
             .expect("init");
-        let mut t = Self::boot(dir, cfg).await;
+        let mut t = Self::boot(dir, cfg, "127.0.0.1:0".parse().expect("addr")).await;
         t.refresh_admin();
         t
     }
 
-    async fn boot(dir: tempfile::TempDir, cfg: ControllerConfig) -> TestController {
+    async fn boot(
+        dir: tempfile::TempDir,
+        cfg: ControllerConfig,
+        listen: SocketAddr,
+    ) -> TestController {
         let ctrl = Arc::new(
             tokio::task::spawn_blocking(move || Controller::open(cfg))
                 .await
                 .expect("join")
                 .expect("open"),
         );
-        let listen: SocketAddr = "127.0.0.1:0".parse().expect("addr");
         let server = Server::start(ctrl.clone(), listen, None)
             .await
             .expect("start");
@@ -92,7 +95,20 @@ impl TestController {
         }
         let dir = self.dir;
         drop(self.ctrl);
-        Self::boot(dir, cfg).await
+        Self::boot(dir, cfg, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Restarts on the same port, as a controller restarted in place: routers and clients that
+    /// know its address reconnect to it.
+    pub async fn restart_in_place(mut self) -> TestController {
+        let cfg = self.ctrl.config().clone();
+        let listen: SocketAddr = self.addr().parse().expect("addr");
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let dir = self.dir;
+        drop(self.ctrl);
+        Self::boot(dir, cfg, listen).await
     }
 
     /// The controller's address.
