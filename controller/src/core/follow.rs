@@ -54,6 +54,15 @@ impl Controller {
         }
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::RouterPut { router: info });
+        batch.audit.push(Self::audit(
+            &Actor {
+                id: Some(router.id.clone()),
+                label: SpiffeId::new(self.trust_domain(), router.kind, &router.name).to_string(),
+            },
+            "router.advertise",
+            router.name.as_str(),
+            serde_json::json!({ "advertise": advertise }),
+        ));
         self.commit(&mut inner, batch)
     }
 
