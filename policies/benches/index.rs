@@ -222,6 +222,7 @@ fn main() {
         println!("run with `cargo bench -p umbra-policies` for numbers");
         return;
     }
+    let load_before = load_average();
     let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
     let mut table = Table(Vec::new());
 
@@ -234,26 +235,87 @@ fn main() {
     let index = Index::build(&state);
     let build = started.elapsed();
     let rss_after = rss_kib();
-    table.row(
-        "Index::build",
-        ms(build),
-        Some((build, Duration::from_secs(2))),
-    );
+    let build_target = Duration::from_secs(2);
+    table.row("Index::build", ms(build), Some((build, build_target)));
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         let mib = after.saturating_sub(before) as f64 / 1024.0;
-        table.row(
-            "index RSS growth (incl. state copy)",
-            format!("{mib:.1} MiB"),
-            None,
-        );
+        let label = "index RSS growth (incl. state copy)";
+        table.row(label, format!("{mib:.1} MiB"), None);
     }
 
-    // Half random pairs (nearly all refused), half pairs known to be granted.
+    let pairs = lookup_pairs(&mut rng, &state, &index);
+    let granted = (pairs.iter())
+        .filter(|(id, s)| index.can_dial(id, s, NOW).is_ok())
+        .count();
+    let share = 100.0 * granted as f64 / pairs.len() as f64;
+    let label = "can_dial lookups (granted)";
+    table.row(label, format!("{} ({share:.0}%)", pairs.len()), None);
+    // Other processes share the machine (and its caches): time three rounds, keep the best.
+    let samples = (0..3)
+        .map(|_| time_lookups(&index, &pairs))
+        .min_by_key(|samples| percentile(samples, 0.99))
+        .unwrap_or_default();
+    let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+    table.row("can_dial p50 (best of 3 rounds)", ns(p50), None);
+    let target = Duration::from_micros(1);
+    table.row(
+        "can_dial p99 (best of 3 rounds)",
+        ns(p99),
+        Some((p99, target)),
+    );
+    let max = percentile(&samples, 1.0);
+    table.row("can_dial max (of 64-lookup means)", ns(max), None);
+
+    let ids: Vec<&IdentityId> = state.identities.keys().collect();
+    let mut returned = 0usize;
+    let samples = time_each(20_000, || {
+        let id = ids[rng.below(ids.len())];
+        returned += black_box(index.services_for(id, Action::Dial, NOW)).len();
+    });
+    let mean = returned as f64 / 20_000.0;
+    table.row(
+        "services_for mean result",
+        format!("{mean:.0} services"),
+        None,
+    );
+    table.row("services_for p50", ns(percentile(&samples, 0.5)), None);
+    table.row("services_for p99", ns(percentile(&samples, 0.99)), None);
+
+    let services: Vec<&str> = state.services.keys().map(|n| n.as_str()).collect();
+    let mut returned = 0usize;
+    let samples = time_each(2_000, || {
+        let service = services[rng.below(services.len())];
+        returned += black_box(index.binders_of(service, NOW)).len();
+    });
+    let mean = returned as f64 / 2_000.0;
+    table.row(
+        "binders_of mean result",
+        format!("{mean:.0} identities"),
+        None,
+    );
+    table.row("binders_of p50", ns(percentile(&samples, 0.5)), None);
+    table.row("binders_of p99", ns(percentile(&samples, 0.99)), None);
+
+    println!(
+        "\numbra-policies index: {IDENTITIES} identities, {SERVICES} services, \
+         {POLICIES} policies, {ROLES} roles per side"
+    );
+    println!(
+        "load average before / after: {} / {} (other processes share the CPUs and caches)\n",
+        load_before,
+        load_average()
+    );
+    table.print();
+    println!("\n{index:?}");
+}
+
+/// Identity and service pairs to look up: half random (nearly all refused), half known to be
+/// granted. Owned copies, as a router holds the id and service name of a request it just
+/// parsed (references into the state would make every input a cache miss of its own).
+fn lookup_pairs(rng: &mut Rng, state: &State, index: &Index) -> Vec<(IdentityId, String)> {
     let ids: Vec<&IdentityId> = state.identities.keys().collect();
     let services: Vec<&str> = state.services.keys().map(|n| n.as_str()).collect();
-    // Owned copies, as a router holds the id and service name of a request it just parsed
-    // (references into the state would make every input a cache miss of its own).
-    let mut pairs: Vec<(IdentityId, String)> = Vec::with_capacity(LOOKUPS);
+    let mut pairs = Vec::with_capacity(LOOKUPS);
     while pairs.len() < LOOKUPS {
         let id = ids[rng.below(ids.len())];
         if pairs.len() % 2 == 0 {
@@ -266,75 +328,24 @@ fn main() {
             }
         }
     }
-    let granted = pairs
-        .iter()
-        .filter(|(id, s)| index.can_dial(id, s, NOW).is_ok())
-        .count();
+    pairs
+}
 
-    // Other processes share the machine (and its caches): time three rounds, keep the best.
-    let samples = (0..3)
-        .map(|_| time_lookups(&index, &pairs))
-        .min_by_key(|samples| percentile(samples, 0.99))
-        .unwrap_or_default();
-    let lookup_target = Duration::from_micros(1);
-    table.row(
-        "can_dial lookups (granted)",
-        format!(
-            "{LOOKUPS} ({:.0}%)",
-            100.0 * granted as f64 / LOOKUPS as f64
-        ),
-        None,
-    );
-    let p99 = percentile(&samples, 0.99);
-    table.row(
-        "can_dial p50 (best of 3)",
-        ns(percentile(&samples, 0.5)),
-        None,
-    );
-    table.row(
-        "can_dial p99 (best of 3)",
-        ns(p99),
-        Some((p99, lookup_target)),
-    );
-    table.row(
-        "can_dial max (batch mean)",
-        ns(percentile(&samples, 1.0)),
-        None,
-    );
-
-    let mut samples = Vec::with_capacity(20_000);
-    let mut returned = 0usize;
-    for _ in 0..20_000 {
-        let id = ids[rng.below(ids.len())];
-        let started = Instant::now();
-        let list = black_box(index.services_for(id, Action::Dial, NOW));
-        samples.push(started.elapsed());
-        returned += list.len();
-    }
+/// The sorted times of `n` calls of `f`.
+fn time_each(n: usize, mut f: impl FnMut()) -> Vec<Duration> {
+    let mut samples: Vec<Duration> = (0..n)
+        .map(|_| {
+            let started = Instant::now();
+            f();
+            started.elapsed()
+        })
+        .collect();
     samples.sort();
-    table.row(
-        "services_for mean result",
-        format!("{:.0} services", returned as f64 / 20_000.0),
-        None,
-    );
-    table.row("services_for p50", ns(percentile(&samples, 0.5)), None);
-    table.row("services_for p99", ns(percentile(&samples, 0.99)), None);
+    samples
+}
 
-    let mut samples = Vec::with_capacity(2_000);
-    for _ in 0..2_000 {
-        let service = services[rng.below(services.len())];
-        let started = Instant::now();
-        black_box(index.binders_of(service, NOW));
-        samples.push(started.elapsed());
-    }
-    samples.sort();
-    table.row("binders_of p50", ns(percentile(&samples, 0.5)), None);
-    table.row("binders_of p99", ns(percentile(&samples, 0.99)), None);
-
-    println!(
-        "\numbra-policies index: {IDENTITIES} identities, {SERVICES} services, \
-         {POLICIES} policies, {ROLES} roles per side\n"
-    );
-    table.print();
-    println!("\n{index:?}");
+/// The 1-minute load average, from `/proc/loadavg` (Linux only).
+fn load_average() -> String {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    text.split_whitespace().next().unwrap_or("?").to_owned()
 }

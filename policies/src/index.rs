@@ -2,16 +2,18 @@
 //! microsecond, for routers on every stream request and for the controller.
 //!
 //! Building it finds, for every identity and every service, the sorted policies that select it
-//! (see `matcher`), and stores each identity's lists in one block next to its id (see
-//! `keyed`). A lookup is then two hash lookups, issued together, and the intersection of two
-//! short sorted lists. With 100,000 identities most lookups miss the CPU caches, so what a
-//! lookup costs is the number of memory reads that wait on one another; the layout keeps that
-//! to a table entry and a block on each side. Whether the identity is active (not disabled,
-//! revoked or expired at `now`) is checked at lookup time, so that time passing needs nothing
-//! and a revocation needs no recompilation ([`Index::with_identity`]).
+//! (see `matcher`), and stores each identity's lists in one block next to its id and each
+//! service's in one block next to its name (see `keyed`). A lookup fetches the two blocks
+//! together and finds the first policy of the identity's list that is also in the service's,
+//! testing against a bitmap stored with the service (see `filtered`). With 100,000 identities
+//! most lookups miss the CPU caches, so what a lookup costs is the number of memory reads that
+//! wait on one another; this layout keeps that to one block per side. Whether the identity is
+//! active (not disabled, revoked or expired at `now`) is checked at lookup time, so that time
+//! passing needs nothing and a revocation needs no recompilation ([`Index::with_identity`]).
 
 mod compile;
 mod explain;
+mod filtered;
 mod identities;
 mod keyed;
 mod matcher;
@@ -24,7 +26,7 @@ use crate::decision::{Deny, Explanation, Permit};
 use crate::model::{Action, Identity, IdentityId, Service, State, Timestamp};
 use compile::Compiled;
 use identities::{Activity, Identities, IdentityEntry};
-use rows::{common, first_common, union};
+use rows::{common, union};
 
 /// An immutable, compiled view of one [`State`], cheap to share between threads (clone it, or
 /// put it in an `Arc`) and cheap to query.
@@ -61,7 +63,10 @@ impl Index {
         let unchanged = (state.identities.get(&identity.id))
             .is_some_and(|old| old.name == identity.name && old.roles == identity.roles);
         let patched = unchanged
-            .then(|| (self.identities).with_activity(identity.id.as_str(), Activity::of(&identity)))
+            .then(|| {
+                self.identities
+                    .with_activity(identity.id.as_str(), Activity::of(&identity))
+            })
             .flatten();
         state.identities.insert(identity.id.clone(), identity);
         match patched {
@@ -110,7 +115,7 @@ impl Index {
         );
         let entry = entry.ok_or(Deny::UnknownIdentity)?;
         entry.activity.check(now)?;
-        let first = first_common(entry.policies(action), of_service.unwrap_or_default());
+        let first = of_service.and_then(|s| s.first_of(entry.policies(action)));
         let policy = first.ok_or(Deny::NotGranted)?;
         Ok(Permit {
             policy: self.compiled.policy_names[policy as usize].clone(),
@@ -145,7 +150,7 @@ impl Index {
         let Some(policies) = c.service(service, Action::Bind) else {
             return Vec::new();
         };
-        let rows = policies.iter().map(|&p| c.policy_binders.row(p));
+        let rows = policies.list().iter().map(|&p| c.policy_binders.row(p));
         (union(rows, c.identity_ids.len()).into_iter())
             .filter(|&i| self.identities.at(i).activity.check(now).is_ok())
             .map(|i| &c.identity_ids[i as usize])
@@ -165,7 +170,10 @@ impl Index {
         let selecting = (self.identities.get(identity.as_str()))
             .map(|entry| entry.policies(action).to_vec())
             .unwrap_or_default();
-        let of_service = c.service(service, action).unwrap_or_default();
+        let of_service = c
+            .service(service, action)
+            .map(|s| s.list())
+            .unwrap_or_default();
         let granting = common(&selecting, of_service)
             .map(|p| c.policy_names[p as usize].clone())
             .collect();

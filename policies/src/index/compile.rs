@@ -1,6 +1,7 @@
 //! Compiling a state into the index's relations: the policies that select each identity and
 //! each service, the services each policy selects and the identities each Bind policy selects.
 
+use super::filtered::{Filtered, FILTER_WORDS};
 use super::identities::Identities;
 use super::keyed::KeyedRows;
 use super::matcher::Matcher;
@@ -14,8 +15,9 @@ use crate::name::Name;
 pub(crate) struct Compiled {
     /// Identity ids by slot; slots follow id order.
     pub(crate) identity_ids: Vec<IdentityId>,
-    /// Per service name: `[slot, number of Dial policies, Dial policies.., Bind policies..]`,
-    /// each sorted. Slots follow name order.
+    /// Per service name: `[slot, number of Dial policies, Dial filter.., Bind filter..,
+    /// Dial policies.., Bind policies..]`, the policies sorted (see [`Filtered`]). Slots follow
+    /// name order.
     services_by_name: KeyedRows,
     /// Services by slot (a copy, so lookups can hand out references in O(1)).
     pub(crate) services: Vec<Service>,
@@ -55,8 +57,12 @@ impl Compiled {
             let found = by_service.matching(&service.name, &service.roles);
             service_policies.push(found.iter().copied());
             let (dial, bind) = split(found);
-            let entry = [slot(i), slot(dial.len())].into_iter();
-            services.push((name.as_str(), entry.chain(dial).chain(bind).collect()));
+            let mut entry = vec![slot(i), slot(dial.len())];
+            entry.extend(Filtered::bits_of(&dial));
+            entry.extend(Filtered::bits_of(&bind));
+            entry.extend(dial);
+            entry.extend(bind);
+            services.push((name.as_str(), entry));
         }
 
         let compiled = Compiled {
@@ -70,14 +76,16 @@ impl Compiled {
         (compiled, identities)
     }
 
-    /// The policies of `action` that select the service with this name, sorted.
-    pub(crate) fn service(&self, name: &str, action: Action) -> Option<&[u32]> {
+    /// The policies of `action` that select the service with this name.
+    pub(crate) fn service(&self, name: &str, action: Action) -> Option<Filtered<'_>> {
         let (_, rest) = self.services_by_name.get(name)?.split_first()?;
         let (&dial_len, rest) = rest.split_first()?;
+        let (dial_bits, rest) = rest.split_at_checked(FILTER_WORDS)?;
+        let (bind_bits, rest) = rest.split_at_checked(FILTER_WORDS)?;
         let (dial, bind) = rest.split_at_checked(dial_len as usize)?;
         Some(match action {
-            Action::Dial => dial,
-            Action::Bind => bind,
+            Action::Dial => Filtered::new(dial_bits, dial),
+            Action::Bind => Filtered::new(bind_bits, bind),
         })
     }
 

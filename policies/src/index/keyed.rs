@@ -1,26 +1,29 @@
 //! A compact, read-only map from string keys (identity ids, service names) to rows of `u32`.
 //!
 //! It exists for the lookup latency target. With 100,000 identities almost every lookup misses
-//! the CPU caches, and what it costs is the number of memory reads that depend on each other.
-//! A `HashMap<String, u32>` followed by per-slot arrays costs four or five (hash bucket, key
-//! string, slot's row offset, row). Here each key and its row sit together in one block of a
-//! single array, and the hash table holds the block's offset next to a 32-bit tag of the
-//! hash: a lookup reads one table entry, then one contiguous block.
+//! the CPU caches, and what it costs is the number of memory reads that wait on each other. A
+//! `HashMap<String, u32>` followed by per-slot arrays costs four or five (hash bucket, key
+//! string, the slot's row offset, the row), and even a table of offsets costs two (the table,
+//! then the block it points to). Here the blocks (key and row together) are laid out bucket by
+//! bucket in one array, and the only other thing read is the bucket's start in a small array
+//! of offsets (4 bytes per key, which stays in cache): a lookup waits on main memory once.
 //!
-//! The hash is unkeyed. That is safe because the keys in the table are chosen by the
-//! controller (random identity ids) and by admins (service names), not by the peers who send
-//! lookups, and a peer choosing lookup keys cannot lengthen probe sequences.
+//! The hash is unkeyed. That is safe because the keys in the map are chosen by the controller
+//! (random identity ids) and by admins (service names), not by the peers who send lookups, and
+//! a peer choosing lookup keys cannot lengthen the buckets.
+
+use std::ops::Range;
 
 use super::rows::slot;
 
 #[derive(Debug, Clone)]
 pub(crate) struct KeyedRows {
-    /// Blocks back to back: the key's length in bytes, the key packed into little-endian
+    /// Blocks grouped by bucket: the key's length in bytes, the key packed into little-endian
     /// words, the row's length, the row.
     words: Vec<u32>,
-    /// Open addressing with linear probing. An entry is the hash's high 32 bits above the
-    /// block's offset plus one; zero marks an empty entry.
-    table: Vec<u64>,
+    /// `buckets[b]..buckets[b + 1]` are the blocks of bucket `b` in `words`. The number of
+    /// buckets is a power of two at least the number of keys, so a bucket holds about one.
+    buckets: Vec<u32>,
     /// The row of each entry, by position in the input.
     rows: Vec<(u32, u32)>,
 }
@@ -29,36 +32,37 @@ impl KeyedRows {
     /// Maps each key to its row. Keys are expected to be distinct (they come from map keys);
     /// if one repeats, the first row wins.
     pub(crate) fn new<'a>(entries: impl ExactSizeIterator<Item = (&'a str, Vec<u32>)>) -> Self {
-        // At most half full, so probe sequences stay short.
-        let capacity = (entries.len() * 2).next_power_of_two().max(16);
+        let mask = entries.len().next_power_of_two() - 1;
+        let mut entries: Vec<(usize, &str, Vec<u32>)> = (entries)
+            .map(|(key, row)| (hash(key.as_bytes()) as usize & mask, key, row))
+            .collect();
+        // Stable, so that the first of repeated keys comes first in its bucket.
+        let mut order: Vec<usize> = (0..entries.len()).collect();
+        order.sort_by_key(|&i| entries[i].0);
         let mut map = KeyedRows {
             words: Vec::new(),
-            table: vec![0; capacity],
-            rows: Vec::with_capacity(entries.len()),
+            buckets: vec![0; mask + 2],
+            rows: vec![(0, 0); entries.len()],
         };
-        for (key, row) in entries {
-            let h = hash(key.as_bytes());
-            let mut at = h as usize & (capacity - 1);
-            let existing = loop {
-                match map.table[at] {
-                    0 => break None,
-                    entry => match map.block(entry, h, key) {
-                        Some(found) => break Some(found),
-                        None => at = (at + 1) & (capacity - 1),
-                    },
-                }
-            };
-            let found = existing.unwrap_or_else(|| {
-                map.table[at] = (h & !0xffff_ffff) | u64::from(slot(map.words.len() + 1));
-                map.words.push(slot(key.len()));
-                map.words.extend(key_words(key.as_bytes()));
-                map.words.push(slot(row.len()));
-                let start = map.words.len();
-                map.words.extend(row);
-                start..map.words.len()
-            });
-            map.rows.push((slot(found.start), slot(found.end)));
+        let mut order = order.into_iter().peekable();
+        for bucket in 0..=mask {
+            let opened = map.words.len();
+            map.buckets[bucket] = slot(opened);
+            while let Some(i) = order.next_if(|&i| entries[i].0 == bucket) {
+                let (_, key, row) = &mut entries[i];
+                let found = map.find_from(opened..map.words.len(), key);
+                let found = found.unwrap_or_else(|| {
+                    map.words.push(slot(key.len()));
+                    map.words.extend(key_words(key.as_bytes()));
+                    map.words.push(slot(row.len()));
+                    let start = map.words.len();
+                    map.words.append(row);
+                    start..map.words.len()
+                });
+                map.rows[i] = (slot(found.start), slot(found.end));
+            }
         }
+        map.buckets[mask + 1] = slot(map.words.len());
         map.words.shrink_to_fit();
         map
     }
@@ -80,42 +84,33 @@ impl KeyedRows {
     }
 
     /// Where the row of `key` is in `words`.
-    fn find(&self, key: &str) -> Option<std::ops::Range<usize>> {
-        let mask = self.table.len() - 1;
-        let h = hash(key.as_bytes());
-        let mut at = h as usize & mask;
-        loop {
-            let entry = self.table[at];
-            if entry == 0 {
-                return None;
-            }
-            if let Some(row) = self.block(entry, h, key) {
-                return Some(row);
-            }
-            at = (at + 1) & mask;
-        }
+    fn find(&self, key: &str) -> Option<Range<usize>> {
+        let b = hash(key.as_bytes()) as usize & (self.buckets.len() - 2);
+        self.find_from(self.buckets[b] as usize..self.buckets[b + 1] as usize, key)
     }
 
-    /// Where the row of a non-empty table entry is, if the entry holds `key` (whose hash is
-    /// `h`).
-    fn block(&self, entry: u64, h: u64, key: &str) -> Option<std::ops::Range<usize>> {
-        if entry >> 32 != h >> 32 {
-            return None;
-        }
-        let start = (entry as u32 - 1) as usize;
-        let block = &self.words[start..];
+    /// Where the row of `key` is, looking through the blocks in `blocks`.
+    fn find_from(&self, blocks: Range<usize>, key: &str) -> Option<Range<usize>> {
         let key_words = key.len().div_ceil(4);
-        if block[0] as usize != key.len() || !key_words_eq(&block[1..=key_words], key.as_bytes()) {
-            return None;
+        let mut at = blocks.start;
+        while at < blocks.end {
+            let len_words = (self.words[at] as usize).div_ceil(4);
+            let row_len = self.words[at + 1 + len_words] as usize;
+            let row = at + 2 + len_words;
+            if self.words[at] as usize == key.len()
+                && key_words_eq(&self.words[at + 1..=at + key_words], key.as_bytes())
+            {
+                return Some(row..row + row_len);
+            }
+            at = row + row_len;
         }
-        let row = start + 2 + key_words;
-        Some(row..row + block[1 + key_words] as usize)
+        None
     }
 
     /// Heap bytes held, for capacity planning.
     pub(crate) fn heap_bytes(&self) -> usize {
         self.words.capacity() * size_of::<u32>()
-            + self.table.capacity() * size_of::<u64>()
+            + self.buckets.capacity() * size_of::<u32>()
             + self.rows.capacity() * size_of::<(u32, u32)>()
     }
 }
@@ -134,7 +129,7 @@ fn key_words_eq(words: &[u32], key: &[u8]) -> bool {
 }
 
 /// A fast 64-bit string hash: eight bytes at a time, then the MurmurHash3 finalizer so that
-/// both the low bits (the table position) and the high bits (the tag) are well mixed.
+/// the low bits (the bucket) are well mixed.
 fn hash(bytes: &[u8]) -> u64 {
     const K: u64 = 0x9e37_79b9_7f4a_7c15;
     let mix = |h: u64, word: u64| (h ^ word).wrapping_mul(K).rotate_left(29);

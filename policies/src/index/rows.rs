@@ -1,10 +1,10 @@
-//! Sorted lists of small integers packed into one allocation, and the set operations on them
-//! that the index answers questions with.
+//! Sorted lists of small integers, the set operations on them that the index answers
+//! questions with, and tables of such lists packed into one allocation.
 //!
 //! Every relation of the index (identity to policies, service to policies, policy to services,
-//! policy to identities) is a table of rows of sorted `u32` slots. Packing them back to back
-//! (compressed sparse rows) keeps a 100,000-identity index to a handful of allocations and each
-//! row contiguous in memory.
+//! policy to identities) is made of sorted lists of `u32` slots. Packing a table of them back
+//! to back (compressed sparse rows) keeps a 100,000-identity index to a handful of allocations
+//! and each row contiguous in memory.
 
 /// A table of rows, each a sorted, duplicate-free list of slots.
 #[derive(Debug, Clone)]
