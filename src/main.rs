@@ -120,6 +120,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.advertise = advertise;
             cfg.controller = cli.controller.clone();
             cfg.stale_after = stale_after;
+            cfg.identity_path = Some(dir.join(ROUTER_FILE));
             let router = umbra_edge_router::Router::start(cfg).await?;
             println!("router listening on {} (udp)", router.local_addr());
             shutdown_signal().await;
@@ -145,6 +146,7 @@ async fn tunnel(
 ) -> anyhow::Result<()> {
     let file = umbra_pki::IdentityFile::load(&identity)?;
     let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
+    ctx.set_identity_path(&identity);
     let cfg = umbra_tunneler::TunnelerConfig {
         controller,
         hosts_file,
@@ -229,11 +231,9 @@ async fn quickstart(
         Some(l) => std::net::SocketAddr::new(l.ip(), 0),
         None => "127.0.0.1:3022".parse()?,
     };
-    let router = umbra_edge_router::Router::start(umbra_edge_router::RouterConfig::new(
-        identity,
-        router_listen,
-    ))
-    .await?;
+    let mut router_cfg = umbra_edge_router::RouterConfig::new(identity, router_listen);
+    router_cfg.identity_path = Some(router_path.clone());
+    let router = umbra_edge_router::Router::start(router_cfg).await?;
 
     let admin = dir.join(umbra_controller::files::ADMIN);
     println!(

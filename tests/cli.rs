@@ -282,3 +282,24 @@ fn the_demo_runs_its_whole_story() {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_never_lands_in_a_readable_file() {
+    let t = TestController::start().await;
+    let path = t.path("agent.jwt");
+    std::fs::write(&path, "old").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let o = t.umbra(&[
+        "identity",
+        "create",
+        "agent-1",
+        "-o",
+        path.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(std::fs::read_to_string(&path).unwrap().starts_with("eyJ"));
+}

@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
 ";
 
+/// The most deltas replayed to a resuming follower; further behind, it gets a snapshot.
+pub const MAX_REPLAY: u64 = 10_000;
+
 /// An audit record before it is stored.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
@@ -203,8 +206,12 @@ impl Store {
         Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
     }
 
-    /// The changes after `seq`, in order, or `None` when they are no longer all kept.
+    /// The changes after `seq`, in order, or `None` when they are no longer all kept or are
+    /// more than [`MAX_REPLAY`] (a snapshot is then cheaper and bounded).
     pub fn changes_since(&self, seq: u64) -> Result<Option<Vec<Delta>>, ControllerError> {
+        if self.last_seq()?.saturating_sub(seq) > MAX_REPLAY {
+            return Ok(None);
+        }
         let first: Option<i64> = self
             .conn
             .query_row("SELECT MIN(seq) FROM changes", [], |r| r.get(0))?;

@@ -2,6 +2,7 @@
 //! make it hold.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use umbra_pki::IdentityFile;
@@ -55,8 +56,13 @@ impl Default for Limits {
 /// How to run a router.
 #[derive(Debug, Clone)]
 pub struct RouterConfig {
-    /// The router's own enrolled identity (kind `router`).
+    /// The router's own enrolled identity (kind `router`). The router renews its certificate
+    /// itself before it expires.
     pub identity: IdentityFile,
+    /// Where to save each renewal of `identity` (atomically, mode 0600), normally the file it
+    /// was loaded from, so that a restarted router starts from a valid certificate. `None`
+    /// keeps renewals in memory only.
+    pub identity_path: Option<PathBuf>,
     /// The UDP address to listen on.
     pub listen: SocketAddr,
     /// The `host:port` clients should use; defaults to the bound address.
@@ -75,6 +81,7 @@ impl RouterConfig {
     pub fn new(identity: IdentityFile, listen: SocketAddr) -> Self {
         RouterConfig {
             identity,
+            identity_path: None,
             listen,
             advertise: None,
             controller: None,

@@ -17,7 +17,7 @@ use tracing::Instrument;
 use umbra_proto::{
     ControlMessage, FrameDecoder, Replica, CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME,
 };
-use umbra_sdk::ControllerClient;
+use umbra_sdk::{ControllerClient, Credentials};
 
 use crate::policy::Policy;
 
@@ -27,7 +27,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Follows the controller until `cancel` fires.
 pub(crate) struct Follower {
+    /// Presents the router's newest certificate on each connection.
     pub client: ControllerClient,
+    /// The router's certificate renewals: each one ends the session, so that the channel is
+    /// always authenticated by a certificate that is still valid. The next session resumes
+    /// from the same sequence number, so nothing is missed and the policy is not withdrawn.
+    pub renewed: watch::Receiver<Arc<Credentials>>,
     pub advertise: String,
     pub stale_after: Duration,
     pub tx: watch::Sender<Option<Arc<Policy>>>,
@@ -51,6 +56,8 @@ enum SessionEnd {
     Eof,
     #[error("no message for {0:?}")]
     Silent(Duration),
+    #[error("the router's certificate was renewed; reconnecting with the new one")]
+    Renewed,
 }
 
 /// What the follower knows between sessions.
@@ -70,7 +77,8 @@ impl Follower {
         self.run_inner().instrument(span).await
     }
 
-    async fn run_inner(self) {
+    async fn run_inner(mut self) {
+        let cancel = self.cancel.clone();
         let mut local = Local {
             replica: None,
             last_heard: Instant::now(),
@@ -81,11 +89,15 @@ impl Follower {
             let heard_before = local.last_heard;
             let session = self.session(&mut local);
             let end = tokio::select! {
-                _ = self.cancel.cancelled() => return,
+                _ = cancel.cancelled() => return,
                 end = session => end,
             };
             match &end {
                 SessionEnd::Gap(_) | SessionEnd::NoBase => local.replica = None,
+                SessionEnd::Renewed => {
+                    tracing::info!("{end}");
+                    continue;
+                }
                 _ => {}
             }
             if local.last_heard > heard_before {
@@ -96,7 +108,7 @@ impl Follower {
             tracing::warn!(reason = %end, retry_in = ?pause, "control channel down");
             let wait = tokio::time::sleep(pause);
             tokio::select! {
-                _ = self.cancel.cancelled() => return,
+                _ = cancel.cancelled() => return,
                 _ = wait => {}
             }
             self.check_stale(&mut local);
@@ -120,7 +132,9 @@ impl Follower {
         path
     }
 
-    async fn session(&self, local: &mut Local) -> SessionEnd {
+    async fn session(&mut self, local: &mut Local) -> SessionEnd {
+        // A renewal before this session is already in the certificate it presents.
+        self.renewed.borrow_and_update();
         let path = self.path(local);
         let connect = self.client.stream(&path);
         let mut stream = match tokio::time::timeout(self.stale_after, connect).await {
@@ -137,6 +151,9 @@ impl Follower {
             let deadline = local.last_heard + self.stale_after;
             let chunk = tokio::select! {
                 c = stream.chunk() => c,
+                // An error would mean that nothing renews any more: the branch is then
+                // disabled and the session lasts as long as it can.
+                Ok(()) = self.renewed.changed() => return SessionEnd::Renewed,
                 _ = tokio::time::sleep_until(deadline) => {
                     self.check_stale(local);
                     return SessionEnd::Silent(self.stale_after);

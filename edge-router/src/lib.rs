@@ -7,6 +7,11 @@
 //! connection and stream watches the policy and ends itself, with `codes::REVOKED`, the moment
 //! the policy no longer allows it.
 //!
+//! The router renews its own short-lived certificate before it expires (`umbra_sdk`'s
+//! `RenewingIdentity`): new handshakes get the renewed certificate at once
+//! (`Endpoint::set_server_config`), established connections keep theirs, and the control channel
+//! reconnects with it.
+//!
 //! It must never: trust anything in a request frame for identity, serve a policy older than
 //! `stale_after` without word from the controller, dial an internal address for a service named
 //! by DNS name, or let a peer grow anything without a bound.
@@ -31,8 +36,9 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use umbra_pki::{ClientAuth, ServerCredentials};
+use umbra_pki::{ClientAuth, IdentityFile, ServerCredentials};
 use umbra_policies::IdentityKind;
+use umbra_sdk::{Credentials, RenewingIdentity};
 
 pub use config::{Limits, RouterConfig};
 pub use error::RouterError;
@@ -49,6 +55,7 @@ pub struct Router;
 pub struct RouterHandle {
     local_addr: SocketAddr,
     policy: PolicyRx,
+    identity: RenewingIdentity,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
     endpoint: quinn::Endpoint,
@@ -65,16 +72,14 @@ impl Router {
             return Err(RouterError::NotARouter(identity.spiffe().to_string()));
         }
         let (tx, rx) = watch::channel(None);
-        let roots = umbra_pki::parse_pem_chain(&identity.ca_pem)?;
-        let tls = umbra_pki::server_config(
-            ServerCredentials::from_identity(identity)?,
-            ClientAuth::Required {
-                roots,
-                revoked: Arc::new(policy::LiveRevocations(rx.clone())),
-            },
-            &[umbra_proto::stream::ALPN],
-        )?;
-        let server_config = server::quinn_config(tls, &cfg.limits)?;
+        let tls = TlsFactory {
+            roots: umbra_pki::parse_pem_chain(&identity.ca_pem)?,
+            policy: rx.clone(),
+            limits: cfg.limits.clone(),
+        };
+        let server_config = tls.build(identity)?;
+        let live = RenewingIdentity::new(identity.clone(), cfg.controller.as_deref())?;
+        live.set_path(cfg.identity_path.clone());
         let endpoint = quinn::Endpoint::server(server_config, cfg.listen).map_err(|source| {
             RouterError::Bind {
                 addr: cfg.listen,
@@ -92,19 +97,25 @@ impl Router {
             .advertise
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
-        let client =
-            umbra_sdk::ControllerClient::for_identity(identity, cfg.controller.as_deref())?;
 
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let follower = control::Follower {
-            client,
+            client: live.controller(),
+            renewed: live.subscribe(),
             advertise: advertise.clone(),
             stale_after: cfg.stale_after,
             tx,
             cancel: cancel.clone(),
         };
         tasks.spawn(follower.run());
+        tasks.spawn(live.clone().run(cancel.clone()));
+        tasks.spawn(swap_credentials(
+            live.subscribe(),
+            tls,
+            endpoint.clone(),
+            cancel.clone(),
+        ));
         let shared = Arc::new(server::Shared::new(cfg.limits.clone(), rx.clone()));
         tasks.spawn(server::accept_loop(
             endpoint.clone(),
@@ -115,11 +126,63 @@ impl Router {
         Ok(RouterHandle {
             local_addr,
             policy: rx,
+            identity: live,
             cancel,
             tasks,
             endpoint,
             shared,
         })
+    }
+}
+
+/// Builds the QUIC server configuration for one certificate of the router: the same client
+/// authentication (the controller's root, the live policy at the handshake) and limits every
+/// time, so that a renewal changes nothing but the certificate presented.
+struct TlsFactory {
+    roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    policy: PolicyRx,
+    limits: Limits,
+}
+
+impl TlsFactory {
+    fn build(&self, identity: &IdentityFile) -> Result<quinn::ServerConfig, RouterError> {
+        let tls = umbra_pki::server_config(
+            ServerCredentials::from_identity(identity)?,
+            ClientAuth::Required {
+                roots: self.roots.clone(),
+                revoked: Arc::new(policy::LiveRevocations(self.policy.clone())),
+            },
+            &[umbra_proto::stream::ALPN],
+        )?;
+        server::quinn_config(tls, &self.limits)
+    }
+}
+
+/// Presents each renewed certificate to new handshakes; connections already established keep
+/// the keys they negotiated and are unaffected.
+async fn swap_credentials(
+    mut renewed: watch::Receiver<Arc<Credentials>>,
+    tls: TlsFactory,
+    endpoint: quinn::Endpoint,
+    cancel: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            changed = renewed.changed() => if changed.is_err() { return },
+        }
+        let creds = Arc::clone(&renewed.borrow_and_update());
+        match tls.build(creds.identity()) {
+            Ok(cfg) => {
+                endpoint.set_server_config(Some(cfg));
+                tracing::info!(serial = %creds.leaf().serial, not_after = creds.leaf().not_after.0, "serving with the renewed certificate");
+            }
+            // Cannot happen for credentials that passed `Credentials::new`; keep the old
+            // certificate, which the next renewal replaces.
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve with the renewed certificate");
+            }
+        }
     }
 }
 
@@ -132,6 +195,11 @@ impl RouterHandle {
     /// A receiver of the current policy (`None` while failing closed).
     pub fn policy(&self) -> PolicyRx {
         self.policy.clone()
+    }
+
+    /// The router's current credentials; the receiver sees every renewal.
+    pub fn credentials(&self) -> watch::Receiver<Arc<Credentials>> {
+        self.identity.subscribe()
     }
 
     /// The allow / deny / terminate counters so far.

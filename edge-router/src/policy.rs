@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use umbra_pki::{PeerCert, RevocationCheck, Serial};
+use umbra_pki::{CertificateError, PeerCert, RevocationCheck, Serial};
 use umbra_policies::{Identity, IdentityId, IdentityKind, Index, Timestamp};
 use umbra_proto::Replica;
 
@@ -44,6 +44,18 @@ pub enum Refusal {
     /// The certificate's serial is revoked.
     #[error("certificate revoked")]
     CertRevoked,
+}
+
+impl Refusal {
+    /// The reason in a few words (what `Display` prints).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Refusal::Unknown => "unknown identity",
+            Refusal::WrongKind => "identity kind may not connect",
+            Refusal::Inactive => "identity is not active",
+            Refusal::CertRevoked => "certificate revoked",
+        }
+    }
 }
 
 impl Policy {
@@ -106,6 +118,26 @@ impl RevocationCheck for LiveRevocations {
             .borrow()
             .as_ref()
             .is_some_and(|p| p.is_revoked(serial))
+    }
+
+    /// The whole admission check at the handshake: an unknown, disabled, expired or non-agent
+    /// identity never gets a connection, so it cannot even learn that the router speaks the
+    /// data-plane protocol. The same check runs again after the handshake and on every policy
+    /// change; this one only moves the first refusal earlier.
+    fn admit(&self, peer: &PeerCert) -> Result<(), CertificateError> {
+        let policy = self.0.borrow();
+        // No policy: admitted here, refused right after (see `is_revoked`).
+        let Some(p) = policy.as_ref() else {
+            return Ok(());
+        };
+        match p.admit(peer, now()) {
+            Ok(_) => Ok(()),
+            Err(Refusal::CertRevoked) => Err(CertificateError::Revoked),
+            Err(why) => Err(CertificateError::NotAdmitted {
+                spiffe: peer.spiffe.to_string(),
+                reason: why.as_str(),
+            }),
+        }
     }
 }
 
@@ -227,5 +259,32 @@ mod tests {
         tx.send_replace(Some(Arc::new(policy())));
         assert!(check.is_revoked(&nine));
         assert!(!check.is_revoked(&Serial::from_bytes(&[1])));
+    }
+
+    #[test]
+    fn the_handshake_refuses_unknown_disabled_and_revoked_identities() {
+        let (tx, rx) = watch::channel(None);
+        let check = LiveRevocations(rx);
+        // No policy yet: refused after the handshake, with a code that says "try elsewhere".
+        assert_eq!(check.admit(&peer("ghost", IdentityKind::Agent, 1)), Ok(()));
+        tx.send_replace(Some(Arc::new(policy())));
+        assert_eq!(check.admit(&peer("a", IdentityKind::Agent, 1)), Ok(()));
+        assert_eq!(
+            check.admit(&peer("a", IdentityKind::Agent, 9)),
+            Err(CertificateError::Revoked)
+        );
+        for (name, kind) in [
+            ("ghost", IdentityKind::Agent),
+            ("off", IdentityKind::Agent),
+            ("r", IdentityKind::Router),
+        ] {
+            assert!(
+                matches!(
+                    check.admit(&peer(name, kind, 1)),
+                    Err(CertificateError::NotAdmitted { .. })
+                ),
+                "{name}"
+            );
+        }
     }
 }

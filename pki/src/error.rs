@@ -148,6 +148,15 @@ pub enum CertificateError {
     /// The certificate's serial number is on the revocation list.
     #[error("the certificate has been revoked")]
     Revoked,
+    /// The certificate is valid, but the identity it names may not connect here (unknown to
+    /// the server's policy, disabled, expired, or of a kind this server does not serve).
+    #[error("the identity {spiffe} is not admitted: {reason}")]
+    NotAdmitted {
+        /// The SPIFFE id in the certificate.
+        spiffe: String,
+        /// Why, in a few words.
+        reason: &'static str,
+    },
     /// The peer's certificate names an identity the caller did not expect.
     #[error("unexpected peer identity {found}")]
     UnexpectedPeer {

@@ -2,8 +2,9 @@
 //! explicitly, and certificate verifiers that know about SPIFFE ids and revocation.
 //!
 //! - [`server_config`]: the controller's and routers' servers, optionally requiring a client
-//!   certificate that chains to the CA, carries a SPIFFE id of the CA's trust domain and is not
-//!   revoked (checked at the handshake, so a revoked identity cannot even connect).
+//!   certificate that chains to the CA, carries a SPIFFE id of the CA's trust domain and is
+//!   admitted by a [`RevocationCheck`] (not revoked, and for a router: a known, active
+//!   identity), checked at the handshake so that a refused identity cannot even connect.
 //! - [`client_config_pinned`]: an enrollee's first contact, trusting only the CA whose
 //!   fingerprint came in the enrollment token.
 //! - [`client_config`]: an enrolled identity talking to the controller (checked by DNS name).
@@ -36,11 +37,28 @@ use crate::identity_file::IdentityFile;
 use crate::serial::Serial;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
-/// Decides whether a certificate serial has been revoked. The controller implements it over its
-/// revocation list; it is consulted on every handshake, so it must be fast and must not block.
+/// Decides, during a handshake, whether a verified client certificate may connect. The
+/// controller implements it over its revocation list; a router over its whole policy, so that an
+/// unknown or disabled identity is refused at the handshake rather than just after it. It is
+/// consulted on every handshake, so it must be fast and must not block.
 pub trait RevocationCheck: Send + Sync + fmt::Debug {
     /// Whether the certificate with `serial` has been revoked.
     fn is_revoked(&self, serial: &Serial) -> bool;
+
+    /// Whether the holder of `peer` (a certificate that already chains to a trusted root and
+    /// names a SPIFFE id of a trusted trust domain) may complete the handshake.
+    ///
+    /// The default refuses revoked serials only, which is all a revocation list knows.
+    /// Implementations that know more (which identities exist and are active) override it and
+    /// return [`CertificateError::NotAdmitted`] for identities they refuse; a revoked
+    /// certificate should still be [`CertificateError::Revoked`], so that the client learns
+    /// that it was revoked.
+    fn admit(&self, peer: &PeerCert) -> Result<(), CertificateError> {
+        if self.is_revoked(&peer.serial) {
+            return Err(CertificateError::Revoked);
+        }
+        Ok(())
+    }
 }
 
 /// Whether and how a server authenticates its clients.
@@ -50,7 +68,8 @@ pub enum ClientAuth {
     None,
     /// A client certificate is mandatory. It must chain to one of `roots` (webpki, clientAuth
     /// EKU, validity), carry exactly one SPIFFE id whose trust domain is one of the roots'
-    /// (`spiffe://TD` URI SAN of the CA certificate), and its serial must not be revoked.
+    /// (`spiffe://TD` URI SAN of the CA certificate), and `revoked` must admit it (see
+    /// [`RevocationCheck::admit`]).
     Required {
         /// The CA certificates to trust (normally the one root).
         roots: Vec<CertificateDer<'static>>,
@@ -283,11 +302,17 @@ impl ClientCertVerifier for SpiffeClientVerifier {
                 found: peer.spiffe.to_string(),
             }));
         }
-        if self.revoked.is_revoked(&peer.serial) {
-            tracing::info!(spiffe = %peer.spiffe, serial = %peer.serial, "revoked client certificate refused");
-            return Err(rustls::Error::InvalidCertificate(TlsCertError::Revoked));
+        match self.revoked.admit(&peer) {
+            Ok(()) => Ok(verified),
+            Err(CertificateError::Revoked) => {
+                tracing::info!(spiffe = %peer.spiffe, serial = %peer.serial, "revoked client certificate refused");
+                Err(rustls::Error::InvalidCertificate(TlsCertError::Revoked))
+            }
+            Err(e) => {
+                tracing::info!(spiffe = %peer.spiffe, serial = %peer.serial, reason = %e, "client identity not admitted");
+                Err(tls_cert_error(e))
+            }
         }
-        Ok(verified)
     }
 
     fn verify_tls12_signature(

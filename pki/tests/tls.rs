@@ -223,6 +223,64 @@ fn mutual_tls_refuses_a_revoked_certificate() {
     .expect("not revoked");
 }
 
+/// Admits only the names it lists: a router's whole-identity check, in miniature.
+#[derive(Debug)]
+struct OnlyNamed(&'static [&'static str]);
+
+impl RevocationCheck for OnlyNamed {
+    fn is_revoked(&self, _: &Serial) -> bool {
+        false
+    }
+
+    fn admit(&self, peer: &umbra_pki::PeerCert) -> Result<(), CertificateError> {
+        if self.0.contains(&peer.spiffe.name().as_str()) {
+            return Ok(());
+        }
+        Err(CertificateError::NotAdmitted {
+            spiffe: peer.spiffe.to_string(),
+            reason: "unknown identity",
+        })
+    }
+}
+
+#[test]
+fn mutual_tls_asks_the_check_to_admit_the_whole_identity() {
+    let ca = ca();
+    let server = controller_server(
+        &ca,
+        ClientAuth::Required {
+            roots: vec![ca.root_der().clone()],
+            revoked: Arc::new(OnlyNamed(&["agent-1"])),
+        },
+    );
+    let known = enroll(&ca, IdentityKind::Agent, "agent-1");
+    handshake(
+        client_config(&known, ALPN).expect("client"),
+        server.clone(),
+        CONTROLLER_SERVER_NAME,
+    )
+    .expect("admitted");
+    // A valid certificate of the right CA, for an identity the check does not admit: refused
+    // during the handshake, with the typed reason.
+    let stranger = enroll(&ca, IdentityKind::Agent, "agent-2");
+    let err = handshake(
+        client_config(&stranger, ALPN).expect("client"),
+        server,
+        CONTROLLER_SERVER_NAME,
+    )
+    .expect_err("not admitted");
+    assert!(
+        matches!(
+            pki_cause(err),
+            CertificateError::NotAdmitted {
+                reason: "unknown identity",
+                ..
+            }
+        ),
+        "the typed reason reaches the server"
+    );
+}
+
 #[test]
 fn mutual_tls_refuses_an_expired_certificate() {
     let ca = ca();

@@ -21,7 +21,8 @@ pub struct ErrorBody {
 }
 
 /// `POST /v1/enroll`: a one-time token and a CSR; the private key stays with the enrollee.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollRequest {
     /// The enrollment token (compact JWT).
@@ -83,8 +84,8 @@ fn default_kind() -> IdentityKind {
     IdentityKind::Agent
 }
 
-/// A created identity and its one-time enrollment token.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A created identity and its one-time enrollment token. `Debug` leaves the token out.
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenResponse {
     /// The identity.
@@ -251,4 +252,37 @@ pub struct EdgeService {
     pub dial: bool,
     /// Whether the identity may host it.
     pub bind: bool,
+}
+
+impl std::fmt::Debug for EnrollRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EnrollRequest")
+            .field("token", &"...")
+            .field("csr_len", &self.csr.len())
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for TokenResponse {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenResponse")
+            .field("identity", &self.identity)
+            .field("token", &"...")
+            .field("token_expires_at", &self.token_expires_at)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_never_shows_a_token() {
+        let req = EnrollRequest {
+            token: "eyJsecret".into(),
+            csr: "AAAA".into(),
+        };
+        assert!(!format!("{req:?}").contains("eyJsecret"));
+    }
 }

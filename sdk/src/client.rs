@@ -14,11 +14,13 @@ use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_rustls::TlsConnector;
 use umbra_pki::{IdentityFile, CONTROLLER_SERVER_NAME};
 use umbra_proto::api::ErrorBody;
 
 use crate::error::SdkError;
+use crate::renewal::Credentials;
 
 /// The largest response body read into memory.
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
@@ -32,7 +34,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ControllerClient {
     addr: String,
     server_name: &'static str,
-    tls: Arc<rustls::ClientConfig>,
+    tls: Tls,
+}
+
+/// Where a client's TLS configuration comes from.
+#[derive(Clone)]
+enum Tls {
+    /// One configuration for the client's whole life.
+    Fixed(Arc<rustls::ClientConfig>),
+    /// The current credentials of an identity that renews itself: every new connection
+    /// presents the newest certificate, so a long-lived client outlives any one certificate.
+    Live(watch::Receiver<Arc<Credentials>>),
+}
+
+impl Tls {
+    fn current(&self) -> Arc<rustls::ClientConfig> {
+        match self {
+            Tls::Fixed(c) => Arc::clone(c),
+            Tls::Live(rx) => rx.borrow().controller_tls(),
+        }
+    }
 }
 
 impl std::fmt::Debug for ControllerClient {
@@ -75,7 +96,17 @@ impl ControllerClient {
         ControllerClient {
             addr: addr.into(),
             server_name,
-            tls,
+            tls: Tls::Fixed(tls),
+        }
+    }
+
+    /// A client that authenticates with whatever certificate `credentials` holds when each
+    /// connection is made (see [`crate::RenewingIdentity::controller`]).
+    pub(crate) fn live(addr: String, credentials: watch::Receiver<Arc<Credentials>>) -> Self {
+        ControllerClient {
+            addr,
+            server_name: CONTROLLER_SERVER_NAME,
+            tls: Tls::Live(credentials),
         }
     }
 
@@ -111,7 +142,7 @@ impl ControllerClient {
             let _ = tcp.set_nodelay(true);
             let name = ServerName::try_from(self.server_name)
                 .map_err(|e| SdkError::Protocol(e.to_string()))?;
-            TlsConnector::from(self.tls.clone())
+            TlsConnector::from(self.tls.current())
                 .connect(name, tcp)
                 .await
                 .map_err(|source| SdkError::Handshake {

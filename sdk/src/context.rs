@@ -3,19 +3,29 @@
 //!
 //! Routers are learned from the controller (`GET /v1/edge`); one QUIC connection per router is
 //! kept and reused for every stream. A dial tries the connected routers first, then the others
-//! the controller lists, so one router going away costs a retry, not an outage.
+//! the controller lists, so one router going away costs a retry, not an outage. A router that
+//! could not be reached is tried again only after a backoff (100 ms doubling to 5 s) unless no
+//! other router works, so a dead router is not hammered and does not slow every dial.
+//!
+//! The context renews its own certificate in the background (see [`crate::RenewingIdentity`]).
+//! New connections, to routers and to the controller, present the newest certificate; a
+//! connection made with an older one keeps serving its streams until it ends (a router ends it
+//! when that certificate expires), while new streams go over a connection made with the new one.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::Method;
 use quinn::crypto::rustls::QuicClientConfig;
 use quinn::{Connection, Endpoint, VarInt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use umbra_pki::{ExpectedServer, IdentityFile};
+use umbra_pki::{ExpectedServer, IdentityFile, Serial};
 use umbra_policies::{IdentityId, IdentityKind, Name};
 use umbra_proto::api::{EdgeService, EdgeView};
 use umbra_proto::stream::{
@@ -27,6 +37,7 @@ use umbra_proto::FrameDecoder;
 use crate::client::{ControllerClient, ResponseStream};
 use crate::error::SdkError;
 use crate::listener::Listener;
+use crate::renewal::{Credentials, RenewingIdentity};
 use crate::stream::{connection_error, read_error, write_error, Stream};
 
 /// Connecting to a router, handshake included.
@@ -41,6 +52,9 @@ const ACCEPT_BACKLOG: usize = 128;
 const MAX_EDGE_FRAME: usize = 16 * 1024 * 1024;
 /// The TLS server name sent to routers (only SNI; routers are checked by SPIFFE id).
 const ROUTER_SERVER_NAME: &str = "router.umbra";
+/// First and largest pause before connecting again to a router that could not be reached.
+const RECONNECT_MIN: Duration = Duration::from_millis(100);
+const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
 /// Who is calling an SDK-hosted service, as the router's handshake verified it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,11 +76,21 @@ pub struct Context {
 }
 
 struct Inner {
-    identity: IdentityFile,
+    /// The identity as given to the context (see [`Context::identity`]).
+    original: IdentityFile,
+    /// The current credentials and their renewal.
+    live: RenewingIdentity,
+    /// Whether the renewal task has been spawned (it needs a runtime; see `start_renewal`).
+    renewing: AtomicBool,
     controller: ControllerClient,
-    quic: quinn::ClientConfig,
+    transport: Arc<quinn::TransportConfig>,
+    /// The QUIC client configuration of the newest credentials, built once per certificate.
+    quic: Mutex<Option<(Arc<Credentials>, quinn::ClientConfig)>>,
     endpoints: Mutex<(Option<Endpoint>, Option<Endpoint>)>,
-    conns: Mutex<HashMap<String, Connection>>,
+    /// One connection per router, with the serial of the certificate it was made with.
+    conns: Mutex<HashMap<String, (Connection, Serial)>>,
+    /// Routers that could not be reached: failures in a row, and when to try again.
+    backoff: Mutex<HashMap<String, (u32, Instant)>>,
     routers: Mutex<Vec<String>>,
     listeners: Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>>,
     cancel: CancellationToken,
@@ -83,7 +107,7 @@ impl Drop for Inner {
 impl std::fmt::Debug for Context {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Context")
-            .field("identity", &self.inner.identity.spiffe().to_string())
+            .field("identity", &self.inner.original.spiffe().to_string())
             .finish_non_exhaustive()
     }
 }
@@ -99,19 +123,16 @@ impl Context {
     }
 
     /// Like [`Context::new`], with another controller address.
+    ///
+    /// The context renews its certificate in the background from then on (from the first
+    /// async call if it is created outside a Tokio runtime); see
+    /// [`Context::set_identity_path`] to persist renewals.
     pub fn with_controller(
         identity: IdentityFile,
         controller: Option<&str>,
     ) -> Result<Context, SdkError> {
-        let controller = ControllerClient::for_identity(&identity, controller)?;
-        let tls = umbra_pki::client_config_spiffe(
-            &identity,
-            ExpectedServer::AnyOfKind(IdentityKind::Router),
-            &[ALPN],
-        )?;
-        let crypto =
-            QuicClientConfig::try_from(tls).map_err(|e| SdkError::Protocol(e.to_string()))?;
-        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        let live = RenewingIdentity::new(identity.clone(), controller)?;
+        let controller = live.controller();
         let mut transport = quinn::TransportConfig::default();
         transport
             .keep_alive_interval(Some(Duration::from_secs(10)))
@@ -120,28 +141,104 @@ impl Context {
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .stream_receive_window(VarInt::from_u32(2 * 1024 * 1024))
             .receive_window(VarInt::from_u32(16 * 1024 * 1024));
-        quic.transport_config(Arc::new(transport));
-        Ok(Context {
+        let ctx = Context {
             inner: Arc::new(Inner {
-                identity,
+                original: identity,
+                live,
+                renewing: AtomicBool::new(false),
                 controller,
-                quic,
+                transport: Arc::new(transport),
+                quic: Mutex::new(None),
                 endpoints: Mutex::new((None, None)),
                 conns: Mutex::new(HashMap::new()),
+                backoff: Mutex::new(HashMap::new()),
                 routers: Mutex::new(Vec::new()),
                 listeners: Arc::new(Mutex::new(HashMap::new())),
                 cancel: CancellationToken::new(),
             }),
-        })
+        };
+        // Fail now, not at the first dial, if the identity cannot make a router configuration.
+        ctx.quic_config()?;
+        ctx.start_renewal();
+        Ok(ctx)
     }
 
-    /// The identity this context acts as.
+    /// Spawns the renewal task once, if a Tokio runtime is available. The task holds the
+    /// renewal state, not the context, and ends when the context is dropped.
+    fn start_renewal(&self) {
+        if self.inner.renewing.load(Ordering::Relaxed) {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if !self.inner.renewing.swap(true, Ordering::AcqRel) {
+            rt.spawn(self.inner.live.clone().run(self.inner.cancel.child_token()));
+        }
+    }
+
+    /// The identity this context was created with. Its id, name, kind, trust domain, CA and
+    /// controller never change, but its certificate and key are the original ones: for the
+    /// newest, see [`Context::current_identity`].
     pub fn identity(&self) -> &IdentityFile {
-        &self.inner.identity
+        &self.inner.original
+    }
+
+    /// The identity with the newest certificate and key.
+    pub fn current_identity(&self) -> Arc<IdentityFile> {
+        self.inner.live.identity()
+    }
+
+    /// A receiver of this context's credentials, which sees every renewal.
+    pub fn watch_identity(&self) -> watch::Receiver<Arc<Credentials>> {
+        self.inner.live.subscribe()
+    }
+
+    /// Saves every renewal to `path` (atomically, mode 0600), normally the file the identity
+    /// was loaded from, so that a restarted process starts from a valid certificate.
+    pub fn set_identity_path(&self, path: impl Into<PathBuf>) {
+        self.inner.live.set_path(Some(path.into()));
+    }
+
+    /// Renews the certificate now instead of on schedule.
+    pub async fn renew_now(&self) -> Result<Arc<Credentials>, SdkError> {
+        self.start_renewal();
+        self.inner.live.renew_now().await
+    }
+
+    /// A controller client that always presents this context's newest certificate (build
+    /// long-lived controller clients with this, not from [`Context::identity`]).
+    pub fn controller(&self) -> ControllerClient {
+        self.start_renewal();
+        self.inner.controller.clone()
+    }
+
+    /// The QUIC client configuration for the newest credentials.
+    fn quic_config(&self) -> Result<(Serial, quinn::ClientConfig), SdkError> {
+        let creds = self.inner.live.current();
+        let serial = creds.leaf().serial.clone();
+        let mut cached = lock(&self.inner.quic);
+        if let Some((c, q)) = cached.as_ref() {
+            if Arc::ptr_eq(c, &creds) {
+                return Ok((serial, q.clone()));
+            }
+        }
+        let tls = umbra_pki::client_config_spiffe(
+            creds.identity(),
+            ExpectedServer::AnyOfKind(IdentityKind::Router),
+            &[ALPN],
+        )?;
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| SdkError::Protocol(e.to_string()))?;
+        let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
+        quic.transport_config(Arc::clone(&self.inner.transport));
+        *cached = Some((creds, quic.clone()));
+        Ok((serial, quic))
     }
 
     /// What this identity may use and where the routers are (`GET /v1/edge`).
     pub async fn edge(&self) -> Result<EdgeView, SdkError> {
+        self.start_renewal();
         self.inner
             .controller
             .call(Method::GET, "/v1/edge", None::<&()>)
@@ -162,6 +259,7 @@ impl Context {
     /// Follows this identity's view (`GET /v1/edge/watch`): the current one first, then each
     /// change, pushed by the controller. The watch ends when the identity loses its own access.
     pub async fn watch_edge(&self) -> Result<EdgeWatch, SdkError> {
+        self.start_renewal();
         let stream = self.inner.controller.stream("/v1/edge/watch").await?;
         Ok(EdgeWatch {
             stream,
@@ -183,9 +281,24 @@ impl Context {
         for refresh in [false, true] {
             let mut routers = self.routers(refresh).await?;
             {
-                // Routers we are connected to first: no handshake, and known to be up.
+                // Routers we are connected to first (no handshake, and known to be up), then
+                // those not known to be down, then those backing off after a failure.
                 let conns = lock(&self.inner.conns);
-                routers.sort_by_key(|a| conns.get(a).is_none_or(|c| c.close_reason().is_some()));
+                let backoff = lock(&self.inner.backoff);
+                let now = Instant::now();
+                routers.sort_by_key(|a| {
+                    if conns
+                        .get(a)
+                        .is_some_and(|(c, _)| c.close_reason().is_none())
+                    {
+                        (0, None)
+                    } else {
+                        match backoff.get(a) {
+                            Some((_, until)) if *until > now => (2, Some(*until)),
+                            _ => (1, None),
+                        }
+                    }
+                });
             }
             for addr in routers {
                 if !tried.insert(addr.clone()) {
@@ -213,7 +326,13 @@ impl Context {
         let result = request(&conn, Op::Dial, &name).await;
         if let Err(e) = &result {
             if e.try_another_router() && conn.close_reason().is_some() {
-                lock(&self.inner.conns).remove(router);
+                let mut conns = lock(&self.inner.conns);
+                if conns
+                    .get(router)
+                    .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
+                {
+                    conns.remove(router);
+                }
             }
         }
         result.map(|(send, recv)| Stream::new(send, recv, service.to_owned()))
@@ -229,7 +348,7 @@ impl Context {
         })?;
         let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
         lock(&self.inner.listeners).insert(name.clone(), tx);
-        match crate::listener::bind_all(self, &name, &HashSet::new()).await {
+        match crate::listener::bind_all(self, &name, &HashSet::new(), false).await {
             Ok(binds) if !binds.is_empty() => Ok(Listener::start(self.clone(), name, rx, binds)),
             Ok(_) => {
                 lock(&self.inner.listeners).remove(&name);
@@ -264,27 +383,91 @@ impl Context {
         Ok(addrs)
     }
 
-    /// The live connection to a router, connecting if there is none.
+    /// The live connection to a router made with the current certificate, connecting if there
+    /// is none. A connection made with an earlier certificate is left to its streams (and used
+    /// only while a new one cannot be made).
     pub(crate) async fn connection(&self, router: &str) -> Result<Connection, SdkError> {
-        if let Some(c) = lock(&self.inner.conns).get(router) {
+        self.connection_with(router, true).await.map(|(c, _)| c)
+    }
+
+    /// Like [`Context::connection`], also saying which certificate (serial) the connection was
+    /// made with; with `allow_older` false, only a connection made with the current one.
+    pub(crate) async fn connection_with(
+        &self,
+        router: &str,
+        allow_older: bool,
+    ) -> Result<(Connection, Serial), SdkError> {
+        self.start_renewal();
+        let (serial, quic) = self.quic_config()?;
+        // A live connection made with an earlier certificate: replaced, but still usable if
+        // a new connection cannot be made right now.
+        let mut older = None;
+        if let Some((c, s)) = lock(&self.inner.conns).get(router) {
             if c.close_reason().is_none() {
+                if *s == serial {
+                    return Ok((c.clone(), serial));
+                }
+                if allow_older {
+                    older = Some((c.clone(), s.clone()));
+                }
+            }
+        }
+        if let Some(c) = &older {
+            // Do not pay a failing connection attempt on every stream while backing off.
+            let waiting = lock(&self.inner.backoff)
+                .get(router)
+                .is_some_and(|(_, until)| *until > Instant::now());
+            if waiting {
                 return Ok(c.clone());
             }
         }
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(router))
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(router, quic))
             .await
-            .map_err(|_| SdkError::Timeout(router.to_owned()))??;
-        lock(&self.inner.conns).insert(router.to_owned(), conn.clone());
+            .map_err(|_| SdkError::Timeout(router.to_owned()))
+            .and_then(|r| r);
+        let conn = match result {
+            Ok(conn) => {
+                lock(&self.inner.backoff).remove(router);
+                conn
+            }
+            Err(e) => {
+                if e.try_another_router() {
+                    self.back_off(router);
+                }
+                if let Some(c) = older.filter(|(c, _)| c.close_reason().is_none()) {
+                    tracing::debug!(%router, error = %e, "reconnecting with the renewed certificate failed; using the earlier connection");
+                    return Ok(c);
+                }
+                return Err(e);
+            }
+        };
+        lock(&self.inner.conns).insert(router.to_owned(), (conn.clone(), serial.clone()));
         let listeners = Arc::clone(&self.inner.listeners);
         tokio::spawn(accept_incoming(
             conn.clone(),
             listeners,
             self.inner.cancel.clone(),
         ));
-        Ok(conn)
+        Ok((conn, serial))
     }
 
-    async fn connect(&self, router: &str) -> Result<Connection, SdkError> {
+    /// Records a failed connection to `router`: it is tried after the others until its backoff
+    /// (doubling with each failure in a row) has passed.
+    fn back_off(&self, router: &str) {
+        let mut backoff = lock(&self.inner.backoff);
+        let failures = backoff.get(router).map_or(0, |(n, _)| *n).saturating_add(1);
+        let pause = RECONNECT_MIN
+            .saturating_mul(1 << failures.saturating_sub(1).min(16))
+            .min(RECONNECT_MAX);
+        tracing::debug!(%router, failures, ?pause, "router unreachable; backing off");
+        backoff.insert(router.to_owned(), (failures, Instant::now() + pause));
+    }
+
+    async fn connect(
+        &self,
+        router: &str,
+        quic: quinn::ClientConfig,
+    ) -> Result<Connection, SdkError> {
         let unreachable = |source| SdkError::Unreachable {
             addr: router.to_owned(),
             source,
@@ -301,7 +484,7 @@ impl Context {
             })?;
         let endpoint = self.endpoint(addr)?;
         let connecting = endpoint
-            .connect_with(self.inner.quic.clone(), addr, ROUTER_SERVER_NAME)
+            .connect_with(quic, addr, ROUTER_SERVER_NAME)
             .map_err(|e| SdkError::Protocol(e.to_string()))?;
         let conn = connecting.await.map_err(|e| connection_error(&e, router))?;
         tracing::debug!(%router, "connected to router");

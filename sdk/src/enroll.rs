@@ -55,8 +55,16 @@ pub async fn enroll(
 /// Renews the identity's certificate with a fresh key, authenticating with the current one.
 /// Returns the updated identity file; the caller saves it.
 pub async fn renew(identity: &IdentityFile) -> Result<IdentityFile, SdkError> {
+    renew_via(identity, None).await
+}
+
+/// Like [`renew`], talking to `controller` instead of the address in the file (which is kept).
+pub(crate) async fn renew_via(
+    identity: &IdentityFile,
+    controller: Option<&str>,
+) -> Result<IdentityFile, SdkError> {
     let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
-    let client = ControllerClient::for_identity(identity, None)?;
+    let client = ControllerClient::for_identity(identity, controller)?;
     let req = RenewRequest {
         csr: base64::engine::general_purpose::STANDARD.encode(&key.csr_der),
     };

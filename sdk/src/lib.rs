@@ -1,7 +1,8 @@
 //! The Umbra SDK: what a program needs to be an Umbra identity.
 //!
 //! Enrollment (generate a key locally, send only a CSR with the one-time token over TLS pinned to
-//! the CA fingerprint the token carries), certificate renewal, a client for the controller's
+//! the CA fingerprint the token carries), certificate renewal (automatic in a [`Context`], or
+//! for any long-running process with [`RenewingIdentity`]), a client for the controller's
 //! HTTPS API, and the data plane: [`Context::dial`] opens a stream to a service through an edge
 //! router, [`Context::bind`] hosts one with no listening port.
 //!
@@ -15,6 +16,7 @@ mod context;
 mod enroll;
 mod error;
 mod listener;
+mod renewal;
 mod stream;
 
 pub use client::{ControllerClient, ResponseStream};
@@ -22,4 +24,7 @@ pub use context::{Caller, Context, EdgeWatch};
 pub use enroll::{enroll, renew};
 pub use error::SdkError;
 pub use listener::Listener;
+pub use renewal::{
+    renewal_delay, Credentials, RenewingIdentity, ISSUE_BACKDATE, MIN_RENEW_INTERVAL,
+};
 pub use stream::Stream;

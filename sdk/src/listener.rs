@@ -1,12 +1,13 @@
 //! Hosting a service through routers: the registrations (`Op::Bind` streams, one per router)
 //! and the task that keeps them alive.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use quinn::{RecvStream, SendStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{AbortHandle, JoinSet};
+use umbra_pki::Serial;
 use umbra_policies::Name;
 use umbra_proto::stream::Op;
 
@@ -23,23 +24,27 @@ const REBIND_MAX: Duration = Duration::from_secs(5);
 /// One router's registration.
 pub(crate) struct Binding {
     router: String,
+    /// The certificate the connection carrying it was made with.
+    serial: Serial,
     send: SendStream,
     recv: RecvStream,
 }
 
 /// Registers `service` with every listed router not in `skip`. Refusals by policy are
-/// returned at once; routers that cannot be reached are left for later.
+/// returned at once; routers that cannot be reached are left for later. With `fresh`, only
+/// over connections made with the current certificate.
 pub(crate) async fn bind_all(
     ctx: &Context,
     service: &Name,
     skip: &HashSet<String>,
+    fresh: bool,
 ) -> Result<Vec<Binding>, SdkError> {
     let mut binds = Vec::new();
     for router in ctx.routers(true).await? {
         if skip.contains(&router) {
             continue;
         }
-        let conn = match ctx.connection(&router).await {
+        let (conn, serial) = match ctx.connection_with(&router, !fresh).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::debug!(%router, error = %e, "router unreachable; will bind later");
@@ -47,7 +52,12 @@ pub(crate) async fn bind_all(
             }
         };
         match request(&conn, Op::Bind, service).await {
-            Ok((send, recv)) => binds.push(Binding { router, send, recv }),
+            Ok((send, recv)) => binds.push(Binding {
+                router,
+                serial,
+                send,
+                recv,
+            }),
             Err(e) if e.try_another_router() => {
                 tracing::debug!(%router, error = %e, "bind failed; will retry")
             }
@@ -125,27 +135,52 @@ impl Drop for Listener {
 
 /// Holds the registrations; binds again where one is lost, and on new routers. Ends (closing
 /// the listener) when binding is refused by policy.
+///
+/// After a certificate renewal it registers again over connections made with the new
+/// certificate, and only then drops each router's old registration: a router closes a
+/// connection when the certificate it was made with expires, and callers should not see that
+/// moment. (A router takes one registration per service per connection, so the two are never on
+/// the same connection.)
 async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
     let mut held_binds = JoinSet::new();
-    let mut bound = HashSet::new();
+    // Each router's registration: the task holding it, and the certificate it was made with.
+    let mut bound: HashMap<String, (AbortHandle, Serial)> = HashMap::new();
     for b in binds {
-        bound.insert(b.router.clone());
-        held_binds.spawn(held(b));
+        let (router, serial) = (b.router.clone(), b.serial.clone());
+        bound.insert(router, (held_binds.spawn(held(b)), serial));
     }
+    let mut renewals = ctx.watch_identity();
+    renewals.borrow_and_update();
     let mut backoff = REBIND_MIN;
     loop {
-        let wait = tokio::select! {
-            Some(ended) = held_binds.join_next(), if !held_binds.is_empty() => {
-                if let Ok((router, why)) = ended {
-                    tracing::info!(%router, service = %service, reason = %why, "registration lost");
-                    bound.remove(&router);
+        let (wait, renewed) = tokio::select! {
+            Some(ended) = held_binds.join_next_with_id(), if !held_binds.is_empty() => {
+                // A registration replaced after a renewal was aborted: not a loss.
+                if let Ok((id, (router, why))) = ended {
+                    if bound.get(&router).is_some_and(|(h, _)| h.id() == id) {
+                        tracing::info!(%router, service = %service, reason = %why, "registration lost");
+                        bound.remove(&router);
+                    }
                 }
-                backoff
+                (backoff, false)
             }
-            _ = tokio::time::sleep(REFRESH) => Duration::ZERO,
+            Ok(()) = renewals.changed() => {
+                renewals.borrow_and_update();
+                (Duration::ZERO, true)
+            }
+            _ = tokio::time::sleep(REFRESH) => (Duration::ZERO, false),
         };
         tokio::time::sleep(wait).await;
-        match bind_all(&ctx, &service, &bound).await {
+        let skip: HashSet<String> = if renewed {
+            let current = ctx.watch_identity().borrow().leaf().serial.clone();
+            (bound.iter())
+                .filter(|(_, (_, serial))| *serial == current)
+                .map(|(router, _)| router.clone())
+                .collect()
+        } else {
+            bound.keys().cloned().collect()
+        };
+        match bind_all(&ctx, &service, &skip, renewed).await {
             Ok(new) => {
                 backoff = if new.is_empty() {
                     (backoff * 2).min(REBIND_MAX)
@@ -153,9 +188,13 @@ async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
                     REBIND_MIN
                 };
                 for b in new {
-                    tracing::info!(router = %b.router, service = %service, "registered");
-                    bound.insert(b.router.clone());
-                    held_binds.spawn(held(b));
+                    tracing::info!(router = %b.router, service = %service, serial = %b.serial, "registered");
+                    let (router, serial) = (b.router.clone(), b.serial.clone());
+                    let handle = held_binds.spawn(held(b));
+                    if let Some((old, _)) = bound.insert(router, (handle, serial)) {
+                        // Both took callers until here; the one on the old certificate goes.
+                        old.abort();
+                    }
                 }
             }
             Err(SdkError::Denied { .. } | SdkError::Revoked) => {

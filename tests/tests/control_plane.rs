@@ -935,3 +935,84 @@ async fn an_identity_sees_only_its_own_services() {
     assert_eq!(views[1].services.len(), 1);
     assert_eq!(views[1].services[0].name.as_str(), "db");
 }
+
+#[tokio::test]
+async fn revoked_routers_are_not_offered_and_streams_are_capped_per_identity() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let tok: TokenResponse = admin
+        .call(
+            Method::POST,
+            "/v1/routers",
+            Some(&serde_json::json!({"name": "r1"})),
+        )
+        .await
+        .unwrap();
+    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap();
+    let rc = t.client_for(&router);
+    let s = rc
+        .stream("/v1/control?advertise=127.0.0.1:4433")
+        .await
+        .unwrap();
+    let agent = enrolled(&t, "agent-1", IdentityKind::Agent, &[]).await;
+    let ac = t.client_for(&agent);
+    let v: EdgeView = ac.call(Method::GET, "/v1/edge", NONE).await.unwrap();
+    assert_eq!(v.routers.len(), 1);
+
+    // A revoked router is never offered to agents again, and cannot reopen its channel.
+    let _: umbra_policies::Identity = admin
+        .call(Method::POST, "/v1/identities/r1/revoke", NONE)
+        .await
+        .unwrap();
+    let v: EdgeView = ac.call(Method::GET, "/v1/edge", NONE).await.unwrap();
+    assert!(v.routers.is_empty(), "{v:?}");
+    drop(s);
+    assert!(rc
+        .stream("/v1/control?advertise=127.0.0.1:4433")
+        .await
+        .is_err());
+
+    // One identity cannot hold more than its share of long-lived streams.
+    let mut held = Vec::new();
+    for _ in 0..umbra_controller::MAX_STREAMS_PER_IDENTITY {
+        held.push(ac.stream("/v1/edge/watch").await.expect("within the cap"));
+    }
+    let e = ac
+        .stream("/v1/edge/watch")
+        .await
+        .err()
+        .expect("over the cap");
+    assert_eq!(api_status(&e), Some(409), "{e}");
+    held.pop();
+    // The slot comes back once a stream ends (the controller notices the closed body).
+    let mut ok = false;
+    for _ in 0..100 {
+        if ac.stream("/v1/edge/watch").await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok, "a closed stream gives its slot back");
+}
+
+#[tokio::test]
+async fn enrollment_bodies_are_small() {
+    let t = TestController::start().await;
+    let tok = create(&t.admin_client(), "agent-1", IdentityKind::Agent, &[]).await;
+    let claims = umbra_pki::decode_unverified(&tok.token).unwrap();
+    let tls = umbra_pki::client_config_pinned(claims.ca, &[b"http/1.1"]);
+    let c = ControllerClient::new(t.addr(), umbra_pki::ENROLL_SERVER_NAME, tls);
+    let big = serde_json::json!({"token": tok.token, "csr": "A".repeat(100 * 1024)});
+    let e = c
+        .call::<EnrollResponse>(Method::POST, "/v1/enroll", Some(&big))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(413), "{e}");
+    // The token was not spent.
+    umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .expect("still valid");
+}

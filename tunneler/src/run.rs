@@ -58,7 +58,8 @@ pub struct Tunneler {
 impl Tunneler {
     /// Starts following the identity's view and serving its services.
     pub async fn start(ctx: Context, cfg: TunnelerConfig) -> Result<Tunneler, TunnelError> {
-        let client = ControllerClient::for_identity(ctx.identity(), cfg.controller.as_deref())?;
+        // The context's client presents the newest certificate as the context renews it.
+        let client = ctx.controller();
         let (tx, mappings) = watch::channel(Vec::new());
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();

@@ -34,26 +34,31 @@ pub struct ControlQuery {
 
 pub async fn stream(
     State(s): State<AppState>,
-    Router(router, peer): Router,
+    Router(peer): Router,
     Query(q): Query<ControlQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(addr) = q.advertise.clone() {
+    if let Some(addr) = &q.advertise {
         if addr.len() > 300 || addr.parse::<umbra_policies::HostPort>().is_err() {
             return Err(ApiError::invalid("advertise must be HOST:PORT"));
         }
-        let r = router.clone();
-        blocking(&s, move |c| c.router_advertise(&r, &addr)).await?;
     }
     let since = q.epoch.zip(q.seq);
-    let sub = blocking(&s, move |c| {
-        c.subscribe(since.as_ref().map(|(e, s)| (e.as_str(), *s)))
+    let p = peer.clone();
+    let (router, sub) = blocking(&s, move |c| {
+        c.subscribe_router(
+            &p,
+            since.as_ref().map(|(e, s)| (e.as_str(), *s)),
+            q.advertise.as_deref(),
+        )
     })
     .await?;
     let (initial, mut last, mut rx) = (sub.initial, sub.seq, sub.deltas);
+    let guard = s.open_stream(&router.id).map_err(ApiError::from)?;
     let (tx, body_rx) = mpsc::channel::<Bytes>(64);
     let serial = peer.serial.to_string();
     tracing::info!(router = %router.name, since = ?since_label(&initial), "control channel opened");
     tokio::spawn(async move {
+        let _guard = guard;
         for msg in initial {
             if send(&tx, &msg).await.is_err() {
                 return;
@@ -147,9 +152,11 @@ pub async fn edge_watch(
         Ok((rx, identity, view))
     })
     .await?;
+    let guard = s.open_stream(&identity.id).map_err(ApiError::from)?;
     let (tx, body_rx) = mpsc::channel::<Bytes>(16);
     let ctrl = s.clone();
     tokio::spawn(async move {
+        let _guard = guard;
         let mut last = view;
         if send_frame(&tx, &last).await.is_err() {
             return;

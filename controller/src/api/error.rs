@@ -42,6 +42,15 @@ impl ApiError {
         }
     }
 
+    /// A 408: the client was too slow sending its request.
+    pub fn timeout() -> Self {
+        ApiError {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: "timeout",
+            message: "the request body took too long".into(),
+        }
+    }
+
     /// A 500 that hides internals from the client (they are logged).
     pub fn internal(what: impl std::fmt::Display) -> Self {
         tracing::error!(error = %what, "internal error");

@@ -13,16 +13,24 @@ use super::error::ApiError;
 use super::{blocking, AppState};
 use crate::core::Actor;
 
-/// A JSON body, bounded in size; unknown fields and syntax errors become 400s in our envelope.
-pub struct JsonBody<T>(pub T);
+/// A JSON body of at most `LIMIT` bytes, read within [`BODY_TIMEOUT`]; unknown fields and
+/// syntax errors become 400s in our envelope.
+pub struct JsonBody<T, const LIMIT: usize = MAX_REQUEST_BODY>(pub T);
 
-impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
+/// Requests that carry only a token and a CSR (enrollment, renewal) are small.
+pub const SMALL_BODY: usize = 64 * 1024;
+/// How long a client may take to send a request body.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+impl<T: DeserializeOwned, const LIMIT: usize> FromRequest<AppState> for JsonBody<T, LIMIT> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, _: &AppState) -> Result<Self, ApiError> {
-        let bytes = axum::body::to_bytes(req.into_body(), MAX_REQUEST_BODY)
-            .await
-            .map_err(|_| ApiError::too_large(MAX_REQUEST_BODY))?;
+        let bytes =
+            tokio::time::timeout(BODY_TIMEOUT, axum::body::to_bytes(req.into_body(), LIMIT))
+                .await
+                .map_err(|_| ApiError::timeout())?
+                .map_err(|_| ApiError::too_large(LIMIT))?;
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::invalid(format!("malformed request body: {e}")))
@@ -65,14 +73,14 @@ impl FromRequestParts<AppState> for Admin {
 }
 
 /// A router.
-pub struct Router(pub Identity, pub Arc<PeerCert>);
+pub struct Router(pub Arc<PeerCert>);
 
 impl FromRequestParts<AppState> for Router {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let (identity, peer) = authorize(parts, state, Some(IdentityKind::Router)).await?;
-        Ok(Router(identity, peer))
+        let (_, peer) = authorize(parts, state, Some(IdentityKind::Router)).await?;
+        Ok(Router(peer))
     }
 }
 

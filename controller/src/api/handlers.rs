@@ -8,7 +8,7 @@ use umbra_policies::{Action, IdentityKind, Name};
 use umbra_proto::api::*;
 
 use super::error::ApiError;
-use super::extract::{Admin, AnyIdentity, JsonBody};
+use super::extract::{Admin, AnyIdentity, JsonBody, SMALL_BODY};
 use super::{blocking, decode_csr, AppState};
 
 type Res<T> = Result<Json<T>, ApiError>;
@@ -19,7 +19,7 @@ pub async fn health() -> &'static str {
 
 pub async fn enroll(
     State(s): State<AppState>,
-    JsonBody(req): JsonBody<EnrollRequest>,
+    JsonBody(req): JsonBody<EnrollRequest, SMALL_BODY>,
 ) -> Res<EnrollResponse> {
     if req.token.len() > 8 * 1024 {
         return Err(ApiError::invalid("the token is too large"));
@@ -35,7 +35,7 @@ pub async fn enroll(
 pub async fn renew(
     State(s): State<AppState>,
     AnyIdentity(peer): AnyIdentity,
-    JsonBody(req): JsonBody<RenewRequest>,
+    JsonBody(req): JsonBody<RenewRequest, SMALL_BODY>,
 ) -> Res<RenewResponse> {
     let csr = decode_csr(&req.csr)?;
     blocking(&s, move |c| c.renew(&peer, &csr)).await.map(Json)

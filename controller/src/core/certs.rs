@@ -67,9 +67,12 @@ impl Controller {
         })
     }
 
-    /// Issues a fresh certificate to an identity that proved its current one.
+    /// Issues a fresh certificate to an identity that proved its current one. The check, the
+    /// signature and the commit happen under one lock: a renewal racing a revoke or delete
+    /// either completes before it (and its certificate is revoked with the others) or fails.
     pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
-        let identity = self.authorize_peer(peer, None)?;
+        let mut inner = self.lock();
+        let identity = self.authorize_locked(&inner, peer, None)?;
         let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
         let issued = self.ca.issue(
             csr_der,
@@ -77,7 +80,6 @@ impl Controller {
             self.cfg.cert_validity,
             self.cfg.clock.now(),
         )?;
-        let mut inner = self.lock();
         let mut batch = Batch::default();
         batch.records.push(Record::Cert {
             serial: issued.serial.to_string(),
@@ -104,14 +106,14 @@ impl Controller {
         actor: &Actor,
         id: &IdentityId,
     ) -> Result<IdentityFile, ControllerError> {
-        let identity = self
-            .lock()
+        let key = umbra_pki::generate_key_and_csr("local")?;
+        let mut inner = self.lock();
+        let identity = inner
             .state()
             .identities
             .get(id)
             .cloned()
             .ok_or_else(|| ControllerError::NotFound("no such identity".into()))?;
-        let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
         let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
         let issued = self.ca.issue(
             &key.csr_der,
@@ -119,7 +121,6 @@ impl Controller {
             self.cfg.cert_validity,
             self.cfg.clock.now(),
         )?;
-        let mut inner = self.lock();
         let mut batch = Batch::default();
         batch.records.push(Record::Cert {
             serial: issued.serial.to_string(),
@@ -154,6 +155,17 @@ impl Controller {
         peer: &PeerCert,
         kind: Option<IdentityKind>,
     ) -> Result<Identity, ControllerError> {
+        self.authorize_locked(&self.lock(), peer, kind)
+    }
+
+    /// [`Controller::authorize_peer`] under a lock the caller already holds, so that what it
+    /// checked is still true when the caller commits.
+    pub(super) fn authorize_locked(
+        &self,
+        inner: &Inner,
+        peer: &PeerCert,
+        kind: Option<IdentityKind>,
+    ) -> Result<Identity, ControllerError> {
         let forbidden =
             || ControllerError::Forbidden("this certificate is not allowed here".into());
         if peer.spiffe.trust_domain() != self.trust_domain() {
@@ -162,7 +174,6 @@ impl Controller {
         if kind.is_some_and(|k| peer.spiffe.kind() != k) {
             return Err(forbidden());
         }
-        let inner = self.lock();
         let identity = inner
             .identity_named(peer.spiffe.name().as_str())
             .cloned()

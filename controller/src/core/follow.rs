@@ -2,13 +2,68 @@
 
 use super::*;
 
+/// Long-lived streams (control channel, edge watch) one identity may hold open at once.
+pub const MAX_STREAMS_PER_IDENTITY: usize = 8;
+
+/// Counts an identity's open streams; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct StreamGuard {
+    counts: Arc<Mutex<HashMap<IdentityId, usize>>>,
+    id: IdentityId,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = counts.get_mut(&self.id) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.id);
+            }
+        }
+    }
+}
+
+/// How long past its expiry a revoked certificate stays on the list sent to routers, so that a
+/// router whose clock runs behind still refuses it.
+const REVOCATION_GRACE_SECS: u64 = 3600;
+
 impl Controller {
-    /// What a follower at `since` (epoch, seq) needs first, and a receiver for what follows.
-    /// The receiver is subscribed before the state is read, so no delta falls in between;
-    /// the caller skips received deltas at or below the returned sequence number.
+    /// Opens a router's control channel: checks the router (under the same lock as everything
+    /// else here, so a revocation cannot slip between the check and the subscription), records
+    /// its address, and returns what it needs first and a receiver for what follows. The
+    /// receiver is subscribed before the state is read, so no delta falls in between; the
+    /// caller skips received deltas at or below the returned sequence number.
+    pub fn subscribe_router(
+        &self,
+        peer: &PeerCert,
+        since: Option<(&str, u64)>,
+        advertise: Option<&str>,
+    ) -> Result<(Identity, Subscription), ControllerError> {
+        let rx = self.deltas.subscribe();
+        let mut inner = self.lock();
+        let router = self.authorize_locked(&inner, peer, Some(IdentityKind::Router))?;
+        if let Some(addr) = advertise {
+            self.advertise_locked(&mut inner, &router, addr)?;
+        }
+        let sub = self.subscription_locked(&inner, since, rx)?;
+        Ok((router, sub))
+    }
+
+    /// What a follower at `since` (epoch, seq) needs first (no authorization: for tests and
+    /// in-process followers).
     pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<Subscription, ControllerError> {
         let rx = self.deltas.subscribe();
         let inner = self.lock();
+        self.subscription_locked(&inner, since, rx)
+    }
+
+    fn subscription_locked(
+        &self,
+        inner: &Inner,
+        since: Option<(&str, u64)>,
+        rx: broadcast::Receiver<Arc<Delta>>,
+    ) -> Result<Subscription, ControllerError> {
         let epoch = inner.replica.epoch.clone();
         let mut out = vec![ControlMessage::Hello {
             version: umbra_proto::control::CONTROL_PROTOCOL_VERSION,
@@ -26,7 +81,10 @@ impl Controller {
             ),
             None => {
                 let mut replica = inner.replica.clone();
-                replica.prune_revoked(self.now());
+                // Keep revocations an hour past expiry, for followers whose clocks run behind.
+                replica.prune_revoked(Timestamp(
+                    self.now().0.saturating_sub(REVOCATION_GRACE_SECS),
+                ));
                 out.push(ControlMessage::Snapshot(Box::new(replica.to_snapshot())));
             }
         }
@@ -37,13 +95,13 @@ impl Controller {
         })
     }
 
-    /// Records where a router is reached.
-    pub fn router_advertise(
+    /// Records where a router is reached; the router must still exist and be active.
+    fn advertise_locked(
         &self,
+        inner: &mut Inner,
         router: &Identity,
         advertise: &str,
     ) -> Result<(), ControllerError> {
-        let mut inner = self.lock();
         let info = RouterInfo {
             id: router.id.clone(),
             name: router.name.clone(),
@@ -63,7 +121,7 @@ impl Controller {
             router.name.as_str(),
             serde_json::json!({ "advertise": advertise }),
         ));
-        self.commit(&mut inner, batch)
+        self.commit(inner, batch)
     }
 
     /// What `identity` may use now, and where the routers are.
@@ -96,18 +154,43 @@ impl Controller {
                 }
             }
         }
-        let routers = self
-            .lock()
+        // Only routers whose own identity is still active: a revoked router is never offered.
+        let inner = self.lock();
+        let routers = inner
             .replica
             .routers
             .values()
             .filter(|r| r.advertise.is_some())
+            .filter(|r| {
+                inner
+                    .state()
+                    .identities
+                    .get(&r.id)
+                    .is_some_and(|i| i.is_active(now))
+            })
             .cloned()
             .collect();
         EdgeView {
             routers,
             services: services.into_values().collect(),
         }
+    }
+
+    /// Takes one of an identity's long-lived stream slots, so that no identity can hold the
+    /// controller's connection budget.
+    pub fn open_stream(&self, id: &IdentityId) -> Result<StreamGuard, ControllerError> {
+        let mut counts = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        let n = counts.entry(id.clone()).or_insert(0);
+        if *n >= MAX_STREAMS_PER_IDENTITY {
+            return Err(ControllerError::Conflict(format!(
+                "at most {MAX_STREAMS_PER_IDENTITY} open streams per identity"
+            )));
+        }
+        *n += 1;
+        Ok(StreamGuard {
+            counts: self.streams.clone(),
+            id: id.clone(),
+        })
     }
 
     /// A receiver of every committed delta, for watchers that recompute a view.

@@ -59,6 +59,8 @@ impl Controller {
                 "routers are created with `umbra router create`".into(),
             ));
         }
+        // Checked before anything is written, so a bad lifetime leaves no tokenless identity.
+        self.token_ttl(req.token_ttl_secs)?;
         let identity =
             self.insert_identity(actor, req.name, req.kind, req.roles.into_iter().collect())?;
         self.issue_token(actor, identity.name.as_str(), req.token_ttl_secs)
@@ -71,9 +73,22 @@ impl Controller {
         name: Name,
         ttl: Option<u64>,
     ) -> Result<TokenResponse, ControllerError> {
+        self.token_ttl(ttl)?;
         let identity =
             self.insert_identity(actor, name, IdentityKind::Router, Default::default())?;
         self.issue_token(actor, identity.name.as_str(), ttl)
+    }
+
+    /// The token lifetime a request asks for, or the default; refused outside 1 s..=max.
+    fn token_ttl(&self, ttl: Option<u64>) -> Result<u64, ControllerError> {
+        let ttl = ttl.unwrap_or(secs(self.cfg.default_token_ttl));
+        if ttl == 0 || ttl > secs(self.cfg.max_token_ttl) {
+            return Err(ControllerError::Invalid(format!(
+                "token lifetime must be between 1 s and {} s",
+                secs(self.cfg.max_token_ttl)
+            )));
+        }
+        Ok(ttl)
     }
 
     /// Issues a new enrollment token for an existing identity; earlier unused tokens stop working.
@@ -83,13 +98,7 @@ impl Controller {
         name: &str,
         ttl: Option<u64>,
     ) -> Result<TokenResponse, ControllerError> {
-        let ttl = ttl.unwrap_or(secs(self.cfg.default_token_ttl));
-        if ttl == 0 || ttl > secs(self.cfg.max_token_ttl) {
-            return Err(ControllerError::Invalid(format!(
-                "token lifetime must be between 1 s and {} s",
-                secs(self.cfg.max_token_ttl)
-            )));
-        }
+        let ttl = self.token_ttl(ttl)?;
         let mut inner = self.lock();
         let identity = inner
             .identity_named(name)

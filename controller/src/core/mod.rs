@@ -33,7 +33,7 @@ use crate::store::{AuditRecord, Batch, Record, Store};
 
 mod certs;
 mod declarative;
-mod follow;
+pub mod follow;
 mod identities;
 mod policies;
 
@@ -144,6 +144,7 @@ pub struct Controller {
     deltas: broadcast::Sender<Arc<Delta>>,
     revoked: Arc<RevokedSerials>,
     address: Mutex<String>,
+    streams: Arc<Mutex<HashMap<IdentityId, usize>>>,
 }
 
 impl std::fmt::Debug for Controller {
@@ -271,6 +272,7 @@ impl Controller {
             deltas,
             revoked,
             address: Mutex::new(address),
+            streams: Default::default(),
         })
     }
 

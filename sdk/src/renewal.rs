@@ -1,0 +1,355 @@
+//! Keeping an identity's certificate fresh in a long-running process.
+//!
+//! Identity certificates are short-lived (24 h by default), so every process that lives longer
+//! than one certificate renews its own, with a fresh key, over mutual TLS with the current one
+//! (`POST /v1/renew`). [`RenewingIdentity`] holds the current [`Credentials`], publishes each
+//! renewal on a `watch` channel (readers take no lock on the hot path beyond the channel's
+//! short read lock), optionally persists it, and runs the schedule: renew once less than a third
+//! of the nominal validity remains, retry with backoff on failure, give up once the certificate
+//! has expired (the controller refuses an expired certificate, so only re-enrollment helps).
+//!
+//! When to renew is a pure function of the certificate and `now` ([`renewal_delay`]), so the
+//! schedule is tested without a clock.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use umbra_pki::{IdentityFile, PeerCert};
+
+use crate::client::ControllerClient;
+use crate::context::lock;
+use crate::error::SdkError;
+
+/// How far the CA backdates `notBefore` for clock skew (`CertificateAuthority::issue`); not part
+/// of the lifetime the controller meant to grant.
+pub const ISSUE_BACKDATE: Duration = Duration::from_secs(300);
+/// The shortest wait between two renewals, however short the validity: a controller
+/// configured with a tiny validity must not make every process renew in a tight loop.
+pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
+/// First and largest pause between failed renewal attempts.
+const RETRY_MIN: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+/// How long one renewal attempt may take.
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// An identity file together with what every connection derives from it, built once per
+/// certificate. Immutable: a renewal publishes a new one.
+pub struct Credentials {
+    identity: Arc<IdentityFile>,
+    leaf: PeerCert,
+    controller_tls: Arc<rustls::ClientConfig>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("spiffe", &self.leaf.spiffe.to_string())
+            .field("serial", &self.leaf.serial.to_string())
+            .field("not_after", &self.leaf.not_after.0)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Credentials {
+    /// Checks an identity file (a leaf with the file's SPIFFE id, a key that belongs to it) and
+    /// builds its controller TLS configuration.
+    pub fn new(identity: IdentityFile) -> Result<Credentials, SdkError> {
+        let leaf = identity.leaf()?;
+        if leaf.spiffe != identity.spiffe() {
+            return Err(SdkError::Protocol(format!(
+                "the certificate is for {}, but the file describes {}",
+                leaf.spiffe,
+                identity.spiffe()
+            )));
+        }
+        // Fails if the certificate and key do not belong together.
+        let controller_tls = umbra_pki::client_config(&identity, &[b"http/1.1"])?;
+        Ok(Credentials {
+            identity: Arc::new(identity),
+            leaf,
+            controller_tls,
+        })
+    }
+
+    /// The identity file, certificate and key included.
+    pub fn identity(&self) -> &Arc<IdentityFile> {
+        &self.identity
+    }
+
+    /// What the current leaf certificate says (serial, validity).
+    pub fn leaf(&self) -> &PeerCert {
+        &self.leaf
+    }
+
+    pub(crate) fn controller_tls(&self) -> Arc<rustls::ClientConfig> {
+        Arc::clone(&self.controller_tls)
+    }
+}
+
+/// How long to wait, from `now` (time since the Unix epoch), before renewing the certificate
+/// valid from `not_before` to `not_after` (seconds since the epoch).
+///
+/// Renewal is due once less than a third of the nominal validity remains; the nominal validity
+/// excludes the [`ISSUE_BACKDATE`] the CA adds, so a 24 h certificate renews 16 h after it was
+/// issued and a 6 s one after 4 s (counting the backdate, the latter would renew at once). The
+/// wait is never shorter than [`MIN_RENEW_INTERVAL`], even when renewal is overdue: one renewal
+/// per interval at most, whatever the validity.
+pub fn renewal_delay(not_before: u64, not_after: u64, now: Duration) -> Duration {
+    let total = not_after.saturating_sub(not_before);
+    let backdate = ISSUE_BACKDATE.as_secs();
+    // Our CA always backdates; a certificate too short to contain the backdate came from
+    // elsewhere and is taken as it is.
+    let nominal = if total > backdate {
+        total - backdate
+    } else {
+        total
+    };
+    let due = Duration::from_secs(not_after).saturating_sub(Duration::from_secs(nominal) / 3);
+    due.saturating_sub(now).max(MIN_RENEW_INTERVAL)
+}
+
+/// How long to wait after `failures` failed attempts (1 for the first), never past half the
+/// time the certificate has left, so that several attempts fit before it expires.
+fn retry_delay(failures: u32, left: Duration) -> Duration {
+    let backoff = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16));
+    backoff.min(RETRY_MAX).min(left / 2).max(RETRY_MIN / 2)
+}
+
+fn since_epoch() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+/// An identity that renews its own certificate: the current [`Credentials`], a `watch` of
+/// every renewal, and (with [`RenewingIdentity::run`]) the schedule. Cheap to clone; clones
+/// share everything.
+#[derive(Clone)]
+pub struct RenewingIdentity {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    tx: watch::Sender<Arc<Credentials>>,
+    /// The controller address, if not the one in the identity file.
+    controller: Option<String>,
+    /// Where each renewal is saved (0600), if anywhere.
+    path: Mutex<Option<PathBuf>>,
+    /// One renewal at a time: two concurrent ones would both succeed and the earlier result
+    /// would be thrown away.
+    renewing: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for RenewingIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RenewingIdentity")
+            .field("current", &*self.current())
+            .finish_non_exhaustive()
+    }
+}
+
+impl RenewingIdentity {
+    /// Starts from `identity`, renewing with the controller at `controller` (default: the
+    /// address in the file). Nothing runs until [`RenewingIdentity::run`] is spawned.
+    pub fn new(
+        identity: IdentityFile,
+        controller: Option<&str>,
+    ) -> Result<RenewingIdentity, SdkError> {
+        let creds = Credentials::new(identity)?;
+        let (tx, _) = watch::channel(Arc::new(creds));
+        Ok(RenewingIdentity {
+            shared: Arc::new(Shared {
+                tx,
+                controller: controller.map(str::to_owned),
+                path: Mutex::new(None),
+                renewing: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The current credentials.
+    pub fn current(&self) -> Arc<Credentials> {
+        Arc::clone(&self.shared.tx.borrow())
+    }
+
+    /// The current identity file (the newest certificate and key).
+    pub fn identity(&self) -> Arc<IdentityFile> {
+        Arc::clone(self.current().identity())
+    }
+
+    /// A receiver that sees every renewal (persist it, rebuild a server configuration, ...).
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Credentials>> {
+        self.shared.tx.subscribe()
+    }
+
+    /// Saves every later renewal to `path` (atomically, mode 0600), so that a restart starts
+    /// from the newest certificate rather than one that may have expired. `None` stops saving.
+    pub fn set_path(&self, path: Option<PathBuf>) {
+        *lock(&self.shared.path) = path;
+    }
+
+    /// A controller client that authenticates with the current certificate on every new
+    /// connection.
+    pub fn controller(&self) -> ControllerClient {
+        let addr = match &self.shared.controller {
+            Some(a) => a.clone(),
+            None => self.current().identity().controller.clone(),
+        };
+        ControllerClient::live(addr, self.subscribe())
+    }
+
+    /// Renews now: a fresh key, a certificate for it, saved (if a path is set) and published.
+    pub async fn renew_now(&self) -> Result<Arc<Credentials>, SdkError> {
+        let _one = self.shared.renewing.lock().await;
+        let old = self.current();
+        let renewed = tokio::time::timeout(
+            ATTEMPT_TIMEOUT,
+            crate::enroll::renew_via(old.identity(), self.shared.controller.as_deref()),
+        )
+        .await
+        .map_err(|_| SdkError::Timeout("renewal".into()))??;
+        let creds = Arc::new(Credentials::new(renewed)?);
+        let path = lock(&self.shared.path).clone();
+        if let Some(path) = path {
+            let file = Arc::clone(creds.identity());
+            let target = path.clone();
+            let saved = tokio::task::spawn_blocking(move || file.save(&target)).await;
+            match saved {
+                Ok(Ok(())) => {
+                    tracing::debug!(path = %path.display(), "renewed identity saved")
+                }
+                // The new certificate is still used: the old one in the file stays valid
+                // until it expires, and the next renewal tries to save again.
+                Ok(Err(e)) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot save the renewed identity")
+                }
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e, "cannot save the renewed identity")
+                }
+            }
+        }
+        tracing::info!(
+            identity = %creds.leaf().spiffe,
+            old_serial = %old.leaf().serial,
+            serial = %creds.leaf().serial,
+            not_after = creds.leaf().not_after.0,
+            "certificate renewed"
+        );
+        self.shared.tx.send_replace(Arc::clone(&creds));
+        Ok(creds)
+    }
+
+    /// Renews on schedule until `cancel` fires or the certificate expires unrenewed. Spawn it
+    /// once per identity (the owner of the task ends it with `cancel`).
+    pub async fn run(self, cancel: CancellationToken) {
+        let spiffe = self.current().leaf().spiffe.to_string();
+        let span = tracing::info_span!("renewal", identity = %spiffe);
+        tracing::Instrument::instrument(self.run_inner(cancel), span).await
+    }
+
+    async fn run_inner(self, cancel: CancellationToken) {
+        let mut failures = 0u32;
+        let mut rx = self.subscribe();
+        loop {
+            let current = Arc::clone(&rx.borrow_and_update());
+            let leaf = current.leaf();
+            let now = since_epoch();
+            let left = Duration::from_secs(leaf.not_after.0).saturating_sub(now);
+            let wait = if failures == 0 {
+                renewal_delay(leaf.not_before.0, leaf.not_after.0, now)
+            } else {
+                retry_delay(failures, left)
+            };
+            tracing::debug!(in_ms = wait.as_millis() as u64, "next renewal");
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                // Someone else renewed (`renew_now`): schedule from the new certificate.
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    failures = 0;
+                    continue;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let attempt = tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = self.renew_now() => r,
+            };
+            match attempt {
+                Ok(_) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let left = Duration::from_secs(leaf.not_after.0).saturating_sub(since_epoch());
+                    if left.is_zero() {
+                        tracing::error!(error = %e, serial = %leaf.serial, "certificate expired before it could be renewed; the identity must enroll again");
+                        return;
+                    }
+                    tracing::warn!(error = %e, attempt = failures, left_s = left.as_secs(), "certificate renewal failed; retrying");
+                }
+            }
+            // Our own publication is not news.
+            rx.borrow_and_update();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: u64 = 24 * 3600;
+
+    #[test]
+    fn renews_after_two_thirds_of_the_nominal_validity() {
+        let issued = 1_000_000;
+        let (nb, na) = (issued - 300, issued + DAY);
+        // At issuance: wait 16 h (a third of 24 h is left then), not counting the backdate.
+        let d = renewal_delay(nb, na, Duration::from_secs(issued));
+        assert_eq!(d, Duration::from_secs(16 * 3600));
+        // Later, the wait shrinks with the time that passed.
+        let d = renewal_delay(nb, na, Duration::from_secs(issued + 3600));
+        assert_eq!(d, Duration::from_secs(15 * 3600));
+    }
+
+    #[test]
+    fn overdue_and_tiny_validities_are_floored() {
+        let issued = 1_000_000;
+        // Overdue: renew soon, but not in a tight loop.
+        assert_eq!(
+            renewal_delay(issued - 300, issued + 60, Duration::from_secs(issued + 59)),
+            MIN_RENEW_INTERVAL
+        );
+        // Expired, or a validity of zero: same floor.
+        assert_eq!(
+            renewal_delay(issued, issued, Duration::from_secs(issued + 10)),
+            MIN_RENEW_INTERVAL
+        );
+        // Three seconds of validity (plus the backdate): renew after two.
+        let d = renewal_delay(issued - 300, issued + 3, Duration::from_secs(issued));
+        assert_eq!(d, Duration::from_secs(2));
+        // A certificate shorter than the backdate was not backdated by our CA.
+        let d = renewal_delay(issued, issued + 300, Duration::from_secs(issued));
+        assert_eq!(d, Duration::from_secs(200));
+        // Six seconds: renew after four, not every second.
+        let d = renewal_delay(issued - 300, issued + 6, Duration::from_secs(issued));
+        assert_eq!(d, Duration::from_secs(4));
+    }
+
+    #[test]
+    fn retries_back_off_but_fit_before_expiry() {
+        let day = Duration::from_secs(DAY);
+        assert_eq!(retry_delay(1, day), RETRY_MIN);
+        assert_eq!(retry_delay(2, day), RETRY_MIN * 2);
+        assert_eq!(retry_delay(40, day), RETRY_MAX);
+        assert_eq!(
+            retry_delay(40, Duration::from_secs(10)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(retry_delay(40, Duration::ZERO), RETRY_MIN / 2);
+    }
+}

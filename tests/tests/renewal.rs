@@ -1,0 +1,475 @@
+//! Certificate renewal end to end: a controller that issues certificates valid for a few
+//! seconds, and agents and routers that must renew their own, automatically, to keep working.
+//!
+//! Every wait is bounded and watches for the event itself (a renewal on the identity's `watch`,
+//! a certificate passing its `notAfter`); nothing sleeps a fixed time and hopes. Administrative
+//! changes go through the controller's Rust API as the controller itself: the admin's own
+//! certificate also lives only a few seconds, and is not what these tests are about.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use umbra_controller::Actor;
+use umbra_edge_router::{Router, RouterConfig, RouterHandle};
+use umbra_pki::{IdentityFile, SpiffeId};
+use umbra_policies::{Action, Hosting, IdentityKind, Selector, Semantic, Service};
+use umbra_proto::api::{CreateIdentityRequest, GrantRequest};
+use umbra_sdk::{Context, Credentials, SdkError};
+use umbra_tests::dataplane::{agent_raw_client, name, Echo};
+use umbra_tests::{eventually, TestController};
+
+/// How long every certificate is valid (the CA adds its 5 minutes of backdating to this).
+const VALIDITY: Duration = Duration::from_secs(6);
+/// The bound on anything a test waits for that is not a renewal.
+const BOUND: Duration = Duration::from_secs(15);
+/// The bound on waiting for one renewal: due after two thirds of the validity, so three
+/// validities is generous even on a loaded machine.
+const RENEWAL_BOUND: Duration = Duration::from_secs(18);
+
+async fn controller() -> TestController {
+    TestController::start_with(|cfg| cfg.cert_validity = VALIDITY).await
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs()
+}
+
+/// Waits until the certificate valid until `not_after` (seconds) has expired.
+async fn until_expired(not_after: u64) {
+    let expired = tokio::time::timeout(BOUND, async {
+        while unix_now() <= not_after {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(expired.is_ok(), "the certificate expires in time");
+}
+
+/// Waits for the next renewal on `rx` and returns the new credentials.
+async fn next_renewal(rx: &mut tokio::sync::watch::Receiver<Arc<Credentials>>) -> Arc<Credentials> {
+    tokio::time::timeout(RENEWAL_BOUND, rx.changed())
+        .await
+        .expect("renewed in time")
+        .expect("renewal still running");
+    Arc::clone(&rx.borrow_and_update())
+}
+
+/// Creates and enrolls an agent (through the controller's API as the controller).
+async fn agent(t: &TestController, n: &str) -> IdentityFile {
+    let tok = t
+        .ctrl
+        .create_identity(
+            &Actor::controller(),
+            CreateIdentityRequest {
+                name: name(n),
+                kind: IdentityKind::Agent,
+                roles: Vec::new(),
+                token_ttl_secs: None,
+            },
+        )
+        .expect("create agent");
+    umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .expect("enroll agent")
+}
+
+/// Creates, enrolls and starts a router that saves its renewals to `path`, and waits until it
+/// holds a policy.
+async fn router(t: &TestController, n: &str, path: Option<std::path::PathBuf>) -> RouterHandle {
+    let tok = t
+        .ctrl
+        .create_router(&Actor::controller(), name(n), None)
+        .expect("create router");
+    let identity = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .expect("enroll router");
+    if let Some(p) = &path {
+        identity.save(p).expect("save router identity");
+    }
+    let mut cfg = RouterConfig::new(identity, "127.0.0.1:0".parse().expect("addr"));
+    cfg.controller = Some(t.addr());
+    cfg.identity_path = path;
+    let router = Router::start(cfg).await.expect("router starts");
+    tokio::time::timeout(BOUND, router.ready())
+        .await
+        .expect("router synchronizes");
+    router
+}
+
+/// Creates a service.
+fn service(t: &TestController, svc: &str, hosting: Hosting) {
+    t.ctrl
+        .create_service(
+            &Actor::controller(),
+            Service {
+                name: name(svc),
+                roles: Default::default(),
+                hosting,
+                intercepts: vec![format!("{svc}.umbra:443").parse().expect("intercept")],
+                proxy_protocol: false,
+            },
+        )
+        .expect("create service");
+}
+
+/// Grants `action` on `svc` to the identity named `who`.
+fn grant(t: &TestController, action: Action, who: &str, svc: &str) {
+    t.ctrl
+        .grant(
+            &Actor::controller(),
+            GrantRequest {
+                name: Some(name(&format!("{who}-{svc}"))),
+                action,
+                identities: vec![format!("@{who}").parse::<Selector>().expect("selector")],
+                services: vec![format!("@{svc}").parse::<Selector>().expect("selector")],
+                semantic: Semantic::AnyOf,
+            },
+        )
+        .expect("grant");
+}
+
+/// A service backed by `echo`, dialable by the identity named `who`.
+fn echo_service(t: &TestController, echo: &Echo, svc: &str, who: &str) {
+    service(t, svc, echo.hosting());
+    grant(t, Action::Dial, who, svc);
+}
+
+/// Dials `svc` and checks that bytes come back.
+async fn echoes(ctx: &Context, svc: &str) -> Result<(), SdkError> {
+    let mut s = tokio::time::timeout(BOUND, ctx.dial(svc))
+        .await
+        .map_err(|_| SdkError::Timeout(svc.to_owned()))??;
+    s.write_all(b"ping").await.map_err(SdkError::from_io)?;
+    let mut back = [0u8; 4];
+    tokio::time::timeout(BOUND, s.read_exact(&mut back))
+        .await
+        .map_err(|_| SdkError::Timeout(svc.to_owned()))?
+        .map_err(SdkError::from_io)?;
+    assert_eq!(&back, b"ping");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_context_keeps_dialing_across_several_renewals() {
+    let t = controller().await;
+    let router = router(&t, "r1", None).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1");
+    let first = a.leaf().expect("leaf");
+    // The CA backdates by 5 minutes; the validity asked for is what counts for renewal.
+    assert_eq!(
+        first.not_after.0 - first.not_before.0,
+        VALIDITY.as_secs() + umbra_sdk::ISSUE_BACKDATE.as_secs()
+    );
+
+    let ctx = Context::new(a.clone()).expect("context");
+    let path = t.path("agent-1.json");
+    ctx.set_identity_path(&path);
+    let mut renewals = ctx.watch_identity();
+    let mut serials = vec![first.serial.clone()];
+    echoes(&ctx, "echo")
+        .await
+        .expect("dial with the first certificate");
+    for _ in 0..3 {
+        let creds = next_renewal(&mut renewals).await;
+        let serial = creds.leaf().serial.clone();
+        assert!(
+            !serials.contains(&serial),
+            "every renewal is a new certificate"
+        );
+        serials.push(serial);
+        assert_eq!(
+            ctx.current_identity().leaf().expect("leaf").serial,
+            serials[serials.len() - 1]
+        );
+        echoes(&ctx, "echo").await.expect("dial after a renewal");
+    }
+    // Three renewals take two validities: the first certificate is long expired, and useless.
+    until_expired(first.not_after.0).await;
+    let e = umbra_sdk::renew(&a)
+        .await
+        .expect_err("an expired certificate renews nothing");
+    assert!(matches!(e, SdkError::Handshake { .. }), "{e}");
+    echoes(&ctx, "echo")
+        .await
+        .expect("dial after the first certificate expired");
+    // The identity file on disk follows (0600), so a restart starts from a valid certificate.
+    // (Saved before it is published, so the file can be one renewal ahead for a moment.)
+    let saved = eventually(BOUND, || {
+        let saved = IdentityFile::load(&path).ok()?;
+        let serial = saved.leaf().ok()?.serial;
+        (serial == ctx.current_identity().leaf().ok()?.serial).then_some(saved)
+    })
+    .await
+    .expect("the saved identity is the current one");
+    assert!(saved.leaf().expect("leaf").not_after.0 >= unix_now());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    // And a new context started from the saved file works.
+    let restarted = Context::new(saved).expect("context from the saved file");
+    echoes(&restarted, "echo")
+        .await
+        .expect("dial from the saved file");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_sdk_host_keeps_serving_across_its_renewals() {
+    let t = controller().await;
+    let router = router(&t, "r1", None).await;
+    let host = agent(&t, "host-1").await;
+    let caller = agent(&t, "caller-1").await;
+    service(&t, "chat", Hosting::Sdk);
+    grant(&t, Action::Bind, "host-1", "chat");
+    grant(&t, Action::Dial, "caller-1", "chat");
+    let first = host.leaf().expect("leaf");
+
+    let hctx = Context::new(host).expect("host context");
+    let mut listener = hctx.bind("chat").await.expect("bind");
+    let echo_host = tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = tokio::io::split(s);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let cctx = Context::new(caller).expect("caller context");
+    echoes(&cctx, "chat").await.expect("dial the SDK host");
+    // Past the host's first certificate (on which it registered) and at least one renewal, every
+    // dial still finds the host: it registered again with its renewed certificate before the
+    // router closed the connection made with the old one.
+    let mut renewals = hctx.watch_identity();
+    next_renewal(&mut renewals).await;
+    let keep_dialing = async {
+        while unix_now() <= first.not_after.0 + 1 {
+            echoes(&cctx, "chat")
+                .await
+                .expect("dial while the host renews");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    tokio::time::timeout(BOUND, keep_dialing)
+        .await
+        .expect("in time");
+    echoes(&cctx, "chat")
+        .await
+        .expect("dial after the host's first certificate expired");
+    echo_host.abort();
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_router_keeps_serving_across_its_own_renewal() {
+    let t = controller().await;
+    let path = t.path("r1.json");
+    let router = router(&t, "r1", Some(path.clone())).await;
+    let echo = Echo::start().await;
+    let mut creds = router.credentials();
+    let first = creds.borrow_and_update().leaf().clone();
+
+    // Wait until the router's first certificate has expired, renewing as it goes.
+    let renewed = next_renewal(&mut creds).await;
+    assert_ne!(renewed.leaf().serial, first.serial);
+    until_expired(first.not_after.0).await;
+
+    // Created only now: the router learns of them over its control channel, which it has
+    // reopened with its renewed certificate.
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1");
+    // A brand-new client makes a new handshake, which must present a valid certificate: the
+    // SDK checks the router's chain and validity like any TLS client.
+    let ctx = Context::new(a).expect("context");
+    let dialed = async {
+        loop {
+            match echoes(&ctx, "echo").await {
+                Ok(()) => return,
+                // The grant may not have reached the router yet.
+                Err(SdkError::Denied { .. }) => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("dial through the renewed router: {e}"),
+            }
+        }
+    };
+    tokio::time::timeout(BOUND, dialed)
+        .await
+        .expect("dial in time");
+    assert!(
+        SystemTime::now() > UNIX_EPOCH + Duration::from_secs(first.not_after.0),
+        "the router's first certificate had expired"
+    );
+
+    // The router saved its renewals where it was told to.
+    let saved = eventually(BOUND, || {
+        let s = IdentityFile::load(&path).ok()?.leaf().ok()?.serial;
+        (s != first.serial).then_some(s)
+    })
+    .await;
+    assert!(saved.is_some(), "the router saved its renewed identity");
+    router.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_revoked_identity_stops_renewing_and_its_dials_fail() {
+    let t = controller().await;
+    let router = router(&t, "r1", None).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1");
+    let ctx = Context::new(a).expect("context");
+    echoes(&ctx, "echo").await.expect("dial before revocation");
+    // Renew once, so the revoked certificate is a renewed one.
+    let mut renewals = ctx.watch_identity();
+    next_renewal(&mut renewals).await;
+    echoes(&ctx, "echo").await.expect("dial after renewal");
+
+    t.ctrl
+        .revoke_identity(&Actor::controller(), "agent-1")
+        .expect("revoke");
+    let current = ctx.current_identity();
+    let e = umbra_sdk::renew(&current)
+        .await
+        .expect_err("a revoked identity cannot renew");
+    assert!(
+        matches!(e, SdkError::Handshake { .. } | SdkError::Api { .. }),
+        "{e}"
+    );
+    let dial = async {
+        loop {
+            match ctx.dial("echo").await {
+                Err(e) => return e,
+                Ok(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    let e = tokio::time::timeout(BOUND, dial).await.expect("dials fail");
+    assert!(
+        matches!(
+            e,
+            SdkError::Handshake { .. }
+                | SdkError::Revoked
+                | SdkError::Denied { .. }
+                | SdkError::Api { .. }
+        ),
+        "{e}"
+    );
+    // No renewal happens any more: the certificate it holds runs out.
+    let held = ctx.current_identity().leaf().expect("leaf");
+    until_expired(held.not_after.0).await;
+    assert_eq!(
+        ctx.current_identity().leaf().expect("leaf").serial,
+        held.serial,
+        "nothing was renewed after the revocation"
+    );
+    assert!(ctx.dial("echo").await.is_err());
+    router.shutdown().await;
+}
+
+/// Connects with a raw client presenting `identity` and returns how the connection ended.
+async fn handshake_end(router: &RouterHandle, identity: &IdentityFile) -> quinn::ConnectionError {
+    let (ep, cfg) = agent_raw_client(identity);
+    let connecting = ep
+        .connect_with(cfg, router.local_addr(), "router.umbra")
+        .expect("connect");
+    let ended = async {
+        match connecting.await {
+            Err(e) => e,
+            Ok(conn) => conn.closed().await,
+        }
+    };
+    tokio::time::timeout(BOUND, ended)
+        .await
+        .expect("the router ends the connection")
+}
+
+/// A TLS refusal during the handshake: a QUIC CRYPTO_ERROR (0x100 + TLS alert), not an
+/// application close that would mean "admitted, then refused".
+fn refused_by_tls(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            let code = u64::from(c.error_code);
+            (0x100..0x200).contains(&code)
+        }
+        quinn::ConnectionError::TransportError(t) => {
+            let code = u64::from(t.code);
+            (0x100..0x200).contains(&code)
+        }
+        _ => false,
+    }
+}
+
+#[tokio::test]
+async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
+    let t = controller().await;
+    let router = router(&t, "r1", None).await;
+    let echo = Echo::start().await;
+    let good = agent(&t, "agent-1").await;
+    let off = agent(&t, "agent-2").await;
+    echo_service(&t, &echo, "echo", "agent-1");
+
+    // A certificate from the right CA for an identity the controller never created.
+    let key = umbra_pki::generate_key_and_csr("ghost").expect("key");
+    let spiffe = SpiffeId::new(t.ctrl.trust_domain(), IdentityKind::Agent, &name("ghost"));
+    let issued = t
+        .ctrl
+        .ca()
+        .issue(
+            &key.csr_der,
+            &spiffe,
+            Duration::from_secs(3600),
+            SystemTime::now(),
+        )
+        .expect("issue");
+    let mut ghost = good.clone();
+    ghost.id = umbra_policies::IdentityId::new("ghost-id").expect("id");
+    ghost.name = name("ghost");
+    ghost.cert_pem = issued.cert_pem;
+    ghost.key_pem = key.key_pem;
+
+    // Disable agent-2 declaratively: the exported state, with one change.
+    let mut doc = umbra_policies::export(&t.ctrl.state());
+    doc.identities
+        .iter_mut()
+        .find(|i| i.name.as_str() == "agent-2")
+        .expect("agent-2 exported")
+        .disabled = true;
+    t.ctrl
+        .apply(&Actor::controller(), &doc.to_yaml(), false)
+        .expect("apply");
+    let disabled = eventually(BOUND, || {
+        let p = router.policy().borrow().clone()?;
+        p.replica
+            .state
+            .identities
+            .values()
+            .any(|i| i.name.as_str() == "agent-2" && i.disabled)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        disabled.is_some(),
+        "the router learns that agent-2 is disabled"
+    );
+
+    for (who, identity) in [("unknown", &ghost), ("disabled", &off)] {
+        let e = handshake_end(&router, identity).await;
+        assert!(refused_by_tls(&e), "{who}: {e:?}");
+    }
+    // Never admitted, so never refused after a handshake either.
+    assert_eq!(router.stats().connections_refused, 0);
+    assert_eq!(router.stats().connections_admitted, 0);
+
+    // The active agent still gets in.
+    let ctx = Context::new(good).expect("context");
+    echoes(&ctx, "echo").await.expect("the active agent dials");
+    router.shutdown().await;
+}
