@@ -28,7 +28,9 @@ CREATE TABLE IF NOT EXISTS certs (
     serial TEXT PRIMARY KEY, identity_id TEXT NOT NULL, issued_at INTEGER NOT NULL,
     not_after INTEGER NOT NULL, revoked_at INTEGER);
 CREATE INDEX IF NOT EXISTS certs_identity ON certs (identity_id);
-CREATE TABLE IF NOT EXISTS changes (seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS changes (
+    seq INTEGER PRIMARY KEY, at INTEGER NOT NULL, body TEXT NOT NULL,
+    last_in_commit INTEGER NOT NULL DEFAULT 1);
 CREATE TABLE IF NOT EXISTS audit (
     id INTEGER PRIMARY KEY AUTOINCREMENT, at INTEGER NOT NULL, actor TEXT NOT NULL,
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
@@ -222,23 +224,25 @@ impl Store {
         if seq < last && first.is_some_and(|f| u64::try_from(f).unwrap_or(0) > seq + 1) {
             return Ok(None);
         }
-        let mut stmt = self
-            .conn
-            .prepare("SELECT seq, at, body FROM changes WHERE seq > ?1 ORDER BY seq")?;
+        let mut stmt = self.conn.prepare(
+            "SELECT seq, at, body, last_in_commit FROM changes WHERE seq > ?1 ORDER BY seq",
+        )?;
         let rows = stmt.query_map([i64::try_from(seq).unwrap_or(i64::MAX)], |r| {
             Ok((
                 r.get::<_, i64>(0)?,
                 r.get::<_, i64>(1)?,
                 r.get::<_, String>(2)?,
+                r.get::<_, bool>(3)?,
             ))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            let (seq, at, body) = row?;
+            let (seq, at, body, last_in_commit) = row?;
             out.push(Delta {
                 seq: u64::try_from(seq).unwrap_or(0),
                 at: ts(at),
                 change: serde_json::from_str(&body)?,
+                last_in_commit,
             });
         }
         Ok(Some(out))
@@ -367,21 +371,25 @@ impl Store {
     ) -> Result<Vec<Delta>, ControllerError> {
         let tx = self.conn.transaction()?;
         let mut deltas = Vec::with_capacity(batch.changes.len());
+        let n = batch.changes.len();
         for (i, change) in batch.changes.iter().enumerate() {
             persist_change(&tx, change, now)?;
             let seq = seq + 1 + i as u64;
+            let last_in_commit = i + 1 == n;
             tx.execute(
-                "INSERT INTO changes (seq, at, body) VALUES (?1, ?2, ?3)",
+                "INSERT INTO changes (seq, at, body, last_in_commit) VALUES (?1, ?2, ?3, ?4)",
                 params![
                     i64::try_from(seq).unwrap_or(i64::MAX),
                     sql_ts(now),
-                    serde_json::to_string(change)?
+                    serde_json::to_string(change)?,
+                    last_in_commit
                 ],
             )?;
             deltas.push(Delta {
                 seq,
                 at: now,
                 change: change.clone(),
+                last_in_commit,
             });
         }
         for record in &batch.records {

@@ -147,6 +147,9 @@ impl Follower {
         // While stale, the policy is republished only after the first message that follows
         // the Hello, i.e. once the controller has started replaying what we missed.
         let mut after_hello = false;
+        // Something was applied that is not yet published; a commit is half applied.
+        let mut changed = false;
+        let mut mid_commit = false;
         loop {
             let deadline = local.last_heard + self.stale_after;
             let chunk = tokio::select! {
@@ -166,7 +169,6 @@ impl Follower {
             };
             decoder.push(&chunk);
             // Apply everything that has arrived, then rebuild once.
-            let mut changed = false;
             loop {
                 let msg = match decoder.next::<ControlMessage>() {
                     Ok(Some(m)) => m,
@@ -188,6 +190,7 @@ impl Follower {
                     }
                     ControlMessage::Snapshot(s) => {
                         local.replica = Some(Replica::from_snapshot(*s));
+                        mid_commit = false;
                         changed = true;
                     }
                     ControlMessage::Delta(d) => {
@@ -200,6 +203,7 @@ impl Follower {
                         if let Err(e) = r.apply(&d) {
                             return e.into();
                         }
+                        mid_commit = !d.last_in_commit;
                         changed = true;
                     }
                     ControlMessage::Heartbeat { .. } => {}
@@ -210,12 +214,15 @@ impl Follower {
                     tracing::info!("controller heard: serving policy");
                 }
             }
-            if changed && !local.stale {
+            // Only whole commits are enforced: a command's later changes may be what makes its
+            // earlier ones safe (an apply that moves a role and deletes a policy).
+            if changed && !local.stale && !mid_commit {
                 if let Some(r) = &mut local.replica {
                     r.prune_revoked(crate::policy::now());
                     let policy = Policy::build(r.clone());
                     tracing::debug!(seq = policy.replica.seq, "policy published");
                     self.tx.send_replace(Some(Arc::new(policy)));
+                    changed = false;
                 }
             }
         }

@@ -63,6 +63,15 @@ pub struct Delta {
     pub at: Timestamp,
     /// What changed.
     pub change: ChangeEvent,
+    /// Whether this is the last change of its commit. One command (an `apply`, a delete with
+    /// `--cascade`) can commit several changes; a follower enforces only states at commit
+    /// boundaries, never a half-applied command.
+    #[serde(default = "yes")]
+    pub last_in_commit: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// What a delta changes. Puts carry the whole new value, so applying one needs no prior value.
@@ -270,6 +279,7 @@ mod tests {
 
     fn delta(seq: u64, change: ChangeEvent) -> Delta {
         Delta {
+            last_in_commit: true,
             seq,
             at: Timestamp(0),
             change,

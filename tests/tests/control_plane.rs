@@ -1016,3 +1016,54 @@ async fn enrollment_bodies_are_small() {
         .await
         .expect("still valid");
 }
+
+#[tokio::test]
+async fn deltas_mark_where_each_commit_ends() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let _ = enrolled(&t, "a1", IdentityKind::Agent, &[]).await;
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
+        .await
+        .unwrap();
+    grant(&admin, &["@a1"], &["@llm"]).await.unwrap();
+    let mut sub = t.ctrl.subscribe(None).unwrap();
+    // One command, two changes: the service and the policy that named it.
+    let _ = raw(
+        &admin,
+        Method::DELETE,
+        "/v1/services/llm?cascade=true",
+        "null",
+    )
+    .await
+    .unwrap();
+    let first = sub.deltas.recv().await.unwrap();
+    let second = sub.deltas.recv().await.unwrap();
+    assert!(!first.last_in_commit, "{first:?}");
+    assert!(second.last_in_commit, "{second:?}");
+    assert_eq!(second.seq, first.seq + 1);
+    // The same marks come back when a follower resumes from the log.
+    let resumed = t
+        .ctrl
+        .subscribe(Some((&sub_epoch(&sub), first.seq - 1)))
+        .unwrap();
+    let marks: Vec<bool> = resumed
+        .initial
+        .iter()
+        .filter_map(|m| match m {
+            umbra_proto::ControlMessage::Delta(d) => Some(d.last_in_commit),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(marks, vec![false, true]);
+}
+
+fn sub_epoch(sub: &umbra_controller::Subscription) -> String {
+    sub.initial
+        .iter()
+        .find_map(|m| match m {
+            umbra_proto::ControlMessage::Hello { epoch, .. } => Some(epoch.clone()),
+            _ => None,
+        })
+        .unwrap()
+}
