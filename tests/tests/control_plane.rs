@@ -1067,3 +1067,27 @@ fn sub_epoch(sub: &umbra_controller::Subscription) -> String {
         })
         .unwrap()
 }
+
+#[tokio::test]
+async fn bad_query_strings_get_the_json_envelope() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    for path in [
+        "/v1/identities?colour=red",
+        "/v1/identities?kind=robot",
+        "/v1/explain?identity=x",
+        "/v1/audit?limit=-1",
+    ] {
+        let e = admin
+            .call::<serde_json::Value>(Method::GET, path, NONE)
+            .await
+            .unwrap_err();
+        match e {
+            SdkError::Api { status, code, .. } => {
+                assert_eq!(status, 400, "{path}");
+                assert_eq!(code, "invalid", "{path}: an error body in our envelope");
+            }
+            other => panic!("{path}: {other}"),
+        }
+    }
+}

@@ -5,14 +5,14 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Query, State};
+use axum::extract::State;
 use axum::response::Response;
 use serde::Deserialize;
 use tokio::sync::{broadcast, mpsc};
 use umbra_proto::{ChangeEvent, ControlMessage};
 
 use super::error::ApiError;
-use super::extract::{AnyIdentity, Router};
+use super::extract::{AnyIdentity, Query, Router};
 use super::{blocking, AppState};
 
 /// How often an idle channel carries a heartbeat, so a router notices a dead controller.

@@ -1,6 +1,6 @@
 //! Request handlers: parse, authorize (by extractor), call the controller, answer JSON.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
@@ -8,7 +8,7 @@ use umbra_policies::{Action, IdentityKind, Name};
 use umbra_proto::api::*;
 
 use super::error::ApiError;
-use super::extract::{Admin, AnyIdentity, JsonBody, SMALL_BODY};
+use super::extract::{Admin, AnyIdentity, JsonBody, Path, Query, SMALL_BODY};
 use super::{blocking, decode_csr, AppState};
 
 type Res<T> = Result<Json<T>, ApiError>;
