@@ -36,28 +36,11 @@ impl Controller {
                 identity.name
             )));
         }
-        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(
-            csr_der,
-            &spiffe,
-            self.cfg.cert_validity,
-            self.cfg.clock.now(),
-        )?;
         let mut batch = Batch::default();
         batch.records.push(Record::TokenUsed {
             jti: claims.jti.clone(),
         });
-        batch.records.push(Record::Cert {
-            serial: issued.serial.to_string(),
-            identity: identity.id.clone(),
-            not_after: issued.not_after,
-        });
-        batch.audit.push(Self::audit(
-            &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
-            "identity.enroll",
-            identity.name.as_str(),
-            serde_json::json!({ "serial": issued.serial.to_string(), "not_after": issued.not_after }),
-        ));
+        let issued = self.sign(&identity, csr_der, None, "identity.enroll", &mut batch)?;
         self.commit(&mut inner, batch)?;
         Ok(EnrollResponse {
             cert_pem: issued.cert_pem,
@@ -73,25 +56,8 @@ impl Controller {
     pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
         let mut inner = self.lock();
         let identity = self.authorize_locked(&inner, peer, None)?;
-        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(
-            csr_der,
-            &spiffe,
-            self.cfg.cert_validity,
-            self.cfg.clock.now(),
-        )?;
         let mut batch = Batch::default();
-        batch.records.push(Record::Cert {
-            serial: issued.serial.to_string(),
-            identity: identity.id.clone(),
-            not_after: issued.not_after,
-        });
-        batch.audit.push(Self::audit(
-            &Actor { id: Some(identity.id.clone()), label: spiffe.to_string() },
-            "identity.renew",
-            identity.name.as_str(),
-            serde_json::json!({ "old_serial": peer.serial.to_string(), "serial": issued.serial.to_string() }),
-        ));
+        let issued = self.sign(&identity, csr_der, None, "identity.renew", &mut batch)?;
         self.commit(&mut inner, batch)?;
         Ok(RenewResponse {
             cert_pem: issued.cert_pem,
@@ -114,25 +80,14 @@ impl Controller {
             .get(id)
             .cloned()
             .ok_or_else(|| ControllerError::NotFound("no such identity".into()))?;
-        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
-        let issued = self.ca.issue(
-            &key.csr_der,
-            &spiffe,
-            self.cfg.cert_validity,
-            self.cfg.clock.now(),
-        )?;
         let mut batch = Batch::default();
-        batch.records.push(Record::Cert {
-            serial: issued.serial.to_string(),
-            identity: identity.id.clone(),
-            not_after: issued.not_after,
-        });
-        batch.audit.push(Self::audit(
-            actor,
+        let issued = self.sign(
+            &identity,
+            &key.csr_der,
+            Some(actor),
             "identity.issue_local",
-            identity.name.as_str(),
-            serde_json::json!({ "serial": issued.serial.to_string() }),
-        ));
+            &mut batch,
+        )?;
         self.commit(&mut inner, batch)?;
         Ok(IdentityFile {
             version: 1,
@@ -145,6 +100,41 @@ impl Controller {
             cert_pem: issued.cert_pem,
             key_pem: key.key_pem,
         })
+    }
+
+    /// Signs a leaf for `identity` from a CSR and adds its record and audit entry to `batch`.
+    /// The actor is the identity itself unless given. Called with the write lock held.
+    fn sign(
+        &self,
+        identity: &Identity,
+        csr_der: &[u8],
+        actor: Option<&Actor>,
+        action: &'static str,
+        batch: &mut Batch,
+    ) -> Result<umbra_pki::IssuedCert, ControllerError> {
+        let spiffe = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name);
+        let issued = self.ca.issue(
+            csr_der,
+            &spiffe,
+            self.cfg.cert_validity,
+            self.cfg.clock.now(),
+        )?;
+        batch.records.push(Record::Cert {
+            serial: issued.serial.to_string(),
+            identity: identity.id.clone(),
+            not_after: issued.not_after,
+        });
+        let own = Actor {
+            id: Some(identity.id.clone()),
+            label: spiffe.to_string(),
+        };
+        batch.audit.push(Self::audit(
+            actor.unwrap_or(&own),
+            action,
+            identity.name.as_str(),
+            serde_json::json!({ "serial": issued.serial.to_string(), "not_after": issued.not_after }),
+        ));
+        Ok(issued)
     }
 
     /// Checks that a handshake-verified certificate still speaks for an active identity of the
