@@ -7,6 +7,14 @@
 //! could not be reached is tried again only after a backoff (100 ms doubling to 5 s) unless no
 //! other router works, so a dead router is not hammered and does not slow every dial.
 //!
+//! Each router is authenticated as exactly the router the controller lists at the address being
+//! dialed: the QUIC handshake requires the SPIFFE id `spiffe://TD/router/NAME` of the router that
+//! the edge view (`GET /v1/edge`) names for that address, not just any router certificate of the
+//! trust domain. So a holder of some other router's key (a deleted router's, say, until its
+//! certificate expires) who takes over a listed router's address can neither read the streams
+//! meant for that router nor pose as it to hosts. The one exception is [`Context::dial_via`] with
+//! an address that is not in the view: it accepts any router of the trust domain (see there).
+//!
 //! The context renews its own certificate in the background (see [`crate::RenewingIdentity`]).
 //! New connections, to routers and to the controller, present the newest certificate; a
 //! connection made with an older one keeps serving its streams until it ends (a router ends it
@@ -25,7 +33,7 @@ use quinn::{Connection, Endpoint, VarInt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use umbra_pki::{ExpectedServer, IdentityFile, Serial};
+use umbra_pki::{ExpectedServer, IdentityFile, Serial, SpiffeId};
 use umbra_policies::{IdentityId, IdentityKind, Name};
 use umbra_proto::api::{EdgeService, EdgeView};
 use umbra_proto::stream::{
@@ -33,6 +41,7 @@ use umbra_proto::stream::{
     ServiceRequest, Status, ALPN,
 };
 use umbra_proto::FrameDecoder;
+use umbra_proto::RouterInfo;
 
 use crate::client::{ControllerClient, ResponseStream};
 use crate::error::SdkError;
@@ -69,6 +78,57 @@ pub struct Caller {
 
 pub(crate) type Incoming = (Stream, Caller);
 
+/// QUIC client configurations by the router they accept (`None`: any router).
+type RouterConfigs = HashMap<Option<Name>, quinn::ClientConfig>;
+
+/// A router as the SDK connects to it: an address, and the router that must answer there.
+///
+/// `name` is the router's name from the edge view; the handshake then requires exactly that
+/// router's SPIFFE id. `None` (only for [`Context::dial_via`] with an address the view does not
+/// list) accepts any router of the trust domain. Connections and backoffs are kept per target, so
+/// a connection verified for one router is never reused for another listed at the same address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct RouterTarget {
+    pub(crate) addr: String,
+    pub(crate) name: Option<Name>,
+}
+
+impl std::fmt::Display for RouterTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.name {
+            Some(n) => write!(f, "{n}@{}", self.addr),
+            None => write!(f, "{} (any router)", self.addr),
+        }
+    }
+}
+
+/// The routers of an edge view that have an address, each pinned to its own name.
+fn targets(routers: Vec<RouterInfo>) -> Vec<RouterTarget> {
+    routers
+        .into_iter()
+        .filter_map(|r| {
+            r.advertise.map(|addr| RouterTarget {
+                addr,
+                name: Some(r.name),
+            })
+        })
+        .collect()
+}
+
+/// The targets for a bare address: every listed router advertising exactly `addr` (each pinned
+/// to its name), or, when none does, `addr` accepting any router of the trust domain.
+fn targets_for(addr: &str, known: &[RouterTarget]) -> Vec<RouterTarget> {
+    let listed: Vec<RouterTarget> = known.iter().filter(|t| t.addr == addr).cloned().collect();
+    if listed.is_empty() {
+        vec![RouterTarget {
+            addr: addr.to_owned(),
+            name: None,
+        }]
+    } else {
+        listed
+    }
+}
+
 /// An identity's handle on the overlay. Cheap to clone; connections are shared.
 #[derive(Clone)]
 pub struct Context {
@@ -84,14 +144,17 @@ struct Inner {
     renewing: AtomicBool,
     controller: ControllerClient,
     transport: Arc<quinn::TransportConfig>,
-    /// The QUIC client configuration of the newest credentials, built once per certificate.
-    quic: Mutex<Option<(Arc<Credentials>, quinn::ClientConfig)>>,
+    /// The QUIC client configurations of the newest credentials, one per expected router (by
+    /// name; `None` for any router), built once per certificate.
+    quic: Mutex<Option<(Arc<Credentials>, RouterConfigs)>>,
     endpoints: Mutex<(Option<Endpoint>, Option<Endpoint>)>,
     /// One connection per router, with the serial of the certificate it was made with.
-    conns: Mutex<HashMap<String, (Connection, Serial)>>,
+    conns: Mutex<HashMap<RouterTarget, (Connection, Serial)>>,
     /// Routers that could not be reached: failures in a row, and when to try again.
-    backoff: Mutex<HashMap<String, (u32, Instant)>>,
-    routers: Mutex<Vec<String>>,
+    backoff: Mutex<HashMap<RouterTarget, (u32, Instant)>>,
+    /// The routers of the last edge view, each with the name it must prove; `None` until a view
+    /// was fetched.
+    routers: Mutex<Option<Vec<RouterTarget>>>,
     listeners: Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>>,
     cancel: CancellationToken,
 }
@@ -152,13 +215,13 @@ impl Context {
                 endpoints: Mutex::new((None, None)),
                 conns: Mutex::new(HashMap::new()),
                 backoff: Mutex::new(HashMap::new()),
-                routers: Mutex::new(Vec::new()),
+                routers: Mutex::new(None),
                 listeners: Arc::new(Mutex::new(HashMap::new())),
                 cancel: CancellationToken::new(),
             }),
         };
         // Fail now, not at the first dial, if the identity cannot make a router configuration.
-        ctx.quic_config()?;
+        ctx.quic_config(None)?;
         ctx.start_renewal();
         Ok(ctx)
     }
@@ -213,36 +276,54 @@ impl Context {
         self.inner.controller.clone()
     }
 
-    /// The QUIC client configuration for the newest credentials.
-    fn quic_config(&self) -> Result<(Serial, quinn::ClientConfig), SdkError> {
+    /// The QUIC client configuration for the newest credentials that accepts only the router
+    /// named `router` (`spiffe://TD/router/NAME` in this identity's trust domain), or, with
+    /// `None`, any router of the trust domain.
+    fn quic_config(
+        &self,
+        router: Option<&Name>,
+    ) -> Result<(Serial, quinn::ClientConfig), SdkError> {
         let creds = self.inner.live.current();
         let serial = creds.leaf().serial.clone();
         let mut cached = lock(&self.inner.quic);
-        if let Some((c, q)) = cached.as_ref() {
-            if Arc::ptr_eq(c, &creds) {
-                return Ok((serial, q.clone()));
-            }
+        let configs = match cached.as_mut() {
+            Some((c, configs)) if Arc::ptr_eq(c, &creds) => configs,
+            // New credentials: every configuration is rebuilt with the new certificate.
+            _ => &mut cached.insert((Arc::clone(&creds), HashMap::new())).1,
+        };
+        let key = router.cloned();
+        if let Some(q) = configs.get(&key) {
+            return Ok((serial, q.clone()));
         }
-        let tls = umbra_pki::client_config_spiffe(
-            creds.identity(),
-            ExpectedServer::AnyOfKind(IdentityKind::Router),
-            &[ALPN],
-        )?;
+        let identity = creds.identity();
+        let expected = match router {
+            Some(name) => ExpectedServer::Exact(SpiffeId::new(
+                &identity.trust_domain,
+                IdentityKind::Router,
+                name,
+            )),
+            None => ExpectedServer::AnyOfKind(IdentityKind::Router),
+        };
+        let tls = umbra_pki::client_config_spiffe(identity, expected, &[ALPN])?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| SdkError::Protocol(e.to_string()))?;
         let mut quic = quinn::ClientConfig::new(Arc::new(crypto));
         quic.transport_config(Arc::clone(&self.inner.transport));
-        *cached = Some((creds, quic.clone()));
+        configs.insert(key, quic.clone());
         Ok((serial, quic))
     }
 
-    /// What this identity may use and where the routers are (`GET /v1/edge`).
+    /// What this identity may use and where the routers are (`GET /v1/edge`). The routers it
+    /// lists become the ones this context dials, each pinned to its name.
     pub async fn edge(&self) -> Result<EdgeView, SdkError> {
         self.start_renewal();
-        self.inner
+        let view: EdgeView = self
+            .inner
             .controller
             .call(Method::GET, "/v1/edge", None::<&()>)
-            .await
+            .await?;
+        *lock(&self.inner.routers) = Some(targets(view.routers.clone()));
+        Ok(view)
     }
 
     /// The services this identity may dial, with where a tunneler exposes them.
@@ -300,14 +381,14 @@ impl Context {
                     }
                 });
             }
-            for addr in routers {
-                if !tried.insert(addr.clone()) {
+            for target in routers {
+                if !tried.insert(target.clone()) {
                     continue;
                 }
-                match self.dial_via(&addr, name.as_str()).await {
+                match self.dial_target(&target, &name).await {
                     Ok(s) => return Ok(s),
                     Err(e) if e.try_another_router() => {
-                        tracing::debug!(router = %addr, error = %e, "trying another router");
+                        tracing::debug!(router = %target, error = %e, "trying another router");
                         last = Some(e);
                     }
                     Err(e) => return Err(e),
@@ -318,24 +399,88 @@ impl Context {
     }
 
     /// Opens a stream to `service` through the router at `router` (`host:port`) only.
+    ///
+    /// The router must prove that it is the router the edge view lists at that address (the
+    /// view is fetched first if this context has none yet; if several routers are listed there,
+    /// each is tried). An address the view does not list (or, with no view obtainable, any
+    /// address) is trusted less: any router certificate of this identity's trust domain is
+    /// accepted there, so use this with addresses from a trusted source, or use
+    /// [`Context::dial`], which only dials listed routers, each pinned to its name.
     pub async fn dial_via(&self, router: &str, service: &str) -> Result<Stream, SdkError> {
         let name = Name::new(service).map_err(|_| SdkError::Denied {
             service: service.to_owned(),
         })?;
-        let conn = self.connection(router).await?;
-        let result = request(&conn, Op::Dial, &name).await;
+        let (known, mut fresh) = self.known_routers().await;
+        let mut targets = targets_for(router, &known);
+        let mut last = None;
+        loop {
+            for target in &targets {
+                match self.dial_target(target, &name).await {
+                    Ok(s) => return Ok(s),
+                    Err(e) if e.try_another_router() => last = Some(e),
+                    Err(e) => return Err(e),
+                }
+            }
+            // A refused handshake with a view that may be stale (the address may belong to
+            // another router now): ask the controller once, and try again if the answer differs.
+            let refused = matches!(last, Some(SdkError::Handshake { .. }));
+            if fresh || !refused {
+                break;
+            }
+            fresh = true;
+            let Some(known) = self.fetch_routers().await else {
+                break;
+            };
+            let again = targets_for(router, &known);
+            if again == targets {
+                break;
+            }
+            targets = again;
+        }
+        Err(last.unwrap_or_else(|| SdkError::Unavailable(router.to_owned())))
+    }
+
+    /// The routers of the last edge view, fetching one if there is none yet (an empty list if
+    /// the controller cannot be asked), and whether it was just fetched.
+    async fn known_routers(&self) -> (Vec<RouterTarget>, bool) {
+        if let Some(known) = lock(&self.inner.routers).clone() {
+            return (known, false);
+        }
+        (self.fetch_routers().await.unwrap_or_default(), true)
+    }
+
+    /// A fresh list of routers from the controller, within [`CONNECT_TIMEOUT`]; `None` if the
+    /// controller cannot be asked.
+    async fn fetch_routers(&self) -> Option<Vec<RouterTarget>> {
+        match tokio::time::timeout(CONNECT_TIMEOUT, self.routers(true)).await {
+            Ok(Ok(known)) => Some(known),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "no edge view; an unlisted router address is not pinned");
+                None
+            }
+            Err(_) => {
+                tracing::debug!("no edge view in time; an unlisted router address is not pinned");
+                None
+            }
+        }
+    }
+
+    /// Opens a stream to `service` through one router.
+    async fn dial_target(&self, target: &RouterTarget, name: &Name) -> Result<Stream, SdkError> {
+        let conn = self.connection(target).await?;
+        let result = request(&conn, Op::Dial, name).await;
         if let Err(e) = &result {
             if e.try_another_router() && conn.close_reason().is_some() {
                 let mut conns = lock(&self.inner.conns);
                 if conns
-                    .get(router)
+                    .get(target)
                     .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
                 {
-                    conns.remove(router);
+                    conns.remove(target);
                 }
             }
         }
-        result.map(|(send, recv)| Stream::new(send, recv, service.to_owned()))
+        result.map(|(send, recv)| Stream::new(send, recv, name.as_str().to_owned()))
     }
 
     /// Hosts `service` on every router the controller lists: callers that dial it arrive on the
@@ -365,28 +510,23 @@ impl Context {
         &self.inner.listeners
     }
 
-    /// Router addresses: the cached list, or a fresh one from the controller.
-    pub(crate) async fn routers(&self, refresh: bool) -> Result<Vec<String>, SdkError> {
+    /// The listed routers (address and name): the cached list, or a fresh one from the
+    /// controller.
+    pub(crate) async fn routers(&self, refresh: bool) -> Result<Vec<RouterTarget>, SdkError> {
         if !refresh {
             let cached = lock(&self.inner.routers).clone();
-            if !cached.is_empty() {
+            if let Some(cached) = cached.filter(|c| !c.is_empty()) {
                 return Ok(cached);
             }
         }
-        let view = self.edge().await?;
-        let addrs: Vec<String> = view
-            .routers
-            .into_iter()
-            .filter_map(|r| r.advertise)
-            .collect();
-        *lock(&self.inner.routers) = addrs.clone();
-        Ok(addrs)
+        // `edge` caches the list.
+        Ok(targets(self.edge().await?.routers))
     }
 
     /// The live connection to a router made with the current certificate, connecting if there
     /// is none. A connection made with an earlier certificate is left to its streams (and used
     /// only while a new one cannot be made).
-    pub(crate) async fn connection(&self, router: &str) -> Result<Connection, SdkError> {
+    pub(crate) async fn connection(&self, router: &RouterTarget) -> Result<Connection, SdkError> {
         self.connection_with(router, true).await.map(|(c, _)| c)
     }
 
@@ -394,11 +534,11 @@ impl Context {
     /// made with; with `allow_older` false, only a connection made with the current one.
     pub(crate) async fn connection_with(
         &self,
-        router: &str,
+        router: &RouterTarget,
         allow_older: bool,
     ) -> Result<(Connection, Serial), SdkError> {
         self.start_renewal();
-        let (serial, quic) = self.quic_config()?;
+        let (serial, quic) = self.quic_config(router.name.as_ref())?;
         // A live connection made with an earlier certificate: replaced, but still usable if
         // a new connection cannot be made right now.
         let mut older = None;
@@ -421,9 +561,9 @@ impl Context {
                 return Ok(c.clone());
             }
         }
-        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(router, quic))
+        let result = tokio::time::timeout(CONNECT_TIMEOUT, self.connect(&router.addr, quic))
             .await
-            .map_err(|_| SdkError::Timeout(router.to_owned()))
+            .map_err(|_| SdkError::Timeout(router.addr.clone()))
             .and_then(|r| r);
         let conn = match result {
             Ok(conn) => {
@@ -441,7 +581,7 @@ impl Context {
                 return Err(e);
             }
         };
-        lock(&self.inner.conns).insert(router.to_owned(), (conn.clone(), serial.clone()));
+        lock(&self.inner.conns).insert(router.clone(), (conn.clone(), serial.clone()));
         let listeners = Arc::clone(&self.inner.listeners);
         tokio::spawn(accept_incoming(
             conn.clone(),
@@ -453,14 +593,14 @@ impl Context {
 
     /// Records a failed connection to `router`: it is tried after the others until its backoff
     /// (doubling with each failure in a row) has passed.
-    fn back_off(&self, router: &str) {
+    fn back_off(&self, router: &RouterTarget) {
         let mut backoff = lock(&self.inner.backoff);
         let failures = backoff.get(router).map_or(0, |(n, _)| *n).saturating_add(1);
         let pause = RECONNECT_MIN
             .saturating_mul(1 << failures.saturating_sub(1).min(16))
             .min(RECONNECT_MAX);
         tracing::debug!(%router, failures, ?pause, "router unreachable; backing off");
-        backoff.insert(router.to_owned(), (failures, Instant::now() + pause));
+        backoff.insert(router.clone(), (failures, Instant::now() + pause));
     }
 
     async fn connect(
@@ -657,5 +797,76 @@ impl EdgeWatch {
                 None => return Ok(None),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(name: &str, advertise: Option<&str>) -> RouterInfo {
+        RouterInfo {
+            id: IdentityId::new(format!("id-{name}")).unwrap(),
+            name: Name::new(name).unwrap(),
+            advertise: advertise.map(str::to_owned),
+        }
+    }
+
+    fn pinned(addr: &str, name: &str) -> RouterTarget {
+        RouterTarget {
+            addr: addr.to_owned(),
+            name: Some(Name::new(name).unwrap()),
+        }
+    }
+
+    #[test]
+    fn listed_routers_are_pinned_to_their_names() {
+        let t = targets(vec![
+            info("r1", Some("10.0.0.1:4433")),
+            info("r2", None),
+            info("r3", Some("10.0.0.3:4433")),
+        ]);
+        assert_eq!(
+            t,
+            vec![pinned("10.0.0.1:4433", "r1"), pinned("10.0.0.3:4433", "r3")]
+        );
+    }
+
+    #[test]
+    fn a_bare_address_is_pinned_when_listed_and_unpinned_only_when_not() {
+        let known = vec![
+            pinned("10.0.0.1:4433", "r1"),
+            pinned("10.0.0.2:4433", "r2"),
+            pinned("10.0.0.2:4433", "r3"),
+        ];
+        assert_eq!(
+            targets_for("10.0.0.1:4433", &known),
+            vec![pinned("10.0.0.1:4433", "r1")]
+        );
+        // Two routers listed at one address: each is tried, each pinned to its own name.
+        assert_eq!(
+            targets_for("10.0.0.2:4433", &known),
+            vec![pinned("10.0.0.2:4433", "r2"), pinned("10.0.0.2:4433", "r3")]
+        );
+        assert_eq!(
+            targets_for("10.0.0.9:4433", &known),
+            vec![RouterTarget {
+                addr: "10.0.0.9:4433".to_owned(),
+                name: None,
+            }]
+        );
+    }
+
+    #[test]
+    fn targets_for_different_routers_at_one_address_are_distinct() {
+        // Connections and backoffs are keyed by target: one verified for r2 is never reused
+        // for r3.
+        let a = pinned("10.0.0.2:4433", "r2");
+        let b = pinned("10.0.0.2:4433", "r3");
+        assert_ne!(a, b);
+        let mut set = HashSet::new();
+        set.insert(a);
+        set.insert(b);
+        assert_eq!(set.len(), 2);
     }
 }

@@ -8,7 +8,8 @@
 //!
 //! It must never send a private key anywhere, trust a controller whose CA does not match the
 //! pinned fingerprint, trust a router that is not a router of its own trust domain, or log a
-//! token or key.
+//! token or key. A router at an address the controller lists must be exactly the router listed
+//! there (its SPIFFE id), not just any router.
 #![forbid(unsafe_code)]
 
 mod client;

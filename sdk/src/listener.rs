@@ -11,7 +11,7 @@ use umbra_pki::Serial;
 use umbra_policies::Name;
 use umbra_proto::stream::Op;
 
-use crate::context::{lock, request, Caller, Context, Incoming};
+use crate::context::{lock, request, Caller, Context, Incoming, RouterTarget};
 use crate::error::SdkError;
 use crate::stream::{read_error, Stream};
 
@@ -23,7 +23,7 @@ const REBIND_MAX: Duration = Duration::from_secs(5);
 
 /// One router's registration.
 pub(crate) struct Binding {
-    router: String,
+    router: RouterTarget,
     /// The certificate the connection carrying it was made with.
     serial: Serial,
     send: SendStream,
@@ -36,7 +36,7 @@ pub(crate) struct Binding {
 pub(crate) async fn bind_all(
     ctx: &Context,
     service: &Name,
-    skip: &HashSet<String>,
+    skip: &HashSet<RouterTarget>,
     fresh: bool,
 ) -> Result<Vec<Binding>, SdkError> {
     let mut binds = Vec::new();
@@ -68,7 +68,7 @@ pub(crate) async fn bind_all(
 }
 
 /// Waits until a registration ends; says why.
-async fn held(mut b: Binding) -> (String, SdkError) {
+async fn held(mut b: Binding) -> (RouterTarget, SdkError) {
     let mut sink = [0u8; 64];
     let why = loop {
         match b.recv.read(&mut sink).await {
@@ -144,7 +144,7 @@ impl Drop for Listener {
 async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
     let mut held_binds = JoinSet::new();
     // Each router's registration: the task holding it, and the certificate it was made with.
-    let mut bound: HashMap<String, (AbortHandle, Serial)> = HashMap::new();
+    let mut bound: HashMap<RouterTarget, (AbortHandle, Serial)> = HashMap::new();
     for b in binds {
         let (router, serial) = (b.router.clone(), b.serial.clone());
         bound.insert(router, (held_binds.spawn(held(b)), serial));
@@ -171,7 +171,7 @@ async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
             _ = tokio::time::sleep(REFRESH) => (Duration::ZERO, false),
         };
         tokio::time::sleep(wait).await;
-        let skip: HashSet<String> = if renewed {
+        let skip: HashSet<RouterTarget> = if renewed {
             let current = ctx.watch_identity().borrow().leaf().serial.clone();
             (bound.iter())
                 .filter(|(_, (_, serial))| *serial == current)

@@ -76,7 +76,7 @@ impl Tunneler {
                 _ = follow(client, &mut state) => {}
                 _ = token.cancelled() => {}
             }
-            state.clear();
+            state.clear().await;
         });
         Ok(Tunneler {
             mappings,
@@ -100,7 +100,7 @@ impl Tunneler {
 struct Listeners {
     ctx: Context,
     book: AddressBook,
-    active: BTreeMap<SocketAddr, (Mapping, CancellationToken)>,
+    active: BTreeMap<SocketAddr, (Mapping, CancellationToken, tokio::task::JoinHandle<()>)>,
     limit: std::sync::Arc<Semaphore>,
     tx: watch::Sender<Vec<Mapping>>,
     hosts_file: Option<PathBuf>,
@@ -116,12 +116,14 @@ impl Listeners {
         let stale: Vec<SocketAddr> = self
             .active
             .iter()
-            .filter(|(addr, (m, _))| want.get(addr) != Some(m))
+            .filter(|(addr, (m, _, _))| want.get(addr) != Some(m))
             .map(|(addr, _)| *addr)
             .collect();
         for addr in stale {
-            if let Some((m, token)) = self.active.remove(&addr) {
+            if let Some((m, token, task)) = self.active.remove(&addr) {
                 token.cancel();
+                // The accept loop owns the socket: once it has returned, nothing listens.
+                let _ = task.await;
                 tracing::info!(service = %m.service, listen = %m.listen, "listener removed");
             }
         }
@@ -133,14 +135,14 @@ impl Listeners {
                 Ok(listener) => {
                     let token = CancellationToken::new();
                     tracing::info!(service = %m.service, intercept = %m.intercept, listen = %m.listen, "listening");
-                    tokio::spawn(accept_loop(
+                    let task = tokio::spawn(accept_loop(
                         listener,
                         m.clone(),
                         self.ctx.clone(),
                         self.limit.clone(),
                         token.clone(),
                     ));
-                    self.active.insert(addr, (m, token));
+                    self.active.insert(addr, (m, token, task));
                 }
                 Err(e) => {
                     tracing::warn!(service = %m.service, listen = %addr, error = %e, "cannot listen")
@@ -151,7 +153,7 @@ impl Listeners {
     }
 
     fn publish(&self) {
-        let list: Vec<Mapping> = self.active.values().map(|(m, _)| m.clone()).collect();
+        let list: Vec<Mapping> = self.active.values().map(|(m, _, _)| m.clone()).collect();
         if let Some(path) = &self.hosts_file {
             if let Err(e) = std::fs::write(path, self.book.hosts_snippet()) {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the hosts snippet");
@@ -161,9 +163,10 @@ impl Listeners {
     }
 
     /// Removes every listener: access is gone or the tunneler is stopping.
-    fn clear(&mut self) {
-        for (_, (_, token)) in std::mem::take(&mut self.active) {
+    async fn clear(&mut self) {
+        for (_, (_, token, task)) in std::mem::take(&mut self.active) {
             token.cancel();
+            let _ = task.await;
         }
         self.publish();
     }
@@ -177,7 +180,7 @@ async fn follow(client: ControllerClient, state: &mut Listeners) {
             // The controller refused our certificate: revoked or disabled. Nothing may stay.
             Err(e @ SdkError::Handshake { .. }) | Err(e @ SdkError::Api { status: 403, .. }) => {
                 tracing::warn!(error = %e, "the controller refused this identity; closing every listener");
-                state.clear();
+                state.clear().await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lost the controller; keeping listeners, the router still authorizes")
@@ -250,9 +253,26 @@ async fn accept_loop(
 /// Carries one TCP connection as one overlay stream, both directions, with half-close.
 async fn carry(mut tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
     let _ = tcp.set_nodelay(true);
-    let mut stream = ctx.dial(service).await?;
+    let mut stream = dial(ctx, service).await?;
     tokio::io::copy_bidirectional(&mut tcp, &mut stream)
         .await
         .map_err(SdkError::from_io)?;
     Ok(())
+}
+
+/// Dials a service the controller's view says this identity may use. The routers learn of a new
+/// grant a moment after the controller has told us, so a refusal is retried briefly (bounded);
+/// a service that was really revoked loses its listener at the same moment anyway.
+async fn dial(ctx: &Context, service: &str) -> Result<umbra_sdk::Stream, SdkError> {
+    const RETRIES: u32 = 10;
+    let mut attempt = 0;
+    loop {
+        match ctx.dial(service).await {
+            Err(SdkError::Denied { .. }) if attempt < RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            r => return r,
+        }
+    }
 }
