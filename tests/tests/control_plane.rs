@@ -204,6 +204,11 @@ async fn enroll_grant_explain_revoke_and_survive_restart() {
     ] {
         assert!(actions.contains(&want), "audit lacks {want}: {actions:?}");
     }
+    let renew = audit.iter().find(|a| a.action == "identity.renew").unwrap();
+    assert_eq!(
+        renew.detail["old_serial"],
+        agent.leaf().unwrap().serial.to_string()
+    );
     let revoke = audit
         .iter()
         .find(|a| a.action == "identity.revoke")

@@ -58,6 +58,10 @@ impl Controller {
         let identity = self.authorize_locked(&inner, peer, None)?;
         let mut batch = Batch::default();
         let issued = self.sign(&identity, csr_der, None, "identity.renew", &mut batch)?;
+        // Which certificate vouched for the renewal, for whoever reads the audit log later.
+        if let Some(entry) = batch.audit.last_mut() {
+            entry.detail["old_serial"] = serde_json::Value::String(peer.serial.to_string());
+        }
         self.commit(&mut inner, batch)?;
         Ok(RenewResponse {
             cert_pem: issued.cert_pem,
