@@ -303,6 +303,31 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     }
 }
 
+/// Measures a baseline path if it could be started; its processes stop when measured.
+async fn baseline(
+    name: &'static str,
+    started: Option<(Vec<Proc>, SocketAddr, SocketAddr)>,
+    bytes: u64,
+    tck: f64,
+) -> Row {
+    match started {
+        Some((procs, sink, echo)) => {
+            let row = measure(&PathUnder { name, sink, echo }, bytes, tck).await;
+            drop(procs);
+            row
+        }
+        None => Row {
+            name: format!("{name}: not installed"),
+            gbps: None,
+            core_s_per_gb: None,
+            gbps4: None,
+            rtt: None,
+            setup: None,
+            loaded_p99: None,
+        },
+    }
+}
+
 fn print_rows(rows: &[Row]) {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
     println!(
@@ -815,58 +840,24 @@ async fn run() {
         .await,
     );
     drop(tun);
-    match stunnel(dir, sink_addr, echo_addr) {
-        Some((procs, s, e)) => {
-            rows.push(
-                measure(
-                    &PathUnder {
-                        name: "stunnel (mutual TLS)",
-                        sink: s,
-                        echo: e,
-                    },
-                    bytes,
-                    tck,
-                )
-                .await,
-            );
-            drop(procs);
-        }
-        None => rows.push(Row {
-            name: "stunnel: not installed".into(),
-            gbps: None,
-            core_s_per_gb: None,
-            gbps4: None,
-            rtt: None,
-            setup: None,
-            loaded_p99: None,
-        }),
-    }
-    match ssh(dir, sink_addr, echo_addr) {
-        Some((procs, s, e)) => {
-            rows.push(
-                measure(
-                    &PathUnder {
-                        name: "ssh -L aes128-gcm",
-                        sink: s,
-                        echo: e,
-                    },
-                    bytes,
-                    tck,
-                )
-                .await,
-            );
-            drop(procs);
-        }
-        None => rows.push(Row {
-            name: "ssh -L: not installed".into(),
-            gbps: None,
-            core_s_per_gb: None,
-            gbps4: None,
-            rtt: None,
-            setup: None,
-            loaded_p99: None,
-        }),
-    }
+    rows.push(
+        baseline(
+            "stunnel (mutual TLS)",
+            stunnel(dir, sink_addr, echo_addr),
+            bytes,
+            tck,
+        )
+        .await,
+    );
+    rows.push(
+        baseline(
+            "ssh -L aes128-gcm",
+            ssh(dir, sink_addr, echo_addr),
+            bytes,
+            tck,
+        )
+        .await,
+    );
     print_rows(&rows);
     let umbra_row = &rows[1];
     println!("\ntargets for umbra: >= 5 Gbit/s and <= 3 core-s/GB; RTT added <= 80 µs p50; new connection <= 350 µs p50 / 600 µs p99; loaded RTT p99 < 1 ms");
