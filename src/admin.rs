@@ -16,14 +16,14 @@ use crate::output;
 /// Renew the admin certificate once two thirds of its lifetime have passed.
 const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
 
-fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
+pub(crate) fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
     admin
         .clone()
         .unwrap_or_else(|| Path::new(".umbra").join("admin.json"))
 }
 
 /// Loads an identity file and renews its certificate first if it is getting old.
-async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
+pub(crate) async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
     let file =
         IdentityFile::load(path).with_context(|| format!("admin identity {}", path.display()))?;
     let leaf = file.leaf()?;
@@ -203,6 +203,8 @@ pub async fn run(
         | Command::Enroll(_)
         | Command::Quickstart { .. }
         | Command::Tunnel { .. }
+        | Command::Run(_)
+        | Command::Verify(_)
         | Command::Demo => {
             unreachable!("handled in main")
         }

@@ -60,6 +60,10 @@ pub enum Command {
         #[arg(long)]
         hosts_file: Option<PathBuf>,
     },
+    /// Run a command in a sealed sandbox whose only network is the overlay
+    Run(SandboxRunArgs),
+    /// Build a sandbox exactly as `run` does and try to escape it; exits 1 if anything escaped
+    Verify(VerifyArgs),
     /// Make the controller's state match a YAML document
     Apply(ApplyArgs),
     /// Print the controller's state as a YAML document
@@ -322,4 +326,71 @@ mod tests {
         use clap::CommandFactory;
         Cli::command().debug_assert();
     }
+}
+
+/// How `umbra run` confines the agent.
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// The agent's identity file (never visible inside); not with --ephemeral
+    #[arg(long, required_unless_present = "ephemeral")]
+    pub identity: Option<PathBuf>,
+    /// Read-write directory, at the same path inside, and the working directory [default: .]
+    #[arg(long)]
+    pub workspace: Option<PathBuf>,
+    /// Extra read-only path, at the same path inside (repeatable)
+    #[arg(long = "ro")]
+    pub ro: Vec<PathBuf>,
+    /// Path that must never be visible inside, such as the controller's directory (repeatable)
+    #[arg(long = "hide")]
+    pub hide: Vec<PathBuf>,
+    /// Memory limit (K, M or G)
+    #[arg(long, default_value = "2G")]
+    pub memory: String,
+    /// CPU limit in cores (fractions allowed)
+    #[arg(long)]
+    pub cpus: Option<String>,
+    /// Process and thread limit
+    #[arg(long, default_value_t = 512)]
+    pub pids: u64,
+    /// Run without Landlock if the kernel lacks it
+    #[arg(long)]
+    pub allow_degraded: bool,
+    /// Create a short-lived identity for this task (needs the admin identity) and delete it after
+    #[arg(long)]
+    pub ephemeral: bool,
+    /// Roles of the ephemeral identity (repeatable)
+    #[arg(long = "role", requires = "ephemeral")]
+    pub roles: Vec<String>,
+}
+
+/// `umbra run`.
+#[derive(Debug, Args)]
+pub struct SandboxRunArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+    /// Kill the agent and everything it started after this long (exit code 124)
+    #[arg(long, value_parser = parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+    /// Write the sandbox's audit events here, as JSON lines
+    #[arg(long)]
+    pub events: Option<PathBuf>,
+    /// Keep the agent running (without network) when its identity is revoked
+    #[arg(long)]
+    pub keep_on_revoke: bool,
+    /// Environment variable for the agent, KEY=VALUE or KEY to copy it (repeatable)
+    #[arg(long = "env")]
+    pub env: Vec<String>,
+    /// The command and its arguments
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
+}
+
+/// `umbra verify`.
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+    /// Skip the limit attempts (fork bomb, memory balloon, busy loop)
+    #[arg(long)]
+    pub skip_limits: bool,
 }

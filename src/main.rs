@@ -5,6 +5,7 @@ mod admin;
 mod cli;
 mod demo;
 mod output;
+mod sandbox_cmd;
 
 use std::process::ExitCode;
 
@@ -14,6 +15,12 @@ use clap::Parser;
 use cli::{Cli, Command, ControllerCmd};
 
 fn main() -> ExitCode {
+    // The sandbox's own processes: single-threaded, before any runtime or logging exists.
+    match std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()) {
+        Some("__sandbox-init") => return exit_code(umbra_sandbox::init::main()),
+        Some("__escape-probe") => return exit_code(umbra_sandbox::probe::main()),
+        _ => {}
+    }
     let cli = Cli::parse();
     // Servers report what they do; one-shot commands and the demo speak only of problems.
     let default_filter = match cli.command {
@@ -39,6 +46,27 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // `run` and `verify` end with codes of their own (the agent's, or a documented one).
+    if matches!(cli.command, Command::Run(_) | Command::Verify(_)) {
+        let (admin, controller, json) = (cli.admin.clone(), cli.controller.clone(), cli.json);
+        let r = runtime.block_on(async move {
+            match cli.command {
+                Command::Run(args) => sandbox_cmd::run(&admin, controller, args).await,
+                Command::Verify(args) => sandbox_cmd::verify(&admin, controller, json, args).await,
+                _ => Ok(0),
+            }
+        });
+        // Whatever the agent left running was killed with its sandbox; do not wait for
+        // blocking threads of the runtime.
+        runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+        return match r {
+            Ok(code) => exit_code(code),
+            Err(e) => {
+                eprintln!("umbra run: {}", one_line(&e));
+                exit_code(umbra_sandbox::exit::SETUP)
+            }
+        };
+    }
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -46,6 +74,10 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+fn exit_code(code: i32) -> ExitCode {
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
 }
 
 /// The error and its causes on one line, without repeating a cause the message already holds.

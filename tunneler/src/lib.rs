@@ -10,7 +10,8 @@
 mod addresses;
 mod plan;
 mod run;
+pub mod sandboxed;
 
 pub use addresses::{AddressBook, AddressError};
 pub use plan::{desired, Mapping};
-pub use run::{TunnelError, Tunneler, TunnelerConfig};
+pub use run::{DeniedFn, ListenFn, TunnelError, Tunneler, TunnelerConfig};

@@ -16,7 +16,7 @@ use crate::addresses::AddressBook;
 use crate::plan::{desired, Mapping};
 
 /// How the tunneler runs.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct TunnelerConfig {
     /// Controller address, if not the identity file's.
     pub controller: Option<String>,
@@ -26,7 +26,19 @@ pub struct TunnelerConfig {
     pub max_connections: usize,
     /// First loopback address for intercept names.
     pub name_base: std::net::Ipv4Addr,
+    /// Makes the listening sockets; `None` binds in this process's own network namespace. The
+    /// sandbox passes one that creates them inside the agent's namespace.
+    pub listen: Option<ListenFn>,
+    /// Told of every connection the router refused (denied or revoked), for audit.
+    pub on_denied: Option<DeniedFn>,
 }
+
+/// See [`TunnelerConfig::on_denied`]: the service and the SDK's error.
+pub type DeniedFn = std::sync::Arc<dyn Fn(&str, &SdkError) + Send + Sync>;
+
+/// Makes a listening socket at an address (see [`TunnelerConfig::listen`]).
+pub type ListenFn =
+    std::sync::Arc<dyn Fn(SocketAddr) -> std::io::Result<std::net::TcpListener> + Send + Sync>;
 
 impl Default for TunnelerConfig {
     fn default() -> Self {
@@ -35,7 +47,21 @@ impl Default for TunnelerConfig {
             hosts_file: None,
             max_connections: 4096,
             name_base: crate::addresses::NAME_BASE,
+            listen: None,
+            on_denied: None,
         }
+    }
+}
+
+impl std::fmt::Debug for TunnelerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TunnelerConfig")
+            .field("controller", &self.controller)
+            .field("hosts_file", &self.hosts_file)
+            .field("max_connections", &self.max_connections)
+            .field("name_base", &self.name_base)
+            .field("listen", &self.listen.as_ref().map(|_| "custom"))
+            .finish()
     }
 }
 
@@ -51,6 +77,7 @@ pub enum TunnelError {
 #[derive(Debug)]
 pub struct Tunneler {
     mappings: watch::Receiver<Vec<Mapping>>,
+    refused: watch::Receiver<bool>,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -61,6 +88,7 @@ impl Tunneler {
         // The context's client presents the newest certificate as the context renews it.
         let client = ctx.controller();
         let (tx, mappings) = watch::channel(Vec::new());
+        let (refused_tx, refused) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
@@ -71,6 +99,9 @@ impl Tunneler {
                 limit: std::sync::Arc::new(Semaphore::new(cfg.max_connections)),
                 tx,
                 hosts_file: cfg.hosts_file,
+                listen: cfg.listen,
+                on_denied: cfg.on_denied,
+                refused: refused_tx,
             };
             tokio::select! {
                 _ = follow(client, &mut state) => {}
@@ -80,6 +111,7 @@ impl Tunneler {
         });
         Ok(Tunneler {
             mappings,
+            refused,
             shutdown,
             task,
         })
@@ -88,6 +120,12 @@ impl Tunneler {
     /// The current listeners; changes as grants change.
     pub fn mappings(&self) -> watch::Receiver<Vec<Mapping>> {
         self.mappings.clone()
+    }
+
+    /// Becomes `true` when the controller refuses this identity (revoked, disabled or deleted):
+    /// every listener is gone by then. The sandbox's kill switch watches it.
+    pub fn refused(&self) -> watch::Receiver<bool> {
+        self.refused.clone()
     }
 
     /// Closes every listener and carried connection.
@@ -104,6 +142,9 @@ struct Listeners {
     limit: std::sync::Arc<Semaphore>,
     tx: watch::Sender<Vec<Mapping>>,
     hosts_file: Option<PathBuf>,
+    listen: Option<ListenFn>,
+    on_denied: Option<DeniedFn>,
+    refused: watch::Sender<bool>,
 }
 
 impl Listeners {
@@ -131,7 +172,14 @@ impl Listeners {
             if self.active.contains_key(&addr) {
                 continue;
             }
-            match TcpListener::bind(addr).await {
+            let bound = match &self.listen {
+                None => TcpListener::bind(addr).await,
+                Some(f) => f(addr).and_then(|l| {
+                    l.set_nonblocking(true)?;
+                    TcpListener::from_std(l)
+                }),
+            };
+            match bound {
                 Ok(listener) => {
                     let token = CancellationToken::new();
                     tracing::info!(service = %m.service, intercept = %m.intercept, listen = %m.listen, "listening");
@@ -141,6 +189,7 @@ impl Listeners {
                         self.ctx.clone(),
                         self.limit.clone(),
                         token.clone(),
+                        self.on_denied.clone(),
                     ));
                     self.active.insert(addr, (m, token, task));
                 }
@@ -181,13 +230,18 @@ async fn follow(client: ControllerClient, state: &mut Listeners) {
             Err(e @ SdkError::Handshake { .. }) | Err(e @ SdkError::Api { status: 403, .. }) => {
                 tracing::warn!(error = %e, "the controller refused this identity; closing every listener");
                 state.clear().await;
+                state.refused.send_replace(true);
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lost the controller; keeping listeners, the router still authorizes")
             }
             Ok(()) => {
+                // The controller ends the stream when the identity loses its access: ask again
+                // at once, so that a refusal is known within one handshake.
                 tracing::info!("the controller ended the view stream");
+                tokio::time::sleep(Duration::from_millis(10)).await;
                 backoff = Duration::from_millis(100);
+                continue;
             }
         }
         tokio::time::sleep(backoff).await;
@@ -218,6 +272,7 @@ async fn accept_loop(
     ctx: Context,
     limit: std::sync::Arc<Semaphore>,
     token: CancellationToken,
+    on_denied: Option<DeniedFn>,
 ) {
     loop {
         let permit = tokio::select! {
@@ -236,12 +291,16 @@ async fn accept_loop(
             _ = token.cancelled() => return,
         };
         let (ctx, service, token) = (ctx.clone(), m.service.clone(), token.clone());
+        let on_denied = on_denied.clone();
         tokio::spawn(async move {
             let _permit = permit;
             tokio::select! {
                 r = carry(tcp, &ctx, service.as_str()) => {
                     if let Err(e) = r {
                         tracing::info!(%service, %peer, error = %e, "connection ended");
+                        if let (Some(f), SdkError::Denied { .. } | SdkError::Revoked) = (&on_denied, &e) {
+                            f(service.as_str(), &e);
+                        }
                     }
                 }
                 _ = token.cancelled() => {}

@@ -1,0 +1,173 @@
+//! Audit events: every denial the sandbox or the tunneler can see, as one JSON object per line.
+//!
+//! Events go to `umbra run --events FILE` and to the controller's audit log. They carry the
+//! sandbox id and the identity, never a secret: a refused DNS name is what the agent asked
+//! for, and that is the point of recording it.
+
+use std::io::Write;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+/// What happened.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum EventKind {
+    /// The agent started.
+    Started {
+        /// The command's first word.
+        command: String,
+    },
+    /// A DNS query for a name the identity may not reach.
+    DnsRefused {
+        /// The name asked for.
+        name: String,
+    },
+    /// A connection to a listener whose service the router refused.
+    DialDenied {
+        /// The service.
+        service: String,
+        /// The router's reason, as the SDK reports it.
+        reason: String,
+    },
+    /// A limit was hit.
+    Limit {
+        /// `memory` or `pids`.
+        limit: String,
+    },
+    /// The agent ran past `--timeout` and was killed.
+    Timeout {
+        /// The timeout in milliseconds.
+        after_ms: u64,
+    },
+    /// The identity was revoked while the agent ran.
+    Revoked {
+        /// Whether the agent was terminated (not with `--keep-on-revoke`).
+        terminated: bool,
+    },
+    /// The agent ended.
+    Exited {
+        /// `umbra run`'s exit code.
+        code: i32,
+    },
+}
+
+/// One event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// RFC 3339, UTC.
+    pub at: String,
+    /// The sandbox.
+    pub sandbox: String,
+    /// The identity's name.
+    pub identity: String,
+    /// What happened.
+    #[serde(flatten)]
+    pub kind: EventKind,
+}
+
+type Forward = Box<dyn Fn(&Event) + Send + Sync>;
+
+/// Where events go: a JSON-lines file (optional) and a forwarding hook (the controller).
+#[derive(Clone)]
+pub struct EventSink {
+    sandbox: String,
+    identity: String,
+    file: Option<Arc<Mutex<std::fs::File>>>,
+    forward: Option<Arc<Forward>>,
+}
+
+impl std::fmt::Debug for EventSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventSink")
+            .field("sandbox", &self.sandbox)
+            .field("file", &self.file.is_some())
+            .finish()
+    }
+}
+
+impl EventSink {
+    /// A sink for one sandbox; `file` is created (or appended to) now, so a bad path fails
+    /// before anything starts.
+    pub fn new(sandbox: &str, identity: &str, file: Option<&Path>) -> std::io::Result<EventSink> {
+        let file = match file {
+            Some(p) => Some(Arc::new(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
+            ))),
+            None => None,
+        };
+        Ok(EventSink {
+            sandbox: sandbox.to_string(),
+            identity: identity.to_string(),
+            file,
+            forward: None,
+        })
+    }
+
+    /// Also hands every event to `f` (which must not block).
+    pub fn forward(mut self, f: impl Fn(&Event) + Send + Sync + 'static) -> EventSink {
+        self.forward = Some(Arc::new(Box::new(f)));
+        self
+    }
+
+    /// Records an event.
+    pub fn emit(&self, kind: EventKind) {
+        let at = time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default();
+        let ev = Event {
+            at,
+            sandbox: self.sandbox.clone(),
+            identity: self.identity.clone(),
+            kind,
+        };
+        tracing::info!(sandbox = %ev.sandbox, event = ?ev.kind, "sandbox event");
+        if let Some(f) = &self.file {
+            if let Ok(mut line) = serde_json::to_vec(&ev) {
+                line.push(b'\n');
+                if let Ok(mut f) = f.lock() {
+                    let _ = f.write_all(&line);
+                }
+            }
+        }
+        if let Some(fwd) = &self.forward {
+            fwd(&ev);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_json_lines_with_their_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ev.jsonl");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let sink = EventSink::new("sb-1", "agent-1", Some(&path))
+            .unwrap()
+            .forward(move |e| s2.lock().unwrap().push(e.kind.clone()));
+        sink.emit(EventKind::DnsRefused {
+            name: "evil.example".into(),
+        });
+        sink.emit(EventKind::Exited { code: 3 });
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0]["kind"], "dns_refused");
+        assert_eq!(lines[0]["name"], "evil.example");
+        assert_eq!(lines[0]["sandbox"], "sb-1");
+        assert_eq!(lines[0]["identity"], "agent-1");
+        assert_eq!(lines[1]["code"], 3);
+        assert_eq!(seen.lock().unwrap().len(), 2);
+    }
+}

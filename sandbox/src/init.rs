@@ -1,0 +1,702 @@
+//! Inside the sandbox: the first process makes the namespaces, its child (pid 1 of the new PID
+//! namespace) builds the agent's filesystem and reaps, and the agent's process confines itself
+//! (capabilities, Landlock, seccomp) and executes the command.
+//!
+//! This code runs in a fresh, single-threaded process (`umbra __sandbox-init`), because a
+//! multi-threaded process cannot enter a new user namespace. Every step that fails ends the
+//! sandbox with a one-line message and [`crate::exit::SETUP`]; nothing runs half-confined.
+
+use std::ffi::{CString, OsStr};
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::FromRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+
+use crate::exit;
+use crate::landlock::{self, Access, Ruleset};
+use crate::seccomp::Filter;
+use crate::spec::{read_frame, Spec, AGENT_GID, AGENT_UID};
+
+/// The descriptor the launcher hands the spec socket on.
+pub const SPEC_FD: i32 = 3;
+
+/// System directories shown read-only (or recreated as the symlinks they are on merged-/usr
+/// systems).
+const SYSTEM: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
+/// Entries of the host's `/etc` that programs need to run; nothing else of `/etc` is shown.
+const ETC: &[&str] = &[
+    "ld.so.cache",
+    "ld.so.conf",
+    "ld.so.conf.d",
+    "ssl",
+    "ca-certificates",
+    "ca-certificates.conf",
+    "pki",
+    "alternatives",
+    "localtime",
+    "timezone",
+    "os-release",
+    "debian_version",
+    "protocols",
+    "services",
+    "mime.types",
+    "bash.bashrc",
+    "profile",
+    "inputrc",
+    "terminfo",
+    "magic",
+    "magic.mime",
+    "gai.conf",
+    "host.conf",
+    "python3",
+    "perl",
+];
+const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+fn err(what: impl std::fmt::Display, e: io::Error) -> String {
+    format!("{what}: {e}")
+}
+
+fn check(r: libc::c_int, what: impl std::fmt::Display) -> Result<(), String> {
+    if r < 0 {
+        Err(err(what, io::Error::last_os_error()))
+    } else {
+        Ok(())
+    }
+}
+
+fn cstr(p: impl AsRef<OsStr>) -> Result<CString, String> {
+    CString::new(p.as_ref().as_bytes()).map_err(|_| "a path holds a NUL byte".to_string())
+}
+
+/// The entry point of `umbra __sandbox-init`; returns the process's exit code. Failures are
+/// reported to the launcher over the spec socket (it prints them as one line).
+pub fn main() -> i32 {
+    // SAFETY: the launcher placed the spec socket on SPEC_FD; nothing else owns it.
+    let mut sock = unsafe { UnixStream::from_raw_fd(SPEC_FD) };
+    // SAFETY: plain fcntl on a descriptor we own; the agent must not inherit it.
+    unsafe { libc::fcntl(SPEC_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    let spec = match namespaces(&mut sock) {
+        Ok(Some(spec)) => spec,
+        // The launcher gave up (it reports why); leave quietly.
+        Ok(None) => return exit::SETUP,
+        Err(e) => return fail(&mut sock, &e),
+    };
+    // SAFETY: single-threaded; the child only calls our own code and then exits.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return fail(&mut sock, &err("fork", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        let code = match pid1(&spec, &mut sock) {
+            Ok(code) => code,
+            Err(e) => fail(&mut sock, &e),
+        };
+        // SAFETY: leaving the child without running the parent's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    drop(sock);
+    wait_for(pid)
+}
+
+fn fail(sock: &mut UnixStream, msg: &str) -> i32 {
+    if sock.write_all(format!("E{msg}").as_bytes()).is_err() {
+        eprintln!("umbra run: sandbox set-up failed: {msg}");
+    }
+    exit::SETUP
+}
+
+/// Reads the spec, makes the namespaces and maps the agent's ids; then tells the launcher and
+/// waits for its go-ahead (`None`: it gave up).
+fn namespaces(sock: &mut UnixStream) -> Result<Option<Spec>, String> {
+    let spec = read_frame(sock).map_err(|e| err("reading the sandbox spec", e))?;
+    // SAFETY: getuid/getgid cannot fail.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWCGROUP;
+    // SAFETY: unshare takes flags only; this process is single-threaded.
+    check(
+        unsafe { libc::unshare(flags) },
+        "creating namespaces (are user namespaces enabled?)",
+    )?;
+    fs::write("/proc/self/setgroups", "deny").map_err(|e| err("setgroups", e))?;
+    fs::write("/proc/self/uid_map", format!("{AGENT_UID} {uid} 1\n"))
+        .map_err(|e| err("uid_map", e))?;
+    fs::write("/proc/self/gid_map", format!("{AGENT_GID} {gid} 1\n"))
+        .map_err(|e| err("gid_map", e))?;
+    // Namespaces exist: the launcher may now open our network namespace and listen in it.
+    sock.write_all(b"R").map_err(|e| err("launcher", e))?;
+    let mut go = [0u8; 1];
+    match sock.read_exact(&mut go) {
+        Ok(()) if go[0] == b'G' => Ok(Some(spec)),
+        _ => Ok(None),
+    }
+}
+
+/// Waits for `pid` and turns its end into an exit code (128 + signal for a signal).
+fn wait_for(pid: libc::pid_t) -> i32 {
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(pid, &mut status, 0) };
+        if r == pid {
+            return decode(status);
+        }
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            return exit::SETUP;
+        }
+    }
+}
+
+fn decode(status: libc::c_int) -> i32 {
+    if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else if libc::WIFSIGNALED(status) {
+        128 + libc::WTERMSIG(status)
+    } else {
+        exit::SETUP
+    }
+}
+
+/// Pid 1 of the sandbox: builds the filesystem, starts the agent, reaps every orphan, and ends
+/// with the agent's exit code (its end takes every other process of the namespace with it).
+fn pid1(spec: &Spec, sock: &mut UnixStream) -> Result<i32, String> {
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        // If the first process dies (the launcher killed it), so does the whole sandbox.
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    build_root(spec)?;
+    let host = cstr(&spec.id)?;
+    // SAFETY: a valid buffer and its length.
+    check(
+        unsafe { libc::sethostname(host.as_ptr(), host.as_bytes().len()) },
+        "sethostname",
+    )?;
+    // Not dumpable: the agent cannot reach pid 1's memory or its /proc entries.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    let prepared = Prepared::new(spec)?;
+    sock.write_all(b"S").map_err(|e| err("launcher", e))?;
+    // SAFETY: single-threaded; the child execs or exits.
+    let agent = unsafe { libc::fork() };
+    if agent < 0 {
+        return Err(err("fork", io::Error::last_os_error()));
+    }
+    if agent == 0 {
+        let code = prepared.exec();
+        // SAFETY: exec failed; leave without destructors.
+        unsafe { libc::_exit(code) };
+    }
+    loop {
+        let mut status = 0;
+        // SAFETY: status is a valid out-pointer.
+        let r = unsafe { libc::waitpid(-1, &mut status, 0) };
+        if r == agent {
+            return Ok(decode(status));
+        }
+        if r < 0 {
+            match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                _ => return Ok(exit::SETUP),
+            }
+        }
+    }
+}
+
+fn inside(root: &Path, p: &Path) -> PathBuf {
+    root.join(p.strip_prefix("/").unwrap_or(p))
+}
+
+fn mount(
+    src: Option<&Path>,
+    dst: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), String> {
+    let src_c = src.map(cstr).transpose()?;
+    let dst_c = cstr(dst)?;
+    let fs_c = fstype.map(cstr).transpose()?;
+    let data_c = data.map(cstr).transpose()?;
+    // SAFETY: every pointer is a valid C string or null.
+    let r = unsafe {
+        libc::mount(
+            src_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            dst_c.as_ptr(),
+            fs_c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr()),
+            flags,
+            data_c
+                .as_ref()
+                .map_or(std::ptr::null(), |c| c.as_ptr().cast()),
+        )
+    };
+    check(r, format_args!("mount {}", dst.display()))
+}
+
+/// The mount flags a read-only remount must keep: inside a user namespace the kernel refuses to
+/// clear flags the host set (nosuid, nodev, noexec, atime).
+fn locked_flags(path: &Path) -> Result<libc::c_ulong, String> {
+    let c = cstr(path)?;
+    // SAFETY: valid path and out-pointer.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    check(
+        unsafe { libc::statvfs(c.as_ptr(), &mut st) },
+        format_args!("statvfs {}", path.display()),
+    )?;
+    let f = st.f_flag;
+    let mut out = libc::MS_NOSUID;
+    for (st_flag, ms_flag) in [
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if f & st_flag != 0 {
+            out |= ms_flag;
+        }
+    }
+    Ok(out)
+}
+
+fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
+    mount(
+        Some(src),
+        dst,
+        None,
+        libc::MS_BIND | libc::MS_REC,
+        None,
+    )?;
+    if read_only {
+        let keep = locked_flags(dst)?;
+        mount(
+            None,
+            dst,
+            None,
+            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// Makes a mount point for `src` at `dst`: a directory or an empty file, parents included.
+fn mount_point(src: &Path, dst: &Path) -> Result<(), String> {
+    let meta = fs::metadata(src).map_err(|e| err(src.display(), e))?;
+    if let Some(parent) = dst.parent() {
+        fs::create_dir_all(parent).map_err(|e| err(parent.display(), e))?;
+    }
+    if meta.is_dir() {
+        fs::create_dir_all(dst).map_err(|e| err(dst.display(), e))
+    } else {
+        fs::File::create(dst)
+            .map(drop)
+            .map_err(|e| err(dst.display(), e))
+    }
+}
+
+/// Shows `src` at `dst`: symlinks are recreated as symlinks, directories and files bound.
+fn show(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
+    let Ok(meta) = fs::symlink_metadata(src) else {
+        return Ok(());
+    };
+    if meta.file_type().is_symlink() {
+        let target = fs::read_link(src).map_err(|e| err(src.display(), e))?;
+        if let Some(parent) = dst.parent() {
+            fs::create_dir_all(parent).map_err(|e| err(parent.display(), e))?;
+        }
+        return symlink(&target, dst).map_err(|e| err(dst.display(), e));
+    }
+    mount_point(src, dst)?;
+    bind(src, dst, read_only)
+}
+
+fn write_file(path: &Path, body: &str) -> Result<(), String> {
+    fs::write(path, body).map_err(|e| err(path.display(), e))
+}
+
+/// Builds the agent's root on a fresh tmpfs and pivots into it.
+fn build_root(spec: &Spec) -> Result<(), String> {
+    // Nothing we mount may propagate back to the host.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+    )?;
+    let root = spec.root.as_path();
+    mount(
+        Some(Path::new("tmpfs")),
+        root,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755,size=16m"),
+    )?;
+    for dir in SYSTEM {
+        show(Path::new(dir), &inside(root, Path::new(dir)), true)?;
+    }
+
+    let etc = root.join("etc");
+    fs::create_dir_all(&etc).map_err(|e| err("/etc", e))?;
+    for entry in ETC {
+        show(&Path::new("/etc").join(entry), &etc.join(entry), true)?;
+    }
+    write_file(
+        &etc.join("passwd"),
+        &format!(
+            "agent:x:{AGENT_UID}:{AGENT_GID}:Umbra agent:/tmp:/bin/sh\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"
+        ),
+    )?;
+    write_file(
+        &etc.join("group"),
+        &format!("agent:x:{AGENT_GID}:\nnogroup:x:65534:\n"),
+    )?;
+    write_file(
+        &etc.join("nsswitch.conf"),
+        "passwd: files\ngroup: files\nshadow: files\nhosts: files dns\nnetworks: files\nprotocols: files\nservices: files\n",
+    )?;
+    write_file(&etc.join("resolv.conf"), &spec.resolv_conf)?;
+    write_file(&etc.join("hostname"), &format!("{}\n", spec.id))?;
+    mount_point(&spec.hosts_file, &etc.join("hosts"))?;
+    bind(&spec.hosts_file, &etc.join("hosts"), true)?;
+
+    let dev = root.join("dev");
+    fs::create_dir_all(&dev).map_err(|e| err("/dev", e))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    for d in DEVICES {
+        let src = Path::new("/dev").join(d);
+        if src.exists() {
+            mount_point(&src, &dev.join(d))?;
+            bind(&src, &dev.join(d), false)?;
+        }
+    }
+    for (name, target) in [
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        symlink(target, dev.join(name)).map_err(|e| err(name, e))?;
+    }
+    let shm = dev.join("shm");
+    fs::create_dir_all(&shm).map_err(|e| err("/dev/shm", e))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &shm,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=1777"),
+    )?;
+
+    let proc_dir = root.join("proc");
+    fs::create_dir_all(&proc_dir).map_err(|e| err("/proc", e))?;
+    mount(
+        Some(Path::new("proc")),
+        &proc_dir,
+        Some("proc"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
+    bind(&proc_dir.join("sys"), &proc_dir.join("sys"), true)?;
+
+    let tmp = root.join("tmp");
+    fs::create_dir_all(&tmp).map_err(|e| err("/tmp", e))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &tmp,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=1777"),
+    )?;
+
+    let ws = inside(root, &spec.workspace);
+    mount_point(&spec.workspace, &ws)?;
+    bind(&spec.workspace, &ws, false)?;
+    for p in &spec.ro {
+        show(p, &inside(root, p), true)?;
+    }
+    for (src, at) in &spec.extra {
+        let dst = inside(root, at);
+        mount_point(src, &dst)?;
+        bind(src, &dst, true)?;
+    }
+    // Secrets that a mount above made visible are covered.
+    for h in &spec.hide {
+        let at = inside(root, h);
+        match fs::symlink_metadata(&at) {
+            Ok(m) if m.is_dir() => mount(
+                Some(Path::new("tmpfs")),
+                &at,
+                Some("tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some("mode=0,size=4k"),
+            )?,
+            Ok(_) => bind(Path::new("/dev/null"), &at, true)?,
+            Err(_) => {}
+        }
+    }
+
+    let old = root.join(".oldroot");
+    fs::create_dir_all(&old).map_err(|e| err("old root", e))?;
+    let (root_c, old_c) = (cstr(root)?, cstr(&old)?);
+    // SAFETY: valid C strings.
+    check(
+        unsafe { libc::syscall(libc::SYS_pivot_root, root_c.as_ptr(), old_c.as_ptr()) as i32 },
+        "pivot_root",
+    )?;
+    std::env::set_current_dir("/").map_err(|e| err("chdir /", e))?;
+    let old_in = cstr("/.oldroot")?;
+    // SAFETY: valid C string.
+    check(
+        unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) },
+        "detaching the host's root",
+    )?;
+    let _ = fs::remove_dir("/.oldroot");
+    // The root itself (and /etc, made on it) become read-only now that they are built.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV,
+        Some("mode=0755,size=16m"),
+    )?;
+    mount(
+        None,
+        Path::new("/dev"),
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
+        Some("mode=0755,size=64k"),
+    )?;
+    Ok(())
+}
+
+/// Everything the agent's process needs, made before the fork so that the child only makes
+/// system calls.
+struct Prepared {
+    path: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    workspace: PathBuf,
+    ruleset: Option<Ruleset>,
+    filter: Filter,
+    memory: Option<u64>,
+    pids: Option<u64>,
+    shown: String,
+}
+
+impl Prepared {
+    fn new(spec: &Spec) -> Result<Prepared, String> {
+        let cmd = spec.argv.first().ok_or("no command given")?;
+        let path_var = spec
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_str())
+            .unwrap_or("/usr/bin:/bin");
+        let path = resolve(cmd, path_var, &spec.workspace);
+        let argv = spec.argv.iter().map(cstr).collect::<Result<Vec<_>, _>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| cstr(format!("{k}={v}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ruleset = match Ruleset::new() {
+            Ok(mut r) => {
+                for dir in SYSTEM.iter().chain(&["/etc"]) {
+                    r.allow(Path::new(dir), Access::ReadExec)
+                        .map_err(|e| err("landlock", e))?;
+                }
+                r.allow(Path::new("/proc"), Access::Read)
+                    .map_err(|e| err("landlock", e))?;
+                for d in DEVICES {
+                    r.allow(&Path::new("/dev").join(d), Access::Device)
+                        .map_err(|e| err("landlock", e))?;
+                }
+                // Every directory may be listed (the mount namespace holds only what the
+                // agent may see); files are read only where a rule below says so.
+                r.allow(Path::new("/"), Access::List)
+                    .map_err(|e| err("landlock", e))?;
+                for rw in [Path::new("/tmp"), Path::new("/dev/shm"), &spec.workspace] {
+                    r.allow(rw, Access::ReadWrite)
+                        .map_err(|e| err("landlock", e))?;
+                }
+                for ro in &spec.ro {
+                    r.allow(ro, Access::ReadExec)
+                        .map_err(|e| err("landlock", e))?;
+                }
+                for (_, at) in &spec.extra {
+                    r.allow(at, Access::ReadExec)
+                        .map_err(|e| err("landlock", e))?;
+                }
+                Some(r)
+            }
+            Err(e) if spec.allow_degraded => {
+                eprintln!("umbra run: warning: running without Landlock ({e})");
+                None
+            }
+            Err(e) => return Err(format!("Landlock is required: {e} (use --allow-degraded to run without it)")),
+        };
+        Ok(Prepared {
+            path: cstr(&path)?,
+            argv,
+            env,
+            workspace: spec.workspace.clone(),
+            ruleset,
+            filter: Filter::agent(),
+            memory: spec.rlimit_memory,
+            pids: spec.rlimit_pids,
+            shown: cmd.clone(),
+        })
+    }
+
+    /// In the agent's process: confine, then execute. Returns only on failure, with the exit
+    /// code to leave with.
+    fn exec(mut self) -> i32 {
+        if let Err(e) = self.confine() {
+            eprintln!("umbra run: cannot confine the agent: {e}");
+            return exit::SETUP;
+        }
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|c| c.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let mut env: Vec<*const libc::c_char> = self.env.iter().map(|c| c.as_ptr()).collect();
+        env.push(std::ptr::null());
+        // SAFETY: null-terminated arrays of valid C strings that outlive the call.
+        unsafe { libc::execve(self.path.as_ptr(), argv.as_ptr(), env.as_ptr()) };
+        let e = io::Error::last_os_error();
+        eprintln!("umbra run: cannot run `{}`: {e}", self.shown);
+        if e.kind() == io::ErrorKind::NotFound {
+            exit::NOT_FOUND
+        } else {
+            exit::NOT_EXECUTABLE
+        }
+    }
+
+    fn confine(&mut self) -> Result<(), String> {
+        std::env::set_current_dir(&self.workspace).map_err(|e| err("workspace", e))?;
+        let limit = |res, v: u64| {
+            let l = libc::rlimit {
+                rlim_cur: v,
+                rlim_max: v,
+            };
+            // SAFETY: setrlimit with a valid struct.
+            check(unsafe { libc::setrlimit(res, &l) }, "setrlimit")
+        };
+        limit(libc::RLIMIT_CORE, 0)?;
+        if let Some(m) = self.memory {
+            limit(libc::RLIMIT_AS, m)?;
+        }
+        if let Some(p) = self.pids {
+            limit(libc::RLIMIT_NPROC, p)?;
+        }
+        // SAFETY: prctl with integer arguments.
+        check(
+            unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
+            "no_new_privs",
+        )?;
+        if let Some(r) = self.ruleset.take() {
+            r.restrict_self().map_err(|e| err("landlock", e))?;
+        }
+        // No descriptor but stdin, stdout and stderr reaches the agent.
+        // SAFETY: close_range takes integers.
+        unsafe { libc::syscall(libc::SYS_close_range, 3u32, u32::MAX, 0u32) };
+        drop_capabilities()?;
+        self.filter.install().map_err(|e| err("seccomp", e))
+    }
+}
+
+/// Clears every capability set, the bounding set and the ambient set, so that nothing the agent
+/// executes can gain a capability (file capabilities included).
+fn drop_capabilities() -> Result<(), String> {
+    // SAFETY: prctl with integer arguments; unknown capability numbers fail with EINVAL, which
+    // ends the loop.
+    unsafe {
+        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        for cap in 0..64 {
+            if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
+                break;
+            }
+        }
+    }
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let header = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+        Data {
+            effective: 0,
+            permitted: 0,
+            inheritable: 0,
+        },
+    ];
+    // SAFETY: header and two data structs, as version 3 requires.
+    let r = unsafe { libc::syscall(libc::SYS_capset, &header, data.as_ptr()) };
+    check(r as i32, "dropping capabilities")
+}
+
+/// Finds the program the way a shell would, on the agent's PATH, as seen inside.
+fn resolve(cmd: &str, path_var: &str, cwd: &Path) -> PathBuf {
+    if cmd.contains('/') {
+        let p = Path::new(cmd);
+        return if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            cwd.join(p)
+        };
+    }
+    for dir in path_var.split(':').filter(|d| !d.is_empty()) {
+        let candidate = Path::new(dir).join(cmd);
+        if let Ok(m) = fs::metadata(&candidate) {
+            if m.is_file() && m.permissions().mode() & 0o111 != 0 {
+                return candidate;
+            }
+        }
+    }
+    // Not found: exec reports ENOENT for this made-up path.
+    PathBuf::from(format!("/nonexistent/{cmd}"))
+}
+
+/// Whether this kernel offers what the sandbox needs, as lines of what is missing.
+pub fn missing_features() -> Vec<String> {
+    let mut out = Vec::new();
+    if landlock::abi().is_none() {
+        out.push("Landlock (filesystem rules)".to_string());
+    }
+    if !Path::new("/proc/self/ns/user").exists() {
+        out.push("user namespaces".to_string());
+    }
+    out
+}

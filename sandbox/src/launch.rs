@@ -1,0 +1,567 @@
+//! The launcher's side: checks the request, makes the cgroup and the state directory, starts the
+//! sandbox's first process, opens its network namespace, and later waits for it or kills it.
+//!
+//! Start-up is two-phase so that the tunneler's listeners exist before the agent runs:
+//! [`Prepared::new`] returns once the namespaces exist (the agent has not started), and
+//! [`Prepared::start`] lets it run.
+
+use std::ffi::CString;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cgroup::{Cgroup, Limits};
+use crate::init::SPEC_FD;
+use crate::spec::{write_frame, Spec};
+use crate::{exit, landlock};
+
+/// What to run and how to confine it.
+#[derive(Debug, Clone)]
+pub struct SandboxConfig {
+    /// The `umbra` executable, which runs the sandbox's first process (`__sandbox-init`).
+    pub program: PathBuf,
+    /// The sandbox's id: its host name, cgroup name and state directory.
+    pub id: String,
+    /// The workspace (must exist): read-write at the same path inside, and the working directory.
+    pub workspace: PathBuf,
+    /// Extra read-only paths.
+    pub ro: Vec<PathBuf>,
+    /// Paths that must never be visible inside (the identity file, the controller's directory).
+    pub hide: Vec<PathBuf>,
+    /// Host files shown read-only inside at another path.
+    pub extra: Vec<(PathBuf, PathBuf)>,
+    /// The command and its arguments.
+    pub argv: Vec<String>,
+    /// The agent's whole environment.
+    pub env: Vec<(String, String)>,
+    /// Memory, CPU and process limits.
+    pub limits: Limits,
+    /// Run without Landlock where the kernel lacks it.
+    pub allow_degraded: bool,
+}
+
+/// Why a sandbox could not be made or run.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The request itself is wrong (missing workspace, a path that would expose a secret...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The kernel lacks a feature the sandbox needs.
+    #[error("this kernel lacks {0}; refusing to start (use --allow-degraded to run without it)")]
+    Missing(String),
+    /// The limits could not be set up.
+    #[error("cannot set up limits: {0}")]
+    Limits(io::Error),
+    /// The sandbox's own processes reported a failure while building it.
+    #[error("sandbox set-up failed: {0}")]
+    Setup(String),
+    /// Anything else the launcher's system calls reported.
+    #[error("{0}")]
+    Io(#[from] io::Error),
+}
+
+const SYSTEM_ROOTS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev",
+    "/sys",
+];
+
+fn contains(outer: &Path, inner: &Path) -> bool {
+    inner.starts_with(outer)
+}
+
+fn canonical(p: &Path, what: &str) -> Result<PathBuf, SandboxError> {
+    std::fs::canonicalize(p)
+        .map_err(|e| SandboxError::Invalid(format!("{what} {}: {e}", p.display())))
+}
+
+/// Checks the request: paths exist and are absolute, and no mount would show a secret root.
+fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>), SandboxError> {
+    if cfg.argv.is_empty() {
+        return Err(SandboxError::Invalid("no command given".into()));
+    }
+    let ws = canonical(&cfg.workspace, "workspace")?;
+    if !ws.is_dir() {
+        return Err(SandboxError::Invalid(format!(
+            "workspace {} is not a directory",
+            ws.display()
+        )));
+    }
+    let ro = cfg
+        .ro
+        .iter()
+        .map(|p| canonical(p, "read-only path"))
+        .collect::<Result<Vec<_>, _>>()?;
+    // Never shown whole: the user's home and root's. (A workspace inside them is fine.)
+    let mut secret_roots = vec![PathBuf::from("/root")];
+    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
+        if let Ok(h) = std::fs::canonicalize(&home) {
+            secret_roots.push(h);
+        }
+    }
+    for (what, p) in std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p))) {
+        if p == Path::new("/") {
+            return Err(SandboxError::Invalid(format!("the {what} cannot be /")));
+        }
+        if let Some(s) = secret_roots.iter().find(|s| contains(p, s)) {
+            return Err(SandboxError::Invalid(format!(
+                "the {what} {} would show {} inside the sandbox; choose a directory below it",
+                p.display(),
+                s.display()
+            )));
+        }
+    }
+    if let Some(sys) = SYSTEM_ROOTS.iter().find(|s| contains(Path::new(s), &ws)) {
+        return Err(SandboxError::Invalid(format!(
+            "the workspace {} lies in the system path {sys}",
+            ws.display()
+        )));
+    }
+    let mut hide: Vec<PathBuf> = cfg
+        .hide
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    hide.extend(secret_roots);
+    Ok((ws, ro, hide))
+}
+
+/// The per-sandbox state directory (its root mount point and its hosts file), outside every path
+/// the sandbox shows.
+fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
+    let bases = [
+        PathBuf::from("/run/umbra/sandboxes"),
+        std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
+    ];
+    for base in bases {
+        if shown.iter().any(|s| contains(s, &base) || contains(&base, s)) {
+            continue;
+        }
+        if std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&base)
+            .is_err()
+        {
+            continue;
+        }
+        let dir = base.join(id);
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new().mode(0o755).create(dir.join("root"))?;
+        return Ok(dir);
+    }
+    Err(SandboxError::Invalid(
+        "no place for the sandbox's state outside the paths it shows".into(),
+    ))
+}
+
+/// Removes the state directory when the sandbox is gone.
+#[derive(Debug)]
+struct StateDir(PathBuf);
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A sandbox whose namespaces exist but whose agent has not started.
+#[derive(Debug)]
+pub struct Prepared {
+    child: tokio::process::Child,
+    sock: tokio::net::UnixStream,
+    cgroup: Cgroup,
+    netns: NetNs,
+    hosts: PathBuf,
+    // Declared last: removed after the processes and cgroup are gone.
+    state: StateDir,
+}
+
+/// A running sandbox.
+#[derive(Debug)]
+pub struct Running {
+    child: tokio::process::Child,
+    cgroup: Cgroup,
+    _netns: NetNs,
+    hosts: PathBuf,
+    _state: StateDir,
+}
+
+impl Prepared {
+    /// Checks the request and builds the sandbox up to the point where the agent would start.
+    pub async fn new(cfg: SandboxConfig) -> Result<Prepared, SandboxError> {
+        let (workspace, ro, hide) = validate(&cfg)?;
+        if landlock::abi().is_none() && !cfg.allow_degraded {
+            return Err(SandboxError::Missing("Landlock".into()));
+        }
+        if !Path::new("/proc/self/ns/user").exists() {
+            return Err(SandboxError::Missing("user namespaces".into()));
+        }
+        let mut shown: Vec<&Path> = vec![&workspace];
+        shown.extend(ro.iter().map(PathBuf::as_path));
+        let state = StateDir(state_dir(&cfg.id, &shown)?);
+        let hosts = state.0.join("hosts");
+        std::fs::write(&hosts, hosts_file(&cfg.id, &[]))?;
+        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
+        let cgroup = Cgroup::create(&cfg.id, cfg.limits).map_err(SandboxError::Limits)?;
+        let fallback = cgroup.rlimit_fallback();
+        let spec = Spec {
+            id: cfg.id.clone(),
+            root: state.0.join("root"),
+            workspace,
+            ro,
+            hide,
+            extra: cfg.extra.clone(),
+            hosts_file: hosts.clone(),
+            resolv_conf: "nameserver 127.0.0.53\noptions edns0 trust-ad\n".into(),
+            argv: cfg.argv.clone(),
+            env: cfg.env.clone(),
+            allow_degraded: cfg.allow_degraded,
+            rlimit_memory: fallback.memory,
+            rlimit_pids: fallback.pids,
+        };
+
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let procs: Vec<CString> = cgroup
+            .procs_files()
+            .iter()
+            .map(|p| CString::new(p.as_os_str().as_bytes()))
+            .collect::<Result<_, _>>()
+            .map_err(|_| SandboxError::Invalid("cgroup path holds a NUL byte".into()))?;
+        let their_fd = theirs.as_raw_fd();
+        let mut cmd = tokio::process::Command::new(&cfg.program);
+        cmd.arg("__sandbox-init").env_clear().kill_on_drop(true);
+        // SAFETY: the closure makes only async-signal-safe system calls on memory prepared
+        // before the fork.
+        unsafe {
+            cmd.pre_exec(move || {
+                // Join the cgroup first: everything the sandbox ever starts is counted.
+                for f in &procs {
+                    let fd = libc::open(f.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    let ok = libc::write(fd, b"0".as_ptr().cast(), 1) == 1;
+                    libc::close(fd);
+                    if !ok {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                // If `umbra run` dies, the sandbox dies with it: no agent outlives its launcher.
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if their_fd == SPEC_FD {
+                    libc::fcntl(SPEC_FD, libc::F_SETFD, 0);
+                } else if libc::dup2(their_fd, SPEC_FD) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn().map_err(|e| {
+            SandboxError::Setup(format!("cannot start {}: {e}", cfg.program.display()))
+        })?;
+        drop(theirs);
+        let pid = child
+            .id()
+            .ok_or_else(|| SandboxError::Setup("the sandbox exited at once".into()))?;
+        let mut frame = Vec::new();
+        write_frame(&mut frame, &spec)?;
+        ours.set_nonblocking(true)?;
+        let mut sock = tokio::net::UnixStream::from_std(ours)?;
+        let handshake = async {
+            sock.write_all(&frame).await?;
+            reply(&mut sock, b'R').await
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(20), handshake)
+            .await
+            .unwrap_or_else(|_| Err(SandboxError::Setup("timed out".into())))
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+        let netns = match NetNs::enter(pid) {
+            Ok(n) => n,
+            Err(e) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                return Err(SandboxError::Setup(format!(
+                    "cannot enter the sandbox's network: {e}"
+                )));
+            }
+        };
+        Ok(Prepared {
+            child,
+            sock,
+            cgroup,
+            netns,
+            hosts,
+            state,
+        })
+    }
+
+    /// The sandbox's network namespace, where the tunneler listens.
+    pub fn netns(&self) -> &NetNs {
+        &self.netns
+    }
+
+    /// The host file shown inside as `/etc/hosts`.
+    pub fn hosts_path(&self) -> &Path {
+        &self.hosts
+    }
+
+    /// Builds the filesystem and starts the agent; returns once it runs.
+    pub async fn start(self) -> Result<Running, SandboxError> {
+        let Prepared {
+            mut child,
+            mut sock,
+            cgroup,
+            netns,
+            hosts,
+            state,
+        } = self;
+        let go = async {
+            sock.write_all(b"G").await?;
+            reply(&mut sock, b'S').await
+        };
+        if let Err(e) = tokio::time::timeout(Duration::from_secs(20), go)
+            .await
+            .unwrap_or_else(|_| Err(SandboxError::Setup("timed out".into())))
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            return Err(e);
+        }
+        Ok(Running {
+            child,
+            cgroup,
+            _netns: netns,
+            hosts,
+            _state: state,
+        })
+    }
+}
+
+/// Reads the sandbox's answer: `want` to go on, `E` and a message for a failure.
+async fn reply(sock: &mut tokio::net::UnixStream, want: u8) -> Result<(), SandboxError> {
+    let mut b = [0u8; 1];
+    match sock.read(&mut b).await? {
+        0 => Err(SandboxError::Setup(
+            "the sandbox's first process ended without a word".into(),
+        )),
+        _ if b[0] == want => Ok(()),
+        _ if b[0] == b'E' => {
+            let mut msg = Vec::new();
+            let _ = (&mut *sock).take(4096).read_to_end(&mut msg).await;
+            Err(SandboxError::Setup(
+                String::from_utf8_lossy(&msg).trim().to_string(),
+            ))
+        }
+        _ => Err(SandboxError::Setup("unexpected reply from the sandbox".into())),
+    }
+}
+
+impl Running {
+    /// Waits for the agent to end; its exit code (128 + signal when a signal killed it).
+    pub async fn wait(&mut self) -> io::Result<i32> {
+        let status = self.child.wait().await?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(status
+            .code()
+            .or_else(|| status.signal().map(|s| 128 + s))
+            .unwrap_or(exit::SETUP))
+    }
+
+    /// Kills the agent and everything it started.
+    pub fn kill(&mut self) {
+        let _ = self.child.start_kill();
+        self.cgroup.kill_all();
+    }
+
+    /// The sandbox's cgroup (to read what limits were hit).
+    pub fn cgroup(&self) -> &Cgroup {
+        &self.cgroup
+    }
+
+    /// The host file shown inside as `/etc/hosts`.
+    pub fn hosts_path(&self) -> &Path {
+        &self.hosts
+    }
+}
+
+/// The `/etc/hosts` the agent sees: its own names, then the authorized services.
+pub fn hosts_file(id: &str, names: &[(String, std::net::IpAddr)]) -> String {
+    let mut out = format!(
+        "# Umbra sandbox {id}: only authorized services resolve\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{id}\n"
+    );
+    for (name, ip) in names {
+        out.push_str(&format!("{ip}\t{name}\n"));
+    }
+    out
+}
+
+enum Req {
+    Tcp(SocketAddr, mpsc::Sender<io::Result<std::net::TcpListener>>),
+    Udp(SocketAddr, mpsc::Sender<io::Result<std::net::UdpSocket>>),
+}
+
+/// A thread that lives in the sandbox's network namespace and makes sockets there for the
+/// launcher. A socket keeps the namespace it was made in, so the launcher's runtime can accept
+/// on it while the agent connects to it from inside.
+#[derive(Debug, Clone)]
+pub struct NetNs {
+    tx: mpsc::Sender<Req>,
+}
+
+impl std::fmt::Debug for Req {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Req::Tcp(a, _) => write!(f, "Tcp({a})"),
+            Req::Udp(a, _) => write!(f, "Udp({a})"),
+        }
+    }
+}
+
+impl NetNs {
+    /// Enters the network namespace of process `pid` on a new thread and brings `lo` up.
+    pub fn enter(pid: u32) -> io::Result<NetNs> {
+        let file = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
+        let fd: OwnedFd = file.into();
+        let (tx, rx) = mpsc::channel::<Req>();
+        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
+        std::thread::Builder::new()
+            .name("umbra-netns".into())
+            .spawn(move || {
+                // SAFETY: setns on this thread only, with a namespace fd we own.
+                let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+                drop(fd);
+                let r = if r != 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    loopback_up()
+                };
+                let ok = r.is_ok();
+                let _ = ready_tx.send(r);
+                if !ok {
+                    return;
+                }
+                while let Ok(req) = rx.recv() {
+                    match req {
+                        Req::Tcp(addr, reply) => {
+                            let _ = reply.send(listen_tcp(addr));
+                        }
+                        Req::Udp(addr, reply) => {
+                            let _ = reply.send(std::net::UdpSocket::bind(addr));
+                        }
+                    }
+                }
+            })?;
+        ready_rx
+            .recv()
+            .map_err(|_| io::Error::other("network namespace thread died"))??;
+        Ok(NetNs { tx })
+    }
+
+    /// A TCP listener at `addr` inside the namespace.
+    pub fn listen_tcp(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Req::Tcp(addr, tx))
+            .map_err(|_| io::Error::other("sandbox network is gone"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("sandbox network is gone"))?
+    }
+
+    /// A UDP socket bound at `addr` inside the namespace.
+    pub fn bind_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Req::Udp(addr, tx))
+            .map_err(|_| io::Error::other("sandbox network is gone"))?;
+        rx.recv()
+            .map_err(|_| io::Error::other("sandbox network is gone"))?
+    }
+}
+
+fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// Brings up `lo` in the current network namespace (it starts down).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain datagram socket used only for interface ioctls, closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `s` is a fresh descriptor we own.
+    let s = unsafe { OwnedFd::from_raw_fd(s) };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    // SAFETY: valid ifreq for SIOCGIFFLAGS / SIOCSIFFLAGS.
+    unsafe {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(ws: &Path) -> SandboxConfig {
+        SandboxConfig {
+            program: "/bin/false".into(),
+            id: "t".into(),
+            workspace: ws.into(),
+            ro: vec![],
+            hide: vec![],
+            extra: vec![],
+            argv: vec!["true".into()],
+            env: vec![],
+            limits: Limits::default(),
+            allow_degraded: false,
+        }
+    }
+
+    #[test]
+    fn requests_that_would_expose_secrets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(validate(&cfg(dir.path())).is_ok());
+        for bad in ["/", "/root", "/usr/lib", "/nonexistent-umbra-ws"] {
+            let e = validate(&cfg(Path::new(bad))).unwrap_err();
+            assert!(matches!(e, SandboxError::Invalid(_)), "{bad}: {e}");
+        }
+        let mut c = cfg(dir.path());
+        c.argv.clear();
+        assert!(validate(&c).is_err());
+        let mut c = cfg(dir.path());
+        c.ro = vec!["/".into()];
+        assert!(validate(&c).is_err());
+    }
+
+    #[test]
+    fn hosts_file_lists_only_what_it_is_given() {
+        let h = hosts_file("sb-1", &[("llm.umbra".into(), "127.77.0.1".parse().unwrap())]);
+        assert!(h.contains("127.77.0.1\tllm.umbra\n"));
+        assert!(h.contains("127.0.1.1\tsb-1\n"));
+        assert_eq!(h.lines().filter(|l| !l.starts_with('#')).count(), 4);
+    }
+}
