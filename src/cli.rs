@@ -393,4 +393,8 @@ pub struct VerifyArgs {
     /// Skip the limit attempts (fork bomb, memory balloon, busy loop)
     #[arg(long)]
     pub skip_limits: bool,
+    /// A listener on a test host (in a network namespace of the tests' own) that must stay
+    /// unreachable (repeatable)
+    #[arg(long = "test-host", hide = true)]
+    pub test_hosts: Vec<std::net::SocketAddr>,
 }

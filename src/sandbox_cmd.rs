@@ -2,13 +2,17 @@
 //! runner. Exit codes are the agent's, or `umbra_sandbox::exit`'s own.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use http::Method;
 use umbra_pki::IdentityFile;
 use umbra_policies::Name;
 use umbra_proto::api::{CreateIdentityRequest, TokenResponse};
-use umbra_sandbox::events::EventSink;
+use umbra_sandbox::events::{EventKind, EventSink};
+use umbra_sandbox::probe::{Attempt, ProbeConfig};
 use umbra_sandbox::{Limits, SandboxConfig};
 use umbra_sdk::{Context, ControllerClient};
 use umbra_tunneler::sandboxed::{self, RunOptions};
@@ -159,6 +163,7 @@ fn sandbox_config(
         env,
         limits,
         allow_degraded: args.allow_degraded,
+        capture_stdout: false,
     })
 }
 
@@ -210,13 +215,303 @@ async fn run_with(
     Ok(outcome.code)
 }
 
-/// `umbra verify`: returns the exit code (0: nothing escaped).
+/// `umbra verify`: returns the exit code (0: nothing escaped, 1: something did).
 pub async fn verify(
     admin: &Option<PathBuf>,
     controller: Option<String>,
     json: bool,
     args: VerifyArgs,
 ) -> anyhow::Result<i32> {
-    let _ = (admin, controller, json, args);
-    anyhow::bail!("not yet")
+    let (file, path, ephemeral) = identity(&args.sandbox, admin, controller.as_deref()).await?;
+    let result = verify_with(&file, path.as_deref(), admin, controller, &args).await;
+    if let Some(e) = ephemeral {
+        e.delete().await;
+    }
+    let attempts = result?;
+    let escaped = attempts.iter().filter(|a| a.escaped).count();
+    if json {
+        println!("{}", serde_json::to_string_pretty(&attempts)?);
+    } else {
+        let rows: Vec<Vec<String>> = attempts
+            .iter()
+            .map(|a| {
+                vec![
+                    a.attempt.clone(),
+                    a.expected.clone(),
+                    a.observed.clone(),
+                    if a.escaped { "ESCAPED" } else { "held" }.to_string(),
+                ]
+            })
+            .collect();
+        crate::output::table(&["ATTEMPT", "EXPECTED", "OBSERVED", "RESULT"], rows);
+        println!(
+            "{} attempts, {} escaped",
+            attempts.len(),
+            escaped
+        );
+    }
+    Ok(if escaped == 0 { 0 } else { 1 })
+}
+
+/// Counts what reaches a canary listener on the host's loopback.
+fn canary() -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
+    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
+    tcp.set_nonblocking(true)?;
+    let addr = tcp.local_addr()?;
+    let hits = Arc::new(AtomicUsize::new(0));
+    let tcp = tokio::net::TcpListener::from_std(tcp)?;
+    let h = hits.clone();
+    tokio::spawn(async move {
+        while tcp.accept().await.is_ok() {
+            h.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    if let Ok(udp) = std::net::UdpSocket::bind(addr) {
+        udp.set_nonblocking(true)?;
+        let udp = tokio::net::UdpSocket::from_std(udp)?;
+        let h = hits.clone();
+        tokio::spawn(async move {
+            let mut b = [0u8; 64];
+            while udp.recv_from(&mut b).await.is_ok() {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+    }
+    Ok((addr, hits))
+}
+
+fn held(attempt: &str, expected: &str, observed: String, escaped: bool) -> Attempt {
+    Attempt {
+        attempt: attempt.into(),
+        expected: expected.into(),
+        observed,
+        escaped,
+    }
+}
+
+/// Host processes still running the probe (there must be none once a sandbox is gone).
+fn leftover_probes() -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| c.windows(14).any(|w| w == b"__escape-probe"))
+        .count()
+}
+
+async fn verify_with(
+    file: &IdentityFile,
+    path: Option<&Path>,
+    admin: &Option<PathBuf>,
+    controller: Option<String>,
+    args: &VerifyArgs,
+) -> anyhow::Result<Vec<Attempt>> {
+    let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
+    if let Some(p) = path {
+        ctx.set_identity_path(p);
+    }
+    let (host_addr, hits) = canary()?;
+    let host_tmp = tempfile::Builder::new()
+        .prefix("umbra-verify-")
+        .tempdir_in(std::env::temp_dir())?;
+    // The listeners the tunneler will make, laid out as it lays them out.
+    let view = ctx.edge().await?;
+    let (want, _) = umbra_tunneler::desired(&view, &mut umbra_tunneler::AddressBook::new());
+    let granted: Vec<std::net::SocketAddr> = want.keys().copied().collect();
+    let mut secrets: Vec<PathBuf> = path
+        .and_then(|p| std::fs::canonicalize(p).ok())
+        .into_iter()
+        .collect();
+    let admin_file = crate::admin::admin_path(admin);
+    if let Ok(a) = std::fs::canonicalize(&admin_file) {
+        secrets.push(a);
+    }
+    let base = sandbox_config(&args.sandbox, admin, path, Vec::new(), &[])?;
+    let workspace = std::fs::canonicalize(&base.workspace)
+        .with_context(|| format!("workspace {}", base.workspace.display()))?;
+    let refused_name = "umbra-verify-refused.example".to_string();
+    let probe = ProbeConfig {
+        mode: "escape".into(),
+        workspace,
+        secrets,
+        home: std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok()),
+        host_tmp_dir: Some(host_tmp.path().to_path_buf()),
+        host_tcp: Some(host_addr),
+        test_hosts: args.test_hosts.clone(),
+        refused_name: refused_name.clone(),
+        granted,
+    };
+    let dns_seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let seen = dns_seen.clone();
+    let events = EventSink::new(&base.id, file.name.as_str(), None)?.forward(move |e| {
+        if let EventKind::DnsRefused { name } = &e.kind {
+            if let Ok(mut v) = seen.lock() {
+                v.push(name.clone());
+            }
+        }
+    });
+    let out = run_probe(&ctx, &base, &probe, events.clone(), None, Duration::from_secs(180)).await?;
+    let mut attempts: Vec<Attempt> = match out
+        .stdout
+        .as_deref()
+        .and_then(|s| serde_json::from_slice(s).ok())
+    {
+        Some(a) => a,
+        None => vec![held(
+            "run the escape probe",
+            "a report",
+            format!("no report (exit code {})", out.code),
+            true,
+        )],
+    };
+    let n = hits.load(Ordering::SeqCst);
+    attempts.push(held(
+        "reach the host's loopback listener (seen from the host)",
+        "nothing arrives",
+        format!("{n} connection(s) or datagram(s) arrived"),
+        n > 0,
+    ));
+    let left = std::fs::read_dir(host_tmp.path())
+        .map(|d| d.count())
+        .unwrap_or(0);
+    attempts.push(held(
+        "write the host's /tmp (seen from the host)",
+        "host /tmp unchanged",
+        format!("{left} file(s) appeared"),
+        left > 0,
+    ));
+    let logged = dns_seen
+        .lock()
+        .map(|v| v.contains(&refused_name))
+        .unwrap_or(false);
+    attempts.push(held(
+        "audit event for the refused name",
+        "recorded",
+        if logged { "recorded" } else { "missing" }.into(),
+        !logged,
+    ));
+    if !args.skip_limits {
+        attempts.extend(limit_attempts(&ctx, &base, &probe, &events).await?);
+    }
+    Ok(attempts)
+}
+
+async fn run_probe(
+    ctx: &Context,
+    base: &SandboxConfig,
+    probe: &ProbeConfig,
+    events: EventSink,
+    limits: Option<Limits>,
+    timeout: Duration,
+) -> anyhow::Result<sandboxed::RunOutcome> {
+    let mut cfg = base.clone();
+    cfg.id = format!("umbra-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let exe = cfg.program.clone();
+    let inside = PathBuf::from("/.umbra/umbra");
+    cfg.extra = vec![(exe, inside.clone())];
+    cfg.argv = vec![
+        inside.display().to_string(),
+        "__escape-probe".into(),
+        serde_json::to_string(probe)?,
+    ];
+    cfg.capture_stdout = true;
+    if let Some(l) = limits {
+        cfg.limits = l;
+    }
+    let opts = RunOptions {
+        sandbox: cfg,
+        events,
+        timeout: Some(timeout),
+        keep_on_revoke: false,
+        tunnel: TunnelerConfig::default(),
+    };
+    Ok(sandboxed::run(ctx.clone(), opts).await?)
+}
+
+async fn limit_attempts(
+    ctx: &Context,
+    base: &SandboxConfig,
+    probe: &ProbeConfig,
+    events: &EventSink,
+) -> anyhow::Result<Vec<Attempt>> {
+    let mut out = Vec::new();
+    let with_mode = |mode: &str| ProbeConfig {
+        mode: mode.into(),
+        ..probe.clone()
+    };
+    const PIDS: u64 = 32;
+    let fork = run_probe(
+        ctx,
+        base,
+        &with_mode("fork"),
+        events.clone(),
+        Some(Limits {
+            pids: Some(PIDS),
+            ..base.limits
+        }),
+        Duration::from_secs(60),
+    )
+    .await?;
+    let report: Option<serde_json::Value> =
+        fork.stdout.as_deref().and_then(|s| serde_json::from_slice(s).ok());
+    let forked = report
+        .as_ref()
+        .and_then(|r| r["forked"].as_u64())
+        .unwrap_or(u64::MAX);
+    out.push(held(
+        "fork bomb",
+        &format!("stops below {PIDS} processes"),
+        match &report {
+            Some(r) => format!("{forked} forks, then {}", r["refused"].as_str().unwrap_or("?")),
+            None => format!("no report (exit code {})", fork.code),
+        },
+        forked >= PIDS,
+    ));
+    let memory = run_probe(
+        ctx,
+        base,
+        &with_mode("memory"),
+        events.clone(),
+        Some(Limits {
+            memory: Some(64 << 20),
+            ..base.limits
+        }),
+        Duration::from_secs(60),
+    )
+    .await?;
+    out.push(held(
+        "memory balloon",
+        "killed at the 64 MiB limit (exit 121)",
+        format!("exit code {}", memory.code),
+        memory.code != umbra_sandbox::exit::MEMORY_LIMIT,
+    ));
+    let busy = run_probe(
+        ctx,
+        base,
+        &with_mode("busy"),
+        events.clone(),
+        None,
+        Duration::from_secs(1),
+    )
+    .await?;
+    out.push(held(
+        "busy loop",
+        "killed at the 1 s timeout (exit 124)",
+        format!(
+            "exit code {} after {} ms",
+            busy.code,
+            busy.elapsed.as_millis()
+        ),
+        busy.code != umbra_sandbox::exit::TIMEOUT || busy.elapsed > Duration::from_secs(5),
+    ));
+    let left = leftover_probes();
+    out.push(held(
+        "processes left on the host after the limit attempts",
+        "none",
+        left.to_string(),
+        left > 0,
+    ));
+    Ok(out)
 }

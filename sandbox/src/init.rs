@@ -176,7 +176,7 @@ fn pid1(spec: &Spec, sock: &mut UnixStream) -> Result<i32, String> {
         // If the first process dies (the launcher killed it), so does the whole sandbox.
         libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
     }
-    build_root(spec)?;
+    let memfd_sealed = build_root(spec)?;
     let host = cstr(&spec.id)?;
     // SAFETY: a valid buffer and its length.
     check(
@@ -186,7 +186,7 @@ fn pid1(spec: &Spec, sock: &mut UnixStream) -> Result<i32, String> {
     // Not dumpable: the agent cannot reach pid 1's memory or its /proc entries.
     // SAFETY: prctl with integer arguments.
     unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
-    let prepared = Prepared::new(spec)?;
+    let prepared = Prepared::new(spec, !memfd_sealed)?;
     sock.write_all(b"S").map_err(|e| err("launcher", e))?;
     // SAFETY: single-threaded; the child execs or exits.
     let agent = unsafe { libc::fork() };
@@ -326,8 +326,9 @@ fn write_file(path: &Path, body: &str) -> Result<(), String> {
     fs::write(path, body).map_err(|e| err(path.display(), e))
 }
 
-/// Builds the agent's root on a fresh tmpfs and pivots into it.
-fn build_root(spec: &Spec) -> Result<(), String> {
+/// Builds the agent's root on a fresh tmpfs and pivots into it. Returns whether memory files
+/// are non-executable in the sandbox (`vm.memfd_noexec = 2`).
+fn build_root(spec: &Spec) -> Result<bool, String> {
     // Nothing we mount may propagate back to the host.
     mount(
         None,
@@ -415,6 +416,9 @@ fn build_root(spec: &Spec) -> Result<(), String> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?;
+    // Memory files can never be executed in this PID namespace (fileless binaries); where the
+    // kernel lacks the switch, the seccomp filter refuses memfd_create altogether.
+    let memfd_sealed = fs::write(proc_dir.join("sys/vm/memfd_noexec"), "2").is_ok();
     bind(&proc_dir.join("sys"), &proc_dir.join("sys"), true)?;
 
     let tmp = root.join("tmp");
@@ -485,7 +489,7 @@ fn build_root(spec: &Spec) -> Result<(), String> {
         libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0755,size=64k"),
     )?;
-    Ok(())
+    Ok(memfd_sealed)
 }
 
 /// Everything the agent's process needs, made before the fork so that the child only makes
@@ -503,7 +507,7 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn new(spec: &Spec) -> Result<Prepared, String> {
+    fn new(spec: &Spec, deny_memfd: bool) -> Result<Prepared, String> {
         let cmd = spec.argv.first().ok_or("no command given")?;
         let path_var = spec
             .env
@@ -560,7 +564,7 @@ impl Prepared {
             env,
             workspace: spec.workspace.clone(),
             ruleset,
-            filter: Filter::agent(),
+            filter: Filter::agent(deny_memfd),
             memory: spec.rlimit_memory,
             pids: spec.rlimit_pids,
             shown: cmd.clone(),

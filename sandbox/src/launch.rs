@@ -45,6 +45,8 @@ pub struct SandboxConfig {
     pub limits: Limits,
     /// Run without Landlock where the kernel lacks it.
     pub allow_degraded: bool,
+    /// Capture the agent's standard output instead of passing it through.
+    pub capture_stdout: bool,
 }
 
 /// Why a sandbox could not be made or run.
@@ -237,6 +239,9 @@ impl Prepared {
         let their_fd = theirs.as_raw_fd();
         let mut cmd = tokio::process::Command::new(&cfg.program);
         cmd.arg("__sandbox-init").env_clear().kill_on_drop(true);
+        if cfg.capture_stdout {
+            cmd.stdout(std::process::Stdio::piped());
+        }
         // SAFETY: the closure makes only async-signal-safe system calls on memory prepared
         // before the fork.
         unsafe {
@@ -393,6 +398,11 @@ impl Running {
     pub fn hosts_path(&self) -> &Path {
         &self.hosts
     }
+
+    /// The agent's standard output, when [`SandboxConfig::capture_stdout`] was set (once).
+    pub fn take_stdout(&mut self) -> Option<tokio::process::ChildStdout> {
+        self.child.stdout.take()
+    }
 }
 
 /// The `/etc/hosts` the agent sees: its own names, then the authorized services.
@@ -538,6 +548,7 @@ mod tests {
             env: vec![],
             limits: Limits::default(),
             allow_degraded: false,
+            capture_stdout: false,
         }
     }
 

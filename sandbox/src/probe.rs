@@ -225,7 +225,10 @@ fn filesystem(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
         "refused",
         std::fs::write("/usr/bin/umbra-escape", b"x"),
     ));
-    for home in cfg.home.iter().chain(std::iter::once(&PathBuf::from("/root"))) {
+    let mut homes: Vec<PathBuf> = cfg.home.iter().cloned().collect();
+    homes.push(PathBuf::from("/root"));
+    homes.dedup();
+    for home in &homes {
         out.push(must_fail(
             &format!("write {}", home.display()),
             "refused",
@@ -544,8 +547,12 @@ fn scan(granted: &[SocketAddr]) -> Attempt {
     targets.dedup();
     let mut open = Vec::new();
     for t in &targets {
-        if TcpStream::connect_timeout(t, Duration::from_millis(200)).is_ok() {
-            open.push(*t);
+        if let Ok(s) = TcpStream::connect_timeout(t, Duration::from_millis(200)) {
+            // Connecting to a port in the ephemeral range can pick that same port as the source
+            // and connect to itself (TCP simultaneous open): that is no listener.
+            if s.local_addr().ok() != Some(*t) {
+                open.push(*t);
+            }
         }
     }
     let extra: Vec<String> = open

@@ -133,8 +133,9 @@ fn denied() -> Vec<libc::c_long> {
 }
 
 impl Filter {
-    /// The agent filter for the architecture this binary was built for.
-    pub fn agent() -> Filter {
+    /// The agent filter for the architecture this binary was built for. `deny_memfd` refuses
+    /// memfd_create entirely, for kernels that cannot make memory files non-executable.
+    pub fn agent(deny_memfd: bool) -> Filter {
         let mut p = vec![
             stmt(LD_W_ABS, OFF_ARCH),
             jump(JEQ_K, AUDIT_ARCH, 1, 0),
@@ -147,7 +148,11 @@ impl Filter {
             p.push(stmt(RET_K, RET_KILL_PROCESS));
         }
         let eperm = stmt(RET_K, RET_ERRNO | libc::EPERM as u32);
-        for n in denied() {
+        let mut denied = denied();
+        if deny_memfd {
+            denied.push(libc::SYS_memfd_create);
+        }
+        for n in denied {
             p.push(jump(JEQ_K, nr(n), 0, 1));
             p.push(eperm);
         }
@@ -278,7 +283,7 @@ mod tests {
     }
 
     fn call(nr: libc::c_long, args: [u32; 6]) -> u32 {
-        run(&Filter::agent(), AUDIT_ARCH, nr as u32, args)
+        run(&Filter::agent(false), AUDIT_ARCH, nr as u32, args)
     }
 
     const EPERM: u32 = RET_ERRNO | libc::EPERM as u32;
@@ -377,21 +382,30 @@ mod tests {
     #[test]
     fn foreign_abis_are_killed() {
         assert_eq!(
-            run(&Filter::agent(), 0x4000_0003, libc::SYS_read as u32, [0; 6]),
+            run(&Filter::agent(false), 0x4000_0003, libc::SYS_read as u32, [0; 6]),
             RET_KILL_PROCESS,
             "i386"
         );
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
-            run(&Filter::agent(), AUDIT_ARCH, X32_SYSCALL_BIT | 1, [0; 6]),
+            run(&Filter::agent(false), AUDIT_ARCH, X32_SYSCALL_BIT | 1, [0; 6]),
             RET_KILL_PROCESS,
             "x32 write"
         );
     }
 
     #[test]
+    fn memfd_can_be_refused_whole() {
+        let f = Filter::agent(true);
+        assert_eq!(
+            run(&f, AUDIT_ARCH, libc::SYS_memfd_create as u32, [0; 6]),
+            EPERM
+        );
+    }
+
+    #[test]
     fn fits_the_kernel_limit() {
-        let f = Filter::agent();
+        let f = Filter::agent(false);
         assert!(!f.is_empty() && f.len() < 4096);
     }
 }

@@ -53,12 +53,16 @@ pub enum Ending {
 }
 
 /// The result of [`run`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunOutcome {
     /// `umbra run`'s exit code.
     pub code: i32,
     /// Why.
     pub ending: Ending,
+    /// The agent's standard output (at most 16 MiB), when it was captured.
+    pub stdout: Option<Vec<u8>>,
+    /// How long the agent ran.
+    pub elapsed: Duration,
 }
 
 /// Why `umbra run` could not run the agent at all.
@@ -176,6 +180,14 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
         }
     };
     opts.events.emit(EventKind::Started { command });
+    let stdout = running.take_stdout().map(|mut out| {
+        tokio::spawn(async move {
+            use tokio::io::AsyncReadExt;
+            let mut buf = Vec::new();
+            let _ = (&mut out).take(16 << 20).read_to_end(&mut buf).await;
+            buf
+        })
+    });
 
     let timeout = async {
         match opts.timeout {
@@ -234,14 +246,27 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
             limit: "pids".into(),
         });
     }
+    let elapsed = started.elapsed();
     running.kill();
-    tracing::debug!(elapsed = ?started.elapsed(), code, ?ending, "agent ended");
+    tracing::debug!(?elapsed, code, ?ending, "agent ended");
     opts.events.emit(EventKind::Exited { code });
     dns_task.abort();
     names_task.abort();
     tunneler.shutdown().await;
     drop(running);
-    Ok(RunOutcome { code, ending })
+    let stdout = match stdout {
+        Some(task) => tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .ok()
+            .and_then(Result::ok),
+        None => None,
+    };
+    Ok(RunOutcome {
+        code,
+        ending,
+        stdout,
+        elapsed,
+    })
 }
 
 /// The signal the kernel's OOM killer sends.
