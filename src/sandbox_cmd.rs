@@ -10,7 +10,7 @@ use anyhow::Context as _;
 use http::Method;
 use umbra_pki::IdentityFile;
 use umbra_policies::Name;
-use umbra_proto::api::{CreateIdentityRequest, TokenResponse};
+use umbra_proto::api::{CreateIdentityRequest, ReportEventsRequest, ReportedEvent, TokenResponse};
 use umbra_sandbox::events::{EventKind, EventSink};
 use umbra_sandbox::probe::{Attempt, ProbeConfig};
 use umbra_sandbox::{Limits, SandboxConfig};
@@ -195,12 +195,20 @@ async fn run_with(
         args.command.clone(),
         &args.env,
     )?;
-    let events = EventSink::new(&cfg.id, file.name.as_str(), args.events.as_deref())
-        .with_context(|| "opening the events file")?;
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
     if let Some(p) = path {
         ctx.set_identity_path(p);
     }
+    let (tx, rx) = tokio::sync::mpsc::channel::<ReportedEvent>(1024);
+    let events = EventSink::new(&cfg.id, file.name.as_str(), args.events.as_deref())
+        .with_context(|| "opening the events file")?
+        .forward(move |ev| {
+            if let Some(r) = reported(ev) {
+                // A full queue drops the event for the controller; the file still has it.
+                let _ = tx.try_send(r);
+            }
+        });
+    let uploader = tokio::spawn(upload_events(ctx.controller(), rx));
     let opts = RunOptions {
         sandbox: cfg,
         events,
@@ -211,8 +219,58 @@ async fn run_with(
             ..Default::default()
         },
     };
-    let outcome = sandboxed::run(ctx, opts).await?;
-    Ok(outcome.code)
+    let outcome = sandboxed::run(ctx, opts).await;
+    // The sink (and with it the queue's sender) is gone with the options: the uploader drains
+    // what is left and ends.
+    let _ = tokio::time::timeout(Duration::from_secs(3), uploader).await;
+    Ok(outcome?.code)
+}
+
+/// An event as the controller's audit log takes it.
+fn reported(ev: &umbra_sandbox::events::Event) -> Option<ReportedEvent> {
+    let mut v = serde_json::to_value(ev).ok()?;
+    let obj = v.as_object_mut()?;
+    let kind = obj.remove("kind")?.as_str()?.to_string();
+    for k in ["at", "sandbox", "identity"] {
+        obj.remove(k);
+    }
+    Some(ReportedEvent {
+        kind,
+        sandbox: ev.sandbox.clone(),
+        at: ev.at.clone(),
+        detail: v,
+    })
+}
+
+/// Sends events to the controller's audit log as they come, a batch at a time. Failures are
+/// logged once; a revoked identity cannot report, and the controller recorded the revocation.
+async fn upload_events(
+    client: ControllerClient,
+    mut rx: tokio::sync::mpsc::Receiver<ReportedEvent>,
+) {
+    let mut warned = false;
+    while let Some(first) = rx.recv().await {
+        let mut events = vec![first];
+        while events.len() < umbra_proto::api::MAX_REPORTED_EVENTS {
+            match rx.try_recv() {
+                Ok(e) => events.push(e),
+                Err(_) => break,
+            }
+        }
+        let req = ReportEventsRequest { events };
+        let r: Result<serde_json::Value, _> = tokio::time::timeout(
+            Duration::from_secs(2),
+            client.call(Method::POST, "/v1/audit/events", Some(&req)),
+        )
+        .await
+        .unwrap_or_else(|_| Err(umbra_sdk::SdkError::Timeout("the controller".into())));
+        if let Err(e) = r {
+            if !warned {
+                tracing::warn!(error = %e, "could not send sandbox events to the controller");
+                warned = true;
+            }
+        }
+    }
 }
 
 /// `umbra verify`: returns the exit code (0: nothing escaped, 1: something did).

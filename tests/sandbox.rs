@@ -15,7 +15,7 @@ use umbra_tests::*;
 struct World {
     t: TestController,
     _router: umbra_edge_router::RouterHandle,
-    _echo: Echo,
+    echo: Echo,
     identity: PathBuf,
     workspace: tempfile::TempDir,
 }
@@ -35,7 +35,7 @@ async fn world() -> World {
     World {
         t,
         _router: router,
-        _echo: echo,
+        echo,
         identity,
         workspace,
     }
@@ -139,6 +139,63 @@ print(s.recv(100).decode())
         "{ev}"
     );
     assert!(ev.contains(r#""kind":"exited","code":7"#), "{ev}");
+    // The controller's audit log has them too, under the identity the certificate proved.
+    let log: Vec<serde_json::Value> = w
+        .t
+        .admin_client()
+        .call(Method::GET, "/v1/audit?limit=1000", None::<&()>)
+        .await
+        .unwrap();
+    let refused = log
+        .iter()
+        .find(|e| e["action"] == "sandbox.dns_refused")
+        .unwrap_or_else(|| panic!("no sandbox event in {log:#?}"));
+    assert!(refused["actor"].as_str().unwrap().ends_with("/agent/agent-1"));
+    assert!(refused["detail"].to_string().contains("evil.example"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reported_events_are_checked_and_attributed_by_certificate() {
+    let t = TestController::start().await;
+    let file = agent(&t, "agent-9").await;
+    let c = t.client_for(&file);
+    let ok: serde_json::Value = c
+        .call(
+            Method::POST,
+            "/v1/audit/events",
+            Some(&serde_json::json!({ "events": [
+                { "kind": "limit", "sandbox": "umbra-x1", "at": "2026-01-01T00:00:00Z", "detail": { "limit": "pids" } }
+            ]})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(ok["recorded"], 1);
+    for bad in [
+        serde_json::json!({ "events": [ { "kind": "identity.create", "sandbox": "s", "at": "" } ] }),
+        serde_json::json!({ "events": [ { "kind": "limit", "sandbox": "../x", "at": "" } ] }),
+        serde_json::json!({ "events": [ { "kind": "limit", "sandbox": "s", "at": "", "identity": "admin" } ] }),
+        serde_json::json!({ "events": [ { "kind": "limit", "sandbox": "s", "at": "", "detail": "x".repeat(5000) } ] }),
+        serde_json::json!({ "events": vec![serde_json::json!({ "kind": "limit", "sandbox": "s", "at": "" }); 101] }),
+        serde_json::json!({ "nothing": true }),
+    ] {
+        let r: Result<serde_json::Value, _> =
+            c.call(Method::POST, "/v1/audit/events", Some(&bad)).await;
+        assert!(
+            matches!(r, Err(umbra_sdk::SdkError::Api { status: 400, .. })),
+            "{bad}: {r:?}"
+        );
+    }
+    let log: Vec<serde_json::Value> = t
+        .admin_client()
+        .call(Method::GET, "/v1/audit?limit=1000", None::<&()>)
+        .await
+        .unwrap();
+    let mine: Vec<&serde_json::Value> = log
+        .iter()
+        .filter(|e| e["action"].as_str().unwrap_or("").starts_with("sandbox."))
+        .collect();
+    assert_eq!(mine.len(), 1, "nothing of a refused report was written: {mine:#?}");
+    assert!(mine[0]["actor"].as_str().unwrap().ends_with("/agent/agent-9"));
 }
 
 fn unsafe_getuid() -> u32 {
@@ -321,6 +378,48 @@ print(s.recv(100).decode())
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let echoed = std::fs::read_to_string(w.ws().join("echoed")).unwrap_or_default();
     assert_eq!(echoed.trim(), "granted while running");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn internet_egress_is_a_service_named_after_its_host() {
+    let w = world().await;
+    let addr = w.echo.addr.to_string();
+    let o = w.t.umbra(&[
+        "service",
+        "create",
+        "example-api",
+        "--address",
+        &addr,
+        "--intercept",
+        "api.example.com:443",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = w.t.umbra(&[
+        "policy",
+        "grant",
+        "--identity",
+        "@agent-1",
+        "--service",
+        "@example-api",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let script = r#"
+        getent hosts api.example.com > resolved
+        getent hosts www.example.com > other
+        /usr/bin/python3 -c '
+import socket
+s = socket.create_connection(("api.example.com", 443), timeout=5)
+s.sendall(b"egress by name")
+print(s.recv(100).decode())
+' > echoed
+    "#;
+    let o = w.run(&[], &sh(script)).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(w.ws().join(f)).unwrap_or_default();
+    assert!(read("resolved").starts_with("127.77."), "{}", read("resolved"));
+    assert!(read("resolved").contains("api.example.com"));
+    assert_eq!(read("other"), "", "another name of the same domain resolved");
+    assert_eq!(read("echoed").trim(), "egress by name");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -286,3 +286,31 @@ mod tests {
         assert!(!format!("{req:?}").contains("eyJsecret"));
     }
 }
+
+/// Events an identity reports about itself: what its sandbox refused (DNS names, dials, limits,
+/// timeouts). The controller records them in its audit log under the reporting identity, which
+/// it takes from the client certificate, never from the body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportEventsRequest {
+    /// At most [`MAX_REPORTED_EVENTS`] events.
+    pub events: Vec<ReportedEvent>,
+}
+
+/// Most events in one report.
+pub const MAX_REPORTED_EVENTS: usize = 100;
+
+/// One reported event.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReportedEvent {
+    /// `started`, `dns_refused`, `dial_denied`, `limit`, `timeout`, `revoked` or `exited`.
+    pub kind: String,
+    /// The sandbox's id.
+    pub sandbox: String,
+    /// When, as the reporter's clock says (RFC 3339).
+    pub at: String,
+    /// The event's own fields.
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}

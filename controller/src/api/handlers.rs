@@ -270,3 +270,14 @@ pub async fn audit(
     let limit = q.limit.unwrap_or(100).min(10_000);
     blocking(&s, move |c| c.audit_log(limit)).await.map(Json)
 }
+
+/// Any enrolled identity reports its own sandbox's events; the certificate says who it is.
+pub async fn report_events(
+    State(s): State<AppState>,
+    AnyIdentity(peer): AnyIdentity,
+    JsonBody(req): JsonBody<ReportEventsRequest, SMALL_BODY>,
+) -> Res<serde_json::Value> {
+    blocking(&s, move |c| c.record_events(&peer, &req.events))
+        .await
+        .map(|n| Json(serde_json::json!({ "recorded": n })))
+}

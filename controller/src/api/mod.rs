@@ -101,5 +101,6 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/apply", post(handlers::apply))
         .route("/v1/export", get(handlers::export))
         .route("/v1/audit", get(handlers::audit))
+        .route("/v1/audit/events", post(handlers::report_events))
         .with_state(state)
 }

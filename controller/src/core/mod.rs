@@ -33,6 +33,7 @@ use crate::store::{AuditRecord, Batch, Record, Store};
 
 mod certs;
 mod declarative;
+mod events;
 pub mod follow;
 mod identities;
 mod policies;
