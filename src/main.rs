@@ -16,7 +16,11 @@ use cli::{Cli, Command, ControllerCmd};
 
 fn main() -> ExitCode {
     // The sandbox's own processes: single-threaded, before any runtime or logging exists.
-    match std::env::args_os().nth(1).as_deref().and_then(|a| a.to_str()) {
+    match std::env::args_os()
+        .nth(1)
+        .as_deref()
+        .and_then(|a| a.to_str())
+    {
         Some("__sandbox-init") => return exit_code(umbra_sandbox::init::main()),
         Some("__escape-probe") => return exit_code(umbra_sandbox::probe::main()),
         _ => {}

@@ -63,8 +63,7 @@ impl Ephemeral {
     async fn delete(self) {
         let path = format!("/v1/identities/{}?cascade=true", self.name);
         let none: Option<&()> = None;
-        let r: Result<serde_json::Value, _> =
-            self.admin.call(Method::DELETE, &path, none).await;
+        let r: Result<serde_json::Value, _> = self.admin.call(Method::DELETE, &path, none).await;
         if let Err(e) = r {
             eprintln!(
                 "warning: could not delete the ephemeral identity {}: {e}",
@@ -188,13 +187,7 @@ async fn run_with(
     controller: Option<String>,
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
-    let cfg = sandbox_config(
-        &args.sandbox,
-        admin,
-        path,
-        args.command.clone(),
-        &args.env,
-    )?;
+    let cfg = sandbox_config(&args.sandbox, admin, path, args.command.clone(), &args.env)?;
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
     if let Some(p) = path {
         ctx.set_identity_path(p);
@@ -302,11 +295,7 @@ pub async fn verify(
             })
             .collect();
         crate::output::table(&["ATTEMPT", "EXPECTED", "OBSERVED", "RESULT"], rows);
-        println!(
-            "{} attempts, {} escaped",
-            attempts.len(),
-            escaped
-        );
+        println!("{} attempts, {} escaped", attempts.len(), escaped);
     }
     Ok(if escaped == 0 { 0 } else { 1 })
 }
@@ -353,7 +342,12 @@ fn leftover_probes() -> usize {
         return 0;
     };
     dir.filter_map(Result::ok)
-        .filter(|e| e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()))
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .bytes()
+                .all(|b| b.is_ascii_digit())
+        })
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|c| c.windows(14).any(|w| w == b"__escape-probe"))
         .count()
@@ -410,7 +404,15 @@ async fn verify_with(
             }
         }
     });
-    let out = run_probe(&ctx, &base, &probe, events.clone(), None, Duration::from_secs(180)).await?;
+    let out = run_probe(
+        &ctx,
+        &base,
+        &probe,
+        events.clone(),
+        None,
+        Duration::from_secs(180),
+    )
+    .await?;
     let mut attempts: Vec<Attempt> = match out
         .stdout
         .as_deref()
@@ -512,8 +514,10 @@ async fn limit_attempts(
         Duration::from_secs(60),
     )
     .await?;
-    let report: Option<serde_json::Value> =
-        fork.stdout.as_deref().and_then(|s| serde_json::from_slice(s).ok());
+    let report: Option<serde_json::Value> = fork
+        .stdout
+        .as_deref()
+        .and_then(|s| serde_json::from_slice(s).ok());
     let forked = report
         .as_ref()
         .and_then(|r| r["forked"].as_u64())
@@ -522,7 +526,10 @@ async fn limit_attempts(
         "fork bomb",
         &format!("stops below {PIDS} processes"),
         match &report {
-            Some(r) => format!("{forked} forks, then {}", r["refused"].as_str().unwrap_or("?")),
+            Some(r) => format!(
+                "{forked} forks, then {}",
+                r["refused"].as_str().unwrap_or("?")
+            ),
             None => format!("no report (exit code {})", fork.code),
         },
         forked >= PIDS,

@@ -66,13 +66,10 @@ impl World {
     }
 
     async fn run(&self, extra: &[&str], cmd: &[&str]) -> std::process::Output {
-        tokio::time::timeout(
-            Duration::from_secs(60),
-            self.command(extra, cmd).output(),
-        )
-        .await
-        .expect("umbra run ends")
-        .expect("umbra run starts")
+        tokio::time::timeout(Duration::from_secs(60), self.command(extra, cmd).output())
+            .await
+            .expect("umbra run ends")
+            .expect("umbra run starts")
     }
 }
 
@@ -123,7 +120,11 @@ print(s.recv(100).decode())
     let read = |f: &str| std::fs::read_to_string(w.ws().join(f)).unwrap_or_default();
     assert_eq!(read("uid").trim(), "1000", "the agent is not root inside");
     assert!(read("hosts").contains("echo.umbra"), "{}", read("hosts"));
-    assert!(read("resolved").starts_with("127.77."), "{}", read("resolved"));
+    assert!(
+        read("resolved").starts_with("127.77."),
+        "{}",
+        read("resolved")
+    );
     assert_eq!(read("evil"), "", "an unauthorized name resolved");
     assert_eq!(read("echoed").trim(), "through the overlay");
     assert_eq!(read("etc"), "", "/etc was writable");
@@ -140,17 +141,19 @@ print(s.recv(100).decode())
     );
     assert!(ev.contains(r#""kind":"exited","code":7"#), "{ev}");
     // The controller's audit log has them too, under the identity the certificate proved.
-    let log: Vec<serde_json::Value> = w
-        .t
-        .admin_client()
-        .call(Method::GET, "/v1/audit?limit=1000", None::<&()>)
-        .await
-        .unwrap();
+    let log: Vec<serde_json::Value> =
+        w.t.admin_client()
+            .call(Method::GET, "/v1/audit?limit=1000", None::<&()>)
+            .await
+            .unwrap();
     let refused = log
         .iter()
         .find(|e| e["action"] == "sandbox.dns_refused")
         .unwrap_or_else(|| panic!("no sandbox event in {log:#?}"));
-    assert!(refused["actor"].as_str().unwrap().ends_with("/agent/agent-1"));
+    assert!(refused["actor"]
+        .as_str()
+        .unwrap()
+        .ends_with("/agent/agent-1"));
     assert!(refused["detail"].to_string().contains("evil.example"));
 }
 
@@ -194,8 +197,15 @@ async fn reported_events_are_checked_and_attributed_by_certificate() {
         .iter()
         .filter(|e| e["action"].as_str().unwrap_or("").starts_with("sandbox."))
         .collect();
-    assert_eq!(mine.len(), 1, "nothing of a refused report was written: {mine:#?}");
-    assert!(mine[0]["actor"].as_str().unwrap().ends_with("/agent/agent-9"));
+    assert_eq!(
+        mine.len(),
+        1,
+        "nothing of a refused report was written: {mine:#?}"
+    );
+    assert!(mine[0]["actor"]
+        .as_str()
+        .unwrap()
+        .ends_with("/agent/agent-9"));
 }
 
 fn unsafe_getuid() -> u32 {
@@ -222,13 +232,7 @@ async fn bad_input_gets_one_line_and_leaves_nothing() {
 
     let missing = w.ws().join("missing.json");
     let o = umbra_cmd(
-        &[
-            "run",
-            "--identity",
-            missing.to_str().unwrap(),
-            "--",
-            "true",
-        ],
+        &["run", "--identity", missing.to_str().unwrap(), "--", "true"],
         &[],
     );
     assert_eq!(o.status.code(), Some(125));
@@ -294,10 +298,7 @@ async fn revoking_the_identity_kills_the_agent_at_once() {
     assert_eq!(o.status.code(), Some(120), "{}", stderr(&o));
     assert!(took < Duration::from_secs(5), "took {took:?}");
     let ev = std::fs::read_to_string(&events).unwrap();
-    assert!(
-        ev.contains(r#""kind":"revoked","terminated":true"#),
-        "{ev}"
-    );
+    assert!(ev.contains(r#""kind":"revoked","terminated":true"#), "{ev}");
     let id = std::fs::read_to_string(w.ws().join("id")).unwrap();
     assert_nothing_left(&id);
 }
@@ -339,7 +340,12 @@ for i in range(300):
         .await
         .expect("the agent ends by itself")
         .unwrap();
-    assert_eq!(o.status.code(), Some(4), "its own exit code: {}", stderr(&o));
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "its own exit code: {}",
+        stderr(&o)
+    );
     assert!(
         w.ws().join("lost").exists(),
         "the network went away after the revocation"
@@ -416,9 +422,17 @@ print(s.recv(100).decode())
     let o = w.run(&[], &sh(script)).await;
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let read = |f: &str| std::fs::read_to_string(w.ws().join(f)).unwrap_or_default();
-    assert!(read("resolved").starts_with("127.77."), "{}", read("resolved"));
+    assert!(
+        read("resolved").starts_with("127.77."),
+        "{}",
+        read("resolved")
+    );
     assert!(read("resolved").contains("api.example.com"));
-    assert_eq!(read("other"), "", "another name of the same domain resolved");
+    assert_eq!(
+        read("other"),
+        "",
+        "another name of the same domain resolved"
+    );
     assert_eq!(read("echoed").trim(), "egress by name");
 }
 
@@ -475,12 +489,11 @@ print(s.recv(100).decode())
             .trim(),
         "ephemeral"
     );
-    let list: Vec<serde_json::Value> = w
-        .t
-        .admin_client()
-        .call(Method::GET, "/v1/identities", None::<&()>)
-        .await
-        .unwrap();
+    let list: Vec<serde_json::Value> =
+        w.t.admin_client()
+            .call(Method::GET, "/v1/identities", None::<&()>)
+            .await
+            .unwrap();
     let names: Vec<&str> = list.iter().filter_map(|i| i["name"].as_str()).collect();
     assert!(
         !names.iter().any(|n| n.starts_with("task-")),
@@ -579,11 +592,10 @@ async fn escape_suite_holds() {
             ("UMBRA_CONTROLLER", w.t.addr().as_ref()),
         ],
     );
-    let attempts: Vec<serde_json::Value> =
-        serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
-            panic!("verify --json: {e}: {} {}", stdout(&o), stderr(&o))
-        });
-    let escaped: Vec<&serde_json::Value> = attempts.iter().filter(|a| a["escaped"] == true).collect();
+    let attempts: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("verify --json: {e}: {} {}", stdout(&o), stderr(&o)));
+    let escaped: Vec<&serde_json::Value> =
+        attempts.iter().filter(|a| a["escaped"] == true).collect();
     assert!(escaped.is_empty(), "escaped: {escaped:#?}");
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let names: Vec<&str> = attempts
@@ -622,10 +634,15 @@ async fn escape_suite_holds() {
         "busy loop",
         "processes left on the host after the limit attempts",
     ] {
-        assert!(names.contains(&want), "missing attempt {want:?} in {names:?}");
+        assert!(
+            names.contains(&want),
+            "missing attempt {want:?} in {names:?}"
+        );
     }
     assert!(
-        names.iter().any(|n| n.starts_with("read the identity file")),
+        names
+            .iter()
+            .any(|n| n.starts_with("read the identity file")),
         "{names:?}"
     );
     assert!(

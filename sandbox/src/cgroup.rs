@@ -166,7 +166,10 @@ impl Cgroup {
 
     /// The `cgroup.procs` files a process writes `0` into to join, before it does anything else.
     pub fn procs_files(&self) -> Vec<PathBuf> {
-        self.dirs().into_iter().map(|d| d.join("cgroup.procs")).collect()
+        self.dirs()
+            .into_iter()
+            .map(|d| d.join("cgroup.procs"))
+            .collect()
     }
 
     /// Limits that only rlimits enforce here (no cgroup controller for them).
@@ -196,11 +199,9 @@ impl Cgroup {
     fn dirs(&self) -> Vec<PathBuf> {
         match &self.backend {
             Backend::V2(p) => vec![p.clone()],
-            Backend::V1 { memory, pids, cpu } => [memory, pids, cpu]
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect(),
+            Backend::V1 { memory, pids, cpu } => {
+                [memory, pids, cpu].into_iter().flatten().cloned().collect()
+            }
             Backend::Rlimits => Vec::new(),
         }
     }

@@ -70,7 +70,10 @@ fn read_name(b: &[u8], mut at: usize) -> Option<(String, usize)> {
 /// Answers one query. `lookup` maps an authorized (lower-case) name to its address; `None`
 /// means the name does not exist for this identity. Returns `None` for input that is not even a
 /// DNS header, which gets no reply at all.
-pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> Option<(Vec<u8>, Outcome)> {
+pub fn answer(
+    query: &[u8],
+    lookup: impl Fn(&str) -> Option<Ipv4Addr>,
+) -> Option<(Vec<u8>, Outcome)> {
     let id = be16(query, 0)?;
     let flags = be16(query, 2)?;
     let qdcount = be16(query, 4)?;
@@ -108,7 +111,10 @@ pub fn answer(query: &[u8], lookup: impl Fn(&str) -> Option<Ipv4Addr>) -> Option
     };
     let question = &query[HEADER..after + 4];
     let Some(ip) = lookup(&name) else {
-        return Some((reply(RCODE_NXDOMAIN, question, &[], 0), Outcome::Refused(name)));
+        return Some((
+            reply(RCODE_NXDOMAIN, question, &[], 0),
+            Outcome::Refused(name),
+        ));
     };
     if qtype != TYPE_A || qclass != CLASS_IN {
         return Some((reply(0, question, &[], 0), Outcome::NoData(name)));

@@ -271,13 +271,7 @@ fn locked_flags(path: &Path) -> Result<libc::c_ulong, String> {
 }
 
 fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
-    mount(
-        Some(src),
-        dst,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )?;
+    mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None)?;
     if read_only {
         let keep = locked_flags(dst)?;
         mount(
@@ -556,7 +550,11 @@ impl Prepared {
                 eprintln!("umbra run: warning: running without Landlock ({e})");
                 None
             }
-            Err(e) => return Err(format!("Landlock is required: {e} (use --allow-degraded to run without it)")),
+            Err(e) => {
+                return Err(format!(
+                    "Landlock is required: {e} (use --allow-degraded to run without it)"
+                ))
+            }
         };
         Ok(Prepared {
             path: cstr(&path)?,
@@ -632,7 +630,13 @@ fn drop_capabilities() -> Result<(), String> {
     // SAFETY: prctl with integer arguments; unknown capability numbers fail with EINVAL, which
     // ends the loop.
     unsafe {
-        libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0);
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        );
         for cap in 0..64 {
             if libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 {
                 break;

@@ -70,8 +70,7 @@ pub enum SandboxError {
 }
 
 const SYSTEM_ROOTS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev",
-    "/sys",
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/sys",
 ];
 
 fn contains(outer: &Path, inner: &Path) -> bool {
@@ -107,7 +106,9 @@ fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>)
             secret_roots.push(h);
         }
     }
-    for (what, p) in std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p))) {
+    for (what, p) in
+        std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p)))
+    {
         if p == Path::new("/") {
             return Err(SandboxError::Invalid(format!("the {what} cannot be /")));
         }
@@ -142,7 +143,10 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
         std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
     ];
     for base in bases {
-        if shown.iter().any(|s| contains(s, &base) || contains(&base, s)) {
+        if shown
+            .iter()
+            .any(|s| contains(s, &base) || contains(&base, s))
+        {
             continue;
         }
         if std::fs::DirBuilder::new()
@@ -155,7 +159,9 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
         }
         let dir = base.join(id);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
-        std::fs::DirBuilder::new().mode(0o755).create(dir.join("root"))?;
+        std::fs::DirBuilder::new()
+            .mode(0o755)
+            .create(dir.join("root"))?;
         return Ok(dir);
     }
     Err(SandboxError::Invalid(
@@ -368,7 +374,9 @@ async fn reply(sock: &mut tokio::net::UnixStream, want: u8) -> Result<(), Sandbo
                 String::from_utf8_lossy(&msg).trim().to_string(),
             ))
         }
-        _ => Err(SandboxError::Setup("unexpected reply from the sandbox".into())),
+        _ => Err(SandboxError::Setup(
+            "unexpected reply from the sandbox".into(),
+        )),
     }
 }
 
@@ -570,7 +578,10 @@ mod tests {
 
     #[test]
     fn hosts_file_lists_only_what_it_is_given() {
-        let h = hosts_file("sb-1", &[("llm.umbra".into(), "127.77.0.1".parse().unwrap())]);
+        let h = hosts_file(
+            "sb-1",
+            &[("llm.umbra".into(), "127.77.0.1".parse().unwrap())],
+        );
         assert!(h.contains("127.77.0.1\tllm.umbra\n"));
         assert!(h.contains("127.0.1.1\tsb-1\n"));
         assert_eq!(h.lines().filter(|l| !l.starts_with('#')).count(), 4);

@@ -262,17 +262,28 @@ fn filesystem(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
     let r = std::os::unix::fs::symlink("/etc", &link)
         .and_then(|_| std::fs::write(link.join("umbra-escape"), b"x"));
     let _ = std::fs::remove_file(&link);
-    out.push(must_fail("write /etc through a symlink in the workspace", "refused", r));
+    out.push(must_fail(
+        "write /etc through a symlink in the workspace",
+        "refused",
+        r,
+    ));
     let hard = ws.join(".umbra-escape-hard");
     let _ = std::fs::remove_file(&hard);
     let r = std::fs::hard_link("/etc/passwd", &hard);
     let _ = std::fs::remove_file(&hard);
-    out.push(must_fail("hard link /etc/passwd into the workspace", "refused", r));
+    out.push(must_fail(
+        "hard link /etc/passwd into the workspace",
+        "refused",
+        r,
+    ));
     if let Some(secret) = cfg.secrets.first() {
         let target = ws.join(".umbra-escape-hard2");
         let r = std::fs::hard_link(secret, &target);
         let _ = std::fs::remove_file(&target);
-        let escaped = r.is_ok() && std::fs::metadata(secret).map(|m| m.len() > 0).unwrap_or(false);
+        let escaped = r.is_ok()
+            && std::fs::metadata(secret)
+                .map(|m| m.len() > 0)
+                .unwrap_or(false);
         out.push(attempt(
             "hard link the identity file",
             "refused",
@@ -288,12 +299,11 @@ fn filesystem(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
         "refused",
         std::fs::read_dir("/proc/1/root/").map(|_| ()),
     ));
-    for p in ["/proc/self/cwd/../../../../../../etc/shadow", "/proc/self/root/etc/shadow"] {
-        out.push(must_fail(
-            &format!("read {p}"),
-            "refused",
-            std::fs::read(p),
-        ));
+    for p in [
+        "/proc/self/cwd/../../../../../../etc/shadow",
+        "/proc/self/root/etc/shadow",
+    ] {
+        out.push(must_fail(&format!("read {p}"), "refused", std::fs::read(p)));
     }
     for secret in &cfg.secrets {
         let r = std::fs::read(secret);
@@ -344,8 +354,14 @@ fn udp_probe(addr: SocketAddr) -> io::Result<usize> {
 
 fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
     let outside: Vec<(String, SocketAddr)> = [
-        ("TCP to an external address", SocketAddr::new(OUTSIDE_V4.into(), 443)),
-        ("TCP to 169.254.169.254", SocketAddr::new(METADATA.into(), 80)),
+        (
+            "TCP to an external address",
+            SocketAddr::new(OUTSIDE_V4.into(), 443),
+        ),
+        (
+            "TCP to 169.254.169.254",
+            SocketAddr::new(METADATA.into(), 80),
+        ),
     ]
     .into_iter()
     .map(|(n, a)| (n.to_string(), a))
@@ -357,17 +373,33 @@ fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
     .collect();
     for (name, addr) in outside {
         if !lo_only {
-            out.push(attempt(&name, "unreachable", "skipped: isolation broken".into(), true));
+            out.push(attempt(
+                &name,
+                "unreachable",
+                "skipped: isolation broken".into(),
+                true,
+            ));
             continue;
         }
         out.push(must_fail(&name, "unreachable", connect(addr)));
     }
     for (name, addr) in [
-        ("UDP to an external address", SocketAddr::new(OUTSIDE_V4.into(), 53)),
-        ("UDP to 169.254.169.254", SocketAddr::new(METADATA.into(), 53)),
+        (
+            "UDP to an external address",
+            SocketAddr::new(OUTSIDE_V4.into(), 53),
+        ),
+        (
+            "UDP to 169.254.169.254",
+            SocketAddr::new(METADATA.into(), 53),
+        ),
     ] {
         if !lo_only {
-            out.push(attempt(name, "unreachable", "skipped: isolation broken".into(), true));
+            out.push(attempt(
+                name,
+                "unreachable",
+                "skipped: isolation broken".into(),
+                true,
+            ));
             continue;
         }
         out.push(must_fail(name, "unreachable", udp_probe(addr)));
@@ -375,14 +407,21 @@ fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
     if let Some(host) = cfg.host_tcp {
         let port = host.port();
         for (name, ip) in [
-            ("TCP to the host's 127.0.0.1", IpAddr::V4(Ipv4Addr::LOCALHOST)),
+            (
+                "TCP to the host's 127.0.0.1",
+                IpAddr::V4(Ipv4Addr::LOCALHOST),
+            ),
             ("TCP to ::1", IpAddr::V6(Ipv6Addr::LOCALHOST)),
             (
                 "TCP to ::ffff:127.0.0.1",
                 IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
             ),
         ] {
-            out.push(must_fail(name, "refused", connect(SocketAddr::new(ip, port))));
+            out.push(must_fail(
+                name,
+                "refused",
+                connect(SocketAddr::new(ip, port)),
+            ));
         }
         out.push(must_fail(
             "UDP to the host's 127.0.0.1",
@@ -399,7 +438,12 @@ fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
     out.push(if lo_only {
         must_fail("ping an external address", "refused", ping(OUTSIDE_V4))
     } else {
-        attempt("ping an external address", "refused", "skipped: isolation broken".into(), true)
+        attempt(
+            "ping an external address",
+            "refused",
+            "skipped: isolation broken".into(),
+            true,
+        )
     });
     out.push(route_change());
     out.push(dns_refused(&cfg.refused_name));
@@ -412,7 +456,12 @@ fn fd_attempt(name: &str, fd: libc::c_int) -> Attempt {
         unsafe { libc::close(fd) };
         attempt(name, "refused", "opened".into(), true)
     } else {
-        attempt(name, "refused", format!("refused: {}", os_err(&last_err())), false)
+        attempt(
+            name,
+            "refused",
+            format!("refused: {}", os_err(&last_err())),
+            false,
+        )
     }
 }
 
@@ -457,7 +506,12 @@ fn route_change() -> Attempt {
     // SAFETY: socket() with integer arguments.
     let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, libc::NETLINK_ROUTE) };
     if fd < 0 {
-        return attempt(name, "refused", format!("refused: {}", os_err(&last_err())), false);
+        return attempt(
+            name,
+            "refused",
+            format!("refused: {}", os_err(&last_err())),
+            false,
+        );
     }
     // SAFETY: a fresh descriptor we own.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -469,7 +523,7 @@ fn route_change() -> Attempt {
     msg.extend_from_slice(&flags.to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
     msg.extend_from_slice(&0u32.to_ne_bytes()); // pid
-    // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
+                                                // rtmsg: family, dst_len, src_len, tos, table, protocol, scope, type, flags(u32)
     msg.extend_from_slice(&[
         libc::AF_INET as u8,
         0,
@@ -483,12 +537,17 @@ fn route_change() -> Attempt {
     msg.extend_from_slice(&0u32.to_ne_bytes());
     // RTA_OIF = 1 (lo)
     msg.extend_from_slice(&8u16.to_ne_bytes());
-    msg.extend_from_slice(&(libc::RTA_OIF as u16).to_ne_bytes());
+    msg.extend_from_slice(&libc::RTA_OIF.to_ne_bytes());
     msg.extend_from_slice(&1u32.to_ne_bytes());
     // SAFETY: valid buffer on an owned socket (kernel address is the default destination).
     let sent = unsafe { libc::send(fd.as_raw_fd(), msg.as_ptr().cast(), msg.len(), 0) };
     if sent < 0 {
-        return attempt(name, "refused", format!("refused: {}", os_err(&last_err())), false);
+        return attempt(
+            name,
+            "refused",
+            format!("refused: {}", os_err(&last_err())),
+            false,
+        );
     }
     let mut buf = [0u8; 256];
     // SAFETY: valid buffer on an owned socket.
@@ -514,8 +573,7 @@ fn dns_refused(name: &str) -> Attempt {
         s.send_to(&crate::dns::query(0x5a5a, name, 1), "127.0.0.53:53")?;
         let mut b = [0u8; 512];
         let (n, _) = s.recv_from(&mut b)?;
-        crate::dns::parse_response(&b[..n])
-            .ok_or_else(|| io::Error::other("unparsable DNS reply"))
+        crate::dns::parse_response(&b[..n]).ok_or_else(|| io::Error::other("unparsable DNS reply"))
     })();
     match r {
         Ok((3, None)) => attempt(&label, "NXDOMAIN", "NXDOMAIN".into(), false),
@@ -525,7 +583,12 @@ fn dns_refused(name: &str) -> Attempt {
             format!("rcode {rcode}, address {ip:?}"),
             ip.is_some(),
         ),
-        Err(e) => attempt(&label, "NXDOMAIN", format!("no answer: {}", os_err(&e)), true),
+        Err(e) => attempt(
+            &label,
+            "NXDOMAIN",
+            format!("no answer: {}", os_err(&e)),
+            true,
+        ),
     }
 }
 
@@ -578,7 +641,15 @@ fn syscalls(out: &mut Vec<Attempt>) {
     let dir = cstr("/tmp");
     let (src, fstype) = (cstr("tmpfs"), cstr("tmpfs"));
     // SAFETY: valid C strings.
-    let r = unsafe { libc::mount(src.as_ptr(), dir.as_ptr(), fstype.as_ptr(), 0, std::ptr::null()) };
+    let r = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
     out.push(rc_attempt("mount a filesystem", r));
     // SAFETY: flags only.
     let r = unsafe { libc::unshare(libc::CLONE_NEWUSER) };
@@ -626,7 +697,12 @@ fn syscalls(out: &mut Vec<Attempt>) {
 
 fn rc_attempt(name: &str, r: i32) -> Attempt {
     if r < 0 {
-        attempt(name, "refused", format!("refused: {}", os_err(&last_err())), false)
+        attempt(
+            name,
+            "refused",
+            format!("refused: {}", os_err(&last_err())),
+            false,
+        )
     } else {
         attempt(name, "refused", "succeeded".into(), true)
     }
@@ -642,7 +718,12 @@ fn memfd_exec() -> Attempt {
     if fd >= 0 {
         // SAFETY: we own the descriptor.
         unsafe { libc::close(fd as i32) };
-        return attempt(name, "refused", "an executable memfd was created".into(), true);
+        return attempt(
+            name,
+            "refused",
+            "an executable memfd was created".into(),
+            true,
+        );
     }
     let first = os_err(&last_err());
     // Without MFD_EXEC: copy /bin/true in and exec it through /proc/self/fd.
@@ -703,8 +784,16 @@ fn capabilities() -> Attempt {
         .collect();
     let held = status
         .lines()
-        .filter(|l| ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"].iter().any(|p| l.starts_with(p)))
-        .any(|l| l.split_whitespace().nth(1).is_some_and(|v| v.trim_start_matches('0') != ""));
+        .filter(|l| {
+            ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|v| !v.trim_start_matches('0').is_empty())
+        });
     let nnp = status
         .lines()
         .any(|l| l.starts_with("NoNewPrivs:") && l.ends_with('1'));

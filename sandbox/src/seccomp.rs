@@ -195,8 +195,8 @@ impl Filter {
             p.push(jump(JEQ_K, libc::AF_VSOCK as u32, 7, 0)); // 3
             p.push(jump(JEQ_K, libc::AF_NETLINK as u32, 0, 2)); // 4
             p.push(stmt(LD_W_ABS, off_arg(2))); // 5
-            // Routing netlink only: enough to read one's own interfaces and addresses; the
-            // kernel refuses changes to them, as the agent holds no capability.
+                                                // Routing netlink only: enough to read one's own interfaces and addresses; the
+                                                // kernel refuses changes to them, as the agent holds no capability.
             p.push(jump(JEQ_K, libc::NETLINK_ROUTE as u32, 5, 4)); // 6
             p.push(stmt(LD_W_ABS, off_arg(1))); // 7
             p.push(stmt(AND_K, SOCK_TYPE_MASK)); // 8
@@ -328,7 +328,10 @@ mod tests {
             RET_ALLOW,
             "reading one's own interfaces needs a raw routing-netlink socket"
         );
-        assert_eq!(call(libc::SYS_clone, [0x01200011, 0, 0, 0, 0, 0]), RET_ALLOW);
+        assert_eq!(
+            call(libc::SYS_clone, [0x01200011, 0, 0, 0, 0, 0]),
+            RET_ALLOW
+        );
         assert_eq!(call(libc::SYS_memfd_create, [0, 1, 0, 0, 0, 0]), RET_ALLOW);
         assert_eq!(call(libc::SYS_ioctl, [1, 0x5401, 0, 0, 0, 0]), RET_ALLOW);
     }
@@ -356,10 +359,16 @@ mod tests {
             EPERM
         );
         assert_eq!(
-            call(libc::SYS_clone, [libc::CLONE_NEWNET as u32 | 17, 0, 0, 0, 0, 0]),
+            call(
+                libc::SYS_clone,
+                [libc::CLONE_NEWNET as u32 | 17, 0, 0, 0, 0, 0]
+            ),
             EPERM
         );
-        assert_eq!(call(libc::SYS_memfd_create, [0, MFD_EXEC, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            call(libc::SYS_memfd_create, [0, MFD_EXEC, 0, 0, 0, 0]),
+            EPERM
+        );
         assert_eq!(call(libc::SYS_ioctl, [0, TIOCSTI, 0, 0, 0, 0]), EPERM);
         for (domain, ty, proto) in [
             (libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP),
@@ -382,13 +391,23 @@ mod tests {
     #[test]
     fn foreign_abis_are_killed() {
         assert_eq!(
-            run(&Filter::agent(false), 0x4000_0003, libc::SYS_read as u32, [0; 6]),
+            run(
+                &Filter::agent(false),
+                0x4000_0003,
+                libc::SYS_read as u32,
+                [0; 6]
+            ),
             RET_KILL_PROCESS,
             "i386"
         );
         #[cfg(target_arch = "x86_64")]
         assert_eq!(
-            run(&Filter::agent(false), AUDIT_ARCH, X32_SYSCALL_BIT | 1, [0; 6]),
+            run(
+                &Filter::agent(false),
+                AUDIT_ARCH,
+                X32_SYSCALL_BIT | 1,
+                [0; 6]
+            ),
             RET_KILL_PROCESS,
             "x32 write"
         );

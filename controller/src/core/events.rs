@@ -28,8 +28,7 @@ const MAX_DETAIL: usize = 2048;
 fn valid_id(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 64
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
 }
 
@@ -62,11 +61,11 @@ impl Controller {
                     "event {i}: sandbox must be 1 to 64 of [A-Za-z0-9._-]"
                 )));
             }
-            let detail_len = serde_json::to_vec(&e.detail).map(|v| v.len()).unwrap_or(usize::MAX);
+            let detail_len = serde_json::to_vec(&e.detail)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             if detail_len > MAX_DETAIL || e.at.len() > 64 {
-                return Err(ControllerError::Invalid(format!(
-                    "event {i}: too large"
-                )));
+                return Err(ControllerError::Invalid(format!("event {i}: too large")));
             }
             batch.audit.push(Self::audit(
                 &actor,
