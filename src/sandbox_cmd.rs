@@ -173,7 +173,13 @@ pub async fn run(
     args: RunArgs,
 ) -> anyhow::Result<i32> {
     let (file, path, ephemeral) = identity(&args.sandbox, admin, controller.as_deref()).await?;
-    let result = run_with(&file, path.as_deref(), admin, controller, &args).await;
+    // An interruption anywhere (even while the sandbox is being built) still ends here, so an
+    // ephemeral identity is deleted whatever way the task ends; dropping the run kills the
+    // sandbox and removes its cgroup and state.
+    let result = tokio::select! {
+        r = run_with(&file, path.as_deref(), admin, controller, &args) => r,
+        _ = sandboxed::interrupted() => Ok(130),
+    };
     if let Some(e) = ephemeral {
         e.delete().await;
     }
@@ -394,6 +400,7 @@ async fn verify_with(
         test_hosts: args.test_hosts.clone(),
         refused_name: refused_name.clone(),
         granted,
+        tunneler_pid: i32::try_from(std::process::id()).ok(),
     };
     let dns_seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = dns_seen.clone();

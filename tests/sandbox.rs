@@ -110,11 +110,25 @@ s.sendall(b"through the overlay")
 print(s.recv(100).decode())
 ' > echoed
         touch /etc/x 2>/dev/null && echo wrote > etc
-        exit 7
+        true
     "#;
     let events = w.ws().join("events.jsonl");
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("data.txt"), "read-only data").unwrap();
+    let script = format!(
+        "{script}\ncat {ro}/data.txt > ro-read\necho x > {ro}/new.txt 2>/dev/null && echo yes > ro-wrote\nexit 7",
+        ro = ro.path().display()
+    );
     let o = w
-        .run(&["--events", events.to_str().unwrap()], &sh(script))
+        .run(
+            &[
+                "--events",
+                events.to_str().unwrap(),
+                "--ro",
+                ro.path().to_str().unwrap(),
+            ],
+            &sh(&script),
+        )
         .await;
     assert_eq!(o.status.code(), Some(7), "{}", stderr(&o));
     let read = |f: &str| std::fs::read_to_string(w.ws().join(f)).unwrap_or_default();
@@ -128,6 +142,9 @@ print(s.recv(100).decode())
     assert_eq!(read("evil"), "", "an unauthorized name resolved");
     assert_eq!(read("echoed").trim(), "through the overlay");
     assert_eq!(read("etc"), "", "/etc was writable");
+    assert_eq!(read("ro-read"), "read-only data");
+    assert_eq!(read("ro-wrote"), "", "a --ro path was writable");
+    assert!(!ro.path().join("new.txt").exists());
     // Files the agent writes belong to whoever ran `umbra run`.
     use std::os::unix::fs::MetadataExt;
     let meta = std::fs::metadata(w.ws().join("uid")).unwrap();
@@ -624,6 +641,7 @@ async fn escape_suite_holds() {
         "unshare a user namespace",
         "setns into pid 1's namespace",
         "ptrace the parent (towards the tunneler)",
+        "ptrace the tunneler",
         "io_uring_setup",
         "memfd_create with exec",
         "resolve the unauthorized name umbra-verify-refused.example",

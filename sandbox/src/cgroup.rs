@@ -98,6 +98,7 @@ impl Cgroup {
         };
         let (memory, pids, cpu) = (made("memory")?, made("pids")?, made("cpu")?);
         if memory.is_none() && pids.is_none() && cpu.is_none() {
+            tracing::warn!("no cgroup can be made here; limits fall back to rlimits (memory as address space, processes per user, no CPU limit)");
             return Ok(Cgroup {
                 backend: Backend::Rlimits,
                 limits,

@@ -135,6 +135,18 @@ fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>)
     Ok((ws, ro, hide))
 }
 
+/// Refuses to start without Landlock unless degraded operation was asked for.
+fn require_landlock(abi: Option<u32>, allow_degraded: bool) -> Result<(), SandboxError> {
+    match abi {
+        Some(_) => Ok(()),
+        None if allow_degraded => {
+            tracing::warn!("this kernel lacks Landlock; running without filesystem rules");
+            Ok(())
+        }
+        None => Err(SandboxError::Missing("Landlock (filesystem rules)".into())),
+    }
+}
+
 /// The per-sandbox state directory (its root mount point and its hosts file), outside every path
 /// the sandbox shows.
 fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
@@ -205,9 +217,7 @@ impl Prepared {
     /// Checks the request and builds the sandbox up to the point where the agent would start.
     pub async fn new(cfg: SandboxConfig) -> Result<Prepared, SandboxError> {
         let (workspace, ro, hide) = validate(&cfg)?;
-        if landlock::abi().is_none() && !cfg.allow_degraded {
-            return Err(SandboxError::Missing("Landlock".into()));
-        }
+        require_landlock(landlock::abi(), cfg.allow_degraded)?;
         if !Path::new("/proc/self/ns/user").exists() {
             return Err(SandboxError::Missing("user namespaces".into()));
         }
@@ -574,6 +584,15 @@ mod tests {
         let mut c = cfg(dir.path());
         c.ro = vec!["/".into()];
         assert!(validate(&c).is_err());
+    }
+
+    #[test]
+    fn landlock_is_required_unless_degraded_is_asked_for() {
+        assert!(require_landlock(Some(7), false).is_ok());
+        let e = require_landlock(None, false).unwrap_err();
+        assert!(e.to_string().contains("Landlock"), "{e}");
+        assert!(e.to_string().contains("--allow-degraded"), "{e}");
+        assert!(require_landlock(None, true).is_ok());
     }
 
     #[test]

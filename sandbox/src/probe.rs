@@ -43,6 +43,8 @@ pub struct ProbeConfig {
     pub refused_name: String,
     /// Addresses of granted listeners (host:port as the agent sees them), for the port scan.
     pub granted: Vec<SocketAddr>,
+    /// The launcher's (the tunneler's) process id on the host.
+    pub tunneler_pid: Option<i32>,
 }
 
 /// One attempt's result.
@@ -210,7 +212,7 @@ pub fn escape(cfg: &ProbeConfig) -> Vec<Attempt> {
         !lo_only,
     ));
     network(cfg, lo_only, &mut out);
-    syscalls(&mut out);
+    syscalls(cfg, &mut out);
     out
 }
 
@@ -637,7 +639,7 @@ fn scan(granted: &[SocketAddr]) -> Attempt {
     )
 }
 
-fn syscalls(out: &mut Vec<Attempt>) {
+fn syscalls(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
     let dir = cstr("/tmp");
     let (src, fstype) = (cstr("tmpfs"), cstr("tmpfs"));
     // SAFETY: valid C strings.
@@ -673,6 +675,12 @@ fn syscalls(out: &mut Vec<Attempt>) {
     // SAFETY: ptrace on pid 1 (the sandbox's init) and on the parent; no memory is touched.
     let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, 1, 0, 0) } as i32;
     out.push(rc_attempt("ptrace pid 1", r));
+    if let Some(pid) = cfg.tunneler_pid {
+        // The host's pid means nothing (or another sandboxed process) in this PID namespace.
+        // SAFETY: as above.
+        let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, pid, 0, 0) } as i32;
+        out.push(rc_attempt("ptrace the tunneler", r));
+    }
     // SAFETY: as above.
     let ppid = unsafe { libc::getppid() };
     let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, ppid, 0, 0) } as i32;

@@ -273,7 +273,7 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
 const SIGKILL: i32 = 9;
 
 /// Waits for SIGINT or SIGTERM.
-async fn interrupted() {
+pub async fn interrupted() {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
