@@ -394,6 +394,12 @@ async fn verify_with(
         mode: "escape".into(),
         workspace,
         secrets,
+        ro: args
+            .sandbox
+            .ro
+            .iter()
+            .filter_map(|p| std::fs::canonicalize(p).ok())
+            .collect(),
         home: std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok()),
         host_tmp_dir: Some(host_tmp.path().to_path_buf()),
         host_tcp: Some(host_addr),
@@ -440,6 +446,30 @@ async fn verify_with(
         format!("{n} connection(s) or datagram(s) arrived"),
         n > 0,
     ));
+    let homes: std::collections::BTreeSet<PathBuf> = probe
+        .home
+        .iter()
+        .cloned()
+        .chain(std::iter::once(PathBuf::from("/root")))
+        .collect();
+    for home in &homes {
+        let marker = home.join(umbra_sandbox::probe::HOME_MARKER);
+        let there = marker.exists();
+        if there {
+            let _ = std::fs::remove_file(&marker);
+        }
+        attempts.push(held(
+            &format!("write {} (seen from the host)", home.display()),
+            "nothing appears",
+            if there {
+                "the probe's file appeared"
+            } else {
+                "nothing appeared"
+            }
+            .into(),
+            there,
+        ));
+    }
     let left = std::fs::read_dir(host_tmp.path())
         .map(|d| d.count())
         .unwrap_or(0);

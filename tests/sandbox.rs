@@ -677,3 +677,87 @@ async fn escape_suite_holds() {
         "{scan}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unprivileged_user_gets_the_same_sandbox() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let w = world().await;
+    // Everything the unprivileged user needs, owned by it: the binary, the identity, a workspace.
+    let home = tempfile::tempdir().unwrap();
+    let bin = home.path().join("umbra");
+    std::fs::copy(umbra_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let identity = home.path().join("agent-1.json");
+    std::fs::copy(&w.identity, &identity).unwrap();
+    let ws = home.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(home.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let nobody = |args: &[&str]| {
+        let mut c = tokio::process::Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(args)
+            .env("HOME", home.path())
+            .env("UMBRA_CONTROLLER", w.t.addr())
+            .env("UMBRA_LOG", "error")
+            .current_dir(home.path());
+        c
+    };
+    let script = r#"
+        id -u > uid
+        /usr/bin/python3 -c '
+import socket
+s = socket.create_connection(("echo.umbra", 443), timeout=5)
+s.sendall(b"no privilege needed")
+print(s.recv(100).decode())
+' > echoed
+    "#;
+    let o = nobody(&[
+        "run",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ])
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(ws.join("echoed")).unwrap().trim(),
+        "no privilege needed"
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("uid")).unwrap().trim(),
+        "1000"
+    );
+    assert_eq!(std::fs::metadata(ws.join("uid")).unwrap().uid(), 65534);
+
+    let o = nobody(&[
+        "verify",
+        "--json",
+        "--skip-limits",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--workspace",
+        ws.to_str().unwrap(),
+    ])
+    .output()
+    .await
+    .unwrap();
+    let attempts: Vec<serde_json::Value> = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("verify --json: {e}: {} {}", stdout(&o), stderr(&o)));
+    let escaped: Vec<&serde_json::Value> =
+        attempts.iter().filter(|a| a["escaped"] == true).collect();
+    assert!(escaped.is_empty(), "escaped: {escaped:#?}");
+    assert!(attempts.len() > 30);
+}

@@ -22,6 +22,8 @@ use crate::spec::{read_frame, Spec, AGENT_GID, AGENT_UID};
 
 /// The descriptor the launcher hands the spec socket on.
 pub const SPEC_FD: i32 = 3;
+/// The descriptor of the socket on which the launcher asks for sockets inside the namespace.
+pub const NET_FD: i32 = 4;
 
 /// System directories shown read-only (or recreated as the symlinks they are on merged-/usr
 /// systems).
@@ -79,8 +81,11 @@ fn cstr(p: impl AsRef<OsStr>) -> Result<CString, String> {
 pub fn main() -> i32 {
     // SAFETY: the launcher placed the spec socket on SPEC_FD; nothing else owns it.
     let mut sock = unsafe { UnixStream::from_raw_fd(SPEC_FD) };
-    // SAFETY: plain fcntl on a descriptor we own; the agent must not inherit it.
-    unsafe { libc::fcntl(SPEC_FD, libc::F_SETFD, libc::FD_CLOEXEC) };
+    // SAFETY: plain fcntl on descriptors we own; the agent must not inherit them.
+    unsafe {
+        libc::fcntl(SPEC_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+        libc::fcntl(NET_FD, libc::F_SETFD, libc::FD_CLOEXEC);
+    }
     let spec = match namespaces(&mut sock) {
         Ok(Some(spec)) => spec,
         // The launcher gave up (it reports why); leave quietly.
@@ -93,6 +98,8 @@ pub fn main() -> i32 {
         return fail(&mut sock, &err("fork", io::Error::last_os_error()));
     }
     if pid == 0 {
+        // SAFETY: pid 1 has no use for the socket service; closing our copy.
+        unsafe { libc::close(NET_FD) };
         let code = match pid1(&spec, &mut sock) {
             Ok(code) => code,
             Err(e) => fail(&mut sock, &e),
@@ -100,7 +107,59 @@ pub fn main() -> i32 {
         // SAFETY: leaving the child without running the parent's destructors.
         unsafe { libc::_exit(code) };
     }
-    drop(sock);
+    supervise(pid)
+}
+
+/// Serves the launcher's socket requests until pid 1 ends (its exit code is ours), or kills the
+/// sandbox if the launcher goes away.
+fn supervise(pid: libc::pid_t) -> i32 {
+    // SAFETY: pidfd_open takes a pid and flags; a pollable descriptor or -1.
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: SPEC_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: NET_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: pidfd,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let n = if pidfd >= 0 { 3 } else { 2 };
+        // Without a pidfd (kernels before 5.3), look for the child's end every 20 ms.
+        let timeout = if pidfd >= 0 { -1 } else { 20 };
+        // SAFETY: a valid array of `n` pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), n, timeout) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+            break;
+        }
+        let mut status = 0;
+        // SAFETY: valid out-pointer; WNOHANG never blocks.
+        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+            return decode(status);
+        }
+        let launcher_gone = fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+            || fds[1].revents & (libc::POLLHUP | libc::POLLERR) != 0;
+        if fds[1].revents & libc::POLLIN != 0
+            && !matches!(crate::fdpass::serve_one(NET_FD), Ok(true))
+        {
+            break;
+        }
+        if launcher_gone {
+            break;
+        }
+    }
+    // The launcher is gone: nothing of the sandbox may outlive it.
+    // SAFETY: kill takes integers.
+    unsafe { libc::kill(pid, libc::SIGKILL) };
     wait_for(pid)
 }
 
@@ -134,13 +193,73 @@ fn namespaces(sock: &mut UnixStream) -> Result<Option<Spec>, String> {
         .map_err(|e| err("uid_map", e))?;
     fs::write("/proc/self/gid_map", format!("{AGENT_GID} {gid} 1\n"))
         .map_err(|e| err("gid_map", e))?;
-    // Namespaces exist: the launcher may now open our network namespace and listen in it.
+    loopback_up().map_err(|e| err("bringing up lo", e))?;
+    // Namespaces exist: the launcher may now ask for sockets in our network namespace, which we
+    // serve until it says go.
     sock.write_all(b"R").map_err(|e| err("launcher", e))?;
-    let mut go = [0u8; 1];
-    match sock.read_exact(&mut go) {
-        Ok(()) if go[0] == b'G' => Ok(Some(spec)),
-        _ => Ok(None),
+    loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: SPEC_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: NET_FD,
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: a valid array of two pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if r < 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::EINTR) {
+                continue;
+            }
+            return Err(err("poll", io::Error::last_os_error()));
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            match crate::fdpass::serve_one(NET_FD) {
+                Ok(true) => {}
+                _ => return Ok(None),
+            }
+        }
+        if fds[0].revents != 0 {
+            let mut go = [0u8; 1];
+            return match sock.read_exact(&mut go) {
+                Ok(()) if go[0] == b'G' => Ok(Some(spec)),
+                _ => Ok(None),
+            };
+        }
     }
+}
+
+/// Brings up `lo` in our new network namespace (it starts down).
+fn loopback_up() -> io::Result<()> {
+    // SAFETY: a plain datagram socket used only for interface ioctls, closed below.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `s` is a fresh descriptor we own.
+    let s = unsafe { std::os::fd::OwnedFd::from_raw_fd(s) };
+    // SAFETY: ifreq is plain old data; zeroed is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (i, b) in b"lo".iter().enumerate() {
+        req.ifr_name[i] = *b as libc::c_char;
+    }
+    use std::os::fd::AsRawFd;
+    // SAFETY: valid ifreq for SIOCGIFFLAGS / SIOCSIFFLAGS.
+    unsafe {
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// Waits for `pid` and turns its end into an exit code (128 + signal for a signal).

@@ -12,13 +12,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cgroup::{Cgroup, Limits};
-use crate::init::SPEC_FD;
+use crate::fdpass::{self, Request};
+use crate::init::{NET_FD, SPEC_FD};
 use crate::spec::{write_frame, Spec};
 use crate::{exit, landlock};
 
@@ -126,12 +127,19 @@ fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>)
             ws.display()
         )));
     }
-    let mut hide: Vec<PathBuf> = cfg
+    // A hidden path is covered where a mount shows it. One that holds the workspace or a
+    // read-only path is only a chain of empty directories leading to them inside, and covering
+    // it would hide them too.
+    let hide: Vec<PathBuf> = cfg
         .hide
         .iter()
         .filter_map(|p| std::fs::canonicalize(p).ok())
+        .filter(|h| {
+            !std::iter::once(&ws)
+                .chain(ro.iter())
+                .any(|shown| contains(h, shown))
+        })
         .collect();
-    hide.extend(secret_roots);
     Ok((ws, ro, hide))
 }
 
@@ -207,6 +215,8 @@ pub struct Prepared {
 #[derive(Debug)]
 pub struct Running {
     child: tokio::process::Child,
+    // The first process ends the sandbox when this closes: no agent outlives its launcher.
+    _sock: tokio::net::UnixStream,
     cgroup: Cgroup,
     _netns: NetNs,
     hosts: PathBuf,
@@ -246,6 +256,10 @@ impl Prepared {
         };
 
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let theirs = high_copy(&OwnedFd::from(theirs))?;
+        let (net_ours, net_theirs) = fdpass::seqpacket_pair()?;
+        let net_theirs = high_copy(&net_theirs)?;
+        let net_fd = net_theirs.as_raw_fd();
         let procs: Vec<CString> = cgroup
             .procs_files()
             .iter()
@@ -276,9 +290,9 @@ impl Prepared {
                 }
                 // If `umbra run` dies, the sandbox dies with it: no agent outlives its launcher.
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                if their_fd == SPEC_FD {
-                    libc::fcntl(SPEC_FD, libc::F_SETFD, 0);
-                } else if libc::dup2(their_fd, SPEC_FD) < 0 {
+                // Both sources are numbered 10 or above (high_copy): neither dup2 clobbers
+                // the other, and dup2 clears close-on-exec on the copies.
+                if libc::dup2(their_fd, SPEC_FD) < 0 || libc::dup2(net_fd, NET_FD) < 0 {
                     return Err(io::Error::last_os_error());
                 }
                 Ok(())
@@ -288,9 +302,10 @@ impl Prepared {
             SandboxError::Setup(format!("cannot start {}: {e}", cfg.program.display()))
         })?;
         drop(theirs);
-        let pid = child
-            .id()
-            .ok_or_else(|| SandboxError::Setup("the sandbox exited at once".into()))?;
+        drop(net_theirs);
+        if child.id().is_none() {
+            return Err(SandboxError::Setup("the sandbox exited at once".into()));
+        }
         let mut frame = Vec::new();
         write_frame(&mut frame, &spec)?;
         ours.set_nonblocking(true)?;
@@ -307,16 +322,7 @@ impl Prepared {
             let _ = child.wait().await;
             return Err(e);
         }
-        let netns = match NetNs::enter(pid) {
-            Ok(n) => n,
-            Err(e) => {
-                let _ = child.start_kill();
-                let _ = child.wait().await;
-                return Err(SandboxError::Setup(format!(
-                    "cannot enter the sandbox's network: {e}"
-                )));
-            }
-        };
+        let netns = NetNs::new(net_ours)?;
         Ok(Prepared {
             child,
             sock,
@@ -361,6 +367,7 @@ impl Prepared {
         }
         Ok(Running {
             child,
+            _sock: sock,
             cgroup,
             _netns: netns,
             hosts,
@@ -434,120 +441,68 @@ pub fn hosts_file(id: &str, names: &[(String, std::net::IpAddr)]) -> String {
     out
 }
 
-enum Req {
-    Tcp(SocketAddr, mpsc::Sender<io::Result<std::net::TcpListener>>),
-    Udp(SocketAddr, mpsc::Sender<io::Result<std::net::UdpSocket>>),
-}
-
-/// A thread that lives in the sandbox's network namespace and makes sockets there for the
-/// launcher. A socket keeps the namespace it was made in, so the launcher's runtime can accept
-/// on it while the agent connects to it from inside.
+/// The launcher's handle on the sandbox's network namespace: asks the sandbox's first process
+/// for sockets made inside it (see [`crate::fdpass`]).
 #[derive(Debug, Clone)]
 pub struct NetNs {
-    tx: mpsc::Sender<Req>,
-}
-
-impl std::fmt::Debug for Req {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Req::Tcp(a, _) => write!(f, "Tcp({a})"),
-            Req::Udp(a, _) => write!(f, "Udp({a})"),
-        }
-    }
+    sock: Arc<Mutex<OwnedFd>>,
 }
 
 impl NetNs {
-    /// Enters the network namespace of process `pid` on a new thread and brings `lo` up.
-    pub fn enter(pid: u32) -> io::Result<NetNs> {
-        let file = std::fs::File::open(format!("/proc/{pid}/ns/net"))?;
-        let fd: OwnedFd = file.into();
-        let (tx, rx) = mpsc::channel::<Req>();
-        let (ready_tx, ready_rx) = mpsc::channel::<io::Result<()>>();
-        std::thread::Builder::new()
-            .name("umbra-netns".into())
-            .spawn(move || {
-                // SAFETY: setns on this thread only, with a namespace fd we own.
-                let r = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
-                drop(fd);
-                let r = if r != 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    loopback_up()
-                };
-                let ok = r.is_ok();
-                let _ = ready_tx.send(r);
-                if !ok {
-                    return;
-                }
-                while let Ok(req) = rx.recv() {
-                    match req {
-                        Req::Tcp(addr, reply) => {
-                            let _ = reply.send(listen_tcp(addr));
-                        }
-                        Req::Udp(addr, reply) => {
-                            let _ = reply.send(std::net::UdpSocket::bind(addr));
-                        }
-                    }
-                }
-            })?;
-        ready_rx
-            .recv()
-            .map_err(|_| io::Error::other("network namespace thread died"))??;
-        Ok(NetNs { tx })
+    fn new(sock: OwnedFd) -> io::Result<NetNs> {
+        // A sandbox that stops answering must not hang the launcher.
+        let tv = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid option value of the right size on a socket we own.
+        unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            );
+        }
+        Ok(NetNs {
+            sock: Arc::new(Mutex::new(sock)),
+        })
     }
 
-    /// A TCP listener at `addr` inside the namespace.
+    fn ask(&self, req: Request) -> io::Result<OwnedFd> {
+        let sock = self
+            .sock
+            .lock()
+            .map_err(|_| io::Error::other("sandbox network handle poisoned"))?;
+        fdpass::ask(sock.as_raw_fd(), req)
+    }
+
+    /// A non-blocking TCP listener at `addr` inside the namespace.
     pub fn listen_tcp(&self, addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Req::Tcp(addr, tx))
-            .map_err(|_| io::Error::other("sandbox network is gone"))?;
-        rx.recv()
-            .map_err(|_| io::Error::other("sandbox network is gone"))?
+        let l = std::net::TcpListener::from(self.ask(Request::Tcp(addr))?);
+        l.set_nonblocking(true)?;
+        Ok(l)
     }
 
-    /// A UDP socket bound at `addr` inside the namespace.
+    /// A non-blocking UDP socket bound at `addr` inside the namespace.
     pub fn bind_udp(&self, addr: SocketAddr) -> io::Result<std::net::UdpSocket> {
-        let (tx, rx) = mpsc::channel();
-        self.tx
-            .send(Req::Udp(addr, tx))
-            .map_err(|_| io::Error::other("sandbox network is gone"))?;
-        rx.recv()
-            .map_err(|_| io::Error::other("sandbox network is gone"))?
+        let s = std::net::UdpSocket::from(self.ask(Request::Udp(addr))?);
+        s.set_nonblocking(true)?;
+        Ok(s)
     }
 }
 
-fn listen_tcp(addr: SocketAddr) -> io::Result<std::net::TcpListener> {
-    let l = std::net::TcpListener::bind(addr)?;
-    l.set_nonblocking(true)?;
-    Ok(l)
-}
-
-/// Brings up `lo` in the current network namespace (it starts down).
-fn loopback_up() -> io::Result<()> {
-    // SAFETY: a plain datagram socket used only for interface ioctls, closed below.
-    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if s < 0 {
+/// A copy of `fd` numbered 10 or above, so that moving it to 3 or 4 in the child cannot clobber
+/// another one.
+fn high_copy(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    // SAFETY: `s` is a fresh descriptor we own.
-    let s = unsafe { OwnedFd::from_raw_fd(s) };
-    // SAFETY: ifreq is plain old data; zeroed is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (i, b) in b"lo".iter().enumerate() {
-        req.ifr_name[i] = *b as libc::c_char;
-    }
-    // SAFETY: valid ifreq for SIOCGIFFLAGS / SIOCSIFFLAGS.
-    unsafe {
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-        if libc::ioctl(s.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    // SAFETY: fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
 }
 
 #[cfg(test)]

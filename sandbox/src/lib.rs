@@ -15,6 +15,7 @@
 pub mod cgroup;
 pub mod dns;
 pub mod events;
+pub mod fdpass;
 pub mod init;
 pub mod landlock;
 mod launch;

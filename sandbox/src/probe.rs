@@ -19,6 +19,9 @@ use serde::{Deserialize, Serialize};
 /// Addresses that documentation owns (RFC 5737): never routed anywhere. With only `lo` in the
 /// namespace, the kernel has no route for them at all.
 pub const OUTSIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+/// The file the probe tries to write in each home directory; the launcher looks for it on the
+/// host afterwards.
+pub const HOME_MARKER: &str = "umbra-escape-probe";
 /// The cloud metadata address every SSRF guard must block.
 pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 
@@ -31,6 +34,8 @@ pub struct ProbeConfig {
     pub workspace: PathBuf,
     /// Files that must not be readable inside (the identity file, the admin file).
     pub secrets: Vec<PathBuf>,
+    /// The read-only paths shown inside.
+    pub ro: Vec<PathBuf>,
     /// The host user's home directory.
     pub home: Option<PathBuf>,
     /// A directory that exists in the host's /tmp; the probe tries to write into it.
@@ -231,19 +236,45 @@ fn filesystem(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
     homes.push(PathBuf::from("/root"));
     homes.dedup();
     for home in &homes {
-        out.push(must_fail(
+        // A home that holds the workspace exists inside only as empty directories leading to it
+        // (in the private /tmp, say): writing there may succeed and stays inside. The launcher
+        // checks the host's home for this file afterwards.
+        let r = std::fs::write(home.join(HOME_MARKER), b"x");
+        out.push(attempt(
             &format!("write {}", home.display()),
-            "refused",
-            std::fs::write(home.join("umbra-escape"), b"x"),
+            "refused, or a private copy",
+            match &r {
+                Ok(()) => "wrote a private copy (the host's is checked from outside)".into(),
+                Err(e) => format!("refused: {}", os_err(e)),
+            },
+            false,
         ));
-        out.push(must_fail(
-            &format!("list {}", home.display()),
-            "refused",
-            std::fs::read_dir(home).and_then(|mut d| match d.next() {
-                Some(e) => e.map(|_| ()),
-                None => Err(io::Error::from_raw_os_error(libc::ENOENT)),
-            }),
-        ));
+        let leads = |name: &std::ffi::OsStr| {
+            let p = home.join(name);
+            std::iter::once(&cfg.workspace)
+                .chain(cfg.ro.iter())
+                .any(|shown| shown.starts_with(&p))
+        };
+        let listed: io::Result<Vec<String>> = std::fs::read_dir(home).map(|d| {
+            d.filter_map(Result::ok)
+                .filter(|e| !leads(&e.file_name()) && e.file_name() != HOME_MARKER)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        });
+        out.push(match listed {
+            Err(e) => attempt(
+                &format!("list {}", home.display()),
+                "nothing of it visible",
+                format!("refused: {}", os_err(&e)),
+                false,
+            ),
+            Ok(leaked) => attempt(
+                &format!("list {}", home.display()),
+                "nothing of it visible",
+                format!("visible beyond the workspace: [{}]", leaked.join(" ")),
+                !leaked.is_empty(),
+            ),
+        });
     }
     if let Some(dir) = &cfg.host_tmp_dir {
         // Inside, /tmp is private: the host's directory is not there, and what we write lands
