@@ -107,6 +107,15 @@ fn sandbox_config(
     let mut hide: Vec<PathBuf> = args.hide.clone();
     hide.extend(identity_path.map(Path::to_path_buf));
     let admin_file = crate::admin::admin_path(admin);
+    // A controller's directory (its CA keys and database) is never shown: the admin file's,
+    // and the quickstart's default `.umbra` in the current directory or the workspace.
+    let mut candidates: Vec<PathBuf> = vec![PathBuf::from(".umbra"), workspace.join(".umbra")];
+    candidates.extend(admin_file.parent().map(Path::to_path_buf));
+    for dir in candidates {
+        if dir.join(umbra_controller::files::DB).exists() {
+            hide.push(dir);
+        }
+    }
     if admin_file.exists() {
         hide.push(admin_file);
     }

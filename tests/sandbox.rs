@@ -237,6 +237,40 @@ fn unsafe_getuid() -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_directory_in_the_workspace_stays_hidden() {
+    // The quickstart layout: the controller's directory `.umbra` inside the working directory.
+    let t = TestController::start_with(|_| {}).await;
+    let _router = start_router(&t, "router-1", |_| {}).await;
+    let file = agent(&t, "agent-1").await;
+    let ws = tempfile::tempdir().unwrap();
+    let ctl = ws.path().join(".umbra");
+    std::fs::create_dir(&ctl).unwrap();
+    std::fs::write(ctl.join(umbra_controller::files::DB), b"database").unwrap();
+    std::fs::write(ctl.join("ca.key"), b"private key").unwrap();
+    let identity = ws.path().join("agent-1.json");
+    file.save(&identity).unwrap();
+    let o = tokio::process::Command::new(umbra_bin())
+        .args(["run", "--identity"])
+        .arg(&identity)
+        .args(["--", "/bin/sh", "-c"])
+        .arg("ls -a .umbra > seen; cat .umbra/ca.key >> seen; cat agent-1.json >> seen; true")
+        .current_dir(ws.path())
+        .env("UMBRA_CONTROLLER", t.addr())
+        .env("UMBRA_LOG", "error")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let seen = std::fs::read_to_string(ws.path().join("seen")).unwrap();
+    assert!(!seen.contains("private key"), "{seen}");
+    assert!(!seen.contains("umbra.db"), "{seen}");
+    assert!(
+        !seen.contains("BEGIN"),
+        "the identity file was readable: {seen}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_one_line_and_leaves_nothing() {
     let w = world().await;
     let o = w.run(&[], &["/no/such/program"]).await;
