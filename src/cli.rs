@@ -220,6 +220,15 @@ pub enum PolicyCmd {
         /// The policy's name [default: generated]
         #[arg(long)]
         name: Option<String>,
+        /// Models a gateway hosting the service allows: globs, `!` excludes (gpt-4o-mini,claude-*)
+        #[arg(long)]
+        models: Option<String>,
+        /// Tokens each identity may spend per calendar period through this grant (200000/day)
+        #[arg(long)]
+        tokens: Option<String>,
+        /// Requests per minute each identity may make through this grant
+        #[arg(long)]
+        rpm: Option<u32>,
     },
     /// Delete a policy; access it alone granted is cut
     Revoke { name: String },

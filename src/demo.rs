@@ -135,6 +135,9 @@ pub async fn run() -> anyhow::Result<()> {
                 identities: vec!["@agent-1".parse::<Selector>()?],
                 services: vec!["@echo".parse::<Selector>()?],
                 semantic: Semantic::AnyOf,
+                models: None,
+                tokens: None,
+                rpm: None,
             },
         )?)
     })

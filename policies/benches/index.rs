@@ -125,6 +125,9 @@ fn generate(rng: &mut Rng) -> State {
             } else {
                 Semantic::AnyOf
             },
+            models: None,
+            tokens: None,
+            rpm: None,
         };
         state.policies.insert(policy.name.clone(), policy);
     }

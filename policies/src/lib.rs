@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod allowance;
 mod apply;
 mod decision;
 mod doc;
@@ -22,6 +23,7 @@ mod selector;
 #[cfg(test)]
 mod testing;
 
+pub use allowance::{AllowanceError, Patterns, Period, TokenBudget, MAX_RPM};
 pub use apply::apply_plan;
 pub use decision::{Deny, Explanation, Permit};
 pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};

@@ -385,6 +385,15 @@ pub struct ServicePolicy {
     /// How the selectors combine.
     #[serde(default)]
     pub semantic: Semantic,
+    /// Which models a gateway hosting the service lets these identities use; absent: any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<crate::Patterns>,
+    /// Tokens per calendar period each identity may spend through this grant; absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<crate::TokenBudget>,
+    /// Requests per minute each identity may make through this grant; absent: no cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
 }
 
 impl ServicePolicy {

@@ -50,6 +50,9 @@ pub(crate) fn policy(
         identities: identities.iter().map(|s| s.parse().unwrap()).collect(),
         services: services.iter().map(|s| s.parse().unwrap()).collect(),
         semantic,
+        models: None,
+        tokens: None,
+        rpm: None,
     }
 }
 

@@ -123,6 +123,9 @@ fn policy() -> impl Strategy<Value = ServicePolicy> {
                 identities,
                 services,
                 semantic,
+                models: None,
+                tokens: None,
+                rpm: None,
             },
         )
 }
@@ -296,6 +299,9 @@ fn document() -> impl Strategy<Value = Document> {
                     } else {
                         Semantic::AnyOf
                     },
+                    models: None,
+                    tokens: None,
+                    rpm: None,
                 })
                 .map(|p| (p.name.clone(), p))
                 .collect();

@@ -151,6 +151,15 @@ pub struct GrantRequest {
     /// How selectors combine.
     #[serde(default)]
     pub semantic: Semantic,
+    /// Models a gateway hosting the service allows (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<umbra_policies::Patterns>,
+    /// Tokens per period each identity may spend through this grant (absent: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<umbra_policies::TokenBudget>,
+    /// Requests per minute each identity may make through this grant (absent: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
 }
 
 fn default_action() -> Action {
@@ -252,6 +261,31 @@ pub struct EdgeService {
     pub dial: bool,
     /// Whether the identity may host it.
     pub bind: bool,
+    /// For a service the identity hosts: every grant to dial it, with its limits. Empty for
+    /// services it only dials.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<HostedGrant>,
+}
+
+/// A grant to dial a service, as its host sees it: who, through which policy, with what limits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostedGrant {
+    /// The caller's identity id (what the SDK reports for each incoming stream).
+    pub identity: umbra_policies::IdentityId,
+    /// The caller's name.
+    pub name: Name,
+    /// The granting policy.
+    pub policy: Name,
+    /// Models allowed (absent: any).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<umbra_policies::Patterns>,
+    /// Token budget (absent: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<umbra_policies::TokenBudget>,
+    /// Requests per minute (absent: no cap).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u32>,
 }
 
 impl std::fmt::Debug for EnrollRequest {

@@ -100,6 +100,9 @@ pub async fn grant(t: &TestController, policy: &str, action: Action, who: &str, 
         identities: vec![format!("@{who}").parse::<Selector>().expect("selector")],
         services: vec![format!("@{svc}").parse::<Selector>().expect("selector")],
         semantic: Semantic::AnyOf,
+        models: None,
+        tokens: None,
+        rpm: None,
     };
     let _: ServicePolicy = t
         .admin_client()

@@ -57,6 +57,7 @@ mod tests {
             intercepts: intercepts.iter().map(|i| i.parse().unwrap()).collect(),
             dial,
             bind: !dial,
+            grants: Vec::new(),
         }
     }
 

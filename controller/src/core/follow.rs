@@ -147,6 +147,7 @@ impl Controller {
                         intercepts: s.intercepts.clone(),
                         dial: false,
                         bind: false,
+                        grants: Vec::new(),
                     });
                 match action {
                     Action::Dial => e.dial = true,
@@ -170,6 +171,34 @@ impl Controller {
             })
             .cloned()
             .collect();
+        // A host learns who may call the services it binds, and with what limits, so that a
+        // gateway enforces the same grants the routers do.
+        let state = inner.state();
+        for e in services.values_mut().filter(|e| e.bind) {
+            let Some(svc) = state.services.get(&e.name) else {
+                continue;
+            };
+            for p in state
+                .policies
+                .values()
+                .filter(|p| p.action == Action::Dial && p.selects_service(svc))
+            {
+                for i in state.identities.values().filter(|i| {
+                    i.kind == IdentityKind::Agent && i.is_active(now) && p.selects_identity(i)
+                }) {
+                    e.grants.push(umbra_proto::api::HostedGrant {
+                        identity: i.id.clone(),
+                        name: i.name.clone(),
+                        policy: p.name.clone(),
+                        models: p.models.clone(),
+                        tokens: p.tokens,
+                        rpm: p.rpm,
+                    });
+                }
+            }
+            e.grants
+                .sort_by(|a, b| (&a.name, &a.policy).cmp(&(&b.name, &b.policy)));
+        }
         EdgeView {
             routers,
             services: services.into_values().collect(),

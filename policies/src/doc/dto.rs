@@ -57,6 +57,12 @@ pub(super) struct PolicyDto {
     pub(super) services: Vec<String>,
     #[serde(default)]
     pub(super) semantic: Semantic,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) models: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) tokens: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) rpm: Option<u32>,
 }
 
 fn agent() -> IdentityKind {
@@ -106,6 +112,9 @@ impl From<&Document> for DocumentDto {
                     identities: strings(&p.identities),
                     services: strings(&p.services),
                     semantic: p.semantic,
+                    models: p.models.clone().map(Vec::from),
+                    tokens: p.tokens.map(|t| t.to_string()),
+                    rpm: p.rpm,
                 })
                 .collect(),
         }

@@ -117,18 +117,49 @@ fn policy(i: usize, dto: PolicyDto, problems: &mut Problems) -> PolicyDraft {
     };
     let identities = selectors("identities", dto.identities);
     let services = selectors("services", dto.services);
+    // Each attribute: `Ok(None)` absent, `Ok(Some)` valid, `Err(())` reported.
+    let models = match dto.models {
+        None => Ok(None),
+        Some(m) => problems
+            .take(|| format!("{path}.models"), crate::Patterns::try_from(m))
+            .map(Some)
+            .ok_or(()),
+    };
+    let tokens = match dto.tokens {
+        None => Ok(None),
+        Some(t) => problems
+            .take(|| format!("{path}.tokens"), t.parse::<crate::TokenBudget>())
+            .map(Some)
+            .ok_or(()),
+    };
+    let rpm = match dto.rpm {
+        None => Ok(None),
+        Some(r) if (1..=crate::MAX_RPM).contains(&r) => Ok(Some(r)),
+        Some(_) => {
+            problems.push(format!("{path}.rpm"), DocErrorKind::Rpm);
+            Err(())
+        }
+    };
     let item = match (
         &name,
         all(identities.iter().cloned()),
         all(services.iter().cloned()),
+        models,
+        tokens,
+        rpm,
     ) {
-        (Some(name), Some(ids), Some(svcs)) => Some(ServicePolicy {
-            name: name.clone(),
-            action: dto.action,
-            identities: ids,
-            services: svcs,
-            semantic: dto.semantic,
-        }),
+        (Some(name), Some(ids), Some(svcs), Ok(models), Ok(tokens), Ok(rpm)) => {
+            Some(ServicePolicy {
+                name: name.clone(),
+                action: dto.action,
+                identities: ids,
+                services: svcs,
+                semantic: dto.semantic,
+                models,
+                tokens,
+                rpm,
+            })
+        }
         _ => None,
     };
     PolicyDraft {

@@ -409,3 +409,46 @@ fn empty_input_is_refused() {
         assert_eq!(error_at(yaml, ""), DocErrorKind::Empty, "{yaml:?}");
     }
 }
+
+#[test]
+fn gateway_limits_round_trip_and_bad_ones_are_reported_at_their_path() {
+    let yaml = r##"
+identities:
+  - name: agent-1
+    roles: [analysts]
+services:
+  - name: llm
+    hosted: true
+policies:
+  - name: analysts-llm
+    identities: ["#analysts"]
+    services: ["@llm"]
+    models: [gpt-4o-mini, "claude-*", "!claude-opus-*"]
+    tokens: 200000/day
+    rpm: 60
+"##;
+    let doc = parse_document(yaml).unwrap();
+    let p = &doc.policies[0];
+    assert!(p.models.as_ref().unwrap().matches("claude-3-5-haiku"));
+    assert!(!p.models.as_ref().unwrap().matches("claude-opus-4"));
+    assert_eq!(p.tokens.unwrap().to_string(), "200000/day");
+    assert_eq!(p.rpm, Some(60));
+    let again = parse_document(&doc.to_yaml()).unwrap();
+    assert_eq!(again.policies, doc.policies);
+
+    let bad = yaml
+        .replace("200000/day", "lots")
+        .replace("rpm: 60", "rpm: 0")
+        .replace("gpt-4o-mini", "\"gpt 4o\"");
+    let errs = errors(&bad);
+    let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "policies[0].models",
+            "policies[0].tokens",
+            "policies[0].rpm"
+        ],
+        "{errs:#?}"
+    );
+}
