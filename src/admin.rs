@@ -205,6 +205,7 @@ pub async fn run(
         | Command::Tunnel { .. }
         | Command::Run(_)
         | Command::Verify(_)
+        | Command::Gateway(_)
         | Command::Demo => {
             unreachable!("handled in main")
         }

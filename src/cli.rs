@@ -62,6 +62,9 @@ pub enum Command {
     },
     /// Run a command in a sealed sandbox whose only network is the overlay
     Run(SandboxRunArgs),
+    /// Run a gateway hosted on the overlay (no listening port)
+    #[command(subcommand)]
+    Gateway(GatewayCmd),
     /// Build a sandbox exactly as `run` does and try to escape it; exits 1 if anything escaped
     Verify(VerifyArgs),
     /// Make the controller's state match a YAML document
@@ -411,4 +414,18 @@ pub struct VerifyArgs {
     /// unreachable (repeatable)
     #[arg(long = "test-host", hide = true)]
     pub test_hosts: Vec<std::net::SocketAddr>,
+}
+
+/// `umbra gateway ...`.
+#[derive(Debug, Subcommand)]
+pub enum GatewayCmd {
+    /// The LLM gateway: which models, how many tokens and requests, by the caller's identity
+    Llm {
+        /// The gateway's identity file (it must hold Bind on the service)
+        #[arg(long)]
+        identity: PathBuf,
+        /// Providers, keys and models (YAML)
+        #[arg(long)]
+        config: PathBuf,
+    },
 }

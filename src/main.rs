@@ -34,6 +34,7 @@ fn main() -> ExitCode {
             "warn,umbra=info,umbra_controller=info,umbra_edge_router=info"
         }
         Command::Tunnel { .. } => "warn,umbra_tunneler=info",
+        Command::Gateway(_) => "warn,umbra_gateway=info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -167,6 +168,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             hosts_file,
         } => tunnel(identity, hosts_file, cli.controller).await,
+        Command::Gateway(cli::GatewayCmd::Llm { identity, config }) => {
+            gateway_llm(identity, config, cli.controller).await
+        }
         command => admin::run(&cli.admin, cli.controller.as_deref(), cli.json, command).await,
     }
 }
@@ -207,6 +211,26 @@ async fn tunnel(
         _ = shutdown_signal() => {}
     }
     tunneler.shutdown().await;
+    Ok(())
+}
+
+/// Runs the LLM gateway until interrupted.
+async fn gateway_llm(
+    identity: std::path::PathBuf,
+    config: std::path::PathBuf,
+    controller: Option<String>,
+) -> anyhow::Result<()> {
+    let cfg = umbra_gateway::Config::load(&config)?;
+    let file = umbra_pki::IdentityFile::load(&identity)
+        .with_context(|| format!("identity {}", identity.display()))?;
+    let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
+    ctx.set_identity_path(&identity);
+    let service = cfg.service.clone();
+    let models = cfg.models.len();
+    let gateway = umbra_gateway::Gateway::start(ctx, cfg).await?;
+    println!("llm gateway hosting service {service} ({models} models); no listening port");
+    shutdown_signal().await;
+    drop(gateway);
     Ok(())
 }
 

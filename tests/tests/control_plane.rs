@@ -64,6 +64,9 @@ async fn grant(
             .map(|s| s.parse::<Selector>().unwrap())
             .collect(),
         semantic: Semantic::AnyOf,
+        models: None,
+        tokens: None,
+        rpm: None,
     };
     c.call(Method::POST, "/v1/policies", Some(&req)).await
 }

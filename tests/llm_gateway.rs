@@ -1,0 +1,479 @@
+//! The LLM gateway end to end: a real controller and router on loopback, the gateway hosting
+//! `llm` through the SDK (no listening port), a tunneler per agent, a faithful fake of the
+//! providers' wire formats, and the official `openai` and `anthropic` Python clients as the
+//! agents' code. Needs `python3 -m pip install openai anthropic` (`.ci/run` does it).
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::Method;
+use serde_json::Value;
+use umbra_gateway::{Config, Gateway};
+use umbra_policies::{Action, Hosting, Selector, Semantic, Service};
+use umbra_proto::api::GrantRequest;
+use umbra_sdk::Context;
+use umbra_tests::dataplane::*;
+use umbra_tests::fake_llm::FakeLlm;
+use umbra_tests::*;
+use umbra_tunneler::{Tunneler, TunnelerConfig};
+
+const UPSTREAM_KEY: &str = "sk-upstream-secret-0123";
+
+struct World {
+    t: TestController,
+    _router: umbra_edge_router::RouterHandle,
+    fake: FakeLlm,
+    gateway: Option<Gateway>,
+    gw_ctx: Context,
+    dir: tempfile::TempDir,
+    tunnelers: Vec<Tunneler>,
+}
+
+fn config(fake: &FakeLlm, ledger: PathBuf) -> Config {
+    let yaml = format!(
+        r#"
+service: llm
+default_max_tokens: 40
+providers:
+  openai: {{ kind: openai, base_url: "{base}/v1", api_key_env: UPSTREAM_KEY }}
+  anthropic: {{ kind: anthropic, base_url: "{base}/v1", api_key_env: UPSTREAM_KEY }}
+models:
+  - {{ name: gpt-4o-mini, provider: openai, input_per_mtok: 0.15, output_per_mtok: 0.6 }}
+  - {{ name: gpt-4o, provider: openai }}
+  - {{ name: fake-nousage, provider: openai }}
+  - {{ name: fake-slow, provider: openai }}
+  - {{ name: fake-fail, provider: openai }}
+  - {{ name: fake-midfail, provider: openai }}
+  - {{ name: claude-3-5-haiku-latest, provider: anthropic }}
+  - {{ name: claude-opus-4, provider: anthropic }}
+"#,
+        base = fake.base_url()
+    );
+    let mut c = Config::parse(&yaml, std::path::Path::new("."), |k| {
+        (k == "UPSTREAM_KEY").then(|| UPSTREAM_KEY.to_string())
+    })
+    .expect("gateway config");
+    c.ledger = ledger;
+    c
+}
+
+async fn grant_with(
+    t: &TestController,
+    policy: &str,
+    who: &str,
+    models: Option<&str>,
+    tokens: Option<&str>,
+    rpm: Option<u32>,
+) {
+    let req = GrantRequest {
+        name: Some(name(policy)),
+        action: Action::Dial,
+        identities: vec![format!("@{who}").parse::<Selector>().unwrap()],
+        services: vec!["@llm".parse::<Selector>().unwrap()],
+        semantic: Semantic::AnyOf,
+        models: models.map(|m| m.parse().unwrap()),
+        tokens: tokens.map(|t| t.parse().unwrap()),
+        rpm,
+    };
+    let _: Value = t
+        .admin_client()
+        .call(Method::POST, "/v1/policies", Some(&req))
+        .await
+        .expect("grant");
+}
+
+async fn world() -> World {
+    let t = TestController::start().await;
+    let router = start_router(&t, "router-1", |_| {}).await;
+    let svc = Service {
+        name: name("llm"),
+        roles: Default::default(),
+        hosting: Hosting::Sdk,
+        intercepts: vec!["llm.umbra:8080".parse().unwrap()],
+        proxy_protocol: false,
+    };
+    let _: Value = t
+        .admin_client()
+        .call(Method::POST, "/v1/services", Some(&svc))
+        .await
+        .expect("service");
+    let gw = agent(&t, "gateway").await;
+    grant(&t, "gateway-binds-llm", Action::Bind, "gateway", "llm").await;
+    let fake = FakeLlm::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let gw_ctx = Context::with_controller(gw, Some(&t.addr())).unwrap();
+    let gateway = Gateway::start(gw_ctx.clone(), config(&fake, dir.path().join("ledger.db")))
+        .await
+        .expect("gateway starts");
+    World {
+        t,
+        _router: router,
+        fake,
+        gateway: Some(gateway),
+        gw_ctx,
+        dir,
+        tunnelers: Vec::new(),
+    }
+}
+
+impl World {
+    /// Enrolls `who`, grants it `llm` with the given limits, and starts its tunneler; returns
+    /// the base URL its clients use.
+    async fn agent(
+        &mut self,
+        who: &str,
+        models: Option<&str>,
+        tokens: Option<&str>,
+        rpm: Option<u32>,
+    ) -> String {
+        let file = agent(&self.t, who).await;
+        grant_with(&self.t, &format!("{who}-llm"), who, models, tokens, rpm).await;
+        let ctx = Context::with_controller(file, Some(&self.t.addr())).unwrap();
+        // Tests run in parallel in one process: every tunneler gets loopback addresses of its own.
+        static NEXT: std::sync::atomic::AtomicU8 = std::sync::atomic::AtomicU8::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let base = Ipv4Addr::new(127, 78, n, 1);
+        let tun = Tunneler::start(
+            ctx,
+            TunnelerConfig {
+                name_base: base,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let mut m = tun.mappings();
+        let listen = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(x) = m.borrow_and_update().first() {
+                    return x.listen;
+                }
+                m.changed().await.unwrap();
+            }
+        })
+        .await
+        .expect("the tunneler listens for llm");
+        self.tunnelers.push(tun);
+        url(listen)
+    }
+
+    fn ledger(&self) -> Vec<Value> {
+        self.gateway.as_ref().unwrap().recent(1000)
+    }
+}
+
+fn url(a: SocketAddr) -> String {
+    format!("http://{a}")
+}
+
+async fn py(case: &str, base: &str) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/llm/client.py");
+    let o = tokio::time::timeout(
+        Duration::from_secs(120),
+        tokio::process::Command::new("python3")
+            .arg(script)
+            .arg(case)
+            .arg(base)
+            .output(),
+    )
+    .await
+    .expect("python finishes")
+    .expect("python3 runs");
+    assert!(
+        o.status.success(),
+        "{case}: {}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{case}: {e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+fn records_for<'a>(ledger: &'a [Value], who: &str) -> Vec<&'a Value> {
+    ledger.iter().filter(|r| r["identity"] == who).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_keys_and_usage_follow_the_identity() {
+    let mut w = world().await;
+    let base = w
+        .agent("agent-1", Some("gpt-4o-mini,claude-3-*,fake-*"), None, None)
+        .await;
+
+    let r = py("chat", &base).await;
+    assert_eq!(r["text"], "tok0 tok1 tok2 tok3 tok4 ");
+    assert_eq!(r["usage"]["completion_tokens"], 5);
+    // The provider saw the gateway's key and never the agent's.
+    let seen = w.fake.requests();
+    let last = seen.last().unwrap();
+    assert_eq!(
+        last.header("authorization"),
+        Some(format!("Bearer {UPSTREAM_KEY}").as_str())
+    );
+    assert!(seen.iter().all(|r| r
+        .headers
+        .iter()
+        .all(|(_, v)| !v.contains("sk-agent-must-not-leak"))));
+
+    // Not allowed and nonexistent look the same, in each API's envelope, and nothing goes up.
+    let before = w.fake.requests().len();
+    let r = py("denied", &base).await;
+    assert_eq!(r["gpt-4o"]["raised"], "NotFoundError");
+    assert_eq!(r["no-such-model"]["raised"], "NotFoundError");
+    assert_eq!(r["gpt-4o"]["status"], r["no-such-model"]["status"]);
+    assert_eq!(
+        r["gpt-4o"]["body"]["code"],
+        r["no-such-model"]["body"]["code"]
+    );
+    assert_eq!(r["anthropic"]["raised"], "NotFoundError");
+    assert_eq!(
+        w.fake.requests().len(),
+        before,
+        "no upstream call for a refusal"
+    );
+
+    let r = py("models", &base).await;
+    let ids: Vec<&str> = r["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "claude-3-5-haiku-latest",
+            "fake-fail",
+            "fake-midfail",
+            "fake-nousage",
+            "fake-slow",
+            "gpt-4o-mini"
+        ]
+    );
+
+    // Streams: the usage chunk is forced on upstream, hidden from a client that did not ask,
+    // shown to one that did, and the ledger holds the provider's numbers.
+    let r = py("chat_stream", &base).await;
+    assert_eq!(r["text"], "tok0 tok1 tok2 tok3 tok4 tok5 tok6 ");
+    assert!(
+        r["usage"].is_null(),
+        "the client did not ask for usage: {r}"
+    );
+    let last = w.fake.requests().last().cloned().unwrap();
+    assert_eq!(last.body["stream_options"]["include_usage"], true);
+    let r = py("chat_stream_usage", &base).await;
+    let ledger = w.ledger();
+    let rec = records_for(&ledger, "agent-1")
+        .last()
+        .cloned()
+        .cloned()
+        .unwrap();
+    assert_eq!(rec["output"], 6);
+    assert_eq!(r["usage"]["completion_tokens"], 6);
+    assert_eq!(rec["input"], r["usage"]["prompt_tokens"]);
+    assert_eq!(rec["estimated"], false);
+
+    let r = py("responses", &base).await;
+    assert_eq!(r["text"], "tok0 tok1 tok2 tok3 ");
+    assert_eq!(r["stream_text"], "tok0 tok1 tok2 ");
+    assert_eq!(r["stream_usage"]["output_tokens"], 3);
+    let r = py("messages", &base).await;
+    assert_eq!(r["text"], "tok0 tok1 tok2 tok3 ");
+    assert_eq!(r["stream_text"], "tok0 tok1 tok2 ");
+    assert_eq!(r["stream_usage"]["output_tokens"], 3);
+    let ledger = w.ledger();
+    let rec = records_for(&ledger, "agent-1")
+        .last()
+        .cloned()
+        .cloned()
+        .unwrap();
+    assert_eq!(rec["output"], 3);
+    assert_eq!(rec["input"], r["stream_usage"]["input_tokens"]);
+    assert_eq!(rec["endpoint"], "/v1/messages");
+
+    // A provider that reports no usage is charged an estimate, marked as such.
+    let r = py("nousage", &base).await;
+    assert!(r["text"].as_str().unwrap().starts_with("tok0"));
+    let ledger = w.ledger();
+    let rec = records_for(&ledger, "agent-1")
+        .last()
+        .cloned()
+        .cloned()
+        .unwrap();
+    assert_eq!(rec["estimated"], true);
+    assert!(rec["output"].as_u64().unwrap() > 0);
+
+    // Upstream failure before the first byte: its status in our envelope; after: in-stream.
+    let r = py("upstream_fail", &base).await;
+    assert_eq!(r["before"]["raised"], "InternalServerError");
+    assert_eq!(r["before"]["status"], 500);
+    assert_eq!(r["during"]["raised"], "APIError", "{r}");
+    assert_eq!(r["during"]["text"], "tok0 tok1 tok2 ");
+    // Every request is an audit record, allowed or denied, with why.
+    let ledger = w.ledger();
+    let mine = records_for(&ledger, "agent-1");
+    assert!(mine
+        .iter()
+        .any(|r| r["decision"] == "denied" && r["reason"] == "model not granted"));
+    assert!(mine
+        .iter()
+        .any(|r| r["decision"] == "denied" && r["reason"] == "unknown model"));
+    assert!(mine
+        .iter()
+        .any(|r| r["model"] == "gpt-4o-mini" && r["cost_micros"].as_u64().unwrap() > 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn budgets_hold_before_during_and_across_a_restart() {
+    let mut w = world().await;
+    // 10 max tokens plus a prompt of 4 words (estimated 7): two requests fit in 30, the third
+    // does not.
+    let small = w.agent("small", None, Some("30/day"), None).await;
+    let r = py("budget", &small).await;
+    let res = r["results"].as_array().unwrap();
+    assert!(res[0]["ok"].is_u64(), "{r}");
+    let refused: Vec<&Value> = res
+        .iter()
+        .filter(|x| x["raised"] == "RateLimitError")
+        .collect();
+    assert!(!refused.is_empty(), "the budget must run out: {r}");
+    assert_eq!(refused[0]["status"], 429);
+    assert!(
+        refused[0]["retry_after"]
+            .as_str()
+            .is_some_and(|v| v.parse::<u64>().unwrap() > 0),
+        "{r}"
+    );
+    let spent: u64 = records_for(&w.ledger(), "small")
+        .iter()
+        .filter(|r| r["decision"] == "allowed")
+        .map(|r| r["input"].as_u64().unwrap() + r["output"].as_u64().unwrap())
+        .sum();
+    assert!(spent <= 30, "spent {spent} of 30");
+
+    // Mid-stream: the provider's input count overruns the reservation; the client raises.
+    let mid = w.agent("mid", None, Some("70/day"), None).await;
+    let r = py("budget_midstream", &mid).await;
+    // The stream had begun (status 200): the client raises from the error event itself.
+    assert_eq!(r["raised"], "APIStatusError", "{r}");
+    assert_eq!(r["body"]["error"]["type"], "rate_limit_error", "{r}");
+    let ledger = w.ledger();
+    let rec = records_for(&ledger, "mid")
+        .last()
+        .cloned()
+        .cloned()
+        .unwrap();
+    assert_eq!(rec["reason"], "budget exhausted mid-stream");
+    assert!(
+        rec["input"].as_u64().unwrap() + rec["output"].as_u64().unwrap() <= 70,
+        "{rec}"
+    );
+    assert!(
+        !r["text"].as_str().unwrap().is_empty(),
+        "some text was delivered first"
+    );
+
+    // Concurrent requests on a nearly empty budget overspend by at most one reservation.
+    let conc = w.agent("conc", None, Some("100/day"), None).await;
+    let r = py("concurrent", &conc).await;
+    let res = r["results"].as_array().unwrap();
+    assert_eq!(res.len(), 8);
+    assert!(res.iter().any(|x| x["ok"].is_u64()), "{r}");
+    assert!(res.iter().any(|x| x["raised"] == "RateLimitError"), "{r}");
+    let spent: u64 = records_for(&w.ledger(), "conc")
+        .iter()
+        .map(|r| r["input"].as_u64().unwrap() + r["output"].as_u64().unwrap())
+        .sum();
+    assert!(spent <= 100, "spent {spent} of 100");
+
+    // A restart keeps the ledger: the small budget is still spent.
+    drop(w.gateway.take());
+    let gateway = Gateway::start(
+        w.gw_ctx.clone(),
+        config(&w.fake, w.dir.path().join("ledger.db")),
+    )
+    .await
+    .unwrap();
+    w.gateway = Some(gateway);
+    let r = eventually_py("budget", &small, |r| {
+        r["results"][0]["raised"] == "RateLimitError"
+    })
+    .await;
+    assert_eq!(r["results"][0]["status"], 429, "{r}");
+}
+
+/// Runs a case until `ok` holds (a restarted gateway takes a moment to bind again).
+async fn eventually_py(case: &str, base: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..20 {
+        let o = tokio::process::Command::new("python3")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/llm/client.py"))
+            .arg(case)
+            .arg(base)
+            .output()
+            .await
+            .unwrap();
+        if let Ok(v) = serde_json::from_slice::<Value>(&o.stdout) {
+            if ok(&v) {
+                return v;
+            }
+            last = v;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{case} never held: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_disconnects_and_live_grant_changes() {
+    let mut w = world().await;
+    let rpm = w.agent("rpm", None, None, Some(2)).await;
+    let r = py("rpm", &rpm).await;
+    let res = r["results"].as_array().unwrap();
+    assert_eq!(res[0]["ok"], true);
+    assert_eq!(res[1]["ok"], true);
+    assert_eq!(res[2]["raised"], "RateLimitError", "{r}");
+    assert!(res[2]["retry_after"].as_str().is_some());
+
+    // A client that goes away mid-stream: the upstream request is cancelled and only what was
+    // delivered is charged.
+    let slow = w.agent("slow", None, None, None).await;
+    let cancelled = w.fake.streams_cancelled();
+    let r = py("disconnect", &slow).await;
+    assert_eq!(r["got"], 3);
+    let gone = eventually(Duration::from_secs(10), || {
+        (w.fake.streams_cancelled() > cancelled).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "the upstream stream was not cancelled");
+    let rec = eventually(Duration::from_secs(10), || {
+        records_for(&w.ledger(), "slow")
+            .last()
+            .map(|r| (*r).clone())
+            .filter(|r| r["reason"] == "client disconnected")
+    })
+    .await
+    .expect("the disconnect is recorded");
+    assert!(rec["output"].as_u64().unwrap() < 60, "{rec}");
+
+    // A grant narrowed while running takes effect without a restart.
+    let base = w.agent("live", Some("gpt-4o-mini"), None, None).await;
+    assert!(py("chat", &base).await["text"].is_string());
+    let _: Value =
+        w.t.admin_client()
+            .call(Method::DELETE, "/v1/policies/live-llm", None::<&()>)
+            .await
+            .unwrap();
+    grant_with(&w.t, "live-llm-2", "live", Some("claude-*"), None, None).await;
+    let r = eventually_py("denied", &base, |r| {
+        r["gpt-4o"]["raised"] == "NotFoundError"
+    })
+    .await;
+    assert_eq!(r["gpt-4o"]["raised"], "NotFoundError");
+    let r = eventually_py("models", &base, |r| {
+        r["ids"] == serde_json::json!(["claude-3-5-haiku-latest", "claude-opus-4"])
+    })
+    .await;
+    assert_eq!(r["ids"][0], "claude-3-5-haiku-latest");
+}
