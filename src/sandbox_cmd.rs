@@ -351,8 +351,8 @@ fn held(attempt: &str, expected: &str, observed: String, escaped: bool) -> Attem
     }
 }
 
-/// Host processes still running the probe (there must be none once a sandbox is gone).
-fn leftover_probes() -> usize {
+/// Host processes still running this run's probes (none may outlive their sandbox).
+fn leftover_probes(run: &str) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -364,7 +364,10 @@ fn leftover_probes() -> usize {
                 .all(|b| b.is_ascii_digit())
         })
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
-        .filter(|c| c.windows(14).any(|w| w == b"__escape-probe"))
+        .filter(|c| {
+            c.windows(14).any(|w| w == b"__escape-probe")
+                && c.windows(run.len()).any(|w| w == run.as_bytes())
+        })
         .count()
 }
 
@@ -401,6 +404,7 @@ async fn verify_with(
     let refused_name = "umbra-verify-refused.example".to_string();
     let probe = ProbeConfig {
         mode: "escape".into(),
+        run: uuid::Uuid::new_v4().simple().to_string(),
         workspace,
         secrets,
         ro: args
@@ -617,7 +621,7 @@ async fn limit_attempts(
         ),
         busy.code != umbra_sandbox::exit::TIMEOUT || busy.elapsed > Duration::from_secs(5),
     ));
-    let left = leftover_probes();
+    let left = leftover_probes(&probe.run);
     out.push(held(
         "processes left on the host after the limit attempts",
         "none",

@@ -30,6 +30,10 @@ pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 pub struct ProbeConfig {
     /// Which battery: `escape` (the default), or one limit attempt: `fork`, `memory`, `busy`.
     pub mode: String,
+    /// A token unique to one `umbra verify` run, on every probe's command line, so that the
+    /// launcher can find leftovers of exactly its own probes.
+    #[serde(default)]
+    pub run: String,
     /// The workspace (inside path = host path).
     pub workspace: PathBuf,
     /// Files that must not be readable inside (the identity file, the admin file).
