@@ -453,7 +453,17 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
             models,
             tokens,
             rpm,
+            tools,
+            resources,
+            prompts,
         } => {
+            let patterns = |flag: &str, v: Option<String>| {
+                v.map(|m| {
+                    m.parse::<umbra_policies::Patterns>()
+                        .with_context(|| format!("--{flag} {m:?}"))
+                })
+                .transpose()
+            };
             anyhow::ensure!(
                 rpm.is_none_or(|r| (1..=umbra_policies::MAX_RPM).contains(&r)),
                 "--rpm must be between 1 and {}",
@@ -478,6 +488,9 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                     .map(|t| t.parse().with_context(|| format!("--tokens {t:?}")))
                     .transpose()?,
                 rpm,
+                tools: patterns("tools", tools)?,
+                resources: patterns("resources", resources)?,
+                prompts: patterns("prompts", prompts)?,
             };
             let p: umbra_policies::ServicePolicy =
                 c.call(Method::POST, "/v1/policies", Some(&req)).await?;
@@ -631,6 +644,15 @@ fn limits(p: &umbra_policies::ServicePolicy) -> String {
     }
     if let Some(r) = p.rpm {
         out.push(format!("rpm={r}"));
+    }
+    for (k, v) in [
+        ("tools", &p.tools),
+        ("resources", &p.resources),
+        ("prompts", &p.prompts),
+    ] {
+        if let Some(v) = v {
+            out.push(format!("{k}={v}"));
+        }
     }
     if out.is_empty() {
         "-".into()

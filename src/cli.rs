@@ -232,6 +232,15 @@ pub enum PolicyCmd {
         /// Requests per minute each identity may make through this grant
         #[arg(long)]
         rpm: Option<u32>,
+        /// MCP tools a gateway hosting the service shows: globs on server__tool, `!` hides
+        #[arg(long)]
+        tools: Option<String>,
+        /// MCP resources shown (globs on server__uri)
+        #[arg(long)]
+        resources: Option<String>,
+        /// MCP prompts shown (globs on server__prompt)
+        #[arg(long)]
+        prompts: Option<String>,
     },
     /// Delete a policy; access it alone granted is cut
     Revoke { name: String },

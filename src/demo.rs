@@ -138,6 +138,9 @@ pub async fn run() -> anyhow::Result<()> {
                 models: None,
                 tokens: None,
                 rpm: None,
+                tools: None,
+                resources: None,
+                prompts: None,
             },
         )?)
     })

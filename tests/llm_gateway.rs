@@ -75,6 +75,9 @@ async fn grant_with(
         models: models.map(|m| m.parse().unwrap()),
         tokens: tokens.map(|t| t.parse().unwrap()),
         rpm,
+        tools: None,
+        resources: None,
+        prompts: None,
     };
     let _: Value = t
         .admin_client()

@@ -128,6 +128,9 @@ fn generate(rng: &mut Rng) -> State {
             models: None,
             tokens: None,
             rpm: None,
+            tools: None,
+            resources: None,
+            prompts: None,
         };
         state.policies.insert(policy.name.clone(), policy);
     }

@@ -394,6 +394,16 @@ pub struct ServicePolicy {
     /// Requests per minute each identity may make through this grant; absent: no cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u32>,
+    /// Which MCP tools (`server__tool`) a gateway hosting the service shows these identities;
+    /// absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<crate::Patterns>,
+    /// Which MCP resources (`server__uri`); absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<crate::Patterns>,
+    /// Which MCP prompts (`server__prompt`); absent: all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<crate::Patterns>,
 }
 
 impl ServicePolicy {

@@ -53,6 +53,9 @@ pub(crate) fn policy(
         models: None,
         tokens: None,
         rpm: None,
+        tools: None,
+        resources: None,
+        prompts: None,
     }
 }
 

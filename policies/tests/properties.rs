@@ -126,6 +126,9 @@ fn policy() -> impl Strategy<Value = ServicePolicy> {
                 models: None,
                 tokens: None,
                 rpm: None,
+                tools: None,
+                resources: None,
+                prompts: None,
             },
         )
 }
@@ -302,6 +305,9 @@ fn document() -> impl Strategy<Value = Document> {
                     models: None,
                     tokens: None,
                     rpm: None,
+                    tools: None,
+                    resources: None,
+                    prompts: None,
                 })
                 .map(|p| (p.name.clone(), p))
                 .collect();

@@ -160,6 +160,15 @@ pub struct GrantRequest {
     /// Requests per minute each identity may make through this grant (absent: no cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u32>,
+    /// MCP tools shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<umbra_policies::Patterns>,
+    /// MCP resources shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<umbra_policies::Patterns>,
+    /// MCP prompts shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<umbra_policies::Patterns>,
 }
 
 fn default_action() -> Action {
@@ -286,6 +295,15 @@ pub struct HostedGrant {
     /// Requests per minute (absent: no cap).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rpm: Option<u32>,
+    /// MCP tools shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tools: Option<umbra_policies::Patterns>,
+    /// MCP resources shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<umbra_policies::Patterns>,
+    /// MCP prompts shown (absent: all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompts: Option<umbra_policies::Patterns>,
 }
 
 impl std::fmt::Debug for EnrollRequest {

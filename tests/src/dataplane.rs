@@ -103,6 +103,9 @@ pub async fn grant(t: &TestController, policy: &str, action: Action, who: &str, 
         models: None,
         tokens: None,
         rpm: None,
+        tools: None,
+        resources: None,
+        prompts: None,
     };
     let _: ServicePolicy = t
         .admin_client()

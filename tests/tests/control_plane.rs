@@ -67,6 +67,9 @@ async fn grant(
         models: None,
         tokens: None,
         rpm: None,
+        tools: None,
+        resources: None,
+        prompts: None,
     };
     c.call(Method::POST, "/v1/policies", Some(&req)).await
 }

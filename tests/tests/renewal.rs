@@ -130,6 +130,9 @@ fn grant(t: &TestController, action: Action, who: &str, svc: &str) {
                 models: None,
                 tokens: None,
                 rpm: None,
+                tools: None,
+                resources: None,
+                prompts: None,
             },
         )
         .expect("grant");

@@ -193,6 +193,9 @@ impl Controller {
                         models: p.models.clone(),
                         tokens: p.tokens,
                         rpm: p.rpm,
+                        tools: p.tools.clone(),
+                        resources: p.resources.clone(),
+                        prompts: p.prompts.clone(),
                     });
                 }
             }

@@ -156,6 +156,9 @@ impl Controller {
             models: req.models,
             tokens: req.tokens,
             rpm: req.rpm,
+            tools: req.tools,
+            resources: req.resources,
+            prompts: req.prompts,
         };
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::PolicyPut {

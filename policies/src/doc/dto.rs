@@ -63,6 +63,12 @@ pub(super) struct PolicyDto {
     pub(super) tokens: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(super) rpm: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) tools: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) resources: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) prompts: Option<Vec<String>>,
 }
 
 fn agent() -> IdentityKind {
@@ -115,6 +121,9 @@ impl From<&Document> for DocumentDto {
                     models: p.models.clone().map(Vec::from),
                     tokens: p.tokens.map(|t| t.to_string()),
                     rpm: p.rpm,
+                    tools: p.tools.clone().map(Vec::from),
+                    resources: p.resources.clone().map(Vec::from),
+                    prompts: p.prompts.clone().map(Vec::from),
                 })
                 .collect(),
         }

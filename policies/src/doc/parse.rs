@@ -118,13 +118,17 @@ fn policy(i: usize, dto: PolicyDto, problems: &mut Problems) -> PolicyDraft {
     let identities = selectors("identities", dto.identities);
     let services = selectors("services", dto.services);
     // Each attribute: `Ok(None)` absent, `Ok(Some)` valid, `Err(())` reported.
-    let models = match dto.models {
+    let mut patterns = |field: &str, v: Option<Vec<String>>| match v {
         None => Ok(None),
         Some(m) => problems
-            .take(|| format!("{path}.models"), crate::Patterns::try_from(m))
+            .take(|| format!("{path}.{field}"), crate::Patterns::try_from(m))
             .map(Some)
             .ok_or(()),
     };
+    let models = patterns("models", dto.models);
+    let tools = patterns("tools", dto.tools);
+    let resources = patterns("resources", dto.resources);
+    let prompts = patterns("prompts", dto.prompts);
     let tokens = match dto.tokens {
         None => Ok(None),
         Some(t) => problems
@@ -147,19 +151,29 @@ fn policy(i: usize, dto: PolicyDto, problems: &mut Problems) -> PolicyDraft {
         models,
         tokens,
         rpm,
+        (tools, resources, prompts),
     ) {
-        (Some(name), Some(ids), Some(svcs), Ok(models), Ok(tokens), Ok(rpm)) => {
-            Some(ServicePolicy {
-                name: name.clone(),
-                action: dto.action,
-                identities: ids,
-                services: svcs,
-                semantic: dto.semantic,
-                models,
-                tokens,
-                rpm,
-            })
-        }
+        (
+            Some(name),
+            Some(ids),
+            Some(svcs),
+            Ok(models),
+            Ok(tokens),
+            Ok(rpm),
+            (Ok(tools), Ok(resources), Ok(prompts)),
+        ) => Some(ServicePolicy {
+            name: name.clone(),
+            action: dto.action,
+            identities: ids,
+            services: svcs,
+            semantic: dto.semantic,
+            models,
+            tokens,
+            rpm,
+            tools,
+            resources,
+            prompts,
+        }),
         _ => None,
     };
     PolicyDraft {

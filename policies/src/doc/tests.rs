@@ -426,6 +426,7 @@ policies:
     models: [gpt-4o-mini, "claude-*", "!claude-opus-*"]
     tokens: 200000/day
     rpm: 60
+    tools: ["github__*", "!github__delete_*"]
 "##;
     let doc = parse_document(yaml).unwrap();
     let p = &doc.policies[0];
@@ -433,19 +434,24 @@ policies:
     assert!(!p.models.as_ref().unwrap().matches("claude-opus-4"));
     assert_eq!(p.tokens.unwrap().to_string(), "200000/day");
     assert_eq!(p.rpm, Some(60));
+    let tools = p.tools.as_ref().unwrap();
+    assert!(tools.matches("github__create_issue") && !tools.matches("github__delete_repo"));
+    assert!(p.resources.is_none() && p.prompts.is_none());
     let again = parse_document(&doc.to_yaml()).unwrap();
     assert_eq!(again.policies, doc.policies);
 
     let bad = yaml
         .replace("200000/day", "lots")
         .replace("rpm: 60", "rpm: 0")
-        .replace("gpt-4o-mini", "\"gpt 4o\"");
+        .replace("gpt-4o-mini", "\"gpt 4o\"")
+        .replace("\"github__*\"", "\"\"");
     let errs = errors(&bad);
     let paths: Vec<&str> = errs.iter().map(|(p, _)| p.as_str()).collect();
     assert_eq!(
         paths,
         [
             "policies[0].models",
+            "policies[0].tools",
             "policies[0].tokens",
             "policies[0].rpm"
         ],
