@@ -8,7 +8,11 @@
 //! sink), so each path is charged for exactly its own processes, kernel work included.
 //!
 //! Needs, for the baselines: `apt-get install stunnel4 openssh-server` (rows say "not installed"
-//! otherwise). Environment: `BENCH_MB` (bulk size per transfer, default 2048).
+//! otherwise). Environment: `BENCH_MB` (bulk size per transfer, default 2048),
+//! `BENCH_REVOCATIONS` and `BENCH_SCALE_IDS` (0 skips that part), `BENCH_BASELINES=0` (direct
+//! TCP and Umbra only), `BENCH_UMBRA` (another `umbra` binary, to compare two builds in the same
+//! time window), `BENCH_ROUTER_WORKERS` / `BENCH_TUNNEL_WORKERS` (`TOKIO_WORKER_THREADS` for
+//! those processes, an experiment knob). The last column charges CPU to each Umbra process.
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -19,7 +23,11 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-const UMBRA: &str = env!("CARGO_BIN_EXE_umbra");
+/// The `umbra` binary under test: the one this bench was built with, or `BENCH_UMBRA` (to
+/// compare two builds in the same time window).
+fn umbra_bin() -> String {
+    std::env::var("BENCH_UMBRA").unwrap_or_else(|_| env!("CARGO_BIN_EXE_umbra").to_owned())
+}
 const CHUNK: usize = 256 * 1024;
 
 // ----- processes and measurement -------------------------------------------------------------
@@ -29,6 +37,17 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        // A polite stop first, so that a process run under a profiler can write its profile.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.0.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if matches!(self.0.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
@@ -60,7 +79,7 @@ fn spawn_until(cmd: &mut Command, prefix: &str) -> (Proc, String) {
 }
 
 fn umbra(admin: &Path, args: &[&str]) -> String {
-    let o = Command::new(UMBRA)
+    let o = Command::new(umbra_bin())
         .args(args)
         .env("UMBRA_ADMIN", admin)
         .env("UMBRA_LOG", "error")
@@ -72,6 +91,12 @@ fn umbra(admin: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&o.stderr)
     );
     String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `TOKIO_WORKER_THREADS` for a child, from the bench's environment variable `var` (an
+/// experiment knob: how a process's runtime size changes its cost).
+fn workers(var: &str) -> Option<(&'static str, String)> {
+    std::env::var(var).ok().map(|n| ("TOKIO_WORKER_THREADS", n))
 }
 
 fn free_port() -> u16 {
@@ -241,6 +266,8 @@ struct Row {
     rtt: Option<(Duration, Duration)>,
     setup: Option<(Duration, Duration)>,
     loaded_p99: Option<Duration>,
+    /// CPU of each of the path's own processes during the single-connection transfer.
+    per_process: Vec<(&'static str, f64)>,
 }
 
 /// One path: where the client connects to reach the sink, and the echo.
@@ -248,6 +275,8 @@ struct PathUnder {
     name: &'static str,
     sink: SocketAddr,
     echo: SocketAddr,
+    /// The path's processes, to charge CPU to each (label, pid).
+    pids: Vec<(&'static str, u32)>,
 }
 
 async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
@@ -255,11 +284,22 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     // Warm up the path (and any lazy connection inside it).
     let _ = bulk(p.sink, 16 << 20).await;
 
+    let procs0: Vec<f64> = p
+        .pids
+        .iter()
+        .map(|(_, pid)| proc_cpu(&pid.to_string(), tck))
+        .collect();
     let (busy0, mine0, t0) = (machine_busy(tck), proc_cpu(&me, tck), Instant::now());
     let ok = bulk(p.sink, bytes).await.is_ok();
     let secs = t0.elapsed().as_secs_f64();
     let path_cpu = (machine_busy(tck) - busy0) - (proc_cpu(&me, tck) - mine0);
     let gb = bytes as f64 / 1e9;
+    let per_process = p
+        .pids
+        .iter()
+        .zip(procs0)
+        .map(|((label, pid), c0)| (*label, (proc_cpu(&pid.to_string(), tck) - c0) / gb))
+        .collect();
     let gbps = ok.then(|| gb * 8.0 / secs);
     let core_s_per_gb = ok.then(|| path_cpu.max(0.0) / gb);
 
@@ -300,6 +340,7 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
         rtt,
         setup,
         loaded_p99: loaded,
+        per_process,
     }
 }
 
@@ -312,7 +353,13 @@ async fn baseline(
 ) -> Row {
     match started {
         Some((procs, sink, echo)) => {
-            let row = measure(&PathUnder { name, sink, echo }, bytes, tck).await;
+            let path = PathUnder {
+                name,
+                sink,
+                echo,
+                pids: Vec::new(),
+            };
+            let row = measure(&path, bytes, tck).await;
             drop(procs);
             row
         }
@@ -324,6 +371,7 @@ async fn baseline(
             rtt: None,
             setup: None,
             loaded_p99: None,
+            per_process: Vec::new(),
         },
     }
 }
@@ -331,18 +379,24 @@ async fn baseline(
 fn print_rows(rows: &[Row]) {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
     println!(
-        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}",
+        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  {}",
         "path (1 TCP connection)",
         "Gbit/s",
         "core-s/GB",
         "4 conns Gb/s",
         "64 B RTT p50/p99",
         "new conn p50/p99",
-        "RTT p99 loaded"
+        "RTT p99 loaded",
+        "core-s/GB by process"
     );
     for r in rows {
+        let by_process: Vec<String> = r
+            .per_process
+            .iter()
+            .map(|(label, c)| format!("{label} {c:.2}"))
+            .collect();
         println!(
-            "{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}",
+            "{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  {}",
             r.name,
             opt(r.gbps.map(|v| format!("{v:.2}"))),
             opt(r.core_s_per_gb.map(|v| format!("{v:.2}"))),
@@ -350,6 +404,7 @@ fn print_rows(rows: &[Row]) {
             opt(r.rtt.map(|(a, b)| format!("{}/{}", us(a), us(b)))),
             opt(r.setup.map(|(a, b)| format!("{}/{}", us(a), us(b)))),
             opt(r.loaded_p99.map(us)),
+            by_process.join(", "),
         );
     }
 }
@@ -365,7 +420,7 @@ struct Umbra {
 
 fn start_umbra(dir: &Path, routers: usize) -> Umbra {
     let ctrl_dir = dir.join("ctrl");
-    let o = Command::new(UMBRA)
+    let o = Command::new(umbra_bin())
         .args(["controller", "init", "--dir"])
         .arg(&ctrl_dir)
         .env("UMBRA_LOG", "error")
@@ -373,7 +428,7 @@ fn start_umbra(dir: &Path, routers: usize) -> Umbra {
         .expect("init");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let (controller, _) = spawn_until(
-        Command::new(UMBRA)
+        Command::new(umbra_bin())
             .args(["controller", "run", "--listen", "127.0.0.1:0", "--dir"])
             .arg(&ctrl_dir)
             .env("UMBRA_LOG", "error"),
@@ -412,10 +467,11 @@ impl Umbra {
             ],
         );
         let (p, _) = spawn_until(
-            Command::new(UMBRA)
+            Command::new(umbra_bin())
                 .args(["router", "run", "--listen", "127.0.0.1:0", "--dir"])
                 .arg(&rdir)
-                .env("UMBRA_LOG", "error"),
+                .env("UMBRA_LOG", "error")
+                .envs(workers("BENCH_ROUTER_WORKERS")),
             "router listening on ",
         );
         let pid = p.0.id();
@@ -468,10 +524,11 @@ impl Umbra {
 
 /// Starts `umbra tunnel` for an identity and waits until it serves `expect` listeners.
 fn tunnel(identity: &Path, expect: usize) -> Proc {
-    let mut child = Command::new(UMBRA)
+    let mut child = Command::new(umbra_bin())
         .args(["tunnel", "--identity"])
         .arg(identity)
         .env("UMBRA_LOG", "error")
+        .envs(workers("BENCH_TUNNEL_WORKERS"))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -821,6 +878,7 @@ async fn run() {
                 name: "direct TCP",
                 sink: sink_addr,
                 echo: echo_addr,
+                pids: Vec::new(),
             },
             bytes,
             tck,
@@ -833,6 +891,7 @@ async fn run() {
                 name: "umbra tunnel+router",
                 sink: i_sink.parse().expect("addr"),
                 echo: i_echo.parse().expect("addr"),
+                pids: vec![("tunnel", tun.0.id()), ("router", u.routers[0].1)],
             },
             bytes,
             tck,
@@ -840,24 +899,27 @@ async fn run() {
         .await,
     );
     drop(tun);
-    rows.push(
-        baseline(
-            "stunnel (mutual TLS)",
-            stunnel(dir, sink_addr, echo_addr),
-            bytes,
-            tck,
-        )
-        .await,
-    );
-    rows.push(
-        baseline(
-            "ssh -L aes128-gcm",
-            ssh(dir, sink_addr, echo_addr),
-            bytes,
-            tck,
-        )
-        .await,
-    );
+    // `BENCH_BASELINES=0` measures only direct TCP and Umbra (for quick comparisons of builds).
+    if std::env::var("BENCH_BASELINES").map_or(true, |v| v != "0") {
+        rows.push(
+            baseline(
+                "stunnel (mutual TLS)",
+                stunnel(dir, sink_addr, echo_addr),
+                bytes,
+                tck,
+            )
+            .await,
+        );
+        rows.push(
+            baseline(
+                "ssh -L aes128-gcm",
+                ssh(dir, sink_addr, echo_addr),
+                bytes,
+                tck,
+            )
+            .await,
+        );
+    }
     print_rows(&rows);
     let umbra_row = &rows[1];
     println!("\ntargets for umbra: >= 5 Gbit/s and <= 3 core-s/GB; RTT added <= 80 µs p50; new connection <= 350 µs p50 / 600 µs p99; loaded RTT p99 < 1 ms");
@@ -909,80 +971,84 @@ async fn run() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(100);
-    umbra(
-        &u.admin,
-        &[
-            "policy",
-            "grant",
-            "--identity",
-            "#rv1",
-            "--service",
-            "@echo",
-        ],
-    );
-    let mut one = revocation(&u, &i_echo, n, "1").await;
-    for i in 1..4 {
-        u.add_router(i);
-    }
-    umbra(
-        &u.admin,
-        &[
-            "policy",
-            "grant",
-            "--identity",
-            "#rv4",
-            "--service",
-            "@echo",
-        ],
-    );
-    let mut four = revocation(&u, &i_echo, n, "4").await;
-    println!(
-        "\n{:<40} {:>10} {:>10} {:>10}",
-        format!("revocation → live TCP closed ({n} each)"),
-        "p50",
-        "p99",
-        "target"
-    );
-    for (label, v) in [("1 router", &mut one), ("4 routers", &mut four)] {
-        let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
-        println!(
-            "{:<40} {:>10} {:>10} {:>10}",
-            label,
-            format!("{:.2} ms", p50.as_secs_f64() * 1e3),
-            format!("{:.2} ms", p99.as_secs_f64() * 1e3),
-            if p99 < Duration::from_millis(50) {
-                "pass"
-            } else {
-                "MISS"
-            }
+    if n > 0 {
+        umbra(
+            &u.admin,
+            &[
+                "policy",
+                "grant",
+                "--identity",
+                "#rv1",
+                "--service",
+                "@echo",
+            ],
         );
+        let mut one = revocation(&u, &i_echo, n, "1").await;
+        for i in 1..4 {
+            u.add_router(i);
+        }
+        umbra(
+            &u.admin,
+            &[
+                "policy",
+                "grant",
+                "--identity",
+                "#rv4",
+                "--service",
+                "@echo",
+            ],
+        );
+        let mut four = revocation(&u, &i_echo, n, "4").await;
+        println!(
+            "\n{:<40} {:>10} {:>10} {:>10}",
+            format!("revocation → live TCP closed ({n} each)"),
+            "p50",
+            "p99",
+            "target"
+        );
+        for (label, v) in [("1 router", &mut one), ("4 routers", &mut four)] {
+            let (p50, p99) = (pct(v, 0.5), pct(v, 0.99));
+            println!(
+                "{:<40} {:>10} {:>10} {:>10}",
+                label,
+                format!("{:.2} ms", p50.as_secs_f64() * 1e3),
+                format!("{:.2} ms", p99.as_secs_f64() * 1e3),
+                if p99 < Duration::from_millis(50) {
+                    "pass"
+                } else {
+                    "MISS"
+                }
+            );
+        }
+        println!("(OpenZiti closes revoked sessions from a reaper that runs every 5 s)");
     }
-    println!("(OpenZiti closes revoked sessions from a reaper that runs every 5 s)");
 
     let ids: usize = std::env::var("BENCH_SCALE_IDS")
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
-    let (per_stream, streams, cpu) = scale(&u, ids, 10, echo_addr).await;
-    println!(
-        "\n{:<40} {:>14} {:>12}",
-        format!("scale: {streams} open streams, {ids} identities"),
-        "measured",
-        "target"
-    );
-    println!(
-        "{:<40} {:>11} KiB {:>12}",
-        "router memory per stream",
-        per_stream / 1024,
-        if per_stream < 64 * 1024 {
-            "pass"
-        } else {
-            "MISS"
-        }
-    );
-    println!(
-        "{:<40} {:>12.2} s {:>12}",
-        "router CPU to open them all", cpu, "-"
-    );
+    if ids > 0 {
+        let (per_stream, streams, cpu) = scale(&u, ids, 10, echo_addr).await;
+        println!(
+            "\n{:<40} {:>14} {:>12}",
+            format!("scale: {streams} open streams, {ids} identities"),
+            "measured",
+            "target"
+        );
+        println!(
+            "{:<40} {:>11} KiB {:>12}",
+            "router memory per stream",
+            per_stream / 1024,
+            if per_stream < 64 * 1024 {
+                "pass"
+            } else {
+                "MISS"
+            }
+        );
+        println!(
+            "{:<40} {:>12.2} s {:>12}",
+            "router CPU to open them all", cpu, "-"
+        );
+    }
     drop(u.controller);
 }

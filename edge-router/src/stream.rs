@@ -174,7 +174,8 @@ async fn dial(
             }
             let (r, w) = tcp.into_split();
             let caller = |p: &Policy| p.index.can_dial(&ctx.id, service.as_str(), now()).is_ok();
-            watched(&mut send, &mut recv, r, w, caller, &mut rx, &cancel).await
+            let service = splice::ServiceSide::Tcp(r, w);
+            watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
         }
         Some(Hosting::Sdk) => {
             let Some((host, hsend, hrecv)) = to_host(ctx, &service).await else {
@@ -190,17 +191,15 @@ async fn dial(
             if send.write_all(&encode_response(Status::Ok)).await.is_err() {
                 return;
             }
-            let mut hsend = hsend;
+            let (mut hsend, mut hrecv) = (hsend, hrecv);
             // Both ends must keep their grants: the caller Dial, the host Bind.
             let both = |p: &Policy| {
                 let t = now();
                 p.index.can_dial(&ctx.id, service.as_str(), t).is_ok()
                     && p.index.can_bind(&host, service.as_str(), t).is_ok()
             };
-            let out = watched(
-                &mut send, &mut recv, hrecv, &mut hsend, both, &mut rx, &cancel,
-            )
-            .await;
+            let service = splice::ServiceSide::Host(&mut hsend, &mut hrecv);
+            let out = watched(&mut send, &mut recv, service, both, &mut rx, &cancel).await;
             if let Some(code) = end_code(&out) {
                 let _ = hsend.reset(VarInt::from_u32(code));
             }
@@ -251,20 +250,15 @@ fn end_code(end: &End) -> Option<u32> {
 }
 
 /// Splices while re-checking `allowed` on every policy change.
-async fn watched<R, W>(
+async fn watched(
     send: &mut SendStream,
     recv: &mut RecvStream,
-    from_service: R,
-    to_service: W,
+    service: splice::ServiceSide<'_>,
     allowed: impl Fn(&Policy) -> bool,
     rx: &mut PolicyRx,
     cancel: &CancellationToken,
-) -> End
-where
-    R: tokio::io::AsyncRead + Unpin,
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    let splice = splice::run(send, recv, from_service, to_service);
+) -> End {
+    let splice = splice::run(send, recv, service);
     tokio::pin!(splice);
     loop {
         tokio::select! {

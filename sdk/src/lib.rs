@@ -18,6 +18,7 @@ mod enroll;
 mod error;
 mod listener;
 mod renewal;
+pub mod splice;
 mod stream;
 
 pub use client::{ControllerClient, ResponseStream};
@@ -28,4 +29,5 @@ pub use listener::Listener;
 pub use renewal::{
     renewal_delay, Credentials, RenewingIdentity, ISSUE_BACKDATE, MIN_RENEW_INTERVAL,
 };
+pub use splice::splice;
 pub use stream::Stream;

@@ -33,6 +33,11 @@ impl Stream {
     pub fn service(&self) -> &str {
         &self.service
     }
+
+    /// The QUIC halves and the service name, for [`crate::splice`].
+    pub(crate) fn into_parts(self) -> (SendStream, RecvStream, String) {
+        (self.send, self.recv, self.service)
+    }
 }
 
 /// Maps a connection-level end to the SDK's meaning.
