@@ -158,7 +158,7 @@ pub struct Config {
     pub max_request_bytes: usize,
 }
 
-fn parse_base(url: &str) -> Result<(bool, String, u16, String), String> {
+pub(crate) fn parse_base(url: &str) -> Result<(bool, String, u16, String), String> {
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {

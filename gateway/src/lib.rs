@@ -12,6 +12,7 @@ pub mod errors;
 pub mod grants;
 pub mod ledger;
 pub mod llm;
+pub mod mcp;
 pub mod meter;
 pub mod sse;
 pub mod upstream;

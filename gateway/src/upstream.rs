@@ -75,17 +75,25 @@ impl Upstream {
         p: &Provider,
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
-        let who = format!("{}:{}", p.host, p.port);
-        let tcp = tokio::time::timeout(
-            CONNECT_TIMEOUT,
-            TcpStream::connect((p.host.as_str(), p.port)),
-        )
-        .await
-        .map_err(|_| UpstreamError::Connect(who.clone(), "timed out".into()))?
-        .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
+        self.send_to(p.tls, &p.host, p.port, req).await
+    }
+
+    /// Sends `req` (whose URI is a path) to `host:port`, over TLS if `tls`.
+    pub async fn send_to(
+        &self,
+        tls: bool,
+        host: &str,
+        port: u16,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        let who = format!("{host}:{port}");
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| UpstreamError::Connect(who.clone(), "timed out".into()))?
+            .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
         let _ = tcp.set_nodelay(true);
-        if p.tls {
-            let name = rustls_pki_types::ServerName::try_from(p.host.clone())
+        if tls {
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
                 .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
             let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
                 .await

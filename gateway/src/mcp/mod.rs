@@ -1,0 +1,7 @@
+//! The MCP gateway: each identity sees only its own tools, resources and prompts, namespaced
+//! by upstream server; a hidden one is absent from every listing and calling it by any spelling
+//! gets exactly what a nonexistent one gets, without reaching the upstream.
+
+pub mod config;
+pub mod cursor;
+pub mod upstream;

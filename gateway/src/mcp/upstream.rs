@@ -1,0 +1,457 @@
+//! Sessions with upstream MCP servers: a child process speaking newline-delimited JSON-RPC on
+//! stdio, or a streamable-HTTP endpoint. Each caller identity gets sessions of its own, so
+//! nothing one agent does upstream (state, subscriptions, a crash it provokes) touches another.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request};
+use http_body_util::{BodyExt, Full, Limited};
+use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::sync::oneshot;
+
+use crate::sse;
+use crate::upstream::Upstream;
+
+/// The protocol version the gateway speaks to upstream servers (widely supported).
+pub const UPSTREAM_VERSION: &str = "2025-06-18";
+/// Largest message accepted from an upstream server.
+const MAX_MESSAGE: usize = 16 << 20;
+/// How long one upstream request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A JSON-RPC error, or a transport failure expressed as one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    /// The JSON-RPC code.
+    pub code: i64,
+    /// The message.
+    pub message: String,
+    /// Extra data.
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    /// A transport failure (the server is gone, timed out or answered garbage).
+    pub fn transport(msg: impl Into<String>) -> RpcError {
+        RpcError {
+            code: -32603,
+            message: msg.into(),
+            data: None,
+        }
+    }
+
+    fn from_value(v: &Value) -> RpcError {
+        RpcError {
+            code: v.get("code").and_then(Value::as_i64).unwrap_or(-32603),
+            message: v
+                .get("message")
+                .and_then(Value::as_str)
+                .unwrap_or("upstream error")
+                .to_string(),
+            data: v.get("data").cloned(),
+        }
+    }
+}
+
+/// How an upstream server is reached.
+#[derive(Clone)]
+pub enum Transport {
+    /// A command the gateway starts, one process per caller.
+    Stdio {
+        /// The program.
+        command: String,
+        /// Its arguments.
+        args: Vec<String>,
+        /// Its environment (credentials go here), on top of a minimal one.
+        env: BTreeMap<String, String>,
+    },
+    /// A streamable-HTTP endpoint.
+    Http {
+        /// `https` or not.
+        tls: bool,
+        /// Host.
+        host: String,
+        /// Port.
+        port: u16,
+        /// The endpoint's path.
+        path: String,
+        /// Headers the gateway adds (credentials); never the client's.
+        headers: BTreeMap<String, String>,
+    },
+}
+
+impl std::fmt::Debug for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The environment and headers carry credentials: only their names are shown.
+        match self {
+            Transport::Stdio { command, args, env } => f
+                .debug_struct("Stdio")
+                .field("command", command)
+                .field("args", args)
+                .field("env", &env.keys().collect::<Vec<_>>())
+                .finish(),
+            Transport::Http {
+                tls,
+                host,
+                port,
+                path,
+                headers,
+            } => f
+                .debug_struct("Http")
+                .field("tls", tls)
+                .field("host", host)
+                .field("port", port)
+                .field("path", path)
+                .field("headers", &headers.keys().collect::<Vec<_>>())
+                .finish(),
+        }
+    }
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>>;
+
+/// One live session with one upstream server.
+pub struct Session {
+    next_id: AtomicU64,
+    inner: Inner,
+    alive: Arc<AtomicBool>,
+    /// Set when the server says its tool, resource or prompt lists changed.
+    pub changed: Arc<tokio::sync::Notify>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("alive", &self.alive.load(Ordering::SeqCst))
+            .finish()
+    }
+}
+
+enum Inner {
+    Stdio {
+        stdin: tokio::sync::Mutex<tokio::process::ChildStdin>,
+        pending: Pending,
+        _child: tokio::process::Child,
+    },
+    Http {
+        client: Upstream,
+        tls: bool,
+        host: String,
+        port: u16,
+        path: String,
+        headers: BTreeMap<String, String>,
+        session_id: Mutex<Option<String>>,
+    },
+}
+
+impl Session {
+    /// Starts (stdio) or opens (HTTP) a session and initializes it.
+    pub async fn connect(t: &Transport, upstream: &Upstream) -> Result<Session, RpcError> {
+        let alive = Arc::new(AtomicBool::new(true));
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let inner = match t {
+            Transport::Stdio { command, args, env } => {
+                let mut cmd = tokio::process::Command::new(command);
+                cmd.args(args)
+                    .env_clear()
+                    .env("PATH", std::env::var("PATH").unwrap_or_default())
+                    .envs(env)
+                    .stdin(Stdio::piped())
+                    .stdout(Stdio::piped())
+                    .stderr(Stdio::null())
+                    .kill_on_drop(true);
+                let mut child = cmd
+                    .spawn()
+                    .map_err(|e| RpcError::transport(format!("cannot start {command}: {e}")))?;
+                let stdin = child
+                    .stdin
+                    .take()
+                    .ok_or_else(|| RpcError::transport("no stdin"))?;
+                let stdout = child
+                    .stdout
+                    .take()
+                    .ok_or_else(|| RpcError::transport("no stdout"))?;
+                let pending: Pending = Arc::default();
+                tokio::spawn(read_stdio(
+                    stdout,
+                    pending.clone(),
+                    alive.clone(),
+                    changed.clone(),
+                ));
+                Inner::Stdio {
+                    stdin: tokio::sync::Mutex::new(stdin),
+                    pending,
+                    _child: child,
+                }
+            }
+            Transport::Http {
+                tls,
+                host,
+                port,
+                path,
+                headers,
+            } => Inner::Http {
+                client: upstream.clone(),
+                tls: *tls,
+                host: host.clone(),
+                port: *port,
+                path: path.clone(),
+                headers: headers.clone(),
+                session_id: Mutex::new(None),
+            },
+        };
+        let s = Session {
+            next_id: AtomicU64::new(1),
+            inner,
+            alive,
+            changed,
+        };
+        s.request(
+            "initialize",
+            json!({
+                "protocolVersion": UPSTREAM_VERSION,
+                "capabilities": {},
+                "clientInfo": {"name": "umbra-mcp-gateway", "version": env!("CARGO_PKG_VERSION")},
+            }),
+        )
+        .await?;
+        s.notify("notifications/initialized", json!({})).await?;
+        Ok(s)
+    }
+
+    /// Whether the session can still be used (a stdio server that exited cannot).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    /// Sends a request and waits for its result.
+    pub async fn request(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let msg = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
+        match &self.inner {
+            Inner::Stdio { stdin, pending, .. } => {
+                let (tx, rx) = oneshot::channel();
+                if let Ok(mut p) = pending.lock() {
+                    p.insert(id, tx);
+                }
+                let mut line = msg.to_string().into_bytes();
+                line.push(b'\n');
+                {
+                    let mut w = stdin.lock().await;
+                    if let Err(e) = w.write_all(&line).await {
+                        self.alive.store(false, Ordering::SeqCst);
+                        return Err(RpcError::transport(format!("upstream gone: {e}")));
+                    }
+                    let _ = w.flush().await;
+                }
+                match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(RpcError::transport("upstream exited")),
+                    Err(_) => Err(RpcError::transport("upstream timed out")),
+                }
+            }
+            Inner::Http { .. } => self.http(msg, Some(id)).await,
+        }
+    }
+
+    /// Sends a notification.
+    pub async fn notify(&self, method: &str, params: Value) -> Result<(), RpcError> {
+        let msg = json!({"jsonrpc": "2.0", "method": method, "params": params});
+        match &self.inner {
+            Inner::Stdio { stdin, .. } => {
+                let mut line = msg.to_string().into_bytes();
+                line.push(b'\n');
+                let mut w = stdin.lock().await;
+                w.write_all(&line)
+                    .await
+                    .map_err(|e| RpcError::transport(format!("upstream gone: {e}")))?;
+                let _ = w.flush().await;
+                Ok(())
+            }
+            Inner::Http { .. } => self.http(msg, None).await.map(|_| ()),
+        }
+    }
+
+    async fn http(&self, msg: Value, id: Option<u64>) -> Result<Value, RpcError> {
+        let Inner::Http {
+            client,
+            tls,
+            host,
+            port,
+            path,
+            headers,
+            session_id,
+        } = &self.inner
+        else {
+            return Err(RpcError::transport("not an HTTP session"));
+        };
+        let mut b = Request::builder()
+            .method(Method::POST)
+            .uri(path.as_str())
+            .header(http::header::HOST, format!("{host}:{port}"))
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(http::header::ACCEPT, "application/json, text/event-stream")
+            .header("mcp-protocol-version", UPSTREAM_VERSION);
+        if let Some(sid) = session_id.lock().ok().and_then(|s| s.clone()) {
+            b = b.header("mcp-session-id", sid);
+        }
+        for (k, v) in headers {
+            b = b.header(k.as_str(), v.as_str());
+        }
+        let req = b
+            .body(Full::new(Bytes::from(msg.to_string())))
+            .map_err(|e| RpcError::transport(e.to_string()))?;
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.send_to(*tls, host, *port, req))
+            .await
+            .map_err(|_| RpcError::transport("upstream timed out"))?
+            .map_err(|e| RpcError::transport(e.to_string()))?;
+        if let Some(sid) = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+        {
+            if let Ok(mut s) = session_id.lock() {
+                *s = Some(sid.to_string());
+            }
+        }
+        let status = resp.status();
+        if status == http::StatusCode::NOT_FOUND {
+            // The upstream forgot the session: it must be opened again.
+            self.alive.store(false, Ordering::SeqCst);
+        }
+        let Some(id) = id else {
+            return if status.is_success() {
+                Ok(Value::Null)
+            } else {
+                Err(RpcError::transport(format!("upstream answered {status}")))
+            };
+        };
+        let is_sse = resp
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let mut body = resp.into_body();
+        if is_sse {
+            let mut parser = sse::Parser::new(MAX_MESSAGE);
+            while let Some(frame) = body.frame().await {
+                let frame = frame.map_err(|e| RpcError::transport(e.to_string()))?;
+                let Ok(data) = frame.into_data() else {
+                    continue;
+                };
+                let items = parser
+                    .push(&data)
+                    .map_err(|e| RpcError::transport(e.to_string()))?;
+                for item in items {
+                    if let sse::Item::Event(ev) = item {
+                        if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                            if let Some(r) = self.response_for(&v, id) {
+                                return r;
+                            }
+                        }
+                    }
+                }
+            }
+            return Err(RpcError::transport(
+                "upstream stream ended without an answer",
+            ));
+        }
+        let bytes = Limited::new(body, MAX_MESSAGE)
+            .collect()
+            .await
+            .map_err(|e| RpcError::transport(e.to_string()))?
+            .to_bytes();
+        if !status.is_success() {
+            if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
+                if let Some(e) = v.get("error") {
+                    return Err(RpcError::from_value(e));
+                }
+            }
+            return Err(RpcError::transport(format!("upstream answered {status}")));
+        }
+        let v: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| RpcError::transport(format!("upstream answered garbage: {e}")))?;
+        self.response_for(&v, id)
+            .unwrap_or_else(|| Err(RpcError::transport("upstream answered another request")))
+    }
+
+    /// The result or error in `v` if it answers `id`; notifications are noted on the way.
+    fn response_for(&self, v: &Value, id: u64) -> Option<Result<Value, RpcError>> {
+        if is_list_changed(v) {
+            self.changed.notify_waiters();
+        }
+        if v.get("id").and_then(Value::as_u64) != Some(id) {
+            return None;
+        }
+        Some(match (v.get("result"), v.get("error")) {
+            (Some(r), _) => Ok(r.clone()),
+            (None, Some(e)) => Err(RpcError::from_value(e)),
+            _ => Err(RpcError::transport("malformed upstream answer")),
+        })
+    }
+}
+
+fn is_list_changed(v: &Value) -> bool {
+    matches!(
+        v.get("method").and_then(Value::as_str),
+        Some(
+            "notifications/tools/list_changed"
+                | "notifications/resources/list_changed"
+                | "notifications/prompts/list_changed"
+        )
+    )
+}
+
+async fn read_stdio(
+    stdout: tokio::process::ChildStdout,
+    pending: Pending,
+    alive: Arc<AtomicBool>,
+    changed: Arc<tokio::sync::Notify>,
+) {
+    let mut lines = BufReader::with_capacity(64 * 1024, stdout);
+    let mut buf = Vec::new();
+    loop {
+        buf.clear();
+        match lines.read_until(b'\n', &mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(_) if buf.len() > MAX_MESSAGE => break,
+            Ok(_) => {}
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
+            continue;
+        };
+        if is_list_changed(&v) {
+            changed.notify_waiters();
+            continue;
+        }
+        let Some(id) = v.get("id").and_then(Value::as_u64) else {
+            continue;
+        };
+        if v.get("method").is_some() {
+            // A request from the server (sampling, roots): the gateway offers none.
+            continue;
+        }
+        let r = match (v.get("result"), v.get("error")) {
+            (Some(r), _) => Ok(r.clone()),
+            (None, Some(e)) => Err(RpcError::from_value(e)),
+            _ => Err(RpcError::transport("malformed upstream answer")),
+        };
+        let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
+        if let Some(tx) = tx {
+            let _ = tx.send(r);
+        }
+    }
+    alive.store(false, Ordering::SeqCst);
+    // Everyone waiting learns the server is gone.
+    if let Ok(mut p) = pending.lock() {
+        for (_, tx) in p.drain() {
+            let _ = tx.send(Err(RpcError::transport("upstream exited")));
+        }
+    }
+}
