@@ -437,4 +437,13 @@ pub enum GatewayCmd {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The MCP gateway: which tools, resources and prompts, by the caller's identity
+    Mcp {
+        /// The gateway's identity file (it must hold Bind on the service)
+        #[arg(long)]
+        identity: PathBuf,
+        /// Upstream MCP servers (YAML)
+        #[arg(long)]
+        config: PathBuf,
+    },
 }

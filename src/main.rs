@@ -171,6 +171,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gateway(cli::GatewayCmd::Llm { identity, config }) => {
             gateway_llm(identity, config, cli.controller).await
         }
+        Command::Gateway(cli::GatewayCmd::Mcp { identity, config }) => {
+            gateway_mcp(identity, config, cli.controller).await
+        }
         command => admin::run(&cli.admin, cli.controller.as_deref(), cli.json, command).await,
     }
 }
@@ -229,6 +232,28 @@ async fn gateway_llm(
     let models = cfg.models.len();
     let gateway = umbra_gateway::Gateway::start(ctx, cfg).await?;
     println!("llm gateway hosting service {service} ({models} models); no listening port");
+    shutdown_signal().await;
+    drop(gateway);
+    Ok(())
+}
+
+/// Runs the MCP gateway until interrupted.
+async fn gateway_mcp(
+    identity: std::path::PathBuf,
+    config: std::path::PathBuf,
+    controller: Option<String>,
+) -> anyhow::Result<()> {
+    let cfg = umbra_gateway::mcp::McpConfig::load(&config)?;
+    let file = umbra_pki::IdentityFile::load(&identity)
+        .with_context(|| format!("identity {}", identity.display()))?;
+    let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
+    ctx.set_identity_path(&identity);
+    let service = cfg.service.clone();
+    let servers = cfg.servers.len();
+    let gateway = umbra_gateway::mcp::McpGateway::start(ctx, cfg).await?;
+    println!(
+        "mcp gateway hosting service {service} ({servers} upstream servers); no listening port"
+    );
     shutdown_signal().await;
     drop(gateway);
     Ok(())

@@ -5,7 +5,9 @@
 //! it may spend (its prompt estimate plus its output cap, clamped to what is left), so concurrent
 //! requests cannot together overspend by more than one reservation. When it ends, the
 //! reservation is replaced by what the provider reported. Spending is stored in SQLite and
-//! survives a restart; reservations are in memory only (a crash releases them).
+//! survives a restart; reservations are in memory only (a crash releases them). The database
+//! runs in WAL mode with `synchronous=NORMAL`: a process crash loses nothing, a power loss at
+//! most the last moments of records, and no request waits for a disk flush.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -105,7 +107,7 @@ impl Ledger {
         let conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
-             PRAGMA synchronous=FULL;
+             PRAGMA synchronous=NORMAL;
              CREATE TABLE IF NOT EXISTS requests (
                 id INTEGER PRIMARY KEY,
                 at INTEGER NOT NULL,

@@ -209,6 +209,8 @@ async fn serve(listener: TcpListener, shared: Arc<Shared>) {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 };
+                // As providers' front ends do: each event leaves at once, not after an ACK.
+                let _ = stream.set_nodelay(true);
                 let shared = shared.clone();
                 conns.spawn(async move {
                     let svc = hyper::service::service_fn(move |req| {

@@ -2,6 +2,11 @@
 //! by upstream server; a hidden one is absent from every listing and calling it by any spelling
 //! gets exactly what a nonexistent one gets, without reaching the upstream.
 
+pub mod catalog;
 pub mod config;
 pub mod cursor;
+pub mod server;
 pub mod upstream;
+
+pub use config::McpConfig;
+pub use server::{McpError, McpGateway};

@@ -1,0 +1,847 @@
+//! The MCP gateway's server: streamable HTTP on overlay streams (no listening port).
+//!
+//! Sessions (protocol 2025-06-18 and 2025-11-25) are bound to the identity that opened them:
+//! another identity presenting a session id gets the same 404 as an unknown or expired one.
+//! The stateless revision (2026-07-28) needs no session: each request names its method (and
+//! tool, resource or prompt) in headers that must match the body. Every list is the caller's
+//! own: filtered before paging, sorted, paged with identity-bound cursors, marked private.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, watch};
+use umbra_policies::{IdentityId, Name};
+use umbra_proto::api::HostedGrant;
+use umbra_sdk::{Caller, Context, SdkError};
+
+use super::catalog::{self, Catalog, Kind};
+use super::config::McpConfig;
+use super::cursor::Cursors;
+use super::upstream::{RpcError, Session};
+use crate::grants::Grants;
+use crate::upstream::Upstream;
+use crate::Body;
+
+/// Versions with sessions, newest first.
+pub const SESSION_VERSIONS: [&str; 2] = ["2025-11-25", "2025-06-18"];
+/// The stateless version.
+pub const STATELESS_VERSION: &str = "2026-07-28";
+
+const PARSE_ERROR: i64 = -32700;
+const INVALID_REQUEST: i64 = -32600;
+const METHOD_NOT_FOUND: i64 = -32601;
+const INVALID_PARAMS: i64 = -32602;
+const INTERNAL_ERROR: i64 = -32603;
+/// The code the streamable-HTTP transport uses for header and session problems.
+const TRANSPORT_ERROR: i64 = -32000;
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum McpError {
+    /// Binding the service or watching the view failed.
+    #[error(transparent)]
+    Sdk(#[from] SdkError),
+    /// The service name is invalid.
+    #[error("invalid service name: {0}")]
+    Service(String),
+    /// The audit file could not be opened.
+    #[error("audit log: {0}")]
+    Audit(std::io::Error),
+}
+
+struct ClientSession {
+    identity: IdentityId,
+    version: String,
+    last_seen: Instant,
+    /// The GET stream's sender, when the client holds one open.
+    events: Option<mpsc::Sender<Bytes>>,
+    /// What the caller saw of each kind when last told.
+    seen: HashMap<Kind, u64>,
+}
+
+struct Shared {
+    cfg: McpConfig,
+    grants: watch::Receiver<Arc<Grants>>,
+    upstream: Upstream,
+    upstreams: tokio::sync::Mutex<HashMap<(IdentityId, String), Arc<Session>>>,
+    catalogs: Mutex<HashMap<IdentityId, Arc<Catalog>>>,
+    sessions: Mutex<HashMap<String, ClientSession>>,
+    cursors: Cursors,
+    audit: Option<Mutex<std::fs::File>>,
+    /// Woken when an upstream's lists changed; a task then tells the sessions concerned.
+    changes: tokio::sync::Notify,
+}
+
+/// A running MCP gateway.
+pub struct McpGateway {
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for McpGateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("McpGateway")
+    }
+}
+
+impl Drop for McpGateway {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn now_rfc3339() -> String {
+    let secs = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    format!("{secs}")
+}
+
+fn random_id() -> String {
+    let mut b = [0u8; 16];
+    let _ = ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+impl McpGateway {
+    /// Binds the configured service and serves it until dropped.
+    pub async fn start(ctx: Context, cfg: McpConfig) -> Result<McpGateway, McpError> {
+        let service =
+            Name::new(cfg.service.as_str()).map_err(|e| McpError::Service(e.to_string()))?;
+        let audit = match &cfg.audit {
+            Some(p) => Some(Mutex::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(McpError::Audit)?,
+            )),
+            None => None,
+        };
+        let mut watch_edge = ctx.watch_edge().await?;
+        let first = watch_edge
+            .next()
+            .await?
+            .map(|v| Grants::from_view(&v, service.as_str()))
+            .unwrap_or_default();
+        let (tx, grants) = watch::channel(Arc::new(first));
+        let shared = Arc::new(Shared {
+            cfg,
+            grants,
+            upstream: Upstream::new(),
+            upstreams: Default::default(),
+            catalogs: Default::default(),
+            sessions: Default::default(),
+            cursors: Cursors::new(),
+            audit,
+            changes: tokio::sync::Notify::new(),
+        });
+        let (svc, wctx, s) = (service.to_string(), ctx.clone(), shared.clone());
+        let watcher = tokio::spawn(async move {
+            loop {
+                while let Ok(Some(view)) = watch_edge.next().await {
+                    tx.send_replace(Arc::new(Grants::from_view(&view, &svc)));
+                    notify_changes(&s).await;
+                }
+                loop {
+                    match wctx.watch_edge().await {
+                        Ok(w) => {
+                            watch_edge = w;
+                            break;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot watch the controller");
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
+            }
+        });
+        let mut listener = ctx.bind(service.as_str()).await?;
+        let s = shared.clone();
+        let server = tokio::spawn(async move {
+            loop {
+                let (stream, caller) = match listener.accept().await {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "the MCP gateway's listener ended");
+                        return;
+                    }
+                };
+                let s = s.clone();
+                tokio::spawn(async move {
+                    let caller = Arc::new(caller);
+                    let svc = hyper::service::service_fn(move |req| {
+                        let (s, caller) = (s.clone(), caller.clone());
+                        async move { Ok::<_, Infallible>(handle(s, caller, req).await) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        let s = shared.clone();
+        let reaper = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let ttl = s.cfg.session_ttl;
+                if let Ok(mut m) = s.sessions.lock() {
+                    m.retain(|_, c| c.last_seen.elapsed() < ttl);
+                }
+            }
+        });
+        let s = shared.clone();
+        let upstream_changes = tokio::spawn(async move {
+            loop {
+                s.changes.notified().await;
+                notify_changes(&s).await;
+            }
+        });
+        Ok(McpGateway {
+            tasks: vec![watcher, server, reaper, upstream_changes],
+        })
+    }
+}
+
+fn rpc_error(id: &Value, code: i64, message: &str) -> Value {
+    json!({"jsonrpc": "2.0", "id": id, "error": {"code": code, "message": message}})
+}
+
+fn respond(status: StatusCode, body: &Value, private: bool) -> Response<Body> {
+    let mut r = Response::new(
+        Full::new(Bytes::from(body.to_string()))
+            .map_err(|e| match e {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if private {
+        r.headers_mut().insert(
+            http::header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        );
+    }
+    r
+}
+
+fn empty(status: StatusCode) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::new()).map_err(|e| match e {}).boxed());
+    *r.status_mut() = status;
+    r
+}
+
+fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// A GET stream's body.
+struct ChannelBody(mpsc::Receiver<Bytes>);
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+async fn handle(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
+    // A browser page must not drive an agent's tools: a foreign Origin is refused.
+    if let Some(origin) = header(req.headers(), "origin") {
+        if !s.cfg.allowed_origins.iter().any(|o| o == origin) {
+            return respond(
+                StatusCode::FORBIDDEN,
+                &rpc_error(&Value::Null, TRANSPORT_ERROR, "Forbidden: invalid Origin"),
+                false,
+            );
+        }
+    }
+    match *req.method() {
+        Method::POST => post(s, caller, req).await,
+        Method::GET => get_stream(&s, &caller, req.headers()),
+        Method::DELETE => {
+            let sid = header(req.headers(), "mcp-session-id").map(String::from);
+            match sid.and_then(|sid| take_session(&s, &caller, &sid)) {
+                Some(()) => empty(StatusCode::OK),
+                None => session_not_found(),
+            }
+        }
+        _ => empty(StatusCode::METHOD_NOT_ALLOWED),
+    }
+}
+
+fn session_not_found() -> Response<Body> {
+    respond(
+        StatusCode::NOT_FOUND,
+        &rpc_error(&Value::Null, TRANSPORT_ERROR, "Session not found"),
+        false,
+    )
+}
+
+fn take_session(s: &Shared, caller: &Caller, sid: &str) -> Option<()> {
+    let mut m = s.sessions.lock().ok()?;
+    match m.get(sid) {
+        Some(c) if c.identity == caller.id => {
+            m.remove(sid);
+            Some(())
+        }
+        _ => None,
+    }
+}
+
+/// The session's version, refreshing its idle timer, if it belongs to the caller.
+fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
+    let mut m = s.sessions.lock().ok()?;
+    let c = m.get_mut(sid)?;
+    if c.identity != caller.id || c.last_seen.elapsed() >= s.cfg.session_ttl {
+        return None;
+    }
+    c.last_seen = Instant::now();
+    Some(c.version.clone())
+}
+
+fn get_stream(s: &Shared, caller: &Caller, h: &HeaderMap) -> Response<Body> {
+    let Some(sid) = header(h, "mcp-session-id") else {
+        return empty(StatusCode::METHOD_NOT_ALLOWED);
+    };
+    if touch(s, caller, sid).is_none() {
+        return session_not_found();
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    if let Ok(mut m) = s.sessions.lock() {
+        if let Some(c) = m.get_mut(sid) {
+            c.events = Some(tx.clone());
+        }
+    }
+    // Comments keep idle proxies from closing the stream.
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            if tx
+                .send(Bytes::from_static(b": keep-alive\n\n"))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    r
+}
+
+async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
+    let headers = req.headers().clone();
+    let bytes = match Limited::new(req.into_body(), s.cfg.max_request_bytes)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(_) => {
+            return respond(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &rpc_error(&Value::Null, INVALID_REQUEST, "Request body too large"),
+                false,
+            )
+        }
+    };
+    let msg: Value = match serde_json::from_slice(&bytes) {
+        Ok(v) => v,
+        Err(_) => {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                &rpc_error(&Value::Null, PARSE_ERROR, "Parse error"),
+                false,
+            )
+        }
+    };
+    let id = msg.get("id").cloned().unwrap_or(Value::Null);
+    let valid_id = matches!(id, Value::Null | Value::String(_) | Value::Number(_));
+    let method = msg.get("method").and_then(Value::as_str).map(String::from);
+    if !msg.is_object() || msg.get("jsonrpc") != Some(&json!("2.0")) || !valid_id {
+        return respond(
+            StatusCode::BAD_REQUEST,
+            &rpc_error(&Value::Null, INVALID_REQUEST, "Invalid Request"),
+            false,
+        );
+    }
+    let Some(method) = method else {
+        // A response from the client (to a request we never send): accepted and ignored.
+        return empty(StatusCode::ACCEPTED);
+    };
+    let params = msg.get("params").cloned().unwrap_or_else(|| json!({}));
+    if !params.is_object() {
+        return respond(
+            StatusCode::OK,
+            &rpc_error(&id, INVALID_PARAMS, "params must be an object"),
+            false,
+        );
+    }
+    let version_header = header(&headers, "mcp-protocol-version").map(String::from);
+    let stateless = version_header.as_deref() == Some(STATELESS_VERSION);
+    if stateless {
+        // The routing headers must say what the body says.
+        let want_name = match method.as_str() {
+            "tools/call" | "prompts/get" => params.get("name").and_then(Value::as_str),
+            "resources/read" => params.get("uri").and_then(Value::as_str),
+            _ => None,
+        };
+        let hm = header(&headers, "mcp-method");
+        let hn = header(&headers, "mcp-name");
+        if hm != Some(method.as_str()) || (want_name.is_some() && hn != want_name) {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                &rpc_error(
+                    &id,
+                    TRANSPORT_ERROR,
+                    "Bad Request: Mcp-Method and Mcp-Name headers must match the request body",
+                ),
+                false,
+            );
+        }
+    } else if method != "initialize" {
+        let Some(sid) = header(&headers, "mcp-session-id") else {
+            return respond(
+                StatusCode::BAD_REQUEST,
+                &rpc_error(&id, TRANSPORT_ERROR, "Bad Request: Missing session ID"),
+                false,
+            );
+        };
+        let Some(version) = touch(&s, &caller, sid) else {
+            return session_not_found();
+        };
+        if let Some(v) = &version_header {
+            if *v != version && !SESSION_VERSIONS.contains(&v.as_str()) {
+                return respond(
+                    StatusCode::BAD_REQUEST,
+                    &rpc_error(
+                        &id,
+                        TRANSPORT_ERROR,
+                        &format!("Bad Request: Unsupported protocol version: {v}"),
+                    ),
+                    false,
+                );
+            }
+        }
+    }
+    if msg.get("id").is_none() {
+        // A notification: nothing to answer.
+        return empty(StatusCode::ACCEPTED);
+    }
+    let grants = s.grants.borrow().of(&caller.id).to_vec();
+    match method.as_str() {
+        "initialize" if !stateless => initialize(&s, &caller, &id, &params, &grants).await,
+        "server/discover" => respond(StatusCode::OK, &discover(&id), false),
+        "ping" => respond(
+            StatusCode::OK,
+            &json!({"jsonrpc": "2.0", "id": id, "result": {}}),
+            false,
+        ),
+        "tools/list" => list(&s, &caller, &grants, &id, &params, Kind::Tools).await,
+        "resources/list" => list(&s, &caller, &grants, &id, &params, Kind::Resources).await,
+        "prompts/list" => list(&s, &caller, &grants, &id, &params, Kind::Prompts).await,
+        "resources/templates/list" => respond(
+            StatusCode::OK,
+            &json!({"jsonrpc": "2.0", "id": id, "result": {"resourceTemplates": []}}),
+            true,
+        ),
+        "tools/call" => call(&s, &caller, &grants, &id, &params, Kind::Tools).await,
+        "resources/read" => call(&s, &caller, &grants, &id, &params, Kind::Resources).await,
+        "prompts/get" => call(&s, &caller, &grants, &id, &params, Kind::Prompts).await,
+        _ => respond(
+            StatusCode::OK,
+            &rpc_error(&id, METHOD_NOT_FOUND, "Method not found"),
+            false,
+        ),
+    }
+}
+
+fn capabilities() -> Value {
+    json!({
+        "tools": {"listChanged": true},
+        "resources": {"listChanged": true},
+        "prompts": {"listChanged": true},
+    })
+}
+
+fn server_info() -> Value {
+    json!({"name": "umbra-mcp-gateway", "version": env!("CARGO_PKG_VERSION")})
+}
+
+fn discover(id: &Value) -> Value {
+    let mut versions = vec![STATELESS_VERSION];
+    versions.extend(SESSION_VERSIONS);
+    json!({"jsonrpc": "2.0", "id": id, "result": {
+        "supportedVersions": versions,
+        "capabilities": capabilities(),
+        "serverInfo": server_info(),
+        "resultType": "complete",
+    }})
+}
+
+async fn initialize(
+    s: &Arc<Shared>,
+    caller: &Caller,
+    id: &Value,
+    params: &Value,
+    grants: &[HostedGrant],
+) -> Response<Body> {
+    let asked = params.get("protocolVersion").and_then(Value::as_str);
+    let version = asked
+        .filter(|v| SESSION_VERSIONS.contains(v))
+        .unwrap_or(SESSION_VERSIONS[0])
+        .to_string();
+    let sid = random_id();
+    // What the caller sees now, so that a later change can be told to it alone.
+    let cat = catalog_for(s, &caller.id).await;
+    let seen = Kind::ALL
+        .iter()
+        .map(|k| (*k, catalog::fingerprint(&cat, grants, *k)))
+        .collect();
+    if let Ok(mut m) = s.sessions.lock() {
+        m.insert(
+            sid.clone(),
+            ClientSession {
+                identity: caller.id.clone(),
+                version: version.clone(),
+                last_seen: Instant::now(),
+                events: None,
+                seen,
+            },
+        );
+    }
+    let mut r = respond(
+        StatusCode::OK,
+        &json!({"jsonrpc": "2.0", "id": id, "result": {
+            "protocolVersion": version,
+            "capabilities": capabilities(),
+            "serverInfo": server_info(),
+        }}),
+        false,
+    );
+    if let Ok(v) = HeaderValue::from_str(&sid) {
+        r.headers_mut().insert("mcp-session-id", v);
+    }
+    r
+}
+
+/// The caller's upstream session with `server`, started (or restarted) as needed.
+async fn session_for(s: &Shared, who: &IdentityId, server: &str) -> Result<Arc<Session>, RpcError> {
+    let key = (who.clone(), server.to_string());
+    let mut map = s.upstreams.lock().await;
+    if let Some(sess) = map.get(&key) {
+        if sess.alive() {
+            return Ok(sess.clone());
+        }
+    }
+    let cfg = s
+        .cfg
+        .servers
+        .get(server)
+        .ok_or_else(|| RpcError::transport("unknown server"))?;
+    let sess = Arc::new(Session::connect(&cfg.transport, &s.upstream).await?);
+    map.insert(key, sess.clone());
+    Ok(sess)
+}
+
+/// Every page of an upstream list.
+async fn fetch_all(sess: &Session, kind: Kind) -> Result<Vec<Value>, RpcError> {
+    let mut out = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..1000 {
+        let params = match &cursor {
+            Some(c) => json!({"cursor": c}),
+            None => json!({}),
+        };
+        let r = sess
+            .request(&format!("{}/list", kind.key()), params)
+            .await?;
+        if let Some(items) = r.get(kind.key()).and_then(Value::as_array) {
+            out.extend(items.iter().cloned());
+        }
+        match r.get("nextCursor").and_then(Value::as_str) {
+            Some(c) if !c.is_empty() => cursor = Some(c.to_string()),
+            _ => break,
+        }
+    }
+    Ok(out)
+}
+
+/// The identity's catalog, from cache or from its upstream sessions. A server that cannot be
+/// reached contributes nothing until it can.
+async fn catalog_for(s: &Arc<Shared>, who: &IdentityId) -> Arc<Catalog> {
+    if let Some(c) = s.catalogs.lock().ok().and_then(|m| m.get(who).cloned()) {
+        return c;
+    }
+    let mut cat = Catalog::default();
+    let mut complete = true;
+    for (name, _) in s.cfg.servers.iter() {
+        let sess = match session_for(s, who, name).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(server = %name, error = %e.message, "upstream unavailable");
+                complete = false;
+                continue;
+            }
+        };
+        for kind in Kind::ALL {
+            match fetch_all(&sess, kind).await {
+                Ok(items) => cat.add(kind, name, &s.cfg.separator, items),
+                // A server without resources or prompts answers method-not-found.
+                Err(e) if e.code == METHOD_NOT_FOUND => {}
+                Err(e) => {
+                    tracing::warn!(server = %name, error = %e.message, "upstream list failed");
+                    complete = false;
+                }
+            }
+        }
+        // When this server says its lists changed, the identity's catalog is rebuilt.
+        let (s2, who2, changed) = (s.clone(), who.clone(), sess.changed.clone());
+        tokio::spawn(async move {
+            changed.notified().await;
+            if let Ok(mut m) = s2.catalogs.lock() {
+                m.remove(&who2);
+            }
+            s2.changes.notify_one();
+        });
+    }
+    cat.seal();
+    let cat = Arc::new(cat);
+    if complete {
+        if let Ok(mut m) = s.catalogs.lock() {
+            m.insert(who.clone(), cat.clone());
+        }
+    }
+    cat
+}
+
+/// Tells each session whose visible lists changed (and only those) that they did.
+async fn notify_changes(s: &Arc<Shared>) {
+    let ids: Vec<(String, IdentityId)> = match s.sessions.lock() {
+        Ok(m) => m
+            .iter()
+            .map(|(k, c)| (k.clone(), c.identity.clone()))
+            .collect(),
+        Err(_) => return,
+    };
+    for (sid, who) in ids {
+        let grants = s.grants.borrow().of(&who).to_vec();
+        let cat = catalog_for(s, &who).await;
+        let mut to_send = Vec::new();
+        if let Ok(mut m) = s.sessions.lock() {
+            let Some(c) = m.get_mut(&sid) else {
+                continue;
+            };
+            for kind in Kind::ALL {
+                let fp = catalog::fingerprint(&cat, &grants, kind);
+                if c.seen.get(&kind) != Some(&fp) {
+                    c.seen.insert(kind, fp);
+                    if let Some(tx) = &c.events {
+                        to_send.push((tx.clone(), kind));
+                    }
+                }
+            }
+        }
+        for (tx, kind) in to_send {
+            let msg = json!({"jsonrpc": "2.0", "method": kind.changed_method()});
+            let ev = format!("event: message\ndata: {msg}\n\n");
+            let _ = tx.send(Bytes::from(ev)).await;
+        }
+    }
+}
+
+async fn list(
+    s: &Arc<Shared>,
+    caller: &Caller,
+    grants: &[HostedGrant],
+    id: &Value,
+    params: &Value,
+    kind: Kind,
+) -> Response<Body> {
+    let offset = match params.get("cursor") {
+        None | Some(Value::Null) => 0,
+        Some(Value::String(c)) => match s.cursors.open(kind.key(), caller.id.as_str(), c) {
+            Some(o) => o as usize,
+            None => {
+                return respond(
+                    StatusCode::OK,
+                    &rpc_error(id, INVALID_PARAMS, "Invalid cursor"),
+                    false,
+                )
+            }
+        },
+        Some(_) => {
+            return respond(
+                StatusCode::OK,
+                &rpc_error(id, INVALID_PARAMS, "Invalid cursor"),
+                false,
+            )
+        }
+    };
+    let cat = catalog_for(s, &caller.id).await;
+    let visible = catalog::visible_list(&cat, grants, kind);
+    let page: Vec<Value> = visible
+        .iter()
+        .skip(offset)
+        .take(s.cfg.page_size)
+        .map(|e| e.item.clone())
+        .collect();
+    let mut result = json!({ kind.key(): page });
+    if offset + s.cfg.page_size < visible.len() {
+        result["nextCursor"] = json!(s.cursors.issue(
+            kind.key(),
+            caller.id.as_str(),
+            (offset + s.cfg.page_size) as u64
+        ));
+    }
+    respond(
+        StatusCode::OK,
+        &json!({"jsonrpc": "2.0", "id": id, "result": result}),
+        true,
+    )
+}
+
+/// How a call ended, for the audit log.
+struct Outcome<'a> {
+    decision: &'a str,
+    took: Duration,
+    result_bytes: usize,
+}
+
+fn audit(s: &Shared, caller: &Caller, kind: Kind, name: &str, out: Outcome<'_>, params: &Value) {
+    let args = params.get("arguments").cloned().unwrap_or(Value::Null);
+    let args_field = if s.cfg.log_arguments {
+        json!({"arguments": args})
+    } else {
+        let digest = ring::digest::digest(&ring::digest::SHA256, args.to_string().as_bytes());
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        json!({"arguments_sha256": hex})
+    };
+    let mut ev = json!({
+        "at": now_rfc3339(),
+        "identity": caller.name.as_str(),
+        "kind": kind.key(),
+        "name": name,
+        "decision": out.decision,
+        "duration_ms": out.took.as_secs_f64() * 1000.0,
+        "result_bytes": out.result_bytes,
+    });
+    if let (Some(o), Some(a)) = (ev.as_object_mut(), args_field.as_object()) {
+        for (k, v) in a {
+            o.insert(k.clone(), v.clone());
+        }
+    }
+    tracing::info!(identity = %caller.name, %name, decision = out.decision, "mcp call");
+    if let Some(f) = &s.audit {
+        if let Ok(mut f) = f.lock() {
+            use std::io::Write;
+            let _ = writeln!(f, "{ev}");
+        }
+    }
+}
+
+async fn call(
+    s: &Arc<Shared>,
+    caller: &Caller,
+    grants: &[HostedGrant],
+    id: &Value,
+    params: &Value,
+    kind: Kind,
+) -> Response<Body> {
+    let t0 = Instant::now();
+    let field = kind.name_field();
+    let Some(name) = params.get(field).and_then(Value::as_str) else {
+        return respond(
+            StatusCode::OK,
+            &rpc_error(id, INVALID_PARAMS, &format!("`{field}` is required")),
+            false,
+        );
+    };
+    let cat = catalog_for(s, &caller.id).await;
+    // Exactly one message for a name that is hidden and one that does not exist.
+    let Some(entry) = catalog::find(&cat, grants, kind, name).cloned() else {
+        let out = Outcome {
+            decision: "denied",
+            took: t0.elapsed(),
+            result_bytes: 0,
+        };
+        audit(s, caller, kind, name, out, params);
+        let what = match kind {
+            Kind::Tools => format!("Unknown tool: {name}"),
+            Kind::Resources => format!("Unknown resource: {name}"),
+            Kind::Prompts => format!("Unknown prompt: {name}"),
+        };
+        return respond(StatusCode::OK, &rpc_error(id, INVALID_PARAMS, &what), false);
+    };
+    let mut up_params = params.clone();
+    if let Some(o) = up_params.as_object_mut() {
+        o.insert(field.into(), Value::String(entry.upstream.clone()));
+        o.remove("_meta");
+    }
+    let method = match kind {
+        Kind::Tools => "tools/call",
+        Kind::Resources => "resources/read",
+        Kind::Prompts => "prompts/get",
+    };
+    let result = match session_for(s, &caller.id, &entry.server).await {
+        Ok(sess) => sess.request(method, up_params).await,
+        Err(e) => Err(e),
+    };
+    let body = match result {
+        Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
+        Err(e) => {
+            if e.code == INTERNAL_ERROR {
+                // The server is gone: the next call starts it again; its list may differ.
+                if let Ok(mut m) = s.catalogs.lock() {
+                    m.remove(&caller.id);
+                }
+            }
+            json!({"jsonrpc": "2.0", "id": id, "error": {"code": e.code, "message": e.message}})
+        }
+    };
+    let text = body.to_string();
+    audit(
+        s,
+        caller,
+        kind,
+        name,
+        "allowed",
+        t0.elapsed(),
+        text.len(),
+        params,
+    );
+    let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
