@@ -828,16 +828,12 @@ async fn call(
         }
     };
     let text = body.to_string();
-    audit(
-        s,
-        caller,
-        kind,
-        name,
-        "allowed",
-        t0.elapsed(),
-        text.len(),
-        params,
-    );
+    let out = Outcome {
+        decision: "allowed",
+        took: t0.elapsed(),
+        result_bytes: text.len(),
+    };
+    audit(s, caller, kind, name, out, params);
     let mut r = Response::new(Full::new(Bytes::from(text)).map_err(|e| match e {}).boxed());
     r.headers_mut().insert(
         http::header::CONTENT_TYPE,
