@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
@@ -38,12 +38,36 @@ pub const SESSION_VERSIONS: [&str; 2] = ["2025-11-25", "2025-06-18"];
 pub const STATELESS_VERSION: &str = "2026-07-28";
 
 const PARSE_ERROR: i64 = -32700;
+/// How much of an oversized body is read (and dropped) before answering 413.
+const DRAIN_LIMIT: usize = 64 << 20;
 const INVALID_REQUEST: i64 = -32600;
 const METHOD_NOT_FOUND: i64 = -32601;
 const INVALID_PARAMS: i64 = -32602;
 const INTERNAL_ERROR: i64 = -32603;
-/// The code the streamable-HTTP transport uses for header and session problems.
+/// The code the streamable-HTTP transport uses for session and origin problems.
 const TRANSPORT_ERROR: i64 = -32000;
+/// The stateless revision's code for routing headers that disagree with the body.
+const HEADER_MISMATCH: i64 = -32020;
+
+/// A routing header's value: verbatim, or the UTF-8 inside the `=?base64?...?=` form that
+/// carries names HTTP fields cannot (non-ASCII, edge spaces). A malformed form is `None`, which
+/// matches nothing.
+fn decode_header_value(v: &str) -> Option<String> {
+    use base64::Engine as _;
+    let Some(payload) = v
+        .strip_prefix("=?base64?")
+        .and_then(|p| p.strip_suffix("?="))
+    else {
+        return Some(v.to_string());
+    };
+    let engine = base64::engine::general_purpose::STANDARD;
+    let bytes = engine.decode(payload).ok()?;
+    // Only the canonical encoding of those bytes is accepted.
+    if engine.encode(&bytes) != payload {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -293,7 +317,7 @@ async fn handle(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> 
 fn session_not_found() -> Response<Body> {
     respond(
         StatusCode::NOT_FOUND,
-        &rpc_error(&Value::Null, TRANSPORT_ERROR, "Session not found"),
+        &rpc_error(&Value::Null, INVALID_REQUEST, "Session not found"),
         false,
     )
 }
@@ -360,19 +384,34 @@ fn get_stream(s: &Shared, caller: &Caller, h: &HeaderMap) -> Response<Body> {
 
 async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
     let headers = req.headers().clone();
-    let bytes = match Limited::new(req.into_body(), s.cfg.max_request_bytes)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(_) => {
-            return respond(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                &rpc_error(&Value::Null, INVALID_REQUEST, "Request body too large"),
-                false,
-            )
+    let mut body = req.into_body();
+    let mut buf = Vec::new();
+    let mut too_large = false;
+    let mut seen = 0usize;
+    // Read to the end even past the limit (bounded), so the client, still writing, gets the
+    // answer instead of a reset connection.
+    while let Some(frame) = body.frame().await {
+        let Ok(frame) = frame else { break };
+        if let Ok(d) = frame.into_data() {
+            seen += d.len();
+            if seen > s.cfg.max_request_bytes {
+                too_large = true;
+                if seen > DRAIN_LIMIT {
+                    break;
+                }
+            } else {
+                buf.extend_from_slice(&d);
+            }
         }
-    };
+    }
+    if too_large {
+        return respond(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            &rpc_error(&Value::Null, INVALID_REQUEST, "Request body too large"),
+            false,
+        );
+    }
+    let bytes = Bytes::from(buf);
     let msg: Value = match serde_json::from_slice(&bytes) {
         Ok(v) => v,
         Err(_) => {
@@ -415,15 +454,18 @@ async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Re
             _ => None,
         };
         let hm = header(&headers, "mcp-method");
-        let hn = header(&headers, "mcp-name");
-        if hm != Some(method.as_str()) || (want_name.is_some() && hn != want_name) {
+        let hn = header(&headers, "mcp-name").and_then(decode_header_value);
+        let mismatch = if hm != Some(method.as_str()) {
+            Some("Mcp-Method header does not match the request body's method")
+        } else if want_name.is_some() && hn.as_deref() != want_name {
+            Some("Mcp-Name header does not match the request body")
+        } else {
+            None
+        };
+        if let Some(m) = mismatch {
             return respond(
                 StatusCode::BAD_REQUEST,
-                &rpc_error(
-                    &id,
-                    TRANSPORT_ERROR,
-                    "Bad Request: Mcp-Method and Mcp-Name headers must match the request body",
-                ),
+                &rpc_error(&id, HEADER_MISMATCH, m),
                 false,
             );
         }
@@ -431,7 +473,7 @@ async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Re
         let Some(sid) = header(&headers, "mcp-session-id") else {
             return respond(
                 StatusCode::BAD_REQUEST,
-                &rpc_error(&id, TRANSPORT_ERROR, "Bad Request: Missing session ID"),
+                &rpc_error(&id, INVALID_REQUEST, "Bad Request: Missing session ID"),
                 false,
             );
         };
@@ -459,23 +501,51 @@ async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Re
     let grants = s.grants.borrow().of(&caller.id).to_vec();
     match method.as_str() {
         "initialize" if !stateless => initialize(&s, &caller, &id, &params, &grants).await,
-        "server/discover" => respond(StatusCode::OK, &discover(&id), false),
+        "server/discover" => respond(StatusCode::OK, &discover(&id), true),
         "ping" => respond(
             StatusCode::OK,
             &json!({"jsonrpc": "2.0", "id": id, "result": {}}),
             false,
         ),
-        "tools/list" => list(&s, &caller, &grants, &id, &params, Kind::Tools).await,
-        "resources/list" => list(&s, &caller, &grants, &id, &params, Kind::Resources).await,
-        "prompts/list" => list(&s, &caller, &grants, &id, &params, Kind::Prompts).await,
-        "resources/templates/list" => respond(
-            StatusCode::OK,
-            &json!({"jsonrpc": "2.0", "id": id, "result": {"resourceTemplates": []}}),
-            true,
-        ),
-        "tools/call" => call(&s, &caller, &grants, &id, &params, Kind::Tools).await,
-        "resources/read" => call(&s, &caller, &grants, &id, &params, Kind::Resources).await,
-        "prompts/get" => call(&s, &caller, &grants, &id, &params, Kind::Prompts).await,
+        "tools/list" => list(&s, &caller, &grants, &id, &params, Kind::Tools, stateless).await,
+        "resources/list" => {
+            list(
+                &s,
+                &caller,
+                &grants,
+                &id,
+                &params,
+                Kind::Resources,
+                stateless,
+            )
+            .await
+        }
+        "prompts/list" => list(&s, &caller, &grants, &id, &params, Kind::Prompts, stateless).await,
+        "resources/templates/list" => {
+            let mut result = json!({"resourceTemplates": []});
+            if stateless {
+                stateless_fields(&mut result, true);
+            }
+            respond(
+                StatusCode::OK,
+                &json!({"jsonrpc": "2.0", "id": id, "result": result}),
+                true,
+            )
+        }
+        "tools/call" => call(&s, &caller, &grants, &id, &params, Kind::Tools, stateless).await,
+        "resources/read" => {
+            call(
+                &s,
+                &caller,
+                &grants,
+                &id,
+                &params,
+                Kind::Resources,
+                stateless,
+            )
+            .await
+        }
+        "prompts/get" => call(&s, &caller, &grants, &id, &params, Kind::Prompts, stateless).await,
         _ => respond(
             StatusCode::OK,
             &rpc_error(&id, METHOD_NOT_FOUND, "Method not found"),
@@ -504,7 +574,21 @@ fn discover(id: &Value) -> Value {
         "capabilities": capabilities(),
         "serverInfo": server_info(),
         "resultType": "complete",
+        "ttlMs": 0,
+        "cacheScope": "private",
     }})
+}
+
+/// The fields the stateless revision requires on results: `resultType`, and on lists the
+/// caching directives. A caller's lists are its own: never cached for anyone else.
+fn stateless_fields(result: &mut Value, cacheable: bool) {
+    if let Some(o) = result.as_object_mut() {
+        o.entry("resultType").or_insert_with(|| json!("complete"));
+        if cacheable {
+            o.insert("ttlMs".into(), json!(0));
+            o.insert("cacheScope".into(), json!("private"));
+        }
+    }
 }
 
 async fn initialize(
@@ -685,6 +769,7 @@ async fn list(
     id: &Value,
     params: &Value,
     kind: Kind,
+    stateless: bool,
 ) -> Response<Body> {
     let offset = match params.get("cursor") {
         None | Some(Value::Null) => 0,
@@ -721,6 +806,9 @@ async fn list(
             caller.id.as_str(),
             (offset + s.cfg.page_size) as u64
         ));
+    }
+    if stateless {
+        stateless_fields(&mut result, true);
     }
     respond(
         StatusCode::OK,
@@ -775,6 +863,7 @@ async fn call(
     id: &Value,
     params: &Value,
     kind: Kind,
+    stateless: bool,
 ) -> Response<Body> {
     let t0 = Instant::now();
     let field = kind.name_field();
@@ -786,7 +875,8 @@ async fn call(
         );
     };
     let cat = catalog_for(s, &caller.id).await;
-    // Exactly one message for a name that is hidden and one that does not exist.
+    // Exactly one answer for a name that is hidden and one that does not exist: for a tool,
+    // the error result an MCP server gives for an unknown tool; for the others, invalid params.
     let Some(entry) = catalog::find(&cat, grants, kind, name).cloned() else {
         let out = Outcome {
             decision: "denied",
@@ -794,12 +884,21 @@ async fn call(
             result_bytes: 0,
         };
         audit(s, caller, kind, name, out, params);
-        let what = match kind {
-            Kind::Tools => format!("Unknown tool: {name}"),
-            Kind::Resources => format!("Unknown resource: {name}"),
-            Kind::Prompts => format!("Unknown prompt: {name}"),
+        let body = match kind {
+            Kind::Tools => {
+                let mut result = json!({
+                    "content": [{"type": "text", "text": format!("Unknown tool: {name}")}],
+                    "isError": true,
+                });
+                if stateless {
+                    stateless_fields(&mut result, false);
+                }
+                json!({"jsonrpc": "2.0", "id": id, "result": result})
+            }
+            Kind::Resources => rpc_error(id, INVALID_PARAMS, &format!("Unknown resource: {name}")),
+            Kind::Prompts => rpc_error(id, INVALID_PARAMS, &format!("Unknown prompt: {name}")),
         };
-        return respond(StatusCode::OK, &rpc_error(id, INVALID_PARAMS, &what), false);
+        return respond(StatusCode::OK, &body, false);
     };
     let mut up_params = params.clone();
     if let Some(o) = up_params.as_object_mut() {
@@ -816,7 +915,12 @@ async fn call(
         Err(e) => Err(e),
     };
     let body = match result {
-        Ok(r) => json!({"jsonrpc": "2.0", "id": id, "result": r}),
+        Ok(mut r) => {
+            if stateless {
+                stateless_fields(&mut r, false);
+            }
+            json!({"jsonrpc": "2.0", "id": id, "result": r})
+        }
         Err(e) => {
             if e.code == INTERNAL_ERROR {
                 // The server is gone: the next call starts it again; its list may differ.
