@@ -2,7 +2,7 @@
 //! reached directly and through the overlay alone (a router-hosted service pointing at the fake),
 //! and against LiteLLM's proxy in config-only mode when it is installed
 //! (`python3 -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]==1.106.12'`,
-//! then `BENCH_LITELLM_PYTHON=/tmp/litellm/bin/python`), all in one run.
+//! then `BENCH_LITELLM=/tmp/litellm/bin/litellm`), all in one run.
 //!
 //! Rows: non-streamed chat completion (16 tokens), and a streamed one (time to first token and
 //! to the last). Target: the gateway adds under 1 ms at p50 on top of the overlay path.
@@ -110,18 +110,8 @@ async fn measure(name: &str, addr: SocketAddr, prefix: &str, n: usize) -> Row {
 
 fn litellm(fake: &FakeLlm, dir: &std::path::Path) -> Option<(Proc, SocketAddr)> {
     // LiteLLM pins its own openai version: install it in a virtual environment and point
-    // BENCH_LITELLM_PYTHON at that environment's python.
-    let python = std::env::var("BENCH_LITELLM_PYTHON").unwrap_or_else(|_| "python3".into());
-    let ok = Command::new(&python)
-        .args(["-c", "import litellm"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .ok()?
-        .success();
-    if !ok {
-        return None;
-    }
+    // BENCH_LITELLM at that environment's `litellm` command.
+    let cli = std::env::var("BENCH_LITELLM").unwrap_or_else(|_| "litellm".into());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .ok()?
         .local_addr()
@@ -136,18 +126,22 @@ fn litellm(fake: &FakeLlm, dir: &std::path::Path) -> Option<(Proc, SocketAddr)> 
         ),
     )
     .ok()?;
-    let child = Command::new(&python)
-        .args(["-m", "litellm", "--config"])
+    // Config-only mode: no database, no master key, the bundled price map (no network).
+    let child = Command::new(&cli)
+        .arg("--config")
         .arg(&cfg)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .env("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY", "true")
+        .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .ok()?;
+    let child = Proc(child);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().ok()?;
-    for _ in 0..300 {
+    for _ in 0..600 {
         if std::net::TcpStream::connect(addr).is_ok() {
-            return Some((Proc(child), addr));
+            return Some((child, addr));
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -59,6 +59,17 @@ fn free_port() -> u16 {
 }
 
 async fn grant_tools(t: &TestController, policy: &str, who: &str, tools: Option<&str>) {
+    grant_mcp(t, policy, who, tools, None, None).await
+}
+
+async fn grant_mcp(
+    t: &TestController,
+    policy: &str,
+    who: &str,
+    tools: Option<&str>,
+    resources: Option<&str>,
+    prompts: Option<&str>,
+) {
     let req = GrantRequest {
         name: Some(name(policy)),
         action: Action::Dial,
@@ -69,8 +80,8 @@ async fn grant_tools(t: &TestController, policy: &str, who: &str, tools: Option<
         tokens: None,
         rpm: None,
         tools: tools.map(|t| t.parse().unwrap()),
-        resources: None,
-        prompts: None,
+        resources: resources.map(|t| t.parse().unwrap()),
+        prompts: prompts.map(|t| t.parse().unwrap()),
     };
     let _: Value = t
         .admin_client()
@@ -392,4 +403,145 @@ async fn paging_sessions_and_protocol_errors() {
         names(&py(&["list_tools", &a]).await).len() == 1000,
         "still serving"
     );
+}
+
+/// Starts `client.py watch` and returns once it is listening.
+async fn watch(url: &str, secs: u32, version: &str) -> tokio::process::Child {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new("python3")
+        .arg(fixtures().join("client.py"))
+        .args(["watch", url, &secs.to_string(), version])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            if l.starts_with("READY") {
+                return;
+            }
+        }
+        panic!("watch ended before it was ready");
+    })
+    .await
+    .expect("watch gets ready");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+async fn finish(child: tokio::process::Child) -> Value {
+    let o = tokio::time::timeout(Duration::from_secs(90), child.wait_with_output())
+        .await
+        .expect("watch ends")
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(text.lines().last().unwrap_or(""))
+        .unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grant_changes_reach_only_the_sessions_they_concern() {
+    let mut w = world(0).await;
+    let a = w.agent("agent-a", Some("github__echo")).await;
+    let b = w.agent("agent-b", Some("github__echo")).await;
+    // A second grant widens agent-a's view while both sessions are open. (Deleting the only
+    // grant would instead cut agent-a's overlay streams at the router, as revocation does.)
+    for (version, policy, tools, want) in [
+        (
+            "2025-11-25",
+            "agent-a-more",
+            "github__add",
+            vec!["github__add", "github__echo"],
+        ),
+        (
+            "2026-07-28",
+            "agent-a-even-more",
+            "github__create_issue",
+            vec!["github__add", "github__create_issue", "github__echo"],
+        ),
+    ] {
+        let wa = watch(&a, 30, version).await;
+        let wb = watch(&b, 6, version).await;
+        grant_tools(&w.t, policy, "agent-a", Some(tools)).await;
+        let ra = finish(wa).await;
+        let rb = finish(wb).await;
+        assert_eq!(ra["arrived"], true, "{version}: {ra}");
+        assert_eq!(
+            rb["arrived"], false,
+            "{version}: only the session concerned: {rb}"
+        );
+        assert_eq!(ra["after"], json!(want), "{version}: {ra}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resources_prompts_and_an_upstream_crash() {
+    let mut w = world(0).await;
+    let file = agent(&w.t, "agent-c").await;
+    grant_mcp(
+        &w.t,
+        "agent-c-mcp",
+        "agent-c",
+        None,
+        Some("notes__file:///readme.txt"),
+        Some("github__greet"),
+    )
+    .await;
+    let tun = Tunneler::start(
+        Context::with_controller(file, Some(&w.t.addr())).unwrap(),
+        TunnelerConfig {
+            name_base: Ipv4Addr::new(127, 79, 200, 1),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut m = tun.mappings();
+    let listen = loop {
+        if let Some(x) = m.borrow_and_update().first() {
+            break x.listen;
+        }
+        m.changed().await.unwrap();
+    };
+    w.tunnelers.push(tun);
+    let c = format!("http://{listen}/mcp");
+    let r = py(&["resources", &c]).await;
+    assert_eq!(r["uris"], json!(["notes__file:///readme.txt"]), "{r}");
+    assert_eq!(
+        r["read"]["notes__file:///readme.txt"], "readme of notes",
+        "{r}"
+    );
+    let r = py(&["prompts", &c]).await;
+    assert_eq!(r["names"], json!(["github__greet"]), "{r}");
+    let hidden = py(&[
+        "raw",
+        &c,
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"notes__file:///secret.txt"}}"#,
+        r#"{"MCP-Protocol-Version":"2026-07-28","Mcp-Method":"resources/read","Mcp-Name":"notes__file:///secret.txt"}"#,
+    ])
+    .await;
+    assert_eq!(hidden["body"]["error"]["code"], -32602, "{hidden}");
+
+    // An upstream that crashes is started again for the next call.
+    let a = w.agent("agent-a", Some("github__*")).await;
+    let r = py(&["call", &a, "github__crash", "{}"]).await;
+    assert!(r["isError"] == true || r["error"].is_object(), "{r}");
+    let r = eventually_call(&a, "github__echo", r#"{"text":"back"}"#).await;
+    assert_eq!(r["text"], "back", "{r}");
+}
+
+async fn eventually_call(url: &str, name: &str, args: &str) -> Value {
+    let mut last = Value::Null;
+    for _ in 0..20 {
+        let r = py(&["call", url, name, args]).await;
+        if r["isError"] == false {
+            return r;
+        }
+        last = r;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("{name} never worked again: {last}");
 }

@@ -91,7 +91,13 @@ struct ClientSession {
     events: Option<mpsc::Sender<Bytes>>,
     /// What the caller saw of each kind when last told.
     seen: HashMap<Kind, u64>,
+    /// For a stateless `subscriptions/listen` stream: its request id and which kinds it wants.
+    subscription: Option<(Value, [bool; 3])>,
 }
+
+/// Keys of listen streams in the session table; never valid as an `Mcp-Session-Id`.
+const LISTEN_PREFIX: &str = "listen:";
+const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 struct Shared {
     cfg: McpConfig,
@@ -223,7 +229,11 @@ impl McpGateway {
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 let ttl = s.cfg.session_ttl;
                 if let Ok(mut m) = s.sessions.lock() {
-                    m.retain(|_, c| c.last_seen.elapsed() < ttl);
+                    m.retain(|_, c| match &c.subscription {
+                        // A listen stream lives as long as its client holds it.
+                        Some(_) => c.events.as_ref().is_some_and(|t| !t.is_closed()),
+                        None => c.last_seen.elapsed() < ttl,
+                    });
                 }
             }
         });
@@ -335,6 +345,9 @@ fn take_session(s: &Shared, caller: &Caller, sid: &str) -> Option<()> {
 
 /// The session's version, refreshing its idle timer, if it belongs to the caller.
 fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
+    if sid.starts_with(LISTEN_PREFIX) {
+        return None;
+    }
     let mut m = s.sessions.lock().ok()?;
     let c = m.get_mut(sid)?;
     if c.identity != caller.id || c.last_seen.elapsed() >= s.cfg.session_ttl {
@@ -502,6 +515,9 @@ async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Re
     match method.as_str() {
         "initialize" if !stateless => initialize(&s, &caller, &id, &params, &grants).await,
         "server/discover" => respond(StatusCode::OK, &discover(&id), true),
+        "subscriptions/listen" if stateless => {
+            listen(&s, &caller, &id, &params, &headers, &grants).await
+        }
         "ping" => respond(
             StatusCode::OK,
             &json!({"jsonrpc": "2.0", "id": id, "result": {}}),
@@ -619,6 +635,7 @@ async fn initialize(
                 last_seen: Instant::now(),
                 events: None,
                 seen,
+                subscription: None,
             },
         );
     }
@@ -744,22 +761,101 @@ async fn notify_changes(s: &Arc<Shared>) {
             let Some(c) = m.get_mut(&sid) else {
                 continue;
             };
-            for kind in Kind::ALL {
+            for (i, kind) in Kind::ALL.into_iter().enumerate() {
                 let fp = catalog::fingerprint(&cat, &grants, kind);
                 if c.seen.get(&kind) != Some(&fp) {
                     c.seen.insert(kind, fp);
-                    if let Some(tx) = &c.events {
-                        to_send.push((tx.clone(), kind));
+                    let wanted = c.subscription.as_ref().is_none_or(|(_, f)| f[i]);
+                    if let (Some(tx), true) = (&c.events, wanted) {
+                        let sub = c.subscription.as_ref().map(|(id, _)| id.clone());
+                        to_send.push((tx.clone(), kind, sub));
                     }
                 }
             }
         }
-        for (tx, kind) in to_send {
-            let msg = json!({"jsonrpc": "2.0", "method": kind.changed_method()});
+        for (tx, kind, sub) in to_send {
+            let msg = match sub {
+                Some(id) => json!({"jsonrpc": "2.0", "method": kind.changed_method(),
+                    "params": {"_meta": {SUBSCRIPTION_ID: id}}}),
+                None => json!({"jsonrpc": "2.0", "method": kind.changed_method()}),
+            };
             let ev = format!("event: message\ndata: {msg}\n\n");
             let _ = tx.send(Bytes::from(ev)).await;
         }
     }
+}
+
+/// `subscriptions/listen` (stateless revision): an SSE stream that acknowledges the filter and
+/// then carries the list-changed notifications the caller asked for, tagged with its id.
+async fn listen(
+    s: &Arc<Shared>,
+    caller: &Caller,
+    id: &Value,
+    params: &Value,
+    headers: &HeaderMap,
+    grants: &[HostedGrant],
+) -> Response<Body> {
+    if !header(headers, "accept").is_some_and(|a| a.contains("text/event-stream")) {
+        return respond(
+            StatusCode::NOT_ACCEPTABLE,
+            &rpc_error(
+                id,
+                INVALID_REQUEST,
+                "Not Acceptable: text/event-stream required",
+            ),
+            false,
+        );
+    }
+    let want = &params["notifications"];
+    let filter = [
+        want["toolsListChanged"].as_bool().unwrap_or(false),
+        want["resourcesListChanged"].as_bool().unwrap_or(false),
+        want["promptsListChanged"].as_bool().unwrap_or(false),
+    ];
+    let cat = catalog_for(s, &caller.id).await;
+    let seen = Kind::ALL
+        .iter()
+        .map(|k| (*k, catalog::fingerprint(&cat, grants, *k)))
+        .collect();
+    let (tx, rx) = mpsc::channel::<Bytes>(32);
+    let ack = json!({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+    "params": {"_meta": {SUBSCRIPTION_ID: id}, "notifications": {
+        "toolsListChanged": filter[0],
+        "resourcesListChanged": filter[1],
+        "promptsListChanged": filter[2],
+    }}});
+    let _ = tx.try_send(Bytes::from(format!("event: message\ndata: {ack}\n\n")));
+    if let Ok(mut m) = s.sessions.lock() {
+        m.insert(
+            format!("{LISTEN_PREFIX}{}", random_id()),
+            ClientSession {
+                identity: caller.id.clone(),
+                version: STATELESS_VERSION.into(),
+                last_seen: Instant::now(),
+                events: Some(tx.clone()),
+                seen,
+                subscription: Some((id.clone(), filter)),
+            },
+        );
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(15)).await;
+            if tx.send(Bytes::from_static(b": ping\n\n")).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut r = Response::new(ChannelBody(rx).boxed());
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r.headers_mut().insert(
+        http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    r
 }
 
 async fn list(
