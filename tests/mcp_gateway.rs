@@ -91,6 +91,10 @@ async fn grant_mcp(
 }
 
 async fn world(tool_count: usize) -> World {
+    world_with(tool_count, 1800).await
+}
+
+async fn world_with(tool_count: usize, ttl_secs: u64) -> World {
     let t = TestController::start().await;
     let router = start_router(&t, "router-1", |_| {}).await;
     let svc = Service {
@@ -131,6 +135,7 @@ async fn world(tool_count: usize) -> World {
         r#"
 service: mcp
 page_size: 100
+session_ttl_secs: {ttl_secs}
 audit: {audit}
 servers:
   github:
@@ -544,4 +549,30 @@ async fn eventually_call(url: &str, name: &str, args: &str) -> Value {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     panic!("{name} never worked again: {last}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_end_on_delete_and_expire() {
+    let mut w = world_with(0, 2).await;
+    let a = w.agent("agent-a", None).await;
+    let s = py(&["session", &a, "2025-06-18"]).await;
+    assert_eq!(s["version"], "2025-06-18");
+    let sid = s["session_id"].as_str().unwrap().to_string();
+    assert_eq!(py(&["replay", &a, &sid, "2025-06-18"]).await["status"], 200);
+    let del = py(&[
+        "raw",
+        &a,
+        "",
+        &json!({":method": "DELETE", "Mcp-Session-Id": sid, "MCP-Protocol-Version": "2025-06-18"})
+            .to_string(),
+    ])
+    .await;
+    assert_eq!(del["status"], 200, "{del}");
+    assert_eq!(py(&["replay", &a, &sid, "2025-06-18"]).await["status"], 404);
+
+    let s = py(&["session", &a, "2025-11-25"]).await;
+    let sid = s["session_id"].as_str().unwrap().to_string();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = py(&["replay", &a, &sid, "2025-11-25"]).await;
+    assert_eq!(r["status"], 404, "an expired session: {r}");
 }
