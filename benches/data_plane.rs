@@ -773,7 +773,12 @@ fn port_of(intercept: &str) -> u16 {
 }
 
 /// 10,000 streams from 1,000 identities through one router: the router's memory per stream.
-async fn scale(u: &Umbra, identities: usize, per: usize, echo_addr: SocketAddr) -> (u64, u64, f64) {
+async fn scale(
+    u: &Umbra,
+    identities: usize,
+    per: usize,
+    echo_addr: SocketAddr,
+) -> (u64, u64, f64, f64) {
     let router_pid = u.routers[0].1;
     let before = rss_kib(router_pid);
     let admin = umbra_pki::IdentityFile::load(&u.admin).expect("admin");
@@ -823,8 +828,12 @@ async fn scale(u: &Umbra, identities: usize, per: usize, echo_addr: SocketAddr) 
     let after = rss_kib(router_pid);
     let n = streams.len() as u64;
     drop(streams);
-    let _ = elapsed;
-    (after.saturating_sub(before) * 1024 / n.max(1), n, cpu)
+    (
+        after.saturating_sub(before) * 1024 / n.max(1),
+        n,
+        cpu,
+        elapsed,
+    )
 }
 
 // ----- main -----------------------------------------------------------------------------------
@@ -1028,7 +1037,7 @@ async fn run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     if ids > 0 {
-        let (per_stream, streams, cpu) = scale(&u, ids, 10, echo_addr).await;
+        let (per_stream, streams, cpu, elapsed) = scale(&u, ids, 10, echo_addr).await;
         println!(
             "\n{:<40} {:>14} {:>12}",
             format!("scale: {streams} open streams, {ids} identities"),
@@ -1048,6 +1057,10 @@ async fn run() {
         println!(
             "{:<40} {:>12.2} s {:>12}",
             "router CPU to open them all", cpu, "-"
+        );
+        println!(
+            "{:<40} {:>12.2} s {:>12}",
+            "time to open them all (one at a time)", elapsed, "-"
         );
     }
     drop(u.controller);
