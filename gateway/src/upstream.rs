@@ -106,6 +106,50 @@ impl Upstream {
     }
 }
 
+impl Upstream {
+    /// An HTTP/1.1 connection to `host:port` for several requests in turn (a pool keeps it).
+    pub async fn open(
+        &self,
+        tls: bool,
+        host: &str,
+        port: u16,
+    ) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, UpstreamError> {
+        let who = format!("{host}:{port}");
+        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| UpstreamError::Connect(who.clone(), "timed out".into()))?
+            .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        if tls {
+            let name = rustls_pki_types::ServerName::try_from(host.to_string())
+                .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
+            let io = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
+                .await
+                .map_err(|_| UpstreamError::Connect(who.clone(), "TLS timed out".into()))?
+                .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
+            handshake(io, who).await
+        } else {
+            handshake(tcp, who).await
+        }
+    }
+}
+
+async fn handshake<I>(
+    io: I,
+    who: String,
+) -> Result<hyper::client::conn::http1::SendRequest<Full<Bytes>>, UpstreamError>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| UpstreamError::Http(who, e.to_string()))?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
+}
+
 async fn exchange<I>(
     io: I,
     req: Request<Full<Bytes>>,

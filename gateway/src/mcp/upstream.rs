@@ -147,6 +147,8 @@ enum Inner {
         path: String,
         headers: BTreeMap<String, String>,
         session_id: Mutex<Option<String>>,
+        /// Idle connections to the server, reused request after request.
+        pool: Mutex<Vec<hyper::client::conn::http1::SendRequest<Full<Bytes>>>>,
     },
 }
 
@@ -204,6 +206,7 @@ impl Session {
                 path: path.clone(),
                 headers: headers.clone(),
                 session_id: Mutex::new(None),
+                pool: Mutex::new(Vec::new()),
             },
         };
         let s = Session {
@@ -287,6 +290,7 @@ impl Session {
             path,
             headers,
             session_id,
+            pool,
         } = &self.inner
         else {
             return Err(RpcError::transport("not an HTTP session"));
@@ -307,10 +311,33 @@ impl Session {
         let req = b
             .body(Full::new(Bytes::from(msg.to_string())))
             .map_err(|e| RpcError::transport(e.to_string()))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.send_to(*tls, host, *port, req))
+        // An idle pooled connection if one is still open, else a new one.
+        let mut sender = loop {
+            let idle = pool.lock().ok().and_then(|mut p| p.pop());
+            match idle {
+                Some(s) if !s.is_closed() => break s,
+                Some(_) => continue,
+                None => {
+                    break client
+                        .open(*tls, host, *port)
+                        .await
+                        .map_err(|e| RpcError::transport(e.to_string()))?
+                }
+            }
+        };
+        let send = async {
+            sender
+                .ready()
+                .await
+                .map_err(|e| RpcError::transport(e.to_string()))?;
+            sender
+                .send_request(req)
+                .await
+                .map_err(|e| RpcError::transport(e.to_string()))
+        };
+        let resp = tokio::time::timeout(REQUEST_TIMEOUT, send)
             .await
-            .map_err(|_| RpcError::transport("upstream timed out"))?
-            .map_err(|e| RpcError::transport(e.to_string()))?;
+            .map_err(|_| RpcError::transport("upstream timed out"))??;
         if let Some(sid) = resp
             .headers()
             .get("mcp-session-id")
@@ -367,6 +394,12 @@ impl Session {
             .await
             .map_err(|e| RpcError::transport(e.to_string()))?
             .to_bytes();
+        // The response is read whole: the connection is free for the next request.
+        if let Ok(mut p) = pool.lock() {
+            if p.len() < 8 {
+                p.push(sender);
+            }
+        }
         if !status.is_success() {
             if let Ok(v) = serde_json::from_slice::<Value>(&bytes) {
                 if let Some(e) = v.get("error") {
