@@ -131,7 +131,10 @@ fn litellm(fake: &FakeLlm, dir: &std::path::Path) -> Option<(Proc, SocketAddr)> 
         .arg("--config")
         .arg(&cfg)
         .args(["--host", "127.0.0.1", "--port", &port.to_string()])
-        .env("LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY", "true")
+        .env(
+            "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY",
+            "true",
+        )
         .env("LITELLM_LOCAL_MODEL_COST_MAP", "True")
         .stdout(Stdio::null())
         .stderr(Stdio::null())

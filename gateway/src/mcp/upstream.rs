@@ -18,8 +18,12 @@ use tokio::sync::oneshot;
 use crate::sse;
 use crate::upstream::Upstream;
 
-/// The protocol version the gateway speaks to upstream servers (widely supported).
+/// The session-based protocol version the gateway speaks to upstream servers that do not offer
+/// the stateless revision (widely supported).
 pub const UPSTREAM_VERSION: &str = "2025-06-18";
+/// The stateless revision, preferred with HTTP upstreams that offer it: one exchange per
+/// request, answered in JSON, no session to keep.
+pub const STATELESS_VERSION: &str = "2026-07-28";
 /// Largest message accepted from an upstream server.
 const MAX_MESSAGE: usize = 16 << 20;
 /// How long one upstream request may take.
@@ -120,6 +124,10 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>
 pub struct Session {
     next_id: AtomicU64,
     inner: Inner,
+    /// Speaking the stateless revision to this upstream.
+    stateless: AtomicBool,
+    /// Told when the session is dropped, to end its background listen stream.
+    closing: Arc<tokio::sync::Notify>,
     alive: Arc<AtomicBool>,
     /// Set when the server says its tool, resource or prompt lists changed.
     pub changed: Arc<tokio::sync::Notify>,
@@ -212,9 +220,26 @@ impl Session {
         let s = Session {
             next_id: AtomicU64::new(1),
             inner,
+            stateless: AtomicBool::new(false),
+            closing: Arc::new(tokio::sync::Notify::new()),
             alive,
             changed,
         };
+        if matches!(s.inner, Inner::Http { .. }) {
+            s.stateless.store(true, Ordering::SeqCst);
+            let offered = s
+                .request("server/discover", json!({}))
+                .await
+                .ok()
+                .and_then(|r| r.get("supportedVersions").cloned())
+                .and_then(|v| v.as_array().cloned())
+                .is_some_and(|v| v.iter().any(|x| x == STATELESS_VERSION));
+            if offered {
+                s.listen_for_changes();
+                return Ok(s);
+            }
+            s.stateless.store(false, Ordering::SeqCst);
+        }
         s.request(
             "initialize",
             json!({
@@ -226,6 +251,83 @@ impl Session {
         .await?;
         s.notify("notifications/initialized", json!({})).await?;
         Ok(s)
+    }
+
+    /// For a stateless upstream: holds a `subscriptions/listen` stream open (reopened while the
+    /// session lives) so that its list changes still reach the gateway.
+    fn listen_for_changes(&self) {
+        let Inner::Http {
+            client,
+            tls,
+            host,
+            port,
+            path,
+            headers,
+            ..
+        } = &self.inner
+        else {
+            return;
+        };
+        let (client, tls, host, port, path, headers) = (
+            client.clone(),
+            *tls,
+            host.clone(),
+            *port,
+            path.clone(),
+            headers.clone(),
+        );
+        let (alive, changed, closing) = (
+            self.alive.clone(),
+            self.changed.clone(),
+            self.closing.clone(),
+        );
+        tokio::spawn(async move {
+            let run = async {
+                while alive.load(Ordering::SeqCst) {
+                    let body = json!({"jsonrpc": "2.0", "id": "umbra-listen", "method": "subscriptions/listen",
+                    "params": {"notifications": {"toolsListChanged": true, "resourcesListChanged": true,
+                        "promptsListChanged": true}, "_meta": stateless_meta()}});
+                    let mut b = Request::builder()
+                        .method(Method::POST)
+                        .uri(path.as_str())
+                        .header(http::header::HOST, format!("{host}:{port}"))
+                        .header(http::header::CONTENT_TYPE, "application/json")
+                        .header(http::header::ACCEPT, "application/json, text/event-stream")
+                        .header("mcp-protocol-version", STATELESS_VERSION)
+                        .header("mcp-method", "subscriptions/listen");
+                    for (k, v) in &headers {
+                        b = b.header(k.as_str(), v.as_str());
+                    }
+                    let Ok(req) = b.body(Full::new(Bytes::from(body.to_string()))) else {
+                        return;
+                    };
+                    if let Ok(resp) = client.send_to(tls, &host, port, req).await {
+                        let mut body = resp.into_body();
+                        let mut parser = sse::Parser::new(MAX_MESSAGE);
+                        while let Some(Ok(frame)) = body.frame().await {
+                            let Ok(data) = frame.into_data() else {
+                                continue;
+                            };
+                            let Ok(items) = parser.push(&data) else { break };
+                            for item in items {
+                                if let sse::Item::Event(ev) = item {
+                                    if serde_json::from_str::<Value>(&ev.data)
+                                        .is_ok_and(|v| is_list_changed(&v))
+                                    {
+                                        changed.notify_waiters();
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = closing.notified() => {}
+            }
+        });
     }
 
     /// Whether the session can still be used (a stdio server that exited cannot).
@@ -295,15 +397,36 @@ impl Session {
         else {
             return Err(RpcError::transport("not an HTTP session"));
         };
+        let stateless = self.stateless.load(Ordering::SeqCst);
+        let mut msg = msg;
         let mut b = Request::builder()
             .method(Method::POST)
             .uri(path.as_str())
             .header(http::header::HOST, format!("{host}:{port}"))
             .header(http::header::CONTENT_TYPE, "application/json")
-            .header(http::header::ACCEPT, "application/json, text/event-stream")
-            .header("mcp-protocol-version", UPSTREAM_VERSION);
-        if let Some(sid) = session_id.lock().ok().and_then(|s| s.clone()) {
-            b = b.header("mcp-session-id", sid);
+            .header(http::header::ACCEPT, "application/json, text/event-stream");
+        if stateless {
+            let method = msg["method"].as_str().unwrap_or("").to_string();
+            b = b
+                .header("mcp-protocol-version", STATELESS_VERSION)
+                .header("mcp-method", method.as_str());
+            let name_key = match method.as_str() {
+                "tools/call" | "prompts/get" => Some("name"),
+                "resources/read" => Some("uri"),
+                _ => None,
+            };
+            if let Some(name) = name_key.and_then(|k| msg["params"][k].as_str()) {
+                b = b.header("mcp-name", encode_header_value(name));
+            }
+            if !msg["params"].is_object() {
+                msg["params"] = json!({});
+            }
+            msg["params"]["_meta"] = stateless_meta();
+        } else {
+            b = b.header("mcp-protocol-version", UPSTREAM_VERSION);
+            if let Some(sid) = session_id.lock().ok().and_then(|s| s.clone()) {
+                b = b.header("mcp-session-id", sid);
+            }
         }
         for (k, v) in headers {
             b = b.header(k.as_str(), v.as_str());
@@ -427,6 +550,39 @@ impl Session {
             (None, Some(e)) => Err(RpcError::from_value(e)),
             _ => Err(RpcError::transport("malformed upstream answer")),
         })
+    }
+}
+
+/// The per-request envelope of the stateless revision.
+fn stateless_meta() -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": STATELESS_VERSION,
+        "io.modelcontextprotocol/clientCapabilities": {},
+        "io.modelcontextprotocol/clientInfo": {"name": "umbra-mcp-gateway", "version": env!("CARGO_PKG_VERSION")},
+    })
+}
+
+/// A routing header value: verbatim when it is printable ASCII without edge spaces, else the
+/// `=?base64?...?=` form.
+fn encode_header_value(v: &str) -> String {
+    use base64::Engine as _;
+    let plain = v.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        && v == v.trim()
+        && !(v.starts_with("=?base64?") && v.ends_with("?="));
+    if plain {
+        v.to_string()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(v.as_bytes())
+        )
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.alive.store(false, Ordering::SeqCst);
+        self.closing.notify_one();
     }
 }
 
