@@ -553,7 +553,8 @@ async fn eventually_call(url: &str, name: &str, args: &str) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_end_on_delete_and_expire() {
-    let mut w = world_with(0, 2).await;
+    // Long enough for a loaded machine to start the client twice, short enough to wait out.
+    let mut w = world_with(0, 10).await;
     let a = w.agent("agent-a", None).await;
     let s = py(&["session", &a, "2025-06-18"]).await;
     assert_eq!(s["version"], "2025-06-18");
@@ -572,7 +573,7 @@ async fn sessions_end_on_delete_and_expire() {
 
     let s = py(&["session", &a, "2025-11-25"]).await;
     let sid = s["session_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs(11)).await;
     let r = py(&["replay", &a, &sid, "2025-11-25"]).await;
     assert_eq!(r["status"], 404, "an expired session: {r}");
 }

@@ -20,5 +20,52 @@ pub mod upstream;
 /// The response body type of the gateway's HTTP server.
 pub type Body = http_body_util::combinators::BoxBody<bytes::Bytes, std::convert::Infallible>;
 
+/// Serves HTTP/1.1 on every stream the listener accepts, each request handled with the caller
+/// the router verified for its stream. Ends when the listener does.
+pub(crate) fn serve<S, F, Fut>(
+    mut listener: umbra_sdk::Listener,
+    state: std::sync::Arc<S>,
+    handler: F,
+) -> tokio::task::JoinHandle<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn(
+            std::sync::Arc<S>,
+            std::sync::Arc<umbra_sdk::Caller>,
+            http::Request<hyper::body::Incoming>,
+        ) -> Fut
+        + Copy
+        + Send
+        + Sync
+        + 'static,
+    Fut: std::future::Future<Output = http::Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            let (stream, caller) = match listener.accept().await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, service = %listener.service(), "the gateway's listener ended");
+                    return;
+                }
+            };
+            let state = state.clone();
+            tokio::spawn(async move {
+                let caller = std::sync::Arc::new(caller);
+                let svc = hyper::service::service_fn(move |req| {
+                    let (state, caller) = (state.clone(), caller.clone());
+                    async move { Ok::<_, std::convert::Infallible>(handler(state, caller, req).await) }
+                });
+                if let Err(e) = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await
+                {
+                    tracing::debug!(error = %e, "gateway connection ended");
+                }
+            });
+        }
+    })
+}
+
 pub use config::{Config, ConfigError};
 pub use llm::{Gateway, GatewayError};

@@ -12,7 +12,6 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use umbra_policies::{Name, Timestamp};
@@ -123,7 +122,7 @@ impl Gateway {
                 }
             }
         });
-        let mut listener = ctx.bind(service.as_str()).await?;
+        let listener = ctx.bind(service.as_str()).await?;
         let shared = Arc::new(Shared {
             cfg,
             ledger,
@@ -131,32 +130,7 @@ impl Gateway {
             rate: RateWindows::default(),
             upstream: Upstream::new(),
         });
-        let s = shared.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let (stream, caller) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the gateway's service listener ended");
-                        return;
-                    }
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let caller = Arc::new(caller);
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (s, caller) = (s.clone(), caller.clone());
-                        async move { Ok::<_, Infallible>(handle(s, caller, req).await) }
-                    });
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await
-                    {
-                        tracing::debug!(error = %e, "gateway connection ended");
-                    }
-                });
-            }
-        });
+        let task = crate::serve(listener, shared.clone(), handle);
         Ok(Gateway {
             shared,
             task,

@@ -78,7 +78,8 @@ impl Upstream {
         self.send_to(p.tls, &p.host, p.port, req).await
     }
 
-    /// Sends `req` (whose URI is a path) to `host:port`, over TLS if `tls`.
+    /// Sends `req` (whose URI is a path) to `host:port`, over TLS if `tls`, on a connection
+    /// of its own.
     pub async fn send_to(
         &self,
         tls: bool,
@@ -87,22 +88,11 @@ impl Upstream {
         req: Request<Full<Bytes>>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let who = format!("{host}:{port}");
-        let tcp = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect((host, port)))
+        let mut sender = self.open(tls, host, port).await?;
+        tokio::time::timeout(HEADERS_TIMEOUT, sender.send_request(req))
             .await
-            .map_err(|_| UpstreamError::Connect(who.clone(), "timed out".into()))?
-            .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
-        let _ = tcp.set_nodelay(true);
-        if tls {
-            let name = rustls_pki_types::ServerName::try_from(host.to_string())
-                .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
-            let tls = tokio::time::timeout(CONNECT_TIMEOUT, self.tls.connect(name, tcp))
-                .await
-                .map_err(|_| UpstreamError::Connect(who.clone(), "TLS timed out".into()))?
-                .map_err(|e| UpstreamError::Connect(who.clone(), e.to_string()))?;
-            exchange(tls, req, who).await
-        } else {
-            exchange(tcp, req, who).await
-        }
+            .map_err(|_| UpstreamError::Http(who.clone(), "no answer".into()))?
+            .map_err(|e| UpstreamError::Http(who, e.to_string()))
     }
 }
 
@@ -148,25 +138,4 @@ where
         let _ = conn.await;
     });
     Ok(sender)
-}
-
-async fn exchange<I>(
-    io: I,
-    req: Request<Full<Bytes>>,
-    who: String,
-) -> Result<Response<Incoming>, UpstreamError>
-where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-        .await
-        .map_err(|e| UpstreamError::Http(who.clone(), e.to_string()))?;
-    tokio::spawn(async move {
-        // Ends when the response body is done or dropped.
-        let _ = conn.await;
-    });
-    tokio::time::timeout(HEADERS_TIMEOUT, sender.send_request(req))
-        .await
-        .map_err(|_| UpstreamError::Http(who.clone(), "no answer".into()))?
-        .map_err(|e| UpstreamError::Http(who, e.to_string()))
 }

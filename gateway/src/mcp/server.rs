@@ -17,7 +17,6 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use umbra_policies::{IdentityId, Name};
@@ -199,30 +198,8 @@ impl McpGateway {
                 }
             }
         });
-        let mut listener = ctx.bind(service.as_str()).await?;
-        let s = shared.clone();
-        let server = tokio::spawn(async move {
-            loop {
-                let (stream, caller) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "the MCP gateway's listener ended");
-                        return;
-                    }
-                };
-                let s = s.clone();
-                tokio::spawn(async move {
-                    let caller = Arc::new(caller);
-                    let svc = hyper::service::service_fn(move |req| {
-                        let (s, caller) = (s.clone(), caller.clone());
-                        async move { Ok::<_, Infallible>(handle(s, caller, req).await) }
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let listener = ctx.bind(service.as_str()).await?;
+        let server = crate::serve(listener, shared.clone(), handle);
         let s = shared.clone();
         let reaper = tokio::spawn(async move {
             loop {
