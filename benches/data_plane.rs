@@ -773,14 +773,19 @@ fn port_of(intercept: &str) -> u16 {
 }
 
 /// 10,000 streams from 1,000 identities through one router: the router's memory per stream.
+///
+/// Every router of the bench is counted (their growth summed): a context dials the first router
+/// its view lists, so the streams all go to one router, but not necessarily to the first one
+/// started.
 async fn scale(
     u: &Umbra,
     identities: usize,
     per: usize,
     echo_addr: SocketAddr,
 ) -> (u64, u64, f64, f64) {
-    let router_pid = u.routers[0].1;
-    let before = rss_kib(router_pid);
+    let pids: Vec<u32> = u.routers.iter().map(|(_, pid)| *pid).collect();
+    let rss = || pids.iter().map(|p| rss_kib(*p)).sum::<u64>();
+    let before = rss();
     let admin = umbra_pki::IdentityFile::load(&u.admin).expect("admin");
     let client = umbra_sdk::ControllerClient::for_identity(&admin, None).expect("client");
     u.service("held", echo_addr, "held.umbra:1");
@@ -811,7 +816,12 @@ async fn scale(
         contexts.push(umbra_sdk::Context::new(id).expect("context"));
     }
     let tck = clk_tck();
-    let cpu0 = proc_cpu(&router_pid.to_string(), tck);
+    let cpu_all = || {
+        pids.iter()
+            .map(|p| proc_cpu(&p.to_string(), tck))
+            .sum::<f64>()
+    };
+    let cpu0 = cpu_all();
     let t0 = Instant::now();
     let mut streams = Vec::with_capacity(identities * per);
     for ctx in &contexts {
@@ -824,8 +834,8 @@ async fn scale(
         }
     }
     let elapsed = t0.elapsed().as_secs_f64();
-    let cpu = proc_cpu(&router_pid.to_string(), tck) - cpu0;
-    let after = rss_kib(router_pid);
+    let cpu = cpu_all() - cpu0;
+    let after = rss();
     let n = streams.len() as u64;
     drop(streams);
     (
