@@ -309,13 +309,12 @@ async fn accept_loop(
     }
 }
 
-/// Carries one TCP connection as one overlay stream, both directions, with half-close.
-async fn carry(mut tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
+/// Carries one TCP connection as one overlay stream, both directions, with half-close, without
+/// copying bytes through user space more than the kernel requires.
+async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
     let _ = tcp.set_nodelay(true);
-    let mut stream = dial(ctx, service).await?;
-    tokio::io::copy_bidirectional(&mut tcp, &mut stream)
-        .await
-        .map_err(SdkError::from_io)?;
+    let stream = dial(ctx, service).await?;
+    umbra_sdk::splice(tcp, stream).await?;
     Ok(())
 }
 
