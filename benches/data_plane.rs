@@ -379,7 +379,7 @@ async fn baseline(
 fn print_rows(rows: &[Row]) {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
     println!(
-        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  {}",
+        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  core-s/GB by process",
         "path (1 TCP connection)",
         "Gbit/s",
         "core-s/GB",
@@ -387,7 +387,6 @@ fn print_rows(rows: &[Row]) {
         "64 B RTT p50/p99",
         "new conn p50/p99",
         "RTT p99 loaded",
-        "core-s/GB by process"
     );
     for r in rows {
         let by_process: Vec<String> = r
