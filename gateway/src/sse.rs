@@ -173,7 +173,9 @@ mod tests {
 
     #[test]
     fn events_split_anywhere_come_out_whole() {
-        let stream = b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: line1\ndata: line2\n\nevent: x\rdata: y\r\r";
+        // The last event ends with lone `\r`s; the comment after it tells the final `\r` was
+        // not half of a `\r\n` (until then a parser must wait).
+        let stream = b"event: message_start\r\ndata: {\"a\":1}\r\n\r\n: keep-alive\n\ndata: line1\ndata: line2\n\nevent: x\rdata: y\r\r: tail\n";
         let whole = events(Parser::new(1 << 20).push(stream).unwrap());
         assert_eq!(whole.len(), 3);
         assert_eq!(whole[0].event.as_deref(), Some("message_start"));
