@@ -5,8 +5,59 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use umbra_policies::IdentityId;
 use umbra_proto::api::{EdgeView, HostedGrant};
+use umbra_sdk::{Context, SdkError};
+
+/// How long the last grants are honoured while the controller cannot be reached.
+const STALE_GRANTS: Duration = Duration::from_secs(60);
+
+/// Follows the host's edge view and keeps the grants of `service` current in a watch channel,
+/// reconnecting when the controller goes away. While it is away the last grants stay (the
+/// routers still decide who reaches the service at all), for at most a minute; then nobody is
+/// served. Returns once the first view has arrived.
+pub async fn follow(
+    ctx: Context,
+    service: &str,
+) -> Result<(watch::Receiver<Arc<Grants>>, tokio::task::JoinHandle<()>), SdkError> {
+    let mut watch_edge = ctx.watch_edge().await?;
+    let first = watch_edge
+        .next()
+        .await?
+        .map(|v| Grants::from_view(&v, service))
+        .unwrap_or_default();
+    let (tx, rx) = watch::channel(Arc::new(first));
+    let svc = service.to_string();
+    let task = tokio::spawn(async move {
+        let mut lost_since: Option<Instant> = None;
+        loop {
+            while let Ok(Some(view)) = watch_edge.next().await {
+                lost_since = None;
+                tx.send_replace(Arc::new(Grants::from_view(&view, &svc)));
+            }
+            loop {
+                let since = *lost_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > STALE_GRANTS {
+                    tx.send_replace(Arc::new(Grants::default()));
+                }
+                match ctx.watch_edge().await {
+                    Ok(w) => {
+                        watch_edge = w;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot watch the controller");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                }
+            }
+        }
+    });
+    Ok((rx, task))
+}
 
 /// The grants to dial one service, by caller.
 #[derive(Debug, Default, Clone)]

@@ -48,8 +48,6 @@ const MAX_EVENT: usize = 4 << 20;
 /// How long a caller the router admitted may be missing from our view (a fresh grant) before
 /// the gateway refuses it.
 const VIEW_GRACE: Duration = Duration::from_millis(1500);
-/// How long the last grants are honoured while the controller cannot be reached.
-const STALE_GRANTS: Duration = Duration::from_secs(60);
 
 struct Shared {
     cfg: Config,
@@ -87,41 +85,7 @@ impl Gateway {
         let service =
             Name::new(cfg.service.as_str()).map_err(|e| GatewayError::Service(e.to_string()))?;
         let ledger = Ledger::open(&cfg.ledger)?;
-        let mut watch_edge = ctx.watch_edge().await?;
-        let first = watch_edge
-            .next()
-            .await?
-            .map(|v| Grants::from_view(&v, service.as_str()))
-            .unwrap_or_default();
-        let (tx, grants) = watch::channel(Arc::new(first));
-        let (svc, wctx) = (service.to_string(), ctx.clone());
-        let watcher = tokio::spawn(async move {
-            // While the controller is away the last grants stay (the routers still decide who
-            // reaches us at all), for at most STALE_GRANTS; then nobody is served.
-            let mut lost_since: Option<Instant> = None;
-            loop {
-                while let Ok(Some(view)) = watch_edge.next().await {
-                    lost_since = None;
-                    tx.send_replace(Arc::new(Grants::from_view(&view, &svc)));
-                }
-                loop {
-                    let since = *lost_since.get_or_insert_with(Instant::now);
-                    if since.elapsed() > STALE_GRANTS {
-                        tx.send_replace(Arc::new(Grants::default()));
-                    }
-                    match wctx.watch_edge().await {
-                        Ok(w) => {
-                            watch_edge = w;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot watch the controller");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                    }
-                }
-            }
-        });
+        let (grants, watcher) = crate::grants::follow(ctx.clone(), service.as_str()).await?;
         let listener = ctx.bind(service.as_str()).await?;
         let shared = Arc::new(Shared {
             cfg,

@@ -159,13 +159,7 @@ impl McpGateway {
             )),
             None => None,
         };
-        let mut watch_edge = ctx.watch_edge().await?;
-        let first = watch_edge
-            .next()
-            .await?
-            .map(|v| Grants::from_view(&v, service.as_str()))
-            .unwrap_or_default();
-        let (tx, grants) = watch::channel(Arc::new(first));
+        let (grants, follower) = crate::grants::follow(ctx.clone(), service.as_str()).await?;
         let shared = Arc::new(Shared {
             cfg,
             grants,
@@ -177,25 +171,11 @@ impl McpGateway {
             audit,
             changes: tokio::sync::Notify::new(),
         });
-        let (svc, wctx, s) = (service.to_string(), ctx.clone(), shared.clone());
+        // Each change of the grants is told to the sessions it concerns.
+        let (s, mut rx) = (shared.clone(), shared.grants.clone());
         let watcher = tokio::spawn(async move {
-            loop {
-                while let Ok(Some(view)) = watch_edge.next().await {
-                    tx.send_replace(Arc::new(Grants::from_view(&view, &svc)));
-                    notify_changes(&s).await;
-                }
-                loop {
-                    match wctx.watch_edge().await {
-                        Ok(w) => {
-                            watch_edge = w;
-                            break;
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "cannot watch the controller");
-                            tokio::time::sleep(Duration::from_millis(500)).await;
-                        }
-                    }
-                }
+            while rx.changed().await.is_ok() {
+                notify_changes(&s).await;
             }
         });
         let listener = ctx.bind(service.as_str()).await?;
@@ -222,7 +202,7 @@ impl McpGateway {
             }
         });
         Ok(McpGateway {
-            tasks: vec![watcher, server, reaper, upstream_changes],
+            tasks: vec![follower, watcher, server, reaper, upstream_changes],
         })
     }
 }
