@@ -2,16 +2,13 @@
 //! is the identity the router verified, its grants decide models, budget and rate, and the
 //! provider's key is added here and nowhere else.
 
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use umbra_policies::{Name, Timestamp};
@@ -666,21 +663,6 @@ async fn complete(
     r
 }
 
-/// A response body fed from a channel: each relayed event is written as soon as it is read.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 fn relay(
     s: Arc<Shared>,
@@ -783,14 +765,5 @@ fn relay(
         };
         settle(&s, adm, rec, &model, usage, reason);
     });
-    let mut r = Response::new(ChannelBody(rx).boxed());
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    r.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    r
+    crate::sse_response(rx)
 }

@@ -7,16 +7,13 @@
 //! own: filtered before paging, sorted, paged with identity-bound cursors, marked private.
 
 use std::collections::HashMap;
-use std::convert::Infallible;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper::body::{Frame, Incoming};
+use hyper::body::Incoming;
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, watch};
 use umbra_policies::{IdentityId, Name};
@@ -96,6 +93,24 @@ struct ClientSession {
 
 /// Keys of listen streams in the session table; never valid as an `Mcp-Session-Id`.
 const LISTEN_PREFIX: &str = "listen:";
+/// Most sessions and listen streams one identity holds at once; opening more ends its oldest.
+const MAX_SESSIONS_PER_IDENTITY: usize = 64;
+
+/// Makes room for one more session of `who`: a peer cannot grow the table without bound.
+fn evict_oldest(m: &mut HashMap<String, ClientSession>, who: &IdentityId) {
+    let mut mine: Vec<(Instant, String)> = m
+        .iter()
+        .filter(|(_, c)| &c.identity == who)
+        .map(|(k, c)| (c.last_seen, k.clone()))
+        .collect();
+    if mine.len() < MAX_SESSIONS_PER_IDENTITY {
+        return;
+    }
+    mine.sort();
+    for (_, k) in mine.iter().take(mine.len() + 1 - MAX_SESSIONS_PER_IDENTITY) {
+        m.remove(k);
+    }
+}
 const SUBSCRIPTION_ID: &str = "io.modelcontextprotocol/subscriptionId";
 
 struct Shared {
@@ -241,21 +256,6 @@ fn header<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
     h.get(name).and_then(|v| v.to_str().ok())
 }
 
-/// A GET stream's body.
-struct ChannelBody(mpsc::Receiver<Bytes>);
-
-impl hyper::body::Body for ChannelBody {
-    type Data = Bytes;
-    type Error = Infallible;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.0.poll_recv(cx).map(|o| o.map(|b| Ok(Frame::data(b))))
-    }
-}
-
 async fn handle(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
     // A browser page must not drive an agent's tools: a foreign Origin is refused.
     if let Some(origin) = header(req.headers(), "origin") {
@@ -340,16 +340,7 @@ fn get_stream(s: &Shared, caller: &Caller, h: &HeaderMap) -> Response<Body> {
             }
         }
     });
-    let mut r = Response::new(ChannelBody(rx).boxed());
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    r.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    r
+    crate::sse_response(rx)
 }
 
 async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Response<Body> {
@@ -584,6 +575,7 @@ async fn initialize(
         .map(|k| (*k, catalog::fingerprint(&cat, grants, *k)))
         .collect();
     if let Ok(mut m) = s.sessions.lock() {
+        evict_oldest(&mut m, &caller.id);
         m.insert(
             sid.clone(),
             ClientSession {
@@ -783,6 +775,7 @@ async fn listen(
     }}});
     let _ = tx.try_send(Bytes::from(format!("event: message\ndata: {ack}\n\n")));
     if let Ok(mut m) = s.sessions.lock() {
+        evict_oldest(&mut m, &caller.id);
         m.insert(
             format!("{LISTEN_PREFIX}{}", random_id()),
             ClientSession {
@@ -803,16 +796,7 @@ async fn listen(
             }
         }
     });
-    let mut r = Response::new(ChannelBody(rx).boxed());
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    r.headers_mut().insert(
-        http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    r
+    crate::sse_response(rx)
 }
 
 async fn list(
