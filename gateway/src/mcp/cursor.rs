@@ -97,6 +97,11 @@ impl Cursors {
             return None;
         }
         let raw = unb64(cursor)?;
+        // Only the canonical spelling: unused low bits of the last character must be zero, so
+        // that no two strings name the same cursor.
+        if b64(&raw) != cursor {
+            return None;
+        }
         if raw.len() != 8 + TAG {
             return None;
         }
