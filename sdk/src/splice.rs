@@ -7,6 +7,12 @@
 //! Each direction writes what it read before it reads again (backpressure), and passes an end of
 //! input on as an end (half-close): a finished QUIC stream shuts the TCP write side down, an end
 //! of file on TCP finishes the QUIC stream, and the other direction keeps flowing.
+//!
+//! A receiver that stops reading (QUIC `STOP_SENDING`, a TCP peer gone from its read side) ends
+//! only the direction that feeds it, the way a server that answers before reading the whole
+//! request (an early 403 or 413) expects: the stop is passed back to the sender and the answer,
+//! going the other way, is still delivered whole. Tearing both directions down there would throw
+//! away the very answer that explains why.
 
 use std::io::{self, IoSlice};
 
@@ -51,10 +57,32 @@ where
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
-        n += write_all_vectored(to, &mut batch[..k]).await?;
+        match write_all_vectored(to, &mut batch[..k]).await {
+            Ok(m) => n += m,
+            Err(e) if reader_gone(&e) => {
+                // The reader left; the stream's sender learns it and the other way goes on.
+                let _ = recv.stop(STOPPED);
+                return Ok(n);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
-    to.shutdown().await?;
-    Ok(n)
+    match to.shutdown().await {
+        Err(e) if !reader_gone(&e) => Err(e.into()),
+        _ => Ok(n),
+    }
+}
+
+/// The code a direction's source is stopped with when its receiver stopped reading: "no more,
+/// thank you", not a failure.
+const STOPPED: quinn::VarInt = quinn::VarInt::from_u32(0);
+
+/// Whether a write failed because the other end no longer reads (rather than a local fault).
+fn reader_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::NotConnected
+    )
 }
 
 /// Copies `from` into a QUIC stream until end of file, then finishes the stream. Returns the
@@ -81,10 +109,35 @@ where
         if k == room && size < MAX_READ {
             size = (size * 4).min(MAX_READ);
         }
-        send.write_chunk(buf.split().freeze()).await?;
+        match send.write_chunk(buf.split().freeze()).await {
+            Ok(()) => {}
+            Err(quinn::WriteError::Stopped(_)) => {
+                discard_to_eof(from, &mut buf).await?;
+                return Ok(n);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     send.finish()?;
     Ok(n)
+}
+
+/// Reads `from` to its end and drops what it reads: the QUIC receiver stopped reading, and a
+/// TCP socket closed with unread input would be reset, taking the answer still queued in the
+/// other direction with it.
+async fn discard_to_eof<R>(from: &mut R, buf: &mut BytesMut) -> io::Result<()>
+where
+    R: AsyncRead + Unpin + ?Sized,
+{
+    loop {
+        buf.clear();
+        if buf.capacity() < FIRST_READ {
+            buf.reserve(FIRST_READ);
+        }
+        if from.read_buf(buf).await? == 0 {
+            return Ok(());
+        }
+    }
 }
 
 /// Copies one QUIC stream into another until it finishes, then finishes the other: the received
@@ -97,7 +150,15 @@ pub async fn quic_to_quic(
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
         n += batch[..k].iter().map(|b| b.len() as u64).sum::<u64>();
-        send.write_all_chunks(&mut batch[..k]).await?;
+        match send.write_all_chunks(&mut batch[..k]).await {
+            Ok(()) => {}
+            Err(quinn::WriteError::Stopped(code)) => {
+                // Passed back to the sender with the receiver's own code.
+                let _ = recv.stop(code);
+                return Ok(n);
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     send.finish()?;
     Ok(n)

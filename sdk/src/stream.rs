@@ -34,6 +34,17 @@ impl Stream {
         &self.service
     }
 
+    /// Tells the other end to stop sending (QUIC `STOP_SENDING`) while this end can still answer:
+    /// for a service that answers before it has read the whole request (an early refusal) and
+    /// wants none of the rest. Routers and tunnelers pass the stop back to the sender and deliver
+    /// the answer whole.
+    pub fn stop_reading(&mut self) {
+        // Already stopped or finished: nothing more is coming anyway.
+        let _ = self
+            .recv
+            .stop(quinn::VarInt::from_u32(umbra_proto::stream::codes::OK));
+    }
+
     /// The QUIC halves and the service name, for [`crate::splice`].
     pub(crate) fn into_parts(self) -> (SendStream, RecvStream, String) {
         (self.send, self.recv, self.service)

@@ -456,6 +456,66 @@ async fn an_sdk_hosted_service_needs_no_listening_port_and_learns_its_caller() {
     router.shutdown().await;
 }
 
+/// A host that answers before reading the whole request (an early refusal) and stops reading:
+/// the stop reaches the caller, whose further writes fail, and the answer still arrives whole.
+#[tokio::test]
+async fn an_answer_sent_after_the_host_stops_reading_is_delivered_whole() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |_| {}).await;
+    let host = agent(&t, "host-1").await;
+    let caller = agent(&t, "caller-1").await;
+    service(&t, "early", Hosting::Sdk).await;
+    grant(&t, "early-host", Action::Bind, "host-1", "early").await;
+    grant(&t, "early-dial", Action::Dial, "caller-1", "early").await;
+
+    let hctx = Context::new(host).unwrap();
+    let mut listener = hctx.bind("early").await.unwrap();
+    let (stopped_tx, stopped_rx) = tokio::sync::oneshot::channel();
+    let (go_tx, go_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.expect("a caller");
+        let mut head = [0u8; 5];
+        s.read_exact(&mut head).await.expect("the head");
+        s.stop_reading();
+        let _ = stopped_tx.send(());
+        let _ = go_rx.await;
+        s.write_all(b"403 no").await.expect("write");
+        s.shutdown().await.expect("finish");
+        listener
+    });
+    let cctx = Context::new(caller).unwrap();
+    let mut s = tokio::time::timeout(BOUND, cctx.dial("early"))
+        .await
+        .expect("timely")
+        .expect("dial");
+    s.write_all(b"HEAD ").await.unwrap();
+    stopped_rx.await.unwrap();
+    // The caller keeps writing until the stop reaches it through the router.
+    let body = vec![7u8; 16 * 1024];
+    let e = tokio::time::timeout(BOUND, async {
+        loop {
+            if let Err(e) = s.write_all(&body).await {
+                return SdkError::from_io(e);
+            }
+        }
+    })
+    .await
+    .expect("the stop reached the caller");
+    assert!(
+        matches!(e, SdkError::Disconnected(_)),
+        "a stop, not a failure: {e}"
+    );
+    go_tx.send(()).unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(BOUND, s.read_to_end(&mut answer))
+        .await
+        .expect("timely")
+        .expect("the answer, not a reset");
+    assert_eq!(answer, b"403 no");
+    drop(server.await.unwrap());
+    router.shutdown().await;
+}
+
 #[tokio::test]
 async fn limits_and_unreachable_services_get_clean_errors() {
     let t = TestController::start().await;
