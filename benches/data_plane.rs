@@ -265,7 +265,8 @@ struct Row {
     gbps4: Option<f64>,
     rtt: Option<(Duration, Duration)>,
     setup: Option<(Duration, Duration)>,
-    loaded_p99: Option<Duration>,
+    /// p50 and p99 of the 64-byte round trip while a bulk transfer shares the path.
+    loaded: Option<(Duration, Duration)>,
     /// CPU of each of the path's own processes during the single-connection transfer.
     per_process: Vec<(&'static str, f64)>,
 }
@@ -329,7 +330,7 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     let loaded = ping_pong(p.echo, 1000)
         .await
         .ok()
-        .map(|mut v| pct(&mut v, 0.99));
+        .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));
     let _ = load.await;
 
     Row {
@@ -339,7 +340,7 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
         gbps4,
         rtt,
         setup,
-        loaded_p99: loaded,
+        loaded,
         per_process,
     }
 }
@@ -370,7 +371,7 @@ async fn baseline(
             gbps4: None,
             rtt: None,
             setup: None,
-            loaded_p99: None,
+            loaded: None,
             per_process: Vec::new(),
         },
     }
@@ -379,14 +380,14 @@ async fn baseline(
 fn print_rows(rows: &[Row]) {
     let opt = |v: Option<String>| v.unwrap_or_else(|| "n/a".into());
     println!(
-        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  core-s/GB by process",
+        "\n{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>18}  core-s/GB by process",
         "path (1 TCP connection)",
         "Gbit/s",
         "core-s/GB",
         "4 conns Gb/s",
         "64 B RTT p50/p99",
         "new conn p50/p99",
-        "RTT p99 loaded",
+        "loaded p50/p99",
     );
     for r in rows {
         let by_process: Vec<String> = r
@@ -395,14 +396,14 @@ fn print_rows(rows: &[Row]) {
             .map(|(label, c)| format!("{label} {c:.2}"))
             .collect();
         println!(
-            "{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>14}  {}",
+            "{:<26} {:>10} {:>12} {:>12} {:>18} {:>20} {:>18}  {}",
             r.name,
             opt(r.gbps.map(|v| format!("{v:.2}"))),
             opt(r.core_s_per_gb.map(|v| format!("{v:.2}"))),
             opt(r.gbps4.map(|v| format!("{v:.2}"))),
             opt(r.rtt.map(|(a, b)| format!("{}/{}", us(a), us(b)))),
             opt(r.setup.map(|(a, b)| format!("{}/{}", us(a), us(b)))),
-            opt(r.loaded_p99.map(us)),
+            opt(r.loaded.map(|(a, b)| format!("{}/{}", us(a), us(b)))),
             by_process.join(", "),
         );
     }
@@ -972,7 +973,7 @@ async fn run() {
             }
         );
     }
-    if let Some(l) = umbra_row.loaded_p99 {
+    if let Some((_, l)) = umbra_row.loaded {
         println!(
             "  loaded RTT p99: {} ({})",
             us(l),

@@ -34,6 +34,13 @@ pub struct Limits {
     pub idle_timeout: Duration,
     /// How often an otherwise idle connection sends a keep-alive.
     pub keep_alive: Duration,
+    /// The standing queue the router lets what it sends build before it backs off as for a
+    /// loss (see `umbra_sdk::congestion`); `None` is plain Cubic, which fills buffers until
+    /// they overflow and so delays interactive streams behind bulk ones.
+    pub queue_floor: Option<Duration>,
+    /// Kernel buffer asked for the router's UDP socket, each direction, bytes (capped by
+    /// `net.core.rmem_max` / `wmem_max`); too small a buffer drops datagrams under load.
+    pub socket_buffer: usize,
 }
 
 impl Default for Limits {
@@ -49,6 +56,8 @@ impl Default for Limits {
             connection_window: 16 * 1024 * 1024,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
+            queue_floor: Some(umbra_sdk::congestion::DEFAULT_QUEUE_FLOOR),
+            socket_buffer: umbra_sdk::quic::SOCKET_BUFFER,
         }
     }
 }

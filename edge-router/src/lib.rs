@@ -91,12 +91,13 @@ impl Router {
             .build()
             .map_err(bind_error)?;
         let socket = std::net::UdpSocket::bind(cfg.listen).map_err(bind_error)?;
+        umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer);
         let endpoint = {
             // The endpoint's socket and driver, and every connection and stream task spawned
             // from the accept loop, live on the data-plane runtime.
             let _on_data_plane = data_plane.enter();
             quinn::Endpoint::new(
-                quinn::EndpointConfig::default(),
+                umbra_sdk::quic::endpoint_config(),
                 Some(server_config),
                 socket,
                 Arc::new(quinn::TokioRuntime),

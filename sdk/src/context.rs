@@ -204,6 +204,7 @@ impl Context {
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .stream_receive_window(VarInt::from_u32(2 * 1024 * 1024))
             .receive_window(VarInt::from_u32(16 * 1024 * 1024));
+        crate::quic::tune(&mut transport, Some(crate::congestion::DEFAULT_QUEUE_FLOOR));
         let ctx = Context {
             inner: Arc::new(Inner {
                 original: identity,
@@ -645,10 +646,16 @@ impl Context {
         let bind: SocketAddr = bind
             .parse()
             .map_err(|_| SdkError::Protocol("bind address".into()))?;
-        let ep = Endpoint::client(bind).map_err(|source| SdkError::Unreachable {
+        let unreachable = |source| SdkError::Unreachable {
             addr: addr.to_string(),
             source,
-        })?;
+        };
+        let socket = std::net::UdpSocket::bind(bind).map_err(unreachable)?;
+        crate::quic::size_buffers(&socket, crate::quic::SOCKET_BUFFER);
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| unreachable(std::io::Error::other("no async runtime")))?;
+        let ep = Endpoint::new(crate::quic::endpoint_config(), None, socket, runtime)
+            .map_err(unreachable)?;
         *slot = Some(ep.clone());
         Ok(ep)
     }

@@ -13,10 +13,12 @@
 #![forbid(unsafe_code)]
 
 mod client;
+pub mod congestion;
 mod context;
 mod enroll;
 mod error;
 mod listener;
+pub mod quic;
 mod renewal;
 pub mod splice;
 mod stream;
