@@ -8,7 +8,9 @@
 //! milliseconds at loopback speeds.
 //!
 //! [`LowQueue`] is Cubic plus a delay signal: once per round trip it compares the least RTT
-//! sample of the round with the connection's minimum RTT; when the difference (the standing
+//! sample of the round with the path's minimum RTT (the least sample of the last ten seconds,
+//! so that a route change to a longer path is not taken for a queue forever; the decreases
+//! themselves drain the queue often enough to measure it); when the difference (the standing
 //! queue) exceeds a target, it takes the same multiplicative decrease a loss would. The target
 //! is the larger of a floor and the minimum RTT itself, so on a LAN or loopback the queue stays
 //! near the floor, and on a WAN path only a queue longer than the path's own round trip (the
@@ -28,6 +30,9 @@ use quinn_proto::RttEstimator;
 /// 0.18 ms at 1 ms), while a loopback path no longer overflows its socket buffers (Cubic alone
 /// grew the window to 4 to 30 MB there and lost packets in bursts).
 pub const DEFAULT_QUEUE_FLOOR: Duration = Duration::from_millis(1);
+
+/// How long the least RTT sample stands for the path's minimum RTT (BBR's min-RTT window).
+const BASE_WINDOW: Duration = Duration::from_secs(10);
 
 /// Shortest round over which the least RTT sample is taken (loopback RTTs are tens of
 /// microseconds, too few samples to tell a queue from noise).
@@ -79,6 +84,8 @@ struct QueueSignal {
     round_start: Instant,
     /// The least RTT sample seen in the current round.
     round_min: Option<Duration>,
+    /// The path's minimum RTT and when it was sampled.
+    base: Option<(Duration, Instant)>,
 }
 
 impl QueueSignal {
@@ -87,26 +94,28 @@ impl QueueSignal {
             floor,
             round_start: now,
             round_min: None,
+            base: None,
         }
     }
 
     /// Takes one RTT sample; true at the end of a round whose least sample stood more than
-    /// the target above `min_rtt`.
-    fn sample(
-        &mut self,
-        now: Instant,
-        sample: Duration,
-        srtt: Duration,
-        min_rtt: Duration,
-    ) -> bool {
+    /// the target above the path's minimum RTT.
+    fn sample(&mut self, now: Instant, sample: Duration, srtt: Duration) -> bool {
+        let stale = |(b, at): (Duration, Instant)| {
+            sample <= b || now.saturating_duration_since(at) > BASE_WINDOW
+        };
+        if self.base.is_none_or(stale) {
+            self.base = Some((sample, now));
+        }
         self.round_min = Some(self.round_min.map_or(sample, |m| m.min(sample)));
         if now.saturating_duration_since(self.round_start) < srtt.max(MIN_ROUND) {
             return false;
         }
         self.round_start = now;
+        let base = self.base.map_or(Duration::ZERO, |(b, _)| b);
         self.round_min
             .take()
-            .is_some_and(|least| standing(least, min_rtt, self.floor))
+            .is_some_and(|least| standing(least, base, self.floor))
     }
 }
 
@@ -132,7 +141,7 @@ impl Controller for LowQueue {
         self.inner.on_ack(now, sent, bytes, app_limited, rtt);
         // An application-limited sender builds no queue: its samples say nothing about it.
         let sample = now.saturating_duration_since(sent);
-        if !app_limited && self.signal.sample(now, sample, rtt.get(), rtt.min()) {
+        if !app_limited && self.signal.sample(now, sample, rtt.get()) {
             // Packets sent from now on count for the next decision; Cubic ignores further
             // events for packets sent before this one, as after a loss.
             self.inner.on_congestion_event(now, now, false, 0);
@@ -218,15 +227,15 @@ mod tests {
     fn a_standing_queue_is_signalled_once_per_round() {
         let t0 = Instant::now();
         let mut q = QueueSignal::new(t0, 250 * US);
-        let (srtt, base) = (100 * US, 40 * US);
+        let srtt = 100 * US;
         // Short samples over many rounds: never.
         for i in 1..=200u32 {
-            assert!(!q.sample(t0 + US * (10 * i), 60 * US, srtt, base));
+            assert!(!q.sample(t0 + US * (10 * i), 60 * US, srtt));
         }
         // Long samples: once per round (MIN_ROUND, as srtt is shorter), not per sample.
         let start = t0 + 2000 * US;
         let signals = (1..=300u32)
-            .filter(|i| q.sample(start + US * (10 * i), 3000 * US, srtt, base))
+            .filter(|i| q.sample(start + US * (10 * i), 3000 * US, srtt))
             .count();
         assert_eq!(signals, 6, "3 ms of samples over 0.5 ms rounds");
         // One short sample in a round clears that round: the queue drained at least once.
@@ -241,11 +250,42 @@ mod tests {
                 } else {
                     3000 * US
                 };
-                signalled += usize::from(q.sample(at, s, srtt, base));
+                signalled += usize::from(q.sample(at, s, srtt));
             }
             signalled
         };
         assert_eq!(round(Some(20)), 0);
         assert_eq!(round(None), 1);
+    }
+
+    #[test]
+    fn a_longer_path_after_a_route_change_is_learned_within_the_window() {
+        let t0 = Instant::now();
+        let mut q = QueueSignal::new(t0, 250 * US);
+        let srtt = 100 * US;
+        for i in 1..=100u32 {
+            q.sample(t0 + US * (10 * i), 40 * US, srtt);
+        }
+        // The route now takes 50 ms each way and nothing queues.
+        let (long, changed) = (Duration::from_millis(50), t0 + Duration::from_millis(1));
+        let mut signals_after = |from: Duration, to: Duration| {
+            let mut n = 0;
+            let mut at = changed + from;
+            while at < changed + to {
+                n += usize::from(q.sample(at, long, long));
+                at += Duration::from_millis(5);
+            }
+            n
+        };
+        assert!(
+            signals_after(Duration::ZERO, Duration::from_secs(9)) > 0,
+            "taken for a queue"
+        );
+        signals_after(Duration::from_secs(9), Duration::from_secs(11));
+        assert_eq!(
+            signals_after(Duration::from_secs(11), Duration::from_secs(20)),
+            0,
+            "the new minimum is the path's"
+        );
     }
 }
