@@ -299,6 +299,10 @@ fn expiry(
 
 /// Longest a revoked connection waits for its streams to end themselves before it is closed.
 const STREAMS_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
+/// Least and most time a revoked connection's stream resets get to reach the client before
+/// the connection itself is closed.
+const SETTLE_FLOOR: std::time::Duration = std::time::Duration::from_millis(100);
+const SETTLE_CAP: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Lets every stream of a revoked connection end itself with `codes::REVOKED` (each stream task
 /// sees the same policy change), then waits a few round trips before the connection is closed.
@@ -309,6 +313,10 @@ const STREAMS_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 async fn cut_streams_first(conn: &Connection, streams: &mut JoinSet<()>) {
     let drain = async { while streams.join_next().await.is_some() {} };
     let _ = tokio::time::timeout(STREAMS_FIRST, drain).await;
-    let settle = (conn.rtt() * 4).clamp(std::time::Duration::from_millis(2), STREAMS_FIRST);
+    // The resets are retransmitted until acknowledged; the close after them is answered again
+    // only for three probe timeouts. A client still working through a full socket buffer
+    // (hundreds of datagrams behind the resets) needs longer than a few of our round trips, so
+    // the floor is generous: no data flows meanwhile, and new streams are refused by policy.
+    let settle = (conn.rtt() * 8).clamp(SETTLE_FLOOR, SETTLE_CAP);
     tokio::time::sleep(settle).await;
 }

@@ -24,7 +24,7 @@ pub mod splice;
 mod stream;
 
 pub use client::{ControllerClient, ResponseStream};
-pub use context::{Caller, Context, EdgeWatch};
+pub use context::{Caller, Context, Early, EdgeWatch};
 pub use enroll::{enroll, renew};
 pub use error::SdkError;
 pub use listener::Listener;

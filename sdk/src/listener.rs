@@ -11,7 +11,7 @@ use umbra_pki::Serial;
 use umbra_policies::Name;
 use umbra_proto::stream::Op;
 
-use crate::context::{lock, request, Caller, Context, Incoming, RouterTarget};
+use crate::context::{lock, request, Caller, Context, Early, Incoming, RouterTarget};
 use crate::error::SdkError;
 use crate::stream::{read_error, Stream};
 
@@ -51,7 +51,7 @@ pub(crate) async fn bind_all(
                 continue;
             }
         };
-        match request(&conn, Op::Bind, service).await {
+        match request(&conn, Op::Bind, service, &mut Early::none()).await {
             Ok((send, recv)) => binds.push(Binding {
                 router,
                 serial,

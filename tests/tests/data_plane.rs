@@ -3,10 +3,11 @@
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use umbra_policies::{Action, Hosting};
 use umbra_proto::stream::{decode_response, Status};
-use umbra_sdk::{Context, SdkError};
+use umbra_sdk::{Context, Early, SdkError};
 use umbra_tests::dataplane::*;
 use umbra_tests::{eventually, TestController};
 
@@ -572,6 +573,55 @@ async fn a_router_that_stops_hearing_the_controller_fails_closed() {
     let e = Context::new(a).unwrap().dial("echo").await.unwrap_err();
     assert!(matches!(e, SdkError::Unavailable(_)), "{e}");
     router.shutdown().await;
+}
+
+/// Bytes given to `dial_early` travel with the request and reach the service once, before what
+/// is written after the dial; on another router after a failover too. An early read that has
+/// nothing yet does not hold the dial up.
+#[tokio::test]
+async fn early_bytes_travel_with_the_request() {
+    let t = TestController::start().await;
+    let r1 = start_router(&t, "r1", |_| {}).await;
+    let r2 = start_router(&t, "r2", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let ctx = Context::new(a).unwrap();
+
+    async fn exchange(s: &mut umbra_sdk::Stream) -> Vec<u8> {
+        s.write_all(b"late").await.unwrap();
+        s.shutdown().await.unwrap();
+        let mut all = Vec::new();
+        tokio::time::timeout(BOUND, s.read_to_end(&mut all))
+            .await
+            .expect("timely")
+            .unwrap();
+        all
+    }
+    let mut early = Early::new(async { Bytes::from_static(b"early ") });
+    let mut s = ctx.dial_early("echo", &mut early).await.unwrap();
+    assert_eq!(early.taken().map(|b| &b[..]), Some(&b"early "[..]));
+    assert_eq!(exchange(&mut s).await, b"early late");
+
+    let mut idle = Early::new(std::future::pending());
+    let mut s = tokio::time::timeout(BOUND, ctx.dial_early("echo", &mut idle))
+        .await
+        .expect("not held up")
+        .unwrap();
+    assert!(idle.taken().is_none());
+    assert_eq!(exchange(&mut s).await, b"late");
+
+    // Refused: the early bytes are kept for the next attempt.
+    let mut early = Early::new(async { Bytes::from_static(b"kept ") });
+    let e = ctx.dial_early("nope", &mut early).await.unwrap_err();
+    assert!(matches!(e, SdkError::Denied { .. }), "{e}");
+    r1.shutdown().await;
+    let mut s = tokio::time::timeout(BOUND, ctx.dial_early("echo", &mut early))
+        .await
+        .expect("timely")
+        .expect("fails over");
+    assert_eq!(exchange(&mut s).await, b"kept late");
+    r2.shutdown().await;
 }
 
 #[tokio::test]

@@ -5,12 +5,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use umbra_proto::api::EdgeView;
 use umbra_proto::FrameDecoder;
-use umbra_sdk::{Context, ControllerClient, SdkError};
+use umbra_sdk::{Context, ControllerClient, Early, SdkError};
 
 use crate::addresses::AddressBook;
 use crate::plan::{desired, Mapping};
@@ -313,19 +314,49 @@ async fn accept_loop(
 /// copying bytes through user space more than the kernel requires.
 async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
     let _ = tcp.set_nodelay(true);
-    let stream = dial(ctx, service).await?;
+    // What the client sends while the router decides travels with the request: a round trip
+    // less for protocols in which the client speaks first.
+    let mut early = Early::new(first_bytes(&tcp));
+    let stream = dial(ctx, service, &mut early).await?;
+    drop(early);
     umbra_sdk::splice(tcp, stream).await?;
     Ok(())
+}
+
+/// How much of a client's first flight may travel with the dial request.
+const EARLY_BYTES: usize = 8 * 1024;
+
+/// The client's first bytes, as soon as there are any (empty at end of file or on an error,
+/// which the splice then meets again). Dropping it unfinished loses nothing.
+async fn first_bytes(tcp: &TcpStream) -> Bytes {
+    let mut buf = vec![0u8; EARLY_BYTES];
+    loop {
+        if tcp.readable().await.is_err() {
+            return Bytes::new();
+        }
+        match tcp.try_read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Bytes::from(buf);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return Bytes::new(),
+        }
+    }
 }
 
 /// Dials a service the controller's view says this identity may use. The routers learn of a new
 /// grant a moment after the controller has told us, so a refusal is retried briefly (bounded);
 /// a service that was really revoked loses its listener at the same moment anyway.
-async fn dial(ctx: &Context, service: &str) -> Result<umbra_sdk::Stream, SdkError> {
+async fn dial(
+    ctx: &Context,
+    service: &str,
+    early: &mut Early<'_>,
+) -> Result<umbra_sdk::Stream, SdkError> {
     const RETRIES: u32 = 10;
     let mut attempt = 0;
     loop {
-        match ctx.dial(service).await {
+        match ctx.dial_early(service, early).await {
             Err(SdkError::Denied { .. }) if attempt < RETRIES => {
                 attempt += 1;
                 tokio::time::sleep(Duration::from_millis(20)).await;
