@@ -354,6 +354,57 @@ async fn revoking_the_identity_kills_the_agent_at_once() {
     assert_nothing_left(&id);
 }
 
+/// A launcher killed outright (SIGKILL: no destructor runs) takes its sandbox with it, and what
+/// it leaves on the host (state directory, cgroup) is removed by the next `umbra run`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_launchers_leftovers_are_removed_by_the_next_run() {
+    let w = world().await;
+    let mut child = w
+        .command(
+            &[],
+            &sh("echo \"$UMBRA_SANDBOX\" > id; touch started; exec sleep 60"),
+        )
+        .spawn()
+        .unwrap();
+    let started = w.ws().join("started");
+    eventually(Duration::from_secs(20), || started.exists().then_some(()))
+        .await
+        .expect("the agent starts");
+    let id = std::fs::read_to_string(w.ws().join("id")).unwrap();
+    let id = id.trim();
+    let leftovers = || {
+        [
+            PathBuf::from("/run/umbra/sandboxes").join(id),
+            std::env::temp_dir().join("umbra-sandboxes-0").join(id),
+        ]
+        .into_iter()
+        .any(|d| d.exists())
+    };
+    assert!(leftovers(), "the running sandbox has its state");
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // The sandbox dies with its launcher: its cgroup empties.
+    let procs = [
+        PathBuf::from("/sys/fs/cgroup/pids/umbra").join(id),
+        PathBuf::from("/sys/fs/cgroup/umbra").join(id),
+    ]
+    .map(|d| d.join("cgroup.procs"));
+    let empty = || {
+        procs
+            .iter()
+            .filter_map(|p| std::fs::read_to_string(p).ok())
+            .all(|s| s.trim().is_empty())
+            .then_some(())
+    };
+    eventually(Duration::from_secs(10), empty)
+        .await
+        .expect("the agent died with its launcher");
+    assert!(leftovers(), "a killed launcher leaves its state behind");
+    let o = w.run(&[], &["/bin/true"]).await;
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_nothing_left(id);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keep_on_revoke_keeps_the_agent_but_not_its_network() {
     let w = world().await;

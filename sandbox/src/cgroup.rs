@@ -112,6 +112,28 @@ impl Cgroup {
         Ok(cg)
     }
 
+    /// The group `umbra/<name>` left behind by a launcher that died without removing it (it
+    /// was killed outright), if any; dropping it kills what is left inside and removes it.
+    pub fn left_behind(name: &str) -> Option<Cgroup> {
+        let find = |base: PathBuf| {
+            let dir = base.join("umbra").join(name);
+            dir.join("cgroup.procs").exists().then_some(dir)
+        };
+        let backend = match v2_root().and_then(find) {
+            Some(dir) => Backend::V2(dir),
+            None => Backend::V1 {
+                memory: v1_dir("memory").and_then(find),
+                pids: v1_dir("pids").and_then(find),
+                cpu: v1_dir("cpu").and_then(find),
+            },
+        };
+        let cg = Cgroup {
+            backend,
+            limits: Limits::default(),
+        };
+        (!cg.dirs().is_empty()).then_some(cg)
+    }
+
     fn create_v2(root: &Path, name: &str, limits: &Limits) -> io::Result<PathBuf> {
         let parent = root.join("umbra");
         fs::create_dir_all(&parent)?;

@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -156,8 +156,10 @@ fn require_landlock(abi: Option<u32>, allow_degraded: bool) -> Result<(), Sandbo
 }
 
 /// The per-sandbox state directory (its root mount point and its hosts file), outside every path
-/// the sandbox shows.
-fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
+/// the sandbox shows. Its `lock` file is held locked for as long as the sandbox lives, so state
+/// left by a launcher that was killed outright (SIGKILL runs no destructor) is recognised, and
+/// removed with its cgroup, by the next launcher.
+fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
     let bases = [
         PathBuf::from("/run/umbra/sandboxes"),
         std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
@@ -177,25 +179,79 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<PathBuf, SandboxError> {
         {
             continue;
         }
+        reclaim(&base);
         let dir = base.join(id);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        let state = StateDir {
+            lock: Some(hold_lock(&dir)?),
+            path: dir,
+        };
         std::fs::DirBuilder::new()
             .mode(0o755)
-            .create(dir.join("root"))?;
-        return Ok(dir);
+            .create(state.path.join("root"))?;
+        return Ok(state);
     }
     Err(SandboxError::Invalid(
         "no place for the sandbox's state outside the paths it shows".into(),
     ))
 }
 
+/// Creates `dir/lock` already locked: it is locked under a temporary name and renamed into
+/// place, so no other launcher ever finds it unlocked while this one lives.
+fn hold_lock(dir: &Path) -> io::Result<std::fs::File> {
+    let tmp = dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    // SAFETY: flock on a descriptor we own.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    std::fs::rename(&tmp, dir.join("lock"))?;
+    Ok(f)
+}
+
+/// Removes the state (and cgroup) of every sandbox under `base` whose launcher is gone: its lock
+/// can be taken. Directories without a lock file are being made right now, or are not ours.
+fn reclaim(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        let Ok(lock) = std::fs::File::open(dir.join("lock")) else {
+            continue;
+        };
+        // SAFETY: flock on a descriptor we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            continue;
+        }
+        let Some(id) = entry.file_name().to_str().map(String::from) else {
+            continue;
+        };
+        tracing::info!(sandbox = %id, "removing what a killed launcher left behind");
+        drop(Cgroup::left_behind(&id));
+        drop(StateDir {
+            path: dir,
+            lock: Some(lock),
+        });
+    }
+}
+
 /// Removes the state directory when the sandbox is gone.
 #[derive(Debug)]
-struct StateDir(PathBuf);
+struct StateDir {
+    path: PathBuf,
+    /// Held (locked) for the sandbox's lifetime; released after the directory is removed.
+    lock: Option<std::fs::File>,
+}
 
 impl Drop for StateDir {
     fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = std::fs::remove_dir_all(&self.path);
+        self.lock.take();
     }
 }
 
@@ -233,15 +289,15 @@ impl Prepared {
         }
         let mut shown: Vec<&Path> = vec![&workspace];
         shown.extend(ro.iter().map(PathBuf::as_path));
-        let state = StateDir(state_dir(&cfg.id, &shown)?);
-        let hosts = state.0.join("hosts");
+        let state = state_dir(&cfg.id, &shown)?;
+        let hosts = state.path.join("hosts");
         std::fs::write(&hosts, hosts_file(&cfg.id, &[]))?;
         std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
         let cgroup = Cgroup::create(&cfg.id, cfg.limits).map_err(SandboxError::Limits)?;
         let fallback = cgroup.rlimit_fallback();
         let spec = Spec {
             id: cfg.id.clone(),
-            root: state.0.join("root"),
+            root: state.path.join("root"),
             workspace,
             ro,
             hide,
