@@ -91,7 +91,13 @@ impl Router {
             .build()
             .map_err(bind_error)?;
         let socket = std::net::UdpSocket::bind(cfg.listen).map_err(bind_error)?;
-        umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer);
+        if let Some(got) = umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer) {
+            tracing::info!(
+                asked = cfg.limits.socket_buffer,
+                got,
+                "the UDP receive buffer is smaller than asked; raise net.core.rmem_max and wmem_max for fewer drops under load"
+            );
+        }
         let endpoint = {
             // The endpoint's socket and driver, and every connection and stream task spawned
             // from the accept loop, live on the data-plane runtime.

@@ -670,7 +670,9 @@ impl Context {
             source,
         };
         let socket = std::net::UdpSocket::bind(bind).map_err(unreachable)?;
-        crate::quic::size_buffers(&socket, crate::quic::SOCKET_BUFFER);
+        if let Some(got) = crate::quic::size_buffers(&socket, crate::quic::SOCKET_BUFFER) {
+            tracing::debug!(got, "UDP receive buffer smaller than asked");
+        }
         let runtime = quinn::default_runtime()
             .ok_or_else(|| unreachable(std::io::Error::other("no async runtime")))?;
         let ep = Endpoint::new(crate::quic::endpoint_config(), None, socket, runtime)

@@ -43,18 +43,13 @@ pub fn tune(transport: &mut TransportConfig, queue_floor: Option<std::time::Dura
 
 /// Asks for `bytes` of kernel buffer on a QUIC socket, both directions. The kernel caps the
 /// request at `net.core.rmem_max` / `wmem_max` (raising them needs privileges); a capped buffer
-/// still works, at the cost of drops under load, so it is logged once, not refused.
-pub fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) {
+/// still works, at the cost of drops under load. Returns the receive buffer obtained when it is
+/// smaller than asked, for the caller to mention where an operator will see it.
+pub fn size_buffers(socket: &std::net::UdpSocket, bytes: usize) -> Option<usize> {
     let s = socket2::SockRef::from(socket);
     let _ = s.set_recv_buffer_size(bytes);
     let _ = s.set_send_buffer_size(bytes);
     // Linux reports twice what it granted (it counts its own bookkeeping).
     let got = s.recv_buffer_size().unwrap_or(0);
-    if got < bytes {
-        tracing::info!(
-            asked = bytes,
-            got,
-            "the UDP receive buffer is smaller than asked; raise net.core.rmem_max for fewer drops under load"
-        );
-    }
+    (got < bytes).then_some(got)
 }
