@@ -104,6 +104,18 @@ async fn run_confines_the_agent_to_its_workspace_and_services() {
         getent hosts echo.umbra > resolved
         if getent hosts evil.example; then echo yes > evil; fi
         /usr/bin/python3 -c '
+import socket, struct
+name = b"".join(bytes([len(p)]) + p for p in b"echo.umbra".split(b"."))
+q = struct.pack(">HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + name + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.create_connection(("127.0.0.53", 53), timeout=5)
+s.sendall(struct.pack(">H", len(q)) + q)
+n = struct.unpack(">H", s.recv(2))[0]
+r = b""
+while len(r) < n:
+    r += s.recv(n - len(r))
+print(r[3] & 15, ".".join(str(b) for b in r[-4:]))
+' > dns-tcp
+        /usr/bin/python3 -c '
 import socket
 s = socket.create_connection(("echo.umbra", 443), timeout=5)
 s.sendall(b"through the overlay")
@@ -140,6 +152,14 @@ print(s.recv(100).decode())
         read("resolved")
     );
     assert_eq!(read("evil"), "", "an unauthorized name resolved");
+    // DNS over TCP gives the same answer (rcode 0, the same address).
+    let resolved_ip = read("resolved");
+    let resolved_ip = resolved_ip.split_whitespace().next().unwrap_or_default();
+    assert_eq!(
+        read("dns-tcp").trim(),
+        format!("0 {resolved_ip}"),
+        "over TCP"
+    );
     assert_eq!(read("echoed").trim(), "through the overlay");
     assert_eq!(read("etc"), "", "/etc was writable");
     assert_eq!(read("ro-read"), "read-only data");

@@ -484,6 +484,7 @@ fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
     });
     out.push(route_change());
     out.push(dns_refused(&cfg.refused_name));
+    out.push(dns_refused_tcp(&cfg.refused_name));
     out.push(scan(&cfg.granted));
 }
 
@@ -612,21 +613,45 @@ fn dns_refused(name: &str) -> Attempt {
         let (n, _) = s.recv_from(&mut b)?;
         crate::dns::parse_response(&b[..n]).ok_or_else(|| io::Error::other("unparsable DNS reply"))
     })();
+    nxdomain(&label, r)
+}
+
+/// The verdict on asking for a name the sandbox must not resolve: only NXDOMAIN passes.
+fn nxdomain(label: &str, r: io::Result<(u16, Option<Ipv4Addr>)>) -> Attempt {
     match r {
-        Ok((3, None)) => attempt(&label, "NXDOMAIN", "NXDOMAIN".into(), false),
+        Ok((3, None)) => attempt(label, "NXDOMAIN", "NXDOMAIN".into(), false),
         Ok((rcode, ip)) => attempt(
-            &label,
+            label,
             "NXDOMAIN",
             format!("rcode {rcode}, address {ip:?}"),
             ip.is_some(),
         ),
         Err(e) => attempt(
-            &label,
+            label,
             "NXDOMAIN",
             format!("no answer: {}", os_err(&e)),
             true,
         ),
     }
+}
+
+fn dns_refused_tcp(name: &str) -> Attempt {
+    let label = format!("resolve the unauthorized name {name} over TCP");
+    let r = (|| -> io::Result<(u16, Option<Ipv4Addr>)> {
+        let addr = SocketAddr::new(Ipv4Addr::new(127, 0, 0, 53).into(), 53);
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let q = crate::dns::query(0x5a5b, name, 1);
+        let len = u16::try_from(q.len()).map_err(|_| io::Error::other("query too long"))?;
+        s.write_all(&len.to_be_bytes())?;
+        s.write_all(&q)?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)?;
+        let mut b = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut b)?;
+        crate::dns::parse_response(&b).ok_or_else(|| io::Error::other("unparsable DNS reply"))
+    })();
+    nxdomain(&label, r)
 }
 
 /// Connects to every port of 127.0.0.1 and to the common ports of the addresses Umbra hands

@@ -10,6 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use umbra_sandbox::dns::{self, Outcome};
 use umbra_sandbox::events::{EventKind, EventSink};
@@ -157,7 +158,18 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
             UdpSocket::from_std(s)
         })
         .map_err(|e| RunError::Tunnel(format!("cannot start the sandbox's DNS responder: {e}")))?;
-    let dns_task = tokio::spawn(serve_dns(dns_socket, names.clone(), opts.events.clone()));
+    let dns_tcp = netns
+        .listen_tcp(DNS_ADDR)
+        .and_then(tokio::net::TcpListener::from_std)
+        .map_err(|e| RunError::Tunnel(format!("cannot start the sandbox's DNS responder: {e}")))?;
+    let refused_names = Arc::new(RefusedNames::new(opts.events.clone()));
+    let dns_task = {
+        let udp = serve_dns(dns_socket, names.clone(), refused_names.clone());
+        let tcp = serve_dns_tcp(dns_tcp, names.clone(), refused_names);
+        tokio::spawn(async move {
+            tokio::join!(udp, tcp);
+        })
+    };
     let names_task = {
         let (id, hosts_path, names) = (id.clone(), hosts_path.clone(), names.clone());
         let mut mappings = mappings.clone();
@@ -303,28 +315,114 @@ fn publish_names(id: &str, hosts_path: &std::path::Path, names: &Names, list: &[
     }
 }
 
-/// Answers the sandbox's DNS queries from `names`; never forwards anything.
-async fn serve_dns(socket: UdpSocket, names: Names, events: EventSink) {
+/// Refused names become events, a bounded number of them: one per name per second, at most
+/// 50 a second (a resolver asks for A and AAAA, and retries, over UDP and TCP).
+struct RefusedNames {
+    events: EventSink,
+    window: std::sync::Mutex<(Instant, std::collections::HashSet<String>)>,
+}
+
+impl RefusedNames {
+    fn new(events: EventSink) -> RefusedNames {
+        RefusedNames {
+            events,
+            window: std::sync::Mutex::new((Instant::now(), Default::default())),
+        }
+    }
+
+    fn report(&self, outcome: Outcome) {
+        let Outcome::Refused(name) = outcome else {
+            return;
+        };
+        let Ok(mut window) = self.window.lock() else {
+            return;
+        };
+        if window.0.elapsed() > Duration::from_secs(1) {
+            *window = (Instant::now(), Default::default());
+        }
+        if window.1.len() < 50 && window.1.insert(name.clone()) {
+            self.events.emit(EventKind::DnsRefused { name });
+        }
+    }
+}
+
+/// Answers one query from `names`: `None` for input that is not DNS at all.
+fn answer_from(names: &Names, query: &[u8]) -> Option<(Vec<u8>, Outcome)> {
+    let lookup = |name: &str| names.read().ok().and_then(|m| m.get(name).copied());
+    dns::answer(query, lookup)
+}
+
+/// Answers the sandbox's DNS queries over UDP from `names`; never forwards anything.
+async fn serve_dns(socket: UdpSocket, names: Names, refused: Arc<RefusedNames>) {
     let mut buf = [0u8; 1500];
-    // A burst of refused names becomes a bounded number of events, one per name per second
-    // (a resolver asks for A and AAAA, and retries).
-    let mut window = (Instant::now(), std::collections::HashSet::<String>::new());
     loop {
         let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
             continue;
         };
-        let lookup = |name: &str| names.read().ok().and_then(|m| m.get(name).copied());
-        let Some((reply, outcome)) = dns::answer(&buf[..n], lookup) else {
+        let Some((reply, outcome)) = answer_from(&names, &buf[..n]) else {
             continue;
         };
         let _ = socket.send_to(&reply, peer).await;
-        if let Outcome::Refused(name) = outcome {
-            if window.0.elapsed() > Duration::from_secs(1) {
-                window = (Instant::now(), Default::default());
+        refused.report(outcome);
+    }
+}
+
+/// Connections the agent may hold open to the TCP side of its DNS responder at once.
+const DNS_TCP_CONNECTIONS: usize = 16;
+/// How long a DNS-over-TCP connection may sit without a complete query.
+const DNS_TCP_IDLE: Duration = Duration::from_secs(10);
+/// The largest query taken over TCP (a query names one host; anything longer is not one).
+const DNS_TCP_MAX_QUERY: usize = 1500;
+
+/// The same answers over TCP (RFC 7766: two-byte length, then the message), for resolvers that
+/// use it (`options use-vc`, `dig +tcp`, retries after truncation). Bounded in connections, idle
+/// time and query size, since the agent drives it.
+async fn serve_dns_tcp(
+    listener: tokio::net::TcpListener,
+    names: Names,
+    refused: Arc<RefusedNames>,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(DNS_TCP_CONNECTIONS));
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else {
+            continue;
+        };
+        // Over the bound, the newest connection is closed at once.
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            continue;
+        };
+        let (names, refused) = (names.clone(), refused.clone());
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut buf = vec![0u8; DNS_TCP_MAX_QUERY];
+            loop {
+                let query = async {
+                    let mut len = [0u8; 2];
+                    conn.read_exact(&mut len).await?;
+                    let len = usize::from(u16::from_be_bytes(len));
+                    if len > DNS_TCP_MAX_QUERY {
+                        return Err(std::io::ErrorKind::InvalidData.into());
+                    }
+                    conn.read_exact(&mut buf[..len]).await?;
+                    Ok::<usize, std::io::Error>(len)
+                };
+                let Ok(Ok(len)) = tokio::time::timeout(DNS_TCP_IDLE, query).await else {
+                    return;
+                };
+                let Some((reply, outcome)) = answer_from(&names, &buf[..len]) else {
+                    return;
+                };
+                let Ok(n) = u16::try_from(reply.len()) else {
+                    return;
+                };
+                let mut framed = Vec::with_capacity(2 + reply.len());
+                framed.extend_from_slice(&n.to_be_bytes());
+                framed.extend_from_slice(&reply);
+                if conn.write_all(&framed).await.is_err() {
+                    return;
+                }
+                refused.report(outcome);
             }
-            if window.1.len() < 50 && window.1.insert(name.clone()) {
-                events.emit(EventKind::DnsRefused { name });
-            }
-        }
+        });
     }
 }
