@@ -179,6 +179,12 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
         {
             continue;
         }
+        // A base someone else made (a shared temporary directory) is not ours to trust: its
+        // owner could tamper with the state, or plant entries for `reclaim` to act on.
+        if !private_to_us(&base) {
+            tracing::warn!(base = %base.display(), "not owned by us or open to others: not used for sandbox state");
+            continue;
+        }
         reclaim(&base);
         let dir = base.join(id);
         std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
@@ -194,6 +200,15 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
     Err(SandboxError::Invalid(
         "no place for the sandbox's state outside the paths it shows".into(),
     ))
+}
+
+/// Whether `dir` is a real directory (not a link) owned by this user and closed to everyone else.
+fn private_to_us(dir: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(dir).is_ok_and(|m| {
+        // SAFETY: getuid cannot fail.
+        m.is_dir() && m.uid() == unsafe { libc::getuid() } && m.mode() & 0o077 == 0
+    })
 }
 
 /// Creates `dir/lock` already locked: it is locked under a temporary name and renamed into
@@ -564,6 +579,26 @@ fn high_copy(fd: &OwnedFd) -> io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_private_directory_of_ours_holds_sandbox_state() {
+        let t = tempfile::tempdir().unwrap();
+        let dir = t.path().join("base");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        assert!(private_to_us(&dir));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(!private_to_us(&dir), "readable by others");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = t.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(!private_to_us(&link), "a link");
+        assert!(!private_to_us(&t.path().join("missing")));
+        // Owned by someone else (root can hand it over; others cannot make one to test).
+        if unsafe { libc::getuid() } == 0 {
+            std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+            assert!(!private_to_us(&dir), "another user's");
+        }
+    }
 
     fn cfg(ws: &Path) -> SandboxConfig {
         SandboxConfig {
