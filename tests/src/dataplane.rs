@@ -92,6 +92,14 @@ pub async fn service(t: &TestController, n: &str, hosting: Hosting) {
         .expect("create service");
 }
 
+/// Creates the SDK-hosted service `svc`, hosted by `host` (Bind, policy `<svc>-host`) and
+/// dialed by `caller` (Dial, policy `<svc>-dial`).
+pub async fn sdk_service(t: &TestController, svc: &str, host: &str, caller: &str) {
+    service(t, svc, Hosting::Sdk).await;
+    grant(t, &format!("{svc}-host"), Action::Bind, host, svc).await;
+    grant(t, &format!("{svc}-dial"), Action::Dial, caller, svc).await;
+}
+
 /// Grants `action` on the service named `svc` to the identity named `who`, as policy `policy`.
 pub async fn grant(t: &TestController, policy: &str, action: Action, who: &str, svc: &str) {
     let req = GrantRequest {

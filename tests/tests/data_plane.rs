@@ -378,9 +378,7 @@ async fn an_sdk_hosted_service_needs_no_listening_port_and_learns_its_caller() {
     let host = agent(&t, "host-1").await;
     let caller = agent(&t, "caller-1").await;
     let stranger = agent(&t, "stranger").await;
-    service(&t, "chat", Hosting::Sdk).await;
-    grant(&t, "chat-host", Action::Bind, "host-1", "chat").await;
-    grant(&t, "chat-dial", Action::Dial, "caller-1", "chat").await;
+    sdk_service(&t, "chat", "host-1", "caller-1").await;
 
     // Without a bind grant, binding is denied like dialing.
     let e = Context::new(stranger.clone())
@@ -465,9 +463,7 @@ async fn an_answer_sent_after_the_host_stops_reading_is_delivered_whole() {
     let router = start_router(&t, "r1", |_| {}).await;
     let host = agent(&t, "host-1").await;
     let caller = agent(&t, "caller-1").await;
-    service(&t, "early", Hosting::Sdk).await;
-    grant(&t, "early-host", Action::Bind, "host-1", "early").await;
-    grant(&t, "early-dial", Action::Dial, "caller-1", "early").await;
+    sdk_service(&t, "early", "host-1", "caller-1").await;
 
     let hctx = Context::new(host).unwrap();
     let mut listener = hctx.bind("early").await.unwrap();
@@ -746,9 +742,7 @@ async fn an_sdk_host_binds_again_when_its_router_goes_away() {
     let r1 = start_router(&t, "r1", |_| {}).await;
     let host = agent(&t, "host-1").await;
     let caller = agent(&t, "caller-1").await;
-    service(&t, "chat", Hosting::Sdk).await;
-    grant(&t, "chat-host", Action::Bind, "host-1", "chat").await;
-    grant(&t, "chat-dial", Action::Dial, "caller-1", "chat").await;
+    sdk_service(&t, "chat", "host-1", "caller-1").await;
     let hctx = Context::new(host).unwrap();
     let mut listener = hctx.bind("chat").await.unwrap();
     let echo_host = tokio::spawn(async move {
