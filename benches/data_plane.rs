@@ -5,7 +5,9 @@
 //!
 //! Umbra runs as the real release binary in separate processes. CPU is measured as the whole
 //! machine's busy time during a transfer minus this process's own (the load generator and the
-//! sink), so each path is charged for exactly its own processes, kernel work included.
+//! sink), so each path is charged for exactly its own processes, kernel work included. The
+//! echo service and the latency probes run on threads of their own, away from the bulk sender
+//! and the sink, so that the latency columns measure the path and not this process's runtime.
 //!
 //! Needs, for the baselines: `apt-get install stunnel4 openssh-server` (rows say "not installed"
 //! otherwise). Environment: `BENCH_MB` (bulk size per transfer, default 2048),
@@ -193,19 +195,44 @@ async fn sink() -> SocketAddr {
     addr
 }
 
+/// An echo service on a thread of its own, so that the latency rows measure the path and not
+/// the load generator: the bulk sender and the sink keep this process's runtime busy.
 async fn echo() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let _ = s.set_nodelay(true);
-                let (mut r, mut w) = s.split();
-                let _ = tokio::io::copy(&mut r, &mut w).await;
-            });
-        }
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = TcpListener::from_std(l).expect("listener");
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let _ = s.set_nodelay(true);
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
     });
     addr
+}
+
+/// Runs a latency probe on a thread and runtime of its own (see [`echo`]).
+async fn alone<T: Send + 'static>(
+    probe: impl std::future::Future<Output = T> + Send + 'static,
+) -> T {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let _ = tx.send(rt.block_on(probe));
+    });
+    rx.await.expect("probe thread")
 }
 
 // ----- measurements ---------------------------------------------------------------------------
@@ -315,11 +342,11 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     }
     let gbps4 = all_ok.then(|| gb * 8.0 / t0.elapsed().as_secs_f64());
 
-    let rtt = ping_pong(p.echo, 2000)
+    let rtt = alone(ping_pong(p.echo, 2000))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));
-    let setup = setups(p.echo, 300)
+    let setup = alone(setups(p.echo, 300))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));
@@ -327,7 +354,7 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     // Latency under load: a bulk transfer shares the path while we ping.
     let load = tokio::spawn(bulk(p.sink, bytes));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let loaded = ping_pong(p.echo, 1000)
+    let loaded = alone(ping_pong(p.echo, 1000))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));

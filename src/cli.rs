@@ -59,6 +59,10 @@ pub enum Command {
         /// Keep this file updated with /etc/hosts lines for the intercept names
         #[arg(long)]
         hosts_file: Option<PathBuf>,
+        /// Threads carrying connections, each with its own connection to each router, so that
+        /// interactive connections do not wait behind bulk ones
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=64))]
+        lanes: u8,
     },
     /// Run a command in a sealed sandbox whose only network is the overlay
     Run(SandboxRunArgs),
@@ -294,6 +298,10 @@ pub enum RouterCmd {
         /// Serve the last policy for at most this long without hearing from the controller
         #[arg(long, default_value = "60s", value_parser = parse_duration)]
         stale_after: std::time::Duration,
+        /// Data-plane threads, each with its own socket on the listening port [default: one
+        /// per core, at most 8]
+        #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
+        lanes: Option<u8>,
     },
 }
 

@@ -160,6 +160,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             advertise,
             stale_after,
+            lanes,
         }) => {
             let identity = umbra_pki::IdentityFile::load(dir.join(ROUTER_FILE))?;
             let mut cfg = umbra_edge_router::RouterConfig::new(identity, listen);
@@ -167,6 +168,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             cfg.controller = cli.controller.clone();
             cfg.stale_after = stale_after;
             cfg.identity_path = Some(dir.join(ROUTER_FILE));
+            if let Some(n) = lanes {
+                cfg.limits.lanes = n.into();
+            }
             let router = umbra_edge_router::Router::start(cfg).await?;
             println!("router listening on {} (udp)", router.local_addr());
             shutdown_signal().await;
@@ -176,7 +180,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Tunnel {
             identity,
             hosts_file,
-        } => tunnel(identity, hosts_file, cli.controller).await,
+            lanes,
+        } => tunnel(identity, hosts_file, lanes.into(), cli.controller).await,
         Command::Gateway(cli::GatewayCmd::Llm { identity, config }) => {
             gateway_llm(identity, config, cli.controller).await
         }
@@ -194,6 +199,7 @@ const ROUTER_FILE: &str = "router.json";
 async fn tunnel(
     identity: std::path::PathBuf,
     hosts_file: Option<std::path::PathBuf>,
+    lanes: usize,
     controller: Option<String>,
 ) -> anyhow::Result<()> {
     let file = umbra_pki::IdentityFile::load(&identity)?;
@@ -202,6 +208,7 @@ async fn tunnel(
     let cfg = umbra_tunneler::TunnelerConfig {
         controller,
         hosts_file,
+        lanes,
         ..Default::default()
     };
     let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;

@@ -41,6 +41,10 @@ pub struct Limits {
     /// Kernel buffer asked for the router's UDP socket, each direction, bytes (capped by
     /// `net.core.rmem_max` / `wmem_max`); too small a buffer drops datagrams under load.
     pub socket_buffer: usize,
+    /// Data-plane threads ("lanes"), each with its own UDP socket on the listening port and its
+    /// own connections (see the `lanes` module): connections on different lanes never wait
+    /// for each other's thread. Default: one per core, at most 8.
+    pub lanes: usize,
 }
 
 impl Default for Limits {
@@ -58,6 +62,7 @@ impl Default for Limits {
             keep_alive: Duration::from_secs(10),
             queue_floor: Some(umbra_sdk::congestion::DEFAULT_QUEUE_FLOOR),
             socket_buffer: umbra_sdk::quic::SOCKET_BUFFER,
+            lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
         }
     }
 }

@@ -15,7 +15,7 @@
 //! It must never: trust anything in a request frame for identity, serve a policy older than
 //! `stale_after` without word from the controller, dial an internal address for a service named
 //! by DNS name, or let a peer grow anything without a bound.
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 #![warn(missing_docs)]
 
 mod config;
@@ -23,6 +23,7 @@ mod control;
 pub mod egress;
 mod error;
 mod hosts;
+mod lanes;
 mod policy;
 pub mod proxy;
 mod server;
@@ -58,10 +59,11 @@ pub struct RouterHandle {
     identity: RenewingIdentity,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
-    endpoint: quinn::Endpoint,
+    /// One endpoint per data-plane lane, in lane order.
+    endpoints: Vec<quinn::Endpoint>,
     shared: Arc<server::Shared>,
-    /// Resolves when the data-plane thread has stopped.
-    data_plane_done: tokio::sync::oneshot::Receiver<()>,
+    /// Each resolves when its data-plane thread has stopped.
+    data_plane_done: Vec<tokio::sync::oneshot::Receiver<()>>,
 }
 
 impl Router {
@@ -86,31 +88,43 @@ impl Router {
             addr: cfg.listen,
             source,
         };
-        let data_plane = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(bind_error)?;
-        let socket = std::net::UdpSocket::bind(cfg.listen).map_err(bind_error)?;
-        if let Some(got) = umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer) {
-            tracing::info!(
-                asked = cfg.limits.socket_buffer,
-                got,
-                "the UDP receive buffer is smaller than asked; raise net.core.rmem_max and wmem_max for fewer drops under load"
-            );
+        let sockets = lanes::bind(cfg.listen, cfg.limits.lanes).map_err(bind_error)?;
+        let count = u8::try_from(sockets.len()).unwrap_or(u8::MAX);
+        let mut lanes = Vec::with_capacity(sockets.len());
+        for (i, socket) in sockets.into_iter().enumerate() {
+            if let Some(got) = umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer) {
+                if i == 0 {
+                    tracing::info!(
+                        asked = cfg.limits.socket_buffer,
+                        got,
+                        "the UDP receive buffer is smaller than asked; raise net.core.rmem_max and wmem_max for fewer drops under load"
+                    );
+                }
+            }
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(bind_error)?;
+            let mut endpoint_config = umbra_sdk::quic::endpoint_config();
+            let lane = u8::try_from(i).unwrap_or(0);
+            endpoint_config
+                .cid_generator(move || Box::new(umbra_sdk::quic::LaneCids::new(lane, count)));
+            let endpoint = {
+                // The endpoint's socket and driver, and every connection and stream task
+                // spawned from its accept loop, live on this lane's runtime.
+                let _on_lane = runtime.enter();
+                quinn::Endpoint::new(
+                    endpoint_config,
+                    Some(server_config.clone()),
+                    socket,
+                    Arc::new(quinn::TokioRuntime),
+                )
+                .map_err(bind_error)?
+            };
+            lanes.push((runtime, endpoint));
         }
-        let endpoint = {
-            // The endpoint's socket and driver, and every connection and stream task spawned
-            // from the accept loop, live on the data-plane runtime.
-            let _on_data_plane = data_plane.enter();
-            quinn::Endpoint::new(
-                umbra_sdk::quic::endpoint_config(),
-                Some(server_config),
-                socket,
-                Arc::new(quinn::TokioRuntime),
-            )
-            .map_err(bind_error)?
-        };
-        let local_addr = endpoint.local_addr().map_err(bind_error)?;
+        let endpoints: Vec<quinn::Endpoint> = lanes.iter().map(|(_, e)| e.clone()).collect();
+        let local_addr = endpoints[0].local_addr().map_err(bind_error)?;
         if cfg.advertise.is_none() && local_addr.ip().is_unspecified() {
             tracing::warn!(%local_addr, "listening on an unspecified address without --advertise: clients will be told an address they cannot reach");
         }
@@ -134,44 +148,56 @@ impl Router {
         tasks.spawn(swap_credentials(
             live.subscribe(),
             tls,
-            endpoint.clone(),
+            endpoints.clone(),
             cancel.clone(),
         ));
-        let shared = Arc::new(server::Shared::new(cfg.limits.clone(), rx.clone()));
-        let data_plane_done = spawn_data_plane(
-            data_plane,
-            server::accept_loop(endpoint.clone(), Arc::clone(&shared), cancel.clone()),
-            endpoint.clone(),
-        )
-        .map_err(bind_error)?;
-        tracing::info!(router = %identity.spiffe(), %local_addr, %advertise, "edge router listening");
+        let shared = Arc::new(server::Shared::new(
+            cfg.limits.clone(),
+            rx.clone(),
+            endpoints.len(),
+        ));
+        let mut data_plane_done = Vec::with_capacity(lanes.len());
+        for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {
+            data_plane_done.push(
+                spawn_data_plane(
+                    i,
+                    runtime,
+                    server::accept_loop(i, endpoint.clone(), Arc::clone(&shared), cancel.clone()),
+                    endpoint,
+                )
+                .map_err(bind_error)?,
+            );
+        }
+        tracing::info!(router = %identity.spiffe(), %local_addr, %advertise, lanes = endpoints.len(), "edge router listening");
         Ok(RouterHandle {
             local_addr,
             policy: rx,
             identity: live,
             cancel,
             tasks,
-            endpoint,
+            endpoints,
             shared,
             data_plane_done,
         })
     }
 }
 
-/// Runs the data plane (`accept`: the accept loop, which owns every connection and stream
-/// task) on its own thread and current-thread runtime, until it ends and the endpoint has had
-/// a moment to send its closes. One thread for the QUIC endpoint, its connections and the
-/// splices means no wake-up ever crosses threads on the data path; with a multi-threaded runtime,
-/// waking the other worker for each packet batch and stream cost about a tenth of the router's
-/// CPU per byte. The returned receiver resolves when the thread is done.
+/// Runs one lane of the data plane (`accept`: the lane's accept loop, which owns every
+/// connection and stream task of it) on its own thread and current-thread runtime, until it
+/// ends and the endpoint has had a moment to send its closes. One thread for a QUIC endpoint,
+/// its connections and their splices means no wake-up crosses threads on a connection's data
+/// path; with a multi-threaded runtime, waking the other worker for each packet batch and
+/// stream cost about a tenth of the router's CPU per byte. The returned receiver resolves when
+/// the thread is done.
 fn spawn_data_plane(
+    lane: usize,
     runtime: tokio::runtime::Runtime,
     accept: impl std::future::Future<Output = ()> + Send + 'static,
     endpoint: quinn::Endpoint,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
     let (done, done_rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
-        .name("umbra-data-plane".into())
+        .name(format!("umbra-lane-{lane}"))
         .spawn(move || {
             runtime.block_on(async {
                 accept.await;
@@ -212,7 +238,7 @@ impl TlsFactory {
 async fn swap_credentials(
     mut renewed: watch::Receiver<Arc<Credentials>>,
     tls: TlsFactory,
-    endpoint: quinn::Endpoint,
+    endpoints: Vec<quinn::Endpoint>,
     cancel: CancellationToken,
 ) {
     loop {
@@ -223,7 +249,9 @@ async fn swap_credentials(
         let creds = Arc::clone(&renewed.borrow_and_update());
         match tls.build(creds.identity()) {
             Ok(cfg) => {
-                endpoint.set_server_config(Some(cfg));
+                for endpoint in &endpoints {
+                    endpoint.set_server_config(Some(cfg.clone()));
+                }
                 tracing::info!(serial = %creds.leaf().serial, not_after = creds.leaf().not_after.0, "serving with the renewed certificate");
             }
             // Cannot happen for credentials that passed `Credentials::new`; keep the old
@@ -256,6 +284,12 @@ impl RouterHandle {
         self.shared.stats.snapshot()
     }
 
+    /// Admitted connections open now on each data-plane lane (see [`Limits::lanes`]), in lane
+    /// order: how evenly the kernel spreads clients over the lanes.
+    pub fn connections_by_lane(&self) -> Vec<usize> {
+        self.shared.connections_by_lane()
+    }
+
     /// Waits until the router holds a policy from the controller.
     pub async fn ready(&self) {
         let mut rx = self.policy.clone();
@@ -267,16 +301,30 @@ impl RouterHandle {
     /// every task to end.
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
-        self.endpoint.close(
-            quinn::VarInt::from_u32(umbra_proto::stream::codes::SHUTDOWN),
-            b"shutting down",
-        );
+        for endpoint in &self.endpoints {
+            endpoint.close(
+                quinn::VarInt::from_u32(umbra_proto::stream::codes::SHUTDOWN),
+                b"shutting down",
+            );
+        }
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
             self.tasks.shutdown().await;
         }
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, &mut self.data_plane_done).await;
+        // The lanes close and drain at once, each on its own thread: waiting in turn costs no
+        // more than the slowest.
+        let idle = async {
+            for endpoint in &self.endpoints {
+                endpoint.wait_idle().await;
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, idle).await;
+        let done = async {
+            for lane in &mut self.data_plane_done {
+                let _ = lane.await;
+            }
+        };
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, done).await;
         tracing::info!(addr = %self.local_addr, "edge router stopped");
     }
 }

@@ -3,6 +3,7 @@
 //! policy changes.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use quinn::crypto::rustls::QuicServerConfig;
@@ -29,6 +30,17 @@ pub(crate) struct Shared {
     streams: Mutex<HashMap<IdentityId, usize>>,
     pub hosts: Hosts,
     pub stats: Counters,
+    /// Admitted connections open now, per data-plane lane.
+    lanes: Vec<AtomicUsize>,
+}
+
+/// An admitted connection counted on its lane; the count drops with it.
+struct OnLane<'a>(&'a AtomicUsize);
+
+impl Drop for OnLane<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A counted open stream of one identity; the count drops with it.
@@ -54,8 +66,9 @@ impl Drop for StreamSlot {
 }
 
 impl Shared {
-    pub fn new(limits: Limits, policy: PolicyRx) -> Self {
+    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize) -> Self {
         Shared {
+            lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
             handshakes: Arc::new(Semaphore::new(limits.handshakes_in_flight)),
             limits,
             policy,
@@ -63,6 +76,21 @@ impl Shared {
             hosts: Hosts::default(),
             stats: Counters::default(),
         }
+    }
+
+    /// Admitted connections open now, per lane.
+    pub fn connections_by_lane(&self) -> Vec<usize> {
+        self.lanes
+            .iter()
+            .map(|n| n.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Counts an admitted connection on `lane` until the returned guard is dropped.
+    fn on_lane(&self, lane: usize) -> Option<OnLane<'_>> {
+        let n = self.lanes.get(lane)?;
+        n.fetch_add(1, Ordering::Relaxed);
+        Some(OnLane(n))
     }
 
     /// Takes one of the identity's stream slots, or `None` at its limit.
@@ -105,8 +133,9 @@ pub(crate) fn quinn_config(
     Ok(cfg)
 }
 
-/// Accepts connections until cancelled; every connection task is owned here.
+/// Accepts the connections of one lane until cancelled; every connection task is owned here.
 pub(crate) async fn accept_loop(
+    lane: usize,
     endpoint: quinn::Endpoint,
     shared: Arc<Shared>,
     cancel: CancellationToken,
@@ -139,7 +168,7 @@ pub(crate) async fn accept_loop(
                     }
                 };
                 drop(permit);
-                serve(conn, shared, cancel).await;
+                serve(conn, lane, shared, cancel).await;
             }
             .instrument(span),
         );
@@ -190,6 +219,7 @@ async fn handshake(
 /// Admits the peer, then serves its streams while re-admitting it on every policy change.
 async fn serve(
     (conn, peer): (Connection, PeerCert),
+    lane: usize,
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
@@ -223,6 +253,7 @@ async fn serve(
     };
     tracing::info!(decision = "allow", serial = %peer.serial, "connection admitted");
     bump(&shared.stats.connections_admitted);
+    let _on_lane = shared.on_lane(lane);
     let ctx = Arc::new(crate::stream::ConnCtx {
         id,
         peer,

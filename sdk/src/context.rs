@@ -133,6 +133,15 @@ fn targets_for(addr: &str, known: &[RouterTarget]) -> Vec<RouterTarget> {
 #[derive(Clone)]
 pub struct Context {
     inner: Arc<Inner>,
+    /// The lane this handle dials on (see [`Context::on_runtime`]); `None` is the default lane,
+    /// whose connections live on the runtime that made them.
+    lane: Option<Arc<Lane>>,
+}
+
+/// A runtime on which a context keeps connections of their own, one per router.
+struct Lane {
+    id: u32,
+    runtime: tokio::runtime::Handle,
 }
 
 struct Inner {
@@ -147,9 +156,16 @@ struct Inner {
     /// The QUIC client configurations of the newest credentials, one per expected router (by
     /// name; `None` for any router), built once per certificate.
     quic: Mutex<Option<(Arc<Credentials>, RouterConfigs)>>,
-    endpoints: Mutex<(Option<Endpoint>, Option<Endpoint>)>,
-    /// One connection per router, with the serial of the certificate it was made with.
-    conns: Mutex<HashMap<RouterTarget, (Connection, Serial)>>,
+    /// The client endpoints, by address family (IPv4 or not) and lane: a lane's endpoint lives
+    /// on the lane's runtime.
+    endpoints: Mutex<HashMap<(bool, u32), Endpoint>>,
+    /// One connection per router and lane, with the serial of the certificate it was made with.
+    conns: Mutex<HashMap<(RouterTarget, u32), (Connection, Serial)>>,
+    /// The last lane id given out (lane 0 is the default lane).
+    lanes: std::sync::atomic::AtomicU32,
+    /// Random: the first byte of the initial connection ID of lane 0's connections; lane `n`
+    /// uses the next `n`th, so a context's lanes start on different router lanes.
+    slot_base: u8,
     /// Routers that could not be reached: failures in a row, and when to try again.
     backoff: Mutex<HashMap<RouterTarget, (u32, Instant)>>,
     /// The routers of the last edge view, each with the name it must prove; `None` until a view
@@ -213,13 +229,16 @@ impl Context {
                 controller,
                 transport: Arc::new(transport),
                 quic: Mutex::new(None),
-                endpoints: Mutex::new((None, None)),
+                endpoints: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
+                lanes: std::sync::atomic::AtomicU32::new(0),
+                slot_base: crate::quic::initial_cid(0)[1],
                 backoff: Mutex::new(HashMap::new()),
                 routers: Mutex::new(None),
                 listeners: Arc::new(Mutex::new(HashMap::new())),
                 cancel: CancellationToken::new(),
             }),
+            lane: None,
         };
         // Fail now, not at the first dial, if the identity cannot make a router configuration.
         ctx.quic_config(None)?;
@@ -239,6 +258,29 @@ impl Context {
         if !self.inner.renewing.swap(true, Ordering::AcqRel) {
             rt.spawn(self.inner.live.clone().run(self.inner.cancel.child_token()));
         }
+    }
+
+    /// A handle on this context whose dials go over connections of their own (one per router),
+    /// made and driven on `runtime`: streams dialed through it and served on that runtime
+    /// never wait for the threads of other lanes, nor they for it. A tunneler gives bulk and
+    /// interactive connections different lanes this way, each lane a thread; routers with
+    /// several lanes of their own take each of a context's lanes (up to theirs) on a
+    /// different thread. Identity, renewal, routers and listeners stay shared. `runtime` must
+    /// outlive the use of the returned handle: its connections are driven there.
+    pub fn on_runtime(&self, runtime: tokio::runtime::Handle) -> Context {
+        let id = self
+            .inner
+            .lanes
+            .fetch_add(1, Ordering::Relaxed)
+            .wrapping_add(1);
+        Context {
+            inner: Arc::clone(&self.inner),
+            lane: Some(Arc::new(Lane { id, runtime })),
+        }
+    }
+
+    fn lane_id(&self) -> u32 {
+        self.lane.as_ref().map_or(0, |l| l.id)
     }
 
     /// The identity this context was created with. Its id, name, kind, trust domain, CA and
@@ -382,9 +424,10 @@ impl Context {
                 let conns = lock(&self.inner.conns);
                 let backoff = lock(&self.inner.backoff);
                 let now = Instant::now();
+                let lane = self.lane_id();
                 routers.sort_by_key(|a| {
                     if conns
-                        .get(a)
+                        .get(&(a.clone(), lane))
                         .is_some_and(|(c, _)| c.close_reason().is_none())
                     {
                         (0, None)
@@ -492,11 +535,12 @@ impl Context {
         if let Err(e) = &result {
             if e.try_another_router() && conn.close_reason().is_some() {
                 let mut conns = lock(&self.inner.conns);
+                let key = (target.clone(), self.lane_id());
                 if conns
-                    .get(target)
+                    .get(&key)
                     .is_some_and(|(c, _)| c.stable_id() == conn.stable_id())
                 {
-                    conns.remove(target);
+                    conns.remove(&key);
                 }
             }
         }
@@ -562,7 +606,8 @@ impl Context {
         // A live connection made with an earlier certificate: replaced, but still usable if
         // a new connection cannot be made right now.
         let mut older = None;
-        if let Some((c, s)) = lock(&self.inner.conns).get(router) {
+        let key = (router.clone(), self.lane_id());
+        if let Some((c, s)) = lock(&self.inner.conns).get(&key) {
             if c.close_reason().is_none() {
                 if *s == serial {
                     return Ok((c.clone(), serial));
@@ -601,13 +646,13 @@ impl Context {
                 return Err(e);
             }
         };
-        lock(&self.inner.conns).insert(router.clone(), (conn.clone(), serial.clone()));
+        lock(&self.inner.conns).insert(key, (conn.clone(), serial.clone()));
         let listeners = Arc::clone(&self.inner.listeners);
-        tokio::spawn(accept_incoming(
-            conn.clone(),
-            listeners,
-            self.inner.cancel.clone(),
-        ));
+        let accept = accept_incoming(conn.clone(), listeners, self.inner.cancel.clone());
+        match &self.lane {
+            Some(lane) => drop(lane.runtime.spawn(accept)),
+            None => drop(tokio::spawn(accept)),
+        }
         Ok((conn, serial))
     }
 
@@ -626,7 +671,7 @@ impl Context {
     async fn connect(
         &self,
         router: &str,
-        quic: quinn::ClientConfig,
+        mut quic: quinn::ClientConfig,
     ) -> Result<Connection, SdkError> {
         let unreachable = |source| SdkError::Unreachable {
             addr: router.to_owned(),
@@ -643,23 +688,32 @@ impl Context {
                 ))
             })?;
         let endpoint = self.endpoint(addr)?;
-        let connecting = endpoint
-            .connect_with(quic, addr, ROUTER_SERVER_NAME)
-            .map_err(|e| SdkError::Protocol(e.to_string()))?;
+        // Only the low byte matters: it is a hint for spreading, not a name.
+        let slot = self.inner.slot_base.wrapping_add(self.lane_id() as u8);
+        quic.initial_dst_cid_provider(Arc::new(move || crate::quic::initial_cid(slot)));
+        let connecting = {
+            // The connection's driver is spawned here: on the lane's runtime for a lane.
+            let _on_lane = self.lane.as_ref().map(|l| l.runtime.enter());
+            endpoint
+                .connect_with(quic, addr, ROUTER_SERVER_NAME)
+                .map_err(|e| SdkError::Protocol(e.to_string()))?
+        };
         let conn = connecting.await.map_err(|e| connection_error(&e, router))?;
         tracing::debug!(%router, "connected to router");
         Ok(conn)
     }
 
-    /// The client endpoint for the address family of `addr`, created on first use.
+    /// The client endpoint for the address family of `addr` and this handle's lane, created on
+    /// first use (on the lane's runtime).
     fn endpoint(&self, addr: SocketAddr) -> Result<Endpoint, SdkError> {
         let mut eps = lock(&self.inner.endpoints);
-        let (slot, bind) = if addr.is_ipv4() {
-            (&mut eps.0, "0.0.0.0:0")
+        let key = (addr.is_ipv4(), self.lane_id());
+        let bind = if addr.is_ipv4() {
+            "0.0.0.0:0"
         } else {
-            (&mut eps.1, "[::]:0")
+            "[::]:0"
         };
-        if let Some(ep) = slot {
+        if let Some(ep) = eps.get(&key) {
             return Ok(ep.clone());
         }
         let bind: SocketAddr = bind
@@ -673,11 +727,13 @@ impl Context {
         if let Some(got) = crate::quic::size_buffers(&socket, crate::quic::SOCKET_BUFFER) {
             tracing::debug!(got, "UDP receive buffer smaller than asked");
         }
+        // The socket's registration and the endpoint's driver belong to the lane's runtime.
+        let _on_lane = self.lane.as_ref().map(|l| l.runtime.enter());
         let runtime = quinn::default_runtime()
             .ok_or_else(|| unreachable(std::io::Error::other("no async runtime")))?;
         let ep = Endpoint::new(crate::quic::endpoint_config(), None, socket, runtime)
             .map_err(unreachable)?;
-        *slot = Some(ep.clone());
+        eps.insert(key, ep.clone());
         Ok(ep)
     }
 }

@@ -834,3 +834,63 @@ async fn bulk_throughput_smoke() {
     );
     router.shutdown().await;
 }
+
+/// A thread running a runtime of its own until the returned sender is dropped.
+fn lane_thread() -> (tokio::runtime::Handle, tokio::sync::oneshot::Sender<()>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let handle = rt.handle().clone();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    std::thread::spawn(move || {
+        rt.block_on(async move {
+            let _ = stopped.await;
+        })
+    });
+    (handle, stop)
+}
+
+#[tokio::test]
+async fn a_contexts_lanes_land_on_different_router_lanes_and_revocation_cuts_them_all() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |c| c.limits.lanes = 4).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let ctx = Context::new(a).unwrap();
+    let threads: Vec<_> = (0..3).map(|_| lane_thread()).collect();
+    let mut lanes = vec![ctx.clone()];
+    lanes.extend(threads.iter().map(|(h, _)| ctx.on_runtime(h.clone())));
+
+    let mut streams = Vec::new();
+    for (i, lane) in lanes.iter().enumerate() {
+        let mut s = tokio::time::timeout(BOUND, lane.dial("echo"))
+            .await
+            .expect("timely")
+            .expect("dial");
+        let msg = vec![i as u8; 10_000];
+        assert_eq!(round_trip(&mut s, &msg).await.unwrap(), msg);
+        streams.push(s);
+    }
+    // One connection per context lane, each on its own router lane (the kernel steers by the
+    // connection ID that the SDK and the router's lanes agree on).
+    assert_eq!(router.connections_by_lane(), vec![1, 1, 1, 1]);
+    // More streams on a lane reuse its connection.
+    let mut again = lanes[2].dial("echo").await.unwrap();
+    assert_eq!(round_trip(&mut again, b"x").await.unwrap(), b"x");
+    assert_eq!(router.connections_by_lane(), vec![1, 1, 1, 1]);
+
+    revoke_identity(&t, "agent-1").await;
+    for s in streams {
+        let e = read_until_error(s).await;
+        assert!(matches!(e, SdkError::Revoked), "{e}");
+    }
+    let gone = eventually(BOUND, || {
+        (router.connections_by_lane().iter().sum::<usize>() == 0).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "{:?}", router.connections_by_lane());
+    assert_eq!(router.stats().connections_terminated, 4);
+    router.shutdown().await;
+}

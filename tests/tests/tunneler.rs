@@ -115,3 +115,79 @@ async fn listeners_follow_grants_and_carry_bytes() {
     wait_for(&tun, "every listener to go", |m| m.is_empty()).await;
     tun.shutdown().await;
 }
+
+/// While the tunneler's own thread is busy (here: a task hogging it, as a bulk transfer does), a
+/// new connection is carried on another lane, over that lane's own QUIC connection; both carry
+/// bytes. The tunneler runs on this test's single-threaded runtime, its first lane.
+#[tokio::test]
+async fn a_connection_opened_while_the_first_lane_is_busy_takes_another() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |c| c.limits.lanes = 2).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let ctx = umbra_sdk::Context::with_controller(a, Some(&t.addr())).unwrap();
+    let cfg = TunnelerConfig {
+        controller: Some(t.addr()),
+        name_base: "127.92.0.1".parse().unwrap(),
+        lanes: 2,
+        ..Default::default()
+    };
+    let tun = Tunneler::start(ctx, cfg).await.unwrap();
+    let m = wait_for(&tun, "the echo listener", |m| {
+        listen_of(m, "echo").is_some()
+    })
+    .await;
+    let addr = listen_of(&m, "echo").unwrap();
+
+    // Idle: the first connection stays on the first lane.
+    let mut first = TcpStream::connect(addr).await.unwrap();
+    let mut buf = [0u8; 5];
+    first.write_all(b"first").await.unwrap();
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"first");
+    assert_eq!(router.connections_by_lane().iter().sum::<usize>(), 1);
+
+    // Busy: this thread computes 5 ms at a time between yields.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let hog = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let t0 = std::time::Instant::now();
+                while t0.elapsed() < Duration::from_millis(5) {
+                    std::hint::spin_loop();
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut second = TcpStream::connect(addr).await.unwrap();
+    second.write_all(b"second").await.unwrap();
+    let mut buf2 = [0u8; 6];
+    second.read_exact(&mut buf2).await.unwrap();
+    assert_eq!(&buf2, b"second");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    hog.await.unwrap();
+    // The second lane made a connection of its own to the router.
+    assert_eq!(router.connections_by_lane().iter().sum::<usize>(), 2);
+    // Both keep working, in both directions, with half-close.
+    for (s, msg) in [
+        (&mut first, &b"again-1"[..]),
+        (&mut second, &b"again-2"[..]),
+    ] {
+        s.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        s.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    second.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), second.read_to_end(&mut rest))
+        .await
+        .expect("the end of the stream arrives")
+        .unwrap();
+    assert!(rest.is_empty());
+    tun.shutdown().await;
+}

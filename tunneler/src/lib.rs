@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod addresses;
+mod lanes;
 mod plan;
 mod run;
 pub mod sandboxed;

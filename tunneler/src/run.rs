@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -14,6 +15,7 @@ use umbra_proto::FrameDecoder;
 use umbra_sdk::{Context, ControllerClient, Early, SdkError};
 
 use crate::addresses::AddressBook;
+use crate::lanes::Lanes;
 use crate::plan::{desired, Mapping};
 
 /// How the tunneler runs.
@@ -32,6 +34,12 @@ pub struct TunnelerConfig {
     pub listen: Option<ListenFn>,
     /// Told of every connection the router refused (denied or revoked), for audit.
     pub on_denied: Option<DeniedFn>,
+    /// Lanes: threads, each with its own connection to each router (see
+    /// [`Context::on_runtime`]). A new TCP connection goes to the lane carrying the fewest, so an
+    /// interactive connection opened while a bulk transfer runs gets a thread of its own, on
+    /// the tunneler and on the router, instead of waiting behind it. The first lane is the
+    /// tunneler's own runtime. 1 disables them.
+    pub lanes: usize,
 }
 
 /// See [`TunnelerConfig::on_denied`]: the service and the SDK's error.
@@ -50,6 +58,7 @@ impl Default for TunnelerConfig {
             name_base: crate::addresses::NAME_BASE,
             listen: None,
             on_denied: None,
+            lanes: 2,
         }
     }
 }
@@ -62,6 +71,7 @@ impl std::fmt::Debug for TunnelerConfig {
             .field("max_connections", &self.max_connections)
             .field("name_base", &self.name_base)
             .field("listen", &self.listen.as_ref().map(|_| "custom"))
+            .field("lanes", &self.lanes)
             .finish()
     }
 }
@@ -92,9 +102,13 @@ impl Tunneler {
         let (refused_tx, refused) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let lanes_stop = CancellationToken::new();
+        let lanes = Lanes::start(&ctx, cfg.lanes, &lanes_stop);
         let task = tokio::spawn(async move {
+            // The lanes' threads end with this task, however it ends.
+            let _lanes = lanes_stop.drop_guard();
             let mut state = Listeners {
-                ctx,
+                lanes,
                 book: AddressBook::with_base(cfg.name_base),
                 active: BTreeMap::new(),
                 limit: std::sync::Arc::new(Semaphore::new(cfg.max_connections)),
@@ -137,7 +151,7 @@ impl Tunneler {
 }
 
 struct Listeners {
-    ctx: Context,
+    lanes: Arc<Lanes>,
     book: AddressBook,
     active: BTreeMap<SocketAddr, (Mapping, CancellationToken, tokio::task::JoinHandle<()>)>,
     limit: std::sync::Arc<Semaphore>,
@@ -187,7 +201,7 @@ impl Listeners {
                     let task = tokio::spawn(accept_loop(
                         listener,
                         m.clone(),
-                        self.ctx.clone(),
+                        Arc::clone(&self.lanes),
                         self.limit.clone(),
                         token.clone(),
                         self.on_denied.clone(),
@@ -270,7 +284,7 @@ async fn watch_once(client: &ControllerClient, state: &mut Listeners) -> Result<
 async fn accept_loop(
     listener: TcpListener,
     m: Mapping,
-    ctx: Context,
+    lanes: Arc<Lanes>,
     limit: std::sync::Arc<Semaphore>,
     token: CancellationToken,
     on_denied: Option<DeniedFn>,
@@ -291,10 +305,35 @@ async fn accept_loop(
             },
             _ = token.cancelled() => return,
         };
-        let (ctx, service, token) = (ctx.clone(), m.service.clone(), token.clone());
+        let (service, token) = (m.service.clone(), token.clone());
         let on_denied = on_denied.clone();
-        tokio::spawn(async move {
+        let (lane, busy) = lanes.pick();
+        let ctx = lane.ctx.clone();
+        // A socket moving to another lane leaves this runtime's reactor for the lane's, so
+        // that its readiness wakes the lane's thread directly.
+        let tcp = match lane.runtime {
+            None => Accepted::Here(tcp),
+            Some(_) => match tcp.into_std() {
+                Ok(s) => Accepted::Moved(s),
+                Err(e) => {
+                    tracing::warn!(%service, %peer, error = %e, "cannot move the connection to its lane");
+                    continue;
+                }
+            },
+        };
+        let carried = async move {
             let _permit = permit;
+            let _busy = busy;
+            let tcp = match tcp {
+                Accepted::Here(tcp) => tcp,
+                Accepted::Moved(s) => match TcpStream::from_std(s) {
+                    Ok(tcp) => tcp,
+                    Err(e) => {
+                        tracing::warn!(%service, %peer, error = %e, "cannot move the connection to its lane");
+                        return;
+                    }
+                },
+            };
             tokio::select! {
                 r = carry(tcp, &ctx, service.as_str()) => {
                     if let Err(e) = r {
@@ -306,8 +345,18 @@ async fn accept_loop(
                 }
                 _ = token.cancelled() => {}
             }
-        });
+        };
+        match lane.runtime.as_ref() {
+            None => drop(tokio::spawn(carried)),
+            Some(runtime) => drop(runtime.spawn(carried)),
+        }
     }
+}
+
+/// A TCP connection accepted on this runtime, to be carried here or on another lane's.
+enum Accepted {
+    Here(TcpStream),
+    Moved(std::net::TcpStream),
 }
 
 /// Carries one TCP connection as one overlay stream, both directions, with half-close, without
