@@ -195,42 +195,37 @@ async fn sink() -> SocketAddr {
     addr
 }
 
-/// An echo service on a thread of its own, so that the latency rows measure the path and not
-/// the load generator: the bulk sender and the sink keep this process's runtime busy.
+/// An echo service on blocking sockets, served by a few threads that each wait in `accept`
+/// (no thread is started while a connection is set up), and (below) latency probes written
+/// the same way, as netperf's TCP_RR is: the latency columns then measure the path and not an
+/// event loop's own wake-ups, and nothing here shares a thread with the bulk sender and the
+/// sink, which keep this process's runtime busy.
 async fn echo() -> SocketAddr {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = l.local_addr().expect("addr");
-    l.set_nonblocking(true).expect("nonblocking");
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async move {
-            let l = TcpListener::from_std(l).expect("listener");
-            while let Ok((mut s, _)) = l.accept().await {
-                tokio::spawn(async move {
-                    let _ = s.set_nodelay(true);
-                    let (mut r, mut w) = s.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                });
+    for _ in 0..8 {
+        let l = l.try_clone().expect("listener");
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            let mut buf = vec![0u8; 64 * 1024];
+            while let Ok((mut s, _)) = l.accept() {
+                let _ = s.set_nodelay(true);
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
             }
         });
-    });
+    }
     addr
 }
 
-/// Runs a latency probe on a thread and runtime of its own (see [`echo`]).
-async fn alone<T: Send + 'static>(
-    probe: impl std::future::Future<Output = T> + Send + 'static,
-) -> T {
+/// Runs a blocking latency probe on a thread of its own (see [`echo`]).
+async fn alone<T: Send + 'static>(probe: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        let _ = tx.send(rt.block_on(probe));
+        let _ = tx.send(probe());
     });
     rx.await.expect("probe thread")
 }
@@ -254,16 +249,17 @@ async fn bulk(addr: SocketAddr, bytes: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-async fn ping_pong(addr: SocketAddr, rounds: usize) -> std::io::Result<Vec<Duration>> {
-    let mut s = TcpStream::connect(addr).await?;
+fn ping_pong(addr: SocketAddr, rounds: usize) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr)?;
     s.set_nodelay(true)?;
     let msg = [7u8; 64];
     let mut back = [0u8; 64];
     let mut out = Vec::with_capacity(rounds);
     for i in 0..rounds + 50 {
         let t = Instant::now();
-        s.write_all(&msg).await?;
-        s.read_exact(&mut back).await?;
+        s.write_all(&msg)?;
+        s.read_exact(&mut back)?;
         if i >= 50 {
             out.push(t.elapsed());
         }
@@ -271,15 +267,16 @@ async fn ping_pong(addr: SocketAddr, rounds: usize) -> std::io::Result<Vec<Durat
     Ok(out)
 }
 
-async fn setups(addr: SocketAddr, n: usize) -> std::io::Result<Vec<Duration>> {
+fn setups(addr: SocketAddr, n: usize) -> std::io::Result<Vec<Duration>> {
+    use std::io::{Read, Write};
     let mut out = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
-        let mut s = TcpStream::connect(addr).await?;
+        let mut s = std::net::TcpStream::connect(addr)?;
         s.set_nodelay(true)?;
-        s.write_all(&[9]).await?;
+        s.write_all(&[9])?;
         let mut b = [0u8; 1];
-        s.read_exact(&mut b).await?;
+        s.read_exact(&mut b)?;
         out.push(t.elapsed());
     }
     Ok(out)
@@ -342,11 +339,12 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     }
     let gbps4 = all_ok.then(|| gb * 8.0 / t0.elapsed().as_secs_f64());
 
-    let rtt = alone(ping_pong(p.echo, 2000))
+    let echo = p.echo;
+    let rtt = alone(move || ping_pong(echo, 2000))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));
-    let setup = alone(setups(p.echo, 300))
+    let setup = alone(move || setups(echo, 300))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));
@@ -354,7 +352,7 @@ async fn measure(p: &PathUnder, bytes: u64, tck: f64) -> Row {
     // Latency under load: a bulk transfer shares the path while we ping.
     let load = tokio::spawn(bulk(p.sink, bytes));
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let loaded = alone(ping_pong(p.echo, 1000))
+    let loaded = alone(move || ping_pong(echo, 1000))
         .await
         .ok()
         .map(|mut v| (pct(&mut v, 0.5), pct(&mut v, 0.99)));

@@ -124,7 +124,11 @@ impl Router {
             lanes.push((runtime, endpoint));
         }
         let endpoints: Vec<quinn::Endpoint> = lanes.iter().map(|(_, e)| e.clone()).collect();
-        let local_addr = endpoints[0].local_addr().map_err(bind_error)?;
+        let local_addr = endpoints
+            .first()
+            .ok_or_else(|| std::io::Error::other("no socket bound"))
+            .and_then(|e| e.local_addr())
+            .map_err(bind_error)?;
         if cfg.advertise.is_none() && local_addr.ip().is_unspecified() {
             tracing::warn!(%local_addr, "listening on an unspecified address without --advertise: clients will be told an address they cannot reach");
         }
