@@ -221,6 +221,30 @@ async fn echo() -> SocketAddr {
     addr
 }
 
+/// An echo for many connections held at once (the scale run holds 10,000): one event loop on
+/// a thread of its own.
+fn echo_many() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = l.local_addr().expect("addr");
+    l.set_nonblocking(true).expect("nonblocking");
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let l = TcpListener::from_std(l).expect("listener");
+            while let Ok((mut s, _)) = l.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+    });
+    addr
+}
+
 /// Runs a blocking latency probe on a thread of its own (see [`echo`]).
 async fn alone<T: Send + 'static>(probe: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -1072,7 +1096,7 @@ async fn run() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1000);
     if ids > 0 {
-        let (per_stream, streams, cpu, elapsed) = scale(&u, ids, 10, echo_addr).await;
+        let (per_stream, streams, cpu, elapsed) = scale(&u, ids, 10, echo_many()).await;
         println!(
             "\n{:<40} {:>14} {:>12}",
             format!("scale: {streams} open streams, {ids} identities"),
