@@ -142,6 +142,21 @@ pub struct Context {
 struct Lane {
     id: u32,
     runtime: tokio::runtime::Handle,
+    inner: std::sync::Weak<Inner>,
+    /// Ends the lane's tasks (a child of the context's).
+    cancel: CancellationToken,
+}
+
+impl Drop for Lane {
+    /// The lane's endpoint and connections are forgotten with its last handle; as with a
+    /// dropped context, each connection closes once its last stream is dropped.
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        if let Some(inner) = self.inner.upgrade() {
+            lock(&inner.conns).retain(|(_, lane), _| *lane != self.id);
+            lock(&inner.endpoints).retain(|(_, lane), _| *lane != self.id);
+        }
+    }
 }
 
 struct Inner {
@@ -275,7 +290,12 @@ impl Context {
             .wrapping_add(1);
         Context {
             inner: Arc::clone(&self.inner),
-            lane: Some(Arc::new(Lane { id, runtime })),
+            lane: Some(Arc::new(Lane {
+                id,
+                runtime,
+                inner: Arc::downgrade(&self.inner),
+                cancel: self.inner.cancel.child_token(),
+            })),
         }
     }
 
@@ -648,10 +668,17 @@ impl Context {
         };
         lock(&self.inner.conns).insert(key, (conn.clone(), serial.clone()));
         let listeners = Arc::clone(&self.inner.listeners);
-        let accept = accept_incoming(conn.clone(), listeners, self.inner.cancel.clone());
         match &self.lane {
-            Some(lane) => drop(lane.runtime.spawn(accept)),
-            None => drop(tokio::spawn(accept)),
+            Some(lane) => drop(lane.runtime.spawn(accept_incoming(
+                conn.clone(),
+                listeners,
+                lane.cancel.clone(),
+            ))),
+            None => drop(tokio::spawn(accept_incoming(
+                conn.clone(),
+                listeners,
+                self.inner.cancel.clone(),
+            ))),
         }
         Ok((conn, serial))
     }

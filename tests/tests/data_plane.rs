@@ -880,6 +880,16 @@ async fn a_contexts_lanes_land_on_different_router_lanes_and_revocation_cuts_the
     let mut again = lanes[2].dial("echo").await.unwrap();
     assert_eq!(round_trip(&mut again, b"x").await.unwrap(), b"x");
     assert_eq!(router.connections_by_lane(), vec![1, 1, 1, 1]);
+    drop(again);
+
+    // A lane dropped with its streams closes its connection; the others stay.
+    let (last, stream) = (lanes.pop(), streams.pop());
+    drop((last, stream));
+    let closed = eventually(BOUND, || {
+        (router.connections_by_lane().iter().sum::<usize>() == 3).then_some(())
+    })
+    .await;
+    assert!(closed.is_some(), "{:?}", router.connections_by_lane());
 
     revoke_identity(&t, "agent-1").await;
     for s in streams {
@@ -891,6 +901,6 @@ async fn a_contexts_lanes_land_on_different_router_lanes_and_revocation_cuts_the
     })
     .await;
     assert!(gone.is_some(), "{:?}", router.connections_by_lane());
-    assert_eq!(router.stats().connections_terminated, 4);
+    assert_eq!(router.stats().connections_terminated, 3);
     router.shutdown().await;
 }
