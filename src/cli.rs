@@ -63,6 +63,10 @@ pub enum Command {
         /// interactive connections do not wait behind bulk ones
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(1..=64))]
         lanes: u8,
+        /// How long a thread keeps polling after it last moved bytes before it sleeps (a round
+        /// trip then finds it awake); 0 turns it off
+        #[arg(long, default_value = "200us", value_parser = parse_poll_window)]
+        busy_poll: std::time::Duration,
     },
     /// Run a command in a sealed sandbox whose only network is the overlay
     Run(SandboxRunArgs),
@@ -302,6 +306,10 @@ pub enum RouterCmd {
         /// per core, at most 8]
         #[arg(long, value_parser = clap::value_parser!(u8).range(1..))]
         lanes: Option<u8>,
+        /// How long a data-plane thread keeps polling after it last moved bytes before it
+        /// sleeps; 0 turns it off
+        #[arg(long, default_value = "200us", value_parser = parse_poll_window)]
+        busy_poll: std::time::Duration,
     },
 }
 
@@ -335,9 +343,45 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
         .ok_or_else(|| format!("{s:?} is too long"))
 }
 
+/// Parses a busy-polling window: `200us`, `1ms`, or `0` (off); at most 10 ms, beyond which
+/// polling would only burn CPU.
+pub fn parse_poll_window(s: &str) -> Result<std::time::Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a window like 200us or 1ms"))?;
+    let d = match unit {
+        "us" | "µs" => std::time::Duration::from_micros(n),
+        "ms" => std::time::Duration::from_millis(n),
+        "" if n == 0 => std::time::Duration::ZERO,
+        _ => return Err(format!("{s:?}: give a unit, us or ms (or 0 for off)")),
+    };
+    if d > std::time::Duration::from_millis(10) {
+        return Err(format!("{s:?} is longer than 10ms"));
+    }
+    Ok(d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn poll_windows() {
+        use std::time::Duration;
+        assert_eq!(parse_poll_window("200us"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_poll_window("200µs"), Ok(Duration::from_micros(200)));
+        assert_eq!(parse_poll_window("2ms"), Ok(Duration::from_millis(2)));
+        assert_eq!(parse_poll_window("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_poll_window("0us"), Ok(Duration::ZERO));
+        assert!(parse_poll_window("200").is_err(), "a unit is needed");
+        assert!(parse_poll_window("11ms").is_err());
+        assert!(parse_poll_window("1s").is_err());
+        assert!(parse_poll_window("us").is_err());
+        assert!(parse_poll_window("99999999999999999999999us").is_err());
+    }
 
     #[test]
     fn durations() {

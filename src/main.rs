@@ -161,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             advertise,
             stale_after,
             lanes,
+            busy_poll,
         }) => {
             let identity = umbra_pki::IdentityFile::load(dir.join(ROUTER_FILE))?;
             let mut cfg = umbra_edge_router::RouterConfig::new(identity, listen);
@@ -171,6 +172,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if let Some(n) = lanes {
                 cfg.limits.lanes = n.into();
             }
+            cfg.limits.busy_poll = busy_poll;
             let router = umbra_edge_router::Router::start(cfg).await?;
             println!("router listening on {} (udp)", router.local_addr());
             shutdown_signal().await;
@@ -181,7 +183,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             identity,
             hosts_file,
             lanes,
-        } => tunnel(identity, hosts_file, lanes.into(), cli.controller).await,
+            busy_poll,
+        } => {
+            tunnel(
+                identity,
+                hosts_file,
+                lanes.into(),
+                busy_poll,
+                cli.controller,
+            )
+            .await
+        }
         Command::Gateway(cli::GatewayCmd::Llm { identity, config }) => {
             gateway_llm(identity, config, cli.controller).await
         }
@@ -200,6 +212,7 @@ async fn tunnel(
     identity: std::path::PathBuf,
     hosts_file: Option<std::path::PathBuf>,
     lanes: usize,
+    busy_poll: std::time::Duration,
     controller: Option<String>,
 ) -> anyhow::Result<()> {
     let file = umbra_pki::IdentityFile::load(&identity)?;
@@ -209,6 +222,7 @@ async fn tunnel(
         controller,
         hosts_file,
         lanes,
+        busy_poll,
         ..Default::default()
     };
     let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;

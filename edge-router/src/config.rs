@@ -45,6 +45,10 @@ pub struct Limits {
     /// own connections (see the `lanes` module): connections on different lanes never wait
     /// for each other's thread. Default: one per core, at most 8.
     pub lanes: usize,
+    /// How long a lane keeps polling its sockets after it last moved bytes before its thread
+    /// sleeps (see `umbra_sdk::busy_poll`): a round trip then finds the router awake instead
+    /// of paying for waking a halted CPU. Zero turns it off.
+    pub busy_poll: Duration,
 }
 
 impl Default for Limits {
@@ -63,6 +67,7 @@ impl Default for Limits {
             queue_floor: Some(umbra_sdk::congestion::DEFAULT_QUEUE_FLOOR),
             socket_buffer: umbra_sdk::quic::SOCKET_BUFFER,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
+            busy_poll: umbra_sdk::busy_poll::DEFAULT_WINDOW,
         }
     }
 }

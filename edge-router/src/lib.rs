@@ -64,6 +64,8 @@ pub struct RouterHandle {
     shared: Arc<server::Shared>,
     /// Each resolves when its data-plane thread has stopped.
     data_plane_done: Vec<tokio::sync::oneshot::Receiver<()>>,
+    /// Each lane's busy poller's counters (zero where polling is off).
+    polling: Vec<umbra_sdk::busy_poll::PollStats>,
 }
 
 impl Router {
@@ -161,11 +163,15 @@ impl Router {
             endpoints.len(),
         ));
         let mut data_plane_done = Vec::with_capacity(lanes.len());
+        let mut polling = Vec::with_capacity(lanes.len());
         for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {
+            let poller = umbra_sdk::busy_poll::spawn(runtime.handle(), cfg.limits.busy_poll);
+            polling.push(poller.as_ref().map(|p| p.stats()).unwrap_or_default());
             data_plane_done.push(
                 spawn_data_plane(
                     i,
                     runtime,
+                    poller,
                     server::accept_loop(i, endpoint.clone(), Arc::clone(&shared), cancel.clone()),
                     endpoint,
                 )
@@ -182,6 +188,7 @@ impl Router {
             endpoints,
             shared,
             data_plane_done,
+            polling,
         })
     }
 }
@@ -191,11 +198,13 @@ impl Router {
 /// ends and the endpoint has had a moment to send its closes. One thread for a QUIC endpoint,
 /// its connections and their splices means no wake-up crosses threads on a connection's data
 /// path; with a multi-threaded runtime, waking the other worker for each packet batch and
-/// stream cost about a tenth of the router's CPU per byte. The returned receiver resolves when
-/// the thread is done.
+/// stream cost about a tenth of the router's CPU per byte. `poller`, started on `runtime`
+/// (`umbra_sdk::busy_poll`), runs with the lane and ends with it. The returned receiver
+/// resolves when the thread is done.
 fn spawn_data_plane(
     lane: usize,
     runtime: tokio::runtime::Runtime,
+    poller: Option<umbra_sdk::busy_poll::BusyPoll>,
     accept: impl std::future::Future<Output = ()> + Send + 'static,
     endpoint: quinn::Endpoint,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {
@@ -204,6 +213,7 @@ fn spawn_data_plane(
         .name(format!("umbra-lane-{lane}"))
         .spawn(move || {
             runtime.block_on(async {
+                let _poller = poller;
                 accept.await;
                 // Closing connections are drained by the endpoint driver, which lives here.
                 let _ = tokio::time::timeout(SHUTDOWN_GRACE, endpoint.wait_idle()).await;
@@ -292,6 +302,12 @@ impl RouterHandle {
     /// order: how evenly the kernel spreads clients over the lanes.
     pub fn connections_by_lane(&self) -> Vec<usize> {
         self.shared.connections_by_lane()
+    }
+
+    /// Time each data-plane lane has spent busy polling so far (see [`Limits::busy_poll`]), in
+    /// lane order; zero where polling is off.
+    pub fn polling_by_lane(&self) -> Vec<std::time::Duration> {
+        self.polling.iter().map(|p| p.polling()).collect()
     }
 
     /// Waits until the router holds a policy from the controller.

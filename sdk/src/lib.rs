@@ -12,6 +12,7 @@
 //! there (its SPIFFE id), not just any router.
 #![forbid(unsafe_code)]
 
+pub mod busy_poll;
 mod client;
 pub mod congestion;
 mod context;

@@ -21,6 +21,7 @@ use quinn::{RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::busy_poll;
 use crate::error::SdkError;
 use crate::stream::{read_error, write_error, Stream};
 
@@ -57,6 +58,7 @@ where
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
+        busy_poll::touch();
         match write_all_vectored(to, &mut batch[..k]).await {
             Ok(m) => n += m,
             Err(e) if reader_gone(&e) => {
@@ -105,6 +107,7 @@ where
         if k == 0 {
             break;
         }
+        busy_poll::touch();
         n += k as u64;
         if k == room && size < MAX_READ {
             size = (size * 4).min(MAX_READ);
@@ -149,6 +152,7 @@ pub async fn quic_to_quic(
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
+        busy_poll::touch();
         n += batch[..k].iter().map(|b| b.len() as u64).sum::<u64>();
         match send.write_all_chunks(&mut batch[..k]).await {
             Ok(()) => {}

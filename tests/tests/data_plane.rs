@@ -904,3 +904,54 @@ async fn a_contexts_lanes_land_on_different_router_lanes_and_revocation_cuts_the
     assert_eq!(router.stats().connections_terminated, 3);
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_router_lane_polls_after_moving_bytes_and_sleeps_when_idle() {
+    let t = TestController::start().await;
+    let polling = start_router(&t, "r1", |c| c.limits.lanes = 1).await;
+    let off = start_router(&t, "r2", |c| {
+        c.limits.lanes = 1;
+        c.limits.busy_poll = Duration::ZERO;
+    })
+    .await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let ctx = Context::new(a).unwrap();
+    assert_eq!(
+        polling.polling_by_lane(),
+        vec![Duration::ZERO],
+        "idle: asleep"
+    );
+
+    for router in [&polling, &off] {
+        let addr = router.local_addr().to_string();
+        let mut s = tokio::time::timeout(BOUND, ctx.dial_via(&addr, "echo"))
+            .await
+            .expect("timely")
+            .expect("dial");
+        for _ in 0..20 {
+            assert_eq!(round_trip(&mut s, b"ping").await.unwrap(), b"ping");
+        }
+    }
+    let polled = eventually(BOUND, || {
+        let p = polling.polling_by_lane()[0];
+        (p > Duration::ZERO).then_some(p)
+    })
+    .await;
+    assert!(polled.is_some(), "the lane never polled");
+    // Once nothing moves (the streams are open but quiet), polling stops within its window.
+    let settled = eventually(BOUND, || {
+        let before = polling.polling_by_lane()[0];
+        std::thread::sleep(Duration::from_millis(50));
+        (polling.polling_by_lane()[0] == before).then_some(())
+    })
+    .await;
+    assert!(
+        settled.is_some(),
+        "the lane kept polling with nothing moving"
+    );
+    assert_eq!(off.polling_by_lane(), vec![Duration::ZERO], "polling off");
+    polling.shutdown().await;
+    off.shutdown().await;
+}

@@ -8,8 +8,9 @@
 //! The first lane is the tunneler's own runtime, where connections are accepted: a connection
 //! carried there costs no hand-over to another thread (one wake-up, tens of microseconds on a
 //! VM), so it is preferred while it is not busy. Busy means its thread spent more than half of
-//! the last sampling period polling tasks (tokio's busy-duration metric); a sampler measures
-//! that every [`SAMPLE`] while any lane carries a connection, and sleeps otherwise.
+//! the last sampling period polling tasks (tokio's busy-duration metric, less the time the
+//! lane's busy poller waited for traffic); a sampler measures that every [`SAMPLE`] while any
+//! lane carries a connection, and sleeps otherwise.
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -18,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use umbra_sdk::busy_poll::{self, BusyPoll, PollStats};
 use umbra_sdk::Context;
 
 /// How often lanes' business is measured while connections are carried.
@@ -37,6 +39,31 @@ pub(crate) struct Lane {
     busy: AtomicU64,
     /// The runtime's metrics, for its busy time.
     metrics: tokio::runtime::RuntimeMetrics,
+    /// The lane's busy poller (it stops with this), and the time it waited, which tokio counts
+    /// as busy.
+    _poller: Option<BusyPoll>,
+    polled: PollStats,
+}
+
+impl Lane {
+    fn new(ctx: Context, runtime: Option<Handle>, on: &Handle, busy_poll: Duration) -> Lane {
+        let poller = busy_poll::spawn(on, busy_poll);
+        Lane {
+            ctx,
+            runtime,
+            carried: Arc::default(),
+            busy: AtomicU64::new(0),
+            metrics: on.metrics(),
+            polled: poller.as_ref().map(BusyPoll::stats).unwrap_or_default(),
+            _poller: poller,
+        }
+    }
+
+    /// Time the lane's thread spent on work so far.
+    fn worked(&self) -> Duration {
+        let busy = self.metrics.worker_total_busy_duration(0);
+        busy.saturating_sub(self.polled.given_away())
+    }
 }
 
 /// The tunneler's lanes, and what wakes their sampler.
@@ -48,16 +75,16 @@ pub(crate) struct Lanes {
 impl Lanes {
     /// Starts `count` lanes: the current runtime, and a thread with a runtime of its own for
     /// each other, which runs until `stop` is cancelled. A lane whose thread cannot start is
-    /// left out (logged); the first always exists. Call from within a Tokio runtime.
-    pub fn start(ctx: &Context, count: usize, stop: &CancellationToken) -> Arc<Lanes> {
+    /// left out (logged); the first always exists. Each lane on a current-thread runtime polls
+    /// for `busy_poll` after it last moved bytes. Call from within a Tokio runtime.
+    pub fn start(
+        ctx: &Context,
+        count: usize,
+        busy_poll: Duration,
+        stop: &CancellationToken,
+    ) -> Arc<Lanes> {
         let own = Handle::current();
-        let mut lanes = vec![Lane {
-            ctx: ctx.clone(),
-            runtime: None,
-            carried: Arc::default(),
-            busy: AtomicU64::new(0),
-            metrics: own.metrics(),
-        }];
+        let mut lanes = vec![Lane::new(ctx.clone(), None, &own, busy_poll)];
         for i in 1..count.clamp(1, 64) {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -78,13 +105,12 @@ impl Lanes {
                 tracing::warn!(lane = i, error = %e, "cannot start a lane");
                 break;
             }
-            lanes.push(Lane {
-                ctx: ctx.on_runtime(handle.clone()),
-                metrics: handle.metrics(),
-                runtime: Some(handle),
-                carried: Arc::default(),
-                busy: AtomicU64::new(0),
-            });
+            lanes.push(Lane::new(
+                ctx.on_runtime(handle.clone()),
+                Some(handle.clone()),
+                &handle,
+                busy_poll,
+            ));
         }
         let lanes = Arc::new(Lanes {
             lanes,
@@ -155,11 +181,7 @@ async fn sample(l: Arc<Lanes>, stop: CancellationToken) {
             continue;
         }
         let now = Instant::now();
-        let busy: Vec<Duration> = l
-            .lanes
-            .iter()
-            .map(|lane| lane.metrics.worker_total_busy_duration(0))
-            .collect();
+        let busy: Vec<Duration> = l.lanes.iter().map(Lane::worked).collect();
         if last.len() == busy.len() {
             for ((lane, b), (t0, b0)) in l.lanes.iter().zip(&busy).zip(&last) {
                 let wall = now.saturating_duration_since(*t0).as_micros().max(1);

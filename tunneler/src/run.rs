@@ -40,6 +40,9 @@ pub struct TunnelerConfig {
     /// the tunneler and on the router, instead of waiting behind it. The first lane is the
     /// tunneler's own runtime. 1 disables them.
     pub lanes: usize,
+    /// How long a lane keeps polling after it last moved bytes before its thread sleeps (see
+    /// `umbra_sdk::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
+    pub busy_poll: std::time::Duration,
 }
 
 /// See [`TunnelerConfig::on_denied`]: the service and the SDK's error.
@@ -59,6 +62,7 @@ impl Default for TunnelerConfig {
             listen: None,
             on_denied: None,
             lanes: 2,
+            busy_poll: umbra_sdk::busy_poll::DEFAULT_WINDOW,
         }
     }
 }
@@ -72,6 +76,7 @@ impl std::fmt::Debug for TunnelerConfig {
             .field("name_base", &self.name_base)
             .field("listen", &self.listen.as_ref().map(|_| "custom"))
             .field("lanes", &self.lanes)
+            .field("busy_poll", &self.busy_poll)
             .finish()
     }
 }
@@ -103,7 +108,7 @@ impl Tunneler {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let lanes_stop = CancellationToken::new();
-        let lanes = Lanes::start(&ctx, cfg.lanes, &lanes_stop);
+        let lanes = Lanes::start(&ctx, cfg.lanes, cfg.busy_poll, &lanes_stop);
         let task = tokio::spawn(async move {
             // The lanes' threads end with this task, however it ends.
             let _lanes = lanes_stop.drop_guard();
@@ -379,6 +384,20 @@ const EARLY_BYTES: usize = 8 * 1024;
 /// which the splice then meets again). Dropping it unfinished loses nothing.
 async fn first_bytes(tcp: &TcpStream) -> Bytes {
     let mut buf = vec![0u8; EARLY_BYTES];
+    // Most clients have written by the time the connection is accepted: read straight from the
+    // socket first. A socket just registered has no readiness yet, so tokio's `try_read` would
+    // not even try, and `readable` would wait a turn of the event loop to learn what is there.
+    {
+        use std::io::Read;
+        match (&*socket2::SockRef::from(tcp)).read(&mut buf) {
+            Ok(n) => {
+                buf.truncate(n);
+                return Bytes::from(buf);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(_) => return Bytes::new(),
+        }
+    }
     loop {
         if tcp.readable().await.is_err() {
             return Bytes::new();
