@@ -236,7 +236,7 @@ async fn serve(
                 .map_err(Some),
         }
     };
-    let (id, mut deadline) = match admitted {
+    let (id, deadline) = match admitted {
         Ok((id, expires)) => (id, expiry(&peer, expires)),
         Err(None) => {
             tracing::warn!("no current policy: connection refused");
@@ -262,6 +262,10 @@ async fn serve(
     });
     let mut streams = JoinSet::new();
     let stream_cancel = cancel.child_token();
+    // One timer for the connection's life, moved when the policy changes the expiry (not one
+    // registered and dropped again on every turn of the loop).
+    let expired = tokio::time::sleep_until(deadline);
+    tokio::pin!(expired);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -271,7 +275,7 @@ async fn serve(
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
             // Certificates and identities can expire while connected: nothing else would end
             // such a connection, since no delta announces the passing of time.
-            _ = tokio::time::sleep_until(deadline) => {
+            _ = &mut expired => {
                 tracing::info!(decision = "terminate", "certificate or identity expired: connection closed");
                 conn.close(VarInt::from_u32(codes::DENIED), b"expired");
                 bump(&shared.stats.connections_terminated);
@@ -284,7 +288,7 @@ async fn serve(
                     (Ok(()), Some(p)) => p.admit(&ctx.peer, now()).map(|i| i.expires_at).map_err(|_| "revoked"),
                 };
                 match verdict {
-                    Ok(expires) => deadline = expiry(&ctx.peer, expires),
+                    Ok(expires) => expired.as_mut().reset(expiry(&ctx.peer, expires)),
                     Err("revoked") => {
                         tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
                         bump(&shared.stats.connections_terminated);

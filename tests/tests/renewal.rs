@@ -479,3 +479,40 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
     echoes(&ctx, "echo").await.expect("the active agent dials");
     router.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_connection_is_closed_when_its_certificate_expires() {
+    let t = controller().await;
+    let router = router(&t, "r1", None).await;
+    let a = agent(&t, "agent-1").await;
+    let leaf = a.leaf().expect("leaf");
+    // A raw client never renews: the connection made with this certificate must end with it,
+    // since no delta announces the passing of time.
+    let (ep, cfg) = agent_raw_client(&a);
+    let conn = tokio::time::timeout(
+        BOUND,
+        ep.connect_with(cfg, router.local_addr(), "router.umbra")
+            .expect("connect"),
+    )
+    .await
+    .expect("timely")
+    .expect("admitted");
+    let ended = tokio::time::timeout(RENEWAL_BOUND, conn.closed())
+        .await
+        .expect("closed when the certificate expired");
+    assert!(
+        unix_now() >= leaf.not_after.0,
+        "closed before the certificate expired: {ended}"
+    );
+    match ended {
+        quinn::ConnectionError::ApplicationClosed(c) => {
+            assert_eq!(
+                u64::from(c.error_code),
+                u64::from(umbra_proto::stream::codes::DENIED)
+            );
+            assert_eq!(&c.reason[..], b"expired");
+        }
+        other => panic!("expected the router's close, got {other}"),
+    }
+    router.shutdown().await;
+}
