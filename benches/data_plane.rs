@@ -147,6 +147,23 @@ fn machine_busy(tck: f64) -> f64 {
     busy / tck
 }
 
+/// The machine's CPU time so far, and the part of it the hypervisor gave to others (steal), in
+/// clock ticks: a run with much steal measured a machine that was not all ours.
+fn steal_ticks() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal guest guest_nice
+    let total = f.iter().take(8).sum();
+    (total, f.get(7).copied().unwrap_or(0.0))
+}
+
 /// CPU seconds of one process (user + system).
 fn proc_cpu(pid: &str, tck: f64) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -944,6 +961,7 @@ async fn run() {
     let tck = clk_tck();
     let scratch = tempfile::tempdir().expect("tempdir");
     let dir = scratch.path();
+    let steal0 = steal_ticks();
     let sink_addr = sink().await;
     let echo_addr = echo().await;
 
@@ -1154,6 +1172,19 @@ async fn run() {
         println!(
             "{:<40} {:>12.2} s {:>12}",
             "time to open them all (one at a time)", elapsed, "-"
+        );
+    }
+    let steal1 = steal_ticks();
+    let (total, steal) = (steal1.0 - steal0.0, steal1.1 - steal0.1);
+    if total > 0.0 {
+        println!(
+            "\nCPU time taken by the hypervisor for others during this run (steal): {:.1}%{}",
+            100.0 * steal / total,
+            if steal / total > 0.02 {
+                " - the host was busy; latency tails and throughput suffer across all rows"
+            } else {
+                ""
+            }
         );
     }
     drop(u.controller);

@@ -10,7 +10,7 @@
 //! sleep for this reason, and Linux offers the same for NIC queues (`net.core.busy_poll`).
 //!
 //! How: [`spawn`] starts a poller on a current-thread runtime (a lane). It sleeps until a splice
-//! on that thread moves bytes ([`touch`], a thread-local counter), then, for as long as bytes
+//! on that thread moves bytes ([`moved`], a thread-local counter), then, for as long as bytes
 //! keep moving and for [`BusyPoll::window`] after the last move, it yields to the runtime (which
 //! then polls its sockets without blocking) and to the kernel (`sched_yield`, so any other
 //! thread runnable on this CPU, the agent's included, runs first). It stops, for a while, as
@@ -36,13 +36,46 @@ pub const DEFAULT_WINDOW: Duration = Duration::from_micros(200);
 
 /// A `sched_yield` that gave the CPU away for this long went to a thread that wanted a share of
 /// it (a bulk transfer, a build), not to one that answered and slept again (tens of µs): the
-/// lane stops polling for [`COOL_DOWN`]. A polling thread is CPU-bound to the scheduler and
+/// lane stops polling for a while ([`Backoff`]). A polling thread is CPU-bound to the scheduler and
 /// waits behind busy ones for its turn (milliseconds next to a bulk transfer), where a sleeping
 /// one is woken ahead of them; and busy threads keep the CPU from halting anyway.
 const CONTENDED: Duration = Duration::from_micros(200);
 
-/// How long a lane that found its CPU contended sleeps between moves instead of polling.
+/// How long a lane that found its CPU contended sleeps between moves instead of polling, at
+/// first; doubled while the contention lasts, up to [`MAX_COOL_DOWN`].
 const COOL_DOWN: Duration = Duration::from_millis(20);
+
+/// The longest cool-down: one yield lost to a busy thread per second at most, under lasting
+/// load (next to a bulk transfer, a round trip every ~100 µs: one in 10,000 delayed).
+const MAX_COOL_DOWN: Duration = Duration::from_secs(1);
+
+/// The cool-downs of one poller: each first yield of a polling spell under load costs a turn of
+/// the busy threads (about a millisecond), so while the load lasts the lane tries less and less
+/// often; a spell that polled undisturbed for a while, or ran out its window, starts over.
+#[derive(Debug)]
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Self {
+        Backoff { next: COOL_DOWN }
+    }
+
+    /// After a polling spell that lasted `polled` and ended with `end`: how long to stay
+    /// asleep between moves, if at all.
+    fn after(&mut self, end: &Step, polled: Duration) -> Option<Duration> {
+        if *end != Step::CoolDown || polled >= COOL_DOWN {
+            self.next = COOL_DOWN;
+        }
+        if *end != Step::CoolDown {
+            return None;
+        }
+        let wait = self.next;
+        self.next = (self.next * 2).min(MAX_COOL_DOWN);
+        Some(wait)
+    }
+}
 
 struct Local {
     /// Whether a poller runs on this thread (only then is there anything to count).
@@ -51,17 +84,25 @@ struct Local {
     moves: Cell<u64>,
     /// The poller, while it sleeps until the next move.
     parked: RefCell<Option<Waker>>,
+    /// Bytes moved on this thread, for whoever installed a [`Meter`] here.
+    meter: RefCell<Option<Meter>>,
 }
 
 thread_local! {
     static LOCAL: Local = const {
-        Local { on: Cell::new(false), moves: Cell::new(0), parked: RefCell::new(None) }
+        Local {
+            on: Cell::new(false),
+            moves: Cell::new(0),
+            parked: RefCell::new(None),
+            meter: RefCell::new(None),
+        }
     };
 }
 
-/// Tells this thread's poller, if it has one, that bytes moved. Cheap enough for every read of
-/// a splice: a thread-local increment, and a same-thread wake-up only after an idle spell.
-pub fn touch() {
+/// Tells this thread's poller, if it has one, that `bytes` moved, and its [`Meter`], if it has
+/// one. Cheap enough for every read of a splice: a thread-local increment, an uncontended
+/// atomic add, and a same-thread wake-up only after an idle spell.
+pub fn moved(bytes: usize) {
     LOCAL.with(|l| {
         if l.on.get() {
             l.moves.set(l.moves.get().wrapping_add(1));
@@ -69,7 +110,28 @@ pub fn touch() {
                 w.wake();
             }
         }
+        if let Some(m) = l.meter.borrow().as_ref() {
+            m.0.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
     });
+}
+
+/// Bytes moved by splices on one thread: how a scheduler of lanes tells a lane that carries a
+/// bulk transfer (whose thread a new interactive connection would wait behind) from one that
+/// is merely busy opening connections.
+#[derive(Clone, Debug, Default)]
+pub struct Meter(Arc<AtomicU64>);
+
+impl Meter {
+    /// Counts what moves on the current thread from now on (replacing any meter there).
+    pub fn install(&self) {
+        LOCAL.with(|l| *l.meter.borrow_mut() = Some(self.clone()));
+    }
+
+    /// Bytes counted so far.
+    pub fn bytes(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
 }
 
 fn moves() -> u64 {
@@ -158,7 +220,7 @@ enum Step {
     Again,
     /// Nothing moved for the window: sleep until the next move.
     Sleep,
-    /// Other threads want the CPU: sleep for [`COOL_DOWN`], then until the next move.
+    /// Other threads want the CPU: sleep for a while ([`Backoff`]), then until the next move.
     CoolDown,
 }
 
@@ -178,6 +240,7 @@ async fn poll(window: Duration, stats: PollStats) {
     LOCAL.with(|l| l.on.set(true));
     let _off = Off;
     let mut seen = moves();
+    let mut cool = Backoff::new();
     loop {
         // Asleep until the next move.
         poll_fn(|cx| {
@@ -213,13 +276,13 @@ async fn poll(window: Duration, stats: PollStats) {
                 other => break (other, now),
             }
         };
-        add(&stats.polling, end.1.saturating_duration_since(started));
-        if end.0 == Step::CoolDown {
+        let polled = end.1.saturating_duration_since(started);
+        add(&stats.polling, polled);
+        if let Some(wait) = cool.after(&end.0, polled) {
             // The threads that want the CPU keep it from halting, and a thread that sleeps is
-            // woken ahead of them, where one that polls waits its turn; each first yield cost
-            // a turn of theirs, so stay asleep a while.
+            // woken ahead of them, where one that polls waits its turn.
             stats.contended.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(COOL_DOWN).await;
+            tokio::time::sleep(wait).await;
             seen = moves();
         }
     }
@@ -272,7 +335,7 @@ mod tests {
                 Duration::ZERO,
                 "an idle lane does not poll"
             );
-            touch();
+            moved(1);
             // The sleep's timer fires during the poller's non-blocking polls.
             tokio::time::sleep(Duration::from_millis(100)).await;
             let polled = stats.polling();
@@ -312,6 +375,52 @@ mod tests {
     }
 
     #[test]
+    fn cool_downs_grow_while_contention_lasts_and_start_over_after_calm() {
+        let mut c = Backoff::new();
+        let brief = Duration::from_micros(300);
+        assert_eq!(c.after(&Step::Sleep, brief), None);
+        // Contended at once, again and again: 20, 40, 80 ms ... up to a second.
+        let waits: Vec<_> = (0..10)
+            .map(|_| {
+                c.after(&Step::CoolDown, Duration::ZERO)
+                    .expect("cools down")
+            })
+            .collect();
+        assert_eq!(waits[0], COOL_DOWN);
+        assert_eq!(waits[1], COOL_DOWN * 2);
+        assert_eq!(waits[2], COOL_DOWN * 4);
+        assert_eq!(waits[9], MAX_COOL_DOWN);
+        // A spell that ran out its window uncontended starts over.
+        assert_eq!(c.after(&Step::Sleep, brief), None);
+        assert_eq!(c.after(&Step::CoolDown, Duration::ZERO), Some(COOL_DOWN));
+        assert_eq!(
+            c.after(&Step::CoolDown, Duration::ZERO),
+            Some(COOL_DOWN * 2)
+        );
+        // So does one that polled undisturbed for a while before the CPU was wanted.
+        assert_eq!(c.after(&Step::CoolDown, COOL_DOWN), Some(COOL_DOWN));
+    }
+
+    #[test]
+    fn a_meter_counts_the_bytes_moved_on_its_thread_only() {
+        let m = Meter::default();
+        moved(5);
+        assert_eq!(m.bytes(), 0, "not installed yet");
+        m.install();
+        moved(5);
+        moved(7);
+        assert_eq!(m.bytes(), 12);
+        let other = m.clone();
+        std::thread::spawn(move || {
+            moved(100);
+            drop(other);
+        })
+        .join()
+        .expect("thread");
+        assert_eq!(m.bytes(), 12, "another thread's moves are its own");
+    }
+
+    #[test]
     fn a_dropped_poller_stops_counting_moves() {
         let rt = current_thread();
         rt.block_on(async {
@@ -324,7 +433,7 @@ mod tests {
             tokio::task::yield_now().await;
             assert!(!LOCAL.with(|l| l.on.get()));
             let before = moves();
-            touch();
+            moved(1);
             assert_eq!(moves(), before);
         });
     }

@@ -58,7 +58,7 @@ where
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
-        busy_poll::touch();
+        busy_poll::moved(batch[..k].iter().map(Bytes::len).sum());
         match write_all_vectored(to, &mut batch[..k]).await {
             Ok(m) => n += m,
             Err(e) if reader_gone(&e) => {
@@ -107,7 +107,7 @@ where
         if k == 0 {
             break;
         }
-        busy_poll::touch();
+        busy_poll::moved(k);
         n += k as u64;
         if k == room && size < MAX_READ {
             size = (size * 4).min(MAX_READ);
@@ -152,8 +152,9 @@ pub async fn quic_to_quic(
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     while let Some(k) = recv.read_chunks(&mut batch).await? {
-        busy_poll::touch();
-        n += batch[..k].iter().map(|b| b.len() as u64).sum::<u64>();
+        let bytes: usize = batch[..k].iter().map(Bytes::len).sum();
+        busy_poll::moved(bytes);
+        n += bytes as u64;
         match send.write_all_chunks(&mut batch[..k]).await {
             Ok(()) => {}
             Err(quinn::WriteError::Stopped(code)) => {
