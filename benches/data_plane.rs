@@ -126,18 +126,22 @@ fn clk_tck() -> f64 {
         .unwrap_or(100.0)
 }
 
-/// Busy CPU seconds of the whole machine so far.
-fn machine_busy(tck: f64) -> f64 {
+/// The machine's CPU time so far by kind, in clock ticks (the first line of `/proc/stat`):
+/// user nice system idle iowait irq softirq steal guest guest_nice.
+fn machine_ticks() -> Vec<f64> {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
+    stat.lines()
         .next()
         .unwrap_or("")
         .split_whitespace()
         .skip(1)
         .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
+        .collect()
+}
+
+/// Busy CPU seconds of the whole machine so far (all but idle and iowait).
+fn machine_busy(tck: f64) -> f64 {
+    let f = machine_ticks();
     let busy: f64 = f
         .iter()
         .enumerate()
@@ -150,18 +154,8 @@ fn machine_busy(tck: f64) -> f64 {
 /// The machine's CPU time so far, and the part of it the hypervisor gave to others (steal), in
 /// clock ticks: a run with much steal measured a machine that was not all ours.
 fn steal_ticks() -> (f64, f64) {
-    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let f: Vec<f64> = stat
-        .lines()
-        .next()
-        .unwrap_or("")
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|x| x.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal guest guest_nice
-    let total = f.iter().take(8).sum();
-    (total, f.get(7).copied().unwrap_or(0.0))
+    let f = machine_ticks();
+    (f.iter().take(8).sum(), f.get(7).copied().unwrap_or(0.0))
 }
 
 /// CPU seconds of one process (user + system).

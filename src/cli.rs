@@ -323,14 +323,18 @@ pub struct ApplyArgs {
     pub dry_run: bool,
 }
 
+/// Splits `90s` into 90 and `s`; `what` says what a good value looks like, for the error.
+fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n = num.parse().map_err(|_| format!("{s:?} is not {what}"))?;
+    Ok((n, unit))
+}
+
 /// Parses `90s`, `30m`, `24h`, `7d` (or plain seconds).
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 30m, 24h or 7d"))?;
+    let (n, unit) = number_and_unit(s, "a duration like 90s, 30m, 24h or 7d")?;
     let mult = match unit {
         "" | "s" => 1,
         "m" => 60,
@@ -347,11 +351,7 @@ pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
 /// polling would only burn CPU.
 pub fn parse_poll_window(s: &str) -> Result<std::time::Duration, String> {
     let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a window like 200us or 1ms"))?;
+    let (n, unit) = number_and_unit(s, "a window like 200us or 1ms")?;
     let d = match unit {
         "us" | "µs" => std::time::Duration::from_micros(n),
         "ms" => std::time::Duration::from_millis(n),
