@@ -14,11 +14,11 @@
 //! keep moving and for [`BusyPoll::window`] after the last move, it yields to the runtime (which
 //! then polls its sockets without blocking) and to the kernel (`sched_yield`, so any other
 //! thread runnable on this CPU, the agent's included, runs first). It stops, for a while, as
-//! soon as a yield shows that other threads want the CPU (see [`CONTENDED`]): polling is for
-//! otherwise idle CPUs. An idle
-//! lane costs nothing; one that carries traffic costs at most the window of otherwise idle CPU
-//! after each burst. The time given away in yields is counted ([`PollStats::given_away`]) so that
-//! busy-time metrics, which count it, can leave it out.
+//! soon as a yield shows that other threads want the CPU (it gave the CPU away for 200 µs or
+//! more): polling is for otherwise idle CPUs. An idle lane costs nothing; one that carries
+//! traffic costs at most the window of otherwise idle CPU after each burst. The time given
+//! away in yields is counted ([`PollStats::given_away`]) so that busy-time metrics, which count
+//! it, can leave it out.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -34,11 +34,11 @@ use tokio::runtime::{Handle, RuntimeFlavor};
 /// through the overlay (so that a thread waiting for its answer does not sleep first).
 pub const DEFAULT_WINDOW: Duration = Duration::from_micros(200);
 
-/// A `sched_yield` that gave the CPU away for this long went to a thread that wanted a share of
-/// it (a bulk transfer, a build), not to one that answered and slept again (tens of µs): the
-/// lane stops polling for a while ([`Backoff`]). A polling thread is CPU-bound to the scheduler and
-/// waits behind busy ones for its turn (milliseconds next to a bulk transfer), where a sleeping
-/// one is woken ahead of them; and busy threads keep the CPU from halting anyway.
+/// A `sched_yield` that gave the CPU away for this long went to a thread that wanted a share
+/// of it (a bulk transfer, a build), not to one that answered and slept again (tens of µs):
+/// the lane stops polling for a while ([`Backoff`]). A polling thread is CPU-bound to the
+/// scheduler and waits behind busy ones for its turn (milliseconds next to a bulk transfer),
+/// where a sleeping one is woken ahead of them; and busy threads keep the CPU from halting.
 const CONTENDED: Duration = Duration::from_micros(200);
 
 /// How long a lane that found its CPU contended sleeps between moves instead of polling, at
@@ -106,7 +106,8 @@ pub fn moved(bytes: usize) {
     LOCAL.with(|l| {
         if l.on.get() {
             l.moves.set(l.moves.get().wrapping_add(1));
-            if let Some(w) = l.parked.borrow_mut().take() {
+            let parked = l.parked.borrow_mut().take();
+            if let Some(w) = parked {
                 w.wake();
             }
         }
