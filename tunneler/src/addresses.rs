@@ -43,7 +43,7 @@ impl Default for AddressBook {
 }
 
 impl AddressBook {
-    /// An empty book handing out addresses from [`NAME_BASE`].
+    /// An empty book handing out addresses from `NAME_BASE` (127.77.0.1).
     pub fn new() -> Self {
         Self::default()
     }
