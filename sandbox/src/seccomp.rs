@@ -221,7 +221,8 @@ impl Filter {
     }
 
     /// Installs the filter on the calling thread and every child it starts. Requires
-    /// `no_new_privs`, which the sandbox init sets first (`init.rs`, before Landlock and this filter).
+    /// `no_new_privs`, which the sandbox init sets first (`init.rs`, before Landlock and this
+    /// filter).
     pub fn install(&self) -> io::Result<()> {
         let prog = libc::sock_fprog {
             len: u16::try_from(self.program.len())
