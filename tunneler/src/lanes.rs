@@ -49,15 +49,17 @@ pub(crate) struct Lane {
     meter: Meter,
     /// The runtime's metrics, for its busy time.
     metrics: tokio::runtime::RuntimeMetrics,
-    /// The lane's busy poller (it stops with this), and the time it waited, which tokio counts
-    /// as busy.
+    /// The lane's busy poller (it stops with this), and its counters: the time it gave away in
+    /// yields counts as busy to tokio.
     _poller: Option<BusyPoll>,
     polled: PollStats,
 }
 
 impl Lane {
-    fn new(ctx: Context, runtime: Option<Handle>, on: &Handle, busy_poll: Duration) -> Lane {
-        let poller = busy_poll::spawn(on, busy_poll);
+    /// A lane on `runtime`, or on the current runtime for `None`.
+    fn new(ctx: Context, runtime: Option<Handle>, busy_poll: Duration) -> Lane {
+        let on = runtime.clone().unwrap_or_else(Handle::current);
+        let poller = busy_poll::spawn(&on, busy_poll);
         let meter = Meter::default();
         // On a current-thread runtime, the thread its splices run on.
         let m = meter.clone();
@@ -99,7 +101,7 @@ impl Lanes {
         stop: &CancellationToken,
     ) -> Arc<Lanes> {
         let own = Handle::current();
-        let mut lanes = vec![Lane::new(ctx.clone(), None, &own, busy_poll)];
+        let mut lanes = vec![Lane::new(ctx.clone(), None, busy_poll)];
         for i in 1..count.clamp(1, 64) {
             let runtime = match tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -122,8 +124,7 @@ impl Lanes {
             }
             lanes.push(Lane::new(
                 ctx.on_runtime(handle.clone()),
-                Some(handle.clone()),
-                &handle,
+                Some(handle),
                 busy_poll,
             ));
         }
