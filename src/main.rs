@@ -6,6 +6,7 @@ mod cli;
 mod demo;
 mod output;
 mod sandbox_cmd;
+mod verify_limits;
 
 use std::process::ExitCode;
 

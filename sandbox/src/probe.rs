@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+mod limits;
+
 /// Addresses that documentation owns (RFC 5737): never routed anywhere. With only `lo` in the
 /// namespace, the kernel has no route for them at all.
 pub const OUTSIDE_V4: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
@@ -149,12 +151,7 @@ pub fn main() -> i32 {
         }
     };
     match cfg.mode.as_str() {
-        "fork" => fork_bomb(),
-        "memory" => balloon(),
-        "busy" => loop {
-            std::hint::spin_loop();
-        },
-        _ => {
+        "escape" | "" => {
             let results = escape(&cfg);
             match serde_json::to_string(&results) {
                 Ok(s) => {
@@ -164,45 +161,8 @@ pub fn main() -> i32 {
                 Err(_) => 1,
             }
         }
+        mode => limits::main(mode, &cfg),
     }
-}
-
-/// Forks until the kernel refuses; prints how many children it got.
-fn fork_bomb() -> i32 {
-    let mut n = 0u64;
-    let mut refused = String::new();
-    for _ in 0..100_000 {
-        // SAFETY: the child only sleeps and exits.
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
-            // SAFETY: plain calls in the child.
-            unsafe {
-                libc::sleep(30);
-                libc::_exit(0);
-            }
-        }
-        if pid < 0 {
-            refused = os_err(&last_err());
-            break;
-        }
-        n += 1;
-    }
-    println!("{}", serde_json::json!({ "forked": n, "refused": refused }));
-    0
-}
-
-/// Allocates and touches memory until the kernel stops it.
-fn balloon() -> i32 {
-    let mut keep: Vec<Vec<u8>> = Vec::new();
-    for i in 0..1_000_000u64 {
-        let mut v = vec![0u8; 1 << 20];
-        for j in (0..v.len()).step_by(4096) {
-            v[j] = (i as u8).wrapping_add(1);
-        }
-        keep.push(v);
-    }
-    println!("{}", serde_json::json!({ "allocated_mib": keep.len() }));
-    0
 }
 
 /// Runs every escape attempt.
