@@ -257,8 +257,9 @@ fn unsafe_getuid() -> u32 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_controller_directory_in_the_workspace_stays_hidden() {
-    // The quickstart layout: the controller's directory `.umbra` inside the working directory.
+async fn key_material_is_never_shown_even_across_renewals() {
+    // The README's first layout: the controller's directory `.umbra` and the identity file in
+    // the working directory, which is the default workspace.
     let t = TestController::start_with(|_| {}).await;
     let _router = start_router(&t, "router-1", |_| {}).await;
     let file = agent(&t, "agent-1").await;
@@ -269,25 +270,86 @@ async fn a_controller_directory_in_the_workspace_stays_hidden() {
     std::fs::write(ctl.join("ca.key"), b"private key").unwrap();
     let identity = ws.path().join("agent-1.json");
     file.save(&identity).unwrap();
-    let o = tokio::process::Command::new(umbra_bin())
-        .args(["run", "--identity"])
-        .arg(&identity)
-        .args(["--", "/bin/sh", "-c"])
-        .arg("ls -a .umbra > seen; cat .umbra/ca.key >> seen; cat agent-1.json >> seen; true")
+    let run = |extra: Vec<String>, script: &str| {
+        let mut c = tokio::process::Command::new(umbra_bin());
+        c.args(["run", "--identity"])
+            .arg(&identity)
+            .args(extra)
+            .args(["--", "/bin/sh", "-c", script])
+            .current_dir(ws.path())
+            .env("UMBRA_CONTROLLER", t.addr())
+            .env("UMBRA_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    // Shown as they are, or with only the files covered (a renewal renames a new file over the
+    // covered one), they are refused before anything starts: one line, exit 125.
+    for extra in [
+        vec![],
+        vec!["--hide".to_string(), ".umbra".to_string()],
+        vec![
+            "--hide".to_string(),
+            ".umbra".to_string(),
+            "--hide".to_string(),
+            "agent-1.json".to_string(),
+        ],
+    ] {
+        let o = run(extra.clone(), "touch ran").output().await.unwrap();
+        assert_eq!(o.status.code(), Some(125), "{extra:?}: {}", stderr(&o));
+        assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+        assert!(!ws.path().join("ran").exists(), "{extra:?}: the agent ran");
+    }
+    assert!(
+        stderr(&run(vec![], "true").output().await.unwrap()).contains("agent-1.json"),
+        "the message names the file"
+    );
+    // Whole directories hidden: the run starts, and what the host renames into them while it
+    // runs (a renewal, a new key) stays out of sight.
+    let private = ws.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    let identity_in_private = private.join("agent-1.json");
+    std::fs::rename(&identity, &identity_in_private).unwrap();
+    let mut c = tokio::process::Command::new(umbra_bin());
+    c.args(["run", "--identity"])
+        .arg(&identity_in_private)
+        .args(["--hide", ".umbra", "--hide", "private", "--", "/bin/sh", "-c"])
+        .arg(
+            "ls -a .umbra private > seen; touch started; \
+             while [ ! -e go ]; do sleep 0.05; done; \
+             cat .umbra/ca.key private/agent-1.json >> seen 2>&1; ls -a .umbra private >> seen; true",
+        )
         .current_dir(ws.path())
         .env("UMBRA_CONTROLLER", t.addr())
         .env("UMBRA_LOG", "error")
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let child = c.spawn().unwrap();
+    let started = Instant::now();
+    while !ws.path().join("started").exists() {
+        assert!(started.elapsed() < Duration::from_secs(30), "the agent never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for (dir, name, body) in [
+        (&ctl, "ca.key", "renewed private key"),
+        (&private, "agent-1.json", "-----BEGIN PRIVATE KEY----- renewed"),
+    ] {
+        let tmp = dir.join(".new");
+        std::fs::write(&tmp, body).unwrap();
+        std::fs::rename(&tmp, dir.join(name)).unwrap();
+    }
+    std::fs::write(ws.path().join("go"), "").unwrap();
+    let o = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
         .await
+        .unwrap()
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
     let seen = std::fs::read_to_string(ws.path().join("seen")).unwrap();
-    assert!(!seen.contains("private key"), "{seen}");
-    assert!(!seen.contains("umbra.db"), "{seen}");
-    assert!(
-        !seen.contains("BEGIN"),
-        "the identity file was readable: {seen}"
-    );
+    for secret in ["private key", "umbra.db", "BEGIN", "renewed", "database"] {
+        assert!(!seen.contains(secret), "{secret} seen: {seen}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

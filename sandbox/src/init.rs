@@ -18,12 +18,15 @@ use std::path::{Path, PathBuf};
 use crate::exit;
 use crate::landlock::{self, Access, Ruleset};
 use crate::seccomp::Filter;
-use crate::spec::{read_frame, Spec, AGENT_GID, AGENT_UID};
+use crate::spec::{read_frame, From, Spec, AGENT_GID, AGENT_UID};
 
 /// The descriptor the launcher hands the spec socket on.
 pub const SPEC_FD: i32 = 3;
 /// The descriptor of the socket on which the launcher asks for sockets inside the namespace.
 pub const NET_FD: i32 = 4;
+/// The first descriptor of the detached mounts the launcher passes (see [`crate::idmap`]),
+/// numbered on from here in the order of the spec's sources.
+pub const FIRST_SOURCE_FD: i32 = 5;
 
 /// System directories shown read-only (or recreated as the symlinks they are on merged-/usr
 /// systems).
@@ -35,10 +38,15 @@ const ETC: &[&str] = &[
     "ld.so.cache",
     "ld.so.conf",
     "ld.so.conf.d",
-    "ssl",
+    // Certificates only: /etc/ssl/private and /etc/pki/tls/private hold the host's keys.
+    "ssl/certs",
+    "ssl/openssl.cnf",
     "ca-certificates",
     "ca-certificates.conf",
-    "pki",
+    "pki/ca-trust",
+    "pki/tls/certs",
+    "pki/tls/cert.pem",
+    "pki/tls/openssl.cnf",
     "alternatives",
     "localtime",
     "timezone",
@@ -58,7 +66,50 @@ const ETC: &[&str] = &[
     "python3",
     "perl",
 ];
-const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+/// The devices shown, with the numbers each must have: a host path that is anything else (a
+/// regular file someone put at `/dev/null`, say) is refused, not shown.
+const DEVICES: &[(&str, u32, u32)] = &[
+    ("null", 1, 3),
+    ("zero", 1, 5),
+    ("full", 1, 7),
+    ("random", 1, 8),
+    ("urandom", 1, 9),
+    ("tty", 5, 0),
+];
+
+/// Entries of `/proc` masked as OCI runtimes mask them (runc's and Docker's `maskedPaths`),
+/// and more that tell about the host's kernel and other users: empty and unreadable inside.
+const PROC_MASKED: &[&str] = &[
+    "acpi",
+    "asound",
+    "bus",
+    "config.gz",
+    "driver",
+    "dynamic_debug",
+    "fs",
+    "interrupts",
+    "iomem",
+    "ioports",
+    "irq",
+    "kallsyms",
+    "kcore",
+    "key-users",
+    "keys",
+    "kpagecgroup",
+    "kpagecount",
+    "kpageflags",
+    "latency_stats",
+    "mtrr",
+    "pagetypeinfo",
+    "sched_debug",
+    "scsi",
+    "slabinfo",
+    "sysrq-trigger",
+    "timer_list",
+    "timer_stats",
+    "vmallocinfo",
+    "zoneinfo",
+];
 
 fn err(what: impl std::fmt::Display, e: io::Error) -> String {
     format!("{what}: {e}")
@@ -390,18 +441,93 @@ fn locked_flags(path: &Path) -> Result<libc::c_ulong, String> {
 }
 
 fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
+    bind_with(src, dst, read_only, libc::MS_NODEV)
+}
+
+/// Binds `src` at `dst` and remounts it `nosuid` plus `flags` (read-only if asked), keeping the
+/// flags the host set (a remount inside a user namespace may not clear them).
+fn bind_with(
+    src: &Path,
+    dst: &Path,
+    read_only: bool,
+    flags: libc::c_ulong,
+) -> Result<(), String> {
     mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None)?;
-    if read_only {
-        let keep = locked_flags(dst)?;
-        mount(
-            None,
-            dst,
-            None,
-            libc::MS_BIND | libc::MS_REMOUNT | libc::MS_RDONLY | keep,
-            None,
-        )?;
+    let keep = locked_flags(dst)?;
+    let ro = if read_only { libc::MS_RDONLY } else { 0 };
+    mount(
+        None,
+        dst,
+        None,
+        libc::MS_BIND | libc::MS_REMOUNT | ro | flags | keep,
+        None,
+    )
+}
+
+/// Opens the device node at `path` without following links and checks that it is the
+/// character device `major:minor`. `Ok(None)`: there is none.
+pub fn checked_device(
+    path: &Path,
+    major: u32,
+    minor: u32,
+) -> Result<Option<std::os::fd::OwnedFd>, String> {
+    let c = cstr(path)?;
+    // SAFETY: a valid C string; flags only.
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        return match e.kind() {
+            io::ErrorKind::NotFound => Ok(None),
+            _ => Err(err(path.display(), e)),
+        };
     }
-    Ok(())
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) };
+    // SAFETY: stat is plain data; zeroed is valid; fstat fills it.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid descriptor and out-pointer.
+    check(
+        unsafe { libc::fstat(fd.as_raw_fd(), &mut st) },
+        path.display(),
+    )?;
+    let is_char = st.st_mode & libc::S_IFMT == libc::S_IFCHR;
+    if !is_char || libc::major(st.st_rdev) != major || libc::minor(st.st_rdev) != minor {
+        return Err(format!(
+            "{} is not the character device {major}:{minor}; refusing to show it",
+            path.display()
+        ));
+    }
+    Ok(Some(fd))
+}
+
+/// The path through which a descriptor of ours is reached (a mount source, for one).
+fn fd_path(fd: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{fd}"))
+}
+
+/// Attaches the detached mount on descriptor `fd` (made by the launcher) at `dst`.
+fn attach(fd: i32, dst: &Path) -> Result<(), String> {
+    let dst_c = cstr(dst)?;
+    let empty = c"";
+    // SAFETY: a descriptor the launcher passed, an empty path with MOVE_MOUNT_F_EMPTY_PATH and
+    // a valid C string.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            empty.as_ptr(),
+            libc::AT_FDCWD,
+            dst_c.as_ptr(),
+            libc::MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    } as i32;
+    check(r, format_args!("attaching {}", dst.display()))
 }
 
 /// Makes a mount point for `src` at `dst`: a directory or an empty file, parents included.
@@ -435,6 +561,22 @@ fn show(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
     bind(src, dst, read_only)
 }
 
+/// Covers what is at `at`: a directory with an empty read-only tmpfs, anything else with the
+/// empty `cover_file`, read-only. Nothing there: nothing to cover.
+fn cover(at: &Path, cover_file: &Path) -> Result<(), String> {
+    match fs::symlink_metadata(at) {
+        Ok(m) if m.is_dir() => mount(
+            Some(Path::new("tmpfs")),
+            at,
+            Some("tmpfs"),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some("mode=0,size=4k"),
+        ),
+        Ok(_) => bind(cover_file, at, true),
+        Err(_) => Ok(()),
+    }
+}
+
 fn write_file(path: &Path, body: &str) -> Result<(), String> {
     fs::write(path, body).map_err(|e| err(path.display(), e))
 }
@@ -461,6 +603,29 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     for dir in SYSTEM {
         show(Path::new(dir), &inside(root, Path::new(dir)), true)?;
     }
+    // An empty file of our own, never a host file, covers hidden files and masked entries. It
+    // lives on a tiny read-only tmpfs of its own that is detached once the covers are in place
+    // (an unlinked file still bound somewhere would keep the root from becoming read-only).
+    let cover_dir = root.join(".cover");
+    fs::create_dir_all(&cover_dir).map_err(|e| err("cover", e))?;
+    mount(
+        Some(Path::new("tmpfs")),
+        &cover_dir,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some("mode=0700,size=4k,nr_inodes=2"),
+    )?;
+    let cover_file = cover_dir.join("empty");
+    fs::File::create(&cover_file).map_err(|e| err("cover file", e))?;
+    fs::set_permissions(&cover_file, fs::Permissions::from_mode(0))
+        .map_err(|e| err("cover file", e))?;
+    mount(
+        None,
+        &cover_dir,
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        None,
+    )?;
 
     let etc = root.join("etc");
     fs::create_dir_all(&etc).map_err(|e| err("/etc", e))?;
@@ -495,11 +660,13 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
         libc::MS_NOSUID | libc::MS_NOEXEC,
         Some("mode=0755,size=64k"),
     )?;
-    for d in DEVICES {
-        let src = Path::new("/dev").join(d);
-        if src.exists() {
-            mount_point(&src, &dev.join(d))?;
-            bind(&src, &dev.join(d), false)?;
+    for (d, major, minor) in DEVICES {
+        if let Some(fd) = checked_device(&Path::new("/dev").join(d), *major, *minor)? {
+            use std::os::fd::AsRawFd;
+            let src = fd_path(fd.as_raw_fd());
+            fs::File::create(dev.join(d)).map_err(|e| err(d, e))?;
+            // Devices must stay usable: no nodev here (the tmpfs under them is noexec).
+            bind_with(&src, &dev.join(d), false, 0)?;
         }
     }
     for (name, target) in [
@@ -533,6 +700,9 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     // kernel lacks the switch, the seccomp filter refuses memfd_create altogether.
     let memfd_sealed = fs::write(proc_dir.join("sys/vm/memfd_noexec"), "2").is_ok();
     bind(&proc_dir.join("sys"), &proc_dir.join("sys"), true)?;
+    for name in PROC_MASKED {
+        cover(&proc_dir.join(name), &cover_file)?;
+    }
 
     let tmp = root.join("tmp");
     fs::create_dir_all(&tmp).map_err(|e| err("/tmp", e))?;
@@ -544,32 +714,48 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
         Some("mode=1777"),
     )?;
 
-    let ws = inside(root, &spec.workspace);
-    mount_point(&spec.workspace, &ws)?;
-    bind(&spec.workspace, &ws, false)?;
-    for p in &spec.ro {
-        show(p, &inside(root, p), true)?;
-    }
-    for (src, at) in &spec.extra {
-        let dst = inside(root, at);
-        mount_point(src, &dst)?;
-        bind(src, &dst, true)?;
-    }
-    // Secrets that a mount above made visible are covered.
-    for h in &spec.hide {
-        let at = inside(root, h);
-        match fs::symlink_metadata(&at) {
-            Ok(m) if m.is_dir() => mount(
-                Some(Path::new("tmpfs")),
-                &at,
-                Some("tmpfs"),
-                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-                Some("mode=0,size=4k"),
-            )?,
-            Ok(_) => bind(Path::new("/dev/null"), &at, true)?,
-            Err(_) => {}
+    for source in &spec.sources {
+        let dst = inside(root, &source.at);
+        match &source.from {
+            From::Path(p) => {
+                mount_point(p, &dst)?;
+                bind(p, &dst, source.read_only)?;
+            }
+            From::Fd(fd) => {
+                mount_point(&fd_path(*fd), &dst)?;
+                attach(*fd, &dst)?;
+            }
         }
     }
+    // Secrets that a mount above made visible are covered, and every directory between the
+    // shown path and the hidden one is pinned (made a mount point), so that renaming it or its
+    // parents cannot carry the hidden path out from under its cover, in this run or the next.
+    let mut pinned = std::collections::HashSet::new();
+    for h in &spec.hide {
+        let Some(shown) = spec.sources.iter().find(|s| h.starts_with(&s.at)) else {
+            continue;
+        };
+        let mut between: Vec<&Path> = h
+            .ancestors()
+            .skip(1)
+            .take_while(|a| *a != shown.at.as_path())
+            .collect();
+        between.reverse();
+        for a in between {
+            if pinned.insert(a.to_path_buf()) {
+                let at = inside(root, a);
+                mount(Some(&at), &at, None, libc::MS_BIND | libc::MS_REC, None)?;
+            }
+        }
+        cover(&inside(root, h), &cover_file)?;
+    }
+    let cover_c = cstr(&cover_dir)?;
+    // SAFETY: a valid C string.
+    check(
+        unsafe { libc::umount2(cover_c.as_ptr(), libc::MNT_DETACH) },
+        "detaching the cover",
+    )?;
+    fs::remove_dir(&cover_dir).map_err(|e| err("cover", e))?;
 
     let old = root.join(".oldroot");
     fs::create_dir_all(&old).map_err(|e| err("old root", e))?;
@@ -643,7 +829,7 @@ impl Prepared {
                 }
                 r.allow(Path::new("/proc"), Access::Read)
                     .map_err(|e| err("landlock", e))?;
-                for d in DEVICES {
+                for (d, _, _) in DEVICES {
                     r.allow(&Path::new("/dev").join(d), Access::Device)
                         .map_err(|e| err("landlock", e))?;
                 }
@@ -651,16 +837,17 @@ impl Prepared {
                 // agent may see); files are read only where a rule below says so.
                 r.allow(Path::new("/"), Access::List)
                     .map_err(|e| err("landlock", e))?;
-                for rw in [Path::new("/tmp"), Path::new("/dev/shm"), &spec.workspace] {
+                for rw in [Path::new("/tmp"), Path::new("/dev/shm")] {
                     r.allow(rw, Access::ReadWrite)
                         .map_err(|e| err("landlock", e))?;
                 }
-                for ro in &spec.ro {
-                    r.allow(ro, Access::ReadExec)
-                        .map_err(|e| err("landlock", e))?;
-                }
-                for (_, at) in &spec.extra {
-                    r.allow(at, Access::ReadExec)
+                for source in &spec.sources {
+                    let access = if source.read_only {
+                        Access::ReadExec
+                    } else {
+                        Access::ReadWrite
+                    };
+                    r.allow(&source.at, access)
                         .map_err(|e| err("landlock", e))?;
                 }
                 Some(r)
@@ -826,4 +1013,26 @@ pub fn missing_features() -> Vec<String> {
         out.push("user namespaces".to_string());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_expected_character_device_is_shown() {
+        assert!(checked_device(Path::new("/dev/null"), 1, 3).unwrap().is_some());
+        let e = checked_device(Path::new("/dev/zero"), 1, 3).unwrap_err();
+        assert!(e.contains("1:3"), "{e}");
+        let t = tempfile::tempdir().unwrap();
+        let fake = t.path().join("null");
+        fs::write(&fake, b"host data").unwrap();
+        assert!(checked_device(&fake, 1, 3).is_err(), "a regular file");
+        let link = t.path().join("link");
+        symlink("/dev/null", &link).unwrap();
+        assert!(checked_device(&link, 1, 3).is_err(), "a link, even to the device");
+        assert!(checked_device(&t.path().join("missing"), 1, 3)
+            .unwrap()
+            .is_none());
+    }
 }

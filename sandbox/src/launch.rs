@@ -19,8 +19,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cgroup::{Cgroup, Limits};
 use crate::fdpass::{self, Request};
-use crate::init::{NET_FD, SPEC_FD};
-use crate::spec::{write_frame, Spec};
+use crate::exposure::{self, HostFacts, Scan, Shown};
+use crate::idmap::{self, AgentIds};
+use crate::init::{FIRST_SOURCE_FD, NET_FD, SPEC_FD};
+use crate::spec::{write_frame, From, Source, Spec};
 use crate::{exit, landlock};
 
 /// What to run and how to confine it.
@@ -70,10 +72,6 @@ pub enum SandboxError {
     Io(#[from] io::Error),
 }
 
-const SYSTEM_ROOTS: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev", "/sys",
-];
-
 fn contains(outer: &Path, inner: &Path) -> bool {
     inner.starts_with(outer)
 }
@@ -83,10 +81,22 @@ fn canonical(p: &Path, what: &str) -> Result<PathBuf, SandboxError> {
         .map_err(|e| SandboxError::Invalid(format!("{what} {}: {e}", p.display())))
 }
 
-/// Checks the request: paths exist and are absolute, and no mount would show a secret root.
-fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>), SandboxError> {
+/// At most this many `--ro` paths (each is a mount, and a descriptor on the way in).
+const MAX_RO: usize = 32;
+
+/// Checks the request: paths exist and are absolute; nothing shown is a shared or system
+/// location or holds key material ([`exposure`]); every hidden path exists.
+fn validate(
+    cfg: &SandboxConfig,
+    host: &HostFacts,
+) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>), SandboxError> {
     if cfg.argv.is_empty() {
         return Err(SandboxError::Invalid("no command given".into()));
+    }
+    if cfg.ro.len() > MAX_RO {
+        return Err(SandboxError::Invalid(format!(
+            "at most {MAX_RO} --ro paths are accepted"
+        )));
     }
     let ws = canonical(&cfg.workspace, "workspace")?;
     if !ws.is_dir() {
@@ -100,46 +110,49 @@ fn validate(cfg: &SandboxConfig) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>)
         .iter()
         .map(|p| canonical(p, "read-only path"))
         .collect::<Result<Vec<_>, _>>()?;
-    // Never shown whole: the user's home and root's. (A workspace inside them is fine.)
-    let mut secret_roots = vec![PathBuf::from("/root")];
-    if let Some(home) = std::env::var_os("HOME").map(PathBuf::from) {
-        if let Ok(h) = std::fs::canonicalize(&home) {
-            secret_roots.push(h);
-        }
-    }
-    for (what, p) in
-        std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p)))
-    {
-        if p == Path::new("/") {
-            return Err(SandboxError::Invalid(format!("the {what} cannot be /")));
-        }
-        if let Some(s) = secret_roots.iter().find(|s| contains(p, s)) {
-            return Err(SandboxError::Invalid(format!(
-                "the {what} {} would show {} inside the sandbox; choose a directory below it",
-                p.display(),
-                s.display()
-            )));
-        }
-    }
-    if let Some(sys) = SYSTEM_ROOTS.iter().find(|s| contains(Path::new(s), &ws)) {
-        return Err(SandboxError::Invalid(format!(
-            "the workspace {} lies in the system path {sys}",
-            ws.display()
-        )));
+    exposure::refuse_location(&ws, Shown::Workspace, exposure::world_writable(&ws), host)
+        .map_err(SandboxError::Invalid)?;
+    for p in &ro {
+        exposure::refuse_location(p, Shown::ReadOnly, false, host)
+            .map_err(SandboxError::Invalid)?;
     }
     // A hidden path is covered where a mount shows it. One that holds the workspace or a
     // read-only path is only a chain of empty directories leading to them inside, and covering
-    // it would hide them too.
-    let hide: Vec<PathBuf> = cfg
-        .hide
-        .iter()
-        .filter_map(|p| std::fs::canonicalize(p).ok())
-        .filter(|h| {
-            !std::iter::once(&ws)
-                .chain(ro.iter())
-                .any(|shown| contains(h, shown))
-        })
-        .collect();
+    // it would hide them too. A hidden path that does not exist is an error: dropping it would
+    // let whatever is later renamed to that path out.
+    let mut hide = Vec::new();
+    for p in &cfg.hide {
+        let h = std::fs::canonicalize(p).map_err(|e| {
+            SandboxError::Invalid(format!("the hidden path {}: {e}", p.display()))
+        })?;
+        if !std::iter::once(&ws)
+            .chain(ro.iter())
+            .any(|shown| contains(&h, shown))
+        {
+            hide.push(h);
+        }
+    }
+    let covered_dirs: Vec<PathBuf> = hide.iter().filter(|h| h.is_dir()).cloned().collect();
+    for (what, p) in
+        std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p)))
+    {
+        match exposure::find_secret(p, &covered_dirs) {
+            Scan::Found(s) => {
+                return Err(SandboxError::Invalid(format!(
+                    "the {what} {} holds {} ({}); keep identities, keys and tokens outside what the sandbox shows (or --hide the directory that holds them), or choose another --workspace",
+                    p.display(),
+                    s.path.display(),
+                    s.kind
+                )))
+            }
+            Scan::Partial { entries } => tracing::warn!(
+                path = %p.display(),
+                entries,
+                "too large to check completely for key material; checked the first entries"
+            ),
+            Scan::Clean => {}
+        }
+    }
     Ok((ws, ro, hide))
 }
 
@@ -159,12 +172,12 @@ fn require_landlock(abi: Option<u32>, allow_degraded: bool) -> Result<(), Sandbo
 /// the sandbox shows. Its `lock` file is held locked for as long as the sandbox lives, so state
 /// left by a launcher that was killed outright (SIGKILL runs no destructor) is recognised, and
 /// removed with its cgroup, by the next launcher.
+///
+/// Directories are `0711`: others can neither list nor change them, but a sandbox that runs as
+/// another user than the launcher (see [`crate::idmap`]) can reach its own root mount point and
+/// hosts file, whose random names it is told.
 fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
-    let bases = [
-        PathBuf::from("/run/umbra/sandboxes"),
-        std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
-    ];
-    for base in bases {
+    for base in state_bases() {
         if shown
             .iter()
             .any(|s| contains(s, &base) || contains(&base, s))
@@ -173,11 +186,17 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
         }
         if std::fs::DirBuilder::new()
             .recursive(true)
-            .mode(0o700)
+            .mode(0o711)
             .create(&base)
             .is_err()
         {
             continue;
+        }
+        // Bases made by earlier versions were 0700; open them (and an own parent) to traversal.
+        for dir in [Some(base.as_path()), base.parent()].into_iter().flatten() {
+            if private_to_us(dir) {
+                let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o711));
+            }
         }
         // A base someone else made (a shared temporary directory) is not ours to trust: its
         // owner could tamper with the state, or plant entries for `reclaim` to act on.
@@ -187,7 +206,7 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
         }
         reclaim(&base);
         let dir = base.join(id);
-        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        std::fs::DirBuilder::new().mode(0o711).create(&dir)?;
         let state = StateDir {
             lock: Some(hold_lock(&dir)?),
             path: dir,
@@ -202,12 +221,22 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
     ))
 }
 
-/// Whether `dir` is a real directory (not a link) owned by this user and closed to everyone else.
+/// Where sandbox state may live: the first of these that is ours and closed to others.
+pub fn state_bases() -> Vec<PathBuf> {
+    vec![
+        PathBuf::from("/run/umbra/sandboxes"),
+        // SAFETY: getuid cannot fail.
+        std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
+    ]
+}
+
+/// Whether `dir` is a real directory (not a link) owned by this user that no one else can
+/// list or change (traversal is allowed).
 fn private_to_us(dir: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(dir).is_ok_and(|m| {
         // SAFETY: getuid cannot fail.
-        m.is_dir() && m.uid() == unsafe { libc::getuid() } && m.mode() & 0o077 == 0
+        m.is_dir() && m.uid() == unsafe { libc::getuid() } && m.mode() & 0o066 == 0
     })
 }
 
@@ -297,26 +326,29 @@ pub struct Running {
 impl Prepared {
     /// Checks the request and builds the sandbox up to the point where the agent would start.
     pub async fn new(cfg: SandboxConfig) -> Result<Prepared, SandboxError> {
-        let (workspace, ro, hide) = validate(&cfg)?;
+        let host = HostFacts::gather(state_bases());
+        let (workspace, ro, hide) = validate(&cfg, &host)?;
         require_landlock(landlock::abi(), cfg.allow_degraded)?;
         if !Path::new("/proc/self/ns/user").exists() {
             return Err(SandboxError::Missing("user namespaces".into()));
         }
+        // SAFETY: getuid cannot fail.
+        let ids = AgentIds::for_launcher(unsafe { libc::getuid() });
         let mut shown: Vec<&Path> = vec![&workspace];
         shown.extend(ro.iter().map(PathBuf::as_path));
         let state = state_dir(&cfg.id, &shown)?;
         let hosts = state.path.join("hosts");
         std::fs::write(&hosts, hosts_file(&cfg.id, &[]))?;
         std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
+        let (sources, detached) = sources(&workspace, &ro, &cfg.extra, ids)?;
         let cgroup = Cgroup::create(&cfg.id, cfg.limits).map_err(SandboxError::Limits)?;
         let fallback = cgroup.rlimit_fallback();
         let spec = Spec {
             id: cfg.id.clone(),
             root: state.path.join("root"),
             workspace,
-            ro,
             hide,
-            extra: cfg.extra.clone(),
+            sources,
             hosts_file: hosts.clone(),
             resolv_conf: "nameserver 127.0.0.53\noptions edns0 trust-ad\n".into(),
             argv: cfg.argv.clone(),
@@ -331,6 +363,7 @@ impl Prepared {
         let (net_ours, net_theirs) = fdpass::seqpacket_pair()?;
         let net_theirs = high_copy(&net_theirs)?;
         let net_fd = net_theirs.as_raw_fd();
+        let detached_fds: Vec<i32> = detached.iter().map(AsRawFd::as_raw_fd).collect();
         let procs: Vec<CString> = cgroup
             .procs_files()
             .iter()
@@ -338,11 +371,23 @@ impl Prepared {
             .collect::<Result<_, _>>()
             .map_err(|_| SandboxError::Invalid("cgroup path holds a NUL byte".into()))?;
         let their_fd = theirs.as_raw_fd();
-        let mut cmd = tokio::process::Command::new(&cfg.program);
-        cmd.arg("__sandbox-init").env_clear().kill_on_drop(true);
+        // The program is executed through a descriptor opened now: a sandbox that runs as
+        // another user may not be able to reach its path (under /root, say).
+        let program = std::fs::File::open(&cfg.program).map_err(|e| {
+            SandboxError::Setup(format!("cannot open {}: {e}", cfg.program.display()))
+        })?;
+        let program = high_copy(&OwnedFd::from(program))?;
+        let mut cmd =
+            tokio::process::Command::new(format!("/proc/self/fd/{}", program.as_raw_fd()));
+        cmd.arg0("umbra")
+            .arg("__sandbox-init")
+            .env_clear()
+            .kill_on_drop(true);
         if cfg.capture_stdout {
             cmd.stdout(std::process::Stdio::piped());
         }
+        // SAFETY: getpid cannot fail.
+        let launcher = unsafe { libc::getpid() };
         // SAFETY: the closure makes only async-signal-safe system calls on memory prepared
         // before the fork.
         unsafe {
@@ -359,12 +404,31 @@ impl Prepared {
                         return Err(io::Error::last_os_error());
                     }
                 }
+                // Started by root: the whole sandbox runs as an unprivileged user, with no
+                // supplementary groups.
+                if let Some(ids) = ids {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setresgid(ids.gid, ids.gid, ids.gid) != 0
+                        || libc::setresuid(ids.uid, ids.uid, ids.uid) != 0
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
                 // If `umbra run` dies, the sandbox dies with it: no agent outlives its launcher.
+                // (Set after the change of user, which clears it.)
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                // Both sources are numbered 10 or above (high_copy): neither dup2 clobbers
-                // the other, and dup2 clears close-on-exec on the copies.
+                if libc::getppid() != launcher {
+                    return Err(io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                // Every source is numbered 64 or above (high_copy): no dup2 clobbers another,
+                // and dup2 clears close-on-exec on the copies.
                 if libc::dup2(their_fd, SPEC_FD) < 0 || libc::dup2(net_fd, NET_FD) < 0 {
                     return Err(io::Error::last_os_error());
+                }
+                for (i, fd) in detached_fds.iter().enumerate() {
+                    if libc::dup2(*fd, FIRST_SOURCE_FD + i as i32) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
@@ -374,6 +438,8 @@ impl Prepared {
         })?;
         drop(theirs);
         drop(net_theirs);
+        drop(detached);
+        drop(program);
         if child.id().is_none() {
             return Err(SandboxError::Setup("the sandbox exited at once".into()));
         }
@@ -445,6 +511,55 @@ impl Prepared {
             _state: state,
         })
     }
+}
+
+/// Where the workspace, the read-only paths and the extra files come from. Started by root,
+/// the launcher prepares each as a detached mount (the workspace idmapped so that root's files
+/// are the agent's and the agent's are root's); otherwise the sandbox binds the host paths.
+/// Returns the sources and the descriptors to pass, in the order of their numbers.
+fn sources(
+    workspace: &Path,
+    ro: &[PathBuf],
+    extra: &[(PathBuf, PathBuf)],
+    ids: Option<AgentIds>,
+) -> Result<(Vec<Source>, Vec<OwnedFd>), SandboxError> {
+    let shown: Vec<(PathBuf, PathBuf, bool)> = std::iter::once((
+        workspace.to_path_buf(),
+        workspace.to_path_buf(),
+        false,
+    ))
+    .chain(ro.iter().map(|p| (p.clone(), p.clone(), true)))
+    .chain(extra.iter().map(|(src, at)| (src.clone(), at.clone(), true)))
+    .collect();
+    let Some(ids) = ids else {
+        let sources = shown
+            .into_iter()
+            .map(|(src, at, read_only)| Source {
+                at,
+                from: From::Path(src),
+                read_only,
+            })
+            .collect();
+        return Ok((sources, Vec::new()));
+    };
+    let userns = idmap::userns_mapping_root_to(ids)
+        .map_err(|e| SandboxError::Setup(format!("mapping the workspace: {e}")))?;
+    let mut sources = Vec::new();
+    let mut fds = Vec::new();
+    for (i, (src, at, read_only)) in shown.into_iter().enumerate() {
+        let attrs = idmap::Attrs {
+            read_only,
+            idmap: (i == 0).then(|| userns.as_raw_fd()),
+        };
+        let fd = idmap::detach(&src, attrs).map_err(|e| SandboxError::Setup(e.to_string()))?;
+        fds.push(high_copy(&fd)?);
+        sources.push(Source {
+            at,
+            from: From::Fd(FIRST_SOURCE_FD + i as i32),
+            read_only,
+        });
+    }
+    Ok((sources, fds))
 }
 
 /// Reads the sandbox's answer: `want` to go on, `E` and a message for a failure.
@@ -564,11 +679,11 @@ impl NetNs {
     }
 }
 
-/// A copy of `fd` numbered 10 or above, so that moving it to 3 or 4 in the child cannot clobber
-/// another one.
+/// A copy of `fd` numbered 64 or above, so that moving it to 3, 4 or a source's number (below
+/// 64) in the child cannot clobber another one.
 fn high_copy(fd: &OwnedFd) -> io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC on a descriptor we own returns a new one or -1.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 10) };
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 64) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -588,6 +703,10 @@ mod tests {
         assert!(private_to_us(&dir));
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(!private_to_us(&dir), "readable by others");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o733)).unwrap();
+        assert!(!private_to_us(&dir), "writable by others");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o711)).unwrap();
+        assert!(private_to_us(&dir), "traversable only");
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let link = t.path().join("link");
         std::os::unix::fs::symlink(&dir, &link).unwrap();
@@ -618,18 +737,27 @@ mod tests {
 
     #[test]
     fn requests_that_would_expose_secrets_are_refused() {
+        let host = HostFacts::gather(state_bases());
         let dir = tempfile::tempdir().unwrap();
-        assert!(validate(&cfg(dir.path())).is_ok());
-        for bad in ["/", "/root", "/usr/lib", "/nonexistent-umbra-ws"] {
-            let e = validate(&cfg(Path::new(bad))).unwrap_err();
+        assert!(validate(&cfg(dir.path()), &host).is_ok());
+        for bad in ["/", "/root", "/usr/lib", "/tmp", "/nonexistent-umbra-ws"] {
+            let e = validate(&cfg(Path::new(bad)), &host).unwrap_err();
             assert!(matches!(e, SandboxError::Invalid(_)), "{bad}: {e}");
         }
         let mut c = cfg(dir.path());
         c.argv.clear();
-        assert!(validate(&c).is_err());
+        assert!(validate(&c, &host).is_err());
         let mut c = cfg(dir.path());
         c.ro = vec!["/".into()];
-        assert!(validate(&c).is_err());
+        assert!(validate(&c, &host).is_err());
+        // Key material in the workspace, and a hidden path that does not exist.
+        let mut c = cfg(dir.path());
+        c.hide = vec![dir.path().join("gone")];
+        let e = validate(&c, &host).unwrap_err().to_string();
+        assert!(e.contains("gone"), "{e}");
+        std::fs::write(dir.path().join("agent-1.json"), "-----BEGIN PRIVATE KEY-----").unwrap();
+        let e = validate(&cfg(dir.path()), &host).unwrap_err().to_string();
+        assert!(e.contains("agent-1.json") && e.contains("identity file"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,8 @@
 //! itself (capabilities, `no_new_privs`, Landlock, seccomp) and executes the command.
 
 pub mod cgroup;
+pub mod exposure;
+pub mod idmap;
 pub mod dns;
 pub mod events;
 pub mod fdpass;
@@ -26,6 +28,10 @@ pub mod spec;
 
 pub use cgroup::{Cgroup, Limits};
 pub use launch::{hosts_file, NetNs, Prepared, Running, SandboxConfig, SandboxError};
+
+/// The file that marks a controller's directory (`umbra_controller::files::DB`; the binary
+/// checks the two agree). A shown path that holds one is refused.
+pub const CONTROLLER_DB: &str = "umbra.db";
 
 /// Exit codes of `umbra run` that are its own rather than the agent's. An agent that exits by
 /// itself passes its code through; one killed by a signal gives 128 + the signal, as a shell does.

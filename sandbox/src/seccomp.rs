@@ -52,6 +52,11 @@ const MFD_EXEC: u32 = 0x0010;
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541C;
 const SOCK_TYPE_MASK: u32 = 0xf;
+/// `S_ISUID | S_ISGID`: a file the agent makes or changes never gets them. (Started by root,
+/// the agent's files in the workspace belong to root on the host, through the idmapped mount.)
+const SET_ID_BITS: u32 = 0o6000;
+/// `fchmodat2` (Linux 6.6), which the libc crate may not name on every target.
+const SYS_FCHMODAT2: libc::c_long = 452;
 const SOCK_PACKET: u32 = 10;
 
 fn stmt(code: u16, k: u32) -> libc::sock_filter {
@@ -132,6 +137,27 @@ fn denied() -> Vec<libc::c_long> {
     v
 }
 
+/// Calls that take a file mode, and which argument holds it.
+fn mode_args() -> Vec<(libc::c_long, u32)> {
+    let mut v = vec![
+        (libc::SYS_fchmod, 1),
+        (libc::SYS_fchmodat, 2),
+        (SYS_FCHMODAT2, 2),
+        (libc::SYS_openat, 3),
+        (libc::SYS_mknodat, 2),
+        (libc::SYS_mkdirat, 2),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([
+        (libc::SYS_chmod, 1),
+        (libc::SYS_open, 2),
+        (libc::SYS_creat, 1),
+        (libc::SYS_mknod, 1),
+        (libc::SYS_mkdir, 1),
+    ]);
+    v
+}
+
 impl Filter {
     /// The agent filter for the architecture this binary was built for. `deny_memfd` refuses
     /// memfd_create entirely, for kernels that cannot make memory files non-executable.
@@ -177,6 +203,20 @@ impl Filter {
         p.push(jump(JSET_K, MFD_EXEC, 0, 1));
         p.push(eperm);
         p.push(reload);
+
+        // openat2 passes its mode in memory the filter cannot read: report it missing so that
+        // the C library falls back to openat, whose mode is checked below.
+        p.push(jump(JEQ_K, nr(libc::SYS_openat2), 0, 1));
+        p.push(stmt(RET_K, RET_ERRNO | libc::ENOSYS as u32));
+
+        // No set-user-ID or set-group-ID bit, by chmod or at creation: (call, mode argument).
+        for (call, arg) in mode_args() {
+            p.push(jump(JEQ_K, nr(call), 0, 4));
+            p.push(stmt(LD_W_ABS, off_arg(arg)));
+            p.push(jump(JSET_K, SET_ID_BITS, 0, 1));
+            p.push(eperm);
+            p.push(reload);
+        }
 
         // ioctl(fd, request): no typing into the controlling terminal.
         p.push(jump(JEQ_K, nr(libc::SYS_ioctl), 0, 5));
@@ -335,6 +375,31 @@ mod tests {
         );
         assert_eq!(call(libc::SYS_memfd_create, [0, 1, 0, 0, 0, 0]), RET_ALLOW);
         assert_eq!(call(libc::SYS_ioctl, [1, 0x5401, 0, 0, 0, 0]), RET_ALLOW);
+    }
+
+    #[test]
+    fn set_id_bits_are_refused_and_ordinary_modes_pass() {
+        for (n, arg) in mode_args() {
+            let with = |mode: u32| {
+                let mut a = [3u32, 0, 0, 0, 0, 0];
+                a[arg as usize] = mode;
+                call(n, a)
+            };
+            assert_eq!(with(0o755), RET_ALLOW, "{n} 0755");
+            assert_eq!(with(0o1777), RET_ALLOW, "{n} sticky");
+            assert_eq!(with(0o4755), EPERM, "{n} setuid");
+            assert_eq!(with(0o2755), EPERM, "{n} setgid");
+            assert_eq!(with(0o104755), EPERM, "{n} S_IFREG|setuid");
+        }
+        assert_eq!(
+            call(libc::SYS_openat2, [0; 6]),
+            RET_ERRNO | libc::ENOSYS as u32
+        );
+        // A plain openat with no mode passes (glibc passes 0 without O_CREAT).
+        assert_eq!(
+            call(libc::SYS_openat, [3, 0, libc::O_RDONLY as u32, 0, 0, 0]),
+            RET_ALLOW
+        );
     }
 
     #[test]

@@ -24,13 +24,12 @@ pub struct Spec {
     pub root: PathBuf,
     /// The workspace: read-write, at the same path inside, and the working directory.
     pub workspace: PathBuf,
-    /// Extra read-only paths, at the same path inside.
-    pub ro: Vec<PathBuf>,
     /// Paths that must never be visible: covered with an empty file or directory if a mount
     /// above would show them.
     pub hide: Vec<PathBuf>,
-    /// Host files shown read-only inside at another path: (host path, inside path).
-    pub extra: Vec<(PathBuf, PathBuf)>,
+    /// Where the workspace, `--ro` paths and extra files come from: host paths the sandbox binds
+    /// itself, or mounts the launcher prepared (see [`crate::idmap`]), in that order.
+    pub sources: Vec<Source>,
     /// The host file shown as `/etc/hosts` (rewritten in place as grants change).
     pub hosts_file: PathBuf,
     /// `/etc/resolv.conf` inside.
@@ -45,6 +44,26 @@ pub struct Spec {
     pub rlimit_memory: Option<u64>,
     /// Process limit enforced by `RLIMIT_NPROC` because no cgroup controller can.
     pub rlimit_pids: Option<u64>,
+}
+
+/// One host path shown inside.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Source {
+    /// Where it appears inside.
+    pub at: PathBuf,
+    /// Where it comes from.
+    pub from: From,
+    /// Shown read-only.
+    pub read_only: bool,
+}
+
+/// Where a shown path comes from.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub enum From {
+    /// A host path, bound by the sandbox itself (`nosuid`, `nodev`).
+    Path(PathBuf),
+    /// A detached mount the launcher made, passed on this descriptor.
+    Fd(i32),
 }
 
 /// Writes one length-prefixed frame.
@@ -85,9 +104,12 @@ mod tests {
             id: "t".into(),
             root: "/r".into(),
             workspace: "/w".into(),
-            ro: vec![],
             hide: vec!["/root".into()],
-            extra: vec![],
+            sources: vec![Source {
+                at: "/w".into(),
+                from: From::Fd(5),
+                read_only: false,
+            }],
             hosts_file: "/h".into(),
             resolv_conf: "nameserver 127.0.0.53\n".into(),
             argv: vec!["true".into()],
@@ -100,6 +122,7 @@ mod tests {
         write_frame(&mut buf, &spec).unwrap();
         let back = read_frame(&mut buf.as_slice()).unwrap();
         assert_eq!(back.argv, spec.argv);
+        assert_eq!(back.sources, spec.sources);
         assert!(read_frame(&mut [0xff, 0xff, 0xff, 0xff].as_slice()).is_err());
         assert!(read_frame(&mut [0, 0, 0, 2, b'{', b'x'].as_slice()).is_err());
         assert!(read_frame(&mut [0, 0].as_slice()).is_err());

@@ -1,0 +1,473 @@
+//! What a sandbox may show: the rules that keep a workspace or a `--ro` path from exposing a
+//! shared or system location, or another principal's secrets.
+//!
+//! Two checks, both before anything is built. [`refuse_location`] is a pure function of the
+//! path and a few facts about the host ([`HostFacts`]), so every rule is unit-tested on literal
+//! paths. [`find_secret`] walks the directory (bounded in entries and depth, never following
+//! links) for Umbra's own key material and private keys: identity and admin files, enrollment
+//! tokens, controller directories, `*.key` files, PEM and OpenSSH private keys. A path that holds
+//! any of them is refused, the agent's own identity file included: a renewal replaces that file
+//! by rename, and no cover mounted over the old file can cover the new one.
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+/// Which kind of shown path is being checked; the rules differ a little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shown {
+    /// The workspace: read-write.
+    Workspace,
+    /// A `--ro` path: read-only.
+    ReadOnly,
+}
+
+impl Shown {
+    fn what(self) -> &'static str {
+        match self {
+            Shown::Workspace => "workspace",
+            Shown::ReadOnly => "read-only path",
+        }
+    }
+}
+
+/// Facts about the host that the location rules depend on, gathered once by
+/// [`HostFacts::gather`] (or written out in tests).
+#[derive(Debug, Clone, Default)]
+pub struct HostFacts {
+    /// Every user's home directory (from the password database), the invoking user's `$HOME`
+    /// and `/root`.
+    pub homes: Vec<PathBuf>,
+    /// Directories that hold Umbra's own state (the sandboxes' state bases).
+    pub umbra_state: Vec<PathBuf>,
+}
+
+impl HostFacts {
+    /// Reads the password database and `$HOME`.
+    pub fn gather(umbra_state: Vec<PathBuf>) -> HostFacts {
+        let mut homes: Vec<PathBuf> = fs::read_to_string("/etc/passwd")
+            .map(|s| homes_in_passwd(&s))
+            .unwrap_or_default();
+        homes.push(PathBuf::from("/root"));
+        if let Some(h) = std::env::var_os("HOME") {
+            homes.push(PathBuf::from(h));
+        }
+        // Compare canonical spellings: a home reached through a link is the same place.
+        let homes = homes
+            .into_iter()
+            .map(|h| fs::canonicalize(&h).unwrap_or(h))
+            .collect();
+        HostFacts {
+            homes,
+            umbra_state,
+        }
+    }
+}
+
+/// The home directories named in a password file's text.
+pub fn homes_in_passwd(text: &str) -> Vec<PathBuf> {
+    text.lines()
+        .filter_map(|l| l.split(':').nth(5))
+        .filter(|h| h.starts_with('/'))
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Locations shared by every user or holding the system's own state: a workspace may not be
+/// one of them or hold one. (Homes and Umbra's state come from [`HostFacts`].)
+const SHARED: &[&str] = &[
+    "/tmp",
+    "/var/tmp",
+    "/dev/shm",
+    "/run",
+    "/var/run",
+    "/var/lock",
+    "/var/lib",
+    "/var/log",
+    "/var/cache",
+    "/var/spool",
+    "/var/mail",
+    "/var/backups",
+    "/home",
+    "/root",
+];
+
+/// System trees: a workspace inside one is refused (it would be written by the agent).
+const SYSTEM_FOR_WORKSPACE: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev",
+    "/sys", "/boot", "/run", "/var/run", "/var/lock", "/snap",
+];
+
+/// Trees that hold the host's secrets or live state: nothing inside them is shown, even
+/// read-only (`/etc/ssl/private`, `/proc/kcore`, another sandbox's state in `/run`).
+const SYSTEM_FOR_READ_ONLY: &[&str] = &[
+    "/etc", "/proc", "/dev", "/sys", "/boot", "/run", "/var/run",
+];
+
+/// Refuses a shown path that is `/`, a top-level directory, inside a system tree, or that is
+/// (or holds) a shared location, a home directory or Umbra's state. `path` is canonical.
+/// `world_writable` is whether the directory is writable by every user (a shared place by
+/// definition). Returns the one-line reason.
+pub fn refuse_location(
+    path: &Path,
+    shown: Shown,
+    world_writable: bool,
+    host: &HostFacts,
+) -> Result<(), String> {
+    let what = shown.what();
+    if path == Path::new("/") {
+        return Err(format!("the {what} cannot be /"));
+    }
+    let system = match shown {
+        Shown::Workspace => SYSTEM_FOR_WORKSPACE,
+        Shown::ReadOnly => SYSTEM_FOR_READ_ONLY,
+    };
+    if let Some(sys) = system.iter().find(|s| path.starts_with(s)) {
+        return Err(format!(
+            "the {what} {} lies in the system path {sys}",
+            path.display()
+        ));
+    }
+    if path.components().count() == 2 {
+        return Err(format!(
+            "the {what} {} is a top-level directory, shared by the whole system; choose a directory of your own below it",
+            path.display()
+        ));
+    }
+    let holds = |place: &Path| place.starts_with(path);
+    if let Some(s) = SHARED.iter().map(Path::new).find(|s| holds(s)) {
+        return Err(format!(
+            "the {what} {} is or holds the shared location {}; choose a directory of your own below it",
+            path.display(),
+            s.display()
+        ));
+    }
+    if let Some(h) = host.homes.iter().find(|h| holds(h)) {
+        return Err(format!(
+            "the {what} {} would show the home directory {} inside the sandbox; choose a directory below it",
+            path.display(),
+            h.display()
+        ));
+    }
+    if let Some(s) = host.umbra_state.iter().find(|s| holds(s)) {
+        return Err(format!(
+            "the {what} {} holds Umbra's sandbox state {}",
+            path.display(),
+            s.display()
+        ));
+    }
+    if shown == Shown::Workspace && world_writable {
+        return Err(format!(
+            "the workspace {} is writable by every user (a shared place); choose a directory of your own",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the directory at `path` is writable by every user.
+pub fn world_writable(path: &Path) -> bool {
+    fs::metadata(path).is_ok_and(|m| m.mode() & 0o002 != 0)
+}
+
+/// At most this many directory entries are looked at for secrets in one shown path.
+pub const SCAN_ENTRIES: usize = 20_000;
+/// How deep below a shown path the scan goes.
+pub const SCAN_DEPTH: usize = 8;
+/// How much of a candidate file is read to recognise a key or a token.
+const SCAN_READ: u64 = 64 * 1024;
+/// Directories the scan does not enter: large, generated, and never where Umbra writes.
+const SCAN_SKIP: &[&str] = &[".git", "node_modules", "target", "__pycache__", ".venv"];
+
+/// A secret found under a shown path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Secret {
+    /// Where it is.
+    pub path: PathBuf,
+    /// What it is, for the message.
+    pub kind: &'static str,
+}
+
+/// The result of a scan.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scan {
+    /// Nothing was found in the whole tree.
+    Clean,
+    /// Nothing was found, but the tree was larger than the scan's bounds.
+    Partial {
+        /// Entries looked at.
+        entries: usize,
+    },
+    /// A secret.
+    Found(Secret),
+}
+
+/// Walks `root` (not following links) for key material. Bounded by [`SCAN_ENTRIES`] and
+/// [`SCAN_DEPTH`]; reads at most 64 KiB of files whose names mark them as candidates.
+///
+/// Directories in `covered` are not entered: the sandbox shows an empty directory in their
+/// place, whatever is later written or renamed inside them on the host. A covered *file* is no
+/// such guarantee (a host-side rename over it, such as an identity's renewal, replaces what the
+/// cover covers), so key material in one is still found.
+pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
+    let mut entries = 0usize;
+    let mut stack: Vec<(PathBuf, usize)> = vec![(root.to_path_buf(), 0)];
+    let mut truncated = false;
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(list) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in list.flatten() {
+            entries += 1;
+            if entries > SCAN_ENTRIES {
+                return Scan::Partial {
+                    entries: SCAN_ENTRIES,
+                };
+            }
+            let Ok(ft) = entry.file_type() else {
+                continue;
+            };
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let path = entry.path();
+            if ft.is_dir() {
+                if covered.contains(&path) {
+                    continue;
+                }
+                if path.join(crate::CONTROLLER_DB).exists() {
+                    return Scan::Found(Secret {
+                        path,
+                        kind: "a controller's directory (its CA keys and database)",
+                    });
+                }
+                if SCAN_SKIP.contains(&name.as_ref()) {
+                    continue;
+                }
+                if depth + 1 < SCAN_DEPTH {
+                    stack.push((path, depth + 1));
+                } else {
+                    truncated = true;
+                }
+                continue;
+            }
+            if !ft.is_file() {
+                continue;
+            }
+            if name == crate::CONTROLLER_DB {
+                return Scan::Found(Secret {
+                    path: dir.clone(),
+                    kind: "a controller's directory (its CA keys and database)",
+                });
+            }
+            if let Some(kind) = classify(&name, &path) {
+                return Scan::Found(Secret { path, kind });
+            }
+        }
+    }
+    if truncated {
+        Scan::Partial { entries }
+    } else {
+        Scan::Clean
+    }
+}
+
+/// What a file is, judged by its name and, for candidate names, its first bytes.
+fn classify(name: &str, path: &Path) -> Option<&'static str> {
+    let lower = name.to_ascii_lowercase();
+    let ext = lower.rsplit_once('.').map(|(_, e)| e);
+    if ext == Some("key") {
+        return Some("a key file");
+    }
+    let ssh = ["id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk"]
+        .contains(&lower.as_str());
+    let candidate = ssh
+        || matches!(
+            ext,
+            Some("json" | "pem" | "jwt" | "token" | "p8" | "der" | "crt" | "txt")
+        );
+    if !candidate {
+        return None;
+    }
+    let mut head = Vec::new();
+    fs::File::open(path)
+        .ok()?
+        .take(SCAN_READ)
+        .read_to_end(&mut head)
+        .ok()?;
+    let text = String::from_utf8_lossy(&head);
+    if text.contains("PRIVATE KEY-----") {
+        return Some(if ext == Some("json") {
+            "an identity file (its private key)"
+        } else {
+            "a private key"
+        });
+    }
+    if matches!(ext, Some("jwt" | "token")) && looks_like_jwt(text.trim()) {
+        return Some("an enrollment token");
+    }
+    None
+}
+
+/// A compact JWS: three base64url parts, the first of them a JSON header.
+fn looks_like_jwt(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() == 3
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        && parts[0].starts_with("eyJ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host() -> HostFacts {
+        HostFacts {
+            homes: vec![
+                "/root".into(),
+                "/home/alice".into(),
+                "/var/lib/postgresql".into(),
+                "/nonexistent".into(),
+            ],
+            umbra_state: vec!["/run/umbra/sandboxes".into(), "/tmp/umbra-sandboxes-0".into()],
+        }
+    }
+
+    fn ws(p: &str) -> Result<(), String> {
+        refuse_location(Path::new(p), Shown::Workspace, false, &host())
+    }
+
+    fn ro(p: &str) -> Result<(), String> {
+        refuse_location(Path::new(p), Shown::ReadOnly, false, &host())
+    }
+
+    #[test]
+    fn shared_and_system_locations_are_refused_as_workspaces() {
+        for p in [
+            "/", "/tmp", "/run", "/var", "/opt", "/srv", "/mnt", "/boot", "/home", "/work",
+            "/media", "/var/tmp", "/var/lib", "/var/log", "/dev/shm", "/run/user/1000",
+            "/usr/lib", "/etc/ssl", "/proc/self", "/home/alice", "/var/lib/postgresql",
+            "/root", "/run/umbra", "/sys/fs",
+        ] {
+            assert!(ws(p).is_err(), "{p} was accepted");
+        }
+        let e = ws("/tmp").unwrap_err();
+        assert!(e.contains("/tmp") && e.contains("top-level"), "{e}");
+        let e = ws("/var/lib").unwrap_err();
+        assert!(e.contains("shared location /var/lib"), "{e}");
+        let e = ws("/home/alice").unwrap_err();
+        assert!(e.contains("home directory /home/alice"), "{e}");
+    }
+
+    #[test]
+    fn directories_of_ones_own_are_accepted() {
+        for p in [
+            "/home/alice/project",
+            "/tmp/umbra-ws-1234",
+            "/work/main/agent",
+            "/srv/agents/a1",
+            "/var/lib/postgresql/scratch",
+            "/opt/agents/run-7",
+            "/root/project",
+        ] {
+            assert_eq!(ws(p), Ok(()), "{p}");
+        }
+        // A world-writable directory is shared, wherever it is.
+        let e = refuse_location(
+            Path::new("/srv/agents/drop"),
+            Shown::Workspace,
+            true,
+            &host(),
+        )
+        .unwrap_err();
+        assert!(e.contains("writable by every user"), "{e}");
+    }
+
+    #[test]
+    fn read_only_paths_may_lie_in_system_trees_but_not_in_secret_ones() {
+        assert_eq!(ro("/usr/share/doc"), Ok(()));
+        assert_eq!(ro("/opt/toolchain"), Ok(()));
+        for p in ["/etc/ssl", "/etc", "/proc/kcore", "/run/umbra/x", "/tmp", "/home", "/"] {
+            assert!(ro(p).is_err(), "{p} was accepted read-only");
+        }
+    }
+
+    #[test]
+    fn homes_come_from_the_password_file() {
+        let homes = homes_in_passwd(
+            "root:x:0:0:root:/root:/bin/bash\nbad line\npg:x:105:110::/var/lib/postgresql:/bin/sh\nx:x:1:1::relative:/bin/sh\n",
+        );
+        assert_eq!(
+            homes,
+            vec![PathBuf::from("/root"), PathBuf::from("/var/lib/postgresql")]
+        );
+    }
+
+    #[test]
+    fn key_material_is_found_and_ordinary_files_are_not() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path();
+        fs::write(root.join("README.md"), "hello").unwrap();
+        fs::write(root.join("data.json"), r#"{"a": 1}"#).unwrap();
+        fs::write(root.join("cert.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        fs::create_dir_all(root.join("node_modules/x")).unwrap();
+        fs::write(root.join("node_modules/x/k.json"), "PRIVATE KEY-----").unwrap();
+        assert_eq!(find_secret(root, &[]), Scan::Clean);
+
+        let cases: &[(&str, &str, &str)] = &[
+            ("agent-1.json", r#"{"key_pem":"-----BEGIN PRIVATE KEY-----\n"}"#, "identity file"),
+            ("sub/dir/anthropic.key", "sk-ant-123", "key file"),
+            ("agent-2.jwt", "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln\n", "enrollment token"),
+            (".ssh/id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n", "private key"),
+            ("ctl/umbra.db", "", "controller"),
+        ];
+        for (rel, body, kind) in cases {
+            let t = tempfile::tempdir().unwrap();
+            let p = t.path().join(rel);
+            fs::create_dir_all(p.parent().unwrap()).unwrap();
+            fs::write(&p, body).unwrap();
+            match find_secret(t.path(), &[]) {
+                Scan::Found(s) => assert!(s.kind.contains(kind), "{rel}: {s:?}"),
+                other => panic!("{rel}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn covered_directories_are_not_entered_but_covered_files_are_read() {
+        let t = tempfile::tempdir().unwrap();
+        let ctl = t.path().join(".umbra");
+        fs::create_dir(&ctl).unwrap();
+        fs::write(ctl.join("umbra.db"), "").unwrap();
+        fs::write(ctl.join("ca.key"), "k").unwrap();
+        assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
+        assert_eq!(find_secret(t.path(), &[ctl.clone()]), Scan::Clean);
+        let id = t.path().join("agent-1.json");
+        fs::write(&id, "-----BEGIN PRIVATE KEY-----").unwrap();
+        assert!(matches!(
+            find_secret(t.path(), &[ctl, id]),
+            Scan::Found(Secret { kind: "an identity file (its private key)", .. })
+        ));
+    }
+
+    #[test]
+    fn the_scan_is_bounded() {
+        let t = tempfile::tempdir().unwrap();
+        let mut deep = t.path().to_path_buf();
+        for i in 0..SCAN_DEPTH + 2 {
+            deep = deep.join(format!("d{i}"));
+        }
+        fs::create_dir_all(&deep).unwrap();
+        // A key below the depth bound is not seen, and the result says the scan was partial.
+        fs::write(deep.join("x.key"), "k").unwrap();
+        assert!(matches!(find_secret(t.path(), &[]), Scan::Partial { .. }));
+        // Links are not followed.
+        let t2 = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(t.path(), t2.path().join("link")).unwrap();
+        assert_eq!(find_secret(t2.path(), &[]), Scan::Clean);
+    }
+}

@@ -1,0 +1,219 @@
+//! When root starts a sandbox, the agent must still hold no more than an unprivileged user's
+//! power over host files. The sandbox then runs as an unprivileged host user (the first of
+//! root's subordinate ids in `/etc/subuid` and `/etc/subgid`, or `nobody`), and what it shows
+//! of the host is prepared here, by the launcher, while it is still root:
+//!
+//! - the workspace as an **idmapped** mount (Linux 5.12+; ext4, xfs, btrfs, tmpfs…): files the
+//!   invoking user (root) owns appear owned by the agent, and what the agent writes is stored as
+//!   the invoking user's, so the workspace stays root's own without the agent being root;
+//! - the workspace, `--ro` paths and extra files as detached mounts (`open_tree`), which the
+//!   sandbox attaches inside without needing to reach their host paths itself;
+//! - `nosuid` and `nodev` on all of them, read-only where asked.
+//!
+//! Nothing here runs without privilege; [`AgentIds::for_launcher`] says whether it is needed.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+
+/// The host user and group the sandbox runs as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AgentIds {
+    /// Host uid.
+    pub uid: u32,
+    /// Host gid.
+    pub gid: u32,
+}
+
+/// `nobody` and `nogroup`: the fallback when root has no subordinate ids.
+const NOBODY: u32 = 65534;
+
+impl AgentIds {
+    /// The ids to run as when the launcher's uid is `launcher_uid`: `None` for an unprivileged
+    /// launcher (the sandbox runs as that user, who holds nothing more).
+    pub fn for_launcher(launcher_uid: u32) -> Option<AgentIds> {
+        if launcher_uid != 0 {
+            return None;
+        }
+        let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+        Some(AgentIds {
+            uid: subordinate(&read("/etc/subuid"), "root", 0).unwrap_or(NOBODY),
+            gid: subordinate(&read("/etc/subgid"), "root", 0).unwrap_or(NOBODY),
+        })
+    }
+}
+
+/// The first id of `user`'s (or `id`'s) subordinate range in a `/etc/subuid`-style text, if it
+/// is not 0 (a range that starts at root would give root back).
+pub fn subordinate(text: &str, user: &str, id: u32) -> Option<u32> {
+    let id = id.to_string();
+    text.lines().find_map(|l| {
+        let mut f = l.trim().split(':');
+        let (who, start, count) = (f.next()?, f.next()?, f.next()?);
+        let start: u32 = start.parse().ok()?;
+        let count: u32 = count.parse().ok()?;
+        ((who == user || who == id) && count > 0 && start > 0).then_some(start)
+    })
+}
+
+fn last_err(what: &str) -> io::Error {
+    let e = io::Error::last_os_error();
+    io::Error::new(e.kind(), format!("{what}: {e}"))
+}
+
+/// A user namespace whose uid and gid maps send 0 to `ids`: the mapping an idmapped mount
+/// needs to show the invoking user's (root's) files as the agent's.
+///
+/// A short-lived child makes the namespace and waits; we write its maps (we are root) and
+/// keep a descriptor of it. The child only makes system calls, so forking this
+/// multi-threaded process is safe.
+pub fn userns_mapping_root_to(ids: AgentIds) -> io::Result<OwnedFd> {
+    let mut ready = [0 as libc::c_int; 2];
+    let mut done = [0 as libc::c_int; 2];
+    // SAFETY: two-element out-arrays for pipe2.
+    unsafe {
+        if libc::pipe2(ready.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            return Err(last_err("pipe"));
+        }
+        if libc::pipe2(done.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
+            libc::close(ready[0]);
+            libc::close(ready[1]);
+            return Err(last_err("pipe"));
+        }
+    }
+    // SAFETY: fresh descriptors we own from here on.
+    let (ready_r, ready_w, done_r, done_w) = unsafe {
+        (
+            OwnedFd::from_raw_fd(ready[0]),
+            OwnedFd::from_raw_fd(ready[1]),
+            OwnedFd::from_raw_fd(done[0]),
+            OwnedFd::from_raw_fd(done[1]),
+        )
+    };
+    // SAFETY: the child makes only async-signal-safe system calls and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(last_err("fork"));
+    }
+    if pid == 0 {
+        // SAFETY: plain system calls on descriptors inherited from the parent.
+        unsafe {
+            // Our copy of the write end would keep the read below from ever seeing EOF.
+            libc::close(done_w.as_raw_fd());
+            libc::close(ready_r.as_raw_fd());
+            let ok: u8 = u8::from(libc::unshare(libc::CLONE_NEWUSER) == 0);
+            libc::write(ready_w.as_raw_fd(), (&ok as *const u8).cast(), 1);
+            let mut b = 0u8;
+            libc::read(done_r.as_raw_fd(), (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+    }
+    drop(ready_w);
+    drop(done_r);
+    let result = (|| {
+        let mut ok = [0u8; 1];
+        // SAFETY: reading one byte into a valid buffer.
+        let n = unsafe { libc::read(ready_r.as_raw_fd(), ok.as_mut_ptr().cast(), 1) };
+        if n != 1 || ok[0] != 1 {
+            return Err(io::Error::other("cannot create a user namespace for the idmapped workspace"));
+        }
+        std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {} 1\n", ids.uid))?;
+        std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {} 1\n", ids.gid))?;
+        let f = std::fs::File::open(format!("/proc/{pid}/ns/user"))?;
+        Ok(OwnedFd::from(f))
+    })();
+    drop(done_w);
+    let mut status = 0;
+    // SAFETY: reaping our own child; status is a valid out-pointer.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    result
+}
+
+/// What a detached mount made by [`detach`] looks like.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Attrs {
+    /// Read-only.
+    pub read_only: bool,
+    /// Show files through this user namespace's mapping (see [`userns_mapping_root_to`]).
+    pub idmap: Option<std::os::fd::RawFd>,
+}
+
+/// A detached copy of the mount at `path` (this directory or file only, not what is mounted
+/// below it), `nosuid` and `nodev`, with `attrs`. The sandbox attaches it with `move_mount`.
+pub fn detach(path: &Path, attrs: Attrs) -> io::Result<OwnedFd> {
+    let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
+        .map_err(|_| io::Error::other("a path holds a NUL byte"))?;
+    // SAFETY: a valid C string; flags only.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(last_err(&format!("open_tree {}", path.display())));
+    }
+    // SAFETY: a fresh descriptor we own.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
+    if attrs.read_only {
+        set |= libc::MOUNT_ATTR_RDONLY;
+    }
+    // SAFETY: mount_attr is plain data; zeroed is valid.
+    let mut attr: libc::mount_attr = unsafe { std::mem::zeroed() };
+    if let Some(ns) = attrs.idmap {
+        set |= libc::MOUNT_ATTR_IDMAP;
+        attr.userns_fd = ns as u64;
+    }
+    attr.attr_set = set;
+    let empty = c"";
+    // SAFETY: valid descriptor, empty path with AT_EMPTY_PATH, and a mount_attr of its size.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        let hint = if attrs.idmap.is_some() && e.raw_os_error() == Some(libc::EINVAL) {
+            " (its filesystem cannot map file owners; run `umbra run` as an unprivileged user, or use a workspace on ext4, xfs, btrfs or tmpfs)"
+        } else {
+            ""
+        };
+        return Err(io::Error::new(
+            e.kind(),
+            format!("preparing {}: {e}{hint}", path.display()),
+        ));
+    }
+    Ok(fd)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subordinate_ids_come_from_the_first_matching_range() {
+        let text = "alice:100000:65536\nroot:200000:65536\n0:300000:10\n";
+        assert_eq!(subordinate(text, "root", 0), Some(200_000));
+        assert_eq!(subordinate("0:300000:10\n", "root", 0), Some(300_000));
+        assert_eq!(subordinate("root:0:65536\n", "root", 0), None, "starts at root");
+        assert_eq!(subordinate("root:x:1\nroot:5:0\n", "root", 0), None);
+        assert_eq!(subordinate("", "root", 0), None);
+    }
+
+    #[test]
+    fn only_root_is_mapped_elsewhere() {
+        assert_eq!(AgentIds::for_launcher(1000), None);
+        let ids = AgentIds::for_launcher(0).unwrap();
+        assert_ne!(ids.uid, 0);
+        assert_ne!(ids.gid, 0);
+    }
+}
