@@ -94,8 +94,6 @@ async fn identity(
 
 fn sandbox_config(
     args: &SandboxArgs,
-    admin: &Option<PathBuf>,
-    identity_path: Option<&Path>,
     argv: Vec<String>,
     extra_env: &[String],
 ) -> anyhow::Result<SandboxConfig> {
@@ -104,21 +102,10 @@ fn sandbox_config(
         None => std::env::current_dir().context("the current directory")?,
     };
     let id = format!("umbra-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let mut hide: Vec<PathBuf> = args.hide.clone();
-    hide.extend(identity_path.map(Path::to_path_buf));
-    let admin_file = crate::admin::admin_path(admin);
-    // A controller's directory (its CA keys and database) is never shown: the admin file's,
-    // and the quickstart's default `.umbra` in the current directory or the workspace.
-    let mut candidates: Vec<PathBuf> = vec![PathBuf::from(".umbra"), workspace.join(".umbra")];
-    candidates.extend(admin_file.parent().map(Path::to_path_buf));
-    for dir in candidates {
-        if dir.join(umbra_controller::files::DB).exists() {
-            hide.push(dir);
-        }
-    }
-    if admin_file.exists() {
-        hide.push(admin_file);
-    }
+    // Nothing is hidden behind the user's back: a workspace that holds a controller's
+    // directory, an identity or a key is refused by the sandbox unless the user hides the
+    // directory that holds it.
+    let hide: Vec<PathBuf> = args.hide.clone();
     let limits = Limits {
         memory: Some(umbra_sandbox::cgroup::parse_size(&args.memory).map_err(anyhow::Error::msg)?),
         cpu_millis: args
@@ -186,7 +173,7 @@ pub async fn run(
     // ephemeral identity is deleted whatever way the task ends; dropping the run kills the
     // sandbox and removes its cgroup and state.
     let result = tokio::select! {
-        r = run_with(&file, path.as_deref(), admin, controller, &args) => r,
+        r = run_with(&file, path.as_deref(), controller, &args) => r,
         _ = sandboxed::interrupted() => Ok(130),
     };
     if let Some(e) = ephemeral {
@@ -198,11 +185,10 @@ pub async fn run(
 async fn run_with(
     file: &IdentityFile,
     path: Option<&Path>,
-    admin: &Option<PathBuf>,
     controller: Option<String>,
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
-    let cfg = sandbox_config(&args.sandbox, admin, path, args.command.clone(), &args.env)?;
+    let cfg = sandbox_config(&args.sandbox, args.command.clone(), &args.env)?;
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
     if let Some(p) = path {
         ctx.set_identity_path(p);
@@ -315,27 +301,48 @@ pub async fn verify(
     Ok(if escaped == 0 { 0 } else { 1 })
 }
 
-/// Counts what reaches a canary listener on the host's loopback.
-fn canary() -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
+/// Counts what reaches a canary listener on the host's loopback carrying `token` (the run's
+/// secret, which only the probe knows): an unrelated host process that happens to connect is
+/// not mistaken for an escape.
+fn canary(token: &str) -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
     let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
     tcp.set_nonblocking(true)?;
     let addr = tcp.local_addr()?;
     let hits = Arc::new(AtomicUsize::new(0));
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let h = hits.clone();
+    let want = token.as_bytes().to_vec();
+    // A handful of connections are read at once; more are dropped unread (the probe makes one
+    // at a time, so its own are never among them).
+    let readers = Arc::new(tokio::sync::Semaphore::new(16));
     tokio::spawn(async move {
-        while tcp.accept().await.is_ok() {
-            h.fetch_add(1, Ordering::SeqCst);
+        while let Ok((mut s, _)) = tcp.accept().await {
+            let Ok(permit) = readers.clone().try_acquire_owned() else {
+                continue;
+            };
+            let (h, want) = (h.clone(), want.clone());
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt as _;
+                let mut got = vec![0u8; want.len()];
+                let read = tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got));
+                if matches!(read.await, Ok(Ok(_))) && got == want {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
+                drop(permit);
+            });
         }
     });
     if let Ok(udp) = std::net::UdpSocket::bind(addr) {
         udp.set_nonblocking(true)?;
         let udp = tokio::net::UdpSocket::from_std(udp)?;
         let h = hits.clone();
+        let want = token.as_bytes().to_vec();
         tokio::spawn(async move {
-            let mut b = [0u8; 64];
-            while udp.recv_from(&mut b).await.is_ok() {
-                h.fetch_add(1, Ordering::SeqCst);
+            let mut b = [0u8; 512];
+            while let Ok((n, _)) = udp.recv_from(&mut b).await {
+                if b[..n] == want[..] {
+                    h.fetch_add(1, Ordering::SeqCst);
+                }
             }
         });
     }
@@ -362,7 +369,8 @@ async fn verify_with(
     if let Some(p) = path {
         ctx.set_identity_path(p);
     }
-    let (host_addr, hits) = canary()?;
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let (host_addr, hits) = canary(&run)?;
     let host_tmp = tempfile::Builder::new()
         .prefix("umbra-verify-")
         .tempdir_in(std::env::temp_dir())?;
@@ -378,13 +386,16 @@ async fn verify_with(
     if let Ok(a) = std::fs::canonicalize(&admin_file) {
         secrets.push(a);
     }
-    let base = sandbox_config(&args.sandbox, admin, path, Vec::new(), &[])?;
+    let mut base = sandbox_config(&args.sandbox, Vec::new(), &[])?;
     let workspace = std::fs::canonicalize(&base.workspace)
         .with_context(|| format!("workspace {}", base.workspace.display()))?;
+    // A hidden directory of the run's own, which the probe tries to read and to rename away.
+    let hidden = HideCanary::make(&workspace)?;
+    base.hide.push(hidden.dir.clone());
     let refused_name = "umbra-verify-refused.example".to_string();
     let probe = ProbeConfig {
         mode: "escape".into(),
-        run: uuid::Uuid::new_v4().simple().to_string(),
+        run,
         workspace,
         secrets,
         ro: args
@@ -400,6 +411,7 @@ async fn verify_with(
         refused_name: refused_name.clone(),
         granted,
         tunneler_pid: i32::try_from(std::process::id()).ok(),
+        hidden: Some(hidden.dir.clone()),
     };
     let dns_seen: Arc<Mutex<Vec<String>>> = Arc::default();
     let seen = dns_seen.clone();
@@ -432,6 +444,8 @@ async fn verify_with(
             true,
         )],
     };
+    attempts.extend(hidden.check());
+    attempts.push(setid_on_host(&probe.workspace));
     let n = hits.load(Ordering::SeqCst);
     attempts.push(held(
         "reach the host's loopback listener (seen from the host)",
@@ -486,6 +500,91 @@ async fn verify_with(
         attempts.extend(crate::verify_limits::limit_attempts(&ctx, &base, &probe, &events).await?);
     }
     Ok(attempts)
+}
+
+/// The `--hide` canary: `HIDDEN_DIR/secret` below the workspace, removed when dropped.
+struct HideCanary {
+    top: PathBuf,
+    dir: PathBuf,
+}
+
+impl HideCanary {
+    fn make(workspace: &Path) -> anyhow::Result<HideCanary> {
+        use umbra_sandbox::probe::privilege::{HIDDEN_DIR, HIDDEN_SECRET};
+        let dir = workspace.join(HIDDEN_DIR);
+        let top = workspace.join(
+            Path::new(HIDDEN_DIR)
+                .components()
+                .next()
+                .map(|c| c.as_os_str().to_owned())
+                .unwrap_or_default(),
+        );
+        let _ = std::fs::remove_dir_all(&top);
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("making {} in the workspace", dir.display()))?;
+        std::fs::write(dir.join(HIDDEN_SECRET), b"umbra verify: hidden canary\n")
+            .context("writing the hidden canary")?;
+        Ok(HideCanary { top, dir })
+    }
+
+    /// On the host: the hidden file is still where it was (no rename carried it out).
+    fn check(&self) -> Vec<Attempt> {
+        use umbra_sandbox::probe::privilege::HIDDEN_SECRET;
+        let there = self.dir.join(HIDDEN_SECRET).is_file();
+        let strays: Vec<String> = std::fs::read_dir(&self.top)
+            .map(|d| {
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| Some(n.as_str()) != self.dir.file_name().and_then(|f| f.to_str()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let ok = there && strays.is_empty();
+        vec![held(
+            "carry a --hide path out from under its cover (seen from the host)",
+            "still in place",
+            if ok {
+                "in place".into()
+            } else {
+                format!(
+                    "in place: {there}; new entries beside it: [{}]",
+                    strays.join(" ")
+                )
+            },
+            !ok,
+        )]
+    }
+}
+
+impl Drop for HideCanary {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.top);
+    }
+}
+
+/// On the host: the probe's file in the workspace carries no set-id bit; removed afterwards.
+fn setid_on_host(workspace: &Path) -> Attempt {
+    use std::os::unix::fs::MetadataExt as _;
+    let file = workspace.join(umbra_sandbox::probe::privilege::SETID_FILE);
+    let meta = std::fs::symlink_metadata(&file);
+    let _ = std::fs::remove_file(&file);
+    let (observed, escaped) = match meta {
+        Ok(m) if m.mode() & 0o6000 != 0 => (
+            format!("mode {:o}, owner {}", m.mode() & 0o7777, m.uid()),
+            true,
+        ),
+        Ok(m) => (
+            format!("mode {:o}, owner {}", m.mode() & 0o7777, m.uid()),
+            false,
+        ),
+        Err(_) => ("no file".into(), false),
+    };
+    held(
+        "a set-id file in the workspace (seen from the host)",
+        "no set-id bit",
+        observed,
+        escaped,
+    )
 }
 
 pub(crate) async fn run_probe(

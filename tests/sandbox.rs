@@ -329,12 +329,19 @@ async fn key_material_is_never_shown_even_across_renewals() {
     let child = c.spawn().unwrap();
     let started = Instant::now();
     while !ws.path().join("started").exists() {
-        assert!(started.elapsed() < Duration::from_secs(30), "the agent never started");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the agent never started"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     for (dir, name, body) in [
         (&ctl, "ca.key", "renewed private key"),
-        (&private, "agent-1.json", "-----BEGIN PRIVATE KEY----- renewed"),
+        (
+            &private,
+            "agent-1.json",
+            "-----BEGIN PRIVATE KEY----- renewed",
+        ),
     ] {
         let tmp = dir.join(".new");
         std::fs::write(&tmp, body).unwrap();
@@ -818,6 +825,18 @@ async fn escape_suite_holds() {
         "memory balloon",
         "busy loop",
         "processes left on the host after the limit attempts",
+        "be root on the host (uid map)",
+        "create a set-id file",
+        "chmod u+s a file in the workspace",
+        "fchmod g+s a file in the workspace",
+        "make a set-gid directory",
+        "read the host's private keys in /etc",
+        "read masked /proc files",
+        "device nodes are what they claim",
+        "read a --hide path",
+        "carry a --hide path out from under its cover (seen from the host)",
+        "a set-id file in the workspace (seen from the host)",
+        "reach the host's loopback listener (seen from the host)",
     ] {
         assert!(
             names.contains(&want),

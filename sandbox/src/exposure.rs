@@ -58,10 +58,7 @@ impl HostFacts {
             .into_iter()
             .map(|h| fs::canonicalize(&h).unwrap_or(h))
             .collect();
-        HostFacts {
-            homes,
-            umbra_state,
-        }
+        HostFacts { homes, umbra_state }
     }
 }
 
@@ -95,15 +92,28 @@ const SHARED: &[&str] = &[
 
 /// System trees: a workspace inside one is refused (it would be written by the agent).
 const SYSTEM_FOR_WORKSPACE: &[&str] = &[
-    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc", "/proc", "/dev",
-    "/sys", "/boot", "/run", "/var/run", "/var/lock", "/snap",
+    "/usr",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/etc",
+    "/proc",
+    "/dev",
+    "/sys",
+    "/boot",
+    "/run",
+    "/var/run",
+    "/var/lock",
+    "/snap",
 ];
 
 /// Trees that hold the host's secrets or live state: nothing inside them is shown, even
 /// read-only (`/etc/ssl/private`, `/proc/kcore`, another sandbox's state in `/run`).
-const SYSTEM_FOR_READ_ONLY: &[&str] = &[
-    "/etc", "/proc", "/dev", "/sys", "/boot", "/run", "/var/run",
-];
+const SYSTEM_FOR_READ_ONLY: &[&str] =
+    &["/etc", "/proc", "/dev", "/sys", "/boot", "/run", "/var/run"];
 
 /// Refuses a shown path that is `/`, a top-level directory, inside a system tree, or that is
 /// (or holds) a shared location, a home directory or Umbra's state. `path` is canonical.
@@ -279,8 +289,15 @@ fn classify(name: &str, path: &Path) -> Option<&'static str> {
     if ext == Some("key") {
         return Some("a key file");
     }
-    let ssh = ["id_rsa", "id_dsa", "id_ecdsa", "id_ed25519", "id_ecdsa_sk", "id_ed25519_sk"]
-        .contains(&lower.as_str());
+    let ssh = [
+        "id_rsa",
+        "id_dsa",
+        "id_ecdsa",
+        "id_ed25519",
+        "id_ecdsa_sk",
+        "id_ed25519_sk",
+    ]
+    .contains(&lower.as_str());
     let candidate = ssh
         || matches!(
             ext,
@@ -333,7 +350,10 @@ mod tests {
                 "/var/lib/postgresql".into(),
                 "/nonexistent".into(),
             ],
-            umbra_state: vec!["/run/umbra/sandboxes".into(), "/tmp/umbra-sandboxes-0".into()],
+            umbra_state: vec![
+                "/run/umbra/sandboxes".into(),
+                "/tmp/umbra-sandboxes-0".into(),
+            ],
         }
     }
 
@@ -348,10 +368,30 @@ mod tests {
     #[test]
     fn shared_and_system_locations_are_refused_as_workspaces() {
         for p in [
-            "/", "/tmp", "/run", "/var", "/opt", "/srv", "/mnt", "/boot", "/home", "/work",
-            "/media", "/var/tmp", "/var/lib", "/var/log", "/dev/shm", "/run/user/1000",
-            "/usr/lib", "/etc/ssl", "/proc/self", "/home/alice", "/var/lib/postgresql",
-            "/root", "/run/umbra", "/sys/fs",
+            "/",
+            "/tmp",
+            "/run",
+            "/var",
+            "/opt",
+            "/srv",
+            "/mnt",
+            "/boot",
+            "/home",
+            "/work",
+            "/media",
+            "/var/tmp",
+            "/var/lib",
+            "/var/log",
+            "/dev/shm",
+            "/run/user/1000",
+            "/usr/lib",
+            "/etc/ssl",
+            "/proc/self",
+            "/home/alice",
+            "/var/lib/postgresql",
+            "/root",
+            "/run/umbra",
+            "/sys/fs",
         ] {
             assert!(ws(p).is_err(), "{p} was accepted");
         }
@@ -391,7 +431,15 @@ mod tests {
     fn read_only_paths_may_lie_in_system_trees_but_not_in_secret_ones() {
         assert_eq!(ro("/usr/share/doc"), Ok(()));
         assert_eq!(ro("/opt/toolchain"), Ok(()));
-        for p in ["/etc/ssl", "/etc", "/proc/kcore", "/run/umbra/x", "/tmp", "/home", "/"] {
+        for p in [
+            "/etc/ssl",
+            "/etc",
+            "/proc/kcore",
+            "/run/umbra/x",
+            "/tmp",
+            "/home",
+            "/",
+        ] {
             assert!(ro(p).is_err(), "{p} was accepted read-only");
         }
     }
@@ -419,10 +467,22 @@ mod tests {
         assert_eq!(find_secret(root, &[]), Scan::Clean);
 
         let cases: &[(&str, &str, &str)] = &[
-            ("agent-1.json", r#"{"key_pem":"-----BEGIN PRIVATE KEY-----\n"}"#, "identity file"),
+            (
+                "agent-1.json",
+                r#"{"key_pem":"-----BEGIN PRIVATE KEY-----\n"}"#,
+                "identity file",
+            ),
             ("sub/dir/anthropic.key", "sk-ant-123", "key file"),
-            ("agent-2.jwt", "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln\n", "enrollment token"),
-            (".ssh/id_ed25519", "-----BEGIN OPENSSH PRIVATE KEY-----\n", "private key"),
+            (
+                "agent-2.jwt",
+                "eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln\n",
+                "enrollment token",
+            ),
+            (
+                ".ssh/id_ed25519",
+                "-----BEGIN OPENSSH PRIVATE KEY-----\n",
+                "private key",
+            ),
             ("ctl/umbra.db", "", "controller"),
         ];
         for (rel, body, kind) in cases {
@@ -450,7 +510,10 @@ mod tests {
         fs::write(&id, "-----BEGIN PRIVATE KEY-----").unwrap();
         assert!(matches!(
             find_secret(t.path(), &[ctl, id]),
-            Scan::Found(Secret { kind: "an identity file (its private key)", .. })
+            Scan::Found(Secret {
+                kind: "an identity file (its private key)",
+                ..
+            })
         ));
     }
 

@@ -115,7 +115,9 @@ pub fn userns_mapping_root_to(ids: AgentIds) -> io::Result<OwnedFd> {
         // SAFETY: reading one byte into a valid buffer.
         let n = unsafe { libc::read(ready_r.as_raw_fd(), ok.as_mut_ptr().cast(), 1) };
         if n != 1 || ok[0] != 1 {
-            return Err(io::Error::other("cannot create a user namespace for the idmapped workspace"));
+            return Err(io::Error::other(
+                "cannot create a user namespace for the idmapped workspace",
+            ));
         }
         std::fs::write(format!("/proc/{pid}/uid_map"), format!("0 {} 1\n", ids.uid))?;
         std::fs::write(format!("/proc/{pid}/gid_map"), format!("0 {} 1\n", ids.gid))?;
@@ -204,7 +206,11 @@ mod tests {
         let text = "alice:100000:65536\nroot:200000:65536\n0:300000:10\n";
         assert_eq!(subordinate(text, "root", 0), Some(200_000));
         assert_eq!(subordinate("0:300000:10\n", "root", 0), Some(300_000));
-        assert_eq!(subordinate("root:0:65536\n", "root", 0), None, "starts at root");
+        assert_eq!(
+            subordinate("root:0:65536\n", "root", 0),
+            None,
+            "starts at root"
+        );
         assert_eq!(subordinate("root:x:1\nroot:5:0\n", "root", 0), None);
         assert_eq!(subordinate("", "root", 0), None);
     }

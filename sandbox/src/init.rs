@@ -68,7 +68,7 @@ const ETC: &[&str] = &[
 ];
 /// The devices shown, with the numbers each must have: a host path that is anything else (a
 /// regular file someone put at `/dev/null`, say) is refused, not shown.
-const DEVICES: &[(&str, u32, u32)] = &[
+pub const DEVICES: &[(&str, u32, u32)] = &[
     ("null", 1, 3),
     ("zero", 1, 5),
     ("full", 1, 7),
@@ -79,7 +79,7 @@ const DEVICES: &[(&str, u32, u32)] = &[
 
 /// Entries of `/proc` masked as OCI runtimes mask them (runc's and Docker's `maskedPaths`),
 /// and more that tell about the host's kernel and other users: empty and unreadable inside.
-const PROC_MASKED: &[&str] = &[
+pub const PROC_MASKED: &[&str] = &[
     "acpi",
     "asound",
     "bus",
@@ -446,12 +446,7 @@ fn bind(src: &Path, dst: &Path, read_only: bool) -> Result<(), String> {
 
 /// Binds `src` at `dst` and remounts it `nosuid` plus `flags` (read-only if asked), keeping the
 /// flags the host set (a remount inside a user namespace may not clear them).
-fn bind_with(
-    src: &Path,
-    dst: &Path,
-    read_only: bool,
-    flags: libc::c_ulong,
-) -> Result<(), String> {
+fn bind_with(src: &Path, dst: &Path, read_only: bool, flags: libc::c_ulong) -> Result<(), String> {
     mount(Some(src), dst, None, libc::MS_BIND | libc::MS_REC, None)?;
     let keep = locked_flags(dst)?;
     let ro = if read_only { libc::MS_RDONLY } else { 0 };
@@ -1021,7 +1016,9 @@ mod tests {
 
     #[test]
     fn only_the_expected_character_device_is_shown() {
-        assert!(checked_device(Path::new("/dev/null"), 1, 3).unwrap().is_some());
+        assert!(checked_device(Path::new("/dev/null"), 1, 3)
+            .unwrap()
+            .is_some());
         let e = checked_device(Path::new("/dev/zero"), 1, 3).unwrap_err();
         assert!(e.contains("1:3"), "{e}");
         let t = tempfile::tempdir().unwrap();
@@ -1030,7 +1027,10 @@ mod tests {
         assert!(checked_device(&fake, 1, 3).is_err(), "a regular file");
         let link = t.path().join("link");
         symlink("/dev/null", &link).unwrap();
-        assert!(checked_device(&link, 1, 3).is_err(), "a link, even to the device");
+        assert!(
+            checked_device(&link, 1, 3).is_err(),
+            "a link, even to the device"
+        );
         assert!(checked_device(&t.path().join("missing"), 1, 3)
             .unwrap()
             .is_none());

@@ -18,8 +18,8 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::cgroup::{Cgroup, Limits};
-use crate::fdpass::{self, Request};
 use crate::exposure::{self, HostFacts, Scan, Shown};
+use crate::fdpass::{self, Request};
 use crate::idmap::{self, AgentIds};
 use crate::init::{FIRST_SOURCE_FD, NET_FD, SPEC_FD};
 use crate::spec::{write_frame, From, Source, Spec};
@@ -122,9 +122,8 @@ fn validate(
     // let whatever is later renamed to that path out.
     let mut hide = Vec::new();
     for p in &cfg.hide {
-        let h = std::fs::canonicalize(p).map_err(|e| {
-            SandboxError::Invalid(format!("the hidden path {}: {e}", p.display()))
-        })?;
+        let h = std::fs::canonicalize(p)
+            .map_err(|e| SandboxError::Invalid(format!("the hidden path {}: {e}", p.display())))?;
         if !std::iter::once(&ws)
             .chain(ro.iter())
             .any(|shown| contains(&h, shown))
@@ -523,14 +522,15 @@ fn sources(
     extra: &[(PathBuf, PathBuf)],
     ids: Option<AgentIds>,
 ) -> Result<(Vec<Source>, Vec<OwnedFd>), SandboxError> {
-    let shown: Vec<(PathBuf, PathBuf, bool)> = std::iter::once((
-        workspace.to_path_buf(),
-        workspace.to_path_buf(),
-        false,
-    ))
-    .chain(ro.iter().map(|p| (p.clone(), p.clone(), true)))
-    .chain(extra.iter().map(|(src, at)| (src.clone(), at.clone(), true)))
-    .collect();
+    let shown: Vec<(PathBuf, PathBuf, bool)> =
+        std::iter::once((workspace.to_path_buf(), workspace.to_path_buf(), false))
+            .chain(ro.iter().map(|p| (p.clone(), p.clone(), true)))
+            .chain(
+                extra
+                    .iter()
+                    .map(|(src, at)| (src.clone(), at.clone(), true)),
+            )
+            .collect();
     let Some(ids) = ids else {
         let sources = shown
             .into_iter()
@@ -755,9 +755,16 @@ mod tests {
         c.hide = vec![dir.path().join("gone")];
         let e = validate(&c, &host).unwrap_err().to_string();
         assert!(e.contains("gone"), "{e}");
-        std::fs::write(dir.path().join("agent-1.json"), "-----BEGIN PRIVATE KEY-----").unwrap();
+        std::fs::write(
+            dir.path().join("agent-1.json"),
+            "-----BEGIN PRIVATE KEY-----",
+        )
+        .unwrap();
         let e = validate(&cfg(dir.path()), &host).unwrap_err().to_string();
-        assert!(e.contains("agent-1.json") && e.contains("identity file"), "{e}");
+        assert!(
+            e.contains("agent-1.json") && e.contains("identity file"),
+            "{e}"
+        );
     }
 
     #[test]

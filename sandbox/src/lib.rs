@@ -13,11 +13,11 @@
 //! itself (capabilities, `no_new_privs`, Landlock, seccomp) and executes the command.
 
 pub mod cgroup;
-pub mod exposure;
-pub mod idmap;
 pub mod dns;
 pub mod events;
+pub mod exposure;
 pub mod fdpass;
+pub mod idmap;
 pub mod init;
 pub mod landlock;
 mod launch;

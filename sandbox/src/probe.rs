@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 mod limits;
+pub mod privilege;
 
 /// Addresses that documentation owns (RFC 5737): never routed anywhere. With only `lo` in the
 /// namespace, the kernel has no route for them at all.
@@ -56,6 +57,9 @@ pub struct ProbeConfig {
     pub granted: Vec<SocketAddr>,
     /// The launcher's (the tunneler's) process id on the host.
     pub tunneler_pid: Option<i32>,
+    /// A directory passed as `--hide` (see [`privilege::HIDDEN_DIR`]).
+    #[serde(default)]
+    pub hidden: Option<PathBuf>,
 }
 
 /// One attempt's result.
@@ -105,6 +109,7 @@ fn errno_name(code: i32) -> &'static str {
         libc::EADDRNOTAVAIL => "EADDRNOTAVAIL",
         libc::EHOSTUNREACH => "EHOSTUNREACH",
         libc::ETIMEDOUT => "ETIMEDOUT",
+        libc::EBUSY => "EBUSY",
         _ => "errno",
     }
 }
@@ -182,6 +187,7 @@ pub fn escape(cfg: &ProbeConfig) -> Vec<Attempt> {
     ));
     network(cfg, lo_only, &mut out);
     syscalls(cfg, &mut out);
+    privilege::attempts(cfg, &mut out);
     out
 }
 
@@ -334,9 +340,22 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
     TcpStream::connect_timeout(&addr, Duration::from_millis(500))
 }
 
+/// Connects and, if that succeeds, sends `token` (the run's secret), by which the host's
+/// canary tells our connections from anyone else's.
+fn connect_with(addr: SocketAddr, token: &str) -> io::Result<TcpStream> {
+    let mut s = connect(addr)?;
+    let _ = s.write_all(token.as_bytes());
+    Ok(s)
+}
+
 /// UDP: sending to an address with no route fails at once; otherwise it leaves silently, so a
 /// reply is what tells an escape.
 fn udp_probe(addr: SocketAddr) -> io::Result<usize> {
+    udp_probe_with(addr, "umbra-escape")
+}
+
+/// [`udp_probe`] whose datagram carries `token`.
+fn udp_probe_with(addr: SocketAddr, token: &str) -> io::Result<usize> {
     let bind: SocketAddr = if addr.is_ipv4() {
         "0.0.0.0:0".parse().map_err(io::Error::other)?
     } else {
@@ -344,7 +363,7 @@ fn udp_probe(addr: SocketAddr) -> io::Result<usize> {
     };
     let s = UdpSocket::bind(bind)?;
     s.set_read_timeout(Some(Duration::from_millis(300)))?;
-    s.send_to(b"umbra-escape", addr)?;
+    s.send_to(token.as_bytes(), addr)?;
     let mut b = [0u8; 64];
     s.recv_from(&mut b).map(|(n, _)| n)
 }
@@ -417,13 +436,16 @@ fn network(cfg: &ProbeConfig, lo_only: bool, out: &mut Vec<Attempt>) {
             out.push(must_fail(
                 name,
                 "refused",
-                connect(SocketAddr::new(ip, port)),
+                connect_with(SocketAddr::new(ip, port), &cfg.run),
             ));
         }
         out.push(must_fail(
             "UDP to the host's 127.0.0.1",
             "no answer",
-            udp_probe(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+            udp_probe_with(
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port),
+                &cfg.run,
+            ),
         ));
     }
     // SAFETY: socket() with integer arguments; the descriptor is closed on success.

@@ -1,0 +1,354 @@
+//! What `umbra run` agrees to show an agent, and the powers the agent holds over what it is
+//! shown: shared and system locations and key material are refused as workspaces, hidden paths
+//! stay hidden across renames and runs, device nodes are checked, and an agent started by root
+//! holds no more than an unprivileged user's power over host files. Each runs both as root and
+//! as an unprivileged user (setpriv), with the real binary, controller and router.
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use umbra_tests::dataplane::*;
+use umbra_tests::*;
+
+/// A controller, a router and an identity `agent-1`, plus a launcher's home: a copy of the
+/// binary and of the identity that root and `nobody` can both use.
+struct World {
+    t: TestController,
+    _router: umbra_edge_router::RouterHandle,
+    home: tempfile::TempDir,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum As {
+    Root,
+    Nobody,
+}
+
+const NOBODY: u32 = 65534;
+
+async fn world() -> World {
+    let t = TestController::start().await;
+    let router = start_router(&t, "router-1", |_| {}).await;
+    let file = agent(&t, "agent-1").await;
+    let home = tempfile::Builder::new()
+        .prefix("umbra-home-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(home.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let bin = home.path().join("umbra");
+    std::fs::copy(umbra_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let ids = home.path().join("ids");
+    std::fs::create_dir(&ids).unwrap();
+    file.save(&ids.join("agent-1.json")).unwrap();
+    World {
+        t,
+        _router: router,
+        home,
+    }
+}
+
+impl World {
+    /// A private directory for `who`, owned by it.
+    fn dir(&self, who: As, name: &str) -> PathBuf {
+        let d = self.home.path().join(format!("{who:?}-{name}"));
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700)).unwrap();
+        self.own(who, &d);
+        d
+    }
+
+    fn own(&self, who: As, p: &Path) {
+        if let As::Nobody = who {
+            let ok = std::process::Command::new("chown")
+                .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+                .arg(p)
+                .status()
+                .unwrap();
+            assert!(ok.success());
+        }
+    }
+
+    /// The identity file `who` may read.
+    fn identity(&self, who: As) -> PathBuf {
+        let d = self.dir(who, "identity");
+        let p = d.join("agent-1.json");
+        std::fs::copy(self.home.path().join("ids/agent-1.json"), &p).unwrap();
+        self.own(who, &p);
+        p
+    }
+
+    fn umbra(&self, who: As, args: &[&str]) -> tokio::process::Command {
+        let bin = self.home.path().join("umbra");
+        let mut c = match who {
+            As::Root => tokio::process::Command::new(&bin),
+            As::Nobody => {
+                let mut c = tokio::process::Command::new("setpriv");
+                c.arg(format!("--reuid={NOBODY}"))
+                    .arg(format!("--regid={NOBODY}"))
+                    .arg("--clear-groups")
+                    .arg(&bin);
+                c
+            }
+        };
+        c.args(args)
+            .env("UMBRA_CONTROLLER", self.t.addr())
+            .env("UMBRA_LOG", "error")
+            .env("HOME", self.home.path())
+            .current_dir(self.home.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    }
+
+    async fn run(&self, who: As, ws: &Path, extra: &[&str], script: &str) -> std::process::Output {
+        let identity = self.identity(who);
+        let mut args = vec![
+            "run",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--workspace",
+            ws.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "/bin/sh", "-c", script]);
+        tokio::time::timeout(Duration::from_secs(60), self.umbra(who, &args).output())
+            .await
+            .expect("umbra run ends")
+            .expect("umbra run starts")
+    }
+}
+
+fn one_line_125(o: &std::process::Output, what: &str) {
+    assert_eq!(o.status.code(), Some(125), "{what}: {}", stderr(o));
+    assert_eq!(stderr(o).trim().lines().count(), 1, "{what}: {}", stderr(o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_and_system_locations_are_refused_as_workspaces() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        for ws in [
+            "/",
+            "/tmp",
+            "/run",
+            "/var",
+            "/var/tmp",
+            "/opt",
+            "/srv",
+            "/mnt",
+            "/boot",
+            "/home",
+            "/work",
+            "/etc",
+            "/usr",
+            "/usr/local",
+            "/dev/shm",
+            "/root",
+            "/proc",
+        ] {
+            if !Path::new(ws).is_dir() {
+                continue;
+            }
+            let o = w.run(who, Path::new(ws), &[], "touch umbra-escaped").await;
+            one_line_125(&o, &format!("{who:?} {ws}"));
+            assert!(!Path::new(ws).join("umbra-escaped").exists(), "{ws}");
+        }
+        // A world-writable directory is shared too, whoever made it.
+        let open = w.dir(who, "open");
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let o = w.run(who, &open, &[], "touch ran").await;
+        one_line_125(&o, &format!("{who:?} world-writable"));
+        assert!(!open.join("ran").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workspaces_holding_key_material_are_refused() {
+    let w = world().await;
+    let cases: &[(&str, &[u8])] = &[
+        (".umbra/umbra.db", b""),
+        ("routers/r1/umbra.db", b""),
+        ("keys/root.key", b"k"),
+        (
+            "deep/a/b/c/admin.json",
+            b"{\"key_pem\":\"-----BEGIN PRIVATE KEY-----\"}",
+        ),
+        ("agent-2.jwt", b"eyJhbGciOiJFZERTQSJ9.eyJzdWIiOiJ4In0.c2ln"),
+        (".ssh/id_ed25519", b"-----BEGIN OPENSSH PRIVATE KEY-----"),
+    ];
+    for who in [As::Root, As::Nobody] {
+        for (rel, body) in cases {
+            let ws = w.dir(who, &format!("ws-{}", rel.replace('/', "_")));
+            let p = ws.join(rel);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(&p, body).unwrap();
+            w.own(who, &ws);
+            let o = w.run(who, &ws, &[], "touch ran").await;
+            one_line_125(&o, &format!("{who:?} {rel}"));
+            let first = rel.split('/').next().unwrap();
+            assert!(stderr(&o).contains(first), "{who:?} {rel}: {}", stderr(&o));
+            assert!(!ws.join("ran").exists(), "{who:?} {rel}: the agent ran");
+        }
+        // As a read-only path too.
+        let ws = w.dir(who, "clean-ws");
+        let ro = w.dir(who, "ro-with-key");
+        std::fs::write(ro.join("service.key"), "k").unwrap();
+        w.own(who, &ro);
+        let o = w
+            .run(who, &ws, &["--ro", ro.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} --ro"));
+        // A clean workspace runs.
+        let o = w.run(who, &ws, &[], "touch ran").await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        assert!(ws.join("ran").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_paths_must_exist_and_stay_hidden_across_renames_and_runs() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "hide-ws");
+        let cfg = ws.join("config/private");
+        std::fs::create_dir_all(&cfg).unwrap();
+        std::fs::write(cfg.join("secret.txt"), "the hidden text").unwrap();
+        w.own(who, &ws);
+        // A hidden path that does not exist is an error, not a silent no-op.
+        let o = w
+            .run(
+                who,
+                &ws,
+                &["--hide", ws.join("nothing-here").to_str().unwrap()],
+                "touch ran",
+            )
+            .await;
+        one_line_125(&o, &format!("{who:?} missing --hide"));
+        assert!(!ws.join("ran").exists());
+        // Run 1 tries to carry it out by renaming it or its parent, and to read it.
+        let hide = cfg.to_str().unwrap();
+        let o = w
+            .run(
+                who,
+                &ws,
+                &["--hide", hide],
+                "mv config/private config/moved 2>>log; mv config conf2 2>>log; \
+                 rm -rf config/private 2>>log; \
+                 cat config/private/secret.txt conf2/private/secret.txt config/moved/secret.txt > seen 2>&1; \
+                 true",
+            )
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let seen = std::fs::read_to_string(ws.join("seen")).unwrap();
+        assert!(!seen.contains("hidden text"), "{who:?} run 1: {seen}");
+        assert!(
+            cfg.join("secret.txt").exists(),
+            "{who:?}: the hidden directory was moved or removed: {}",
+            std::fs::read_to_string(ws.join("log")).unwrap_or_default()
+        );
+        // Run 2 looks again, wherever it might have gone.
+        let o = w
+            .run(
+                who,
+                &ws,
+                &["--hide", hide],
+                "cat config/private/secret.txt conf2/private/secret.txt config/moved/secret.txt > seen2 2>&1; \
+                 grep -r 'hidden text' . >> seen2 2>&1; true",
+            )
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let seen = std::fs::read_to_string(ws.join("seen2")).unwrap();
+        assert!(!seen.contains("hidden text"), "{who:?} run 2: {seen}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_by_root_holds_no_root_power_over_host_files() {
+    let w = world().await;
+    let ws = w.dir(As::Root, "root-ws");
+    let script = r#"
+        awk '{print $2}' /proc/self/uid_map > host-uid
+        cp /bin/sh ./shell 2>/dev/null
+        chmod 4755 ./shell 2>>log; chmod g+s ./shell 2>>log
+        python3 -c 'import os; os.open("made", os.O_CREAT|os.O_WRONLY, 0o6755)' 2>>log
+        ls /etc/ssl/private > ssl 2>&1
+        cat /proc/keys /proc/timer_list /proc/kpageflags /proc/sched_debug > proc 2>&1
+        head -c 100 /proc/slabinfo >> proc 2>&1
+        echo written > mine
+        true
+    "#;
+    let o = w.run(As::Root, &ws, &[], script).await;
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let read = |f: &str| std::fs::read_to_string(ws.join(f)).unwrap_or_default();
+    let host_uid: u32 = read("host-uid").trim().parse().unwrap();
+    assert_ne!(host_uid, 0, "the agent is root on the host");
+    for f in ["shell", "made", "mine"] {
+        if let Ok(m) = std::fs::metadata(ws.join(f)) {
+            assert_eq!(m.mode() & 0o6000, 0, "{f} has a set-id bit: {:o}", m.mode());
+            // What the agent writes stays the invoking user's (the idmapped workspace).
+            assert_eq!(m.uid(), 0, "{f} owner");
+        }
+    }
+    assert!(ws.join("mine").exists());
+    assert!(
+        !read("ssl").contains(".key") && !read("ssl").contains(".pem"),
+        "{}",
+        read("ssl")
+    );
+    let proc_text = read("proc");
+    for leak in [
+        "timer_list",
+        "Timer List",
+        "slabinfo",
+        "sched_debug",
+        "cpu#",
+    ] {
+        assert!(
+            !proc_text.contains(leak) || proc_text.contains("No such file"),
+            "/proc leaked {leak}: {proc_text}"
+        );
+    }
+    assert!(proc_text.len() < 2000, "/proc leaked: {proc_text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_node_that_is_not_the_device_stops_the_sandbox() {
+    // Only root can put a fake /dev/null in a mount namespace of its own.
+    let w = world().await;
+    let ws = w.dir(As::Root, "dev-ws");
+    let fake = w.home.path().join("fake-null");
+    std::fs::write(&fake, "what host processes wrote to /dev/null").unwrap();
+    let identity = w.identity(As::Root);
+    let bin = w.home.path().join("umbra");
+    let script = format!(
+        "mount --bind {fake} /dev/null && exec {bin} run --identity {id} --workspace {ws} -- /bin/sh -c 'cat /dev/null > seen'",
+        fake = fake.display(),
+        bin = bin.display(),
+        id = identity.display(),
+        ws = ws.display()
+    );
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("unshare")
+            .args(["-m", "--propagation", "private", "/bin/sh", "-c", &script])
+            .env("UMBRA_CONTROLLER", w.t.addr())
+            .env("UMBRA_LOG", "error")
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    one_line_125(&o, "fake /dev/null");
+    assert!(stderr(&o).contains("/dev/null"), "{}", stderr(&o));
+    assert!(!ws.join("seen").exists(), "the agent ran");
+    // The real one is untouched and still a character device.
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
