@@ -618,3 +618,13 @@ pub(crate) async fn run_probe(
     };
     Ok(sandboxed::run(ctx.clone(), opts).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_sandbox_knows_the_controllers_database_by_its_name() {
+        // The sandbox cannot depend on the controller; the scan for controller directories
+        // must still look for the file the controller writes.
+        assert_eq!(umbra_sandbox::CONTROLLER_DB, umbra_controller::files::DB);
+    }
+}

@@ -42,7 +42,7 @@ async fn world() -> World {
     std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
     let ids = home.path().join("ids");
     std::fs::create_dir(&ids).unwrap();
-    file.save(&ids.join("agent-1.json")).unwrap();
+    file.save(ids.join("agent-1.json")).unwrap();
     World {
         t,
         _router: router,

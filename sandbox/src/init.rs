@@ -612,7 +612,7 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     )?;
     let cover_file = cover_dir.join("empty");
     fs::File::create(&cover_file).map_err(|e| err("cover file", e))?;
-    fs::set_permissions(&cover_file, fs::Permissions::from_mode(0))
+    fs::set_permissions(&cover_file, fs::Permissions::from_mode(0o0))
         .map_err(|e| err("cover file", e))?;
     mount(
         None,
