@@ -296,27 +296,28 @@ impl CertificateAuthority {
     pub fn save(&self, dir: &Path) -> Result<(), PkiError> {
         fsutil::create_private_dir(dir)?;
         if let Some(root_key) = &self.root_key_pem {
-            fsutil::write_atomic(
+            crate::outfile::write_file(
                 &dir.join(ROOT_KEY_FILE),
                 root_key.expose().as_bytes(),
                 fsutil::PRIVATE_MODE,
             )?;
         }
-        fsutil::write_atomic(
+        crate::outfile::write_file(
             &dir.join(INTERMEDIATE_KEY_FILE),
             self.intermediate_key_pem.expose().as_bytes(),
             fsutil::PRIVATE_MODE,
         )?;
-        fsutil::write_atomic(
+        crate::outfile::write_file(
             &dir.join(INTERMEDIATE_CERT_FILE),
             self.intermediate_pem.as_bytes(),
             fsutil::PUBLIC_MODE,
         )?;
-        fsutil::write_atomic(
+        crate::outfile::write_file(
             &dir.join(ROOT_CERT_FILE),
             self.root_pem.as_bytes(),
             fsutil::PUBLIC_MODE,
         )
+        .map_err(PkiError::from)
     }
 
     /// Loads a CA saved by [`save`](Self::save) and checks it: both certificates are CAs of

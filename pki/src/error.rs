@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 
 use crate::identity_file::IdentityFileError;
+use crate::outfile::OutFileError;
 use crate::spiffe::{SpiffeError, TrustDomain};
 use crate::token::TokenError;
 
@@ -24,6 +25,9 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
+    /// Writing an output file failed or was refused (see [`crate::outfile`]).
+    #[error(transparent)]
+    Output(#[from] OutFileError),
     /// A file was read but its content is not what it should be; `cause` says why.
     #[error("{}: {cause}", path.display())]
     File {

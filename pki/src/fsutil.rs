@@ -1,14 +1,8 @@
-//! File helpers: atomic writes with explicit permissions, and bounded reads.
-//!
-//! Key files are written 0600 from the first byte: the data goes to a temporary file created with
-//! mode 0600 in the same directory, is synced, and is renamed over the target. A crash leaves
-//! either the old file or the new one, and the key is never readable by others, not even briefly.
+//! File helpers: private directories and bounded reads. Writes go through [`crate::outfile`].
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
-
-use rand::RngCore;
+use std::fs::{self, File};
+use std::io::{self, Read};
+use std::path::Path;
 
 use crate::error::PkiError;
 
@@ -22,63 +16,6 @@ fn io_err(path: &Path, source: io::Error) -> PkiError {
         path: path.to_path_buf(),
         source,
     }
-}
-
-/// Atomically replaces `path` with `data`, the new file having exactly `mode` (on Unix).
-pub(crate) fn write_atomic(path: &Path, data: &[u8], mode: u32) -> Result<(), PkiError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let file_name = path.file_name().ok_or_else(|| {
-        io_err(
-            path,
-            io::Error::new(io::ErrorKind::InvalidInput, "not a file path"),
-        )
-    })?;
-    let mut suffix = [0u8; 8];
-    rand::rngs::OsRng.fill_bytes(&mut suffix);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    tmp_name.push(format!(".{}.tmp", hex::encode(suffix)));
-    let tmp = dir.join(tmp_name);
-
-    let result = write_new(&tmp, data, mode)
-        .and_then(|()| fs::rename(&tmp, path))
-        .map_err(|e| io_err(path, e));
-    if result.is_err() {
-        // Best effort: do not leave a partial key file behind.
-        let _ = fs::remove_file(&tmp);
-        return result;
-    }
-    // Persist the rename itself; failure here does not undo the write, so it is not an error.
-    if let Ok(d) = File::open(&dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-/// Creates `tmp` (which must not exist) with `mode` and writes `data` to it durably. The caller
-/// reports errors against the target path: the temporary name means nothing to a user.
-fn write_new(tmp: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    let mut options = OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    let mut file = options.open(tmp)?;
-    // The umask may have removed bits from `mode`; set it exactly (it never adds any).
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        file.set_permissions(fs::Permissions::from_mode(mode))?;
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    file.write_all(data)?;
-    file.sync_all()
 }
 
 /// Creates `dir` (and parents) if missing; a newly created leaf directory gets mode 0700.
@@ -145,30 +82,6 @@ pub(crate) fn is_shared(path: &Path) -> bool {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
-
-    #[test]
-    fn atomic_write_sets_mode_and_replaces() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("k.key");
-        fs::write(&path, b"old").expect("write");
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
-        write_atomic(&path, b"new", PRIVATE_MODE).expect("write_atomic");
-        assert_eq!(fs::read(&path).expect("read"), b"new");
-        let mode = fs::metadata(&path).expect("stat").permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        // No temporary files left behind.
-        assert_eq!(fs::read_dir(dir.path()).expect("ls").count(), 1);
-    }
-
-    #[test]
-    fn errors_name_the_target() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join("missing-dir").join("k.key");
-        match write_atomic(&path, b"x", PRIVATE_MODE) {
-            Err(PkiError::Io { path: p, .. }) => assert_eq!(p, path),
-            other => panic!("expected an I/O error, got {other:?}"),
-        }
-    }
 
     #[test]
     fn bounded_read() {

@@ -130,7 +130,7 @@ impl IdentityFile {
             serde_json::to_vec_pretty(self)
                 .map_err(|e| PkiError::from(IdentityFileError::from(e)).in_file(path))?,
         );
-        fsutil::write_atomic(path, &json, fsutil::PRIVATE_MODE)
+        crate::outfile::write_file(path, &json, fsutil::PRIVATE_MODE).map_err(PkiError::from)
     }
 
     /// The identity's SPIFFE id, from the file's trust domain, kind and name.

@@ -22,6 +22,7 @@ pub mod error;
 pub mod fingerprint;
 mod fsutil;
 pub mod identity_file;
+pub mod outfile;
 mod pem;
 mod serial;
 pub mod spiffe;
@@ -37,6 +38,7 @@ pub use csr::{csr_for_key, generate_key_and_csr, KeyAndCsr, SecretString};
 pub use error::{CertificateError, CsrError, KeyError, PkiError};
 pub use fingerprint::{fingerprint, Fingerprint, FingerprintError};
 pub use identity_file::{IdentityFile, IdentityFileError, IDENTITY_FILE_VERSION};
+pub use outfile::{check_target, open_append, write_file, OutFileError};
 pub use serial::{Serial, SerialError};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain, TrustDomainError};
 pub use tls::{

@@ -156,7 +156,8 @@ impl TokenSigner {
         der.extend_from_slice(&ED25519_PKCS8_PREFIX);
         der.extend_from_slice(self.key.as_bytes());
         let pem = Zeroizing::new(crate::pem::encode("PRIVATE KEY", &der));
-        fsutil::write_atomic(path, pem.as_bytes(), fsutil::PRIVATE_MODE)
+        crate::outfile::write_file(path, pem.as_bytes(), fsutil::PRIVATE_MODE)
+            .map_err(PkiError::from)
     }
 
     /// Reads a key written by [`save`](Self::save) (or an OpenSSL Ed25519 PKCS#8 PEM key).
