@@ -65,14 +65,30 @@ fn path_seg(name: &str) -> anyhow::Result<String> {
         .to_string())
 }
 
-/// Writes a token to a file (0600) or standard output.
+/// Refuses a bad `-o` before the controller creates an identity or a token: a directory, a
+/// socket, a dangling link or an unwritable place would otherwise fail only after the token
+/// exists, leaving it spent on nothing.
+fn check_output(output: &Option<PathBuf>) -> anyhow::Result<()> {
+    if let Some(path) = output {
+        umbra_pki::check_target(path)?;
+    }
+    Ok(())
+}
+
+/// Writes a token to a file (0600; see `umbra_pki::outfile`) or standard output.
 fn emit_token(resp: &TokenResponse, output: &Option<PathBuf>, json: bool) -> anyhow::Result<()> {
     if json && output.is_none() {
         return output::json(resp);
     }
     match output {
         Some(path) => {
-            write_private(path, resp.token.as_bytes())?;
+            let data = format!("{}\n", resp.token);
+            umbra_pki::write_file(path, data.as_bytes(), 0o600).with_context(|| {
+                format!(
+                    "{} {} exists on the controller, but its enrollment token could not be written",
+                    resp.identity.kind, resp.identity.name
+                )
+            })?;
             eprintln!(
                 "created {} {}; enrollment token written to {} (valid until {} UTC)",
                 resp.identity.kind,
@@ -84,34 +100,6 @@ fn emit_token(resp: &TokenResponse, output: &Option<PathBuf>, json: bool) -> any
         None => println!("{}", resp.token),
     }
     Ok(())
-}
-
-fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    // A fresh 0600 file renamed over the target: an existing file's looser mode, or a symlink
-    // planted at the path, never receives the token.
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("token");
-    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
-    let write = || -> std::io::Result<()> {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(data)?;
-        f.write_all(b"\n")?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)
-    };
-    write().map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow::anyhow!("writing {}: {e}", path.display())
-    })
 }
 
 pub async fn run(
@@ -228,6 +216,7 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
                 roles: names(&roles, "role")?,
                 token_ttl_secs: Some(token_ttl.as_secs()),
             };
+            check_output(&output)?;
             let r: TokenResponse = c.call(Method::POST, "/v1/identities", Some(&req)).await?;
             emit_token(&r, &output, json)
         }
@@ -236,6 +225,7 @@ async fn identity(c: &ControllerClient, json: bool, cmd: IdentityCmd) -> anyhow:
             token_ttl,
             output,
         } => {
+            check_output(&output)?;
             let r: TokenResponse = c
                 .call(
                     Method::POST,
@@ -589,6 +579,7 @@ async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Res
             output,
         } => {
             let body = json!({ "name": Name::new(name.as_str()).with_context(|| format!("invalid name {name:?}"))?, "token_ttl_secs": token_ttl.as_secs() });
+            check_output(&output)?;
             let r: TokenResponse = c.call(Method::POST, "/v1/routers", Some(&body)).await?;
             emit_token(&r, &output, json)
         }

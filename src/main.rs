@@ -132,6 +132,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => demo::run().await,
         Command::Enroll(args) => {
             let token = read_token(&args.token)?;
+            // A one-time token: refuse a bad -o before spending it.
+            umbra_pki::check_target(&args.output)?;
             let file = umbra_sdk::enroll(&token, cli.controller.as_deref()).await?;
             file.save(&args.output)?;
             println!(
@@ -144,14 +146,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Router(cli::RouterCmd::Enroll { token, dir }) => {
             let token = read_token(&token)?;
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let path = dir.join(ROUTER_FILE);
+            // A one-time token: refuse an unwritable place before spending it.
+            umbra_pki::check_target(&path)?;
             let file = umbra_sdk::enroll(&token, cli.controller.as_deref()).await?;
             anyhow::ensure!(
                 file.kind == umbra_policies::IdentityKind::Router,
                 "this token enrolls a {}, not a router",
                 file.kind
             );
-            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-            let path = dir.join(ROUTER_FILE);
             file.save(&path)?;
             println!("enrolled router {} -> {}", file.name, path.display());
             Ok(())

@@ -303,3 +303,66 @@ async fn a_token_never_lands_in_a_readable_file() {
     );
     assert!(std::fs::read_to_string(&path).unwrap().starts_with("eyJ"));
 }
+
+/// Whether this test runs as root: only root could replace `/dev/null`, so only root can show
+/// that it is not replaced.
+fn running_as_root() -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let f = tempfile::NamedTempFile::new().unwrap();
+    f.as_file().metadata().unwrap().uid() == 0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_dev_null_leaves_it_a_device() {
+    use std::os::unix::fs::FileTypeExt;
+    if !running_as_root() {
+        eprintln!("note: not root; skipped (only root could replace /dev/null)");
+        return;
+    }
+    let t = TestController::start().await;
+    let before = std::fs::metadata("/dev/null").unwrap();
+    let o = t.umbra(&["identity", "create", "agent-null", "-o", "/dev/null"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let after = std::fs::symlink_metadata("/dev/null").unwrap();
+    assert!(
+        after.file_type().is_char_device(),
+        "/dev/null is no longer a character device"
+    );
+    assert_eq!(before.permissions().mode(), after.permissions().mode());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_to_a_directory_fails_before_anything_is_created() {
+    let t = TestController::start().await;
+    let dir = t.path("outdir");
+    std::fs::create_dir(&dir).unwrap();
+    let d = dir.to_str().unwrap();
+
+    let o = t.umbra(&["identity", "create", "agent-dir", "-o", d]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains("is a directory"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one-line error: {err}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    let o = t.umbra(&["identity", "list"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stdout(&o).contains("agent-dir"), "{}", stdout(&o));
+
+    // Same for a router, and for `enroll`: the one-time token is not spent on a bad -o.
+    let o = t.umbra(&["router", "create", "router-dir", "-o", d]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let o = t.umbra(&["router", "list"]);
+    assert!(!stdout(&o).contains("router-dir"), "{}", stdout(&o));
+
+    let tp = t.path("agent-2.jwt");
+    let tp = tp.to_str().unwrap();
+    let o = t.umbra(&["identity", "create", "agent-2", "-o", tp]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.umbra(&["enroll", tp, "-o", d]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("is a directory"), "{}", stderr(&o));
+    let id = t.path("agent-2.json");
+    let o = t.umbra(&["enroll", tp, "-o", id.to_str().unwrap()]);
+    assert!(o.status.success(), "token was spent: {}", stderr(&o));
+}

@@ -10,7 +10,7 @@
 //! most the last moments of records, and no request waits for a disk flush.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use rusqlite::{params, Connection};
@@ -24,6 +24,13 @@ pub enum LedgerError {
     /// SQLite reported an error.
     #[error("ledger: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The ledger file could not be created, or its path names a directory, socket or dangling
+    /// link (see `umbra_pki::outfile`).
+    #[error("ledger: {0}")]
+    File(#[from] umbra_pki::OutFileError),
+    /// The path names a FIFO or a device: SQLite needs a regular file it can seek and lock.
+    #[error("ledger: {}: not a regular file", .0.display())]
+    NotRegular(PathBuf),
 }
 
 /// One grant's budget for one identity in one period.
@@ -101,9 +108,24 @@ pub struct Exhausted {
     pub left: u64,
 }
 
+/// Makes sure `path` is a regular file before SQLite opens it, creating it 0600 if missing:
+/// left to SQLite it would be created at the umask's mode (0644, readable by every user, with
+/// who spent what), and SQLite's `-wal` and `-shm` files copy the database file's mode. A FIFO or
+/// device is refused here rather than handed to SQLite.
+fn create_private(path: &Path) -> Result<(), LedgerError> {
+    match umbra_pki::check_target(path)? {
+        umbra_pki::outfile::TargetKind::Missing | umbra_pki::outfile::TargetKind::Regular => {
+            drop(umbra_pki::open_append(path, 0o600)?);
+            Ok(())
+        }
+        _ => Err(LedgerError::NotRegular(path.to_path_buf())),
+    }
+}
+
 impl Ledger {
     /// Opens (creating) the ledger at `path`.
     pub fn open(path: &Path) -> Result<Ledger, LedgerError> {
+        create_private(path)?;
         let conn = Connection::open(path)?;
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
@@ -301,6 +323,24 @@ mod tests {
             decision: "allowed",
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn ledger_file_is_private_and_never_a_device() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ledger.db");
+        drop(Ledger::open(&path).unwrap());
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(matches!(
+            Ledger::open(Path::new("/dev/null")),
+            Err(LedgerError::NotRegular(_))
+        ));
+        assert!(matches!(
+            Ledger::open(dir.path()),
+            Err(LedgerError::File(_))
+        ));
     }
 
     #[test]

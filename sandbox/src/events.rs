@@ -89,14 +89,13 @@ impl std::fmt::Debug for EventSink {
 
 impl EventSink {
     /// A sink for one sandbox; `file` is created (or appended to) now, so a bad path fails
-    /// before anything starts.
+    /// before anything starts. It is opened by `umbra_pki::open_append`: created 0600 (events
+    /// name what the agent tried to reach), appended to in place if it is a FIFO or device, and
+    /// refused if it is a directory, socket or dangling link.
     pub fn new(sandbox: &str, identity: &str, file: Option<&Path>) -> std::io::Result<EventSink> {
         let file = match file {
             Some(p) => Some(Arc::new(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)?,
+                umbra_pki::open_append(p, 0o600).map_err(std::io::Error::other)?,
             ))),
             None => None,
         };
@@ -169,5 +168,9 @@ mod tests {
         assert_eq!(lines[0]["identity"], "agent-1");
         assert_eq!(lines[1]["code"], 3);
         assert_eq!(seen.lock().unwrap().len(), 2);
+        // Private from creation, whatever the umask: events name what the agent reached for.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
     }
 }

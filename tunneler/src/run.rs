@@ -224,7 +224,10 @@ impl Listeners {
     fn publish(&self) {
         let list: Vec<Mapping> = self.active.values().map(|(m, _, _)| m.clone()).collect();
         if let Some(path) = &self.hosts_file {
-            if let Err(e) = std::fs::write(path, self.book.hosts_snippet()) {
+            // Public data (names and loopback addresses), so 0644; replaced atomically so a
+            // reader never sees half a file, and written in place if it is a FIFO or device.
+            if let Err(e) = umbra_pki::write_file(path, self.book.hosts_snippet().as_bytes(), 0o644)
+            {
                 tracing::warn!(path = %path.display(), error = %e, "cannot write the hosts snippet");
             }
         }

@@ -74,9 +74,9 @@ pub enum McpError {
     /// The service name is invalid.
     #[error("invalid service name: {0}")]
     Service(String),
-    /// The audit file could not be opened.
+    /// The audit file could not be opened, or names something a log must not be written to.
     #[error("audit log: {0}")]
-    Audit(std::io::Error),
+    Audit(umbra_pki::OutFileError),
 }
 
 struct ClientSession {
@@ -165,12 +165,9 @@ impl McpGateway {
         let service =
             Name::new(cfg.service.as_str()).map_err(|e| McpError::Service(e.to_string()))?;
         let audit = match &cfg.audit {
+            // 0600 from creation: the audit names identities, tools and arguments.
             Some(p) => Some(Mutex::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(p)
-                    .map_err(McpError::Audit)?,
+                umbra_pki::open_append(p, 0o600).map_err(McpError::Audit)?,
             )),
             None => None,
         };
