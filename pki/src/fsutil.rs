@@ -81,7 +81,6 @@ pub(crate) fn is_shared(path: &Path) -> bool {
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
-    use std::os::unix::fs::PermissionsExt;
 
     #[test]
     fn bounded_read() {

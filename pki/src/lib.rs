@@ -11,7 +11,9 @@
 //! - trust what a CSR asks for: the CA decides the subject, the SANs and every extension;
 //! - print a secret: keys and identity files redact themselves in `Debug`;
 //! - rely on a process-wide rustls crypto provider: every config names `ring` explicitly;
-//! - accept anything but TLS 1.3.
+//! - accept anything but TLS 1.3;
+//! - write a file any other way than through [`outfile`], which never renames over (or chmods)
+//!   anything but a regular file and never widens a file's permissions.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 

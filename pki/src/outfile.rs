@@ -57,6 +57,12 @@ pub enum Refusal {
     /// planted link redirects a secret, so it is refused rather than guessed.
     #[error("it is a symbolic link to nothing")]
     DanglingSymlink,
+    /// A symbolic link in a sticky, world-writable directory (such as `/tmp`) owned by neither
+    /// us nor the directory's owner: anyone could have planted it to redirect a secret (or a
+    /// root-owned write) to a file of their choosing. The kernel's `protected_symlinks` rule,
+    /// applied here too because resolving a link with `readlink` would bypass it.
+    #[error("it is a symbolic link someone else planted in a shared directory")]
+    UntrustedSymlink,
     /// The path ends in `/` or `..`, or is empty: it cannot name a file.
     #[error("it does not name a file")]
     NotAFileName,
@@ -195,6 +201,9 @@ fn resolve(path: &Path) -> Result<Resolved, OutFileError> {
             meta: Some(lmeta),
         });
     }
+    if !may_follow(path, &lmeta)? {
+        return Err(refused(path, Refusal::UntrustedSymlink));
+    }
     let meta = match fs::metadata(path) {
         Ok(m) => m,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -213,6 +222,16 @@ fn resolve(path: &Path) -> Result<Resolved, OutFileError> {
         act_on,
         meta: Some(meta),
     })
+}
+
+/// Whether the symbolic link `path` (with `lmeta`, its own metadata) may be followed: not if it
+/// sits in a sticky world-writable directory and belongs to neither us nor that directory's owner
+/// (Linux's `fs.protected_symlinks` rule, for the last component; the kernel checks the others).
+fn may_follow(path: &Path, lmeta: &Metadata) -> Result<bool, OutFileError> {
+    let dir = fs::metadata(parent_dir(path)).map_err(io_err(path))?;
+    let shared = dir.mode() & 0o1002 == 0o1002;
+    let me = rustix::process::geteuid().as_raw();
+    Ok(!shared || lmeta.uid() == me || lmeta.uid() == dir.uid())
 }
 
 /// The directory a file at `path` lives in (`.` for a bare name).

@@ -129,6 +129,34 @@ fn dangling_symlink_is_refused() {
 }
 
 #[test]
+fn foreign_symlink_in_a_sticky_shared_directory_is_refused() {
+    if !is_root() {
+        eprintln!("note: not root; cannot give a symlink to another user, skipped");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let shared = dir.path().join("tmp");
+    fs::create_dir(&shared).expect("mkdir");
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).expect("chmod");
+    let victim = dir.path().join("victim");
+    fs::write(&victim, b"precious").expect("write");
+    let link = shared.join("agent.jwt");
+    std::os::unix::fs::symlink(&victim, &link).expect("symlink");
+    std::os::unix::fs::lchown(&link, Some(65534), Some(65534)).expect("lchown");
+    assert_refused(
+        write_file(&link, b"token", 0o600),
+        Refusal::UntrustedSymlink,
+    );
+    assert!(open_append(&link, 0o600).is_err());
+    assert!(check_target(&link).is_err());
+    assert_eq!(fs::read(&victim).expect("read"), b"precious");
+    // Our own link there is followed.
+    std::os::unix::fs::lchown(&link, Some(0), Some(0)).expect("lchown");
+    write_file(&link, b"token", 0o600).expect("write");
+    assert_eq!(fs::read(&victim).expect("read"), b"token");
+}
+
+#[test]
 fn directory_is_refused_and_left_empty() {
     let dir = tempfile::tempdir().expect("tempdir");
     let sub = dir.path().join("sub");

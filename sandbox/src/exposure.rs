@@ -505,7 +505,10 @@ mod tests {
         fs::write(ctl.join("umbra.db"), "").unwrap();
         fs::write(ctl.join("ca.key"), "k").unwrap();
         assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
-        assert_eq!(find_secret(t.path(), &[ctl.clone()]), Scan::Clean);
+        assert_eq!(
+            find_secret(t.path(), std::slice::from_ref(&ctl)),
+            Scan::Clean
+        );
         let id = t.path().join("agent-1.json");
         fs::write(&id, "-----BEGIN PRIVATE KEY-----").unwrap();
         assert!(matches!(
