@@ -193,6 +193,9 @@ async fn run_with(
     if let Some(p) = path {
         ctx.set_identity_path(p);
     }
+    if let Some(ev) = &args.events {
+        outside_what_is_shown(ev, &cfg)?;
+    }
     let (tx, rx) = tokio::sync::mpsc::channel::<ReportedEvent>(1024);
     let events = EventSink::new(&cfg.id, file.name.as_str(), args.events.as_deref())
         .with_context(|| "opening the events file")?
@@ -221,6 +224,34 @@ async fn run_with(
 }
 
 /// An event as the controller's audit log takes it.
+/// Refuses a file the launcher writes (the events file) at a path the sandbox shows: an agent
+/// could replace it with a link, or a FIFO, and aim the launcher's writes (root's, perhaps)
+/// anywhere.
+fn outside_what_is_shown(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<()> {
+    let name = file
+        .file_name()
+        .with_context(|| format!("{} names no file", file.display()))?;
+    let parent = match file.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let at = std::fs::canonicalize(&parent)
+        .with_context(|| format!("the directory of {}", file.display()))?
+        .join(name);
+    for shown in std::iter::once(&cfg.workspace).chain(cfg.ro.iter()) {
+        if let Ok(shown) = std::fs::canonicalize(shown) {
+            if at.starts_with(&shown) {
+                anyhow::bail!(
+                    "the events file {} is inside {}, which the sandbox shows (the agent could replace it); write it elsewhere",
+                    file.display(),
+                    shown.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn reported(ev: &umbra_sandbox::events::Event) -> Option<ReportedEvent> {
     let mut v = serde_json::to_value(ev).ok()?;
     let obj = v.as_object_mut()?;

@@ -124,7 +124,7 @@ print(s.recv(100).decode())
         touch /etc/x 2>/dev/null && echo wrote > etc
         true
     "#;
-    let events = w.ws().join("events.jsonl");
+    let events = w.t.path("events.jsonl");
     let ro = tempfile::tempdir().unwrap();
     std::fs::write(ro.path().join("data.txt"), "read-only data").unwrap();
     let script = format!(
@@ -416,7 +416,7 @@ async fn bad_input_gets_one_line_and_leaves_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoking_the_identity_kills_the_agent_at_once() {
     let w = world().await;
-    let events = w.ws().join("events.jsonl");
+    let events = w.t.path("events.jsonl");
     let child = w
         .command(
             &["--events", events.to_str().unwrap()],

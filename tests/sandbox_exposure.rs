@@ -352,3 +352,150 @@ async fn a_device_node_that_is_not_the_device_stops_the_sandbox() {
         .file_type()
         .is_char_device());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_launcher_writes_nothing_where_the_agent_could_redirect_it() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "events-ws");
+        // An earlier agent left a link where the events file would go.
+        let target = w.dir(who, "events-target");
+        std::os::unix::fs::symlink(target.join("made-by-launcher"), ws.join("events.jsonl"))
+            .unwrap();
+        let ev = ws.join("events.jsonl");
+        let o = w
+            .run(who, &ws, &["--events", ev.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} --events in the workspace"));
+        assert!(!target.join("made-by-launcher").exists());
+        assert!(!ws.join("ran").exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hidden_files_with_other_names_and_hidden_system_paths() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "links-ws");
+        std::fs::write(ws.join(".env"), "API_TOKEN=hidden").unwrap();
+        std::fs::create_dir(ws.join(".cache")).unwrap();
+        std::fs::hard_link(ws.join(".env"), ws.join(".cache/blob")).unwrap();
+        w.own(who, &ws);
+        let env = ws.join(".env");
+        let o = w
+            .run(
+                who,
+                &ws,
+                &["--hide", env.to_str().unwrap()],
+                "cat .cache/blob > seen",
+            )
+            .await;
+        one_line_125(&o, &format!("{who:?} hard-linked hidden file"));
+        assert!(stderr(&o).contains("hard link"), "{}", stderr(&o));
+        assert!(!ws.join("seen").exists());
+        // A hidden path below a system directory is covered too, not ignored.
+        let o = w
+            .run(
+                who,
+                &ws,
+                &["--hide", "/etc/ssl/certs"],
+                "ls -A /etc/ssl/certs > certs 2>&1; true",
+            )
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let listed = std::fs::read_to_string(ws.join("certs")).unwrap();
+        assert!(
+            !listed.contains(".pem") && !listed.contains(".0"),
+            "{who:?}: {listed}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_sandboxes_run_as_ids_no_one_else_holds() {
+    let w = world().await;
+    let mut uids = std::collections::HashSet::new();
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap();
+    for i in 0..3 {
+        let ws = w.dir(As::Root, &format!("uid-ws-{i}"));
+        let o = w
+            .run(
+                As::Root,
+                &ws,
+                &[],
+                "awk '{print $2}' /proc/self/uid_map > host-uid",
+            )
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+        let uid: u32 = std::fs::read_to_string(ws.join("host-uid"))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        assert_ne!(uid, 0);
+        assert_ne!(uid, NOBODY, "nobody's processes could enter the sandbox");
+        assert!(
+            !passwd
+                .lines()
+                .any(|l| l.split(':').nth(2) == Some(uid.to_string().as_str())),
+            "{uid} belongs to an account"
+        );
+        uids.insert(uid);
+    }
+    assert_eq!(uids.len(), 3, "sandboxes share a host uid: {uids:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_workspace_swapped_for_a_link_after_the_check_is_not_followed() {
+    // The launcher opens what it checked, without following links: a path that is a link (or
+    // leads through one) by the time it is opened is refused, never mounted. The swap is made
+    // by a loop on the host racing many launches; no launch may show the target.
+    let w = world().await;
+    let secret_dir = w.dir(As::Root, "swap-secret");
+    std::fs::write(secret_dir.join("data.txt"), "ROOT-ONLY-SECRET").unwrap();
+    let parent = w.dir(As::Root, "swap-parent");
+    let real = parent.join("ws");
+    let link = parent.join("ws-link");
+    std::fs::create_dir(&real).unwrap();
+    std::os::unix::fs::symlink(&secret_dir, &link).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let swapper = {
+        let (stop, real, link) = (stop.clone(), real.clone(), link.clone());
+        std::thread::spawn(move || {
+            // Bounded: at most 200,000 exchanges, and never after the launches end.
+            for _ in 0..200_000 {
+                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    break;
+                }
+                let _ = exchange(&real, &link);
+            }
+        })
+    };
+    let mut shown = 0;
+    for _ in 0..15 {
+        let o = w
+            .run(As::Root, &real, &[], "cat data.txt 2>/dev/null; true")
+            .await;
+        if stdout(&o).contains("ROOT-ONLY-SECRET") {
+            shown += 1;
+        }
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    swapper.join().unwrap();
+    assert_eq!(shown, 0, "a launch showed the link's target");
+}
+
+/// Swaps two names atomically (renameat2 RENAME_EXCHANGE), as an agent could.
+fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
+    let o = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import ctypes,os,sys; l=ctypes.CDLL(None,use_errno=True); r=l.renameat2(-100,sys.argv[1].encode(),-100,sys.argv[2].encode(),2); sys.exit(0 if r==0 else 1)")
+        .arg(a)
+        .arg(b)
+        .status()?;
+    if o.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other("renameat2"))
+    }
+}

@@ -182,13 +182,11 @@ pub fn world_writable(path: &Path) -> bool {
 }
 
 /// At most this many directory entries are looked at for secrets in one shown path.
-pub const SCAN_ENTRIES: usize = 20_000;
+pub const SCAN_ENTRIES: usize = 50_000;
 /// How deep below a shown path the scan goes.
-pub const SCAN_DEPTH: usize = 8;
+pub const SCAN_DEPTH: usize = 16;
 /// How much of a candidate file is read to recognise a key or a token.
 const SCAN_READ: u64 = 64 * 1024;
-/// Directories the scan does not enter: large, generated, and never where Umbra writes.
-const SCAN_SKIP: &[&str] = &[".git", "node_modules", "target", "__pycache__", ".venv"];
 
 /// A secret found under a shown path.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,9 +248,6 @@ pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
                         path,
                         kind: "a controller's directory (its CA keys and database)",
                     });
-                }
-                if SCAN_SKIP.contains(&name.as_ref()) {
-                    continue;
                 }
                 if depth + 1 < SCAN_DEPTH {
                     stack.push((path, depth + 1));
@@ -462,9 +457,12 @@ mod tests {
         fs::write(root.join("README.md"), "hello").unwrap();
         fs::write(root.join("data.json"), r#"{"a": 1}"#).unwrap();
         fs::write(root.join("cert.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        assert_eq!(find_secret(root, &[]), Scan::Clean);
+        // Nothing is skipped by name: generated and vendored trees are scanned too.
         fs::create_dir_all(root.join("node_modules/x")).unwrap();
         fs::write(root.join("node_modules/x/k.json"), "PRIVATE KEY-----").unwrap();
-        assert_eq!(find_secret(root, &[]), Scan::Clean);
+        assert!(matches!(find_secret(root, &[]), Scan::Found(_)));
+        fs::remove_dir_all(root.join("node_modules")).unwrap();
 
         let cases: &[(&str, &str, &str)] = &[
             (

@@ -25,34 +25,62 @@ pub struct AgentIds {
     pub gid: u32,
 }
 
-/// `nobody` and `nogroup`: the fallback when root has no subordinate ids.
-const NOBODY: u32 = 65534;
+/// Where a sandbox's own host ids are drawn from when root has no subordinate ids: a range no
+/// distribution gives to accounts (far above `nobody`, below the 32-bit ids of systemd's
+/// dynamic users and container ranges in common use).
+pub const SANDBOX_ID_BASE: u32 = 0x6000_0000;
+/// How many ids that range holds.
+pub const SANDBOX_ID_COUNT: u32 = 1 << 24;
 
 impl AgentIds {
     /// The ids to run as when the launcher's uid is `launcher_uid`: `None` for an unprivileged
     /// launcher (the sandbox runs as that user, who holds nothing more).
-    pub fn for_launcher(launcher_uid: u32) -> Option<AgentIds> {
+    ///
+    /// For root, an id of the sandbox's own, chosen by `seed` (random per sandbox): never
+    /// `nobody` or any account's id, since every host process running as the same uid could
+    /// enter the sandbox through `/proc` or `setns` and, through an idmapped workspace, write
+    /// files as root. The first range of root's subordinate ids is used when there is one,
+    /// [`SANDBOX_ID_BASE`] otherwise; ids named in the password or group file are skipped.
+    pub fn for_launcher(launcher_uid: u32, seed: u64) -> Option<AgentIds> {
         if launcher_uid != 0 {
             return None;
         }
         let read = |f: &str| std::fs::read_to_string(f).unwrap_or_default();
+        let taken = |text: &str| -> std::collections::HashSet<u32> {
+            text.lines()
+                .filter_map(|l| l.split(':').nth(2)?.parse().ok())
+                .collect()
+        };
+        let (users, groups) = (taken(&read("/etc/passwd")), taken(&read("/etc/group")));
+        let (uid_range, gid_range) = (
+            subordinate(&read("/etc/subuid"), "root", 0),
+            subordinate(&read("/etc/subgid"), "root", 0),
+        );
+        let pick = |range: Option<(u32, u32)>, taken: &std::collections::HashSet<u32>| {
+            let (start, count) = range.unwrap_or((SANDBOX_ID_BASE, SANDBOX_ID_COUNT));
+            (0..64u64)
+                .map(|i| start + ((seed.wrapping_add(i)) % u64::from(count)) as u32)
+                .find(|id| !taken.contains(id) && *id != 0 && *id != u32::MAX)
+                .unwrap_or(start)
+        };
         Some(AgentIds {
-            uid: subordinate(&read("/etc/subuid"), "root", 0).unwrap_or(NOBODY),
-            gid: subordinate(&read("/etc/subgid"), "root", 0).unwrap_or(NOBODY),
+            uid: pick(uid_range, &users),
+            gid: pick(gid_range, &groups),
         })
     }
 }
 
-/// The first id of `user`'s (or `id`'s) subordinate range in a `/etc/subuid`-style text, if it
-/// is not 0 (a range that starts at root would give root back).
-pub fn subordinate(text: &str, user: &str, id: u32) -> Option<u32> {
+/// The first range (start, count) of `user`'s (or `id`'s) subordinate ids in a
+/// `/etc/subuid`-style text, if it does not hold root.
+pub fn subordinate(text: &str, user: &str, id: u32) -> Option<(u32, u32)> {
     let id = id.to_string();
     text.lines().find_map(|l| {
         let mut f = l.trim().split(':');
         let (who, start, count) = (f.next()?, f.next()?, f.next()?);
         let start: u32 = start.parse().ok()?;
         let count: u32 = count.parse().ok()?;
-        ((who == user || who == id) && count > 0 && start > 0).then_some(start)
+        start.checked_add(count)?;
+        ((who == user || who == id) && count > 0 && start > 0).then_some((start, count))
     })
 }
 
@@ -131,7 +159,7 @@ pub fn userns_mapping_root_to(ids: AgentIds) -> io::Result<OwnedFd> {
     result
 }
 
-/// What a detached mount made by [`detach`] looks like.
+/// What a detached mount prepared by [`set_attrs`] looks like.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Attrs {
     /// Read-only.
@@ -140,25 +168,74 @@ pub struct Attrs {
     pub idmap: Option<std::os::fd::RawFd>,
 }
 
-/// A detached copy of the mount at `path` (this directory or file only, not what is mounted
-/// below it), `nosuid` and `nodev`, with `attrs`. The sandbox attaches it with `move_mount`.
-pub fn detach(path: &Path, attrs: Attrs) -> io::Result<OwnedFd> {
+/// Opens `path` (canonical) as an `O_PATH` descriptor, refusing any symbolic link on the way:
+/// a path that was checked is then shown by what this descriptor names, never by a second walk
+/// of the path that a concurrent rename (an agent in a sandbox that shows a parent) could
+/// redirect.
+pub fn open_exact(path: &Path) -> io::Result<OwnedFd> {
     let c = std::ffi::CString::new(std::os::unix::ffi::OsStrExt::as_bytes(path.as_os_str()))
         .map_err(|_| io::Error::other("a path holds a NUL byte"))?;
-    // SAFETY: a valid C string; flags only.
+    // SAFETY: open_how is plain data; zeroed is valid.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+    // SAFETY: a valid C string and an open_how of its size.
     let fd = unsafe {
         libc::syscall(
-            libc::SYS_open_tree,
+            libc::SYS_openat2,
             libc::AT_FDCWD,
             c.as_ptr(),
-            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC,
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
         )
     };
     if fd < 0 {
-        return Err(last_err(&format!("open_tree {}", path.display())));
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!(
+                "{}: {e} (it changed while being checked, or a part of it is a symbolic link)",
+                path.display()
+            ),
+        ));
     }
     // SAFETY: a fresh descriptor we own.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The device and inode `fd` names: what the sandbox checks a path it opens itself against.
+pub fn identity_of(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    // SAFETY: a valid descriptor and out-pointer.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(last_err("fstat"));
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A detached copy of the mount that `fd` (from [`open_exact`]) names: this directory or file
+/// only, not what is mounted below it, so what a scan of it sees is what the sandbox shows.
+pub fn clone_tree(fd: &OwnedFd) -> io::Result<OwnedFd> {
+    let empty = c"";
+    // SAFETY: a valid descriptor, an empty path with AT_EMPTY_PATH; flags only.
+    let tree = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            fd.as_raw_fd(),
+            empty.as_ptr(),
+            libc::OPEN_TREE_CLONE | libc::OPEN_TREE_CLOEXEC | libc::AT_EMPTY_PATH as u32,
+        )
+    };
+    if tree < 0 {
+        return Err(last_err("open_tree"));
+    }
+    // SAFETY: a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
+}
+
+/// Makes the detached mount `tree` `nosuid` and `nodev`, with `attrs`. The sandbox attaches it
+/// with `move_mount`. `path` names it in errors.
+pub fn set_attrs(tree: &OwnedFd, attrs: Attrs, path: &Path) -> io::Result<()> {
     let mut set = libc::MOUNT_ATTR_NOSUID | libc::MOUNT_ATTR_NODEV;
     if attrs.read_only {
         set |= libc::MOUNT_ATTR_RDONLY;
@@ -175,7 +252,7 @@ pub fn detach(path: &Path, attrs: Attrs) -> io::Result<OwnedFd> {
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            fd.as_raw_fd(),
+            tree.as_raw_fd(),
             empty.as_ptr(),
             libc::AT_EMPTY_PATH,
             &attr as *const libc::mount_attr,
@@ -194,7 +271,7 @@ pub fn detach(path: &Path, attrs: Attrs) -> io::Result<OwnedFd> {
             format!("preparing {}: {e}{hint}", path.display()),
         ));
     }
-    Ok(fd)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -204,22 +281,41 @@ mod tests {
     #[test]
     fn subordinate_ids_come_from_the_first_matching_range() {
         let text = "alice:100000:65536\nroot:200000:65536\n0:300000:10\n";
-        assert_eq!(subordinate(text, "root", 0), Some(200_000));
-        assert_eq!(subordinate("0:300000:10\n", "root", 0), Some(300_000));
+        assert_eq!(subordinate(text, "root", 0), Some((200_000, 65536)));
+        assert_eq!(subordinate("0:300000:10\n", "root", 0), Some((300_000, 10)));
         assert_eq!(
             subordinate("root:0:65536\n", "root", 0),
             None,
             "starts at root"
         );
         assert_eq!(subordinate("root:x:1\nroot:5:0\n", "root", 0), None);
+        assert_eq!(
+            subordinate("root:4294967000:65536\n", "root", 0),
+            None,
+            "overflows"
+        );
         assert_eq!(subordinate("", "root", 0), None);
     }
 
     #[test]
-    fn only_root_is_mapped_elsewhere() {
-        assert_eq!(AgentIds::for_launcher(1000), None);
-        let ids = AgentIds::for_launcher(0).unwrap();
-        assert_ne!(ids.uid, 0);
-        assert_ne!(ids.gid, 0);
+    fn roots_sandboxes_get_ids_of_their_own() {
+        assert_eq!(AgentIds::for_launcher(1000, 7), None);
+        let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..200u64 {
+            let ids = AgentIds::for_launcher(0, seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)).unwrap();
+            assert_ne!(ids.uid, 0);
+            assert_ne!(ids.gid, 0);
+            assert_ne!(ids.uid, 65534, "never nobody");
+            assert!(
+                !passwd
+                    .lines()
+                    .any(|l| l.split(':').nth(2) == Some(&ids.uid.to_string())),
+                "{} is an account's uid",
+                ids.uid
+            );
+            seen.insert(ids.uid);
+        }
+        assert!(seen.len() > 190, "ids repeat: {}", seen.len());
     }
 }

@@ -501,6 +501,20 @@ pub fn checked_device(
     Ok(Some(fd))
 }
 
+/// Opens `path` without following links and checks it is still the file the launcher checked
+/// (`dev`, `ino`): a rename since then is refused, not shown.
+fn open_checked(path: &Path, dev: u64, ino: u64) -> Result<std::os::fd::OwnedFd, String> {
+    let fd = crate::idmap::open_exact(path).map_err(|e| e.to_string())?;
+    let seen = crate::idmap::identity_of(&fd).map_err(|e| err(path.display(), e))?;
+    if seen != (dev, ino) {
+        return Err(format!(
+            "{} changed after it was checked; refusing to show it",
+            path.display()
+        ));
+    }
+    Ok(fd)
+}
+
 /// The path through which a descriptor of ours is reached (a mount source, for one).
 fn fd_path(fd: i32) -> PathBuf {
     PathBuf::from(format!("/proc/self/fd/{fd}"))
@@ -712,9 +726,11 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     for source in &spec.sources {
         let dst = inside(root, &source.at);
         match &source.from {
-            From::Path(p) => {
-                mount_point(p, &dst)?;
-                bind(p, &dst, source.read_only)?;
+            From::Path { path, dev, ino } => {
+                let opened = open_checked(path, *dev, *ino)?;
+                let src = fd_path(std::os::fd::AsRawFd::as_raw_fd(&opened));
+                mount_point(&src, &dst)?;
+                bind(&src, &dst, source.read_only)?;
             }
             From::Fd(fd) => {
                 mount_point(&fd_path(*fd), &dst)?;
@@ -728,6 +744,8 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     let mut pinned = std::collections::HashSet::new();
     for h in &spec.hide {
         let Some(shown) = spec.sources.iter().find(|s| h.starts_with(&s.at)) else {
+            // Below a system path (read-only, so not renamed from inside): covered where it is.
+            cover(&inside(root, h), &cover_file)?;
             continue;
         };
         let mut between: Vec<&Path> = h

@@ -76,9 +76,22 @@ fn contains(outer: &Path, inner: &Path) -> bool {
     inner.starts_with(outer)
 }
 
-fn canonical(p: &Path, what: &str) -> Result<PathBuf, SandboxError> {
-    std::fs::canonicalize(p)
-        .map_err(|e| SandboxError::Invalid(format!("{what} {}: {e}", p.display())))
+/// Opens a path the user named (made absolute against the current directory), refusing any
+/// symbolic link on the way, and returns its real path and the descriptor everything after the
+/// check uses. A link in a shown path is refused rather than followed: an agent could have made
+/// it in an earlier run (in a workspace's parent it was shown) to aim this one anywhere.
+fn opened(p: &Path, what: &str) -> Result<(PathBuf, OwnedFd), SandboxError> {
+    let abs = std::path::absolute(p)
+        .map_err(|e| SandboxError::Invalid(format!("{what} {}: {e}", p.display())))?;
+    let fd = idmap::open_exact(&abs).map_err(|e| {
+        let real = std::fs::canonicalize(&abs)
+            .map(|r| format!("; its real path is {}", r.display()))
+            .unwrap_or_default();
+        SandboxError::Invalid(format!("{what} {}{real}", e))
+    })?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(|e| SandboxError::Invalid(format!("{what} {}: {e}", p.display())))?;
+    Ok((real, fd))
 }
 
 /// At most this many `--ro` paths (each is a mount, and a descriptor on the way in).
@@ -86,10 +99,11 @@ const MAX_RO: usize = 32;
 
 /// Checks the request: paths exist and are absolute; nothing shown is a shared or system
 /// location or holds key material ([`exposure`]); every hidden path exists.
+#[allow(clippy::type_complexity)]
 fn validate(
     cfg: &SandboxConfig,
     host: &HostFacts,
-) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>), SandboxError> {
+) -> Result<(PathBuf, Vec<PathBuf>, Vec<PathBuf>, Vec<OwnedFd>), SandboxError> {
     if cfg.argv.is_empty() {
         return Err(SandboxError::Invalid("no command given".into()));
     }
@@ -98,18 +112,20 @@ fn validate(
             "at most {MAX_RO} --ro paths are accepted"
         )));
     }
-    let ws = canonical(&cfg.workspace, "workspace")?;
+    let (ws, ws_fd) = opened(&cfg.workspace, "workspace")?;
     if !ws.is_dir() {
         return Err(SandboxError::Invalid(format!(
             "workspace {} is not a directory",
             ws.display()
         )));
     }
-    let ro = cfg
-        .ro
-        .iter()
-        .map(|p| canonical(p, "read-only path"))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut fds = vec![ws_fd];
+    let mut ro = Vec::new();
+    for p in &cfg.ro {
+        let (real, fd) = opened(p, "read-only path")?;
+        ro.push(real);
+        fds.push(fd);
+    }
     exposure::refuse_location(&ws, Shown::Workspace, exposure::world_writable(&ws), host)
         .map_err(SandboxError::Invalid)?;
     for p in &ro {
@@ -131,28 +147,20 @@ fn validate(
             hide.push(h);
         }
     }
-    let covered_dirs: Vec<PathBuf> = hide.iter().filter(|h| h.is_dir()).cloned().collect();
-    for (what, p) in
-        std::iter::once(("workspace", &ws)).chain(ro.iter().map(|p| ("read-only path", p)))
-    {
-        match exposure::find_secret(p, &covered_dirs) {
-            Scan::Found(s) => {
+    // A hidden file with other names (hard links) would still be shown under those.
+    for h in &hide {
+        use std::os::unix::fs::MetadataExt;
+        if let Ok(m) = std::fs::symlink_metadata(h) {
+            if !m.is_dir() && m.nlink() > 1 {
                 return Err(SandboxError::Invalid(format!(
-                    "the {what} {} holds {} ({}); keep identities, keys and tokens outside what the sandbox shows (or --hide the directory that holds them), or choose another --workspace",
-                    p.display(),
-                    s.path.display(),
-                    s.kind
-                )))
+                    "the hidden file {} has {} names (hard links); hide the directory that holds it, or remove the other links",
+                    h.display(),
+                    m.nlink()
+                )));
             }
-            Scan::Partial { entries } => tracing::warn!(
-                path = %p.display(),
-                entries,
-                "too large to check completely for key material; checked the first entries"
-            ),
-            Scan::Clean => {}
         }
     }
-    Ok((ws, ro, hide))
+    Ok((ws, ro, hide, fds))
 }
 
 /// Refuses to start without Landlock unless degraded operation was asked for.
@@ -326,20 +334,26 @@ impl Prepared {
     /// Checks the request and builds the sandbox up to the point where the agent would start.
     pub async fn new(cfg: SandboxConfig) -> Result<Prepared, SandboxError> {
         let host = HostFacts::gather(state_bases());
-        let (workspace, ro, hide) = validate(&cfg, &host)?;
+        let (workspace, ro, hide, opened) = validate(&cfg, &host)?;
         require_landlock(landlock::abi(), cfg.allow_degraded)?;
         if !Path::new("/proc/self/ns/user").exists() {
             return Err(SandboxError::Missing("user namespaces".into()));
         }
         // SAFETY: getuid cannot fail.
-        let ids = AgentIds::for_launcher(unsafe { libc::getuid() });
+        // The seed: the sandbox's random id, through a randomly keyed hasher.
+        let seed = {
+            use std::hash::BuildHasher;
+            std::collections::hash_map::RandomState::new().hash_one(&cfg.id)
+        };
+        // SAFETY: getuid cannot fail.
+        let ids = AgentIds::for_launcher(unsafe { libc::getuid() }, seed);
         let mut shown: Vec<&Path> = vec![&workspace];
         shown.extend(ro.iter().map(PathBuf::as_path));
         let state = state_dir(&cfg.id, &shown)?;
         let hosts = state.path.join("hosts");
         std::fs::write(&hosts, hosts_file(&cfg.id, &[]))?;
         std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
-        let (sources, detached) = sources(&workspace, &ro, &cfg.extra, ids)?;
+        let (sources, detached) = sources(&workspace, &ro, opened, &cfg.extra, ids, &hide)?;
         let cgroup = Cgroup::create(&cfg.id, cfg.limits).map_err(SandboxError::Limits)?;
         let fallback = cgroup.rlimit_fallback();
         let spec = Spec {
@@ -516,50 +530,132 @@ impl Prepared {
 /// the launcher prepares each as a detached mount (the workspace idmapped so that root's files
 /// are the agent's and the agent's are root's); otherwise the sandbox binds the host paths.
 /// Returns the sources and the descriptors to pass, in the order of their numbers.
+/// Opens every shown path once, without following links ([`idmap::open_exact`]), scans what
+/// that descriptor names for key material, and turns it into a source for the sandbox: for
+/// root, a detached (and for the workspace, idmapped) mount made from the descriptor; for an
+/// unprivileged launcher, the path with the device and inode the sandbox must find there. Nothing
+/// checked here is looked up by path again without that check, so a rename between the check and
+/// the mount (by an agent in a sandbox that shows a parent) cannot change what is shown.
 fn sources(
     workspace: &Path,
     ro: &[PathBuf],
+    opened: Vec<OwnedFd>,
     extra: &[(PathBuf, PathBuf)],
     ids: Option<AgentIds>,
+    hide: &[PathBuf],
 ) -> Result<(Vec<Source>, Vec<OwnedFd>), SandboxError> {
-    let shown: Vec<(PathBuf, PathBuf, bool)> =
-        std::iter::once((workspace.to_path_buf(), workspace.to_path_buf(), false))
-            .chain(ro.iter().map(|p| (p.clone(), p.clone(), true)))
-            .chain(
-                extra
-                    .iter()
-                    .map(|(src, at)| (src.clone(), at.clone(), true)),
-            )
-            .collect();
-    let Some(ids) = ids else {
-        let sources = shown
-            .into_iter()
-            .map(|(src, at, read_only)| Source {
-                at,
-                from: From::Path(src),
-                read_only,
-            })
-            .collect();
-        return Ok((sources, Vec::new()));
+    let shown: Vec<(PathBuf, PathBuf, bool, Option<&str>)> = std::iter::once((
+        workspace.to_path_buf(),
+        workspace.to_path_buf(),
+        false,
+        Some("workspace"),
+    ))
+    .chain(
+        ro.iter()
+            .map(|p| (p.clone(), p.clone(), true, Some("read-only path"))),
+    )
+    .chain(
+        extra
+            .iter()
+            .map(|(src, at)| (src.clone(), at.clone(), true, None)),
+    )
+    .collect();
+    let userns = match ids {
+        Some(ids) => Some(
+            idmap::userns_mapping_root_to(ids)
+                .map_err(|e| SandboxError::Setup(format!("mapping the workspace: {e}")))?,
+        ),
+        None => None,
     };
-    let userns = idmap::userns_mapping_root_to(ids)
-        .map_err(|e| SandboxError::Setup(format!("mapping the workspace: {e}")))?;
     let mut sources = Vec::new();
     let mut fds = Vec::new();
-    for (i, (src, at, read_only)) in shown.into_iter().enumerate() {
-        let attrs = idmap::Attrs {
-            read_only,
-            idmap: (i == 0).then(|| userns.as_raw_fd()),
+    let mut checked = opened.into_iter();
+    for (i, (src, at, read_only, what)) in shown.into_iter().enumerate() {
+        // The workspace and `--ro` paths were opened when they were checked; the extra files
+        // (the probe's binary) are the launcher's own.
+        let opened = match checked.next() {
+            Some(fd) => fd,
+            None => idmap::open_exact(&src).map_err(|e| SandboxError::Invalid(e.to_string()))?,
         };
-        let fd = idmap::detach(&src, attrs).map_err(|e| SandboxError::Setup(e.to_string()))?;
-        fds.push(high_copy(&fd)?);
-        sources.push(Source {
-            at,
-            from: From::Fd(FIRST_SOURCE_FD + i as i32),
-            read_only,
-        });
+        let (dev, ino) = idmap::identity_of(&opened)?;
+        // Root scans the detached copy itself: exactly what the agent will see (a mount on the
+        // host below the workspace is not part of it).
+        let tree =
+            match &userns {
+                Some(_) => Some(idmap::clone_tree(&opened).map_err(|e| {
+                    SandboxError::Setup(format!("preparing {}: {e}", src.display()))
+                })?),
+                None => None,
+            };
+        if let Some(what) = what {
+            let walk = PathBuf::from(format!(
+                "/proc/self/fd/{}",
+                tree.as_ref().unwrap_or(&opened).as_raw_fd()
+            ));
+            scan(&src, &walk, what, hide)?;
+        }
+        match (&userns, tree) {
+            (Some(ns), Some(tree)) => {
+                let attrs = idmap::Attrs {
+                    read_only,
+                    idmap: (i == 0).then(|| ns.as_raw_fd()),
+                };
+                idmap::set_attrs(&tree, attrs, &src)
+                    .map_err(|e| SandboxError::Setup(e.to_string()))?;
+                fds.push(high_copy(&tree)?);
+                sources.push(Source {
+                    at,
+                    from: From::Fd(FIRST_SOURCE_FD + (fds.len() - 1) as i32),
+                    read_only,
+                });
+            }
+            _ => sources.push(Source {
+                at,
+                from: From::Path {
+                    path: src,
+                    dev,
+                    ino,
+                },
+                read_only,
+            }),
+        }
     }
     Ok((sources, fds))
+}
+
+/// Refuses a shown path (`shown`, walked through `walk`) that holds key material outside the
+/// hidden directories in `hide`.
+fn scan(shown: &Path, walk: &Path, what: &str, hide: &[PathBuf]) -> Result<(), SandboxError> {
+    let covered: Vec<PathBuf> = hide
+        .iter()
+        .filter(|h| h.is_dir())
+        .filter_map(|h| h.strip_prefix(shown).ok())
+        .map(|rel| walk.join(rel))
+        .collect();
+    match exposure::find_secret(walk, &covered) {
+        Scan::Found(s) => {
+            let at = s
+                .path
+                .strip_prefix(walk)
+                .map(|rel| shown.join(rel))
+                .unwrap_or(s.path);
+            Err(SandboxError::Invalid(format!(
+                "the {what} {} holds {} ({}); keep identities, keys and tokens outside what the sandbox shows (or --hide the directory that holds them), or choose another --workspace",
+                shown.display(),
+                at.display(),
+                s.kind
+            )))
+        }
+        Scan::Partial { entries } => {
+            tracing::warn!(
+                path = %shown.display(),
+                entries,
+                "too large to check completely for key material; checked the first entries"
+            );
+            Ok(())
+        }
+        Scan::Clean => Ok(()),
+    }
 }
 
 /// Reads the sandbox's answer: `want` to go on, `E` and a message for a failure.
@@ -740,6 +836,13 @@ mod tests {
         let host = HostFacts::gather(state_bases());
         let dir = tempfile::tempdir().unwrap();
         assert!(validate(&cfg(dir.path()), &host).is_ok());
+        let link = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(dir.path(), link.path().join("ws")).unwrap();
+        let e = validate(&cfg(&link.path().join("ws")), &host).unwrap_err();
+        assert!(
+            e.to_string().contains("real path"),
+            "a link is not followed: {e}"
+        );
         for bad in ["/", "/root", "/usr/lib", "/tmp", "/nonexistent-umbra-ws"] {
             let e = validate(&cfg(Path::new(bad)), &host).unwrap_err();
             assert!(matches!(e, SandboxError::Invalid(_)), "{bad}: {e}");
@@ -760,7 +863,11 @@ mod tests {
             "-----BEGIN PRIVATE KEY-----",
         )
         .unwrap();
-        let e = validate(&cfg(dir.path()), &host).unwrap_err().to_string();
+        // Found by the scan of what was opened, on the way to the sandbox's sources.
+        let (ws, ro, hide, fds) = validate(&cfg(dir.path()), &host).unwrap();
+        let e = sources(&ws, &ro, fds, &[], None, &hide)
+            .unwrap_err()
+            .to_string();
         assert!(
             e.contains("agent-1.json") && e.contains("identity file"),
             "{e}"

@@ -60,8 +60,16 @@ pub struct Source {
 /// Where a shown path comes from.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub enum From {
-    /// A host path, bound by the sandbox itself (`nosuid`, `nodev`).
-    Path(PathBuf),
+    /// A host path, bound by the sandbox itself (`nosuid`, `nodev`) only if, opened without
+    /// following links, it is still the file the launcher checked (device and inode).
+    Path {
+        /// The host path.
+        path: PathBuf,
+        /// Its device, as the launcher saw it.
+        dev: u64,
+        /// Its inode, as the launcher saw it.
+        ino: u64,
+    },
     /// A detached mount the launcher made, passed on this descriptor.
     Fd(i32),
 }
