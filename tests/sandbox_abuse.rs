@@ -418,3 +418,76 @@ async fn malformed_and_refused_dns_names_are_audited_as_asked() {
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }
+
+/// Without privilege (no cgroup can be made): refused and malformed names are audited the same
+/// way, and each socket's buffers are bounded in the sandbox's network namespace.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unprivileged_the_names_are_audited_and_socket_buffers_bounded() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world().await;
+    // Everything the unprivileged user needs, owned by it: the binary, the identity, a workspace.
+    let home = tempfile::tempdir().unwrap();
+    let bin = home.path().join("umbra");
+    std::fs::copy(umbra_bin(), &bin).unwrap();
+    std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let identity = home.path().join("agent-1.json");
+    std::fs::copy(&w.identity, &identity).unwrap();
+    let ws = home.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let chown = std::process::Command::new("chown")
+        .args(["-R", "65534:65534"])
+        .arg(home.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let ev_path = ws.join("events.jsonl");
+    let script = format!(
+        "{MALFORMED}\nopen('rmem', 'w').write(open('/proc/sys/net/ipv4/tcp_rmem').read() + open('/proc/sys/net/ipv4/tcp_wmem').read())\n"
+    );
+    let o = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args(["run", "--identity"])
+            .arg(&identity)
+            .arg("--workspace")
+            .arg(&ws)
+            .arg("--events")
+            .arg(&ev_path)
+            .args(["--", "/usr/bin/python3", "-c", &script])
+            .env("HOME", home.path())
+            .env("UMBRA_CONTROLLER", w.t.addr())
+            .env("UMBRA_LOG", "error")
+            .current_dir(home.path())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("umbra run ends")
+    .expect("umbra run starts");
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(ws.join("rcodes")).unwrap_or_default(),
+        "3 3 1 1"
+    );
+    let ev = events(&ev_path);
+    assert!(
+        ev.iter()
+            .any(|e| e["kind"] == "dns_refused" && e["name"] == "SeCrEt.ExFil.example"),
+        "{ev:#?}"
+    );
+    assert!(ev.iter().any(|e| e["kind"] == "dns_malformed"), "{ev:#?}");
+    let rmem = std::fs::read_to_string(ws.join("rmem")).unwrap_or_default();
+    let maxima: Vec<u64> = rmem
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2)?.parse().ok())
+        .collect();
+    assert_eq!(maxima.len(), 2, "{rmem}");
+    assert!(
+        maxima
+            .iter()
+            .all(|m| *m <= umbra_sandbox::sockbuf::MAX_SOCKET_BUFFER),
+        "{rmem}"
+    );
+}
