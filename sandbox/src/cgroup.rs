@@ -135,6 +135,12 @@ impl Cgroup {
     }
 
     fn create_v2(root: &Path, name: &str, limits: &Limits) -> io::Result<PathBuf> {
+        if limits.memory.is_some() {
+            let cmdline = fs::read_to_string("/proc/cmdline").unwrap_or_default();
+            if socket_memory_unaccounted(&cmdline) {
+                tracing::warn!("the kernel runs with cgroup.memory=nosocket: socket buffers are not counted in --memory");
+            }
+        }
         let parent = root.join("umbra");
         fs::create_dir_all(&parent)?;
         // Controllers must be enabled on the way down before a child can use them.
@@ -171,6 +177,20 @@ impl Cgroup {
             write(&dir.join("memory.limit_in_bytes"), &m.to_string())?;
             // Swap accounting is optional; where it exists, no swap either.
             let _ = write(&dir.join("memory.memsw.limit_in_bytes"), &m.to_string());
+            // v1 does not count socket buffers in `memory.limit_in_bytes`: without this an agent
+            // under a 64 MiB limit parked hundreds of MiB in loopback TCP buffers. Accounting
+            // starts when the limit is first written, so it is written before anyone joins;
+            // and it is required, because without it `--memory` would not mean what it says.
+            write(
+                &dir.join("memory.kmem.tcp.limit_in_bytes"),
+                &tcp_limit(m).to_string(),
+            )
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot bound socket memory under cgroup v1 ({e})"),
+                )
+            })?;
         }
         if let (Some(dir), Some(p)) = (pids, self.limits.pids) {
             write(&dir.join("pids.max"), &p.to_string())?;
@@ -288,6 +308,22 @@ impl Cgroup {
     }
 }
 
+/// The v1 socket-memory limit (`memory.kmem.tcp.limit_in_bytes`) for a memory limit of
+/// `memory`: a quarter of it, at least 4 MiB (below that a few idle connections would hit it),
+/// never more than the memory limit itself.
+pub fn tcp_limit(memory: u64) -> u64 {
+    (memory / 4).max(4 << 20).min(memory)
+}
+
+/// Whether the kernel command line turns socket accounting off in cgroup v2 (`memory.max` then
+/// does not count socket buffers, and nothing in the cgroup can make it).
+pub fn socket_memory_unaccounted(cmdline: &str) -> bool {
+    cmdline.split_whitespace().any(|arg| {
+        arg.strip_prefix("cgroup.memory=")
+            .is_some_and(|v| v.split(',').any(|o| o == "nosocket"))
+    })
+}
+
 fn counter(file: &Path, key: &str) -> u64 {
     fs::read_to_string(file)
         .ok()
@@ -372,6 +408,20 @@ mod tests {
         for bad in ["0", "x", "-1", "NaN", "inf"] {
             assert!(parse_cpus(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn socket_memory_is_a_quarter_of_memory_at_least_4_mib() {
+        assert_eq!(tcp_limit(64 << 20), 16 << 20);
+        assert_eq!(tcp_limit(8 << 20), 4 << 20);
+        assert_eq!(tcp_limit(1 << 20), 1 << 20);
+        assert_eq!(tcp_limit(4 << 30), 1 << 30);
+        assert!(socket_memory_unaccounted(
+            "ro quiet cgroup.memory=nokmem,nosocket"
+        ));
+        assert!(socket_memory_unaccounted("cgroup.memory=nosocket"));
+        assert!(!socket_memory_unaccounted("cgroup.memory=nokmem quiet"));
+        assert!(!socket_memory_unaccounted("xcgroup.memory=nosocketx"));
     }
 
     #[test]

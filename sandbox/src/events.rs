@@ -21,8 +21,17 @@ pub enum EventKind {
     },
     /// A DNS query for a name the identity may not reach.
     DnsRefused {
-        /// The name asked for.
+        /// The name as asked (case kept), in RFC 1035 presentation form.
         name: String,
+    },
+    /// A DNS query the responder could not parse (FORMERR or NOTIMP). Audited like a refusal:
+    /// a malformed query is still something the agent sent out, and may carry data.
+    DnsMalformed {
+        /// What was wrong.
+        reason: String,
+        /// The question's name as far as it could be read, in presentation form.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
     },
     /// A connection to a listener whose service the router refused.
     DialDenied {
@@ -139,9 +148,104 @@ impl EventSink {
     }
 }
 
+/// Bounds how many events one kind of agent behaviour can produce: each key (a refused name,
+/// say) at most once per period, and at most `max_keys` keys per period. An agent that asks a
+/// million names a second then costs the audit log `max_keys` lines a second, not a million.
+/// Time is an argument, so the window is tested without a clock.
+#[derive(Debug)]
+pub struct EventWindow {
+    period: std::time::Duration,
+    max_keys: usize,
+    started: Option<std::time::Instant>,
+    seen: std::collections::HashSet<String>,
+    suppressed: u64,
+}
+
+impl EventWindow {
+    /// A window of `period` admitting at most `max_keys` distinct keys in each.
+    pub fn new(period: std::time::Duration, max_keys: usize) -> EventWindow {
+        EventWindow {
+            period,
+            max_keys,
+            started: None,
+            seen: Default::default(),
+            suppressed: 0,
+        }
+    }
+
+    /// Whether an event for `key` at `now` is to be emitted.
+    pub fn admit(&mut self, now: std::time::Instant, key: &str) -> bool {
+        let fresh = match self.started {
+            None => true,
+            Some(s) => now.saturating_duration_since(s) >= self.period,
+        };
+        if fresh {
+            self.started = Some(now);
+            self.seen.clear();
+        }
+        if self.seen.len() >= self.max_keys || self.seen.contains(key) {
+            self.suppressed += 1;
+            return false;
+        }
+        self.seen.insert(key.to_string());
+        true
+    }
+
+    /// How many events were not admitted so far.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_window_admits_each_key_once_and_a_bounded_number_per_period() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut w = EventWindow::new(Duration::from_secs(1), 3);
+        assert!(w.admit(t0, "a"));
+        assert!(!w.admit(t0, "a"));
+        assert!(
+            w.admit(t0 + Duration::from_millis(10), "A"),
+            "keys keep case"
+        );
+        assert!(w.admit(t0 + Duration::from_millis(20), "b"));
+        assert!(
+            !w.admit(t0 + Duration::from_millis(30), "c"),
+            "over the bound"
+        );
+        // A million distinct keys within the period: none admitted.
+        let admitted = (0..1_000_000)
+            .filter(|i| w.admit(t0 + Duration::from_millis(999), &i.to_string()))
+            .count();
+        assert_eq!(admitted, 0);
+        assert_eq!(w.suppressed(), 1_000_002);
+        // The next period starts afresh.
+        assert!(w.admit(t0 + Duration::from_secs(1), "a"));
+        assert!(w.admit(t0 + Duration::from_secs(1), "c"));
+        // A clock that goes backwards does not wedge it.
+        assert!(!w.admit(t0, "a"));
+    }
+
+    #[test]
+    fn a_malformed_query_event_carries_its_reason_and_name_if_any() {
+        let v = serde_json::to_value(EventKind::DnsMalformed {
+            reason: "truncated name".into(),
+            name: Some("Ab\\c".into()),
+        })
+        .unwrap();
+        assert_eq!(v["kind"], "dns_malformed");
+        assert_eq!(v["name"], "Ab\\c");
+        let v = serde_json::to_value(EventKind::DnsMalformed {
+            reason: "x".into(),
+            name: None,
+        })
+        .unwrap();
+        assert!(v.get("name").is_none());
+    }
 
     #[test]
     fn events_are_json_lines_with_their_kind() {

@@ -708,6 +708,7 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     // Memory files can never be executed in this PID namespace (fileless binaries); where the
     // kernel lacks the switch, the seccomp filter refuses memfd_create altogether.
     let memfd_sealed = fs::write(proc_dir.join("sys/vm/memfd_noexec"), "2").is_ok();
+    crate::sockbuf::bound_socket_buffers(&proc_dir.join("sys"))?;
     bind(&proc_dir.join("sys"), &proc_dir.join("sys"), true)?;
     for name in PROC_MASKED {
         cover(&proc_dir.join(name), &cover_file)?;

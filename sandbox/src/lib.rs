@@ -21,9 +21,11 @@ pub mod idmap;
 pub mod init;
 pub mod landlock;
 mod launch;
+pub mod nofile;
 pub mod probe;
 
 pub mod seccomp;
+pub mod sockbuf;
 pub mod spec;
 
 pub use cgroup::{Cgroup, Limits};

@@ -7,6 +7,7 @@
 //! address, and never decides access itself: the router authorizes every stream.
 #![forbid(unsafe_code)]
 
+pub mod accept;
 mod addresses;
 mod lanes;
 mod plan;

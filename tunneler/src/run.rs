@@ -14,6 +14,7 @@ use umbra_proto::api::EdgeView;
 use umbra_proto::FrameDecoder;
 use umbra_sdk::{Context, ControllerClient, Early, SdkError};
 
+use crate::accept::{accept_with_backoff, AcceptBackoff};
 use crate::addresses::AddressBook;
 use crate::lanes::Lanes;
 use crate::plan::{desired, Mapping};
@@ -297,20 +298,17 @@ async fn accept_loop(
     token: CancellationToken,
     on_denied: Option<DeniedFn>,
 ) {
+    let mut backoff = AcceptBackoff::new();
+    let what = m.listen.to_string();
     loop {
+        // The slot is taken before `accept`: over the bound, connections wait in the kernel's
+        // backlog instead of costing this process a descriptor each.
         let permit = tokio::select! {
             p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = token.cancelled() => return,
         };
         let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+            x = accept_with_backoff(&mut backoff, &what, || listener.accept()) => x,
             _ = token.cancelled() => return,
         };
         let (service, token) = (m.service.clone(), token.clone());

@@ -13,15 +13,20 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UdpSocket;
 use umbra_sandbox::dns::{self, Outcome};
-use umbra_sandbox::events::{EventKind, EventSink};
+use umbra_sandbox::events::{EventKind, EventSink, EventWindow};
 use umbra_sandbox::{exit, Prepared, SandboxConfig, SandboxError};
 use umbra_sdk::Context;
 
+use crate::accept::{accept_with_backoff, AcceptBackoff};
 use crate::plan::Mapping;
 use crate::run::{Tunneler, TunnelerConfig};
 
 /// Where the DNS responder listens inside the sandbox.
 pub const DNS_ADDR: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 53)), 53);
+
+/// Connections the tunneler carries for one sandbox at once. Each costs the launcher a
+/// descriptor and buffers; over the bound, the agent's connections wait in the kernel's backlog.
+pub const SANDBOX_CONNECTIONS: usize = 512;
 
 /// How to run one agent.
 #[derive(Debug)]
@@ -97,10 +102,18 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
     let id = opts.sandbox.id.clone();
     let command = opts.sandbox.argv.first().cloned().unwrap_or_default();
     let prepared = Prepared::new(opts.sandbox).await?;
+    // The agent's connections are the launcher's descriptors. The sandbox's first process is
+    // already running with the limit we were given, which is what the agent inherits; from
+    // here on the launcher may use all the hard limit allows.
+    match umbra_sandbox::nofile::raise() {
+        Ok(n) => tracing::debug!(soft = n, "descriptor limit raised"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the descriptor limit"),
+    }
     let netns = prepared.netns().clone();
     let hosts_path = prepared.hosts_path().to_path_buf();
 
     let mut tcfg = opts.tunnel;
+    tcfg.max_connections = tcfg.max_connections.min(SANDBOX_CONNECTIONS);
     let ns = netns.clone();
     tcfg.listen = Some(Arc::new(move |addr| ns.listen_tcp(addr)));
     let events = opts.events.clone();
@@ -162,7 +175,7 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
         .listen_tcp(DNS_ADDR)
         .and_then(tokio::net::TcpListener::from_std)
         .map_err(|e| RunError::Tunnel(format!("cannot start the sandbox's DNS responder: {e}")))?;
-    let refused_names = Arc::new(RefusedNames::new(opts.events.clone()));
+    let refused_names = Arc::new(DnsAudit::new(opts.events.clone()));
     let dns_task = {
         let udp = serve_dns(dns_socket, names.clone(), refused_names.clone());
         let tcp = serve_dns_tcp(dns_tcp, names.clone(), refused_names);
@@ -315,33 +328,40 @@ fn publish_names(id: &str, hosts_path: &std::path::Path, names: &Names, list: &[
     }
 }
 
-/// Refused names become events, a bounded number of them: one per name per second, at most
-/// 50 a second (a resolver asks for A and AAAA, and retries, over UDP and TCP).
-struct RefusedNames {
+/// Refused and malformed queries become events, a bounded number of them: one per name (as
+/// asked) per second, at most 50 a second (a resolver asks for A and AAAA, and retries, over UDP
+/// and TCP; an agent encoding data in names asks as fast as it can).
+struct DnsAudit {
     events: EventSink,
-    window: std::sync::Mutex<(Instant, std::collections::HashSet<String>)>,
+    window: std::sync::Mutex<EventWindow>,
 }
 
-impl RefusedNames {
-    fn new(events: EventSink) -> RefusedNames {
-        RefusedNames {
+impl DnsAudit {
+    fn new(events: EventSink) -> DnsAudit {
+        DnsAudit {
             events,
-            window: std::sync::Mutex::new((Instant::now(), Default::default())),
+            window: std::sync::Mutex::new(EventWindow::new(Duration::from_secs(1), 50)),
         }
     }
 
     fn report(&self, outcome: Outcome) {
-        let Outcome::Refused(name) = outcome else {
-            return;
+        let (key, kind) = match outcome {
+            Outcome::Refused(name) => (format!("refused {name}"), EventKind::DnsRefused { name }),
+            Outcome::Malformed { reason, name } => (
+                format!("malformed {reason} {}", name.as_deref().unwrap_or("")),
+                EventKind::DnsMalformed {
+                    reason: reason.to_string(),
+                    name,
+                },
+            ),
+            Outcome::Answered(_) | Outcome::NoData(_) => return,
         };
-        let Ok(mut window) = self.window.lock() else {
-            return;
+        let admitted = match self.window.lock() {
+            Ok(mut w) => w.admit(Instant::now(), &key),
+            Err(_) => false,
         };
-        if window.0.elapsed() > Duration::from_secs(1) {
-            *window = (Instant::now(), Default::default());
-        }
-        if window.1.len() < 50 && window.1.insert(name.clone()) {
-            self.events.emit(EventKind::DnsRefused { name });
+        if admitted {
+            self.events.emit(kind);
         }
     }
 }
@@ -353,11 +373,20 @@ fn answer_from(names: &Names, query: &[u8]) -> Option<(Vec<u8>, Outcome)> {
 }
 
 /// Answers the sandbox's DNS queries over UDP from `names`; never forwards anything.
-async fn serve_dns(socket: UdpSocket, names: Names, refused: Arc<RefusedNames>) {
+async fn serve_dns(socket: UdpSocket, names: Names, refused: Arc<DnsAudit>) {
     let mut buf = [0u8; 1500];
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
-            continue;
+        // A failing socket must not spin the launcher on the agent's behalf.
+        let (n, peer) = match socket.recv_from(&mut buf).await {
+            Ok(x) => {
+                backoff.succeeded();
+                x
+            }
+            Err(e) => {
+                tokio::time::sleep(backoff.failed(&e)).await;
+                continue;
+            }
         };
         let Some((reply, outcome)) = answer_from(&names, &buf[..n]) else {
             continue;
@@ -369,60 +398,66 @@ async fn serve_dns(socket: UdpSocket, names: Names, refused: Arc<RefusedNames>) 
 
 /// Connections the agent may hold open to the TCP side of its DNS responder at once.
 const DNS_TCP_CONNECTIONS: usize = 16;
-/// How long a DNS-over-TCP connection may sit without a complete query.
-const DNS_TCP_IDLE: Duration = Duration::from_secs(10);
+/// How long a DNS-over-TCP connection may sit without a complete query (a stub resolver sends
+/// its query at once; one that does not is holding a slot).
+const DNS_TCP_IDLE: Duration = Duration::from_secs(5);
+/// How long one DNS-over-TCP connection may live, however busy: a slot is lent, not given.
+const DNS_TCP_LIFETIME: Duration = Duration::from_secs(30);
 /// The largest query taken over TCP (a query names one host; anything longer is not one).
 const DNS_TCP_MAX_QUERY: usize = 1500;
 
 /// The same answers over TCP (RFC 7766: two-byte length, then the message), for resolvers that
 /// use it (`options use-vc`, `dig +tcp`, retries after truncation). Bounded in connections, idle
-/// time and query size, since the agent drives it.
-async fn serve_dns_tcp(
-    listener: tokio::net::TcpListener,
-    names: Names,
-    refused: Arc<RefusedNames>,
-) {
+/// time, lifetime and query size, since the agent drives it. A slot is taken before `accept`:
+/// over the bound, connections wait in the kernel's backlog, so a flood of half-open connections
+/// costs the launcher nothing (closing the newest at once instead let the agent make the
+/// launcher accept and close as fast as it could reconnect).
+async fn serve_dns_tcp(listener: tokio::net::TcpListener, names: Names, refused: Arc<DnsAudit>) {
     let slots = Arc::new(tokio::sync::Semaphore::new(DNS_TCP_CONNECTIONS));
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else {
-            continue;
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
         };
-        // Over the bound, the newest connection is closed at once.
-        let Ok(slot) = slots.clone().try_acquire_owned() else {
-            continue;
-        };
+        let (conn, _) = accept_with_backoff(&mut backoff, "dns/tcp", || listener.accept()).await;
         let (names, refused) = (names.clone(), refused.clone());
         tokio::spawn(async move {
             let _slot = slot;
-            let mut buf = vec![0u8; DNS_TCP_MAX_QUERY];
-            loop {
-                let query = async {
-                    let mut len = [0u8; 2];
-                    conn.read_exact(&mut len).await?;
-                    let len = usize::from(u16::from_be_bytes(len));
-                    if len > DNS_TCP_MAX_QUERY {
-                        return Err(std::io::ErrorKind::InvalidData.into());
-                    }
-                    conn.read_exact(&mut buf[..len]).await?;
-                    Ok::<usize, std::io::Error>(len)
-                };
-                let Ok(Ok(len)) = tokio::time::timeout(DNS_TCP_IDLE, query).await else {
-                    return;
-                };
-                let Some((reply, outcome)) = answer_from(&names, &buf[..len]) else {
-                    return;
-                };
-                let Ok(n) = u16::try_from(reply.len()) else {
-                    return;
-                };
-                let mut framed = Vec::with_capacity(2 + reply.len());
-                framed.extend_from_slice(&n.to_be_bytes());
-                framed.extend_from_slice(&reply);
-                if conn.write_all(&framed).await.is_err() {
-                    return;
-                }
-                refused.report(outcome);
-            }
+            let _ = tokio::time::timeout(DNS_TCP_LIFETIME, serve_dns_conn(conn, &names, &refused))
+                .await;
         });
+    }
+}
+
+/// Answers the queries of one DNS-over-TCP connection until it is idle, ends or errs.
+async fn serve_dns_conn(mut conn: tokio::net::TcpStream, names: &Names, refused: &DnsAudit) {
+    let mut buf = vec![0u8; DNS_TCP_MAX_QUERY];
+    loop {
+        let query = async {
+            let mut len = [0u8; 2];
+            conn.read_exact(&mut len).await?;
+            let len = usize::from(u16::from_be_bytes(len));
+            if len > DNS_TCP_MAX_QUERY {
+                return Err(std::io::ErrorKind::InvalidData.into());
+            }
+            conn.read_exact(&mut buf[..len]).await?;
+            Ok::<usize, std::io::Error>(len)
+        };
+        let Ok(Ok(len)) = tokio::time::timeout(DNS_TCP_IDLE, query).await else {
+            return;
+        };
+        let Some((reply, outcome)) = answer_from(names, &buf[..len]) else {
+            return;
+        };
+        let Ok(n) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(2 + reply.len());
+        framed.extend_from_slice(&n.to_be_bytes());
+        framed.extend_from_slice(&reply);
+        if conn.write_all(&framed).await.is_err() {
+            return;
+        }
+        refused.report(outcome);
     }
 }
