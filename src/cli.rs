@@ -468,7 +468,8 @@ pub struct SandboxRunArgs {
 pub struct VerifyArgs {
     #[command(flatten)]
     pub sandbox: SandboxArgs,
-    /// Skip the limit attempts (fork bomb, memory balloon, busy loop)
+    /// Skip the limit attempts (fork bomb, memory and socket-buffer balloons, busy loop, held
+    /// connections)
     #[arg(long)]
     pub skip_limits: bool,
     /// A listener on a test host (in a network namespace of the tests' own) that must stay

@@ -837,6 +837,8 @@ async fn escape_suite_holds() {
         "carry a --hide path out from under its cover (seen from the host)",
         "a set-id file in the workspace (seen from the host)",
         "reach the host's loopback listener (seen from the host)",
+        "socket-buffer balloon under --memory 64M",
+        "hold 1,100 connections and half-open DNS-over-TCP against the launcher",
     ] {
         assert!(
             names.contains(&want),

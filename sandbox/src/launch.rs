@@ -433,6 +433,9 @@ impl Prepared {
                 if libc::getppid() != launcher {
                     return Err(io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                // The launcher may have raised its descriptor limit; the sandbox gets the one
+                // the launcher was given.
+                crate::nofile::restore_in_child()?;
                 // Every source is numbered 64 or above (high_copy): no dup2 clobbers another,
                 // and dup2 clears close-on-exec on the copies.
                 if libc::dup2(their_fd, SPEC_FD) < 0 || libc::dup2(net_fd, NET_FD) < 0 {

@@ -31,7 +31,8 @@ pub const METADATA: Ipv4Addr = Ipv4Addr::new(169, 254, 169, 254);
 /// What the probe is told by the launcher.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ProbeConfig {
-    /// Which battery: `escape` (the default), or one limit attempt: `fork`, `memory`, `busy`.
+    /// Which battery: `escape` (the default), or one limit attempt: `fork`, `memory`, `busy`,
+    /// `sockets`, `hold`.
     pub mode: String,
     /// A token unique to one `umbra verify` run, on every probe's command line, so that the
     /// launcher can find leftovers of exactly its own probes.
