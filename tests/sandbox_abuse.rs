@@ -358,7 +358,8 @@ open("rcodes", "w").write(" ".join(map(str, out)))
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_refused_dns_names_are_audited_as_asked() {
     let w = world().await;
-    let ev_path = w.ws().join("events.jsonl");
+    // Outside the workspace: the launcher refuses an events file the agent could replace.
+    let ev_path = w.t.path("events.jsonl");
     let o = tokio::time::timeout(
         Duration::from_secs(60),
         w.command(&["--events", ev_path.to_str().unwrap()], MALFORMED)
@@ -440,7 +441,8 @@ async fn unprivileged_the_names_are_audited_and_socket_buffers_bounded() {
         .status()
         .unwrap();
     assert!(chown.success());
-    let ev_path = ws.join("events.jsonl");
+    // Beside the workspace, never inside it: the agent could replace it.
+    let ev_path = home.path().join("events.jsonl");
     let script = format!(
         "{MALFORMED}\nopen('rmem', 'w').write(open('/proc/sys/net/ipv4/tcp_rmem').read() + open('/proc/sys/net/ipv4/tcp_wmem').read())\n"
     );
