@@ -1,6 +1,7 @@
 //! `umbra run` and `umbra verify`: glue between the command line and the tunneler's sandbox
 //! runner. Exit codes are the agent's, or `umbra_sandbox::exit`'s own.
 
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -189,16 +190,30 @@ async fn run_with(
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
     let cfg = sandbox_config(&args.sandbox, args.command.clone(), &args.env)?;
+    if let Some(p) = path {
+        renewed_out_of_sight(p, &cfg)?;
+    }
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
     if let Some(p) = path {
         ctx.set_identity_path(p);
     }
-    if let Some(ev) = &args.events {
-        outside_what_is_shown(ev, &cfg)?;
-    }
+    let events_at = match &args.events {
+        Some(ev) => Some(events_file(ev, &cfg)?),
+        None => None,
+    };
     let (tx, rx) = tokio::sync::mpsc::channel::<ReportedEvent>(1024);
-    let events = EventSink::new(&cfg.id, file.name.as_str(), args.events.as_deref())
-        .with_context(|| "opening the events file")?
+    let sink = EventSink::new(
+        &cfg.id,
+        file.name.as_str(),
+        events_at.as_ref().map(|(_, at)| at.as_path()),
+    );
+    // The directory's descriptor is needed only to open the file.
+    drop(events_at);
+    let events = sink
+        .map_err(|e| {
+            let shown = args.events.as_deref().unwrap_or(Path::new(""));
+            anyhow::anyhow!("opening the events file {}: {e}", shown.display())
+        })?
         .forward(move |ev| {
             if let Some(r) = reported(ev) {
                 // A full queue drops the event for the controller; the file still has it.
@@ -224,23 +239,62 @@ async fn run_with(
 }
 
 /// An event as the controller's audit log takes it.
-/// Refuses a file the launcher writes (the events file) at a path the sandbox shows: an agent
-/// could replace it with a link, or a FIFO, and aim the launcher's writes (root's, perhaps)
-/// anywhere.
-fn outside_what_is_shown(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<()> {
+/// Refuses an identity file that is, or links to, a file the sandbox shows (outside what it
+/// hides): the launcher renews it while the agent runs, and a renewal writes the new key where
+/// the path leads. (A key already there is found by the sandbox's own scan; this catches the
+/// link before anything is written through it.)
+fn renewed_out_of_sight(identity: &Path, cfg: &SandboxConfig) -> anyhow::Result<()> {
+    use umbra_sandbox::exposure;
+    let canon = |p: &PathBuf| std::fs::canonicalize(p).ok();
+    let shown: Vec<PathBuf> = std::iter::once(&cfg.workspace)
+        .chain(cfg.ro.iter())
+        .filter_map(canon)
+        .collect();
+    let hidden: Vec<PathBuf> = cfg.hide.iter().filter_map(canon).collect();
+    let abs = std::path::absolute(identity)?;
+    let leads = std::fs::read_link(&abs)
+        .ok()
+        .and_then(|t| exposure::reaches_shown(&abs, &t, &shown, &hidden))
+        .or_else(|| {
+            std::fs::canonicalize(&abs)
+                .ok()
+                .filter(|real| exposure::shows(real, &shown, &hidden))
+        });
+    if let Some(at) = leads {
+        anyhow::bail!(
+            "the identity file {} leads to {}, which the sandbox shows; its renewals would be readable inside. Keep it outside the workspace",
+            identity.display(),
+            at.display()
+        );
+    }
+    Ok(())
+}
+
+/// Opens the directory of the events file, which the launcher writes (as root, perhaps), and
+/// refuses it inside a path the sandbox shows: an agent could replace the file with a link or a
+/// FIFO and aim the launcher's writes anywhere. The directory is opened once, refusing a
+/// symbolic link anywhere on its path (an agent could have made one in an earlier run, or make
+/// one in a sandbox that shows a parent, to switch the directory after the check); the file is
+/// then opened through that descriptor. Returns the descriptor (kept open until the file is) and
+/// the path to open the file by.
+fn events_file(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<(OwnedFd, PathBuf)> {
     let name = file
         .file_name()
-        .with_context(|| format!("{} names no file", file.display()))?;
+        .filter(|n| *n != "." && *n != "..")
+        .with_context(|| format!("the events file {} names no file", file.display()))?;
     let parent = match file.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let at = std::fs::canonicalize(&parent)
-        .with_context(|| format!("the directory of {}", file.display()))?
-        .join(name);
+    let parent = std::path::absolute(&parent)
+        .with_context(|| format!("the directory of {}", file.display()))?;
+    let dir = umbra_sandbox::idmap::open_exact(&parent)
+        .with_context(|| format!("the directory of the events file {}", file.display()))?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd()))
+        .with_context(|| format!("the directory of {}", file.display()))?;
     for shown in std::iter::once(&cfg.workspace).chain(cfg.ro.iter()) {
         if let Ok(shown) = std::fs::canonicalize(shown) {
-            if at.starts_with(&shown) {
+            if real.starts_with(&shown) {
                 anyhow::bail!(
                     "the events file {} is inside {}, which the sandbox shows (the agent could replace it); write it elsewhere",
                     file.display(),
@@ -249,7 +303,8 @@ fn outside_what_is_shown(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<()>
             }
         }
     }
-    Ok(())
+    let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    Ok((dir, at))
 }
 
 fn reported(ev: &umbra_sandbox::events::Event) -> Option<ReportedEvent> {
@@ -332,6 +387,9 @@ pub async fn verify(
     Ok(if escaped == 0 { 0 } else { 1 })
 }
 
+/// Connections the canary reads at once.
+const CANARY_READERS: usize = 256;
+
 /// Counts what reaches a canary listener on the host's loopback carrying `token` (the run's
 /// secret, which only the probe knows): an unrelated host process that happens to connect is
 /// not mistaken for an escape.
@@ -343,19 +401,24 @@ fn canary(token: &str) -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>
     let tcp = tokio::net::TcpListener::from_std(tcp)?;
     let h = hits.clone();
     let want = token.as_bytes().to_vec();
-    // A handful of connections are read at once; more are dropped unread (the probe makes one
-    // at a time, so its own are never among them).
-    let readers = Arc::new(tokio::sync::Semaphore::new(16));
+    // Every connection is read (for a bounded time), a bounded number at once: when all readers
+    // are busy the loop waits before accepting more, and the kernel's backlog holds the rest.
+    // None is dropped unread, so a flood from some other host process cannot hide the probe's
+    // own connection among dropped ones.
+    let readers = Arc::new(tokio::sync::Semaphore::new(CANARY_READERS));
     tokio::spawn(async move {
-        while let Ok((mut s, _)) = tcp.accept().await {
-            let Ok(permit) = readers.clone().try_acquire_owned() else {
-                continue;
+        loop {
+            let Ok(permit) = readers.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok((mut s, _)) = tcp.accept().await else {
+                return;
             };
             let (h, want) = (h.clone(), want.clone());
             tokio::spawn(async move {
                 use tokio::io::AsyncReadExt as _;
                 let mut got = vec![0u8; want.len()];
-                let read = tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut got));
+                let read = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got));
                 if matches!(read.await, Ok(Ok(_))) && got == want {
                     h.fetch_add(1, Ordering::SeqCst);
                 }
@@ -418,6 +481,9 @@ async fn verify_with(
         secrets.push(a);
     }
     let mut base = sandbox_config(&args.sandbox, Vec::new(), &[])?;
+    if let Some(p) = path {
+        renewed_out_of_sight(p, &base)?;
+    }
     let workspace = std::fs::canonicalize(&base.workspace)
         .with_context(|| format!("workspace {}", base.workspace.display()))?;
     // A hidden directory of the run's own, which the probe tries to read and to rename away.
@@ -427,6 +493,7 @@ async fn verify_with(
     let probe = ProbeConfig {
         mode: "escape".into(),
         run,
+        tag: uuid::Uuid::new_v4().simple().to_string(),
         workspace,
         secrets,
         ro: args
@@ -634,8 +701,14 @@ pub(crate) async fn run_probe(
     cfg.argv = vec![
         inside.display().to_string(),
         "__escape-probe".into(),
-        serde_json::to_string(probe)?,
+        probe.tag.clone(),
     ];
+    // The configuration holds the canary's token: in the environment, which only the probe's
+    // own user can read, never on the command line.
+    cfg.env.push((
+        umbra_sandbox::probe::CONFIG_ENV.into(),
+        serde_json::to_string(probe)?,
+    ));
     cfg.capture_stdout = true;
     if let Some(l) = limits {
         cfg.limits = l;

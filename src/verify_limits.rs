@@ -11,7 +11,7 @@ use umbra_sdk::Context;
 use crate::sandbox_cmd::{held, run_probe};
 
 /// Host processes still running this run's probes (none may outlive their sandbox).
-fn leftover_probes(run: &str) -> usize {
+fn leftover_probes(tag: &str) -> usize {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return 0;
     };
@@ -25,7 +25,8 @@ fn leftover_probes(run: &str) -> usize {
         .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
         .filter(|c| {
             c.windows(14).any(|w| w == b"__escape-probe")
-                && c.windows(run.len()).any(|w| w == run.as_bytes())
+                && !tag.is_empty()
+                && c.windows(tag.len()).any(|w| w == tag.as_bytes())
         })
         .count()
 }
@@ -113,7 +114,7 @@ pub(crate) async fn limit_attempts(
     ));
     out.push(socket_balloon(ctx, base, &with_mode("sockmem"), events).await?);
     out.push(connection_hold(ctx, base, &with_mode("connections"), events).await?);
-    let left = leftover_probes(&probe.run);
+    let left = leftover_probes(&probe.tag);
     out.push(held(
         "processes left on the host after the limit attempts",
         "none",

@@ -353,7 +353,32 @@ out.append(ask(2, [b"a.b\\c", bytes([0, 127, 255]) + b"Z", b"Example"]))
 out.append(ask(3, None, raw=b"\xc0\x0c" + struct.pack(">HH", 1, 1)))
 out.append(ask(4, None, raw=b"\x06Leaked\x05"))
 open("rcodes", "w").write(" ".join(map(str, out)))
+# A burst of distinct names, faster than the audit window admits them one by one.
+for i in range(FLOOD):
+    ask(5, [b"n%d" % i, b"flood", b"example"])
 "#;
+
+/// How many names the burst in [`MALFORMED`] asks.
+const FLOOD: usize = 300;
+
+/// Every refused or malformed question is accounted for: written as its own event, or counted
+/// in a `suppressed` summary.
+fn assert_every_question_accounted(ev: &[serde_json::Value]) {
+    let written = ev
+        .iter()
+        .filter(|e| e["kind"] == "dns_refused" || e["kind"] == "dns_malformed")
+        .count() as u64;
+    let summarised: u64 = ev
+        .iter()
+        .filter(|e| e["kind"] == "suppressed" && e["what"] == "dns")
+        .map(|e| e["count"].as_u64().unwrap_or(0))
+        .sum();
+    assert!(
+        summarised > 0,
+        "a burst of {FLOOD} names is summarised: {ev:#?}"
+    );
+    assert_eq!(written + summarised, 4 + FLOOD as u64, "{ev:#?}");
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_refused_dns_names_are_audited_as_asked() {
@@ -362,8 +387,11 @@ async fn malformed_and_refused_dns_names_are_audited_as_asked() {
     let ev_path = w.t.path("events.jsonl");
     let o = tokio::time::timeout(
         Duration::from_secs(60),
-        w.command(&["--events", ev_path.to_str().unwrap()], MALFORMED)
-            .output(),
+        w.command(
+            &["--events", ev_path.to_str().unwrap()],
+            &MALFORMED.replace("FLOOD", &FLOOD.to_string()),
+        )
+        .output(),
     )
     .await
     .expect("umbra run ends")
@@ -387,6 +415,7 @@ async fn malformed_and_refused_dns_names_are_audited_as_asked() {
         "{ev:#?}"
     );
     assert!(named("dns_malformed", "Leaked"), "{ev:#?}");
+    assert_every_question_accounted(&ev);
     // The controller's audit log has them, under the identity the certificate proved.
     let log = eventually(Duration::from_secs(10), || {
         let client = w.t.admin_client();
@@ -444,7 +473,8 @@ async fn unprivileged_the_names_are_audited_and_socket_buffers_bounded() {
     // Beside the workspace, never inside it: the agent could replace it.
     let ev_path = home.path().join("events.jsonl");
     let script = format!(
-        "{MALFORMED}\nopen('rmem', 'w').write(open('/proc/sys/net/ipv4/tcp_rmem').read() + open('/proc/sys/net/ipv4/tcp_wmem').read())\n"
+        "{}\nopen('rmem', 'w').write(open('/proc/sys/net/ipv4/tcp_rmem').read() + open('/proc/sys/net/ipv4/tcp_wmem').read())\n",
+        MALFORMED.replace("FLOOD", &FLOOD.to_string())
     );
     let o = tokio::time::timeout(
         Duration::from_secs(60),
@@ -480,6 +510,7 @@ async fn unprivileged_the_names_are_audited_and_socket_buffers_bounded() {
         "{ev:#?}"
     );
     assert!(ev.iter().any(|e| e["kind"] == "dns_malformed"), "{ev:#?}");
+    assert_every_question_accounted(&ev);
     let rmem = std::fs::read_to_string(ws.join("rmem")).unwrap_or_default();
     let maxima: Vec<u64> = rmem
         .lines()

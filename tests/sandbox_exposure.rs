@@ -499,3 +499,196 @@ fn exchange(a: &Path, b: &Path) -> std::io::Result<()> {
         Err(std::io::Error::other("renameat2"))
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn links_that_would_carry_a_renewed_key_into_what_is_shown_are_refused() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        // An earlier agent planted `.umbra/agent-1.json -> ../.cache/blob` (with an empty blob,
+        // so that the link is not dangling) before `.umbra` was hidden: a renewal through the
+        // link would write the key into the shown blob.
+        let ws = w.dir(who, "hidden-link-ws");
+        std::fs::create_dir_all(ws.join(".cache")).unwrap();
+        std::fs::create_dir_all(ws.join(".umbra")).unwrap();
+        std::fs::write(ws.join(".cache/blob"), "").unwrap();
+        std::os::unix::fs::symlink("../.cache/blob", ws.join(".umbra/agent-1.json")).unwrap();
+        w.own(who, &ws);
+        let hidden = ws.join(".umbra");
+        let o = w
+            .run(who, &ws, &["--hide", hidden.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} link out of a hidden directory"));
+        assert!(stderr(&o).contains(".umbra/agent-1.json"), "{}", stderr(&o));
+        assert!(!ws.join("ran").exists());
+        // A hidden file that is also a shown one under another name.
+        std::fs::remove_file(ws.join(".umbra/agent-1.json")).unwrap();
+        std::fs::hard_link(ws.join(".cache/blob"), ws.join(".umbra/token")).unwrap();
+        let o = w
+            .run(who, &ws, &["--hide", hidden.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} hard link out of a hidden directory"));
+        assert!(stderr(&o).contains("hard link"), "{}", stderr(&o));
+        std::fs::remove_file(ws.join(".umbra/token")).unwrap();
+        // Nothing leads out: it runs.
+        let o = w
+            .run(who, &ws, &["--hide", hidden.to_str().unwrap()], "touch ran")
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+
+        // An identity file outside the workspace that is a link into it.
+        let identity = w.identity(who);
+        let blob = ws.join(".cache/id-blob");
+        std::fs::copy(&identity, &blob).unwrap();
+        w.own(who, &blob);
+        let link = identity.with_file_name("linked.json");
+        std::os::unix::fs::symlink(&blob, &link).unwrap();
+        let args = [
+            "run",
+            "--identity",
+            link.to_str().unwrap(),
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            "cat .cache/id-blob",
+        ];
+        let o = w.umbra(who, &args).output().await.unwrap();
+        one_line_125(&o, &format!("{who:?} identity linked into the workspace"));
+        assert!(!stdout(&o).contains("PRIVATE KEY"));
+        std::fs::remove_file(&blob).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_file_reached_through_a_link_is_refused() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "events-link-ws");
+        let out = w.dir(who, "events-link-out");
+        // The events directory is named through a link (an agent that was shown its parent
+        // could switch it after the check).
+        let link = w.home.path().join(format!("{who:?}-events-link"));
+        std::os::unix::fs::symlink(&out, &link).unwrap();
+        let ev = link.join("events.jsonl");
+        let o = w
+            .run(who, &ws, &["--events", ev.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} events through a link"));
+        assert!(stderr(&o).contains("symbolic link"), "{}", stderr(&o));
+        assert!(!out.join("events.jsonl").exists());
+        assert!(!ws.join("ran").exists());
+        // Named directly, it is written, private.
+        let ev = out.join("events.jsonl");
+        let o = w
+            .run(who, &ws, &["--events", ev.to_str().unwrap()], "touch ran")
+            .await;
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let m = std::fs::metadata(&ev).unwrap();
+        assert_eq!(m.mode() & 0o777, 0o600);
+        assert!(std::fs::read_to_string(&ev).unwrap().contains("exited"));
+    }
+}
+
+/// The sandbox's state (its hosts file lists the services it may reach) is the sandbox's alone,
+/// and a state location squatted by another user in a shared temporary directory does not stop
+/// an unprivileged user's sandboxes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sandbox_state_is_private_and_cannot_be_squatted() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "state-ws");
+        let script = "echo \"$UMBRA_SANDBOX\" > id.tmp; cat /etc/hosts > hosts-in; mv id.tmp id; \
+                      i=0; while [ ! -e go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done";
+        let identity = w.identity(who);
+        let args = [
+            "run",
+            "--identity",
+            identity.to_str().unwrap(),
+            "--workspace",
+            ws.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ];
+        let child = w.umbra(who, &args).spawn().unwrap();
+        let id = eventually(Duration::from_secs(30), || {
+            std::fs::read_to_string(ws.join("id")).ok()
+        })
+        .await
+        .expect("the agent starts");
+        let id = id.trim();
+        let base = match who {
+            As::Root => PathBuf::from("/run/umbra/sandboxes"),
+            As::Nobody => std::env::temp_dir().join(format!("umbra-sandboxes-{NOBODY}")),
+        };
+        let hosts = base.join(id).join("hosts");
+        let m = std::fs::metadata(&hosts).unwrap();
+        assert_eq!(m.mode() & 0o007, 0, "{who:?}: hosts is {:o}", m.mode());
+        // Another user cannot read it (nobody's own sandbox is nobody's: try a third user).
+        let other = match who {
+            As::Root => NOBODY,
+            As::Nobody => 65533,
+        };
+        let read = std::process::Command::new("setpriv")
+            .arg(format!("--reuid={other}"))
+            .arg(format!("--regid={other}"))
+            .arg("--clear-groups")
+            .arg("cat")
+            .arg(&hosts)
+            .output()
+            .unwrap();
+        assert!(
+            !read.status.success(),
+            "{who:?}: another user read {hosts:?}"
+        );
+        std::fs::write(ws.join("go"), "").unwrap();
+        let o = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        assert!(
+            std::fs::read_to_string(ws.join("hosts-in"))
+                .unwrap()
+                .contains("localhost"),
+            "{who:?}: the agent reads its hosts file"
+        );
+    }
+
+    // Another user made nobody's usual state location first: the next one is used.
+    let tmp = tempfile::Builder::new()
+        .prefix("umbra-tmp-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let squatted = tmp.path().join(format!("umbra-sandboxes-{NOBODY}"));
+    std::fs::create_dir(&squatted).unwrap();
+    let home = w.dir(As::Nobody, "squat-home");
+    let ws = w.dir(As::Nobody, "squat-ws");
+    let identity = w.identity(As::Nobody);
+    let args = [
+        "run",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        "touch ran",
+    ];
+    let o = w
+        .umbra(As::Nobody, &args)
+        .env("TMPDIR", tmp.path())
+        .env("HOME", &home)
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(ws.join("ran").exists());
+    assert_eq!(std::fs::read_dir(&squatted).unwrap().count(), 0);
+    assert!(home.join(".cache/umbra/sandboxes").is_dir());
+}

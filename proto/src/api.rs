@@ -356,7 +356,7 @@ pub const MAX_REPORTED_EVENTS: usize = 100;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ReportedEvent {
-    /// `started`, `dns_refused`, `dns_malformed`, `dial_denied`, `limit`, `timeout`, `revoked` or `exited`.
+    /// `started`, `dns_refused`, `dns_malformed`, `suppressed`, `dial_denied`, `limit`, `timeout`, `revoked` or `exited`.
     pub kind: String,
     /// The sandbox's id.
     pub sandbox: String,

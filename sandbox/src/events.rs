@@ -55,6 +55,14 @@ pub enum EventKind {
         /// Whether the agent was terminated (not with `--keep-on-revoke`).
         terminated: bool,
     },
+    /// Events the audit window did not admit (see [`EventWindow`]): how many, so that a flood
+    /// of refused names is still visible as a flood.
+    Suppressed {
+        /// What was suppressed (`dns`).
+        what: String,
+        /// How many events were not written since the last summary.
+        count: u64,
+    },
     /// The agent ended.
     Exited {
         /// `umbra run`'s exit code.
@@ -159,6 +167,8 @@ pub struct EventWindow {
     started: Option<std::time::Instant>,
     seen: std::collections::HashSet<String>,
     suppressed: u64,
+    /// Suppressed since the last [`EventWindow::summary`].
+    unreported: u64,
 }
 
 impl EventWindow {
@@ -170,6 +180,7 @@ impl EventWindow {
             started: None,
             seen: Default::default(),
             suppressed: 0,
+            unreported: 0,
         }
     }
 
@@ -185,6 +196,7 @@ impl EventWindow {
         }
         if self.seen.len() >= self.max_keys || self.seen.contains(key) {
             self.suppressed += 1;
+            self.unreported += 1;
             return false;
         }
         self.seen.insert(key.to_string());
@@ -194,6 +206,24 @@ impl EventWindow {
     /// How many events were not admitted so far.
     pub fn suppressed(&self) -> u64 {
         self.suppressed
+    }
+
+    /// How many events were suppressed since the last summary, once a period has passed since
+    /// that summary (or `flush` is set, at the end of a sandbox): what the caller writes as one
+    /// [`EventKind::Suppressed`] line. `None` when there is nothing to say yet, so a flood costs
+    /// one summary a period.
+    pub fn summary(&mut self, now: std::time::Instant, flush: bool) -> Option<u64> {
+        if self.unreported == 0 {
+            return None;
+        }
+        let due = flush
+            || self
+                .started
+                .is_some_and(|s| now.saturating_duration_since(s) >= self.period);
+        if !due {
+            return None;
+        }
+        Some(std::mem::take(&mut self.unreported))
     }
 }
 
@@ -228,6 +258,31 @@ mod tests {
         assert!(w.admit(t0 + Duration::from_secs(1), "c"));
         // A clock that goes backwards does not wedge it.
         assert!(!w.admit(t0, "a"));
+    }
+
+    #[test]
+    fn what_the_window_suppresses_is_summarised_once_a_period() {
+        use std::time::{Duration, Instant};
+        let t0 = Instant::now();
+        let mut w = EventWindow::new(Duration::from_secs(1), 2);
+        assert_eq!(
+            w.summary(t0, true),
+            None,
+            "nothing suppressed, nothing said"
+        );
+        for i in 0..10 {
+            w.admit(t0, &i.to_string());
+        }
+        // Within the period: not yet.
+        assert_eq!(w.summary(t0 + Duration::from_millis(500), false), None);
+        assert_eq!(w.summary(t0 + Duration::from_secs(1), false), Some(8));
+        assert_eq!(w.summary(t0 + Duration::from_secs(2), false), None);
+        // The next period's suppressions are summarised on their own; a flush says them at once.
+        w.admit(t0 + Duration::from_secs(1), "a");
+        w.admit(t0 + Duration::from_secs(1), "a");
+        assert_eq!(w.summary(t0 + Duration::from_millis(1100), false), None);
+        assert_eq!(w.summary(t0 + Duration::from_millis(1100), true), Some(1));
+        assert_eq!(w.suppressed(), 9);
     }
 
     #[test]

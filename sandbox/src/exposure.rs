@@ -181,10 +181,11 @@ pub fn world_writable(path: &Path) -> bool {
     fs::metadata(path).is_ok_and(|m| m.mode() & 0o002 != 0)
 }
 
-/// At most this many directory entries are looked at for secrets in one shown path.
-pub const SCAN_ENTRIES: usize = 50_000;
+/// At most this many directory entries are looked at for secrets in one shown path. A larger
+/// tree is refused: what was not looked at cannot be vouched for.
+pub const SCAN_ENTRIES: usize = 200_000;
 /// How deep below a shown path the scan goes.
-pub const SCAN_DEPTH: usize = 16;
+pub const SCAN_DEPTH: usize = 32;
 /// How much of a candidate file is read to recognise a key or a token.
 const SCAN_READ: u64 = 64 * 1024;
 
@@ -200,8 +201,12 @@ pub struct Secret {
 /// The result of a scan.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Scan {
-    /// Nothing was found in the whole tree.
-    Clean,
+    /// Nothing was found in the whole tree. `linked` holds the device and inode of every
+    /// regular file in it that has other names (hard links), for [`hidden_leak`].
+    Clean {
+        /// Files with more than one name, by device and inode.
+        linked: Vec<(u64, u64)>,
+    },
     /// Nothing was found, but the tree was larger than the scan's bounds.
     Partial {
         /// Entries looked at.
@@ -222,6 +227,7 @@ pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
     let mut entries = 0usize;
     let mut stack: Vec<(PathBuf, usize)> = vec![(root.to_path_buf(), 0)];
     let mut truncated = false;
+    let mut linked = Vec::new();
     while let Some((dir, depth)) = stack.pop() {
         let Ok(list) = fs::read_dir(&dir) else {
             continue;
@@ -265,7 +271,15 @@ pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
                     kind: "a controller's directory (its CA keys and database)",
                 });
             }
-            if let Some(kind) = classify(&name, &path) {
+            let meta = entry.metadata().ok();
+            let nlink = meta.as_ref().map_or(1, |m| m.nlink());
+            if let Some(m) = meta.as_ref().filter(|_| nlink > 1) {
+                linked.push((m.dev(), m.ino()));
+            }
+            // A file without an extension, or with other names, is read too: a key written
+            // through a link lands under whatever name the link's target has.
+            let sniff = nlink > 1 || !name.contains('.');
+            if let Some(kind) = classify(&name, &path, sniff) {
                 return Scan::Found(Secret { path, kind });
             }
         }
@@ -273,12 +287,104 @@ pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
     if truncated {
         Scan::Partial { entries }
     } else {
-        Scan::Clean
+        linked.sort_unstable();
+        Scan::Clean { linked }
     }
 }
 
-/// What a file is, judged by its name and, for candidate names, its first bytes.
-fn classify(name: &str, path: &Path) -> Option<&'static str> {
+/// Normalises `p` without touching the filesystem: `.` dropped, `..` taking off the last part.
+fn lexical(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::CurDir => {}
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Where a symbolic link at `link` (whose text is `target`) leads, if that is inside a shown
+/// path and outside every hidden one: judged on the link's text (what an agent could later
+/// redirect, by changing a link of its own on the way) and on the path as the kernel resolves
+/// it now. A key written through such a link would be shown.
+pub fn reaches_shown(
+    link: &Path,
+    target: &Path,
+    shown: &[PathBuf],
+    hidden: &[PathBuf],
+) -> Option<PathBuf> {
+    let text = lexical(&link.parent().unwrap_or(Path::new("/")).join(target));
+    let resolved = fs::canonicalize(link).ok();
+    std::iter::once(text)
+        .chain(resolved)
+        .find(|p| shows(p, shown, hidden))
+}
+
+/// Whether `p` is inside a shown path and outside every hidden one.
+pub fn shows(p: &Path, shown: &[PathBuf], hidden: &[PathBuf]) -> bool {
+    shown.iter().any(|s| p.starts_with(s)) && !hidden.iter().any(|h| p.starts_with(h))
+}
+
+/// Refuses a hidden directory (`hidden_dir`, inside a shown path) that reaches what is shown:
+/// a symbolic link leading into a shown path ([`reaches_shown`]), or a file that is also one of
+/// the shown tree's files under another name (`linked`, from [`find_secret`]). Whatever Umbra
+/// later writes through either (an identity's renewal) would be shown. Bounded like
+/// [`find_secret`]; a hidden directory too large to check is refused too.
+pub fn hidden_leak(
+    hidden_dir: &Path,
+    shown: &[PathBuf],
+    hidden: &[PathBuf],
+    linked: &[(u64, u64)],
+) -> Option<Secret> {
+    let mut entries = 0usize;
+    let mut stack: Vec<(PathBuf, usize)> = vec![(hidden_dir.to_path_buf(), 0)];
+    while let Some((dir, depth)) = stack.pop() {
+        let Ok(list) = fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in list.flatten() {
+            entries += 1;
+            let path = entry.path();
+            if entries > SCAN_ENTRIES || depth >= SCAN_DEPTH {
+                return Some(Secret {
+                    path: hidden_dir.to_path_buf(),
+                    kind: "a hidden directory too large to check for links to what is shown",
+                });
+            }
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if meta.file_type().is_symlink() {
+                let Ok(target) = fs::read_link(&path) else {
+                    continue;
+                };
+                if reaches_shown(&path, &target, shown, hidden).is_some() {
+                    return Some(Secret {
+                        path,
+                        kind: "a link out of a hidden directory to what the sandbox shows",
+                    });
+                }
+            } else if meta.is_dir() {
+                stack.push((path, depth + 1));
+            } else if meta.nlink() > 1 && linked.binary_search(&(meta.dev(), meta.ino())).is_ok() {
+                return Some(Secret {
+                    path,
+                    kind: "a hidden file that is also shown under another name (a hard link)",
+                });
+            }
+        }
+    }
+    None
+}
+
+/// What a file is, judged by its name and, for candidate names (or whenever `sniff` is set),
+/// its first bytes.
+fn classify(name: &str, path: &Path, sniff: bool) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     let ext = lower.rsplit_once('.').map(|(_, e)| e);
     if ext == Some("key") {
@@ -293,7 +399,8 @@ fn classify(name: &str, path: &Path) -> Option<&'static str> {
         "id_ed25519_sk",
     ]
     .contains(&lower.as_str());
-    let candidate = ssh
+    let candidate = sniff
+        || ssh
         || matches!(
             ext,
             Some("json" | "pem" | "jwt" | "token" | "p8" | "der" | "crt" | "txt")
@@ -457,7 +564,7 @@ mod tests {
         fs::write(root.join("README.md"), "hello").unwrap();
         fs::write(root.join("data.json"), r#"{"a": 1}"#).unwrap();
         fs::write(root.join("cert.pem"), "-----BEGIN CERTIFICATE-----\n").unwrap();
-        assert_eq!(find_secret(root, &[]), Scan::Clean);
+        assert!(matches!(find_secret(root, &[]), Scan::Clean { .. }));
         // Nothing is skipped by name: generated and vendored trees are scanned too.
         fs::create_dir_all(root.join("node_modules/x")).unwrap();
         fs::write(root.join("node_modules/x/k.json"), "PRIVATE KEY-----").unwrap();
@@ -503,10 +610,10 @@ mod tests {
         fs::write(ctl.join("umbra.db"), "").unwrap();
         fs::write(ctl.join("ca.key"), "k").unwrap();
         assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
-        assert_eq!(
+        assert!(matches!(
             find_secret(t.path(), std::slice::from_ref(&ctl)),
-            Scan::Clean
-        );
+            Scan::Clean { .. }
+        ));
         let id = t.path().join("agent-1.json");
         fs::write(&id, "-----BEGIN PRIVATE KEY-----").unwrap();
         assert!(matches!(
@@ -532,6 +639,76 @@ mod tests {
         // Links are not followed.
         let t2 = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(t.path(), t2.path().join("link")).unwrap();
-        assert_eq!(find_secret(t2.path(), &[]), Scan::Clean);
+        assert!(matches!(find_secret(t2.path(), &[]), Scan::Clean { .. }));
+    }
+
+    #[test]
+    fn links_are_judged_on_their_text_and_on_where_they_lead() {
+        let shown = vec![PathBuf::from("/w/ws"), PathBuf::from("/opt/ro")];
+        let hidden = vec![PathBuf::from("/w/ws/.umbra")];
+        let reach = |link: &str, target: &str| {
+            reaches_shown(Path::new(link), Path::new(target), &shown, &hidden)
+        };
+        // Out of the hidden directory, into the workspace, however spelled.
+        assert_eq!(
+            reach("/w/ws/.umbra/agent-1.json", "../.cache/blob"),
+            Some(PathBuf::from("/w/ws/.cache/blob"))
+        );
+        assert!(reach("/w/ws/.umbra/a/b", "../../src/./x").is_some());
+        assert!(reach("/w/ws/.umbra/a", "/w/ws/x").is_some());
+        assert!(reach("/w/ws/.umbra/a", "/opt/ro/k").is_some());
+        // Within the hidden directory, or out of everything shown: fine.
+        assert_eq!(reach("/w/ws/.umbra/a", "b/c"), None);
+        assert_eq!(reach("/w/ws/.umbra/a", "/w/ws/.umbra/c"), None);
+        assert_eq!(reach("/w/ws/.umbra/a", "/home/u/ids/agent-1.json"), None);
+        assert_eq!(reach("/w/ws/.umbra/a", "../../other/x"), None);
+        // `..` at the root stays at the root.
+        assert_eq!(reach("/w/ws/.umbra/a", "../../../../../../etc/x"), None);
+    }
+
+    #[test]
+    fn hidden_directories_may_not_reach_what_is_shown() {
+        let t = tempfile::tempdir().unwrap();
+        let ws = t.path().join("ws");
+        let hid = ws.join(".umbra");
+        fs::create_dir_all(ws.join(".cache")).unwrap();
+        fs::create_dir_all(hid.join("deep")).unwrap();
+        fs::write(ws.join(".cache/blob"), "").unwrap();
+        let shown = vec![ws.clone()];
+        let hidden = vec![hid.clone()];
+        let linked = |root: &Path| match find_secret(root, std::slice::from_ref(&hid)) {
+            Scan::Clean { linked } => linked,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(hidden_leak(&hid, &shown, &hidden, &linked(&ws)), None);
+        // A link to a file inside the hidden directory, or outside everything, is fine.
+        fs::write(hid.join("real"), "x").unwrap();
+        std::os::unix::fs::symlink("real", hid.join("deep-ok")).unwrap();
+        std::os::unix::fs::symlink(t.path(), hid.join("outside")).unwrap();
+        assert_eq!(hidden_leak(&hid, &shown, &hidden, &linked(&ws)), None);
+        // A link (however deep) to a shown file is refused.
+        std::os::unix::fs::symlink("../../.cache/blob", hid.join("deep/agent-1.json")).unwrap();
+        let s = hidden_leak(&hid, &shown, &hidden, &linked(&ws)).unwrap();
+        assert_eq!(s.path, hid.join("deep/agent-1.json"));
+        fs::remove_file(hid.join("deep/agent-1.json")).unwrap();
+        // So is a hidden file that is also a shown one under another name; a hard link whose
+        // other name is not shown is not.
+        fs::hard_link(hid.join("real"), t.path().join("elsewhere")).unwrap();
+        assert_eq!(hidden_leak(&hid, &shown, &hidden, &linked(&ws)), None);
+        fs::hard_link(hid.join("real"), ws.join("src.rs")).unwrap();
+        let s = hidden_leak(&hid, &shown, &hidden, &linked(&ws)).unwrap();
+        assert!(s.kind.contains("hard link"), "{s:?}");
+    }
+
+    #[test]
+    fn files_without_an_extension_or_with_other_names_are_read() {
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("blob"), "x\n-----BEGIN PRIVATE KEY-----\n").unwrap();
+        assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
+        let t = tempfile::tempdir().unwrap();
+        fs::write(t.path().join("a.bin"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        assert!(matches!(find_secret(t.path(), &[]), Scan::Clean { .. }));
+        fs::hard_link(t.path().join("a.bin"), t.path().join("b.bin")).unwrap();
+        assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
     }
 }

@@ -184,19 +184,21 @@ fn require_landlock(abi: Option<u32>, allow_degraded: bool) -> Result<(), Sandbo
 /// another user than the launcher (see [`crate::idmap`]) can reach its own root mount point and
 /// hosts file, whose random names it is told.
 fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
+    let mut passed = Vec::new();
     for base in state_bases() {
         if shown
             .iter()
             .any(|s| contains(s, &base) || contains(&base, s))
         {
+            passed.push(format!("{} is shown", base.display()));
             continue;
         }
-        if std::fs::DirBuilder::new()
+        if let Err(e) = std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o711)
             .create(&base)
-            .is_err()
         {
+            passed.push(format!("{}: {e}", base.display()));
             continue;
         }
         // Bases made by earlier versions were 0700; open them (and an own parent) to traversal.
@@ -206,9 +208,14 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
             }
         }
         // A base someone else made (a shared temporary directory) is not ours to trust: its
-        // owner could tamper with the state, or plant entries for `reclaim` to act on.
+        // owner could tamper with the state, or plant entries for `reclaim` to act on. The next
+        // candidate is used instead, so another user cannot stop our sandboxes by making it.
         if !private_to_us(&base) {
             tracing::warn!(base = %base.display(), "not owned by us or open to others: not used for sandbox state");
+            passed.push(format!(
+                "{} is not a directory of ours closed to others",
+                base.display()
+            ));
             continue;
         }
         reclaim(&base);
@@ -223,18 +230,27 @@ fn state_dir(id: &str, shown: &[&Path]) -> Result<StateDir, SandboxError> {
             .create(state.path.join("root"))?;
         return Ok(state);
     }
-    Err(SandboxError::Invalid(
-        "no place for the sandbox's state outside the paths it shows".into(),
-    ))
+    Err(SandboxError::Invalid(format!(
+        "no place for the sandbox's state: {}",
+        passed.join("; ")
+    )))
 }
 
-/// Where sandbox state may live: the first of these that is ours and closed to others.
+/// Where sandbox state may live: the first of these that is ours and closed to others. Root's
+/// is in `/run`; another user's in its runtime directory, the temporary directory, or its home
+/// (each tried in turn, so a name squatted by someone else in a shared `/tmp` costs nothing).
 pub fn state_bases() -> Vec<PathBuf> {
-    vec![
-        PathBuf::from("/run/umbra/sandboxes"),
-        // SAFETY: getuid cannot fail.
-        std::env::temp_dir().join(format!("umbra-sandboxes-{}", unsafe { libc::getuid() })),
-    ]
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let mut bases = vec![PathBuf::from("/run/umbra/sandboxes")];
+    if let Some(rt) = std::env::var_os("XDG_RUNTIME_DIR").filter(|r| Path::new(r).is_absolute()) {
+        bases.push(PathBuf::from(rt).join("umbra-sandboxes"));
+    }
+    bases.push(std::env::temp_dir().join(format!("umbra-sandboxes-{uid}")));
+    if let Some(home) = std::env::var_os("HOME").filter(|h| Path::new(h).is_absolute()) {
+        bases.push(PathBuf::from(home).join(".cache/umbra/sandboxes"));
+    }
+    bases
 }
 
 /// Whether `dir` is a real directory (not a link) owned by this user that no one else can
@@ -351,8 +367,7 @@ impl Prepared {
         shown.extend(ro.iter().map(PathBuf::as_path));
         let state = state_dir(&cfg.id, &shown)?;
         let hosts = state.path.join("hosts");
-        std::fs::write(&hosts, hosts_file(&cfg.id, &[]))?;
-        std::fs::set_permissions(&hosts, std::fs::Permissions::from_mode(0o644))?;
+        write_hosts(&hosts, &cfg.id, ids)?;
         let (sources, detached) = sources(&workspace, &ro, opened, &cfg.extra, ids, &hide)?;
         let cgroup = Cgroup::create(&cfg.id, cfg.limits).map_err(SandboxError::Limits)?;
         let fallback = cgroup.rlimit_fallback();
@@ -529,6 +544,26 @@ impl Prepared {
     }
 }
 
+/// Creates the sandbox's hosts file, readable by the sandbox alone: it lists the services the
+/// identity may reach, which is nobody else's business. Started by root, the file is root's
+/// (the launcher rewrites it) and readable by the agent's group; otherwise it is the user's
+/// own, as is the sandbox.
+fn write_hosts(path: &Path, id: &str, ids: Option<AgentIds>) -> io::Result<()> {
+    use std::io::Write as _;
+    let mode = if ids.is_some() { 0o640 } else { 0o600 };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)?;
+    if let Some(ids) = ids {
+        std::os::unix::fs::fchown(&f, None, Some(ids.gid))?;
+    }
+    // The umask may have narrowed the mode; it is set exactly.
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(hosts_file(id, &[]).as_bytes())
+}
+
 /// Where the workspace, the read-only paths and the extra files come from. Started by root,
 /// the launcher prepares each as a detached mount (the workspace idmapped so that root's files
 /// are the agent's and the agent's are root's); otherwise the sandbox binds the host paths.
@@ -572,6 +607,7 @@ fn sources(
     };
     let mut sources = Vec::new();
     let mut fds = Vec::new();
+    let mut linked = Vec::new();
     let mut checked = opened.into_iter();
     for (i, (src, at, read_only, what)) in shown.into_iter().enumerate() {
         // The workspace and `--ro` paths were opened when they were checked; the extra files
@@ -595,7 +631,7 @@ fn sources(
                 "/proc/self/fd/{}",
                 tree.as_ref().unwrap_or(&opened).as_raw_fd()
             ));
-            scan(&src, &walk, what, hide)?;
+            linked.extend(scan(&src, &walk, what, hide)?);
         }
         match (&userns, tree) {
             (Some(ns), Some(tree)) => {
@@ -623,12 +659,22 @@ fn sources(
             }),
         }
     }
+    linked.sort_unstable();
+    let mut shown_paths = vec![workspace.to_path_buf()];
+    shown_paths.extend(ro.iter().cloned());
+    check_hidden(&shown_paths, hide, &linked)?;
     Ok((sources, fds))
 }
 
 /// Refuses a shown path (`shown`, walked through `walk`) that holds key material outside the
-/// hidden directories in `hide`.
-fn scan(shown: &Path, walk: &Path, what: &str, hide: &[PathBuf]) -> Result<(), SandboxError> {
+/// hidden directories in `hide`, or that is too large to check completely (what was not looked
+/// at cannot be vouched for). Returns the files in it that have other names (hard links).
+fn scan(
+    shown: &Path,
+    walk: &Path,
+    what: &str,
+    hide: &[PathBuf],
+) -> Result<Vec<(u64, u64)>, SandboxError> {
     let covered: Vec<PathBuf> = hide
         .iter()
         .filter(|h| h.is_dir())
@@ -649,16 +695,36 @@ fn scan(shown: &Path, walk: &Path, what: &str, hide: &[PathBuf]) -> Result<(), S
                 s.kind
             )))
         }
-        Scan::Partial { entries } => {
-            tracing::warn!(
-                path = %shown.display(),
-                entries,
-                "too large to check completely for key material; checked the first entries"
-            );
-            Ok(())
-        }
-        Scan::Clean => Ok(()),
+        Scan::Partial { entries } => Err(SandboxError::Invalid(format!(
+            "the {what} {} holds more than {entries} entries or is deeper than {} levels, too much to check for key material; --hide the directories that hold generated files, or choose a smaller {what}",
+            shown.display(),
+            exposure::SCAN_DEPTH
+        ))),
+        Scan::Clean { linked } => Ok(linked),
     }
+}
+
+/// Refuses hidden directories inside what is shown that reach it through a link
+/// ([`exposure::hidden_leak`]): whatever is written through the link is shown.
+fn check_hidden(
+    shown: &[PathBuf],
+    hide: &[PathBuf],
+    linked: &[(u64, u64)],
+) -> Result<(), SandboxError> {
+    for h in hide {
+        if !h.is_dir() || !shown.iter().any(|s| h.starts_with(s)) {
+            continue;
+        }
+        if let Some(s) = exposure::hidden_leak(h, shown, hide, linked) {
+            return Err(SandboxError::Invalid(format!(
+                "the hidden directory {} holds {} ({}); whatever is written there would be shown",
+                h.display(),
+                s.path.display(),
+                s.kind
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Reads the sandbox's answer: `want` to go on, `E` and a message for a failure.

@@ -34,10 +34,15 @@ pub struct ProbeConfig {
     /// Which battery: `escape` (the default), or one limit attempt: `fork`, `memory`, `busy`,
     /// `sockets`, `hold`.
     pub mode: String,
-    /// A token unique to one `umbra verify` run, on every probe's command line, so that the
-    /// launcher can find leftovers of exactly its own probes.
+    /// A secret unique to one `umbra verify` run: what the probe sends to the host's canary
+    /// listeners, so that only the probe's own connections count as escapes. Never on a command
+    /// line (see [`CONFIG_ENV`]).
     #[serde(default)]
     pub run: String,
+    /// A public tag unique to one run, the probe's only argument, so that the launcher can find
+    /// leftovers of exactly its own probes in `/proc/*/cmdline`.
+    #[serde(default)]
+    pub tag: String,
     /// The workspace (inside path = host path).
     pub workspace: PathBuf,
     /// Files that must not be readable inside (the identity file, the admin file).
@@ -143,10 +148,16 @@ pub fn interfaces() -> io::Result<Vec<String>> {
         .collect())
 }
 
-/// The entry point of `umbra __escape-probe CONFIG_JSON`: prints the attempts as JSON.
+/// The environment variable that carries the probe's configuration (JSON). Not the command
+/// line: any user on the host can read a process's arguments, and the configuration holds the
+/// run's canary token; a process's environment is readable only by its own user.
+pub const CONFIG_ENV: &str = "UMBRA_PROBE_CONFIG";
+
+/// The entry point of `umbra __escape-probe TAG` (configuration in [`CONFIG_ENV`]): prints the
+/// attempts as JSON.
 pub fn main() -> i32 {
-    let Some(arg) = std::env::args().nth(2) else {
-        eprintln!("usage: umbra __escape-probe CONFIG_JSON");
+    let Ok(arg) = std::env::var(CONFIG_ENV) else {
+        eprintln!("usage: {CONFIG_ENV}=CONFIG_JSON umbra __escape-probe TAG");
         return 2;
     };
     let cfg: ProbeConfig = match serde_json::from_str(&arg) {

@@ -178,7 +178,7 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
     let refused_names = Arc::new(DnsAudit::new(opts.events.clone()));
     let dns_task = {
         let udp = serve_dns(dns_socket, names.clone(), refused_names.clone());
-        let tcp = serve_dns_tcp(dns_tcp, names.clone(), refused_names);
+        let tcp = serve_dns_tcp(dns_tcp, names.clone(), refused_names.clone());
         tokio::spawn(async move {
             tokio::join!(udp, tcp);
         })
@@ -274,8 +274,9 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
     let elapsed = started.elapsed();
     running.kill();
     tracing::debug!(?elapsed, code, ?ending, "agent ended");
-    opts.events.emit(EventKind::Exited { code });
     dns_task.abort();
+    refused_names.flush();
+    opts.events.emit(EventKind::Exited { code });
     names_task.abort();
     tunneler.shutdown().await;
     drop(running);
@@ -356,13 +357,38 @@ impl DnsAudit {
             ),
             Outcome::Answered(_) | Outcome::NoData(_) => return,
         };
-        let admitted = match self.window.lock() {
-            Ok(mut w) => w.admit(Instant::now(), &key),
-            Err(_) => false,
+        let now = Instant::now();
+        let (admitted, summary) = match self.window.lock() {
+            Ok(mut w) => {
+                let admitted = w.admit(now, &key);
+                (admitted, w.summary(now, false))
+            }
+            Err(_) => (false, None),
         };
+        self.summarise(summary);
         if admitted {
             self.events.emit(kind);
         }
+    }
+
+    /// Writes how many events were suppressed, if any: a flood of refused names stays visible
+    /// as a count even where its names are not all written.
+    fn summarise(&self, count: Option<u64>) {
+        if let Some(count) = count {
+            self.events.emit(EventKind::Suppressed {
+                what: "dns".into(),
+                count,
+            });
+        }
+    }
+
+    /// At the end of the sandbox: says what is left to say.
+    fn flush(&self) {
+        let count = match self.window.lock() {
+            Ok(mut w) => w.summary(Instant::now(), true),
+            Err(_) => None,
+        };
+        self.summarise(count);
     }
 }
 

@@ -14,6 +14,7 @@ fn action(kind: &str) -> Option<&'static str> {
         "started" => "sandbox.started",
         "dns_refused" => "sandbox.dns_refused",
         "dns_malformed" => "sandbox.dns_malformed",
+        "suppressed" => "sandbox.suppressed",
         "dial_denied" => "sandbox.dial_denied",
         "limit" => "sandbox.limit",
         "timeout" => "sandbox.timeout",
@@ -89,6 +90,7 @@ mod tests {
     fn only_known_kinds_and_plain_ids() {
         assert_eq!(action("dns_refused"), Some("sandbox.dns_refused"));
         assert_eq!(action("dns_malformed"), Some("sandbox.dns_malformed"));
+        assert_eq!(action("suppressed"), Some("sandbox.suppressed"));
         assert_eq!(action("identity.create"), None);
         assert!(valid_id("umbra-1a2b"));
         for bad in ["", "a b", "x/../y", &"a".repeat(65)] {
