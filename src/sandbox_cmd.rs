@@ -252,6 +252,11 @@ fn renewed_out_of_sight(identity: &Path, cfg: &SandboxConfig) -> anyhow::Result<
         .collect();
     let hidden: Vec<PathBuf> = cfg.hide.iter().filter_map(canon).collect();
     let abs = std::path::absolute(identity)?;
+    // A path without links is the scan's business (it finds the key in a shown file, and says
+    // so in terms of the workspace); this is about where links lead.
+    if std::fs::canonicalize(&abs).is_ok_and(|real| real == abs) {
+        return Ok(());
+    }
     let leads = std::fs::read_link(&abs)
         .ok()
         .and_then(|t| exposure::reaches_shown(&abs, &t, &shown, &hidden))

@@ -122,6 +122,21 @@ impl World {
     }
 }
 
+/// `umbra run` with `identity`, `ws` and a shell script.
+fn run_args<'a>(identity: &'a Path, ws: &'a Path, script: &'a str) -> [&'a str; 9] {
+    [
+        "run",
+        "--identity",
+        identity.to_str().unwrap(),
+        "--workspace",
+        ws.to_str().unwrap(),
+        "--",
+        "/bin/sh",
+        "-c",
+        script,
+    ]
+}
+
 fn one_line_125(o: &std::process::Output, what: &str) {
     assert_eq!(o.status.code(), Some(125), "{what}: {}", stderr(o));
     assert_eq!(stderr(o).trim().lines().count(), 1, "{what}: {}", stderr(o));
@@ -542,17 +557,7 @@ async fn links_that_would_carry_a_renewed_key_into_what_is_shown_are_refused() {
         w.own(who, &blob);
         let link = identity.with_file_name("linked.json");
         std::os::unix::fs::symlink(&blob, &link).unwrap();
-        let args = [
-            "run",
-            "--identity",
-            link.to_str().unwrap(),
-            "--workspace",
-            ws.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            "cat .cache/id-blob",
-        ];
+        let args = run_args(&link, &ws, "cat .cache/id-blob");
         let o = w.umbra(who, &args).output().await.unwrap();
         one_line_125(&o, &format!("{who:?} identity linked into the workspace"));
         assert!(!stdout(&o).contains("PRIVATE KEY"));
@@ -601,17 +606,7 @@ async fn sandbox_state_is_private_and_cannot_be_squatted() {
         let script = "echo \"$UMBRA_SANDBOX\" > id.tmp; cat /etc/hosts > hosts-in; mv id.tmp id; \
                       i=0; while [ ! -e go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done";
         let identity = w.identity(who);
-        let args = [
-            "run",
-            "--identity",
-            identity.to_str().unwrap(),
-            "--workspace",
-            ws.to_str().unwrap(),
-            "--",
-            "/bin/sh",
-            "-c",
-            script,
-        ];
+        let args = run_args(&identity, &ws, script);
         let child = w.umbra(who, &args).spawn().unwrap();
         let id = eventually(Duration::from_secs(30), || {
             std::fs::read_to_string(ws.join("id")).ok()
@@ -668,17 +663,7 @@ async fn sandbox_state_is_private_and_cannot_be_squatted() {
     let home = w.dir(As::Nobody, "squat-home");
     let ws = w.dir(As::Nobody, "squat-ws");
     let identity = w.identity(As::Nobody);
-    let args = [
-        "run",
-        "--identity",
-        identity.to_str().unwrap(),
-        "--workspace",
-        ws.to_str().unwrap(),
-        "--",
-        "/bin/sh",
-        "-c",
-        "touch ran",
-    ];
+    let args = run_args(&identity, &ws, "touch ran");
     let o = w
         .umbra(As::Nobody, &args)
         .env("TMPDIR", tmp.path())
