@@ -3,11 +3,11 @@
 //! A router-hosted service names `host:port`. When the host is an IP literal, an operator wrote
 //! that address on purpose and the router dials it as given. When it is a name, the router
 //! resolves it once, refuses the name if any address points back into the router's own network
-//! (loopback, link-local and cloud metadata, private, CGNAT, unspecified, multicast, broadcast,
-//! and IPv6 forms that embed such an IPv4 address), and dials the checked IPs, never the name
+//! (`umbra_policies::address`: the IANA special-purpose registries as a table, and IPv6 forms
+//! that embed such an IPv4 address), and dials the checked IPs, never the name
 //! again, so that a DNS answer that changes between check and use (rebinding) gains nothing.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -17,112 +17,8 @@ use umbra_policies::HostPort;
 /// router try thousands.
 const MAX_RESOLVED: usize = 16;
 
-/// Why an address may not be dialed for a name-addressed service.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Forbidden {
-    /// 127.0.0.0/8, ::1.
-    #[error("loopback")]
-    Loopback,
-    /// 169.254.0.0/16 (including the 169.254.169.254 metadata service), fe80::/10.
-    #[error("link-local or metadata")]
-    LinkLocal,
-    /// RFC 1918 (10/8, 172.16/12, 192.168/16), unique-local fc00::/7, site-local fec0::/10.
-    #[error("private")]
-    Private,
-    /// Carrier-grade NAT, 100.64.0.0/10 (also where some clouds put their metadata service).
-    #[error("shared address space (CGNAT)")]
-    Cgnat,
-    /// 0.0.0.0/8, ::.
-    #[error("unspecified")]
-    Unspecified,
-    /// 224.0.0.0/4, ff00::/8.
-    #[error("multicast")]
-    Multicast,
-    /// 255.255.255.255.
-    #[error("broadcast")]
-    Broadcast,
-    /// 240.0.0.0/4 and the local-use NAT64 prefix 64:ff9b:1::/48, which can reach anything.
-    #[error("reserved")]
-    Reserved,
-}
-
-/// Whether a resolved address may be dialed. IPv6 addresses that embed an IPv4 address
-/// (mapped, compatible, NAT64, 6to4, Teredo) are judged by the address they embed.
-pub fn check(ip: IpAddr) -> Result<(), Forbidden> {
-    match ip {
-        IpAddr::V4(v4) => check_v4(v4),
-        IpAddr::V6(v6) => check_v6(v6),
-    }
-}
-
-fn check_v4(ip: Ipv4Addr) -> Result<(), Forbidden> {
-    let [a, b, _, _] = ip.octets();
-    if ip.is_broadcast() {
-        Err(Forbidden::Broadcast)
-    } else if a == 0 {
-        Err(Forbidden::Unspecified)
-    } else if a == 127 {
-        Err(Forbidden::Loopback)
-    } else if a == 169 && b == 254 {
-        Err(Forbidden::LinkLocal)
-    } else if a == 10 || (a == 172 && (16..=31).contains(&b)) || (a == 192 && b == 168) {
-        Err(Forbidden::Private)
-    } else if a == 100 && (64..=127).contains(&b) {
-        Err(Forbidden::Cgnat)
-    } else if (224..=239).contains(&a) {
-        Err(Forbidden::Multicast)
-    } else if a >= 240 {
-        Err(Forbidden::Reserved)
-    } else {
-        Ok(())
-    }
-}
-
-fn check_v6(ip: Ipv6Addr) -> Result<(), Forbidden> {
-    let s = ip.segments();
-    let low32 = Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-    if ip.is_unspecified() {
-        return Err(Forbidden::Unspecified);
-    }
-    if ip.is_loopback() {
-        return Err(Forbidden::Loopback);
-    }
-    // ::ffff:0:0/96 (mapped) and ::/96 (compatible): the last 32 bits are the IPv4 address.
-    if s[..5] == [0; 5] && (s[5] == 0xffff || s[5] == 0) {
-        return check_v4(low32);
-    }
-    // 64:ff9b::/96, the well-known NAT64 prefix.
-    if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
-        return check_v4(low32);
-    }
-    // 64:ff9b:1::/48, local-use NAT64: translated to anything the operator chose.
-    if s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1 {
-        return Err(Forbidden::Reserved);
-    }
-    // 2002::/16, 6to4: bits 16..48 are the IPv4 address.
-    if s[0] == 0x2002 {
-        return check_v4(Ipv4Addr::new(
-            (s[1] >> 8) as u8,
-            s[1] as u8,
-            (s[2] >> 8) as u8,
-            s[2] as u8,
-        ));
-    }
-    // 2001::/32, Teredo: the client's IPv4 address is the last 32 bits, inverted.
-    if s[0] == 0x2001 && s[1] == 0 {
-        return check_v4(Ipv4Addr::from(!u32::from(low32)));
-    }
-    if s[0] & 0xffc0 == 0xfe80 {
-        return Err(Forbidden::LinkLocal);
-    }
-    if s[0] & 0xfe00 == 0xfc00 || s[0] & 0xffc0 == 0xfec0 {
-        return Err(Forbidden::Private);
-    }
-    if s[0] & 0xff00 == 0xff00 {
-        return Err(Forbidden::Multicast);
-    }
-    Ok(())
-}
+// The rule itself is the pure core's: a table from the IANA special-purpose registries.
+pub use umbra_policies::address::{check, Forbidden};
 
 /// Why the router could not connect to a service.
 #[derive(Debug, thiserror::Error)]
@@ -314,7 +210,6 @@ mod tests {
             "::ffff:8.8.8.8",
             "64:ff9b::808:808",
             "2002:808:808::1",
-            "fe00::1",
         ] {
             assert_eq!(verdict(ip), Ok(()), "{ip}");
         }
