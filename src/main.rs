@@ -38,13 +38,21 @@ fn main() -> ExitCode {
         Command::Gateway(_) => "warn,umbra_gateway=info",
         _ => "warn",
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("UMBRA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        cli::LogFormat::Json => logs.json().init(),
+        // Escape codes only for a person at a terminal: in a file they break grep and shippers.
+        cli::LogFormat::Text => logs
+            .with_ansi(
+                std::io::IsTerminal::is_terminal(&std::io::stderr())
+                    && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty()),
+            )
+            .init(),
+    }
     // The tunneler's data path wakes no other thread on one core: fewer scheduler wake-ups per
     // byte and a shorter queue for interactive streams under bulk load (see the data-plane bench).
     let runtime = if matches!(cli.command, Command::Tunnel { .. }) {

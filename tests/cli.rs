@@ -366,3 +366,48 @@ async fn output_to_a_directory_fails_before_anything_is_created() {
     let o = t.umbra(&["enroll", tp, "-o", id.to_str().unwrap()]);
     assert!(o.status.success(), "token was spent: {}", stderr(&o));
 }
+
+/// Logs written anywhere but a terminal carry no escape codes, and `--log-format json` writes
+/// one JSON object per log line (for log shippers).
+#[test]
+fn logs_are_plain_off_a_terminal_and_json_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    // An identity file others can read draws a warning before it is refused.
+    let id = dir.path().join("id.json");
+    std::fs::write(&id, "{}").unwrap();
+    std::fs::set_permissions(&id, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let warn = std::ffi::OsStr::new("warn");
+    let args = ["run", "--identity", id.to_str().unwrap(), "--", "true"];
+    let o = umbra_cmd(&args, &[("UMBRA_LOG", warn)]);
+    let text = stderr(&o);
+    assert!(text.contains("WARN"), "{text}");
+    assert!(!text.contains('\x1b'), "escape codes in a pipe: {text:?}");
+
+    let mut json_args = vec!["--log-format", "json"];
+    json_args.extend_from_slice(&args);
+    let o = umbra_cmd(&json_args, &[("UMBRA_LOG", warn)]);
+    let text = stderr(&o);
+    let logged: Vec<serde_json::Value> = text
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|l| l["level"] == "WARN" && l["fields"]["message"].is_string()),
+        "{text}"
+    );
+    let o = umbra_cmd(
+        &args,
+        &[
+            ("UMBRA_LOG", warn),
+            ("UMBRA_LOG_FORMAT", std::ffi::OsStr::new("json")),
+        ],
+    );
+    assert!(
+        stderr(&o).lines().any(|l| l.starts_with('{')),
+        "{}",
+        stderr(&o)
+    );
+}
