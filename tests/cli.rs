@@ -259,6 +259,12 @@ fn quickstart_initializes_and_serves() {
     let o = umbra_cmd(&["identity", "list"], &[("UMBRA_ADMIN", admin.as_os_str())]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(stdout(&o).contains("admin"), "{}", stdout(&o));
+    // The database (identities, policies, audit) and SQLite's files beside it are private,
+    // whatever the umask (the test's is the usual 022).
+    for f in ["umbra.db", "umbra.db-wal", "umbra.db-shm"] {
+        let m = std::fs::metadata(d.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+        assert_eq!(m.permissions().mode() & 0o777, 0o600, "{f}");
+    }
     let _ = std::process::Command::new("kill")
         .arg(child.id().to_string())
         .status();
