@@ -117,38 +117,11 @@ fn sql_ts(t: Timestamp) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
 }
 
-/// Makes the database (it holds every identity, policy and the audit log) and SQLite's `-wal`
-/// and `-shm` beside it readable by the controller's user alone. A missing database is created
-/// 0600 before SQLite opens it (left to SQLite it would get the umask's 0644, and the `-wal` and
-/// `-shm` files copy the database's mode); files made wider by earlier versions are narrowed.
-fn private_files(path: &Path) -> Result<(), ControllerError> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    if std::fs::symlink_metadata(path).is_err() {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(path)
-            .map_err(ControllerError::io(path))?;
-    }
-    for suffix in ["", "-wal", "-shm"] {
-        let mut p = path.as_os_str().to_owned();
-        p.push(suffix);
-        let p = std::path::PathBuf::from(p);
-        if let Ok(m) = std::fs::symlink_metadata(&p) {
-            if m.is_file() && m.permissions().mode() & 0o077 != 0 {
-                std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600))
-                    .map_err(ControllerError::io(&p))?;
-            }
-        }
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, ControllerError> {
-        private_files(path)?;
+        // Every identity, policy and the audit log: the controller's user alone reads them.
+        umbra_pki::private_database(path).map_err(|e| ControllerError::Setup(e.to_string()))?;
         let conn = Connection::open(path)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;

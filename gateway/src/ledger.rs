@@ -115,7 +115,7 @@ pub struct Exhausted {
 fn create_private(path: &Path) -> Result<(), LedgerError> {
     match umbra_pki::check_target(path)? {
         umbra_pki::outfile::TargetKind::Missing | umbra_pki::outfile::TargetKind::Regular => {
-            drop(umbra_pki::open_append(path, 0o600)?);
+            umbra_pki::private_database(path)?;
             Ok(())
         }
         _ => Err(LedgerError::NotRegular(path.to_path_buf())),

@@ -40,7 +40,7 @@ pub use csr::{csr_for_key, generate_key_and_csr, KeyAndCsr, SecretString};
 pub use error::{CertificateError, CsrError, KeyError, PkiError};
 pub use fingerprint::{fingerprint, Fingerprint, FingerprintError};
 pub use identity_file::{IdentityFile, IdentityFileError, IDENTITY_FILE_VERSION};
-pub use outfile::{check_target, open_append, write_file, OutFileError};
+pub use outfile::{check_target, open_append, private_database, write_file, OutFileError};
 pub use serial::{Serial, SerialError};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain, TrustDomainError};
 pub use tls::{

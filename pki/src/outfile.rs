@@ -66,6 +66,10 @@ pub enum Refusal {
     /// The path ends in `/` or `..`, or is empty: it cannot name a file.
     #[error("it does not name a file")]
     NotAFileName,
+    /// A FIFO or device where a database must go: SQLite needs a regular file it can seek and
+    /// lock.
+    #[error("a database needs a regular file")]
+    NotADatabase,
     /// Any other kind of file (for example a Solaris door).
     #[error("it is not a regular file, FIFO or character device")]
     Other,
@@ -288,6 +292,31 @@ pub fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), OutFileErro
             file.write_all(data).map_err(io_err(path))
         }
     }
+}
+
+/// Makes a SQLite database at `path` private before SQLite opens it: a missing file is created
+/// 0600 (left to SQLite it would get the umask's mode, 0644, and the `-wal` and `-shm` files copy
+/// the database's mode), an existing one is narrowed to 0600, and so are `-wal` and `-shm` files
+/// left wider by earlier versions. Anything but a regular file (or a link to one) is refused.
+pub fn private_database(path: &Path) -> Result<(), OutFileError> {
+    match check_target(path)? {
+        TargetKind::Missing | TargetKind::Regular => drop(open_append(path, 0o600)?),
+        _ => {
+            return Err(OutFileError::Refused {
+                path: path.to_path_buf(),
+                reason: Refusal::NotADatabase,
+            })
+        }
+    }
+    for suffix in ["-wal", "-shm"] {
+        let mut side = path.as_os_str().to_owned();
+        side.push(suffix);
+        let side = PathBuf::from(side);
+        if fs::symlink_metadata(&side).is_ok_and(|m| m.is_file() && m.mode() & 0o077 != 0) {
+            fs::set_permissions(&side, fs::Permissions::from_mode(0o600)).map_err(io_err(&side))?;
+        }
+    }
+    Ok(())
 }
 
 /// Opens `path` for appending by the same rules as [`write_file`]: a missing file is created with

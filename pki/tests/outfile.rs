@@ -328,3 +328,36 @@ fn check_target_kinds() {
     // A bare file name resolves against the working directory.
     assert!(check_target(Path::new("umbra-outfile-test-nonexistent")).is_ok());
 }
+
+#[test]
+fn databases_are_private_before_sqlite_sees_them() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("x.db");
+    umbra_pki::private_database(&db).unwrap();
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&db), 0o600);
+    assert_eq!(std::fs::metadata(&db).unwrap().len(), 0);
+    // Left wide by an earlier version: the database and its companions are narrowed, the
+    // content kept.
+    std::fs::write(&db, b"data").unwrap();
+    let wal = dir.path().join("x.db-wal");
+    let shm = dir.path().join("x.db-shm");
+    for p in [&db, &wal, &shm] {
+        std::fs::write(p, b"data").unwrap();
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    }
+    umbra_pki::private_database(&db).unwrap();
+    for p in [&db, &wal, &shm] {
+        assert_eq!(mode(p), 0o600, "{}", p.display());
+        assert_eq!(std::fs::read(p).unwrap(), b"data");
+    }
+    // A device or a directory is refused, untouched.
+    assert!(umbra_pki::private_database(std::path::Path::new("/dev/null")).is_err());
+    assert!(umbra_pki::private_database(dir.path()).is_err());
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata("/dev/null")
+        .unwrap()
+        .file_type()
+        .is_char_device());
+}
