@@ -190,11 +190,9 @@ async fn run_with(
     args: &RunArgs,
 ) -> anyhow::Result<i32> {
     let cfg = sandbox_config(&args.sandbox, args.command.clone(), &args.env)?;
-    if let Some(p) = path {
-        renewed_out_of_sight(p, &cfg)?;
-    }
+    let renew_at = path.map(|p| renewal_path(p, &cfg)).transpose()?;
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
-    if let Some(p) = path {
+    if let Some(p) = &renew_at {
         ctx.set_identity_path(p);
     }
     let events_at = match &args.events {
@@ -239,11 +237,13 @@ async fn run_with(
 }
 
 /// An event as the controller's audit log takes it.
-/// Refuses an identity file that is, or links to, a file the sandbox shows (outside what it
-/// hides): the launcher renews it while the agent runs, and a renewal writes the new key where
-/// the path leads. (A key already there is found by the sandbox's own scan; this catches the
-/// link before anything is written through it.)
-fn renewed_out_of_sight(identity: &Path, cfg: &SandboxConfig) -> anyhow::Result<()> {
+/// Where the identity's renewals are written while the sandbox runs: its real path, resolved
+/// once now, never the path as given. A path through a link or a `..` in the workspace could be
+/// re-aimed by the agent between renewals (into the workspace, where it would read its own key,
+/// or anywhere on the host, where the launcher would overwrite a file); a real path has no link
+/// left to change, and its directories are either out of the agent's reach or, inside a hidden
+/// directory, pinned and covered. A path that reaches a shown file through a link is refused.
+fn renewal_path(identity: &Path, cfg: &SandboxConfig) -> anyhow::Result<PathBuf> {
     use umbra_sandbox::exposure;
     let canon = |p: &PathBuf| std::fs::canonicalize(p).ok();
     let shown: Vec<PathBuf> = std::iter::once(&cfg.workspace)
@@ -251,28 +251,19 @@ fn renewed_out_of_sight(identity: &Path, cfg: &SandboxConfig) -> anyhow::Result<
         .filter_map(canon)
         .collect();
     let hidden: Vec<PathBuf> = cfg.hide.iter().filter_map(canon).collect();
-    let abs = std::path::absolute(identity)?;
-    // A path without links is the scan's business (it finds the key in a shown file, and says
-    // so in terms of the workspace); this is about where links lead.
-    if std::fs::canonicalize(&abs).is_ok_and(|real| real == abs) {
-        return Ok(());
-    }
-    let leads = std::fs::read_link(&abs)
-        .ok()
-        .and_then(|t| exposure::reaches_shown(&abs, &t, &shown, &hidden))
-        .or_else(|| {
-            std::fs::canonicalize(&abs)
-                .ok()
-                .filter(|real| exposure::shows(real, &shown, &hidden))
-        });
-    if let Some(at) = leads {
+    let real = std::fs::canonicalize(identity)
+        .with_context(|| format!("identity {}", identity.display()))?;
+    // A path with no link or `..` that is shown holds the key: the sandbox's scan refuses it, in
+    // terms of the workspace, after the workspace itself has been judged.
+    let as_given = std::path::absolute(identity)?;
+    if real != as_given && exposure::shows(&real, &shown, &hidden) {
         anyhow::bail!(
-            "the identity file {} leads to {}, which the sandbox shows; its renewals would be readable inside. Keep it outside the workspace",
+            "the identity file {} is {}, which the sandbox shows; its renewals would be readable inside. Keep it outside the workspace, or --hide the directory that holds it",
             identity.display(),
-            at.display()
+            real.display()
         );
     }
-    Ok(())
+    Ok(real)
 }
 
 /// Opens the directory of the events file, which the launcher writes (as root, perhaps), and
@@ -309,6 +300,13 @@ fn events_file(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<(OwnedFd, Pat
         }
     }
     let at = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd())).join(name);
+    // The file itself may not be a link either: it could lead into what is shown.
+    if std::fs::symlink_metadata(&at).is_ok_and(|m| m.file_type().is_symlink()) {
+        anyhow::bail!(
+            "the events file {} is a symbolic link; give the path of the file itself",
+            file.display()
+        );
+    }
     Ok((dir, at))
 }
 
@@ -465,9 +463,6 @@ async fn verify_with(
     args: &VerifyArgs,
 ) -> anyhow::Result<Vec<Attempt>> {
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
-    if let Some(p) = path {
-        ctx.set_identity_path(p);
-    }
     let run = uuid::Uuid::new_v4().simple().to_string();
     let (host_addr, hits) = canary(&run)?;
     let host_tmp = tempfile::Builder::new()
@@ -487,7 +482,7 @@ async fn verify_with(
     }
     let mut base = sandbox_config(&args.sandbox, Vec::new(), &[])?;
     if let Some(p) = path {
-        renewed_out_of_sight(p, &base)?;
+        ctx.set_identity_path(&renewal_path(p, &base)?);
     }
     let workspace = std::fs::canonicalize(&base.workspace)
         .with_context(|| format!("workspace {}", base.workspace.display()))?;

@@ -29,7 +29,11 @@ enum As {
 const NOBODY: u32 = 65534;
 
 async fn world() -> World {
-    let t = TestController::start().await;
+    world_with(|_| {}).await
+}
+
+async fn world_with(tweak: impl FnOnce(&mut umbra_controller::ControllerConfig)) -> World {
+    let t = TestController::start_with(tweak).await;
     let router = start_router(&t, "router-1", |_| {}).await;
     let file = agent(&t, "agent-1").await;
     let home = tempfile::Builder::new()
@@ -676,4 +680,106 @@ async fn sandbox_state_is_private_and_cannot_be_squatted() {
     assert!(ws.join("ran").exists());
     assert_eq!(std::fs::read_dir(&squatted).unwrap().count(), 0);
     assert!(home.join(".cache/umbra/sandboxes").is_dir());
+}
+
+/// The launcher renews the identity where its real path was when the run started: an agent that
+/// re-aims a link (or a `..`) on the path as given gets neither its own key nor a launcher write
+/// outside the identity's directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_go_where_the_identity_really_is_whatever_the_agent_relinks() {
+    // 6 s certificates: renewed about 4 s into each run.
+    let w = world_with(|c| c.cert_validity = Duration::from_secs(6)).await;
+    // The agent watches for a file to appear where it could read it, for at most 12 s.
+    let watch = |at: &str| {
+        format!(
+            "i=0; while [ $i -lt 120 ] && [ ! -s {at} ]; do sleep 0.1; i=$((i+1)); done; \
+             cat {at} > seen 2>/dev/null; true"
+        )
+    };
+    // Certificates this short expire between runs: each run starts from the latest renewal.
+    let mut latest = w.identity(As::Root);
+    let fresh = |who: As, from: &Path| {
+        let d = w.dir(who, "renewing-identity");
+        let p = d.join("agent-1.json");
+        std::fs::copy(from, &p).unwrap();
+        w.own(who, &p);
+        p
+    };
+    for who in [As::Root, As::Nobody] {
+        // Through a link in the workspace to the identity's own directory, which the agent
+        // then points at a directory of its own.
+        let identity = fresh(who, &latest);
+        let before = std::fs::read(&identity).unwrap();
+        let ws = w.dir(who, "relink-ws");
+        std::os::unix::fs::symlink(identity.parent().unwrap(), ws.join("link")).unwrap();
+        let given = ws.join("link/agent-1.json");
+        let script = format!(
+            "rm link; mkdir exposed; ln -s exposed link; {}",
+            watch("exposed/agent-1.json")
+        );
+        let args = run_args(&given, &ws, &script);
+        let o = tokio::time::timeout(Duration::from_secs(60), w.umbra(who, &args).output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let seen = std::fs::read_to_string(ws.join("seen")).unwrap_or_default();
+        assert!(
+            !seen.contains("PRIVATE KEY"),
+            "{who:?} read its renewed key"
+        );
+        assert!(!ws.join("exposed/agent-1.json").exists(), "{who:?}");
+        assert_ne!(
+            std::fs::read(&identity).unwrap(),
+            before,
+            "{who:?}: the renewal was saved where the identity is"
+        );
+
+        // Through `..` past a directory the agent replaces, into a hidden directory.
+        let ws = w.dir(who, "dotdot-ws");
+        std::fs::create_dir_all(ws.join(".umbra")).unwrap();
+        std::fs::create_dir_all(ws.join("sub")).unwrap();
+        let hidden_id = ws.join(".umbra/agent-1.json");
+        std::fs::copy(&identity, &hidden_id).unwrap();
+        w.own(who, &ws);
+        let before = std::fs::read(&hidden_id).unwrap();
+        let given = ws.join("sub/../.umbra/agent-1.json");
+        let hidden = ws.join(".umbra");
+        let script = format!(
+            "rmdir sub; mkdir -p x/y x/.umbra; ln -s x/y sub; {}",
+            watch("x/.umbra/agent-1.json")
+        );
+        let mut args = run_args(&given, &ws, &script).to_vec();
+        args.splice(5..5, ["--hide", hidden.to_str().unwrap()]);
+        let o = tokio::time::timeout(Duration::from_secs(60), w.umbra(who, &args).output())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(0), "{who:?}: {}", stderr(&o));
+        let seen = std::fs::read_to_string(ws.join("seen")).unwrap_or_default();
+        assert!(
+            !seen.contains("PRIVATE KEY"),
+            "{who:?} read its renewed key"
+        );
+        assert!(!ws.join("x/.umbra/agent-1.json").exists(), "{who:?}");
+        assert_ne!(std::fs::read(&hidden_id).unwrap(), before, "{who:?}");
+        latest = hidden_id;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_events_file_that_is_a_link_is_refused() {
+    let w = world().await;
+    for who in [As::Root, As::Nobody] {
+        let ws = w.dir(who, "events-final-ws");
+        let out = w.dir(who, "events-final-out");
+        std::os::unix::fs::symlink(ws.join("ev.jsonl"), out.join("ev.jsonl")).unwrap();
+        let ev = out.join("ev.jsonl");
+        let o = w
+            .run(who, &ws, &["--events", ev.to_str().unwrap()], "touch ran")
+            .await;
+        one_line_125(&o, &format!("{who:?} events file is a link"));
+        assert!(!ws.join("ev.jsonl").exists());
+        assert!(!ws.join("ran").exists());
+    }
 }

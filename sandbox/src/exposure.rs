@@ -217,7 +217,7 @@ pub enum Scan {
 }
 
 /// Walks `root` (not following links) for key material. Bounded by [`SCAN_ENTRIES`] and
-/// [`SCAN_DEPTH`]; reads at most 64 KiB of files whose names mark them as candidates.
+/// [`SCAN_DEPTH`]; reads the first 8 KiB of every regular file, 64 KiB of candidates.
 ///
 /// Directories in `covered` are not entered: the sandbox shows an empty directory in their
 /// place, whatever is later written or renamed inside them on the host. A covered *file* is no
@@ -276,9 +276,9 @@ pub fn find_secret(root: &Path, covered: &[PathBuf]) -> Scan {
             if let Some(m) = meta.as_ref().filter(|_| nlink > 1) {
                 linked.push((m.dev(), m.ino()));
             }
-            // A file without an extension, or with other names, is read too: a key written
-            // through a link lands under whatever name the link's target has.
-            let sniff = nlink > 1 || !name.contains('.');
+            // A file with other names is read as far as a candidate: what it holds may have been
+            // written under another name.
+            let sniff = nlink > 1;
             if let Some(kind) = classify(&name, &path, sniff) {
                 return Scan::Found(Secret { path, kind });
             }
@@ -382,13 +382,21 @@ pub fn hidden_leak(
     None
 }
 
-/// What a file is, judged by its name and, for candidate names (or whenever `sniff` is set),
-/// its first bytes.
+/// How much of a file whose name does not mark it as a candidate is read: PEM and OpenSSH keys
+/// start at the top of their files.
+const SNIFF_READ: u64 = 8 * 1024;
+
+/// What a file is, judged by its name and its first bytes: 64 KiB of a candidate (a name with a
+/// key's, certificate's, token's or JSON's extension anywhere in it, as in `agent-1.json.bak` or
+/// `root.key~`, or a file with other names when `sniff` is set), 8 KiB of any other file.
 fn classify(name: &str, path: &Path, sniff: bool) -> Option<&'static str> {
     let lower = name.to_ascii_lowercase();
     let ext = lower.rsplit_once('.').map(|(_, e)| e);
     if ext == Some("key") {
         return Some("a key file");
+    }
+    if lower.starts_with(crate::CONTROLLER_DB) {
+        return Some("a copy of a controller's database");
     }
     let ssh = [
         "id_rsa",
@@ -398,31 +406,34 @@ fn classify(name: &str, path: &Path, sniff: bool) -> Option<&'static str> {
         "id_ecdsa_sk",
         "id_ed25519_sk",
     ]
-    .contains(&lower.as_str());
-    let candidate = sniff
-        || ssh
-        || matches!(
-            ext,
-            Some("json" | "pem" | "jwt" | "token" | "p8" | "der" | "crt" | "txt")
-        );
-    if !candidate {
-        return None;
-    }
+    .iter()
+    .any(|k| lower.starts_with(k));
+    let marked = lower.split(['.', '~', '-', '_']).skip(1).any(|part| {
+        matches!(
+            part,
+            "json" | "pem" | "jwt" | "token" | "p8" | "p12" | "pfx" | "der" | "crt" | "txt" | "key"
+        )
+    });
+    let limit = if sniff || ssh || marked {
+        SCAN_READ
+    } else {
+        SNIFF_READ
+    };
     let mut head = Vec::new();
     fs::File::open(path)
         .ok()?
-        .take(SCAN_READ)
+        .take(limit)
         .read_to_end(&mut head)
         .ok()?;
     let text = String::from_utf8_lossy(&head);
     if text.contains("PRIVATE KEY-----") {
-        return Some(if ext == Some("json") {
+        return Some(if lower.contains(".json") {
             "an identity file (its private key)"
         } else {
             "a private key"
         });
     }
-    if matches!(ext, Some("jwt" | "token")) && looks_like_jwt(text.trim()) {
+    if (marked || sniff) && looks_like_jwt(text.trim()) {
         return Some("an enrollment token");
     }
     None
@@ -701,14 +712,38 @@ mod tests {
     }
 
     #[test]
-    fn files_without_an_extension_or_with_other_names_are_read() {
+    fn every_file_is_read_whatever_its_name() {
+        let found = |name: &str, body: &[u8]| {
+            let t = tempfile::tempdir().unwrap();
+            fs::write(t.path().join(name), body).unwrap();
+            matches!(find_secret(t.path(), &[]), Scan::Found(_))
+        };
+        let key = b"-----BEGIN PRIVATE KEY-----\n";
+        for name in [
+            "blob",
+            "a.bin",
+            "agent-1.json.bak",
+            "admin.json.orig",
+            "root.key~",
+            "x",
+        ] {
+            assert!(found(name, key), "{name}");
+        }
+        assert!(found("umbra.db.bak", b"SQLite format 3"));
+        assert!(found(
+            "id_ed25519.old",
+            b"-----BEGIN OPENSSH PRIVATE KEY-----"
+        ));
+        // Deep in a file: read that far for candidates (and files with other names) only.
+        let deep: Vec<u8> = [vec![b' '; 20_000], key.to_vec()].concat();
+        assert!(found("agent-1.json.bak", &deep));
+        assert!(!found("a.bin", &deep));
         let t = tempfile::tempdir().unwrap();
-        fs::write(t.path().join("blob"), "x\n-----BEGIN PRIVATE KEY-----\n").unwrap();
-        assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
-        let t = tempfile::tempdir().unwrap();
-        fs::write(t.path().join("a.bin"), "-----BEGIN PRIVATE KEY-----\n").unwrap();
-        assert!(matches!(find_secret(t.path(), &[]), Scan::Clean { .. }));
+        fs::write(t.path().join("a.bin"), &deep).unwrap();
         fs::hard_link(t.path().join("a.bin"), t.path().join("b.bin")).unwrap();
         assert!(matches!(find_secret(t.path(), &[]), Scan::Found(_)));
+        // Ordinary files stay ordinary.
+        assert!(!found("notes.txt", b"a private key is not here"));
+        assert!(!found("keyboard.layout", b"qwerty"));
     }
 }
