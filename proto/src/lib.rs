@@ -8,6 +8,7 @@
 
 pub mod api;
 pub mod control;
+pub mod follow;
 pub mod frame;
 pub mod stream;
 
