@@ -10,6 +10,7 @@
 //! has not durably committed.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 mod clock;
 mod core;
