@@ -12,6 +12,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod audit;
 mod clock;
 mod core;
 mod error;
