@@ -22,6 +22,17 @@ const MAX_BATCH: usize = 1000;
 /// How often agent rows are pruned (and once at start).
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
+/// What the queue carries: rows, and after a report's rows a wake-up for the report's caller
+/// once everything before it is committed (so many reports share one transaction, and
+/// `recorded` in an answer means stored).
+enum Msg {
+    Row(Row),
+    Ack(SyncSender<()>),
+}
+
+/// How long a report waits for its rows to be committed before answering anyway.
+const ACK_WAIT: Duration = Duration::from_secs(5);
+
 /// One row to store.
 #[derive(Debug)]
 pub(crate) struct Row {
@@ -35,7 +46,7 @@ pub(crate) struct Row {
 /// The queue's sending side and the buckets; dropping it flushes the queue and the summaries
 /// and joins the thread.
 pub(crate) struct AuditSink {
-    tx: Option<SyncSender<Row>>,
+    tx: Option<SyncSender<Msg>>,
     limiter: Arc<Mutex<Limiter>>,
     thread: Option<JoinHandle<()>>,
 }
@@ -93,7 +104,7 @@ impl AuditSink {
                 rec.suppressed += 1;
                 continue;
             }
-            match self.tx.as_ref().map(|tx| tx.try_send(row)) {
+            match self.tx.as_ref().map(|tx| tx.try_send(Msg::Row(row))) {
                 Some(Ok(())) => rec.accepted += 1,
                 Some(Err(TrySendError::Full(_) | TrySendError::Disconnected(_))) | None => {
                     rec.suppressed += 1;
@@ -105,6 +116,14 @@ impl AuditSink {
         if lost > 0 {
             tracing::warn!(%who, events = lost, "audit queue full; events counted as suppressed");
             lock(&self.limiter).suppress(who, lost, lost_bytes, now);
+        }
+        if rec.accepted > 0 {
+            let (ack, done) = mpsc::sync_channel(1);
+            if let Some(Ok(())) = self.tx.as_ref().map(|tx| tx.try_send(Msg::Ack(ack))) {
+                if done.recv_timeout(ACK_WAIT).is_err() {
+                    tracing::warn!(%who, "reported events not yet committed; answering anyway");
+                }
+            }
         }
         rec
     }
@@ -131,7 +150,7 @@ fn summary_row(s: Suppressed, at: Timestamp) -> Row {
 
 fn run(
     mut conn: Connection,
-    rx: mpsc::Receiver<Row>,
+    rx: mpsc::Receiver<Msg>,
     limiter: Arc<Mutex<Limiter>>,
     cfg: AuditConfig,
     clock: Clock,
@@ -139,15 +158,19 @@ fn run(
     let mut last_prune = Instant::now();
     let mut open = true;
     while open {
-        let mut batch = Vec::new();
+        let (mut batch, mut acks) = (Vec::new(), Vec::new());
+        let mut take = |m: Msg| match m {
+            Msg::Row(r) => batch.push(r),
+            Msg::Ack(a) => acks.push(a),
+        };
         match rx.recv_timeout(Duration::from_secs(1)) {
-            Ok(r) => batch.push(r),
+            Ok(m) => take(m),
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => open = false,
         }
-        while batch.len() < MAX_BATCH {
+        for _ in 0..MAX_BATCH {
             match rx.try_recv() {
-                Ok(r) => batch.push(r),
+                Ok(m) => take(m),
                 Err(_) => break,
             }
         }
@@ -164,6 +187,9 @@ fn run(
             if let Err(e) = write(&mut conn, &batch) {
                 tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events");
             }
+        }
+        for a in acks {
+            let _ = a.try_send(());
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
