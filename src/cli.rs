@@ -132,6 +132,14 @@ pub struct RunArgs {
     /// Lifetime of issued identity certificates
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_validity: std::time::Duration,
+    /// How long events reported by agents are kept in the audit log (0: until the row cap);
+    /// operator actions are always kept
+    #[arg(long, default_value = "30d", value_parser = parse_duration)]
+    pub audit_retention: std::time::Duration,
+    /// Most agent-reported rows kept in the audit log; above it the oldest go first, never
+    /// operator actions
+    #[arg(long, default_value_t = 1_000_000)]
+    pub audit_max_agent_rows: u64,
 }
 
 #[derive(Debug, Subcommand)]

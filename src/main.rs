@@ -336,6 +336,8 @@ async fn quickstart(
         listen,
         advertise: None,
         cert_validity: cfg.cert_validity,
+        audit_retention: cfg.audit.retention.unwrap_or_default(),
+        audit_max_agent_rows: cfg.audit.max_agent_rows,
     };
     let (ctrl, server) = start_controller(&args).await?;
 
@@ -393,6 +395,8 @@ async fn start_controller(
 )> {
     let mut cfg = umbra_controller::ControllerConfig::new(&args.dir);
     cfg.cert_validity = args.cert_validity;
+    cfg.audit.retention = (!args.audit_retention.is_zero()).then_some(args.audit_retention);
+    cfg.audit.max_agent_rows = args.audit_max_agent_rows;
     let ctrl = std::sync::Arc::new(
         tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??,
     );

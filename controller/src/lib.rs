@@ -10,7 +10,9 @@
 //! has not durably committed.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
+pub mod audit;
 mod clock;
 mod core;
 mod error;

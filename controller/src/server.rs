@@ -5,36 +5,41 @@
 //! and only the enrollment routes; every other client must present a certificate of this CA at
 //! the handshake (no certificate, a foreign, expired or revoked one: the handshake fails).
 //! Connections and handshakes are bounded, and every task belongs to the server's `JoinSet`.
+//! Until its handshake ends a connection is *pending*, admitted and accounted per source by
+//! [`crate::admission`] (the decisions), with the deadlines here (the timers); an enrollment
+//! connection, never authenticated, stays accounted there until it closes.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 use umbra_pki::{ClientAuth, ENROLL_SERVER_NAME};
 
+use crate::admission::{Admission, Admit, ConnId, Limits, Pool, Source};
 use crate::api::{self, Peer};
 use crate::core::Controller;
 use crate::error::ControllerError;
 
-/// Authenticated connections (client certificate verified) served at once.
+/// Authenticated connections (client certificate verified) served at once. Anonymous
+/// connections are counted apart (see [`crate::admission`]), so they can never use these up.
 const MAX_CONNECTIONS: usize = 1024;
-/// Enrollment connections (no client certificate) served at once: a separate, small budget so
-/// that unauthenticated clients cannot crowd out routers and admins.
-const MAX_ENROLL_CONNECTIONS: usize = 64;
-/// TLS handshakes in progress at once; a connection beyond this is closed right away.
-const MAX_HANDSHAKES: usize = 256;
-/// How long a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an accepted connection may stay silent; a socket that sends nothing is also the
+/// first to lose its slot to a newcomer when slots are short.
+const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long, from accept, a client may take to send its whole ClientHello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long, from accept, a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to send request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The controller's own server certificate lifetime; it is re-issued every
@@ -77,11 +82,8 @@ impl Server {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            let handshakes = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-            let budgets = Budgets {
-                enroll: Arc::new(Semaphore::new(MAX_ENROLL_CONNECTIONS)),
-                main: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
-            };
+            let admission = Arc::new(Mutex::new(Admission::new(Limits::DEFAULT)));
+            let authenticated = Arc::new(Semaphore::new(MAX_CONNECTIONS));
             let mut conns = JoinSet::new();
             let mut refresh = tokio::time::interval(SERVER_CERT_REFRESH);
             refresh.tick().await;
@@ -104,21 +106,21 @@ impl Server {
                     }
                     _ = token.cancelled() => break,
                 };
-                let Ok(hs) = handshakes.clone().try_acquire_owned() else {
-                    tracing::debug!(%remote, "too many handshakes in progress; connection closed");
+                let shed = token.child_token();
+                let Some(pending) = Pending::admit(&admission, remote, shed.clone()) else {
                     continue;
                 };
-                let (tls, budgets) = (tls.load_full(), budgets.clone());
+                let (tls, authenticated) = (tls.load_full(), authenticated.clone());
                 let (enroll_app, main_app) = (enroll_app.clone(), main_app.clone());
-                let token = token.clone();
                 conns.spawn(async move {
                     tokio::select! {
-                        r = serve_conn(tcp, hs, &tls, &budgets, enroll_app, main_app) => {
+                        r = serve_conn(tcp, pending, &tls, authenticated, enroll_app, main_app) => {
                             if let Err(e) = r {
                                 tracing::debug!(%remote, error = %e, "connection ended with an error");
                             }
                         }
-                        _ = token.cancelled() => {}
+                        // Shed for a newcomer, or the server is shutting down.
+                        _ = shed.cancelled() => {}
                     }
                 });
                 while conns.try_join_next().is_some() {}
@@ -175,48 +177,116 @@ impl TlsConfigs {
     }
 }
 
-/// Connection budgets by class, taken once the handshake has said which class a client is.
-#[derive(Clone)]
-struct Budgets {
-    enroll: Arc<Semaphore>,
-    main: Arc<Semaphore>,
+/// A connection's place in [`Admission`] while it is anonymous; released when dropped, so every
+/// way out of a connection task (error, timeout, shed, shutdown) gives the slot back.
+struct Pending {
+    admission: Arc<Mutex<Admission<CancellationToken>>>,
+    id: ConnId,
+    accepted: tokio::time::Instant,
 }
+
+impl Pending {
+    /// Admits a new connection, closing the one it displaces; `None` if it is refused.
+    fn admit(
+        admission: &Arc<Mutex<Admission<CancellationToken>>>,
+        remote: SocketAddr,
+        shed: CancellationToken,
+    ) -> Option<Pending> {
+        let source = Source::of(remote.ip());
+        let answer = lock(admission).admit(source, Instant::now(), shed);
+        match answer {
+            Admit::Accept { id, shed } => {
+                if let Some(victim) = shed {
+                    tracing::debug!(%remote, "slots short: a silent connection was shed");
+                    victim.cancel();
+                }
+                Some(Pending {
+                    admission: admission.clone(),
+                    id,
+                    accepted: tokio::time::Instant::now(),
+                })
+            }
+            Admit::Refuse(why) => {
+                tracing::debug!(%remote, ?why, "connection refused at accept");
+                None
+            }
+        }
+    }
+
+    fn spoke(&self) {
+        lock(&self.admission).spoke(self.id);
+    }
+
+    fn hello(&self, pool: Pool) -> Result<(), crate::admission::Refusal> {
+        lock(&self.admission).hello(self.id, pool)
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        lock(&self.admission).release(self.id);
+    }
+}
+
+/// The admission lock is held for a few map operations and never across an await; a panic
+/// while holding it cannot leave the counts half-updated in a way worse than refusing.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 async fn serve_conn(
     tcp: TcpStream,
-    handshake_permit: tokio::sync::OwnedSemaphorePermit,
+    pending: Pending,
     tls: &TlsConfigs,
-    budgets: &Budgets,
+    authenticated: Arc<Semaphore>,
     enroll_app: axum::Router,
     main_app: axum::Router,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+) -> Result<(), BoxError> {
     let _ = tcp.set_nodelay(true);
-    let handshake = async {
-        let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp).await?;
-        let enroll = start.client_hello().server_name() == Some(ENROLL_SERVER_NAME);
-        let config = if enroll {
-            tls.enroll.clone()
-        } else {
-            tls.main.clone()
+    let accepted = pending.accepted;
+    let mut first = [0u8; 1];
+    let n = tokio::time::timeout(FIRST_BYTE_TIMEOUT, tcp.peek(&mut first))
+        .await
+        .map_err(|_| "nothing sent; closed")??;
+    if n == 0 {
+        return Ok(());
+    }
+    pending.spoke();
+    let start = tokio::time::timeout_at(
+        accepted + HELLO_TIMEOUT,
+        LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp),
+    )
+    .await
+    .map_err(|_| "ClientHello too slow; closed")??;
+    let enroll = start.client_hello().server_name() == Some(ENROLL_SERVER_NAME);
+    let (pool, config) = if enroll {
+        (Pool::Enroll, tls.enroll.clone())
+    } else {
+        (Pool::Main, tls.main.clone())
+    };
+    pending
+        .hello(pool)
+        .map_err(|why| format!("{why:?}; closed"))?;
+    let tls = tokio::time::timeout_at(accepted + HANDSHAKE_TIMEOUT, start.into_stream(config))
+        .await
+        .map_err(|_| "handshake too slow; closed")??;
+    // What the connection holds until it ends: an enrollment connection, never authenticated,
+    // keeps its anonymous slot; an authenticated one moves to the authenticated budget.
+    let (app, _anonymous, _permit): (_, Option<Pending>, Option<OwnedSemaphorePermit>) = if enroll {
+        (enroll_app, Some(pending), None)
+    } else {
+        drop(pending);
+        let Ok(permit) = authenticated.try_acquire_owned() else {
+            return Err("connection budget exhausted; closed".into());
         };
-        let tls = start.into_stream(config).await?;
-        Ok::<_, std::io::Error>((enroll, tls))
-    };
-    let (enroll, tls) = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await??;
-    drop(handshake_permit);
-    let budget = if enroll {
-        &budgets.enroll
-    } else {
-        &budgets.main
-    };
-    let Ok(_permit) = budget.clone().try_acquire_owned() else {
-        return Err("connection budget exhausted; closed".into());
-    };
-    let app = if enroll {
-        enroll_app
-    } else {
         let peer = umbra_pki::peer_identity(tls.get_ref().1)?;
-        main_app.layer(axum::Extension(Peer(Arc::new(peer))))
+        (
+            main_app.layer(axum::Extension(Peer(Arc::new(peer)))),
+            None,
+            Some(permit),
+        )
     };
     let service =
         hyper::service::service_fn(move |req: hyper::Request<Incoming>| app.clone().oneshot(req));

@@ -127,6 +127,7 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
+        migrate_audit_origin(&conn)?;
         Ok(Store { conn })
     }
 
@@ -448,6 +449,24 @@ impl Store {
         tx.commit()?;
         Ok(deltas)
     }
+}
+
+/// Adds `audit.origin` (`operator` or `agent`) to a store made before it existed; rows that
+/// identities reported (`sandbox.*`) become `agent` rows, subject to retention.
+fn migrate_audit_origin(conn: &Connection) -> Result<(), ControllerError> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('audit') WHERE name = 'origin'")?
+        .exists([])?;
+    if !has {
+        conn.execute_batch(
+            "BEGIN;
+             ALTER TABLE audit ADD COLUMN origin TEXT NOT NULL DEFAULT 'operator';
+             UPDATE audit SET origin = 'agent' WHERE action LIKE 'sandbox.%';
+             COMMIT;",
+        )?;
+    }
+    conn.execute_batch("CREATE INDEX IF NOT EXISTS audit_origin_at ON audit (origin, at);")?;
+    Ok(())
 }
 
 fn persist_change(

@@ -271,7 +271,8 @@ pub async fn audit(
     blocking(&s, move |c| c.audit_log(limit)).await.map(Json)
 }
 
-/// Any enrolled identity reports its own sandbox's events; the certificate says who it is.
+/// Any enrolled identity reports its own sandbox's events; the certificate says who it is. The
+/// answer says how many were stored and how many only counted (over the identity's limits).
 pub async fn report_events(
     State(s): State<AppState>,
     AnyIdentity(peer): AnyIdentity,
@@ -279,5 +280,5 @@ pub async fn report_events(
 ) -> Res<serde_json::Value> {
     blocking(&s, move |c| c.record_events(&peer, &req.events))
         .await
-        .map(|n| Json(serde_json::json!({ "recorded": n })))
+        .map(|r| Json(serde_json::json!({ "recorded": r.accepted, "suppressed": r.suppressed })))
 }

@@ -4,9 +4,12 @@
 use umbra_pki::{PeerCert, SpiffeId};
 use umbra_proto::api::{ReportedEvent, MAX_REPORTED_EVENTS};
 
-use super::{Actor, Controller};
+use std::time::Instant;
+
+use super::Controller;
+use crate::audit::writer::Row;
+use crate::audit::Recorded;
 use crate::error::ControllerError;
-use crate::store::Batch;
 
 /// The audit action for each event kind a sandbox reports; anything else is refused.
 fn action(kind: &str) -> Option<&'static str> {
@@ -36,24 +39,26 @@ fn valid_id(s: &str) -> bool {
 
 impl Controller {
     /// Records events reported by the identity `peer` proved. The whole report is checked
-    /// before anything is written.
+    /// before anything is queued; then the identity's buckets decide which events are stored and
+    /// which are only counted (see [`crate::audit`]). The command lock is held only to
+    /// authorize: storing happens on the audit writer's own connection.
     pub fn record_events(
         &self,
         peer: &PeerCert,
         events: &[ReportedEvent],
-    ) -> Result<usize, ControllerError> {
+    ) -> Result<Recorded, ControllerError> {
         if events.len() > MAX_REPORTED_EVENTS {
             return Err(ControllerError::Invalid(format!(
                 "at most {MAX_REPORTED_EVENTS} events per report"
             )));
         }
-        let mut inner = self.lock();
-        let identity = self.authorize_locked(&inner, peer, None)?;
-        let actor = Actor {
-            id: Some(identity.id.clone()),
-            label: SpiffeId::new(self.trust_domain(), identity.kind, &identity.name).to_string(),
+        let identity = {
+            let inner = self.lock();
+            self.authorize_locked(&inner, peer, None)?
         };
-        let mut batch = Batch::default();
+        let label = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name).to_string();
+        let at = self.now();
+        let mut rows = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             let action = action(&e.kind).ok_or_else(|| {
                 ControllerError::Invalid(format!("event {i}: unknown kind {:?}", e.kind))
@@ -69,16 +74,22 @@ impl Controller {
             if detail_len > MAX_DETAIL || e.at.len() > 64 {
                 return Err(ControllerError::Invalid(format!("event {i}: too large")));
             }
-            batch.audit.push(Self::audit(
-                &actor,
+            let detail = serde_json::json!({ "at": e.at, "event": e.detail }).to_string();
+            let size = detail.len() + e.sandbox.len();
+            let row = Row {
+                at,
+                actor: label.clone(),
                 action,
-                e.sandbox.clone(),
-                serde_json::json!({ "at": e.at, "event": e.detail }),
-            ));
+                target: e.sandbox.clone(),
+                detail,
+            };
+            rows.push((row, size));
         }
-        let n = batch.audit.len();
-        self.commit(&mut inner, batch)?;
-        Ok(n)
+        let rec = self.audit.submit(&label, rows, Instant::now());
+        if rec.suppressed > 0 {
+            tracing::debug!(identity = %label, suppressed = rec.suppressed, "reported events over the limit");
+        }
+        Ok(rec)
     }
 }
 

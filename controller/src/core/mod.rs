@@ -27,6 +27,8 @@ use umbra_proto::api::{
 };
 use umbra_proto::{ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo};
 
+use crate::audit::writer::AuditSink;
+use crate::audit::AuditConfig;
 use crate::clock::Clock;
 use crate::error::ControllerError;
 use crate::store::{AuditRecord, Batch, Record, Store};
@@ -61,6 +63,8 @@ pub struct ControllerConfig {
     pub max_token_ttl: Duration,
     /// The time source.
     pub clock: Clock,
+    /// Limits and retention for events identities report (`POST /v1/audit/events`).
+    pub audit: AuditConfig,
 }
 
 impl ControllerConfig {
@@ -72,6 +76,7 @@ impl ControllerConfig {
             default_token_ttl: Duration::from_secs(30 * 60),
             max_token_ttl: Duration::from_secs(7 * 24 * 3600),
             clock: Clock::system(),
+            audit: AuditConfig::default(),
         }
     }
 }
@@ -146,6 +151,8 @@ pub struct Controller {
     revoked: Arc<RevokedSerials>,
     address: Mutex<String>,
     streams: Arc<Mutex<HashMap<IdentityId, usize>>>,
+    /// Reported events: buckets, queue and writer thread, apart from the command lock.
+    audit: AuditSink,
 }
 
 impl std::fmt::Debug for Controller {
@@ -232,6 +239,7 @@ impl Controller {
             )));
         }
         let store = Store::open(&db)?;
+        let audit = AuditSink::start(&db, cfg.audit.clone(), cfg.clock.clone())?;
         let td = store
             .meta("trust_domain")?
             .ok_or_else(|| ControllerError::Corrupt("no trust domain in the store".into()))?;
@@ -273,6 +281,7 @@ impl Controller {
             deltas,
             revoked,
             address: Mutex::new(address),
+            audit,
             streams: Default::default(),
         })
     }
