@@ -951,6 +951,10 @@ async fn call(
     };
     let body = match result {
         Ok(mut r) => {
+            if kind == Kind::Resources {
+                // Answered with the URI the client asked for, not the upstream's.
+                catalog::answer_uris(&mut r, &entry);
+            }
             if stateless {
                 stateless_fields(&mut r, false);
             }
