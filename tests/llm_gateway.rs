@@ -37,7 +37,11 @@ service: llm
 default_max_tokens: 40
 providers:
   openai: {{ kind: openai, base_url: "{base}/v1", api_key_env: UPSTREAM_KEY }}
-  anthropic: {{ kind: anthropic, base_url: "{base}/v1", api_key_env: UPSTREAM_KEY }}
+  anthropic:
+    kind: anthropic
+    base_url: "{base}/v1"
+    api_key_env: UPSTREAM_KEY
+    forward_headers: {{ anthropic-beta: [prompt-caching-2024-07-31], anthropic-version: ["2023-06-01"] }}
 models:
   - {{ name: gpt-4o-mini, provider: openai, input_per_mtok: 0.15, output_per_mtok: 0.6 }}
   - {{ name: gpt-4o, provider: openai }}
@@ -45,6 +49,7 @@ models:
   - {{ name: fake-slow, provider: openai }}
   - {{ name: fake-fail, provider: openai }}
   - {{ name: fake-midfail, provider: openai }}
+  - {{ name: fake-framing, provider: openai }}
   - {{ name: claude-3-5-haiku-latest, provider: anthropic }}
   - {{ name: claude-opus-4, provider: anthropic }}
 "#,
@@ -248,6 +253,7 @@ async fn models_keys_and_usage_follow_the_identity() {
         [
             "claude-3-5-haiku-latest",
             "fake-fail",
+            "fake-framing",
             "fake-midfail",
             "fake-nousage",
             "fake-slow",
@@ -330,9 +336,10 @@ async fn models_keys_and_usage_follow_the_identity() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn budgets_hold_before_during_and_across_a_restart() {
     let mut w = world().await;
-    // 10 max tokens plus a prompt of 4 words (estimated 7): two requests fit in 30, the third
+    // Each request holds its worst case (124 to 133 tokens: the body's 107 bytes, the framing
+    // allowance and 10 of output) and is charged the provider's 14: six fit in 200, the seventh
     // does not.
-    let small = w.agent("small", None, Some("30/day"), None).await;
+    let small = w.agent("small", None, Some("200/day"), None).await;
     let r = py("budget", &small).await;
     let res = r["results"].as_array().unwrap();
     assert!(res[0]["ok"].is_u64(), "{r}");
@@ -353,32 +360,31 @@ async fn budgets_hold_before_during_and_across_a_restart() {
         .filter(|r| r["decision"] == "allowed")
         .map(|r| r["input"].as_u64().unwrap() + r["output"].as_u64().unwrap())
         .sum();
-    assert!(spent <= 30, "spent {spent} of 30");
+    assert!(spent <= 200, "spent {spent} of 200");
+    assert_eq!(
+        res.iter().filter(|x| x["ok"].is_u64()).count(),
+        6,
+        "refused only once the worst case no longer fits: {r}"
+    );
 
-    // Mid-stream: the provider's input count overruns the reservation; the client raises.
+    // A stream whose worst case (its prompt and 50 tokens) does not fit in what is left is
+    // refused before anything goes upstream, rather than cut off once the provider has spent.
     let mid = w.agent("mid", None, Some("70/day"), None).await;
+    let before = w.fake.requests().len();
     let r = py("budget_midstream", &mid).await;
-    // The stream had begun (status 200): the client raises from the error event itself.
-    assert_eq!(r["raised"], "APIStatusError", "{r}");
-    assert_eq!(r["body"]["error"]["type"], "rate_limit_error", "{r}");
+    assert_eq!(r["raised"], "RateLimitError", "{r}");
+    assert_eq!(r["status"], 429, "{r}");
+    assert_eq!(w.fake.requests().len(), before, "nothing went upstream");
     let ledger = w.ledger();
     let rec = records_for(&ledger, "mid")
         .last()
         .cloned()
         .cloned()
         .unwrap();
-    assert_eq!(rec["reason"], "budget exhausted mid-stream");
-    assert!(
-        rec["input"].as_u64().unwrap() + rec["output"].as_u64().unwrap() <= 70,
-        "{rec}"
-    );
-    assert!(
-        !r["text"].as_str().unwrap().is_empty(),
-        "some text was delivered first"
-    );
+    assert_eq!(rec["reason"], "token budget exhausted", "{rec}");
 
-    // Concurrent requests on a nearly empty budget overspend by at most one reservation.
-    let conc = w.agent("conc", None, Some("100/day"), None).await;
+    // Concurrent requests never spend more than the budget: each holds its worst case.
+    let conc = w.agent("conc", None, Some("400/day"), None).await;
     let r = py("concurrent", &conc).await;
     let res = r["results"].as_array().unwrap();
     assert_eq!(res.len(), 8);
@@ -388,7 +394,7 @@ async fn budgets_hold_before_during_and_across_a_restart() {
         .iter()
         .map(|r| r["input"].as_u64().unwrap() + r["output"].as_u64().unwrap())
         .sum();
-    assert!(spent <= 100, "spent {spent} of 100");
+    assert!(spent <= 400, "spent {spent} of 400");
 
     // A restart keeps the ledger: the small budget is still spent.
     drop(w.gateway.take());
@@ -404,6 +410,92 @@ async fn budgets_hold_before_during_and_across_a_restart() {
     })
     .await;
     assert_eq!(r["results"][0]["status"], 429, "{r}");
+}
+
+/// Sum of what the ledger charged `who`.
+fn spent_by(ledger: &[Value], who: &str) -> u64 {
+    records_for(ledger, who)
+        .iter()
+        .map(|r| r["input"].as_u64().unwrap_or(0) + r["output"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_multipliers_and_provider_framing_stay_within_the_budget() {
+    let mut w = world().await;
+    // n: 50 with max_tokens: 100 is up to 5,000 tokens of output. Against 1,000 the gateway
+    // holds all of it and lowers the per-choice cap so that fifty choices fit.
+    let multi = w.agent("multi", None, Some("1000/day"), None).await;
+    let before = w.fake.requests().len();
+    let r = py("n", &multi).await;
+    let first = &r["results"][0];
+    assert_eq!(first["choices"], 50, "{r}");
+    let sent = w.fake.requests()[before].body.clone();
+    assert_eq!(sent["n"], 50);
+    let cap = sent["max_tokens"].as_u64().unwrap();
+    assert!(cap * 50 < 1000, "the cap sent upstream was {cap} a choice");
+    assert_eq!(first["usage"]["completion_tokens"], cap * 50);
+    // The second does not fit in what is left: refused, nothing sent.
+    assert_eq!(r["results"][1]["raised"], "RateLimitError", "{r}");
+    let spent = spent_by(&w.ledger(), "multi");
+    assert!(spent <= 1000, "spent {spent} of 1000");
+    assert_eq!(spent, first["usage"]["total_tokens"].as_u64().unwrap());
+    // A multiplier that cannot be bounded, and an image the provider would fetch, are refused
+    // under a budget without reaching the provider.
+    for odd in ["string", "fraction", "huge", "image_url"] {
+        assert_eq!(r["odd"][odd]["status"], 400, "{odd}: {r}");
+    }
+    assert_eq!(
+        w.fake.requests().len(),
+        before + 1,
+        "only the first request went upstream"
+    );
+    assert!(records_for(&w.ledger(), "multi")
+        .iter()
+        .any(|r| r["reason"] == "cost cannot be bounded"));
+
+    // The provider counts "hi" as 11 tokens (its framing); the gateway's reservation covers
+    // that, so the budget is never overspent whatever the provider adds.
+    let framing = w.agent("framing", None, Some("200/day"), None).await;
+    let r = py("framing", &framing).await;
+    let res = r["results"].as_array().unwrap();
+    assert_eq!(res.last().unwrap()["raised"], "RateLimitError", "{r}");
+    assert!(res.len() > 1, "at least one fits: {r}");
+    let ledger = w.ledger();
+    for rec in records_for(&ledger, "framing")
+        .iter()
+        .filter(|r| r["decision"] == "allowed")
+    {
+        assert_eq!(rec["input"], 11, "the provider's count is charged: {rec}");
+    }
+    let spent = spent_by(&ledger, "framing");
+    assert!(spent <= 200, "spent {spent} of 200");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_feature_headers_pass_only_when_allowlisted() {
+    let mut w = world().await;
+    let base = w.agent("hdr", None, None, None).await;
+    let before = w.fake.requests().len();
+    let r = py("headers", &base).await;
+    assert!(r["text"].is_string(), "{r}");
+    let seen = w.fake.requests();
+    let mine = &seen[before..];
+    assert_eq!(mine.len(), 3);
+    // Only the allowlisted beta goes up; the Files API and the MCP connector do not; a
+    // version the configuration does not name is replaced by the gateway's.
+    assert_eq!(
+        mine[0].header("anthropic-beta"),
+        Some("prompt-caching-2024-07-31")
+    );
+    assert_eq!(mine[0].header("anthropic-version"), Some("2023-06-01"));
+    assert!(
+        mine[1].header("openai-beta").is_none(),
+        "{:?}",
+        mine[1].headers
+    );
+    assert!(mine[2].header("anthropic-beta").is_none());
+    assert_eq!(mine[2].header("anthropic-version"), Some("2023-06-01"));
 }
 
 /// Runs a case until `ok` holds (a restarted gateway takes a moment to bind again).

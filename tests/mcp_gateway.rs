@@ -491,7 +491,7 @@ async fn resources_prompts_and_an_upstream_crash() {
         "agent-c-mcp",
         "agent-c",
         None,
-        Some("notes__file:///readme.txt"),
+        Some("umbra://notes/file:///readme.txt"),
         Some("github__greet"),
     )
     .await;
@@ -514,18 +514,18 @@ async fn resources_prompts_and_an_upstream_crash() {
     w.tunnelers.push(tun);
     let c = format!("http://{listen}/mcp");
     let r = py(&["resources", &c]).await;
-    assert_eq!(r["uris"], json!(["notes__file:///readme.txt"]), "{r}");
-    assert_eq!(
-        r["read"]["notes__file:///readme.txt"], "readme of notes",
-        "{r}"
-    );
+    // A valid URI (strict clients reject `notes__file:///...`), read back under the same URI.
+    let uri = "umbra://notes/file:///readme.txt";
+    assert_eq!(r["uris"], json!([uri]), "{r}");
+    assert_eq!(r["read"][uri], "readme of notes", "{r}");
+    assert_eq!(r["read_uris"][uri], json!([uri]), "{r}");
     let r = py(&["prompts", &c]).await;
     assert_eq!(r["names"], json!(["github__greet"]), "{r}");
     let hidden = py(&[
         "raw",
         &c,
-        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"notes__file:///secret.txt"}}"#,
-        r#"{"MCP-Protocol-Version":"2026-07-28","Mcp-Method":"resources/read","Mcp-Name":"notes__file:///secret.txt"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"resources/read","params":{"uri":"umbra://notes/file:///secret.txt"}}"#,
+        r#"{"MCP-Protocol-Version":"2026-07-28","Mcp-Method":"resources/read","Mcp-Name":"umbra://notes/file:///secret.txt"}"#,
     ])
     .await;
     assert_eq!(hidden["body"]["error"]["code"], -32602, "{hidden}");

@@ -49,6 +49,10 @@ struct ProviderFile {
     api_key_env: Option<String>,
     #[serde(default)]
     api_key_file: Option<PathBuf>,
+    /// Client headers passed upstream, by name, with the values allowed (see
+    /// `llm::headers`); every other client header is dropped.
+    #[serde(default)]
+    forward_headers: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -126,6 +130,10 @@ pub struct Provider {
     pub prefix: String,
     /// The key the gateway adds; `None` for a provider that needs none (a local server).
     pub key: Option<ApiKey>,
+    /// The client headers allowed upstream and their allowed values (lower-case names). Empty:
+    /// none, so an agent cannot switch on provider features (betas, API versions) under the
+    /// organization's key.
+    pub forward_headers: crate::llm::headers::Allowlist,
 }
 
 /// A model the gateway serves.
@@ -192,6 +200,40 @@ pub(crate) fn parse_base(url: &str) -> Result<(bool, String, u16, String), Strin
     ))
 }
 
+/// Checks a provider's `forward_headers`: valid header names that the gateway does not set
+/// itself and that carry no credentials, and values that are single items (no commas).
+fn allowlist(
+    provider: &str,
+    raw: BTreeMap<String, Vec<String>>,
+) -> Result<crate::llm::headers::Allowlist, String> {
+    let mut out = crate::llm::headers::Allowlist::new();
+    for (name, values) in raw {
+        let lower = name.to_ascii_lowercase();
+        if http::HeaderName::from_bytes(lower.as_bytes()).is_err() {
+            return Err(format!(
+                "providers.{provider}.forward_headers: {name:?} is not a header name"
+            ));
+        }
+        if crate::llm::headers::RESERVED.contains(&lower.as_str()) {
+            return Err(format!(
+                "providers.{provider}.forward_headers: {name:?} is set by the gateway and cannot be forwarded"
+            ));
+        }
+        for v in &values {
+            let ok = !v.is_empty()
+                && v.trim() == v
+                && v.bytes().all(|b| b.is_ascii_graphic() && b != b',');
+            if !ok {
+                return Err(format!(
+                    "providers.{provider}.forward_headers.{name}: {v:?} must be one value without commas or spaces"
+                ));
+            }
+        }
+        out.entry(lower).or_default().extend(values);
+    }
+    Ok(out)
+}
+
 impl Config {
     /// Reads and checks a configuration file; relative paths are relative to it.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -243,6 +285,7 @@ impl Config {
                 }
                 (None, None) => None,
             };
+            let forward_headers = allowlist(&name, p.forward_headers).map_err(bad)?;
             providers.insert(
                 name.clone(),
                 Provider {
@@ -253,6 +296,7 @@ impl Config {
                     port,
                     prefix,
                     key: key.map(|k| ApiKey(Zeroizing::new(k.trim().to_string()))),
+                    forward_headers,
                 },
             );
         }
@@ -326,6 +370,14 @@ models:
         assert_eq!(c.models["claude"].upstream, "claude-sonnet-4-20250514");
         assert_eq!(c.ledger, Path::new("/etc/umbra/llm-ledger.db"));
         assert!(!format!("{c:?}").contains("sk-secret"));
+        assert!(
+            l.forward_headers.is_empty(),
+            "nothing forwarded unless listed"
+        );
+        let with = "providers:\n  a: { kind: anthropic, base_url: 'http://x', forward_headers: { Anthropic-Beta: [prompt-caching-2024-07-31] } }\nmodels: []";
+        let c = Config::parse(with, Path::new("."), |_| None).unwrap();
+        assert!(c.providers["a"].forward_headers["anthropic-beta"]
+            .contains("prompt-caching-2024-07-31"));
     }
 
     #[test]
@@ -340,6 +392,9 @@ models:
             ("providers: {}\nmodels: []\nsurprise: 1", "unknown field"),
             ("providers: {p: {kind: cohere, base_url: 'http://x'}}\nmodels: []", "unknown variant"),
             ("providers: {p: {kind: openai, base_url: 'http://x'}}\nmodels: [{name: a, provider: p}, {name: a, provider: p}]", "twice"),
+            ("providers: {p: {kind: anthropic, base_url: 'http://x', forward_headers: {x-api-key: [k]}}}\nmodels: []", "set by the gateway"),
+            ("providers: {p: {kind: anthropic, base_url: 'http://x', forward_headers: {anthropic-beta: ['a,b']}}}\nmodels: []", "without commas"),
+            ("providers: {p: {kind: anthropic, base_url: 'http://x', forward_headers: {'bad header': [a]}}}\nmodels: []", "not a header name"),
         ] {
             let e = Config::parse(bad, Path::new("."), none).unwrap_err();
             assert!(e.to_string().contains(want), "{bad}: {e}");

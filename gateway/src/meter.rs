@@ -117,15 +117,22 @@ pub fn usage_of_body(format: Format, body: &Value) -> Option<Usage> {
     })
 }
 
-/// An estimate of a complete response's output tokens from its text.
+/// An upper bound of a complete response's output tokens from its text: its bytes (a token is
+/// at least one byte), for a provider that reports no usage.
 pub fn estimate_output_of_body(body: &Value) -> u64 {
-    let mut n = 0;
-    for f in ["choices", "output", "content"] {
-        if let Some(v) = body.get(f) {
-            text_len(v, &mut n);
+    fn bytes(v: &Value) -> u64 {
+        match v {
+            Value::String(s) => s.len() as u64,
+            Value::Array(a) => a.iter().map(bytes).sum(),
+            Value::Object(o) => o.values().map(bytes).sum(),
+            _ => 0,
         }
     }
-    n
+    ["choices", "output", "content"]
+        .iter()
+        .filter_map(|f| body.get(*f))
+        .map(bytes)
+        .sum()
 }
 
 /// What to do with one event of a stream.

@@ -36,6 +36,9 @@ pub enum SseError {
     NotText,
 }
 
+/// The most bytes copied into the parser's buffer at once.
+const PIECE: usize = 64 << 10;
+
 /// The parser state between reads.
 #[derive(Debug)]
 pub struct Parser {
@@ -60,8 +63,18 @@ impl Parser {
         }
     }
 
-    /// Feeds bytes; returns every item they complete.
+    /// Feeds bytes; returns every item they complete. However large `bytes` is, the parser
+    /// copies it a piece at a time and fails as soon as an unfinished line passes the limit, so
+    /// it never holds more than the limit plus one piece.
     pub fn push(&mut self, bytes: &[u8]) -> Result<Vec<Item>, SseError> {
+        let mut out = Vec::new();
+        for piece in bytes.chunks(PIECE) {
+            out.extend(self.push_piece(piece)?);
+        }
+        Ok(out)
+    }
+
+    fn push_piece(&mut self, bytes: &[u8]) -> Result<Vec<Item>, SseError> {
         self.buf.extend_from_slice(bytes);
         let mut out = Vec::new();
         let mut start = 0;
@@ -207,6 +220,19 @@ mod tests {
         assert_eq!(p.push(&[b'x'; 40]).unwrap_err(), SseError::TooLarge(16));
         let mut p = Parser::new(1 << 10);
         assert_eq!(p.push(b"data: \xff\xfe\n").unwrap_err(), SseError::NotText);
+        // One huge read of an unfinished line fails after at most a piece past the limit.
+        let mut p = Parser::new(1 << 10);
+        let huge = vec![b'x'; 8 << 20];
+        assert_eq!(p.push(&huge).unwrap_err(), SseError::TooLarge(1 << 10));
+        assert!(
+            p.buf.capacity() <= (1 << 10) + 2 * PIECE,
+            "{}",
+            p.buf.capacity()
+        );
+        // Many whole events in one read are still fine.
+        let mut p = Parser::new(64);
+        let many = b"data: a\n\n".repeat(100_000);
+        assert_eq!(p.push(&many).unwrap().len(), 100_000);
     }
 
     #[test]

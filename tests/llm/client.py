@@ -90,7 +90,7 @@ elif case == "messages":
          "stream_usage": final.usage.model_dump()})
 elif case == "budget":
     res = []
-    for _ in range(3):
+    for _ in range(8):
         try:
             r = oai.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=10)
             res.append({"ok": r.usage.total_tokens})
@@ -100,8 +100,8 @@ elif case == "budget":
 elif case == "budget_midstream":
     text = ""
     try:
-        # Sixty one-letter words: the gateway's estimate (four characters a token) is half the
-        # provider's count, which arrives in message_start and overruns the budget mid-stream.
+        # Sixty one-letter words and 50 tokens of output: more than the 70 tokens left, so the
+        # gateway refuses before anything goes upstream.
         prompt = "a " * 60
         with ant.messages.stream(model="claude-3-5-haiku-latest", max_tokens=50,
                                  messages=[{"role": "user", "content": prompt}]) as s:
@@ -169,5 +169,51 @@ elif case == "upstream_fail":
 elif case == "nousage":
     r = oai.chat.completions.create(model="fake-nousage", messages=MSG, max_tokens=8)
     out({"text": r.choices[0].message.content})
+elif case == "n":
+    # One request asking for fifty outputs of up to 100 tokens each, then the same again.
+    res = []
+    for _ in range(2):
+        try:
+            r = oai.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=100, n=50)
+            res.append({"choices": len(r.choices), "usage": r.usage.model_dump()})
+        except Exception as e:  # noqa: BLE001
+            res.append(err(e))
+    odd = {}
+    for label, n in [("string", "50"), ("fraction", 2.5), ("huge", 100000)]:
+        try:
+            oai.chat.completions.create(model="gpt-4o-mini", messages=MSG, max_tokens=1, extra_body={"n": n})
+            odd[label] = {"raised": None}
+        except Exception as e:  # noqa: BLE001
+            odd[label] = err(e)
+    try:
+        oai.chat.completions.create(model="gpt-4o-mini", max_tokens=1, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "https://example.com/huge.png"}}]}])
+        odd["image_url"] = {"raised": None}
+    except Exception as e:  # noqa: BLE001
+        odd["image_url"] = err(e)
+    out({"results": res, "odd": odd})
+elif case == "framing":
+    # "hi" is one word to the gateway's old estimate and eleven tokens to the provider.
+    res = []
+    for _ in range(40):
+        try:
+            r = oai.chat.completions.create(model="fake-framing", max_tokens=5,
+                                            messages=[{"role": "user", "content": "hi"}])
+            res.append({"ok": r.usage.total_tokens})
+        except Exception as e:  # noqa: BLE001
+            res.append(err(e))
+            break
+    out({"results": res})
+elif case == "headers":
+    r = ant.messages.create(
+        model="claude-3-5-haiku-latest", max_tokens=2, messages=MSG,
+        extra_headers={
+            "anthropic-beta": "files-api-2025-04-14,prompt-caching-2024-07-31, mcp-client-2025-04-04",
+            "anthropic-version": "2099-01-01",
+        })
+    c = oai.chat.completions.create(model="gpt-4o-mini", max_tokens=1, messages=MSG,
+                                    extra_headers={"OpenAI-Beta": "assistants=v2"})
+    plain = ant.messages.create(model="claude-3-5-haiku-latest", max_tokens=2, messages=MSG)
+    out({"text": r.content[0].text, "chat": c.choices[0].message.content, "plain": plain.content[0].text})
 else:
     raise SystemExit("unknown case " + case)

@@ -14,7 +14,8 @@ VERSION (optional everywhere it appears):
 Cases:
     list_tools [VERSION]               {"version", "names": [...], "pages": N, "session_id"}
     call NAME JSON_ARGS [VERSION]      {"version", "isError", "text", "content", "structuredContent"}
-    resources [VERSION]                {"version", "uris": [...], "names": [...], "read": {uri: text | {"error"}}}
+    resources [VERSION]                {"version", "uris": [...], "names": [...], "read": {uri: text | {"error"}},
+                                        "read_uris": {uri: [uri of each content]}}
     prompts [VERSION]                  {"version", "names": [...], "get": {name: text | {"error"}}}
     session [VERSION] [HOLD_SECS]      {"version", "session_id"}; the session is NOT deleted
                                        (HOLD_SECS: keep the process and its streams alive so long)
@@ -217,14 +218,16 @@ async def case_resources(url: str, version: str | None = None) -> dict[str, Any]
             if not cursor:
                 break
         read: dict[str, Any] = {}
+        read_uris: dict[str, Any] = {}
         for x in res:
             try:
                 rr = await s.read_resource(str(x.uri))
                 read[str(x.uri)] = "".join(getattr(cc, "text", "") or "" for cc in rr.contents)
+                read_uris[str(x.uri)] = [str(cc.uri) for cc in rr.contents]
             except MCPError as e:
                 read[str(x.uri)] = err_obj(e)
         return {"version": s.protocol_version, "uris": [str(x.uri) for x in res],
-                "names": [x.name for x in res], "read": read}
+                "names": [x.name for x in res], "read": read, "read_uris": read_uris}
 
 
 async def case_prompts(url: str, version: str | None = None) -> dict[str, Any]:

@@ -19,7 +19,13 @@
 //! exactly N tokens, N being the request's token limit or [`DEFAULT_MAX_TOKENS`], token `i`
 //! being the text `"tok{i} "`.
 //!
-//! Special models change behaviour: `fake-nousage` never reports usage, `fake-fail` answers 500
+//! Chat Completions honour `n` (1 to 128, as OpenAI checks it): `n` choices of N tokens each,
+//! billed as `n * N` completion tokens; streamed, each token chunk carries every choice's delta.
+//! The other APIs refuse `n` as the real ones refuse an unknown parameter.
+//!
+//! Special models change behaviour: `fake-framing` counts [`FRAMING_TOKENS`] more input tokens
+//! per request, as the real providers count their message framing ("hi" is 11 tokens to one of
+//! them), `fake-nousage` never reports usage, `fake-fail` answers 500
 //! before any byte of a stream, `fake-slow` waits [`SLOW_TOKEN_GAP`] between tokens, and
 //! `fake-midfail` fails after [`MIDFAIL_TOKENS`] tokens with the provider's in-stream error. A
 //! model outside [`MODELS`] gets a 404 in the provider's envelope.
@@ -69,7 +75,14 @@ pub const MODELS: &[&str] = &[
     "fake-fail",
     "fake-slow",
     "fake-midfail",
+    "fake-framing",
 ];
+
+/// Input tokens `fake-framing` adds to every request for the framing of its messages.
+pub const FRAMING_TOKENS: u64 = 10;
+
+/// The largest `n` a chat completion accepts.
+pub const MAX_CHOICES: u64 = 128;
 
 /// Output tokens when the request names no limit.
 pub const DEFAULT_MAX_TOKENS: u64 = 16;
@@ -435,8 +448,10 @@ struct Job {
     item_id: String,
     created: u64,
     input: u64,
-    /// Tokens asked for.
+    /// Tokens asked for (per choice).
     n: u64,
+    /// Chat: how many choices (`n`).
+    choices: u64,
     /// Whether the request named a limit (then the stop reason says the limit was hit).
     limited: bool,
     usage: bool,
@@ -502,6 +517,19 @@ async fn generate(api: Api, body: &Value, shared: &Arc<Shared>) -> Response<Resp
             },
         }
     }
+    let choices = match (api, body.get("n")) {
+        (_, None | Some(Value::Null)) => 1,
+        (Api::Chat, Some(v)) => match v.as_u64() {
+            Some(n) if (1..=MAX_CHOICES).contains(&n) => n,
+            _ => {
+                return bad(&format!(
+                    "Invalid 'n': expected an integer between 1 and {MAX_CHOICES}."
+                ))
+            }
+        },
+        (Api::Responses, Some(_)) => return bad("Unsupported parameter: 'n'."),
+        (Api::Anthropic, Some(_)) => return bad("n: Extra inputs are not permitted"),
+    };
     let stream = match body.get("stream") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
@@ -517,6 +545,11 @@ async fn generate(api: Api, body: &Value, shared: &Arc<Shared>) -> Response<Resp
             body.get("system").map(words).unwrap_or(0)
                 + body.get("messages").map(words).unwrap_or(0)
         }
+    };
+    let input = if model == "fake-framing" {
+        input + FRAMING_TOKENS
+    } else {
+        input
     };
     let n = shared.id();
     let (id, item_id) = match api {
@@ -535,6 +568,7 @@ async fn generate(api: Api, body: &Value, shared: &Arc<Shared>) -> Response<Resp
             .unwrap_or(0),
         input,
         n: requested.unwrap_or(DEFAULT_MAX_TOKENS),
+        choices,
         limited: requested.is_some(),
         usage: model != "fake-nousage",
         include_usage: api == Api::Chat
@@ -673,10 +707,11 @@ impl Job {
     }
 
     fn chat_usage(&self) -> Value {
+        let out = self.n * self.choices;
         json!({
             "prompt_tokens": self.input,
-            "completion_tokens": self.n,
-            "total_tokens": self.input + self.n,
+            "completion_tokens": out,
+            "total_tokens": self.input + out,
             "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": 0, "audio_tokens": 0,
@@ -751,12 +786,12 @@ impl Job {
                 let mut r = json!({
                     "id": self.id, "object": "chat.completion", "created": self.created,
                     "model": self.model,
-                    "choices": [{
-                        "index": 0,
+                    "choices": (0..self.choices).map(|i| json!({
+                        "index": i,
                         "message": {"role": "assistant", "content": self.text(), "refusal": Value::Null, "annotations": []},
                         "logprobs": Value::Null,
                         "finish_reason": self.stop_reason()
-                    }],
+                    })).collect::<Vec<_>>(),
                     "usage": self.chat_usage(),
                     "service_tier": "default",
                     "system_fingerprint": "fp_fake"
@@ -790,7 +825,9 @@ impl Job {
         let mut c = json!({
             "id": self.id, "object": "chat.completion.chunk", "created": self.created,
             "model": self.model, "service_tier": "default", "system_fingerprint": "fp_fake",
-            "choices": [{"index": 0, "delta": delta, "logprobs": Value::Null, "finish_reason": finish}]
+            "choices": (0..self.choices)
+                .map(|i| json!({"index": i, "delta": delta, "logprobs": Value::Null, "finish_reason": finish}))
+                .collect::<Vec<_>>()
         });
         // With include_usage, OpenAI puts `"usage": null` on every chunk but the last.
         if self.include_usage && self.usage {
@@ -1234,6 +1271,63 @@ mod tests {
         assert_eq!(seen[0].method, "POST");
         assert_eq!(seen[0].header("content-type"), Some("application/json"));
         assert_eq!(seen[0].body["max_tokens"], 5);
+    }
+
+    #[tokio::test]
+    async fn n_multiplies_chat_output_and_framing_adds_input() {
+        let fake = FakeLlm::start().await;
+        let (s, f) = post(
+            &fake,
+            "/v1/chat/completions",
+            chat_body("gpt-4o-mini", json!({"max_tokens": 3, "n": 4})),
+        )
+        .await;
+        assert_eq!(s, StatusCode::OK);
+        let v = json_of(&f);
+        assert_eq!(v["choices"].as_array().map(Vec::len), Some(4));
+        assert_eq!(v["choices"][3]["index"], 3);
+        assert_eq!(
+            v["usage"]["completion_tokens"], 12,
+            "every choice is billed"
+        );
+        // Streamed: every token chunk carries every choice, usage bills them all.
+        let (_, f) = post(
+            &fake,
+            "/v1/chat/completions",
+            chat_body(
+                "gpt-4o-mini",
+                json!({"max_tokens": 2, "n": 3, "stream": true, "stream_options": {"include_usage": true}}),
+            ),
+        )
+        .await;
+        let bytes: Vec<u8> = f.iter().flat_map(|b| b.to_vec()).collect();
+        let data = datas(&sse(&bytes));
+        assert_eq!(data[1]["choices"].as_array().map(Vec::len), Some(3));
+        let last = data.iter().rev().find(|d| d["usage"].is_object()).unwrap();
+        assert_eq!(last["usage"]["completion_tokens"], 6);
+        for bad in [json!(0), json!("2"), json!(129)] {
+            let (s, _) = post(
+                &fake,
+                "/v1/chat/completions",
+                chat_body("gpt-4o-mini", json!({"n": bad})),
+            )
+            .await;
+            assert_eq!(s, StatusCode::BAD_REQUEST, "n = {bad}");
+        }
+        let (s, _) = post(
+            &fake,
+            "/v1/messages",
+            json!({"model": "claude-3-5-haiku-latest", "max_tokens": 2, "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "Anthropic has no n");
+        let (_, f) = post(
+            &fake,
+            "/v1/chat/completions",
+            json!({"model": "fake-framing", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+        assert_eq!(json_of(&f)["usage"]["prompt_tokens"], 1 + FRAMING_TOKENS);
     }
 
     #[tokio::test]

@@ -5,7 +5,9 @@
 pub mod catalog;
 pub mod config;
 pub mod cursor;
+pub mod pool;
 pub mod server;
+pub mod stdio;
 pub mod upstream;
 
 pub use config::McpConfig;

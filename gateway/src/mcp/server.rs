@@ -23,6 +23,7 @@ use umbra_sdk::{Caller, Context, SdkError};
 use super::catalog::{self, Catalog, Kind};
 use super::config::McpConfig;
 use super::cursor::Cursors;
+use super::pool::{OnChange, Pool};
 use super::upstream::{RpcError, Session};
 use crate::grants::Grants;
 use crate::upstream::Upstream;
@@ -117,7 +118,8 @@ struct Shared {
     cfg: McpConfig,
     grants: watch::Receiver<Arc<Grants>>,
     upstream: Upstream,
-    upstreams: tokio::sync::Mutex<HashMap<(IdentityId, String), Arc<Session>>>,
+    /// Each identity's upstream sessions.
+    pool: Pool,
     catalogs: Mutex<HashMap<IdentityId, Arc<Catalog>>>,
     sessions: Mutex<HashMap<String, ClientSession>>,
     cursors: Cursors,
@@ -172,16 +174,29 @@ impl McpGateway {
             None => None,
         };
         let (grants, follower) = crate::grants::follow(ctx.clone(), service.as_str()).await?;
-        let shared = Arc::new(Shared {
-            cfg,
-            grants,
-            upstream: Upstream::new(),
-            upstreams: Default::default(),
-            catalogs: Default::default(),
-            sessions: Default::default(),
-            cursors: Cursors::new(),
-            audit,
-            changes: tokio::sync::Notify::new(),
+        let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+            // An upstream's lists changed: that identity's catalog is rebuilt on next use and
+            // its sessions are told.
+            let weak = weak.clone();
+            let on_change: OnChange = Arc::new(move |who: &IdentityId| {
+                if let Some(s) = weak.upgrade() {
+                    if let Ok(mut m) = s.catalogs.lock() {
+                        m.remove(who);
+                    }
+                    s.changes.notify_one();
+                }
+            });
+            Shared {
+                cfg,
+                grants,
+                upstream: Upstream::new(),
+                pool: Pool::new(on_change),
+                catalogs: Default::default(),
+                sessions: Default::default(),
+                cursors: Cursors::new(),
+                audit,
+                changes: tokio::sync::Notify::new(),
+            }
         });
         // Each change of the grants is told to the sessions it concerns.
         let (s, mut rx) = (shared.clone(), shared.grants.clone());
@@ -600,23 +615,17 @@ async fn initialize(
     r
 }
 
-/// The caller's upstream session with `server`, started (or restarted) as needed.
+/// The caller's upstream session with `server`, started (or restarted) as needed; a slow start
+/// delays only this (identity, server).
 async fn session_for(s: &Shared, who: &IdentityId, server: &str) -> Result<Arc<Session>, RpcError> {
-    let key = (who.clone(), server.to_string());
-    let mut map = s.upstreams.lock().await;
-    if let Some(sess) = map.get(&key) {
-        if sess.alive() {
-            return Ok(sess.clone());
-        }
-    }
     let cfg = s
         .cfg
         .servers
         .get(server)
         .ok_or_else(|| RpcError::transport("unknown server"))?;
-    let sess = Arc::new(Session::connect(&cfg.transport, &s.upstream).await?);
-    map.insert(key, sess.clone());
-    Ok(sess)
+    s.pool
+        .session(who, server, &cfg.transport, &s.upstream)
+        .await
 }
 
 /// Every page of an upstream list.
@@ -670,15 +679,7 @@ async fn catalog_for(s: &Arc<Shared>, who: &IdentityId) -> Arc<Catalog> {
                 }
             }
         }
-        // When this server says its lists changed, the identity's catalog is rebuilt.
-        let (s2, who2, changed) = (s.clone(), who.clone(), sess.changed.clone());
-        tokio::spawn(async move {
-            changed.notified().await;
-            if let Ok(mut m) = s2.catalogs.lock() {
-                m.remove(&who2);
-            }
-            s2.changes.notify_one();
-        });
+        // Its list changes reach the catalog through the pool's one watcher per session.
     }
     cat.seal();
     let cat = Arc::new(cat);
@@ -950,6 +951,10 @@ async fn call(
     };
     let body = match result {
         Ok(mut r) => {
+            if kind == Kind::Resources {
+                // Answered with the URI the client asked for, not the upstream's.
+                catalog::answer_uris(&mut r, &entry);
+            }
             if stateless {
                 stateless_fields(&mut r, false);
             }

@@ -2,7 +2,7 @@
 //! stdio, or a streamable-HTTP endpoint. Each caller identity gets sessions of its own, so
 //! nothing one agent does upstream (state, subscriptions, a crash it provokes) touches another.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -12,9 +12,10 @@ use bytes::Bytes;
 use http::{Method, Request};
 use http_body_util::{BodyExt, Full, Limited};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::oneshot;
 
+use super::stdio::{read_stdio, Pending, PendingGuard, MAX_MESSAGE};
 use crate::sse;
 use crate::upstream::Upstream;
 
@@ -24,8 +25,6 @@ pub const UPSTREAM_VERSION: &str = "2025-06-18";
 /// The stateless revision, preferred with HTTP upstreams that offer it: one exchange per
 /// request, answered in JSON, no session to keep.
 pub const STATELESS_VERSION: &str = "2026-07-28";
-/// Largest message accepted from an upstream server.
-const MAX_MESSAGE: usize = 16 << 20;
 /// How long one upstream request may take.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -50,7 +49,7 @@ impl RpcError {
         }
     }
 
-    fn from_value(v: &Value) -> RpcError {
+    pub(crate) fn from_value(v: &Value) -> RpcError {
         RpcError {
             code: v.get("code").and_then(Value::as_i64).unwrap_or(-32603),
             message: v
@@ -118,8 +117,6 @@ impl std::fmt::Debug for Transport {
     }
 }
 
-type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<Result<Value, RpcError>>>>>;
-
 /// One live session with one upstream server.
 pub struct Session {
     next_id: AtomicU64,
@@ -131,6 +128,10 @@ pub struct Session {
     alive: Arc<AtomicBool>,
     /// Set when the server says its tool, resource or prompt lists changed.
     pub changed: Arc<tokio::sync::Notify>,
+    /// Dropped with the session: tasks that serve it (its change watcher) end when it goes.
+    dropped: tokio::sync::watch::Sender<()>,
+    /// How long one request may take.
+    timeout: Duration,
 }
 
 impl std::fmt::Debug for Session {
@@ -224,6 +225,8 @@ impl Session {
             closing: Arc::new(tokio::sync::Notify::new()),
             alive,
             changed,
+            dropped: tokio::sync::watch::channel(()).0,
+            timeout: REQUEST_TIMEOUT,
         };
         if matches!(s.inner, Inner::Http { .. }) {
             s.stateless.store(true, Ordering::SeqCst);
@@ -330,6 +333,25 @@ impl Session {
         });
     }
 
+    /// Ends (its `changed()` fails) when this session is dropped, so that a task serving the
+    /// session has an owner and does not outlive it.
+    pub fn dropped(&self) -> tokio::sync::watch::Receiver<()> {
+        self.dropped.subscribe()
+    }
+
+    /// Sets how long each request may take (60 s by default).
+    pub fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout;
+    }
+
+    /// Requests waiting for an answer (stdio); 0 for HTTP, which keeps no such map.
+    pub fn pending(&self) -> usize {
+        match &self.inner {
+            Inner::Stdio { pending, .. } => pending.lock().map(|p| p.len()).unwrap_or(0),
+            Inner::Http { .. } => 0,
+        }
+    }
+
     /// Whether the session can still be used (a stdio server that exited cannot).
     pub fn alive(&self) -> bool {
         self.alive.load(Ordering::SeqCst)
@@ -345,6 +367,8 @@ impl Session {
                 if let Ok(mut p) = pending.lock() {
                     p.insert(id, tx);
                 }
+                // Removed however this ends: answer, timeout, write error, or the caller gone.
+                let _entry = PendingGuard { pending, id };
                 let mut line = msg.to_string().into_bytes();
                 line.push(b'\n');
                 {
@@ -355,7 +379,7 @@ impl Session {
                     }
                     let _ = w.flush().await;
                 }
-                match tokio::time::timeout(REQUEST_TIMEOUT, rx).await {
+                match tokio::time::timeout(self.timeout, rx).await {
                     Ok(Ok(r)) => r,
                     Ok(Err(_)) => Err(RpcError::transport("upstream exited")),
                     Err(_) => Err(RpcError::transport("upstream timed out")),
@@ -458,7 +482,7 @@ impl Session {
                 .await
                 .map_err(|e| RpcError::transport(e.to_string()))
         };
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, send)
+        let resp = tokio::time::timeout(self.timeout, send)
             .await
             .map_err(|_| RpcError::transport("upstream timed out"))??;
         if let Some(sid) = resp
@@ -586,7 +610,7 @@ impl Drop for Session {
     }
 }
 
-fn is_list_changed(v: &Value) -> bool {
+pub(crate) fn is_list_changed(v: &Value) -> bool {
     matches!(
         v.get("method").and_then(Value::as_str),
         Some(
@@ -595,52 +619,4 @@ fn is_list_changed(v: &Value) -> bool {
                 | "notifications/prompts/list_changed"
         )
     )
-}
-
-async fn read_stdio(
-    stdout: tokio::process::ChildStdout,
-    pending: Pending,
-    alive: Arc<AtomicBool>,
-    changed: Arc<tokio::sync::Notify>,
-) {
-    let mut lines = BufReader::with_capacity(64 * 1024, stdout);
-    let mut buf = Vec::new();
-    loop {
-        buf.clear();
-        match lines.read_until(b'\n', &mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(_) if buf.len() > MAX_MESSAGE => break,
-            Ok(_) => {}
-        }
-        let Ok(v) = serde_json::from_slice::<Value>(&buf) else {
-            continue;
-        };
-        if is_list_changed(&v) {
-            changed.notify_waiters();
-            continue;
-        }
-        let Some(id) = v.get("id").and_then(Value::as_u64) else {
-            continue;
-        };
-        if v.get("method").is_some() {
-            // A request from the server (sampling, roots): the gateway offers none.
-            continue;
-        }
-        let r = match (v.get("result"), v.get("error")) {
-            (Some(r), _) => Ok(r.clone()),
-            (None, Some(e)) => Err(RpcError::from_value(e)),
-            _ => Err(RpcError::transport("malformed upstream answer")),
-        };
-        let tx = pending.lock().ok().and_then(|mut p| p.remove(&id));
-        if let Some(tx) = tx {
-            let _ = tx.send(r);
-        }
-    }
-    alive.store(false, Ordering::SeqCst);
-    // Everyone waiting learns the server is gone.
-    if let Ok(mut p) = pending.lock() {
-        for (_, tx) in p.drain() {
-            let _ = tx.send(Err(RpcError::transport("upstream exited")));
-        }
-    }
 }

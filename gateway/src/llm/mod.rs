@@ -3,26 +3,35 @@
 //! provider's key is added here and nowhere else.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde_json::{json, Value};
-use tokio::sync::{mpsc, watch};
-use umbra_policies::{Name, Timestamp};
+use tokio::sync::watch;
+use umbra_policies::Name;
 use umbra_proto::api::HostedGrant;
 use umbra_sdk::{Caller, Context, SdkError};
 
-use crate::config::{Config, Model, Provider, ProviderKind};
+use crate::config::{Config, Model, ProviderKind};
 use crate::errors::{self, Kind};
 use crate::grants::{Grants, RateWindows};
-use crate::ledger::{Bucket, Ledger, Record, Reservation};
-use crate::meter::{self, Format, StreamMeter, Usage, Verdict};
-use crate::sse;
+use crate::ledger::{Ledger, Record};
+use crate::meter::{self, Format, Usage};
 use crate::upstream::Upstream;
 use crate::Body;
+
+mod admit;
+pub mod bound;
+pub mod headers;
+mod relay;
+mod request;
+
+use admit::{admit, settle};
+use relay::relay;
+use request::{upstream_message, upstream_request};
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +55,7 @@ const MAX_EVENT: usize = 4 << 20;
 /// the gateway refuses it.
 const VIEW_GRACE: Duration = Duration::from_millis(1500);
 
+/// What every request of a running gateway shares.
 struct Shared {
     cfg: Config,
     ledger: Ledger,
@@ -105,7 +115,7 @@ impl Gateway {
     }
 }
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs())
@@ -207,8 +217,8 @@ struct Ask {
     body: serde_json::Map<String, Value>,
     model: String,
     stream: bool,
-    anthropic_version: Option<HeaderValue>,
-    anthropic_beta: Option<HeaderValue>,
+    /// The client's headers: only what a provider's `forward_headers` allows goes upstream.
+    headers: http::HeaderMap,
 }
 
 fn record(caller: &Caller, ask_model: &str, endpoint: &str, stream: bool) -> Record {
@@ -239,8 +249,7 @@ async fn read_ask(
     format: Format,
 ) -> Result<Ask, Response<Body>> {
     let endpoint = req.uri().path().to_string();
-    let anthropic_version = req.headers().get("anthropic-version").cloned();
-    let anthropic_beta = req.headers().get("anthropic-beta").cloned();
+    let headers = req.headers().clone();
     let bytes = match Limited::new(req.into_body(), s.cfg.max_request_bytes)
         .collect()
         .await
@@ -290,185 +299,8 @@ async fn read_ask(
         body,
         model,
         stream,
-        anthropic_version,
-        anthropic_beta,
+        headers,
     })
-}
-
-/// The grant chosen for a request, and what it holds.
-struct Admission {
-    grant: HostedGrant,
-    reservation: Reservation,
-    /// The output cap sent upstream, if the gateway set one.
-    max_out: Option<u64>,
-    /// The budget of the chosen grant (for growing the reservation mid-stream).
-    budget: Option<u64>,
-}
-
-/// Chooses a grant that allows the model and has room: unlimited grants first, then the one
-/// with most tokens left.
-fn admit(
-    s: &Shared,
-    caller: &Caller,
-    candidates: &[&HostedGrant],
-    input_estimate: u64,
-    asked_max: Option<u64>,
-) -> Result<Admission, (Kind, u64)> {
-    let now = Timestamp(now_secs());
-    let instant = Instant::now();
-    let mut ordered: Vec<(&HostedGrant, u64)> = candidates
-        .iter()
-        .map(|g| {
-            let left = match g.tokens {
-                None => u64::MAX,
-                Some(b) => {
-                    let bucket = Bucket::new(caller.id.as_str(), g.policy.as_str(), b.period, now);
-                    match s.ledger.used(&bucket) {
-                        Ok((spent, held)) => b.amount.saturating_sub(spent).saturating_sub(held),
-                        Err(_) => 0,
-                    }
-                }
-            };
-            (*g, left)
-        })
-        .collect();
-    ordered.sort_by_key(|g| std::cmp::Reverse(g.1));
-    let mut refusal: Option<(Kind, u64)> = None;
-    for (g, _) in ordered {
-        if let Some(rpm) = g.rpm {
-            if let Err(wait) = s.rate.has_room(&caller.id, g.policy.as_str(), rpm, instant) {
-                let secs = wait.as_secs().max(1);
-                if refusal.is_none() {
-                    refusal = Some((Kind::RateLimited, secs));
-                }
-                continue;
-            }
-        }
-        let (reservation, max_out, budget) = match g.tokens {
-            None => (
-                Reservation {
-                    bucket: None,
-                    amount: 0,
-                },
-                None,
-                None,
-            ),
-            Some(b) => {
-                let bucket = Bucket::new(caller.id.as_str(), g.policy.as_str(), b.period, now);
-                let want_out = asked_max.unwrap_or(s.cfg.default_max_tokens).max(1);
-                match s.ledger.reserve(
-                    &bucket,
-                    b.amount,
-                    input_estimate + 1,
-                    input_estimate + want_out,
-                ) {
-                    Ok(Ok(r)) => {
-                        let out = r.amount.saturating_sub(input_estimate).max(1);
-                        (r, Some(out), Some(b.amount))
-                    }
-                    Ok(Err(_)) | Err(_) => {
-                        let retry = b.period.next(now).0.saturating_sub(now.0);
-                        refusal = Some((Kind::Budget, retry));
-                        continue;
-                    }
-                }
-            }
-        };
-        if let Some(rpm) = g.rpm {
-            if let Err(wait) = s.rate.take(&caller.id, g.policy.as_str(), rpm, instant) {
-                // Another request took the last slot meanwhile.
-                let _ = s.ledger.settle(reservation, &Record::default());
-                refusal = Some((Kind::RateLimited, wait.as_secs().max(1)));
-                continue;
-            }
-        }
-        return Ok(Admission {
-            grant: g.clone(),
-            reservation,
-            max_out,
-            budget,
-        });
-    }
-    Err(refusal.unwrap_or((Kind::NotFound, 0)))
-}
-
-fn cost_micros(m: &Model, u: &Usage) -> u64 {
-    let dollars = (u.input as f64) * m.price.0 / 1e6 + (u.output as f64) * m.price.1 / 1e6;
-    (dollars * 1e6).round().max(0.0) as u64
-}
-
-fn settle(s: &Shared, adm: Admission, mut rec: Record, model: &Model, usage: Usage, reason: &str) {
-    rec.policy = adm.grant.policy.to_string();
-    rec.usage = usage;
-    rec.cost_micros = cost_micros(model, &usage);
-    rec.decision = "allowed";
-    rec.reason = reason.to_string();
-    tracing::info!(
-        identity = %rec.name, model = %rec.model, policy = %rec.policy,
-        input = usage.input, output = usage.output, estimated = usage.estimated, reason,
-        "llm request"
-    );
-    if let Err(e) = s.ledger.settle(adm.reservation, &rec) {
-        tracing::warn!(error = %e, "cannot record a request");
-    }
-}
-
-fn upstream_request(p: &Provider, ask: &Ask, body: &Value) -> Result<Request<Full<Bytes>>, String> {
-    let suffix = ask.endpoint.strip_prefix("/v1").unwrap_or(&ask.endpoint);
-    let uri = format!("{}{}", p.prefix, suffix);
-    let host = if (p.tls && p.port == 443) || (!p.tls && p.port == 80) {
-        p.host.clone()
-    } else {
-        format!("{}:{}", p.host, p.port)
-    };
-    let mut b = Request::builder()
-        .method(Method::POST)
-        .uri(uri)
-        .header(http::header::HOST, host)
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(http::header::USER_AGENT, "umbra-gateway");
-    if ask.stream {
-        b = b.header(http::header::ACCEPT, "text/event-stream");
-    }
-    // Only the gateway's key goes upstream; whatever the agent sent was never copied.
-    match p.kind {
-        ProviderKind::Openai => {
-            if let Some(k) = &p.key {
-                b = b.header(
-                    http::header::AUTHORIZATION,
-                    format!("Bearer {}", k.expose()),
-                );
-            }
-        }
-        ProviderKind::Anthropic => {
-            if let Some(k) = &p.key {
-                b = b.header("x-api-key", k.expose());
-            }
-            b = b.header(
-                "anthropic-version",
-                ask.anthropic_version
-                    .clone()
-                    .unwrap_or(HeaderValue::from_static("2023-06-01")),
-            );
-            if let Some(beta) = &ask.anthropic_beta {
-                b = b.header("anthropic-beta", beta.clone());
-            }
-        }
-    }
-    b.body(Full::new(Bytes::from(body.to_string())))
-        .map_err(|e| e.to_string())
-}
-
-/// The message inside a provider's error body, if it has one.
-fn upstream_message(bytes: &[u8]) -> String {
-    serde_json::from_slice::<Value>(bytes)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/error/message")
-                .and_then(Value::as_str)
-                .map(String::from)
-        })
-        .unwrap_or_else(|| String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned())
 }
 
 async fn complete(
@@ -531,21 +363,25 @@ async fn complete(
         );
     }
     let body_value = Value::Object(ask.body.clone());
-    let input_estimate = meter::estimate_input(format, &body_value);
+    let cost_bound = bound::bound(format, &ask.body);
+    // What a silent provider is charged for input: the bound where there is one.
+    let input_estimate = match &cost_bound {
+        Ok(b) => b.input,
+        Err(_) => meter::estimate_input(format, &body_value),
+    };
     let max_field = meter::max_tokens_field(format, &body_value);
     let asked_max = ask.body.get(max_field).and_then(Value::as_u64);
-    let adm = match admit(&s, &caller, &candidates, input_estimate, asked_max) {
+    let adm = match admit(&s, &caller, &candidates, &cost_bound, asked_max) {
         Ok(a) => a,
-        Err((kind, retry)) => {
-            let (why, msg) = match kind {
-                Kind::RateLimited => ("rate limit", "Rate limit reached for requests per minute."),
-                _ => (
-                    "token budget exhausted",
-                    "Token budget exhausted for this period.",
-                ),
+        Err(refusal) => {
+            let why = match refusal.kind {
+                Kind::RateLimited => "rate limit",
+                Kind::Invalid => "cost cannot be bounded",
+                _ => "token budget exhausted",
             };
             deny(&s, rec, why);
-            return errors::response(format, kind, None, msg, Some(retry));
+            let retry = (refusal.kind != Kind::Invalid).then_some(refusal.retry);
+            return errors::response(format, refusal.kind, None, &refusal.message, retry);
         }
     };
 
@@ -553,9 +389,7 @@ async fn complete(
     let mut out = ask.body.clone();
     out.insert("model".into(), Value::String(model.upstream.clone()));
     if let Some(cap) = adm.max_out {
-        if asked_max.is_none_or(|m| m > cap) {
-            out.insert(max_field.into(), json!(cap));
-        }
+        bound::cap_output(format, &mut out, cap);
     }
     let client_wants_usage = out
         .get("stream_options")
@@ -661,109 +495,4 @@ async fn complete(
         HeaderValue::from_static("application/json"),
     );
     r
-}
-
-#[allow(clippy::too_many_arguments)]
-fn relay(
-    s: Arc<Shared>,
-    mut adm: Admission,
-    rec: Record,
-    model: Model,
-    format: Format,
-    input_estimate: u64,
-    client_wants_usage: bool,
-    resp: Response<Incoming>,
-) -> Response<Body> {
-    // A small queue: a slow client slows the relay, which slows the provider (backpressure).
-    let (tx, rx) = mpsc::channel::<Bytes>(8);
-    tokio::spawn(async move {
-        let mut upstream = resp.into_body();
-        let mut parser = sse::Parser::new(MAX_EVENT);
-        let mut meter = StreamMeter::new(format, input_estimate, client_wants_usage);
-        let mut delivered = meter.so_far();
-        let mut seq = 0u64;
-        let reason: &str;
-        'outer: loop {
-            let frame = tokio::select! {
-                f = upstream.frame() => f,
-                _ = tx.closed() => { reason = "client disconnected"; break 'outer; }
-            };
-            let data = match frame {
-                None => {
-                    reason = if meter.finished() {
-                        "completed"
-                    } else {
-                        "upstream ended early"
-                    };
-                    break;
-                }
-                Some(Err(_)) => {
-                    reason = "upstream failed mid-stream";
-                    break;
-                }
-                Some(Ok(f)) => match f.into_data() {
-                    Ok(d) => d,
-                    Err(_) => continue,
-                },
-            };
-            let items = match parser.push(&data) {
-                Ok(items) => items,
-                Err(e) => {
-                    let ev = errors::stream_event(format, Kind::Upstream, &e.to_string(), seq);
-                    let _ = tx.send(sse::encode(&ev)).await;
-                    reason = "upstream stream malformed";
-                    break;
-                }
-            };
-            for item in items {
-                let bytes = match item {
-                    sse::Item::Comment(c) => sse::encode_comment(&c),
-                    sse::Item::Event(ev) => {
-                        if meter.observe(&ev) == Verdict::Drop {
-                            continue;
-                        }
-                        // More spent than held (the prompt was longer than estimated, or the
-                        // provider overran the cap): hold more, or end the stream here.
-                        let now = meter.so_far().total();
-                        if let Some(budget) = adm.budget {
-                            if now > adm.reservation.amount {
-                                let extra = now - adm.reservation.amount;
-                                if !s
-                                    .ledger
-                                    .grow(&mut adm.reservation, budget, extra)
-                                    .unwrap_or(false)
-                                {
-                                    let ev = errors::stream_event(
-                                        format,
-                                        Kind::Budget,
-                                        "Token budget exhausted for this period.",
-                                        seq,
-                                    );
-                                    let _ = tx.send(sse::encode(&ev)).await;
-                                    reason = "budget exhausted mid-stream";
-                                    break 'outer;
-                                }
-                            }
-                        }
-                        seq += 1;
-                        sse::encode(&ev)
-                    }
-                };
-                if tx.send(bytes).await.is_err() {
-                    reason = "client disconnected";
-                    break 'outer;
-                }
-                delivered = meter.so_far();
-            }
-        }
-        // Dropping the upstream body closes its connection: the provider stops generating.
-        drop(upstream);
-        let usage = if reason == "completed" {
-            meter.charge()
-        } else {
-            delivered
-        };
-        settle(&s, adm, rec, &model, usage, reason);
-    });
-    crate::sse_response(rx)
 }
