@@ -8,22 +8,16 @@
 //! be missing revocations.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use umbra_proto::{
-    ControlMessage, FrameDecoder, Replica, CONTROL_PROTOCOL_VERSION, MAX_CONTROL_FRAME,
-};
+use umbra_proto::follow::{ControlFollower, Output, SessionEnd};
+use umbra_proto::{ControlMessage, FrameDecoder, MAX_CONTROL_FRAME};
 use umbra_sdk::{ControllerClient, Credentials};
 
 use crate::policy::Policy;
-
-/// First and largest pause between reconnection attempts.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// Follows the controller until `cancel` fires.
 pub(crate) struct Follower {
@@ -34,41 +28,10 @@ pub(crate) struct Follower {
     /// from the same sequence number, so nothing is missed and the policy is not withdrawn.
     pub renewed: watch::Receiver<Arc<Credentials>>,
     pub advertise: String,
-    pub stale_after: Duration,
+    /// Every decision: sessions, staleness, when a copy may be enforced.
+    pub machine: ControlFollower,
     pub tx: watch::Sender<Option<Arc<Policy>>>,
     pub cancel: CancellationToken,
-}
-
-/// Why one control-channel session ended.
-#[derive(Debug, thiserror::Error)]
-enum SessionEnd {
-    #[error("{0}")]
-    Sdk(#[from] umbra_sdk::SdkError),
-    #[error("{0}")]
-    Frame(#[from] umbra_proto::FrameError),
-    #[error("controller speaks control protocol {0}")]
-    Version(u32),
-    #[error("{0}; resynchronizing")]
-    Gap(#[from] umbra_proto::ApplyError),
-    #[error("delta before any snapshot")]
-    NoBase,
-    #[error("the controller closed the channel")]
-    Eof,
-    #[error("no message for {0:?}")]
-    Silent(Duration),
-    #[error("the router's certificate was renewed; reconnecting with the new one")]
-    Renewed,
-}
-
-/// What the follower knows between sessions.
-struct Local {
-    /// The exact copy, once a snapshot arrived; `None` forces the next session to ask for one.
-    replica: Option<Replica>,
-    /// When the controller last said anything (heartbeats included).
-    last_heard: Instant,
-    /// Whether the published policy is withdrawn (`None`): at start, and after `stale_after`
-    /// of silence. It is republished only once the controller is heard again after a Hello.
-    stale: bool,
 }
 
 impl Follower {
@@ -79,162 +42,165 @@ impl Follower {
 
     async fn run_inner(mut self) {
         let cancel = self.cancel.clone();
-        let mut local = Local {
-            replica: None,
-            last_heard: Instant::now(),
-            stale: true,
-        };
-        let mut backoff = BACKOFF_MIN;
         loop {
-            let heard_before = local.last_heard;
-            let session = self.session(&mut local);
+            self.machine.session_started(Instant::now().into_std());
             let end = tokio::select! {
                 _ = cancel.cancelled() => return,
-                end = session => end,
+                end = self.session() => end,
             };
-            match &end {
-                SessionEnd::Gap(_) | SessionEnd::NoBase => local.replica = None,
-                SessionEnd::Renewed => {
-                    tracing::info!("{end}");
-                    continue;
-                }
-                _ => {}
+            let pause = self.machine.session_ended(&end, jitter());
+            if end == SessionEnd::Renewed {
+                tracing::info!("{end}");
+                continue;
             }
-            if local.last_heard > heard_before {
-                // The session worked for a while: this is a fresh failure, retry soon.
-                backoff = BACKOFF_MIN;
-            }
-            let pause = jittered(backoff);
             tracing::warn!(reason = %end, retry_in = ?pause, "control channel down");
-            let wait = tokio::time::sleep(pause);
-            tokio::select! {
-                _ = cancel.cancelled() => return,
-                _ = wait => {}
+            // Wait out the pause, waking for the stale deadline on the way.
+            let until = Instant::now() + pause;
+            loop {
+                let wake = self
+                    .machine
+                    .poll_timeout()
+                    .map_or(until, |at| Instant::from_std(at).min(until));
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep_until(wake) => {}
+                }
+                let now = Instant::now();
+                self.machine.handle_timeout(now.into_std());
+                // Between sessions only withdrawals can come out.
+                let _ = drain(&mut self.machine, &self.tx);
+                if now >= until {
+                    break;
+                }
             }
-            self.check_stale(&mut local);
-            backoff = (backoff * 2).min(BACKOFF_MAX);
         }
     }
 
-    fn check_stale(&self, local: &mut Local) {
-        if !local.stale && local.last_heard.elapsed() >= self.stale_after {
-            local.stale = true;
-            self.tx.send_replace(None);
-            tracing::error!(silent_for = ?local.last_heard.elapsed(), "no word from the controller: failing closed");
-        }
-    }
-
-    fn path(&self, local: &Local) -> String {
-        let mut path = format!("/v1/control?advertise={}", encode(&self.advertise));
-        if let Some(r) = &local.replica {
-            path.push_str(&format!("&epoch={}&seq={}", encode(&r.epoch), r.seq));
+    fn path(&self) -> String {
+        let mut path = format!(
+            "/v1/control?advertise={}&heartbeat_ms={}",
+            encode(&self.advertise),
+            self.machine.heartbeat().as_millis()
+        );
+        if let Some((epoch, seq)) = self.machine.resume_from() {
+            path.push_str(&format!("&epoch={}&seq={seq}", encode(epoch)));
         }
         path
     }
 
-    async fn session(&mut self, local: &mut Local) -> SessionEnd {
+    async fn session(&mut self) -> SessionEnd {
         // A renewal before this session is already in the certificate it presents.
         self.renewed.borrow_and_update();
-        let path = self.path(local);
+        let path = self.path();
         let connect = self.client.stream(&path);
-        let mut stream = match tokio::time::timeout(self.stale_after, connect).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => return e.into(),
-            Err(_) => return SessionEnd::Silent(self.stale_after),
+        tokio::pin!(connect);
+        let mut stream = loop {
+            tokio::select! {
+                r = &mut connect => match r {
+                    Ok(s) => break s,
+                    Err(e) => return SessionEnd::Transport(e.to_string()),
+                },
+                _ = sleep_until(self.machine.poll_timeout()) => {
+                    self.machine.handle_timeout(Instant::now().into_std());
+                    if let Some(end) = drain(&mut self.machine, &self.tx) {
+                        return end;
+                    }
+                }
+            }
         };
         tracing::info!(controller = %self.client.addr(), "control channel open");
         let mut decoder = FrameDecoder::new(MAX_CONTROL_FRAME);
-        // While stale, the policy is republished only after the first message that follows
-        // the Hello, i.e. once the controller has started replaying what we missed.
-        let mut after_hello = false;
-        // Something was applied that is not yet published; a commit is half applied.
-        let mut changed = false;
-        let mut mid_commit = false;
         loop {
-            let deadline = local.last_heard + self.stale_after;
             let chunk = tokio::select! {
                 c = stream.chunk() => c,
                 // An error would mean that nothing renews any more: the branch is then
                 // disabled and the session lasts as long as it can.
                 Ok(()) = self.renewed.changed() => return SessionEnd::Renewed,
-                _ = tokio::time::sleep_until(deadline) => {
-                    self.check_stale(local);
-                    return SessionEnd::Silent(self.stale_after);
+                _ = sleep_until(self.machine.poll_timeout()) => {
+                    self.machine.handle_timeout(Instant::now().into_std());
+                    match drain(&mut self.machine, &self.tx) {
+                        Some(end) => return end,
+                        None => continue,
+                    }
                 }
             };
             let chunk = match chunk {
                 Ok(Some(c)) => c,
                 Ok(None) => return SessionEnd::Eof,
-                Err(e) => return e.into(),
+                Err(e) => return SessionEnd::Transport(e.to_string()),
             };
+            let now = Instant::now().into_std();
+            self.machine.bytes_received(now);
             decoder.push(&chunk);
-            // Apply everything that has arrived, then rebuild once.
+            // Apply everything that has arrived, then publish once.
             loop {
                 let msg = match decoder.next::<ControlMessage>() {
                     Ok(Some(m)) => m,
                     Ok(None) => break,
-                    Err(e) => return e.into(),
+                    Err(e) => return SessionEnd::Transport(e.to_string()),
                 };
-                local.last_heard = Instant::now();
-                match msg {
-                    ControlMessage::Hello { version, epoch } => {
-                        if version != CONTROL_PROTOCOL_VERSION {
-                            return SessionEnd::Version(version);
-                        }
-                        if local.replica.as_ref().is_some_and(|r| r.epoch != epoch) {
-                            // Another history: our copy means nothing; a snapshot follows.
-                            local.replica = None;
-                        }
-                        after_hello = true;
-                        continue;
-                    }
-                    ControlMessage::Snapshot(s) => {
-                        local.replica = Some(Replica::from_snapshot(*s));
-                        mid_commit = false;
-                        changed = true;
-                    }
-                    ControlMessage::Delta(d) => {
-                        let Some(r) = local.replica.as_mut() else {
-                            return SessionEnd::NoBase;
-                        };
-                        if d.seq <= r.seq {
-                            continue;
-                        }
-                        if let Err(e) = r.apply(&d) {
-                            return e.into();
-                        }
-                        mid_commit = !d.last_in_commit;
-                        changed = true;
-                    }
-                    ControlMessage::Heartbeat { .. } => {}
-                }
-                if after_hello && local.stale && local.replica.is_some() {
-                    local.stale = false;
-                    changed = true;
-                    tracing::info!("controller heard: serving policy");
+                if let Err(end) = self.machine.handle(msg, now) {
+                    return end;
                 }
             }
-            // Only whole commits are enforced: a command's later changes may be what makes its
-            // earlier ones safe (an apply that moves a role and deletes a policy).
-            if changed && !local.stale && !mid_commit {
-                if let Some(r) = &mut local.replica {
-                    r.prune_revoked(crate::policy::now());
-                    let policy = Policy::build(r.clone());
-                    tracing::debug!(seq = policy.replica.seq, "policy published");
-                    self.tx.send_replace(Some(Arc::new(policy)));
-                    changed = false;
-                }
+            self.machine.flush();
+            if let Some(end) = drain(&mut self.machine, &self.tx) {
+                return end;
             }
         }
     }
 }
 
-/// `base` plus up to a quarter more, so that many routers restarting together do not reconnect
-/// in lockstep.
-fn jittered(base: Duration) -> Duration {
+/// Carries out what the machine asks; returns the reason to end the session, if any.
+fn drain(
+    machine: &mut ControlFollower,
+    tx: &watch::Sender<Option<Arc<Policy>>>,
+) -> Option<SessionEnd> {
+    let mut end = None;
+    while let Some(out) = machine.poll() {
+        match out {
+            Output::Publish => {
+                if let Some(r) = machine.replica_mut() {
+                    r.prune_revoked(crate::policy::now());
+                    let policy = Policy::build(r.clone());
+                    tracing::debug!(seq = policy.replica.seq, "policy published");
+                    if tx.borrow().is_none() {
+                        tracing::info!(
+                            seq = policy.replica.seq,
+                            "controller heard: serving policy"
+                        );
+                    }
+                    tx.send_replace(Some(Arc::new(policy)));
+                }
+            }
+            Output::Withdraw => {
+                tx.send_replace(None);
+                tracing::error!(
+                    "no word from the controller within the stale window: failing closed"
+                );
+            }
+            Output::Close(e) => {
+                end.get_or_insert(e);
+            }
+        }
+    }
+    end
+}
+
+/// Waits until `at`; never resolves without one.
+async fn sleep_until(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A number in 0..1000 that differs between routers and attempts, so that many routers
+/// restarting together do not reconnect in lockstep.
+fn jitter() -> u16 {
     use std::hash::{BuildHasher, RandomState};
-    let r = RandomState::new().hash_one(Instant::now().elapsed().as_nanos()) % 1000;
-    base + base.mul_f64(r as f64 / 4000.0)
+    let r = RandomState::new().hash_one(std::time::Instant::now());
+    (r % 1000) as u16
 }
 
 /// Percent-encodes a query value (everything but unreserved characters).

@@ -23,4 +23,7 @@ pub enum RouterError {
     /// The controller client could not be built.
     #[error("controller client: {0}")]
     Sdk(#[from] umbra_sdk::SdkError),
+    /// The stale window would make an idle router flap between heartbeats.
+    #[error("{0}")]
+    StaleWindow(#[from] umbra_proto::follow::StaleTooShort),
 }

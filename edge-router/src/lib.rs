@@ -26,6 +26,7 @@ mod hosts;
 mod lanes;
 mod policy;
 pub mod proxy;
+mod reset_key;
 mod server;
 mod splice;
 mod stats;
@@ -77,6 +78,7 @@ impl Router {
         if identity.kind != IdentityKind::Router {
             return Err(RouterError::NotARouter(identity.spiffe().to_string()));
         }
+        let machine = umbra_proto::follow::ControlFollower::new(cfg.stale_after)?;
         let (tx, rx) = watch::channel(None);
         let tls = TlsFactory {
             roots: umbra_pki::parse_pem_chain(&identity.ca_pem)?,
@@ -92,6 +94,7 @@ impl Router {
         };
         let sockets = lanes::bind(cfg.listen, cfg.limits.lanes).map_err(bind_error)?;
         let count = u8::try_from(sockets.len()).unwrap_or(u8::MAX);
+        let reset_key = reset_key::load_or_create(cfg.identity_path.as_deref());
         let mut lanes = Vec::with_capacity(sockets.len());
         for (i, socket) in sockets.into_iter().enumerate() {
             if let Some(got) = umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer) {
@@ -107,7 +110,7 @@ impl Router {
                 .enable_all()
                 .build()
                 .map_err(bind_error)?;
-            let mut endpoint_config = umbra_sdk::quic::endpoint_config();
+            let mut endpoint_config = umbra_sdk::quic::endpoint_config_with_reset_key(&reset_key);
             let lane = u8::try_from(i).unwrap_or(0);
             endpoint_config
                 .cid_generator(move || Box::new(umbra_sdk::quic::LaneCids::new(lane, count)));
@@ -145,7 +148,7 @@ impl Router {
             client: live.controller(),
             renewed: live.subscribe(),
             advertise: advertise.clone(),
-            stale_after: cfg.stale_after,
+            machine,
             tx,
             cancel: cancel.clone(),
         };

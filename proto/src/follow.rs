@@ -327,6 +327,93 @@ impl ControlFollower {
     }
 }
 
+/// How a watch of an identity's view ended (`/v1/edge/watch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchEnd {
+    /// The controller refused the identity (revoked, disabled, deleted): nothing may stay.
+    Refused,
+    /// The controller ended the watch itself, which it does when the identity's own access
+    /// changes: ask again at once, so that a refusal is known within one handshake.
+    Ended,
+    /// The transport failed or fell silent: keep what is open (routers still authorize every
+    /// stream) and reconnect with backoff.
+    Failed,
+}
+
+/// What to do after a watch ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WatchNext {
+    /// Close everything the view opened.
+    pub clear: bool,
+    /// Wait this long before watching again.
+    pub pause: Duration,
+}
+
+/// The tunneler's (and any SDK watcher's) follower of its identity's view: when a watch is
+/// taken for dead, and what to do when it ends. Sans-IO like [`ControlFollower`].
+#[derive(Debug)]
+pub struct WatchFollower {
+    silence: Duration,
+    /// When the current watch opened or last carried a byte.
+    live_at: Option<Instant>,
+    failures: u32,
+}
+
+/// The pause after a watch the controller ended on purpose.
+const REWATCH: Duration = Duration::from_millis(10);
+
+impl WatchFollower {
+    /// A follower of a watch that carries a keepalive every `heartbeat`.
+    pub fn new(heartbeat: Duration) -> WatchFollower {
+        WatchFollower {
+            silence: session_silence(heartbeat),
+            live_at: None,
+            failures: 0,
+        }
+    }
+
+    /// A watch is being opened; its silence counts from now.
+    pub fn started(&mut self, now: Instant) {
+        self.live_at = Some(now);
+    }
+
+    /// Bytes (a view or a keepalive) arrived.
+    pub fn bytes_received(&mut self, now: Instant) {
+        self.live_at = Some(now);
+        self.failures = 0;
+    }
+
+    /// When the current watch is taken for dead if nothing arrives.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.live_at.map(|at| at + self.silence)
+    }
+
+    /// How long the watch may stay silent.
+    pub fn silence(&self) -> Duration {
+        self.silence
+    }
+
+    /// The watch ended; what to do next (`jitter` in 0..1000).
+    pub fn ended(&mut self, end: WatchEnd, jitter: u16) -> WatchNext {
+        self.live_at = None;
+        if end == WatchEnd::Ended {
+            self.failures = 0;
+            return WatchNext {
+                clear: false,
+                pause: REWATCH,
+            };
+        }
+        self.failures = self.failures.saturating_add(1);
+        let base = BACKOFF_MIN
+            .saturating_mul(1 << self.failures.saturating_sub(1).min(8))
+            .min(BACKOFF_MAX);
+        WatchNext {
+            clear: end == WatchEnd::Refused,
+            pause: base + base.mul_f64(f64::from(jitter.min(999)) / 4000.0),
+        }
+    }
+}
+
 #[cfg(test)]
 #[path = "follow_tests.rs"]
 mod tests;

@@ -279,6 +279,43 @@ fn retries_back_off_and_a_heard_session_resets_them() {
     assert_eq!(f.session_ended(&SessionEnd::Eof, 0), BACKOFF_MIN);
 }
 
+#[test]
+fn a_watch_is_dead_after_three_silent_keepalives_and_refusals_clear_everything() {
+    let t0 = Instant::now();
+    let mut w = WatchFollower::new(DEFAULT_HEARTBEAT);
+    assert_eq!(w.deadline(), None);
+    w.started(t0);
+    assert_eq!(w.deadline(), Some(t0 + Duration::from_secs(15)));
+    w.bytes_received(t0 + Duration::from_secs(10));
+    assert_eq!(w.deadline(), Some(t0 + Duration::from_secs(25)));
+    // A failure keeps what is open and backs off; refusals clear.
+    let a = w.ended(WatchEnd::Failed, 0);
+    assert_eq!(
+        a,
+        WatchNext {
+            clear: false,
+            pause: BACKOFF_MIN
+        }
+    );
+    assert_eq!(w.deadline(), None);
+    let b = w.ended(WatchEnd::Failed, 0);
+    assert!(b.pause > a.pause);
+    let r = w.ended(WatchEnd::Refused, 999);
+    assert!(r.clear && r.pause <= BACKOFF_MAX + BACKOFF_MAX / 4);
+    for _ in 0..20 {
+        assert!(w.ended(WatchEnd::Failed, 999).pause <= BACKOFF_MAX + BACKOFF_MAX / 4);
+    }
+    // The controller ending the watch on purpose: ask again at once, backoff reset.
+    assert_eq!(
+        w.ended(WatchEnd::Ended, 999),
+        WatchNext {
+            clear: false,
+            pause: REWATCH
+        }
+    );
+    assert_eq!(w.ended(WatchEnd::Failed, 0).pause, BACKOFF_MIN);
+}
+
 /// What the controller or the network can do next.
 #[derive(Debug, Clone)]
 enum Step {

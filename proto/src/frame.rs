@@ -25,6 +25,10 @@ pub enum FrameError {
     Malformed(#[from] serde_json::Error),
 }
 
+/// A frame of length zero: sent on an idle stream so the reader can tell a quiet peer from a
+/// dead connection (a half-open TCP connection otherwise waits forever). Decoders skip it.
+pub const KEEPALIVE: [u8; 4] = [0; 4];
+
 /// Encodes one message as a frame.
 pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, FrameError> {
     let body = serde_json::to_vec(msg)?;
@@ -63,6 +67,11 @@ impl FrameDecoder {
     /// the message type and can fail.)
     #[allow(clippy::should_implement_trait)]
     pub fn next<T: DeserializeOwned>(&mut self) -> Result<Option<T>, FrameError> {
+        let mut skip = 0;
+        while self.buf[skip..].starts_with(&KEEPALIVE) {
+            skip += KEEPALIVE.len();
+        }
+        self.buf.drain(..skip);
         let Some(header) = self.buf.first_chunk::<4>() else {
             return Ok(None);
         };
@@ -91,8 +100,12 @@ mod tests {
             version: 1,
             epoch: "x".into(),
         };
-        let mut bytes = encode(&a).unwrap();
+        let mut bytes = KEEPALIVE.to_vec();
+        bytes.extend(encode(&a).unwrap());
+        bytes.extend(KEEPALIVE);
+        bytes.extend(KEEPALIVE);
         bytes.extend(encode(&b).unwrap());
+        bytes.extend(KEEPALIVE);
         let mut d = FrameDecoder::new(1024);
         let mut got = Vec::new();
         for byte in bytes {
@@ -101,7 +114,7 @@ mod tests {
                 got.push(m);
             }
         }
-        assert_eq!(got, vec![a, b]);
+        assert_eq!(got, vec![a, b], "keepalives are skipped wherever they fall");
     }
 
     #[test]

@@ -16,4 +16,4 @@ pub use control::{
     ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, Snapshot,
     CONTROL_PROTOCOL_VERSION,
 };
-pub use frame::{encode, FrameDecoder, FrameError, MAX_CONTROL_FRAME};
+pub use frame::{encode, FrameDecoder, FrameError, KEEPALIVE, MAX_CONTROL_FRAME};

@@ -956,8 +956,12 @@ impl std::fmt::Debug for EdgeWatch {
 }
 
 impl EdgeWatch {
-    /// The next view; `None` when the controller ended the watch.
+    /// The next view; `None` when the controller ended the watch. The controller sends a
+    /// keepalive on an idle watch; after three missed ones the connection is taken for dead
+    /// (a half-open TCP connection never ends by itself) and this fails, so the caller
+    /// reconnects.
     pub async fn next(&mut self) -> Result<Option<EdgeView>, SdkError> {
+        let silence = umbra_proto::follow::session_silence(umbra_proto::follow::DEFAULT_HEARTBEAT);
         loop {
             if let Some(view) = self
                 .decoder
@@ -966,7 +970,12 @@ impl EdgeWatch {
             {
                 return Ok(Some(view));
             }
-            match self.stream.chunk().await? {
+            let chunk = tokio::time::timeout(silence, self.stream.chunk())
+                .await
+                .map_err(|_| {
+                    SdkError::Protocol(format!("no word from the controller for {silence:?}"))
+                })?;
+            match chunk? {
                 Some(bytes) => self.decoder.push(&bytes),
                 None => return Ok(None),
             }

@@ -30,6 +30,17 @@ pub fn endpoint_config() -> EndpointConfig {
     cfg
 }
 
+/// [`endpoint_config`] with a given stateless-reset key. A server that keeps its key across
+/// restarts (a router, from a private file in its directory) answers packets of connections
+/// it no longer knows with resets its clients accept, so they learn at once that the
+/// connection is gone and dial again, instead of waiting out the idle timeout.
+pub fn endpoint_config_with_reset_key(key: &[u8; 32]) -> EndpointConfig {
+    let hmac = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key);
+    let mut cfg = EndpointConfig::new(Arc::new(hmac));
+    let _ = cfg.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    cfg
+}
+
 /// Applies the shared settings to a connection's transport configuration: MTU discovery up to
 /// [`MAX_UDP_PAYLOAD`], and congestion control that keeps its queue short (`queue_floor`, see
 /// [`crate::congestion`]; `None` is plain Cubic).

@@ -112,6 +112,24 @@ impl TestController {
         Self::boot(dir, cfg, listen).await
     }
 
+    /// Stops the controller for `outage`, then starts it again on the same port from the same
+    /// directory, as an operator's restart after a crash would. `between` runs while it is down.
+    pub async fn outage<F: std::future::Future<Output = ()>>(
+        mut self,
+        outage: Duration,
+        between: F,
+    ) -> TestController {
+        let cfg = self.ctrl.config().clone();
+        let listen: SocketAddr = self.addr().parse().expect("addr");
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        let dir = self.dir;
+        drop(self.ctrl);
+        let (_, ()) = tokio::join!(tokio::time::sleep(outage), between);
+        Self::boot(dir, cfg, listen).await
+    }
+
     /// The controller's address.
     pub fn addr(&self) -> String {
         self.server

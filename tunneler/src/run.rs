@@ -11,6 +11,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use umbra_proto::api::EdgeView;
+use umbra_proto::follow::{WatchEnd, WatchFollower};
 use umbra_proto::FrameDecoder;
 use umbra_sdk::{Context, ControllerClient, Early, SdkError};
 
@@ -245,36 +246,54 @@ impl Listeners {
     }
 }
 
-/// Follows `/v1/edge/watch` for as long as the tunneler runs, reconnecting with backoff.
+/// Follows `/v1/edge/watch` for as long as the tunneler runs, reconnecting with backoff; when a
+/// watch counts as dead and what follows its end are decided by `WatchFollower`.
 async fn follow(client: ControllerClient, state: &mut Listeners) {
-    let mut backoff = Duration::from_millis(100);
+    let mut machine = WatchFollower::new(umbra_proto::follow::DEFAULT_HEARTBEAT);
     loop {
-        match watch_once(&client, state).await {
+        let end = match watch_once(&client, state, &mut machine).await {
             // The controller refused our certificate: revoked or disabled. Nothing may stay.
             Err(e @ SdkError::Handshake { .. }) | Err(e @ SdkError::Api { status: 403, .. }) => {
                 tracing::warn!(error = %e, "the controller refused this identity; closing every listener");
-                state.clear().await;
-                state.refused.send_replace(true);
+                WatchEnd::Refused
             }
             Err(e) => {
-                tracing::warn!(error = %e, "lost the controller; keeping listeners, the router still authorizes")
+                tracing::warn!(error = %e, "lost the controller; keeping listeners, the router still authorizes");
+                WatchEnd::Failed
             }
             Ok(()) => {
-                // The controller ends the stream when the identity loses its access: ask again
-                // at once, so that a refusal is known within one handshake.
                 tracing::info!("the controller ended the view stream");
-                tokio::time::sleep(Duration::from_millis(10)).await;
-                backoff = Duration::from_millis(100);
-                continue;
+                WatchEnd::Ended
             }
+        };
+        let next = machine.ended(end, jitter());
+        if next.clear {
+            state.clear().await;
+            state.refused.send_replace(true);
         }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(5));
+        tokio::time::sleep(next.pause).await;
     }
 }
 
-async fn watch_once(client: &ControllerClient, state: &mut Listeners) -> Result<(), SdkError> {
-    let mut stream = client.stream("/v1/edge/watch").await?;
+/// A number in 0..1000 that differs between processes and attempts.
+fn jitter() -> u16 {
+    use std::hash::{BuildHasher, RandomState};
+    (RandomState::new().hash_one(std::time::Instant::now()) % 1000) as u16
+}
+
+async fn watch_once(
+    client: &ControllerClient,
+    state: &mut Listeners,
+    machine: &mut WatchFollower,
+) -> Result<(), SdkError> {
+    // The controller sends a keepalive on an idle watch; three missed ones mean a dead
+    // connection (half-open TCP never ends by itself), so a new one is opened.
+    let silence = machine.silence();
+    let silent = move || SdkError::Protocol(format!("no word from the controller for {silence:?}"));
+    machine.started(std::time::Instant::now());
+    let mut stream = timeout_at(machine.deadline(), client.stream("/v1/edge/watch"))
+        .await
+        .ok_or_else(silent)??;
     let mut decoder = FrameDecoder::new(16 * 1024 * 1024);
     loop {
         while let Some(view) = decoder
@@ -283,10 +302,29 @@ async fn watch_once(client: &ControllerClient, state: &mut Listeners) -> Result<
         {
             state.reconcile(&view).await;
         }
-        match stream.chunk().await? {
-            Some(bytes) => decoder.push(&bytes),
+        let chunk = timeout_at(machine.deadline(), stream.chunk())
+            .await
+            .ok_or_else(silent)?;
+        match chunk? {
+            Some(bytes) => {
+                machine.bytes_received(std::time::Instant::now());
+                decoder.push(&bytes)
+            }
             None => return Ok(()),
         }
+    }
+}
+
+/// `fut`, or `None` if `deadline` passes first.
+async fn timeout_at<F: std::future::Future>(
+    deadline: Option<std::time::Instant>,
+    fut: F,
+) -> Option<F::Output> {
+    match deadline {
+        Some(at) => tokio::time::timeout_at(tokio::time::Instant::from_std(at), fut)
+            .await
+            .ok(),
+        None => Some(fut.await),
     }
 }
 

@@ -15,8 +15,9 @@ use super::error::ApiError;
 use super::extract::{AnyIdentity, Query, Router};
 use super::{blocking, AppState};
 
-/// How often an idle channel carries a heartbeat, so a router notices a dead controller.
-pub const HEARTBEAT: Duration = Duration::from_secs(5);
+/// How often an idle edge-view watch carries a keepalive, so a watcher notices a dead
+/// controller; a router's control channel asks for its own (see `umbra_proto::follow`).
+pub const HEARTBEAT: Duration = umbra_proto::follow::DEFAULT_HEARTBEAT;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +31,10 @@ pub struct ControlQuery {
     /// Where clients reach the router (`host:port`).
     #[serde(default)]
     advertise: Option<String>,
+    /// How often the router wants a heartbeat on an idle channel (derived from its stale
+    /// window); kept within `umbra_proto::follow`'s bounds whatever it asks.
+    #[serde(default)]
+    heartbeat_ms: Option<u64>,
 }
 
 pub async fn stream(
@@ -42,6 +47,7 @@ pub async fn stream(
             return Err(ApiError::invalid("advertise must be HOST:PORT"));
         }
     }
+    let heartbeat = umbra_proto::follow::granted_heartbeat(q.heartbeat_ms);
     let since = q.epoch.zip(q.seq);
     let p = peer.clone();
     let (router, sub) = blocking(&s, move |c| {
@@ -81,7 +87,7 @@ pub async fn stream(
                     // reconnects and resumes from the store.
                     Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
                 },
-                _ = tokio::time::sleep(HEARTBEAT) => ControlMessage::Heartbeat { seq: last },
+                _ = tokio::time::sleep(heartbeat) => ControlMessage::Heartbeat { seq: last },
                 _ = tx.closed() => return,
             };
             if send(&tx, &msg).await.is_err() {
@@ -174,6 +180,12 @@ pub async fn edge_watch(
                     Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
+                _ = tokio::time::sleep(HEARTBEAT) => {
+                    if tx.send(Bytes::from_static(&umbra_proto::KEEPALIVE)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                }
                 _ = tx.closed() => return,
             }
             let (c, p) = (ctrl.clone(), peer.clone());

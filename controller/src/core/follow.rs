@@ -88,6 +88,11 @@ impl Controller {
                 out.push(ControlMessage::Snapshot(Box::new(replica.to_snapshot())));
             }
         }
+        // Says how far the controller is: a follower that failed closed during an outage knows
+        // the replay is complete and serves again at once, not at the next heartbeat.
+        out.push(ControlMessage::Heartbeat {
+            seq: inner.replica.seq,
+        });
         Ok(Subscription {
             initial: out,
             seq: inner.replica.seq,
