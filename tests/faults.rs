@@ -605,3 +605,100 @@ async fn a_tunnelers_controller_connection_reset_is_followed_again() {
     let refused = tokio::net::TcpStream::connect((ip, 7000)).await;
     assert!(refused.is_err(), "nothing listens for the revoked service");
 }
+
+/// VmRSS (KiB), open descriptors and threads of a process.
+fn footprint(pid: u32) -> (u64, usize, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (field("VmRSS:"), fds, field("Threads:"))
+}
+
+/// The churn soak, on demand (not in CI): grants made and revoked, identities revoked, and
+/// connections opened and closed, for `UMBRA_SOAK_SECS` (600 by default). Memory, descriptors
+/// and threads of the controller and the router must be steady, and no connection to the
+/// service outlives its stream. `cargo test -p umbra --test faults -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a 10-minute soak; run on demand"]
+async fn churn_soak_keeps_memory_descriptors_and_threads_steady() {
+    let secs: u64 = std::env::var("UMBRA_SOAK_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(600);
+    let (w, echo, agent) = world();
+    let ctx = Context::new(agent).unwrap();
+    until(&ctx, "first service", served).await;
+    let pids = [
+        ("controller", w.controller.as_ref().unwrap().0.id()),
+        ("router", w.router.as_ref().unwrap().0.id()),
+    ];
+    let mut round = 0u64;
+    let mut churn = |round: u64| {
+        // One identity per round, granted then revoked; one policy made and removed.
+        let name = format!("soak-{round}");
+        let id = w.agent(&name);
+        w.ok(&[
+            "policy",
+            "grant",
+            "--identity",
+            &format!("@{name}"),
+            "--service",
+            "@echo",
+        ]);
+        id
+    };
+    // Warm up before the baseline: caches, connection pools and lanes fill once.
+    for _ in 0..5 {
+        round += 1;
+        let id = churn(round);
+        let c = Context::new(id).unwrap();
+        until(&c, "a soak agent served", served).await;
+        w.ok(&["identity", "revoke", &format!("soak-{round}")]);
+    }
+    let before: Vec<_> = pids.iter().map(|(_, p)| footprint(*p)).collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let mut dials = 0u64;
+    while Instant::now() < deadline && round < 100_000 {
+        round += 1;
+        let id = churn(round);
+        let c = Context::new(id).unwrap();
+        until(&c, "a soak agent served", served).await;
+        for _ in 0..20 {
+            round_trip(&ctx).await.expect("the steady agent is served");
+            dials += 1;
+        }
+        w.ok(&["policy", "revoke", &format!("dial-soak-{round}-echo")]);
+        w.ok(&["identity", "revoke", &format!("soak-{round}")]);
+        until(&c, "a revoked soak agent refused", refused).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after: Vec<_> = pids.iter().map(|(_, p)| footprint(*p)).collect();
+    println!("soak: {round} rounds, {dials} dials in {secs} s");
+    println!("| process | RSS before | RSS after | fds before | fds after | threads before | threads after |");
+    println!("|---|---|---|---|---|---|---|");
+    for ((name, _), (b, a)) in pids.iter().zip(before.iter().zip(&after)) {
+        println!(
+            "| {name} | {} KiB | {} KiB | {} | {} | {} | {} |",
+            b.0, a.0, b.1, a.1, b.2, a.2
+        );
+        assert!(a.1 <= b.1 + 16, "{name} leaks descriptors: {b:?} -> {a:?}");
+        assert!(a.2 <= b.2 + 4, "{name} leaks threads: {b:?} -> {a:?}");
+        assert!(
+            a.0 <= b.0 * 3 / 2 + 32 * 1024,
+            "{name} grows: {b:?} -> {a:?}"
+        );
+    }
+    assert_eq!(
+        echo.open(),
+        0,
+        "no connection to the service outlives its stream"
+    );
+}

@@ -5,7 +5,10 @@
 //! it may spend (its prompt estimate plus its output cap, clamped to what is left), so concurrent
 //! requests cannot together overspend by more than one reservation. When it ends, the
 //! reservation is replaced by what the provider reported. Spending is stored in SQLite and
-//! survives a restart; reservations are in memory only (a crash releases them). The database
+//! survives a restart; so does every reservation (a `holds` row, written before the request
+//! goes upstream and deleted in the transaction that records what it spent), so a gateway that
+//! crashes mid-request cannot lose what the provider billed: at the next start each leftover
+//! hold is charged in full, as an `interrupted` record, and the ledger balances. The database
 //! runs in WAL mode with `synchronous=NORMAL`: a process crash loses nothing, a power loss at
 //! most the last moments of records, and no request waits for a disk flush.
 
@@ -62,6 +65,8 @@ pub struct Reservation {
     pub bucket: Option<Bucket>,
     /// Tokens held.
     pub amount: u64,
+    /// Its `holds` row, which charges it in full if the gateway dies before settling.
+    pub(crate) hold: Option<i64>,
 }
 
 /// One request, as the audit log records it.
@@ -146,8 +151,16 @@ impl Ledger {
                 decision TEXT NOT NULL,
                 reason TEXT NOT NULL
              );
-             CREATE INDEX IF NOT EXISTS requests_bucket ON requests (identity, policy, at);",
+             CREATE INDEX IF NOT EXISTS requests_bucket ON requests (identity, policy, at);
+             CREATE TABLE IF NOT EXISTS holds (
+                id INTEGER PRIMARY KEY,
+                identity TEXT NOT NULL,
+                policy TEXT NOT NULL,
+                period_start INTEGER NOT NULL,
+                amount INTEGER NOT NULL
+             );",
         )?;
+        charge_interrupted(&conn)?;
         // The file holds who used what: only its owner reads it.
         #[cfg(unix)]
         {
@@ -207,10 +220,19 @@ impl Ledger {
             return Ok(Err(Exhausted { left }));
         }
         let amount = left.min(max.max(min));
+        let hold = {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.execute(
+                "INSERT INTO holds (identity, policy, period_start, amount) VALUES (?1, ?2, ?3, ?4)",
+                params![b.identity, b.policy, b.period_start as i64, amount as i64],
+            )?;
+            db.last_insert_rowid()
+        };
         *h += amount;
         Ok(Ok(Reservation {
             bucket: Some(b.clone()),
             amount,
+            hold: Some(hold),
         }))
     }
 
@@ -226,6 +248,13 @@ impl Ledger {
         let h = held.entry(b.clone()).or_insert(0);
         if budget.saturating_sub(s).saturating_sub(*h) < extra {
             return Ok(false);
+        }
+        if let Some(id) = r.hold {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.execute(
+                "UPDATE holds SET amount = ?1 WHERE id = ?2",
+                params![(r.amount + extra) as i64, id],
+            )?;
         }
         *h += extra;
         r.amount += extra;
@@ -246,33 +275,36 @@ impl Ledger {
                 }
             }
         }
-        self.insert(record)
+        let mut db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        let tx = db.transaction()?;
+        if let Some(id) = r.hold {
+            tx.execute("DELETE FROM holds WHERE id = ?1", params![id])?;
+        }
+        insert_record(&tx, record)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Gives a reservation back unused: the request never went upstream (it lost a race for a
+    /// rate-limit slot), so nothing is recorded for it.
+    pub fn release(&self, r: Reservation) -> Result<(), LedgerError> {
+        if let Some(b) = &r.bucket {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(h) = held.get_mut(b) {
+                *h = h.saturating_sub(r.amount);
+            }
+        }
+        if let Some(id) = r.hold {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.execute("DELETE FROM holds WHERE id = ?1", params![id])?;
+        }
+        Ok(())
     }
 
     /// Records a request that was refused before any reservation.
     pub fn insert(&self, r: &Record) -> Result<(), LedgerError> {
         let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-        db.execute(
-            "INSERT INTO requests (at, identity, name, policy, model, endpoint, stream, input,
-                output, estimated, cost_micros, decision, reason)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                r.at as i64,
-                r.identity,
-                r.name,
-                r.policy,
-                r.model,
-                r.endpoint,
-                r.stream,
-                r.usage.input as i64,
-                r.usage.output as i64,
-                r.usage.estimated,
-                r.cost_micros as i64,
-                r.decision,
-                r.reason,
-            ],
-        )?;
-        Ok(())
+        insert_record(&db, r)
     }
 
     /// The newest records, newest last (for tests and the audit command).
@@ -301,6 +333,52 @@ impl Ledger {
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
+}
+
+fn insert_record(db: &Connection, r: &Record) -> Result<(), LedgerError> {
+    db.execute(
+        "INSERT INTO requests (at, identity, name, policy, model, endpoint, stream, input,
+                output, estimated, cost_micros, decision, reason)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+        params![
+            r.at as i64,
+            r.identity,
+            r.name,
+            r.policy,
+            r.model,
+            r.endpoint,
+            r.stream,
+            r.usage.input as i64,
+            r.usage.output as i64,
+            r.usage.estimated,
+            r.cost_micros as i64,
+            r.decision,
+            r.reason,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Charges, in full, every reservation a crashed gateway left behind: the provider may have
+/// billed all of it, and a budget must fail closed. Each becomes an `allowed` record with the
+/// held tokens as input, dated at its period's start (so it counts in the right period).
+fn charge_interrupted(conn: &Connection) -> Result<(), LedgerError> {
+    let n = conn.execute(
+        "INSERT INTO requests (at, identity, name, policy, model, endpoint, stream, input,
+            output, estimated, cost_micros, decision, reason)
+         SELECT period_start, identity, identity, policy, '', '', 0, amount, 0, 1, 0, 'allowed',
+            'interrupted: the gateway stopped before the request ended; charged what it held'
+         FROM holds",
+        [],
+    )?;
+    conn.execute("DELETE FROM holds", [])?;
+    if n > 0 {
+        tracing::warn!(
+            requests = n,
+            "charged the reservations of requests a stopped gateway left in flight"
+        );
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -343,6 +421,15 @@ mod tests {
         ));
     }
 
+    fn next_period(b: &Bucket) -> Bucket {
+        Bucket::new(
+            "id-1",
+            &b.policy,
+            Period::Day,
+            Timestamp(b.period_start + 86_400),
+        )
+    }
+
     #[test]
     fn reservations_never_overspend_and_spending_survives_a_restart() {
         let dir = tempfile::tempdir().unwrap();
@@ -366,12 +453,32 @@ mod tests {
             !l.grow(&mut r3, 100, 1).unwrap(),
             "nothing left to grow into"
         );
+        // The gateway dies with r3 in flight: at the next start it is charged in full.
+        assert_eq!(r3.amount, 50);
+        // A reservation given back unused leaves no record and no hold.
+        let unused = l.reserve(&next_period(&b), 100, 10, 20).unwrap().unwrap();
+        l.release(unused).unwrap();
+        assert_eq!(l.used(&next_period(&b)).unwrap(), (0, 0));
         drop(l);
         let l = Ledger::open(&path).unwrap();
         assert_eq!(
             l.used(&b).unwrap(),
-            (50, 0),
-            "spending survives; holds do not"
+            (100, 0),
+            "spending survives, and a hold left by a crash is charged"
+        );
+        let recent = l.recent(10).unwrap();
+        let interrupted = recent.last().unwrap();
+        assert_eq!(interrupted["input"], 50);
+        assert!(interrupted["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("interrupted"));
+        drop(l);
+        let l = Ledger::open(&path).unwrap();
+        assert_eq!(
+            l.used(&b).unwrap(),
+            (100, 0),
+            "charged once, not at every start"
         );
         let next_day = Bucket::new("id-1", "p", Period::Day, Timestamp(1_000_000 + 86_400));
         assert_eq!(
@@ -379,6 +486,6 @@ mod tests {
             (0, 0),
             "a new period starts empty"
         );
-        assert_eq!(l.recent(10).unwrap().len(), 2);
+        assert_eq!(l.recent(10).unwrap().len(), 3);
     }
 }

@@ -85,6 +85,7 @@ pub(super) fn admit(
                 Reservation {
                     bucket: None,
                     amount: 0,
+                    hold: None,
                 },
                 None,
                 None,
@@ -128,7 +129,7 @@ pub(super) fn admit(
         if let Some(rpm) = g.rpm {
             if let Err(wait) = s.rate.take(&caller.id, g.policy.as_str(), rpm, instant) {
                 // Another request took the last slot meanwhile.
-                let _ = s.ledger.settle(reservation, &Record::default());
+                let _ = s.ledger.release(reservation);
                 refusal = Some(Refusal {
                     kind: Kind::RateLimited,
                     retry: wait.as_secs().max(1),
