@@ -641,7 +641,7 @@ async fn churn_soak_keeps_memory_descriptors_and_threads_steady() {
         ("router", w.router.as_ref().unwrap().0.id()),
     ];
     let mut round = 0u64;
-    let mut churn = |round: u64| {
+    let churn = |round: u64| {
         // One identity per round, granted then revoked; one policy made and removed.
         let name = format!("soak-{round}");
         let id = w.agent(&name);
