@@ -17,9 +17,19 @@ pub struct Limits {
     pub streams_per_connection: u32,
     /// How long a new stream has to deliver its whole request frame.
     pub request_timeout: Duration,
-    /// QUIC handshakes in progress at once; more incoming connections are refused.
+    /// QUIC handshakes in progress at once. Over it, attempts that proved their address are
+    /// refused and the others are answered with a stateless Retry (see `handshakes`).
     pub handshakes_in_flight: usize,
-    /// How long a handshake may take.
+    /// From this many handshakes in flight on, an attempt from an address not yet validated is
+    /// answered with a stateless Retry instead of a handshake, so packets from spoofed sources
+    /// cost one packet each and hold no slot. Capped at `handshakes_in_flight`.
+    pub handshakes_before_retry: usize,
+    /// Handshakes in flight per source (an IPv4 address or an IPv6 /64): over it, unvalidated
+    /// attempts are asked to retry and validated ones refused, so one source cannot take every
+    /// slot. Validated handshakes are counted apart, so packets that only claim an address
+    /// cannot use up that address's share.
+    pub handshakes_per_source: usize,
+    /// How long a handshake may take: short, since a slot is held meanwhile.
     pub handshake_timeout: Duration,
     /// How long connecting to a router-hosted service may take (resolution included).
     pub connect_timeout: Duration,
@@ -58,7 +68,9 @@ impl Default for Limits {
             streams_per_connection: 256,
             request_timeout: Duration::from_secs(5),
             handshakes_in_flight: 256,
-            handshake_timeout: Duration::from_secs(10),
+            handshakes_before_retry: 64,
+            handshakes_per_source: 16,
+            handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,

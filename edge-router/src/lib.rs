@@ -22,6 +22,8 @@ mod config;
 mod control;
 pub mod egress;
 mod error;
+mod gate;
+mod handshakes;
 mod hosts;
 mod lanes;
 mod policy;
@@ -295,7 +297,10 @@ impl RouterHandle {
 
     /// The allow / deny / terminate counters so far.
     pub fn stats(&self) -> RouterStats {
-        self.shared.stats.snapshot()
+        RouterStats {
+            handshakes_in_flight: self.shared.gate.in_flight() as u64,
+            ..self.shared.stats.snapshot()
+        }
     }
 
     /// Admitted connections open now on each data-plane lane (see [`Limits::lanes`]), in lane

@@ -1,4 +1,4 @@
-//! The QUIC side: the endpoint's configuration, the accept loop (bounded handshakes in flight)
+//! The QUIC side: the endpoint's configuration, the accept loop (handshakes admitted by `gate`)
 //! and one task per connection that admits the peer and keeps re-admitting it whenever the
 //! policy changes.
 
@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, VarInt};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,7 +25,7 @@ use crate::stats::{bump, Counters};
 pub(crate) struct Shared {
     pub limits: Limits,
     pub policy: PolicyRx,
-    handshakes: Arc<Semaphore>,
+    pub gate: Arc<crate::gate::Gate>,
     streams: Mutex<HashMap<IdentityId, usize>>,
     pub hosts: Hosts,
     pub stats: Counters,
@@ -69,7 +68,11 @@ impl Shared {
     pub fn new(limits: Limits, policy: PolicyRx, lanes: usize) -> Self {
         Shared {
             lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
-            handshakes: Arc::new(Semaphore::new(limits.handshakes_in_flight)),
+            gate: crate::gate::Gate::new(crate::handshakes::HandshakeLimits {
+                in_flight: limits.handshakes_in_flight,
+                retry_above: limits.handshakes_before_retry,
+                per_source: limits.handshakes_per_source,
+            }),
             limits,
             policy,
             streams: Mutex::new(HashMap::new()),
@@ -128,6 +131,7 @@ pub(crate) fn quinn_config(
         .max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
     umbra_sdk::quic::tune(&mut transport, limits.queue_floor);
     cfg.transport_config(Arc::new(transport));
+    // quinn's own bound on attempts not yet decided; the gate decides each one at once.
     cfg.max_incoming(limits.handshakes_in_flight.max(1))
         .migration(false);
     Ok(cfg)
@@ -150,9 +154,7 @@ pub(crate) async fn accept_loop(
                 None => break,
             },
         };
-        let Ok(permit) = Arc::clone(&shared.handshakes).try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "too many handshakes in flight: refused");
-            incoming.refuse();
+        let Some((incoming, permit)) = shared.gate.admit(incoming, &shared.stats) else {
             continue;
         };
         let remote = incoming.remote_address();

@@ -23,6 +23,13 @@ pub struct RouterStats {
     pub bad_requests: u64,
     /// Streams refused for a per-identity limit.
     pub limited: u64,
+    /// Connection attempts answered with a stateless Retry (address validation) because
+    /// handshakes piled up or their source had its share in flight.
+    pub handshakes_retried: u64,
+    /// Connection attempts refused before the handshake (validated ones over a limit).
+    pub handshakes_refused: u64,
+    /// Handshakes in flight now.
+    pub handshakes_in_flight: u64,
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +42,8 @@ pub(crate) struct Counters {
     pub streams_terminated: AtomicU64,
     pub bad_requests: AtomicU64,
     pub limited: AtomicU64,
+    pub handshakes_retried: AtomicU64,
+    pub handshakes_refused: AtomicU64,
 }
 
 /// Adds one.
@@ -54,6 +63,9 @@ impl Counters {
             streams_terminated: g(&self.streams_terminated),
             bad_requests: g(&self.bad_requests),
             limited: g(&self.limited),
+            handshakes_retried: g(&self.handshakes_retried),
+            handshakes_refused: g(&self.handshakes_refused),
+            handshakes_in_flight: 0,
         }
     }
 }
