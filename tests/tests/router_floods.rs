@@ -137,3 +137,200 @@ async fn a_spoofed_initial_flood_does_not_lock_out_agents() {
     }
     router.shutdown().await;
 }
+
+/// A TCP service whose connects stall: its listener never accepts, and its accept queue is
+/// filled first, so the kernel drops every further SYN. Returns the address and what must be
+/// kept alive.
+fn stalled_service() -> (SocketAddr, std::net::TcpListener, Vec<std::net::TcpStream>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let mut queued = Vec::new();
+    for _ in 0..1_000 {
+        match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            Ok(s) => queued.push(s),
+            Err(_) => return (addr, listener, queued),
+        }
+    }
+    panic!("the accept queue never filled");
+}
+
+/// Resident memory of this process (router and clients), bytes.
+fn rss() -> u64 {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+/// Opens a stream dialing `frame`'s service and writes into it until `until`, as fast as the
+/// router's flow control lets it; returns the bytes the router accepted and the stream (kept
+/// open by the caller).
+async fn stuff(
+    conn: quinn::Connection,
+    frame: Vec<u8>,
+    until: tokio::time::Instant,
+) -> (u64, Option<(quinn::SendStream, quinn::RecvStream)>) {
+    // Opening may wait for a stream slot, and the request for window the other streams took.
+    let opened = tokio::time::timeout_at(until, async {
+        let (mut send, recv) = conn.open_bi().await.ok()?;
+        send.write_all(&frame).await.ok()?;
+        Some((send, recv))
+    });
+    let Ok(Some((mut send, recv))) = opened.await else {
+        return (0, None);
+    };
+    let chunk = vec![0x55u8; 64 * 1024];
+    let mut sent = 0u64;
+    while tokio::time::Instant::now() < until {
+        match tokio::time::timeout_at(until, send.write(&chunk)).await {
+            Ok(Ok(n)) => sent += n as u64,
+            Ok(Err(_)) => return (sent, None),
+            Err(_) => break,
+        }
+    }
+    (sent, Some((send, recv)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_cannot_make_a_router_hold_gigabytes() {
+    const MIB: u64 = 1024 * 1024;
+    const CONNS: usize = 24;
+    const STREAMS: usize = 4;
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |c| {
+        c.limits.connections_per_identity = 16;
+        c.limits.streams_per_identity = 40;
+        c.limits.connect_timeout = Duration::from_secs(60);
+    })
+    .await;
+    let limits = umbra_edge_router::Limits::default();
+    let (stalled, _listener, _queued) = stalled_service();
+    let abuser = agent(&t, "abuser").await;
+    let good = agent(&t, "good").await;
+    service(
+        &t,
+        "stalled",
+        umbra_policies::Hosting::Address(stalled.to_string().parse().expect("hostport")),
+    )
+    .await;
+    grant(
+        &t,
+        "abuse",
+        umbra_policies::Action::Dial,
+        "abuser",
+        "stalled",
+    )
+    .await;
+    let echo = Echo::start().await;
+    echo_service(&t, &echo, "echo", "good").await;
+    let frame = umbra_proto::stream::encode_request(
+        umbra_proto::stream::Op::Dial,
+        &umbra_proto::stream::ServiceRequest {
+            service: name("stalled"),
+        },
+    )
+    .expect("frame");
+
+    let rss_before = rss();
+    let (endpoint, cfg) = agent_raw_client(&abuser);
+    let mut conns = Vec::new();
+    let mut refused = 0;
+    for _ in 0..CONNS {
+        let conn = endpoint
+            .connect_with(cfg.clone(), router.local_addr(), "router.umbra")
+            .expect("connect")
+            .await
+            .expect("handshake");
+        conns.push(conn);
+    }
+    let began = tokio::time::Instant::now();
+    let until = began + Duration::from_secs(3);
+    let mut tasks = tokio::task::JoinSet::new();
+    for conn in &conns {
+        for _ in 0..STREAMS {
+            tasks.spawn(stuff(conn.clone(), frame.clone(), until));
+        }
+    }
+
+    // Meanwhile another identity dials and moves data at full speed.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    let ctx = Context::new(good.clone()).expect("context");
+    let dial_began = Instant::now();
+    let mut s = tokio::time::timeout(Duration::from_secs(10), ctx.dial("echo"))
+        .await
+        .expect("timely")
+        .expect("the other identity dials");
+    let payload = vec![7u8; 4 * MIB as usize];
+    let (mut r, mut w) = tokio::io::split(&mut s);
+    let (wrote, back) = tokio::join!(
+        async {
+            w.write_all(&payload).await?;
+            w.shutdown().await
+        },
+        async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.map(|_| back)
+        }
+    );
+    let other_took = dial_began.elapsed();
+    wrote.expect("write");
+    assert!(back.expect("echo") == payload, "the echo came back whole");
+    let good_usage = router.usage(&good.id);
+
+    let mut accepted = 0u64;
+    let mut held = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        let (n, stream) = r.expect("task");
+        accepted += n;
+        held.extend(stream);
+    }
+    for conn in &conns {
+        if conn.close_reason().is_some() {
+            refused += 1;
+        }
+    }
+    let usage = router.usage(&abuser.id);
+    let stats = router.stats();
+    let grown = rss().saturating_sub(rss_before);
+    println!(
+        "abuser: {CONNS} connections x {STREAMS} streams; {refused} connections refused; router accepted {} MiB of its data; {} streams open; its books: {usage:?}",
+        accepted / MIB,
+        held.len(),
+    );
+    println!(
+        "other identity: 4 MiB echoed in {other_took:?}, its books: {good_usage:?}; process RSS grew {} MiB; router: {stats:?}",
+        grown / MIB
+    );
+    // Connections over the identity's cap were refused with LIMIT; its streams stayed under
+    // theirs (once its windows are full, its further requests cannot even arrive).
+    assert_eq!(refused, CONNS - 16, "connections over the cap were closed");
+    assert_eq!(usage.connections, 16);
+    assert!(usage.streams <= 40, "{usage:?}");
+    assert!(stats.limited >= (CONNS - 16) as u64, "{stats:?}");
+    // What the abuser can make the router buffer: its budget, plus the handshake window of
+    // each connection beyond it. Before, every connection had 16 MiB (384 MiB here).
+    let bound = limits.buffer_per_identity + 16 * 2 * u64::from(limits.handshake_window);
+    assert!(usage.buffer_bytes <= bound, "{usage:?} over {bound}");
+    assert!(
+        accepted <= bound / 2 + MIB,
+        "the router accepted {accepted} bytes, its windows allow {}",
+        bound / 2
+    );
+    assert!(
+        accepted >= 16 * MIB,
+        "the abuser did fill its windows ({accepted})"
+    );
+    // The other identity was granted full windows: the abuser's budget is not its.
+    assert_eq!(
+        good_usage.buffer_bytes,
+        good_usage.connections as u64 * 2 * u64::from(limits.connection_window),
+        "{good_usage:?}"
+    );
+    assert!(other_took < Duration::from_secs(5), "{other_took:?}");
+    assert!(grown < 300 * MIB, "the process grew {} MiB", grown / MIB);
+    drop(held);
+    router.shutdown().await;
+}
