@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use umbra_sdk::Context;
 use umbra_tests::dataplane::*;
-use umbra_tests::TestController;
+use umbra_tests::{eventually, TestController};
 
 /// Source addresses of the flood: 127.0.0.2 to 127.0.0.200.
 const SOURCES: std::ops::RangeInclusive<u8> = 2..=200;
@@ -331,6 +331,41 @@ async fn one_identity_cannot_make_a_router_hold_gigabytes() {
     );
     assert!(other_took < Duration::from_secs(5), "{other_took:?}");
     assert!(grown < 300 * MIB, "the process grew {} MiB", grown / MIB);
+
+    // Budget given back is granted again: with all but four of the abuser's connections
+    // closed, the short ones grow (every second) until the budget is spent again.
+    let live: Vec<&quinn::Connection> = conns
+        .iter()
+        .filter(|c| c.close_reason().is_none())
+        .collect();
+    let keep = live.len().saturating_sub(4);
+    for conn in &live[..keep] {
+        conn.close(0u32.into(), b"done");
+    }
+    let regrown = eventually(Duration::from_secs(10), || {
+        let u = router.usage(&abuser.id);
+        (u.connections == 4 && u.buffer_bytes >= limits.buffer_per_identity).then_some(u)
+    })
+    .await;
+    println!(
+        "after closing {keep} connections: {:?}",
+        router.usage(&abuser.id)
+    );
+    let regrown = regrown.expect("the remaining connections grew into the budget");
+    assert!(regrown.buffer_bytes <= bound, "{regrown:?}");
+    // Everything is given back when the abuser leaves.
     drop(held);
+    for conn in &conns {
+        conn.close(0u32.into(), b"done");
+    }
+    let empty = eventually(Duration::from_secs(10), || {
+        (router.usage(&abuser.id) == umbra_edge_router::Usage::default()).then_some(())
+    })
+    .await;
+    assert!(
+        empty.is_some(),
+        "left behind: {:?}",
+        router.usage(&abuser.id)
+    );
     router.shutdown().await;
 }
