@@ -10,16 +10,45 @@ use umbra_pki::IdentityFile;
 /// Bounds on everything a peer can make the router allocate or wait for.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Open streams at once per identity, over all its connections; more are refused with
+    /// Open streams at once per identity, over all its connections; more are reset with
     /// `codes::LIMIT`.
     pub streams_per_identity: usize,
+    /// Open streams at once over all identities; more are reset with `codes::LIMIT`. Each can
+    /// hold a socket to a service, so this also bounds the router's file descriptors.
+    pub streams_total: usize,
+    /// Admitted connections at once per identity; more are closed with `codes::LIMIT` after
+    /// the handshake. An SDK context opens one per lane per router.
+    pub connections_per_identity: usize,
+    /// Admitted connections at once over all identities; more are closed with `codes::LIMIT`.
+    pub connections_total: usize,
+    /// Bytes one identity's connections may make the router buffer, both directions counted:
+    /// the QUIC flow-control windows granted to them (what a peer sends that nobody has read,
+    /// what is sent to it that it has not acknowledged). A connection gets up to
+    /// `connection_window` each way out of this; once it is spent, the identity's further
+    /// connections work at `handshake_window` (see the `quota` module).
+    pub buffer_per_identity: u64,
+    /// Bytes all connections together may make the router buffer, as above.
+    pub buffer_total: u64,
+    /// The flow-control window, each way, that a connection has from its handshake on, before
+    /// its identity is known and its grant set: small, since nothing bounds it per identity.
+    pub handshake_window: u32,
     /// Bidirectional streams a peer may open at once on one connection (QUIC flow control).
     pub streams_per_connection: u32,
     /// How long a new stream has to deliver its whole request frame.
     pub request_timeout: Duration,
-    /// QUIC handshakes in progress at once; more incoming connections are refused.
+    /// QUIC handshakes in progress at once. Over it, attempts that proved their address are
+    /// refused and the others are answered with a stateless Retry (see `handshakes`).
     pub handshakes_in_flight: usize,
-    /// How long a handshake may take.
+    /// From this many handshakes in flight on, an attempt from an address not yet validated is
+    /// answered with a stateless Retry instead of a handshake, so packets from spoofed sources
+    /// cost one packet each and hold no slot. Capped at `handshakes_in_flight`.
+    pub handshakes_before_retry: usize,
+    /// Handshakes in flight per source (an IPv4 address or an IPv6 /64): over it, unvalidated
+    /// attempts are asked to retry and validated ones refused, so one source cannot take every
+    /// slot. Validated handshakes are counted apart, so packets that only claim an address
+    /// cannot use up that address's share.
+    pub handshakes_per_source: usize,
+    /// How long a handshake may take: short, since a slot is held meanwhile.
     pub handshake_timeout: Duration,
     /// How long connecting to a router-hosted service may take (resolution included).
     pub connect_timeout: Duration,
@@ -28,7 +57,8 @@ pub struct Limits {
     /// "delay" includes scheduling on a busy host: 2 MiB held one loopback stream near 3 Gbit/s
     /// on a loaded 2-core machine, 4 MiB reached 4.5 to 6 Gbit/s.
     pub stream_window: u32,
-    /// Per-connection receive window, bytes.
+    /// Most a connection is granted each way (receive and send window), bytes, out of
+    /// `buffer_per_identity` and `buffer_total`.
     pub connection_window: u32,
     /// Idle connections are closed after this long (keep-alives keep live ones open).
     pub idle_timeout: Duration,
@@ -55,10 +85,18 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             streams_per_identity: 1024,
+            streams_total: 16 * 1024,
+            connections_per_identity: 32,
+            connections_total: 4096,
+            buffer_per_identity: 64 * 1024 * 1024,
+            buffer_total: 1024 * 1024 * 1024,
+            handshake_window: 64 * 1024,
             streams_per_connection: 256,
             request_timeout: Duration::from_secs(5),
             handshakes_in_flight: 256,
-            handshake_timeout: Duration::from_secs(10),
+            handshakes_before_retry: 64,
+            handshakes_per_source: 16,
+            handshake_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(10),
             stream_window: 4 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,

@@ -22,12 +22,16 @@ mod config;
 mod control;
 pub mod egress;
 mod error;
+mod gate;
+mod handshakes;
 mod hosts;
 mod lanes;
 mod policy;
 pub mod proxy;
 mod reset_key;
+mod quota;
 mod server;
+mod slots;
 mod splice;
 mod stats;
 mod stream;
@@ -45,7 +49,7 @@ use umbra_sdk::{Credentials, RenewingIdentity};
 pub use config::{Limits, RouterConfig};
 pub use error::RouterError;
 pub use policy::{Policy, PolicyRx, Refusal};
-pub use stats::RouterStats;
+pub use stats::{RouterStats, Usage};
 
 /// How long shutdown waits for tasks to finish on their own before aborting them.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -298,7 +302,17 @@ impl RouterHandle {
 
     /// The allow / deny / terminate counters so far.
     pub fn stats(&self) -> RouterStats {
-        self.shared.stats.snapshot()
+        RouterStats {
+            handshakes_in_flight: self.shared.gate.in_flight() as u64,
+            held: self.shared.books.total(),
+            ..self.shared.stats.snapshot()
+        }
+    }
+
+    /// What the identity `id` holds on this router now: connections, streams and the bytes
+    /// its peers can make the router buffer (see [`Limits::buffer_per_identity`]).
+    pub fn usage(&self, id: &umbra_policies::IdentityId) -> Usage {
+        self.shared.books.usage(id)
     }
 
     /// Admitted connections open now on each data-plane lane (see [`Limits::lanes`]), in lane

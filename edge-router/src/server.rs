@@ -1,19 +1,16 @@
-//! The QUIC side: the endpoint's configuration, the accept loop (bounded handshakes in flight)
+//! The QUIC side: the endpoint's configuration, the accept loop (handshakes admitted by `gate`)
 //! and one task per connection that admits the peer and keeps re-admitting it whenever the
 //! policy changes.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use quinn::crypto::rustls::QuicServerConfig;
 use quinn::{Connection, VarInt};
-use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use umbra_pki::PeerCert;
-use umbra_policies::IdentityId;
 use umbra_proto::stream::codes;
 
 use crate::config::Limits;
@@ -26,8 +23,9 @@ use crate::stats::{bump, Counters};
 pub(crate) struct Shared {
     pub limits: Limits,
     pub policy: PolicyRx,
-    handshakes: Arc<Semaphore>,
-    streams: Mutex<HashMap<IdentityId, usize>>,
+    pub gate: Arc<crate::gate::Gate>,
+    /// What each identity holds: connections, streams, window bytes.
+    pub books: Arc<crate::slots::Books>,
     pub hosts: Hosts,
     pub stats: Counters,
     /// Admitted connections open now, per data-plane lane.
@@ -43,36 +41,18 @@ impl Drop for OnLane<'_> {
     }
 }
 
-/// A counted open stream of one identity; the count drops with it.
-pub(crate) struct StreamSlot {
-    shared: Arc<Shared>,
-    id: IdentityId,
-}
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        let mut map = self
-            .shared
-            .streams
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = map.get_mut(&self.id) {
-            *n -= 1;
-            if *n == 0 {
-                map.remove(&self.id);
-            }
-        }
-    }
-}
-
 impl Shared {
     pub fn new(limits: Limits, policy: PolicyRx, lanes: usize) -> Self {
         Shared {
+            books: crate::slots::Books::new(&limits),
             lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
-            handshakes: Arc::new(Semaphore::new(limits.handshakes_in_flight)),
+            gate: crate::gate::Gate::new(crate::handshakes::HandshakeLimits {
+                in_flight: limits.handshakes_in_flight,
+                retry_above: limits.handshakes_before_retry,
+                per_source: limits.handshakes_per_source,
+            }),
             limits,
             policy,
-            streams: Mutex::new(HashMap::new()),
             hosts: Hosts::default(),
             stats: Counters::default(),
         }
@@ -92,20 +72,6 @@ impl Shared {
         n.fetch_add(1, Ordering::Relaxed);
         Some(OnLane(n))
     }
-
-    /// Takes one of the identity's stream slots, or `None` at its limit.
-    pub fn stream_slot(self: &Arc<Self>, id: &IdentityId) -> Option<StreamSlot> {
-        let mut map = self.streams.lock().unwrap_or_else(|p| p.into_inner());
-        let n = map.entry(id.clone()).or_insert(0);
-        if *n >= self.limits.streams_per_identity {
-            return None;
-        }
-        *n += 1;
-        Some(StreamSlot {
-            shared: Arc::clone(self),
-            id: id.clone(),
-        })
-    }
 }
 
 /// The quinn server configuration: our TLS, and transport limits that keep what one peer can
@@ -121,13 +87,16 @@ pub(crate) fn quinn_config(
         .max_concurrent_bidi_streams(VarInt::from_u32(limits.streams_per_connection))
         .max_concurrent_uni_streams(VarInt::from_u32(0))
         .stream_receive_window(VarInt::from_u32(limits.stream_window))
-        .receive_window(VarInt::from_u32(limits.connection_window))
-        .send_window(u64::from(limits.connection_window))
+        // Until the peer's identity is known and its connection granted a window out of the
+        // identity's budget (`slots`), it gets only the small handshake window.
+        .receive_window(VarInt::from_u32(limits.handshake_window))
+        .send_window(u64::from(limits.handshake_window))
         .keep_alive_interval(Some(limits.keep_alive))
         .datagram_receive_buffer_size(None)
         .max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
     umbra_sdk::quic::tune(&mut transport, limits.queue_floor);
     cfg.transport_config(Arc::new(transport));
+    // quinn's own bound on attempts not yet decided; the gate decides each one at once.
     cfg.max_incoming(limits.handshakes_in_flight.max(1))
         .migration(false);
     Ok(cfg)
@@ -150,9 +119,7 @@ pub(crate) async fn accept_loop(
                 None => break,
             },
         };
-        let Ok(permit) = Arc::clone(&shared.handshakes).try_acquire_owned() else {
-            tracing::warn!(remote = %incoming.remote_address(), "too many handshakes in flight: refused");
-            incoming.refuse();
+        let Some((incoming, permit)) = shared.gate.admit(incoming, &shared.stats) else {
             continue;
         };
         let remote = incoming.remote_address();
@@ -251,6 +218,15 @@ async fn serve(
             return;
         }
     };
+    let mut slot = match shared.books.open_connection(&id, &conn) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            tracing::warn!(decision = "deny", %limit, "connection refused");
+            bump(&shared.stats.limited);
+            conn.close(VarInt::from_u32(codes::LIMIT), b"limit");
+            return;
+        }
+    };
     tracing::info!(decision = "allow", serial = %peer.serial, "connection admitted");
     bump(&shared.stats.connections_admitted);
     let _on_lane = shared.on_lane(lane);
@@ -266,6 +242,9 @@ async fn serve(
     // registered and dropped again on every turn of the loop).
     let expired = tokio::time::sleep_until(deadline);
     tokio::pin!(expired);
+    // A connection granted less than a full window tries to grow while it lives.
+    let regrant = tokio::time::sleep(REGRANT);
+    tokio::pin!(regrant);
     loop {
         tokio::select! {
             _ = cancel.cancelled() => {
@@ -273,6 +252,10 @@ async fn serve(
                 break;
             }
             Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            _ = &mut regrant, if slot.short() => {
+                slot.grow(&conn);
+                regrant.as_mut().reset(tokio::time::Instant::now() + REGRANT);
+            }
             // Certificates and identities can expire while connected: nothing else would end
             // such a connection, since no delta announces the passing of time.
             _ = &mut expired => {
@@ -319,6 +302,9 @@ async fn serve(
     shared.hosts.remove_connection(conn.stable_id());
     while streams.join_next().await.is_some() {}
 }
+
+/// How often a connection granted less than a full window asks for more.
+const REGRANT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// When a connection stops being admissible on its own: the earlier of the certificate's and
 /// the identity's expiry.

@@ -21,8 +21,40 @@ pub struct RouterStats {
     pub streams_terminated: u64,
     /// Streams refused for a malformed, oversized or late request.
     pub bad_requests: u64,
-    /// Streams refused for a per-identity limit.
+    /// Streams and connections refused for a limit of their identity or of the router (see
+    /// [`crate::Limits`]).
     pub limited: u64,
+    /// Connection attempts answered with a stateless Retry (address validation) because
+    /// handshakes piled up or their source had its share in flight.
+    pub handshakes_retried: u64,
+    /// Connection attempts refused before the handshake (validated ones over a limit).
+    pub handshakes_refused: u64,
+    /// Handshakes in flight now.
+    pub handshakes_in_flight: u64,
+    /// What all identities hold now.
+    pub held: Usage,
+}
+
+/// What an identity (or all of them) holds on a router now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Admitted connections.
+    pub connections: usize,
+    /// Open streams.
+    pub streams: usize,
+    /// Flow-control window bytes granted to its connections, both directions: the most its
+    /// peers can make the router buffer (see [`crate::Limits::buffer_per_identity`]).
+    pub buffer_bytes: u64,
+}
+
+impl From<crate::quota::Held> for Usage {
+    fn from(h: crate::quota::Held) -> Usage {
+        Usage {
+            connections: h.connections,
+            streams: h.streams,
+            buffer_bytes: h.bytes,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +67,8 @@ pub(crate) struct Counters {
     pub streams_terminated: AtomicU64,
     pub bad_requests: AtomicU64,
     pub limited: AtomicU64,
+    pub handshakes_retried: AtomicU64,
+    pub handshakes_refused: AtomicU64,
 }
 
 /// Adds one.
@@ -54,6 +88,10 @@ impl Counters {
             streams_terminated: g(&self.streams_terminated),
             bad_requests: g(&self.bad_requests),
             limited: g(&self.limited),
+            handshakes_retried: g(&self.handshakes_retried),
+            handshakes_refused: g(&self.handshakes_refused),
+            handshakes_in_flight: 0,
+            held: Usage::default(),
         }
     }
 }

@@ -63,15 +63,15 @@ pub(crate) async fn handle(
     mut recv: RecvStream,
     cancel: CancellationToken,
 ) {
-    let Some(_slot) = ctx.shared.stream_slot(&ctx.id) else {
-        tracing::warn!(
-            limit = ctx.shared.limits.streams_per_identity,
-            "stream limit of the identity reached"
-        );
-        bump(&ctx.shared.stats.limited);
-        let _ = send.reset(VarInt::from_u32(codes::LIMIT));
-        let _ = recv.stop(VarInt::from_u32(codes::LIMIT));
-        return;
+    let _slot = match ctx.shared.books.open_stream(&ctx.id) {
+        Ok(slot) => slot,
+        Err(limit) => {
+            tracing::warn!(%limit, "stream refused");
+            bump(&ctx.shared.stats.limited);
+            let _ = send.reset(VarInt::from_u32(codes::LIMIT));
+            let _ = recv.stop(VarInt::from_u32(codes::LIMIT));
+            return;
+        }
     };
     let req = tokio::time::timeout(ctx.shared.limits.request_timeout, read_request(&mut recv))
         .await
