@@ -1102,3 +1102,63 @@ async fn bad_query_strings_get_the_json_envelope() {
         }
     }
 }
+
+/// The control channel says when its replay is complete (a heartbeat right after it), and
+/// sends heartbeats as often as the router asks, but never faster than the floor.
+#[tokio::test]
+async fn heartbeats_follow_the_routers_request_within_bounds() {
+    use umbra_proto::{ControlMessage, FrameDecoder};
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let tok: TokenResponse = admin
+        .call(
+            Method::POST,
+            "/v1/routers",
+            Some(&serde_json::json!({"name": "r1"})),
+        )
+        .await
+        .unwrap();
+    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+        .await
+        .unwrap();
+    let rc = t.client_for(&router);
+    // Counts the heartbeats within `window`; the first message must be Hello.
+    async fn count(rc: &umbra_sdk::ControllerClient, query: &str, window: Duration) -> Vec<String> {
+        let mut s = rc.stream(&format!("/v1/control?{query}")).await.unwrap();
+        let mut d = FrameDecoder::new(umbra_proto::MAX_CONTROL_FRAME);
+        let mut kinds = vec![];
+        let end = tokio::time::Instant::now() + window;
+        loop {
+            while let Some(m) = d.next::<ControlMessage>().unwrap() {
+                kinds.push(
+                    match m {
+                        ControlMessage::Hello { .. } => "hello",
+                        ControlMessage::Snapshot(_) => "snapshot",
+                        ControlMessage::Delta(_) => "delta",
+                        ControlMessage::Heartbeat { .. } => "heartbeat",
+                    }
+                    .to_owned(),
+                );
+            }
+            match tokio::time::timeout_at(end, s.chunk()).await {
+                Ok(Ok(Some(c))) => d.push(&c),
+                Ok(other) => panic!("channel ended: {:?}", other.err()),
+                Err(_) => return kinds,
+            }
+        }
+    }
+    let window = Duration::from_millis(1600);
+    let default = count(&rc, "", window).await;
+    assert_eq!(
+        default,
+        ["hello", "snapshot", "heartbeat"],
+        "the catch-up marker, then 5 s of quiet"
+    );
+    let fast = count(&rc, "heartbeat_ms=1", window).await;
+    let beats = fast.iter().filter(|k| *k == "heartbeat").count();
+    // One catch-up marker, then one every 250 ms at the fastest: about six in 1.6 s.
+    assert!((4..=8).contains(&beats), "{fast:?}");
+    let asked = count(&rc, "heartbeat_ms=500", window).await;
+    let beats = asked.iter().filter(|k| *k == "heartbeat").count();
+    assert!((2..=5).contains(&beats), "{asked:?}");
+}
