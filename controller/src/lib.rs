@@ -17,6 +17,7 @@ mod clock;
 mod core;
 mod error;
 mod server;
+pub mod sessions;
 mod store;
 
 pub use clock::{to_timestamp, Clock};

@@ -18,7 +18,6 @@ use arc_swap::ArcSwap;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -29,10 +28,10 @@ use crate::admission::{Admission, Admit, ConnId, Limits, Pool, Source};
 use crate::api::{self, Peer};
 use crate::core::Controller;
 use crate::error::ControllerError;
+use crate::sessions::{AuthBudget, AuthLimits};
 
 /// Authenticated connections (client certificate verified) served at once. Anonymous
 /// connections are counted apart (see [`crate::admission`]), so they can never use these up.
-const MAX_CONNECTIONS: usize = 1024;
 /// How long an accepted connection may stay silent; a socket that sends nothing is also the
 /// first to lose its slot to a newcomer when slots are short.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -42,6 +41,10 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a client may take to send request headers.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// An enrollment connection's whole life, from accept.
+const ENROLL_CONNECTION_TIMEOUT: Duration = Duration::from_secs(15);
+/// A request body's whole arrival, from the request's start.
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(15);
 /// The controller's own server certificate lifetime; it is re-issued every
 /// [`SERVER_CERT_REFRESH`], long before it expires, without a restart.
 const SERVER_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -83,7 +86,7 @@ impl Server {
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
             let admission = Arc::new(Mutex::new(Admission::new(Limits::DEFAULT)));
-            let authenticated = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+            let authenticated = Arc::new(Mutex::new(AuthBudget::new(AuthLimits::default())));
             let mut conns = JoinSet::new();
             let mut refresh = tokio::time::interval(SERVER_CERT_REFRESH);
             refresh.tick().await;
@@ -240,7 +243,7 @@ async fn serve_conn(
     tcp: TcpStream,
     pending: Pending,
     tls: &TlsConfigs,
-    authenticated: Arc<Semaphore>,
+    authenticated: Arc<Mutex<AuthBudget>>,
     enroll_app: axum::Router,
     main_app: axum::Router,
 ) -> Result<(), BoxError> {
@@ -274,27 +277,116 @@ async fn serve_conn(
         .map_err(|_| "handshake too slow; closed")??;
     // What the connection holds until it ends: an enrollment connection, never authenticated,
     // keeps its anonymous slot; an authenticated one moves to the authenticated budget.
-    let (app, _anonymous, _permit): (_, Option<Pending>, Option<OwnedSemaphorePermit>) = if enroll {
+    let (app, _anonymous, _slot): (_, Option<Pending>, Option<AuthSlot>) = if enroll {
         (enroll_app, Some(pending), None)
     } else {
         drop(pending);
-        let Ok(permit) = authenticated.try_acquire_owned() else {
-            return Err("connection budget exhausted; closed".into());
-        };
         let peer = umbra_pki::peer_identity(tls.get_ref().1)?;
+        let slot = AuthSlot::take(authenticated, &peer)
+            .map_err(|why| format!("authenticated connections: {why:?}; closed"))?;
         (
             main_app.layer(axum::Extension(Peer(Arc::new(peer)))),
             None,
-            Some(permit),
+            Some(slot),
         )
     };
-    let service =
-        hyper::service::service_fn(move |req: hyper::Request<Incoming>| app.clone().oneshot(req));
-    hyper::server::conn::http1::Builder::new()
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        let req = req.map(|b| axum::body::Body::new(Deadline::new(b, BODY_TIMEOUT)));
+        app.clone().oneshot(req)
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_TIMEOUT)
         .max_buf_size(64 * 1024)
-        .serve_connection(TokioIo::new(tls), service)
-        .await?;
+        .serve_connection(TokioIo::new(tls), service);
+    if enroll {
+        // An enrollment is one small request: the connection is closed at its deadline
+        // whatever it is doing, so slow bodies cannot hold the anonymous slots.
+        tokio::time::timeout_at(accepted + ENROLL_CONNECTION_TIMEOUT, conn)
+            .await
+            .map_err(|_| "enrollment connection past its deadline; closed")??;
+    } else {
+        conn.await?;
+    }
     Ok(())
+}
+
+/// A request body that must have arrived whole within a deadline from the request's start: a
+/// body trickled a byte at a time would otherwise hold its connection (and whatever the
+/// handler buffered) for as long as the sender likes.
+struct Deadline<B> {
+    inner: B,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Deadline<B> {
+    fn new(inner: B, limit: Duration) -> Self {
+        Deadline {
+            inner,
+            sleep: Box::pin(tokio::time::sleep(limit)),
+        }
+    }
+}
+
+impl<B> hyper::body::Body for Deadline<B>
+where
+    B: hyper::body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, BoxError>>> {
+        use std::future::Future;
+        let this = self.get_mut();
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        if this.sleep.as_mut().poll(cx).is_ready() {
+            return std::task::Poll::Ready(Some(Err(
+                "the request body did not arrive in time".into()
+            )));
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An authenticated connection's slot in the [`AuthBudget`], given back when dropped.
+struct AuthSlot {
+    budget: Arc<Mutex<AuthBudget>>,
+    identity: String,
+    agent: bool,
+}
+
+impl AuthSlot {
+    fn take(
+        budget: Arc<Mutex<AuthBudget>>,
+        peer: &umbra_pki::PeerCert,
+    ) -> Result<AuthSlot, crate::sessions::AuthRefusal> {
+        let identity = peer.spiffe.to_string();
+        let agent = peer.spiffe.kind() == umbra_policies::IdentityKind::Agent;
+        lock(&budget).admit(&identity, agent)?;
+        Ok(AuthSlot {
+            budget,
+            identity,
+            agent,
+        })
+    }
+}
+
+impl Drop for AuthSlot {
+    fn drop(&mut self) {
+        lock(&self.budget).release(&self.identity, self.agent);
+    }
 }

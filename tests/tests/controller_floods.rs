@@ -294,3 +294,85 @@ async fn idle_sockets_and_a_handshake_flood_do_not_lock_out_admins_or_routers() 
 fn tokio_util_stop() -> Arc<AtomicUsize> {
     Arc::new(AtomicUsize::new(0))
 }
+
+/// An authenticated TLS connection to the controller as `identity`, with a request started
+/// whose body never finishes (`content-length` promised, one byte sent).
+async fn slow_body(
+    identity: &umbra_pki::IdentityFile,
+    to: SocketAddr,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    use tokio::io::AsyncWriteExt;
+    let cfg = umbra_pki::client_config(identity, &[b"http/1.1"]).map_err(std::io::Error::other)?;
+    let tcp = TcpStream::connect(to).await?;
+    let name = rustls_pki_types::ServerName::try_from(umbra_pki::CONTROLLER_SERVER_NAME)
+        .map_err(std::io::Error::other)?;
+    let mut tls = tokio_rustls::TlsConnector::from(cfg)
+        .connect(name, tcp)
+        .await?;
+    tls.write_all(
+        b"POST /v1/audit/events HTTP/1.1\r\nhost: c\r\ncontent-type: application/json\r\ncontent-length: 60000\r\n\r\n{",
+    )
+    .await?;
+    tls.flush().await?;
+    Ok(tls)
+}
+
+/// Whether the server has closed `s` (EOF, an error, or an answer) within `within`.
+async fn closed_within(
+    s: &mut tokio_rustls::client::TlsStream<TcpStream>,
+    within: Duration,
+) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 512];
+    tokio::time::timeout(within, s.read(&mut buf)).await.is_ok()
+}
+
+/// The red team's finding: one agent's certificate held every authenticated slot with request
+/// bodies that never finish, and admins and routers were refused. Now an identity holds at most
+/// its share, a body must arrive within its deadline, and admins get through meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_identity_with_slow_bodies_cannot_lock_out_admins() {
+    let limits = umbra_controller::sessions::AuthLimits::default();
+    raise_nofile(4096);
+    let t = TestController::start().await;
+    let agent = umbra_tests::dataplane::agent(&t, "greedy").await;
+    let to: SocketAddr = t.addr().parse().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..limits.per_identity + 8 {
+        if let Ok(s) = slow_body(&agent, to).await {
+            held.push(s);
+        }
+    }
+    // The ones over the share are closed at once; the share stays open for now.
+    let mut open = Vec::new();
+    for mut s in held {
+        if !closed_within(&mut s, Duration::from_millis(300)).await {
+            open.push(s);
+        }
+    }
+    assert_eq!(
+        open.len(),
+        limits.per_identity,
+        "one identity holds exactly its share"
+    );
+    // Admins are unaffected.
+    let admin = t.admin_client();
+    for _ in 0..5 {
+        let r: Result<serde_json::Value, _> = tokio::time::timeout(
+            BOUND * 5,
+            admin.call(http::Method::GET, "/v1/identities", None::<&()>),
+        )
+        .await
+        .expect("timely");
+        assert!(r.is_ok(), "{r:?}");
+    }
+    // The bodies never finish: every such connection is ended at the body deadline.
+    let start = std::time::Instant::now();
+    for s in &mut open {
+        assert!(
+            closed_within(s, Duration::from_secs(20)).await,
+            "a trickled body is cut at its deadline"
+        );
+    }
+    println!("slow bodies cut after {:?}", start.elapsed());
+}
