@@ -200,27 +200,64 @@ impl<H> Admission<H> {
         }
     }
 
-    /// The connection's ClientHello asked for `pool`: it takes a handshake slot there, or is
-    /// refused (and removed) if the pool is full.
-    pub fn hello(&mut self, id: ConnId, pool: Pool) -> Result<(), Refusal> {
+    /// The connection's ClientHello asked for `pool`: it takes a handshake slot there. When the
+    /// pool is full, the slot of the oldest handshake of the source holding the most handshakes
+    /// in that pool is taken instead (its handle is returned, to be closed now), provided that
+    /// source holds more than the newcomer's source: stalled handshakes from many sources
+    /// (complete ClientHellos that never finish) cannot keep a new source out, yet a source
+    /// never takes from one holding no more than itself. Otherwise the newcomer is refused
+    /// (and removed).
+    pub fn hello(&mut self, id: ConnId, pool: Pool) -> Result<Option<H>, Refusal> {
         let cap = match pool {
             Pool::Enroll => self.limits.enroll_handshakes,
             Pool::Main => self.limits.main_handshakes,
         };
         let used = self.per_pool.get(&pool).copied().unwrap_or(0);
-        let Some(e) = self.conns.get_mut(&id) else {
+        let Some(e) = self.conns.get(&id) else {
             return Err(Refusal::Full);
         };
         if matches!(e.phase, Phase::Handshake(_)) {
-            return Ok(());
+            return Ok(None);
         }
+        let source = e.source;
+        let mut shed = None;
         if used >= cap {
-            self.remove(id);
-            return Err(Refusal::PoolFull(pool));
+            match self.busiest_handshake(pool, source) {
+                Some(victim) => shed = self.remove(victim),
+                None => {
+                    self.remove(id);
+                    return Err(Refusal::PoolFull(pool));
+                }
+            }
         }
-        e.phase = Phase::Handshake(pool);
+        if let Some(e) = self.conns.get_mut(&id) {
+            e.phase = Phase::Handshake(pool);
+        }
         *self.per_pool.entry(pool).or_insert(0) += 1;
-        Ok(())
+        Ok(shed)
+    }
+
+    /// The oldest handshake in `pool` of the source holding the most there, if that source holds
+    /// more than `newcomer` does.
+    fn busiest_handshake(&self, pool: Pool, newcomer: Source) -> Option<ConnId> {
+        let mut held: HashMap<Source, usize> = HashMap::new();
+        for e in self.conns.values() {
+            if e.phase == Phase::Handshake(pool) {
+                *held.entry(e.source).or_insert(0) += 1;
+            }
+        }
+        let mine = held.get(&newcomer).copied().unwrap_or(0);
+        let most = held.values().copied().max()?;
+        if most <= mine {
+            return None;
+        }
+        self.conns
+            .iter()
+            .filter(|(_, e)| {
+                e.phase == Phase::Handshake(pool) && held.get(&e.source) == Some(&most)
+            })
+            .min_by_key(|(id, e)| (e.since, **id))
+            .map(|(id, _)| *id)
     }
 
     /// The connection is no longer pending (handshake done, failed, timed out or shed).

@@ -113,9 +113,11 @@ fn when_every_slot_has_spoken_newcomers_are_refused() {
 fn handshake_pools_are_separate_and_bounded() {
     let t0 = Instant::now();
     let mut a = Admission::new(small());
-    let e: Vec<_> = (0..3).map(|s| accept(&mut a, src(s), t0, s)).collect();
+    // One source: it holds the most, so its third handshake cannot take from itself.
+    let e: Vec<_> = (0..3).map(|k| accept(&mut a, src(0), t0, k)).collect();
     a.hello(e[0], Pool::Enroll).unwrap();
     a.hello(e[1], Pool::Enroll).unwrap();
+    // Full, and no source holds more than the newcomer's would: refused.
     assert_eq!(
         a.hello(e[2], Pool::Enroll),
         Err(Refusal::PoolFull(Pool::Enroll))
@@ -128,6 +130,42 @@ fn handshake_pools_are_separate_and_bounded() {
     a.release(e[0]);
     let e3 = accept(&mut a, src(4), t0, 4);
     a.hello(e3, Pool::Enroll).unwrap();
+}
+
+/// The red team's finding: complete ClientHellos from a dozen sources, never finished, held
+/// every mutual-TLS handshake slot, and admins were refused. A newcomer from a source holding
+/// fewer now takes the slot of the busiest source's oldest handshake.
+#[test]
+fn stalled_handshakes_from_many_sources_cannot_keep_a_new_source_out() {
+    let t0 = Instant::now();
+    let limits = Limits {
+        pending: 64,
+        per_source: 4,
+        enroll_handshakes: 2,
+        main_handshakes: 6,
+    };
+    let mut a = Admission::new(limits);
+    // Three sources hold two stalled handshakes each: the pool is full.
+    for s in 0..3u8 {
+        for k in 0..2u64 {
+            let at = t0 + Duration::from_millis(u64::from(s) * 10 + k);
+            let id = accept(&mut a, src(s), at, (src(s), u64::from(s) * 10 + k));
+            assert_eq!(a.hello(id, Pool::Main), Ok(None));
+        }
+    }
+    // An attacker's source that already holds two cannot take from its peers.
+    let more = accept(&mut a, src(1), t0 + Duration::from_millis(50), (src(1), 99));
+    assert_eq!(
+        a.hello(more, Pool::Main),
+        Err(Refusal::PoolFull(Pool::Main))
+    );
+    // A new source (an admin) takes the oldest slot of a busiest source.
+    let admin = accept(&mut a, src(7), t0 + Duration::from_millis(60), (src(7), 70));
+    assert_eq!(a.hello(admin, Pool::Main), Ok(Some((src(0), 0))));
+    // And a source at one handshake takes from those at two, never from the admin.
+    let third = accept(&mut a, src(0), t0 + Duration::from_millis(70), (src(0), 80));
+    let shed = a.hello(third, Pool::Main).unwrap().expect("a slot");
+    assert_ne!(shed.0, src(7));
 }
 
 #[derive(Debug, Clone)]
@@ -186,8 +224,13 @@ proptest! {
                     let (id, _, st) = live[k];
                     spoken.insert(st);
                     let pool = if enroll { Pool::Enroll } else { Pool::Main };
-                    if a.hello(id, pool).is_err() {
-                        live.remove(k);
+                    match a.hello(id, pool) {
+                        Err(_) => { live.remove(k); }
+                        Ok(Some((_, vstep))) => {
+                            prop_assert!(vstep != st, "a newcomer never sheds itself");
+                            live.retain(|(_, _, lst)| *lst != vstep);
+                        }
+                        Ok(None) => {}
                     }
                 }
                 Op::Release(i) if !live.is_empty() => {

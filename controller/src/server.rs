@@ -221,7 +221,15 @@ impl Pending {
     }
 
     fn hello(&self, pool: Pool) -> Result<(), crate::admission::Refusal> {
-        lock(&self.admission).hello(self.id, pool)
+        let shed = lock(&self.admission).hello(self.id, pool)?;
+        if let Some(victim) = shed {
+            tracing::debug!(
+                ?pool,
+                "handshakes short: the busiest source's oldest handshake was shed"
+            );
+            victim.cancel();
+        }
+        Ok(())
     }
 }
 

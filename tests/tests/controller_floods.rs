@@ -376,3 +376,77 @@ async fn one_identity_with_slow_bodies_cannot_lock_out_admins() {
     }
     println!("slow bodies cut after {:?}", start.elapsed());
 }
+
+/// A TCP connection from `src` that has sent a complete ClientHello for the controller's
+/// mutual-TLS name and then stalls (as a handshake flood does).
+async fn stalled_hello(
+    cfg: Arc<rustls::ClientConfig>,
+    src: Ipv4Addr,
+    to: SocketAddr,
+) -> std::io::Result<TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let name = rustls_pki_types::ServerName::try_from(umbra_pki::CONTROLLER_SERVER_NAME)
+        .map_err(std::io::Error::other)?;
+    let mut conn = rustls::ClientConnection::new(cfg, name).map_err(std::io::Error::other)?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello)?;
+    let mut tcp = connect_from(src, to).await?;
+    tcp.write_all(&hello).await?;
+    Ok(tcp)
+}
+
+/// The red team's second finding: complete ClientHellos from a dozen sources, never finished,
+/// held every mutual-TLS handshake slot for 5 s at a time, and admins were refused. Now a new
+/// source takes the slot of the busiest source's oldest stalled handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_handshakes_from_many_sources_do_not_lock_out_admins() {
+    raise_nofile(4096);
+    let limits = umbra_controller::admission::Limits::DEFAULT;
+    let t = TestController::start().await;
+    let to: SocketAddr = t.addr().parse().unwrap();
+    let cfg = umbra_pki::client_config(&t.admin, &[b"http/1.1"]).unwrap();
+    // Enough sources at the per-source cap to fill the pool, and one more.
+    let sources = limits.main_handshakes / PER_SOURCE + 1;
+    let stop = Instant::now() + Duration::from_secs(8);
+    let attackers: Vec<_> = (0..sources)
+        .map(|i| {
+            let cfg = cfg.clone();
+            tokio::spawn(async move {
+                let src = Ipv4Addr::new(127, 0, 3, 1 + i as u8);
+                let mut held: Vec<TcpStream> = Vec::new();
+                // Keep the source's share full until `stop`, reopening what the server closes.
+                while Instant::now() < stop {
+                    while held.len() < PER_SOURCE {
+                        match stalled_hello(cfg.clone(), src, to).await {
+                            Ok(s) => held.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    held.retain(|s| s.peer_addr().is_ok());
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let admin = t.admin_client();
+    let mut ok = 0;
+    for _ in 0..10 {
+        let r: Result<serde_json::Value, _> = tokio::time::timeout(
+            BOUND * 5,
+            admin.call(Method::GET, "/v1/identities", None::<&()>),
+        )
+        .await
+        .unwrap_or_else(|_| Err(umbra_sdk::SdkError::Protocol("timeout".into())));
+        if r.is_ok() {
+            ok += 1;
+        }
+    }
+    for a in attackers {
+        a.abort();
+    }
+    assert_eq!(
+        ok, 10,
+        "every admin call got through the stalled handshakes"
+    );
+}
