@@ -131,6 +131,22 @@ impl Handshakes {
         }
     }
 
+    /// For a validated attempt refused because every slot is taken: the source whose oldest
+    /// handshake should give up its slot, if one holds more handshakes than `newcomer` does and
+    /// `newcomer` is under its own validated share. Stalled handshakes from many sources then
+    /// cannot keep a new source out, and no source takes from one holding no more than itself.
+    pub fn busiest_over(&self, newcomer: Source) -> Option<Source> {
+        let mine = self.by_source.get(&newcomer).copied().unwrap_or_default();
+        if mine.validated >= self.limits.per_source {
+            return None;
+        }
+        let (source, count) = self
+            .by_source
+            .iter()
+            .max_by_key(|(s, c)| (c.all, std::cmp::Reverse(format!("{s:?}"))))?;
+        (count.all > mine.all).then_some(*source)
+    }
+
     /// Counts an admitted handshake until [`Handshakes::end`].
     pub fn start(&mut self, source: Source, validated: bool) {
         self.total += 1;
@@ -235,6 +251,23 @@ mod tests {
         }
         assert_eq!(h.in_flight(), 0);
         assert!(h.by_source.is_empty());
+    }
+
+    #[test]
+    fn a_full_router_takes_a_slot_from_the_busiest_source_for_a_newcomer() {
+        let mut h = Handshakes::new(LIMITS);
+        // Six sources hold the 16 slots: 3, 3, 3, 3, 2, 2.
+        for (i, n) in [3, 3, 3, 3, 2, 2].into_iter().enumerate() {
+            for _ in 0..n {
+                h.start(v4(i as u8), true);
+            }
+        }
+        assert_eq!(h.decide(v4(9), true), Decision::Refuse(Full::Router));
+        let victim = h.busiest_over(v4(9)).expect("a newcomer takes a slot");
+        assert!(h.by_source[&victim].all == 3);
+        // A source holding as many as the busiest takes nothing; nor does one at its share.
+        assert_eq!(h.busiest_over(v4(0)), None);
+        assert_eq!(h.busiest_over(v4(4)).map(|s| h.by_source[&s].all), Some(3));
     }
 
     proptest! {

@@ -127,12 +127,17 @@ pub(crate) async fn accept_loop(
         let (shared, cancel) = (Arc::clone(&shared), cancel.clone());
         conns.spawn(
             async move {
-                let conn = match handshake(incoming, &shared).await {
-                    Ok(c) => c,
-                    Err(e) => {
-                        tracing::info!(error = %e, "handshake failed");
-                        return;
-                    }
+                let shed = permit.shed();
+                let conn = tokio::select! {
+                    r = handshake(incoming, &shared) => match r {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::info!(error = %e, "handshake failed");
+                            return;
+                        }
+                    },
+                    // Its slot went to a newcomer from a source holding fewer.
+                    _ = shed.cancelled() => return,
                 };
                 drop(permit);
                 serve(conn, lane, shared, cancel).await;

@@ -369,3 +369,123 @@ async fn one_identity_cannot_make_a_router_hold_gigabytes() {
     );
     router.shutdown().await;
 }
+
+/// Accepts any router certificate, but only after `stall`: a client whose handshake stops
+/// halfway, holding a validated handshake slot on the router, as a flood from real addresses
+/// that answer Retry would.
+#[derive(Debug)]
+struct Stalling(Arc<rustls::crypto::CryptoProvider>, Duration);
+
+impl rustls::client::danger::ServerCertVerifier for Stalling {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        std::thread::sleep(self.1);
+        Err(rustls::Error::General("stalled".into()))
+    }
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("tls12".into()))
+    }
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("unreachable".into()))
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// Starts, on a thread of its own, a handshake from `src` that stalls for `stall` once the
+/// router's first flight arrives.
+fn stalled_handshake(
+    src: Ipv4Addr,
+    router: SocketAddr,
+    stall: Duration,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13])
+                .expect("tls13")
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(Stalling(provider, stall)))
+                .with_no_client_auth();
+            tls.alpn_protocols = vec![umbra_proto::stream::ALPN.to_vec()];
+            let crypto =
+                quinn::crypto::rustls::QuicClientConfig::try_from(Arc::new(tls)).expect("quic tls");
+            let Ok(endpoint) = quinn::Endpoint::client(SocketAddr::new(src.into(), 0)) else {
+                return;
+            };
+            let cfg = quinn::ClientConfig::new(Arc::new(crypto));
+            if let Ok(c) = endpoint.connect_with(cfg, router, "router.umbra") {
+                let _ = tokio::time::timeout(stall + Duration::from_secs(1), c).await;
+            }
+        })
+    })
+}
+
+/// A dozen real addresses that answer Retry and then stall their handshakes hold every slot
+/// of a router with small limits; a new source still gets in, taking the slot of the busiest
+/// source's oldest handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_validated_handshakes_cannot_keep_a_new_source_out() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |c| {
+        c.limits.handshakes_in_flight = 8;
+        c.limits.handshakes_before_retry = 0;
+        c.limits.handshakes_per_source = 4;
+    })
+    .await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let addr = router.local_addr();
+    // Two sources fill the eight slots with handshakes stalled for 6 s.
+    let stall = Duration::from_secs(6);
+    let stalled: Vec<_> = (0..8)
+        .map(|i| stalled_handshake(Ipv4Addr::new(127, 0, 5, 1 + (i % 2) as u8), addr, stall))
+        .collect();
+    let filled = eventually(Duration::from_secs(5), || {
+        (router.stats().handshakes_in_flight >= 8).then_some(())
+    })
+    .await;
+    assert!(
+        filled.is_some(),
+        "the stalled handshakes fill the router: {:?}",
+        router.stats()
+    );
+    let start = Instant::now();
+    let ctx = Context::new(a).unwrap();
+    let mut s = tokio::time::timeout(DIAL_BOUND * 3, ctx.dial("echo"))
+        .await
+        .expect("the dial is not held up by stalled handshakes")
+        .expect("dial");
+    s.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping");
+    println!("dial through stalled handshakes: {:?}", start.elapsed());
+    drop(s);
+    for h in stalled {
+        let _ = h.join();
+    }
+}
