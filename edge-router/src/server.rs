@@ -252,14 +252,12 @@ async fn serve(
     tokio::pin!(regrant);
     loop {
         tokio::select! {
+            // In this order: a revocation or expiry is acted on (and counted) before anything
+            // else that became ready at the same moment, such as the client closing.
+            biased;
             _ = cancel.cancelled() => {
                 conn.close(VarInt::from_u32(codes::SHUTDOWN), b"shutting down");
                 break;
-            }
-            Some(_) = streams.join_next(), if !streams.is_empty() => {}
-            _ = &mut regrant, if slot.short() => {
-                slot.grow(&conn);
-                regrant.as_mut().reset(tokio::time::Instant::now() + REGRANT);
             }
             // Certificates and identities can expire while connected: nothing else would end
             // such a connection, since no delta announces the passing of time.
@@ -290,6 +288,11 @@ async fn serve(
                         break;
                     }
                 }
+            }
+            Some(_) = streams.join_next(), if !streams.is_empty() => {}
+            _ = &mut regrant, if slot.short() => {
+                slot.grow(&conn);
+                regrant.as_mut().reset(tokio::time::Instant::now() + REGRANT);
             }
             accepted = conn.accept_bi() => match accepted {
                 Ok((send, recv)) => {

@@ -1109,18 +1109,7 @@ async fn bad_query_strings_get_the_json_envelope() {
 async fn heartbeats_follow_the_routers_request_within_bounds() {
     use umbra_proto::{ControlMessage, FrameDecoder};
     let t = TestController::start().await;
-    let admin = t.admin_client();
-    let tok: TokenResponse = admin
-        .call(
-            Method::POST,
-            "/v1/routers",
-            Some(&serde_json::json!({"name": "r1"})),
-        )
-        .await
-        .unwrap();
-    let router = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
-        .await
-        .unwrap();
+    let router = umbra_tests::dataplane::router_identity(&t, "r1").await;
     let rc = t.client_for(&router);
     // Counts the heartbeats within `window`; the first message must be Hello.
     async fn count(rc: &umbra_sdk::ControllerClient, query: &str, window: Duration) -> Vec<String> {
