@@ -572,3 +572,56 @@ async fn rate_limits_disconnects_and_live_grant_changes() {
     .await;
     assert_eq!(r["ids"][0], "claude-3-5-haiku-latest");
 }
+
+/// A client that goes away before a non-streamed answer arrives: the request still completes
+/// upstream (the provider bills it) and is settled with what it spent, so its hold is not left
+/// behind to shrink the budget until the next restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_gone_before_the_answer_leaves_no_hold() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut w = world().await;
+    let base = w.agent("leaver", None, Some("400/day"), None).await;
+    let addr = base.trim_start_matches("http://").to_string();
+    let request = |model: &str| {
+        let body = serde_json::json!({
+            "model": model,
+            "max_tokens": 40,
+            "messages": [{"role": "user", "content": "hi"}],
+        })
+        .to_string();
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: llm.umbra\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    };
+    // `fake-slow` answers after 1.2 s; the client leaves after 200 ms.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tcp.write_all(request("fake-slow").as_bytes())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    drop(tcp);
+    let rec = eventually(Duration::from_secs(10), || {
+        records_for(&w.ledger(), "leaver")
+            .last()
+            .map(|r| (*r).clone())
+    })
+    .await
+    .expect("the abandoned request is settled and recorded");
+    assert_eq!(rec["decision"], "allowed", "{rec}");
+    assert!(rec["output"].as_u64().unwrap() <= 40, "{rec}");
+    // Its hold is gone: the rest of the budget serves two more such requests.
+    for _ in 0..2 {
+        let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        tcp.write_all(request("gpt-4o-mini").as_bytes())
+            .await
+            .unwrap();
+        let mut head = vec![0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut head))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let status = String::from_utf8_lossy(&head[..n]);
+        assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    }
+}

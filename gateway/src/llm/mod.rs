@@ -143,9 +143,9 @@ async fn handle(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> 
     let path = req.uri().path().to_string();
     match (req.method().clone(), path.as_str()) {
         (Method::GET, "/v1/models") => models(&s, &caller, &req).await,
-        (Method::POST, "/v1/chat/completions") => complete(s, caller, req, Format::Chat).await,
-        (Method::POST, "/v1/responses") => complete(s, caller, req, Format::Responses).await,
-        (Method::POST, "/v1/messages") => complete(s, caller, req, Format::Messages).await,
+        (Method::POST, "/v1/chat/completions") => detached(s, caller, req, Format::Chat).await,
+        (Method::POST, "/v1/responses") => detached(s, caller, req, Format::Responses).await,
+        (Method::POST, "/v1/messages") => detached(s, caller, req, Format::Messages).await,
         _ => errors::response(
             Format::Chat,
             Kind::NotFound,
@@ -153,6 +153,24 @@ async fn handle(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> 
             &format!("no route for {} {path}", req.method()),
             None,
         ),
+    }
+}
+
+/// Runs a completion in a task of its own: a client that goes away drops this future, not the
+/// request, which the provider bills anyway; it completes and is settled with what it spent,
+/// instead of leaving its hold behind to shrink the budget until the next restart.
+async fn detached(
+    s: Arc<Shared>,
+    caller: Arc<Caller>,
+    req: Request<Incoming>,
+    format: Format,
+) -> Response<Body> {
+    match tokio::spawn(complete(s, caller, req, format)).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "a completion task failed");
+            errors::response(format, Kind::Upstream, None, "internal error", None)
+        }
     }
 }
 
