@@ -218,7 +218,7 @@ fn world() -> (World, Echo, IdentityFile) {
     (w, echo, agent)
 }
 
-/// Runs a future on a small runtime of its own (the world is built from sync code).
+/// Runs a future to completion from sync code inside the test's multi-threaded runtime.
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(f))
 }

@@ -27,7 +27,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 /// Where a handshake comes from, as far as limits go: an IPv4 address, or an IPv6 /64 (one
 /// host usually holds a whole /64, so counting single IPv6 addresses would not limit it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub(crate) enum Source {
     /// An IPv4 address (IPv4-mapped IPv6 addresses included).
     V4(Ipv4Addr),
@@ -143,7 +143,7 @@ impl Handshakes {
         let (source, count) = self
             .by_source
             .iter()
-            .max_by_key(|(s, c)| (c.all, std::cmp::Reverse(format!("{s:?}"))))?;
+            .max_by_key(|(s, c)| (c.all, std::cmp::Reverse(**s)))?;
         (count.all > mine.all).then_some(*source)
     }
 
