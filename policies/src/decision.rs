@@ -15,6 +15,8 @@ pub struct Permit {
 ///
 /// A service that does not exist and one the identity is not granted both give
 /// [`Deny::NotGranted`], so that a caller cannot learn which services exist by probing names.
+/// The shells never choose what a peer is told themselves: `umbra_proto::verdict` maps every
+/// reason to the wire, once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 pub enum Deny {
     /// No identity has this id.
@@ -33,6 +35,41 @@ pub enum Deny {
     /// such service).
     #[error("not granted")]
     NotGranted,
+    /// The certificate's identity exists but is of a kind that may not use this door (only
+    /// agents use the data plane, only admins the management API, only routers the control
+    /// channel).
+    #[error("identity kind may not connect here")]
+    WrongKind,
+    /// The certificate's serial is revoked (its identity was revoked or deleted).
+    #[error("certificate revoked")]
+    CertRevoked,
+    /// The certificate's validity has ended while its connection was open.
+    #[error("certificate has expired")]
+    CertExpired,
+    /// Granted, but the service has no hosting to send the stream to. Unreachable while the
+    /// view is consistent (a granted service exists); kept apart so that a view caught between
+    /// two updates refuses rather than guesses, and told to peers exactly as
+    /// [`Deny::NotGranted`].
+    #[error("no hosting for the service")]
+    NoHosting,
+}
+
+impl Deny {
+    /// The reason in a few words (what `Display` prints), for logs and for error types that
+    /// hold a `&'static str`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Deny::UnknownIdentity => "unknown identity",
+            Deny::IdentityDisabled => "identity is disabled",
+            Deny::IdentityRevoked => "identity is revoked",
+            Deny::IdentityExpired => "identity has expired",
+            Deny::NotGranted => "not granted",
+            Deny::WrongKind => "identity kind may not connect here",
+            Deny::CertRevoked => "certificate revoked",
+            Deny::CertExpired => "certificate has expired",
+            Deny::NoHosting => "no hosting for the service",
+        }
+    }
 }
 
 /// Why a decision came out as it did, for operators (`umbra explain`) and audit logs. Unlike a

@@ -25,7 +25,8 @@ use std::sync::Arc;
 use crate::decision::{Deny, Explanation, Permit};
 use crate::model::{Action, Identity, IdentityId, Service, State, Timestamp};
 use compile::Compiled;
-use identities::{Activity, Identities, IdentityEntry};
+pub(crate) use identities::Activity;
+use identities::{Identities, IdentityEntry};
 use rows::{common, union};
 
 /// An immutable, compiled view of one [`State`], cheap to share between threads (clone it, or

@@ -16,6 +16,7 @@ mod decision;
 mod doc;
 mod error;
 mod index;
+mod judge;
 mod model;
 mod name;
 mod plan;
@@ -30,6 +31,10 @@ pub use decision::{Deny, Explanation, Permit};
 pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};
 pub use error::{DocError, DocErrorKind, Entity};
 pub use index::Index;
+pub use judge::{
+    admit, admitted_until, check_stream, CertRecord, Grants, Presented, Roster, StreamPermit,
+    StreamRequest, Target,
+};
 
 pub use model::{
     Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,

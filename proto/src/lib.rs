@@ -11,6 +11,7 @@ pub mod control;
 pub mod follow;
 pub mod frame;
 pub mod stream;
+pub mod verdict;
 
 pub use control::{
     ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, Snapshot,

@@ -52,6 +52,10 @@ impl Facts<'_> {
             Err(Deny::NotGranted | Deny::UnknownIdentity) => {
                 return format!("No {action} policy selects both {who} and {service:?}.");
             }
+            // Only `judge` gives these; `Index::check` never does.
+            Err(Deny::WrongKind | Deny::CertRevoked | Deny::CertExpired | Deny::NoHosting) => {
+                return format!("{who} may not {action} {service:?}.");
+            }
             Err(Deny::IdentityRevoked) => "revoked".to_owned(),
             Err(Deny::IdentityDisabled) => "disabled".to_owned(),
             Err(Deny::IdentityExpired) => match identity.expires_at {
