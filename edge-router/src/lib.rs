@@ -2,10 +2,11 @@
 //! stream against the policy the controller pushes, and dials the service on the caller's
 //! behalf (or hands the stream to an SDK host).
 //!
-//! Who a caller is comes only from the certificate its handshake verified; what it may do comes
-//! only from `umbra_policies::Index` over the replica the controller keeps exact. Every
-//! connection and stream watches the policy and ends itself, with `codes::REVOKED`, the moment
-//! the policy no longer allows it.
+//! Who a caller is comes only from the certificate its handshake verified; whether it may
+//! connect and what it may do are decided only by the core's `umbra_policies::admit` and
+//! `umbra_policies::check_stream` over the replica the controller keeps exact. Every
+//! connection and stream watches the policy and ends itself the moment the policy no longer
+//! allows it, with the code `umbra_proto::verdict` gives the reason.
 //!
 //! The router renews its own short-lived certificate before it expires (`umbra_sdk`'s
 //! `RenewingIdentity`): new handshakes get the renewed certificate at once
@@ -48,7 +49,7 @@ use umbra_sdk::{Credentials, RenewingIdentity};
 
 pub use config::{Limits, RouterConfig};
 pub use error::RouterError;
-pub use policy::{Policy, PolicyRx, Refusal};
+pub use policy::{Policy, PolicyRx};
 pub use stats::{RouterStats, Usage};
 
 /// How long shutdown waits for tasks to finish on their own before aborting them.
@@ -339,10 +340,8 @@ impl RouterHandle {
     pub async fn shutdown(mut self) {
         self.cancel.cancel();
         for endpoint in &self.endpoints {
-            endpoint.close(
-                quinn::VarInt::from_u32(umbra_proto::stream::codes::SHUTDOWN),
-                b"shutting down",
-            );
+            let stopping = umbra_proto::verdict::Verdict::STOPPING;
+            endpoint.close(quinn::VarInt::from_u32(stopping.code), stopping.reason);
         }
         let drain = async { while self.tasks.join_next().await.is_some() {} };
         if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {

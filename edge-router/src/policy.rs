@@ -5,18 +5,22 @@
 //! one arrives. `None` on the channel means "no trustworthy policy" (never synchronized, or the
 //! controller has been silent too long), and the router refuses everything.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use umbra_pki::{CertificateError, PeerCert, RevocationCheck, Serial};
-use umbra_policies::{Identity, IdentityId, IdentityKind, Index, Timestamp};
+use umbra_policies::{
+    CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Roster, Timestamp,
+};
 use umbra_proto::Replica;
 
 /// The current policy, or `None` when the router must fail closed.
 pub type PolicyRx = watch::Receiver<Option<Arc<Policy>>>;
 
-/// One consistent snapshot of everything the router decides with.
+/// One consistent snapshot of everything the router decides with. It decides nothing itself:
+/// it is the [`Roster`] that `umbra_policies::admit` reads and, through `index`, the
+/// `Grants` that `umbra_policies::check_stream` reads.
 #[derive(Debug)]
 pub struct Policy {
     /// The controller's state as of `replica.seq`.
@@ -25,37 +29,8 @@ pub struct Policy {
     pub index: Index,
     /// Identity ids by name (names are unique across kinds).
     by_name: HashMap<String, IdentityId>,
-    /// Revoked certificate serials.
-    revoked: HashSet<String>,
-}
-
-/// Why a connecting identity is refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum Refusal {
-    /// No identity of that name and kind exists.
-    #[error("unknown identity")]
-    Unknown,
-    /// Only agents may open data-plane connections.
-    #[error("identity kind may not connect")]
-    WrongKind,
-    /// The identity is revoked, disabled or expired.
-    #[error("identity is not active")]
-    Inactive,
-    /// The certificate's serial is revoked.
-    #[error("certificate revoked")]
-    CertRevoked,
-}
-
-impl Refusal {
-    /// The reason in a few words (what `Display` prints).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Refusal::Unknown => "unknown identity",
-            Refusal::WrongKind => "identity kind may not connect",
-            Refusal::Inactive => "identity is not active",
-            Refusal::CertRevoked => "certificate revoked",
-        }
-    }
+    /// Revoked certificate serials, with the identity each was issued to.
+    revoked: HashMap<String, IdentityId>,
 }
 
 impl Policy {
@@ -65,7 +40,9 @@ impl Policy {
         let by_name = (replica.state.identities.values())
             .map(|i| (i.name.as_str().to_owned(), i.id.clone()))
             .collect();
-        let revoked = replica.revoked.keys().cloned().collect();
+        let revoked = (replica.revoked.values())
+            .map(|r| (r.serial.clone(), r.identity.clone()))
+            .collect();
         Policy {
             replica,
             index,
@@ -76,27 +53,30 @@ impl Policy {
 
     /// Whether a certificate serial is revoked.
     pub fn is_revoked(&self, serial: &Serial) -> bool {
-        self.revoked.contains(serial.as_str())
+        self.revoked.contains_key(serial.as_str())
     }
 
     /// The identity a handshake-verified certificate belongs to, if it may use the data plane
-    /// at `now`: it exists with the certificate's name and kind, it is an agent, it is active,
-    /// and the certificate is not revoked.
-    pub fn admit(&self, peer: &PeerCert, now: Timestamp) -> Result<&Identity, Refusal> {
-        if self.is_revoked(&peer.serial) {
-            return Err(Refusal::CertRevoked);
+    /// at `now`: the core's [`umbra_policies::admit`] for agents.
+    pub fn admit(&self, peer: &PeerCert, now: Timestamp) -> Result<&Identity, Deny> {
+        umbra_policies::admit(self, &peer.presented(), Some(IdentityKind::Agent), now)
+    }
+}
+
+/// A router keeps no list of the certificates the controller issued, only the revocations
+/// (which name their owner): see [`umbra_policies::admit`] for why that is enough to refuse a
+/// deleted namesake's certificate.
+impl Roster for Policy {
+    fn identity_named(&self, name: &str) -> Option<&Identity> {
+        let id = self.by_name.get(name)?;
+        self.replica.state.identities.get(id)
+    }
+
+    fn certificate(&self, serial: &str) -> CertRecord<'_> {
+        match self.revoked.get(serial) {
+            Some(owner) => CertRecord::Revoked { owner },
+            None => CertRecord::NotRevoked,
         }
-        let identity = (self.by_name.get(peer.spiffe.name().as_str()))
-            .and_then(|id| self.replica.state.identities.get(id))
-            .filter(|i| i.kind == peer.spiffe.kind())
-            .ok_or(Refusal::Unknown)?;
-        if identity.kind != IdentityKind::Agent {
-            return Err(Refusal::WrongKind);
-        }
-        if !identity.is_active(now) {
-            return Err(Refusal::Inactive);
-        }
-        Ok(identity)
     }
 }
 
@@ -132,10 +112,10 @@ impl RevocationCheck for LiveRevocations {
         };
         match p.admit(peer, now()) {
             Ok(_) => Ok(()),
-            Err(Refusal::CertRevoked) => Err(CertificateError::Revoked),
+            Err(Deny::CertRevoked) => Err(CertificateError::Revoked),
             Err(why) => Err(CertificateError::NotAdmitted {
                 spiffe: peer.spiffe.to_string(),
-                reason: why.as_str(),
+                reason: why.reason(),
             }),
         }
     }
@@ -216,34 +196,34 @@ mod tests {
         assert_eq!(
             p.admit(&peer("a", IdentityKind::Agent, 9), now)
                 .unwrap_err(),
-            Refusal::CertRevoked
+            Deny::CertRevoked
         );
         assert_eq!(
             p.admit(&peer("ghost", IdentityKind::Agent, 1), now)
                 .unwrap_err(),
-            Refusal::Unknown
+            Deny::UnknownIdentity
         );
         // A certificate of another kind with the same name is not that identity.
         assert_eq!(
             p.admit(&peer("a", IdentityKind::Admin, 1), now)
                 .unwrap_err(),
-            Refusal::Unknown
+            Deny::UnknownIdentity
         );
         assert_eq!(
             p.admit(&peer("r", IdentityKind::Router, 1), now)
                 .unwrap_err(),
-            Refusal::WrongKind
+            Deny::WrongKind
         );
         assert_eq!(
             p.admit(&peer("off", IdentityKind::Agent, 1), now)
                 .unwrap_err(),
-            Refusal::Inactive
+            Deny::IdentityDisabled
         );
         assert!(p.admit(&peer("old", IdentityKind::Agent, 1), now).is_ok());
         assert_eq!(
             p.admit(&peer("old", IdentityKind::Agent, 1), Timestamp(50))
                 .unwrap_err(),
-            Refusal::Inactive
+            Deny::IdentityExpired
         );
     }
 

@@ -11,13 +11,14 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use umbra_pki::PeerCert;
-use umbra_proto::stream::codes;
 
 use crate::config::Limits;
 use crate::error::RouterError;
 use crate::hosts::Hosts;
 use crate::policy::{now, PolicyRx};
 use crate::stats::{bump, Counters};
+use umbra_policies::{admitted_until, Deny};
+use umbra_proto::verdict::{Moment, Verdict};
 
 /// State shared by every connection.
 pub(crate) struct Shared {
@@ -176,13 +177,14 @@ async fn handshake(
         })
         .and_then(|chain| chain.first().cloned());
     let Some(leaf) = leaf else {
-        conn.close(VarInt::from_u32(codes::DENIED), b"");
+        // No certificate speaks for anyone: the answer to an unknown identity.
+        close(&conn, Verdict::of(Deny::UnknownIdentity, Moment::Request));
         return Err(HandshakeError::NoCert);
     };
     match umbra_pki::parse_peer_cert(&leaf) {
         Ok(peer) => Ok((conn, peer)),
         Err(e) => {
-            conn.close(VarInt::from_u32(codes::DENIED), b"");
+            close(&conn, Verdict::of(Deny::UnknownIdentity, Moment::Request));
             Err(e.into())
         }
     }
@@ -204,22 +206,22 @@ async fn serve(
             None => Err(None),
             Some(p) => p
                 .admit(&peer, now())
-                .map(|i| (i.id.clone(), i.expires_at))
+                .map(|i| (i.id.clone(), admitted_until(i, &peer.presented())))
                 .map_err(Some),
         }
     };
-    let (id, deadline) = match admitted {
-        Ok((id, expires)) => (id, expiry(&peer, expires)),
+    let (id, (until, mut ends)) = match admitted {
+        Ok(admitted) => admitted,
         Err(None) => {
             tracing::warn!("no current policy: connection refused");
             bump(&shared.stats.connections_refused);
-            conn.close(VarInt::from_u32(codes::SHUTDOWN), b"no policy");
+            close(&conn, Verdict::NO_POLICY);
             return;
         }
         Err(Some(why)) => {
             tracing::info!(decision = "deny", reason = %why, "connection refused");
             bump(&shared.stats.connections_refused);
-            conn.close(VarInt::from_u32(codes::DENIED), b"");
+            close(&conn, Verdict::of(why, Moment::Request));
             return;
         }
     };
@@ -228,7 +230,7 @@ async fn serve(
         Err(limit) => {
             tracing::warn!(decision = "deny", %limit, "connection refused");
             bump(&shared.stats.limited);
-            conn.close(VarInt::from_u32(codes::LIMIT), b"limit");
+            close(&conn, Verdict::LIMIT);
             return;
         }
     };
@@ -245,7 +247,7 @@ async fn serve(
     let stream_cancel = cancel.child_token();
     // One timer for the connection's life, moved when the policy changes the expiry (not one
     // registered and dropped again on every turn of the loop).
-    let expired = tokio::time::sleep_until(deadline);
+    let expired = tokio::time::sleep_until(deadline(until));
     tokio::pin!(expired);
     // A connection granted less than a full window tries to grow while it lives.
     let regrant = tokio::time::sleep(REGRANT);
@@ -256,35 +258,46 @@ async fn serve(
             // else that became ready at the same moment, such as the client closing.
             biased;
             _ = cancel.cancelled() => {
-                conn.close(VarInt::from_u32(codes::SHUTDOWN), b"shutting down");
+                close(&conn, Verdict::STOPPING);
                 break;
             }
             // Certificates and identities can expire while connected: nothing else would end
             // such a connection, since no delta announces the passing of time.
             _ = &mut expired => {
-                tracing::info!(decision = "terminate", "certificate or identity expired: connection closed");
-                conn.close(VarInt::from_u32(codes::DENIED), b"expired");
+                tracing::info!(decision = "terminate", reason = %ends, "connection closed");
+                close(&conn, Verdict::of(ends, Moment::Open));
                 bump(&shared.stats.connections_terminated);
                 break;
             }
             changed = policy.changed() => {
                 let verdict = match (changed, policy.borrow_and_update().as_ref()) {
-                    (Err(_), _) => Err("router stopping"),
-                    (Ok(()), None) => Err("no current policy"),
-                    (Ok(()), Some(p)) => p.admit(&ctx.peer, now()).map(|i| i.expires_at).map_err(|_| "revoked"),
+                    (Err(_), _) => Err(Lost::Stopping),
+                    (Ok(()), None) => Err(Lost::NoPolicy),
+                    (Ok(()), Some(p)) => p
+                        .admit(&ctx.peer, now())
+                        .map(|i| admitted_until(i, &ctx.peer.presented()))
+                        .map_err(Lost::Refused),
                 };
                 match verdict {
-                    Ok(expires) => expired.as_mut().reset(expiry(&ctx.peer, expires)),
-                    Err("revoked") => {
-                        tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
+                    Ok((until, why)) => {
+                        ends = why;
+                        expired.as_mut().reset(deadline(until));
+                    }
+                    // The same reason as at connect, so the same answer (`Verdict::of`).
+                    Err(Lost::Refused(why)) => {
+                        tracing::info!(decision = "terminate", reason = %why, "connection closed");
                         bump(&shared.stats.connections_terminated);
                         cut_streams_first(&conn, &mut streams).await;
-                        conn.close(VarInt::from_u32(codes::REVOKED), b"revoked");
+                        close(&conn, Verdict::of(why, Moment::Open));
                         break;
                     }
-                    Err(why) => {
-                        tracing::warn!(reason = why, "connection closed");
-                        conn.close(VarInt::from_u32(codes::SHUTDOWN), why.as_bytes());
+                    Err(Lost::NoPolicy) => {
+                        tracing::warn!("no current policy: connection closed");
+                        close(&conn, Verdict::NO_POLICY);
+                        break;
+                    }
+                    Err(Lost::Stopping) => {
+                        close(&conn, Verdict::STOPPING);
                         break;
                     }
                 }
@@ -314,14 +327,24 @@ async fn serve(
 /// How often a connection granted less than a full window asks for more.
 const REGRANT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// When a connection stops being admissible on its own: the earlier of the certificate's and
-/// the identity's expiry.
-fn expiry(
-    peer: &PeerCert,
-    identity_expires: Option<umbra_policies::Timestamp>,
-) -> tokio::time::Instant {
-    let end = identity_expires.map_or(peer.not_after, |e| e.min(peer.not_after));
-    let left = end.0.saturating_sub(now().0);
+/// Why an admitted connection may not go on after a policy change.
+enum Lost {
+    /// The judge refuses it now.
+    Refused(Deny),
+    /// The router has no trustworthy policy any more.
+    NoPolicy,
+    /// The router is stopping.
+    Stopping,
+}
+
+/// Closes a connection with a refusal's code and reason.
+pub(crate) fn close(conn: &Connection, verdict: Verdict) {
+    conn.close(VarInt::from_u32(verdict.code), verdict.reason);
+}
+
+/// The instant `until` (as decided by [`admitted_until`]) on the runtime's clock.
+fn deadline(until: umbra_policies::Timestamp) -> tokio::time::Instant {
+    let left = until.0.saturating_sub(now().0);
     // Far-future expiries are capped so the addition cannot overflow.
     tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
 }
@@ -333,8 +356,8 @@ const STREAMS_FIRST: std::time::Duration = std::time::Duration::from_millis(50);
 const SETTLE_FLOOR: std::time::Duration = std::time::Duration::from_millis(100);
 const SETTLE_CAP: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// Lets every stream of a revoked connection end itself with `codes::REVOKED` (each stream task
-/// sees the same policy change), then waits a few round trips before the connection is closed.
+/// Lets every stream of a refused connection end itself with the code for its reason (each
+/// stream task sees the same policy change and asks the same judge), then waits a few round trips before the connection is closed.
 ///
 /// Why: a stream reset is retransmitted until acknowledged, and it stops the bulk flow in both
 /// directions, while a connection close is sent only a few times; under a flood the close can

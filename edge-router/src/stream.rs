@@ -1,17 +1,18 @@
-//! One QUIC stream: read the request within a deadline, decide with the policy, then connect and
-//! splice while watching the policy, ending the stream with `codes::REVOKED` when it no longer
-//! allows it.
+//! One QUIC stream: read the request within a deadline, ask the core's `check_stream`, then
+//! connect and splice while watching the policy, ending the stream with the code
+//! `umbra_proto::verdict` gives the reason the moment the judge no longer allows it.
 
 use std::sync::Arc;
 
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio_util::sync::CancellationToken;
 use umbra_pki::PeerCert;
-use umbra_policies::{Hosting, IdentityId, Name};
+use umbra_policies::{check_stream, Deny, IdentityId, Name, StreamRequest, Target};
 use umbra_proto::stream::{
-    codes, decode_request_header, decode_response, encode_request, encode_response,
-    IncomingRequest, Op, ServiceRequest, Status, StreamFrameError,
+    decode_request_header, decode_response, encode_request, encode_response, IncomingRequest, Op,
+    ServiceRequest, Status, StreamFrameError,
 };
+use umbra_proto::verdict::{Moment, Verdict};
 
 use crate::hosts::Host;
 use crate::policy::{now, Policy, PolicyRx};
@@ -49,11 +50,33 @@ async fn read_request(recv: &mut RecvStream) -> Result<(Op, ServiceRequest), Req
 }
 
 /// Answers with a refusal and ends the stream both ways.
-async fn refuse(send: &mut SendStream, recv: &mut RecvStream, status: Status, code: u32) {
-    let reply = encode_response(status);
+async fn refuse(send: &mut SendStream, recv: &mut RecvStream, verdict: Verdict) {
+    let reply = encode_response(verdict.status);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), send.write_all(&reply)).await;
     let _ = send.finish();
+    let _ = recv.stop(VarInt::from_u32(verdict.code));
+}
+
+/// Resets what is left of a stream both ways.
+fn reset(send: &mut SendStream, recv: &mut RecvStream, code: u32) {
+    let _ = send.reset(VarInt::from_u32(code));
     let _ = recv.stop(VarInt::from_u32(code));
+}
+
+/// The judge's answer for a stream of this connection at `now`: the connection must still be
+/// admitted (its certificate and identity), and the stream granted.
+fn judge(ctx: &ConnCtx, p: &Policy, request: StreamRequest<'_>) -> Result<Target, Deny> {
+    judge_at(ctx, p, request, now()).map(|permit| permit.target)
+}
+
+fn judge_at(
+    ctx: &ConnCtx,
+    p: &Policy,
+    request: StreamRequest<'_>,
+    t: umbra_policies::Timestamp,
+) -> Result<umbra_policies::StreamPermit, Deny> {
+    p.admit(&ctx.peer, t)?;
+    check_stream(&p.index, &ctx.id, request, t)
 }
 
 /// Handles one stream a client opened.
@@ -68,8 +91,7 @@ pub(crate) async fn handle(
         Err(limit) => {
             tracing::warn!(%limit, "stream refused");
             bump(&ctx.shared.stats.limited);
-            let _ = send.reset(VarInt::from_u32(codes::LIMIT));
-            let _ = recv.stop(VarInt::from_u32(codes::LIMIT));
+            reset(&mut send, &mut recv, Verdict::LIMIT.code);
             return;
         }
     };
@@ -81,7 +103,7 @@ pub(crate) async fn handle(
         Err(e) => {
             tracing::info!(error = %e, "bad request refused");
             bump(&ctx.shared.stats.bad_requests);
-            refuse(&mut send, &mut recv, Status::BadRequest, codes::PROTOCOL).await;
+            refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
             return;
         }
     };
@@ -92,7 +114,7 @@ pub(crate) async fn handle(
         Op::Incoming => {
             tracing::info!("a client may not send Incoming: refused");
             bump(&ctx.shared.stats.bad_requests);
-            refuse(&mut send, &mut recv, Status::BadRequest, codes::PROTOCOL).await;
+            refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
         }
     }
 }
@@ -111,27 +133,28 @@ async fn dial(
 ) {
     let mut rx = ctx.shared.policy.clone();
     let Some(policy) = current(&mut rx) else {
-        refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
+        refuse(&mut send, &mut recv, Verdict::NO_POLICY).await;
         return;
     };
-    let permit = match policy.index.can_dial(&ctx.id, service.as_str(), now()) {
+    let request = StreamRequest::Dial(service.as_str());
+    let permit = match judge_at(ctx, &policy, request, now()) {
         Ok(p) => p,
         Err(why) => {
-            // The same answer whether the service exists or not.
+            // The same answer whether the service exists or not (`Verdict::of`).
             tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
             bump(&ctx.shared.stats.streams_denied);
-            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+            refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
     };
     tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
-    let svc = policy.replica.state.services.get(&service);
-    let proxy_protocol = svc.is_some_and(|s| s.proxy_protocol);
-    let hosting = svc.map(|s| s.hosting.clone());
     drop(policy);
-    let end = match hosting {
-        Some(Hosting::Address(target)) => {
+    let end = match permit.target {
+        Target::Address {
+            address: target,
+            proxy_protocol,
+        } => {
             let connect = crate::egress::connect(&target, ctx.shared.limits.connect_timeout);
             let connected = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -141,13 +164,7 @@ async fn dial(
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(%target, error = %e, "service unreachable");
-                    refuse(
-                        &mut send,
-                        &mut recv,
-                        Status::Unavailable,
-                        codes::UNAVAILABLE,
-                    )
-                    .await;
+                    refuse(&mut send, &mut recv, Verdict::UNREACHABLE).await;
                     return;
                 }
             };
@@ -159,13 +176,7 @@ async fn dial(
                     crate::proxy::header(ctx.conn.remote_address(), addr, &id, ctx.id.as_str());
                 if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await {
                     tracing::warn!(error = %e, "service closed before the PROXY header");
-                    refuse(
-                        &mut send,
-                        &mut recv,
-                        Status::Unavailable,
-                        codes::UNAVAILABLE,
-                    )
-                    .await;
+                    refuse(&mut send, &mut recv, Verdict::UNREACHABLE).await;
                     return;
                 }
             }
@@ -173,19 +184,13 @@ async fn dial(
                 return;
             }
             let (r, w) = tcp.into_split();
-            let caller = |p: &Policy| p.index.can_dial(&ctx.id, service.as_str(), now()).is_ok();
+            let caller = |p: &Policy| judge(ctx, p, request).map(drop);
             let service = splice::ServiceSide::Tcp(r, w);
             watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
         }
-        Some(Hosting::Sdk) => {
+        Target::SdkHost => {
             let Some((host, hsend, hrecv)) = to_host(ctx, &service).await else {
-                refuse(
-                    &mut send,
-                    &mut recv,
-                    Status::Unavailable,
-                    codes::UNAVAILABLE,
-                )
-                .await;
+                refuse(&mut send, &mut recv, Verdict::UNREACHABLE).await;
                 return;
             };
             if send.write_all(&encode_response(Status::Ok)).await.is_err() {
@@ -195,8 +200,8 @@ async fn dial(
             // Both ends must keep their grants: the caller Dial, the host Bind.
             let both = |p: &Policy| {
                 let t = now();
-                p.index.can_dial(&ctx.id, service.as_str(), t).is_ok()
-                    && p.index.can_bind(&host, service.as_str(), t).is_ok()
+                judge_at(ctx, p, request, t)?;
+                check_stream(&p.index, &host, StreamRequest::Bind(service.as_str()), t).map(drop)
             };
             let service = splice::ServiceSide::Host(&mut hsend, &mut hrecv);
             let out = watched(&mut send, &mut recv, service, both, &mut rx, &cancel).await;
@@ -205,23 +210,23 @@ async fn dial(
             }
             out
         }
-        None => {
-            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+        // A bind permit answers a bind request only; never given to a dial.
+        Target::Host => {
+            refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
             return;
         }
     };
     match &end {
         End::Done((up, down)) => tracing::debug!(up, down, "stream done"),
-        End::Revoked => {
-            tracing::info!(decision = "terminate", "grant revoked: stream closed");
+        End::Refused(why) => {
+            tracing::info!(decision = "terminate", reason = %why, "stream closed");
             bump(&ctx.shared.stats.streams_terminated);
         }
         End::NoPolicy => tracing::warn!("no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
     }
     if let Some(code) = end_code(&end) {
-        let _ = send.reset(VarInt::from_u32(code));
-        let _ = recv.stop(VarInt::from_u32(code));
+        reset(&mut send, &mut recv, code);
     }
 }
 
@@ -233,8 +238,8 @@ enum End {
     Failed,
     /// The router is shutting down.
     Cancelled,
-    /// The policy no longer allows it.
-    Revoked,
+    /// The judge no longer allows it, and why.
+    Refused(Deny),
     /// The router lost its policy (stale controller): it fails closed.
     NoPolicy,
 }
@@ -243,18 +248,19 @@ enum End {
 fn end_code(end: &End) -> Option<u32> {
     match end {
         End::Done(_) => None,
-        End::Failed => Some(codes::UNAVAILABLE),
-        End::Cancelled | End::NoPolicy => Some(codes::SHUTDOWN),
-        End::Revoked => Some(codes::REVOKED),
+        End::Failed => Some(Verdict::UNREACHABLE.code),
+        End::Cancelled => Some(Verdict::STOPPING.code),
+        End::NoPolicy => Some(Verdict::NO_POLICY.code),
+        End::Refused(why) => Some(Verdict::of(*why, Moment::Open).code),
     }
 }
 
-/// Splices while re-checking `allowed` on every policy change.
+/// Splices while asking `allowed` again on every policy change.
 async fn watched(
     send: &mut SendStream,
     recv: &mut RecvStream,
     service: splice::ServiceSide<'_>,
-    allowed: impl Fn(&Policy) -> bool,
+    allowed: impl Fn(&Policy) -> Result<(), Deny>,
     rx: &mut PolicyRx,
     cancel: &CancellationToken,
 ) -> End {
@@ -276,10 +282,10 @@ async fn watched(
                 if changed.is_err() {
                     return End::Cancelled;
                 }
-                match current(rx) {
+                match current(rx).map(|p| allowed(&p)) {
                     None => return End::NoPolicy,
-                    Some(p) if !allowed(&p) => return End::Revoked,
-                    Some(_) => {}
+                    Some(Err(why)) => return End::Refused(why),
+                    Some(Ok(())) => {}
                 }
             }
         }
@@ -294,8 +300,9 @@ const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 async fn to_host(ctx: &ConnCtx, service: &Name) -> Option<(IdentityId, SendStream, RecvStream)> {
     let policy = ctx.shared.policy.borrow().clone()?;
     let t = now();
-    let hosts: Vec<Host> = ctx.shared.hosts.candidates(service, |id| {
-        policy.index.can_bind(id, service.as_str(), t).is_ok()
+    let bind = StreamRequest::Bind(service.as_str());
+    let hosts: Vec<Host> = (ctx.shared.hosts).candidates(service, |id| {
+        check_stream(&policy.index, id, bind, t).is_ok()
     });
     let req = IncomingRequest {
         service: service.clone(),
@@ -336,16 +343,17 @@ async fn bind(
     cancel: CancellationToken,
 ) {
     let mut rx = ctx.shared.policy.clone();
-    let verdict = current(&mut rx).map(|p| p.index.can_bind(&ctx.id, service.as_str(), now()));
+    let request = StreamRequest::Bind(service.as_str());
+    let verdict = current(&mut rx).map(|p| judge_at(ctx, &p, request, now()));
     match verdict {
         None => {
-            refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
+            refuse(&mut send, &mut recv, Verdict::NO_POLICY).await;
             return;
         }
         Some(Err(why)) => {
             tracing::info!(decision = "deny", action = "bind", reason = %why, "bind refused");
             bump(&ctx.shared.stats.streams_denied);
-            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+            refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
         Some(Ok(permit)) => {
@@ -358,7 +366,7 @@ async fn bind(
         conn: ctx.conn.clone(),
     };
     if !ctx.shared.hosts.add(service.clone(), host) {
-        refuse(&mut send, &mut recv, Status::Unavailable, codes::LIMIT).await;
+        refuse(&mut send, &mut recv, Verdict::LIMIT).await;
         return;
     }
     if send.write_all(&encode_response(Status::Ok)).await.is_ok() {
@@ -371,27 +379,20 @@ async fn bind(
                 r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break End::Done((0, 0)) },
                 changed = rx.changed() => {
                     if changed.is_err() { break End::Cancelled; }
-                    match current(&mut rx) {
+                    match current(&mut rx).map(|p| judge(ctx, &p, request)) {
                         None => break End::NoPolicy,
-                        Some(p) if p.index.can_bind(&ctx.id, service.as_str(), now()).is_err() => break End::Revoked,
-                        Some(_) => {}
+                        Some(Err(why)) => break End::Refused(why),
+                        Some(Ok(_)) => {}
                     }
                 }
             }
         };
-        if matches!(end, End::Revoked) {
-            tracing::info!(
-                decision = "terminate",
-                action = "bind",
-                "bind grant revoked"
-            );
+        if let End::Refused(why) = &end {
+            tracing::info!(decision = "terminate", action = "bind", reason = %why, "bind ended");
             bump(&ctx.shared.stats.streams_terminated);
         }
         match end_code(&end) {
-            Some(code) => {
-                let _ = send.reset(VarInt::from_u32(code));
-                let _ = recv.stop(VarInt::from_u32(code));
-            }
+            Some(code) => reset(&mut send, &mut recv, code),
             None => {
                 let _ = send.finish();
             }

@@ -35,6 +35,20 @@ pub struct PeerCert {
     pub not_before: Timestamp,
 }
 
+impl PeerCert {
+    /// What the certificate says, as the plain data the policy core's `admit` judges (the
+    /// core never parses X.509). Umbra certificates carry no identity id, only the SPIFFE id.
+    pub fn presented(&self) -> umbra_policies::Presented<'_> {
+        umbra_policies::Presented {
+            name: self.spiffe.name().as_str(),
+            kind: self.spiffe.kind(),
+            serial: self.serial.as_str(),
+            identity: None,
+            not_after: self.not_after,
+        }
+    }
+}
+
 /// Seconds since the Unix epoch of `t` (0 for times before 1970).
 pub fn unix_timestamp(t: SystemTime) -> Timestamp {
     Timestamp(

@@ -44,6 +44,9 @@ impl Verdict {
     /// The router has no trustworthy policy (never synchronized, or stale) or is stopping:
     /// try another router.
     pub const NO_POLICY: Verdict = Verdict::new(Status::Unavailable, codes::SHUTDOWN, b"no policy");
+    /// The router is shutting down: try another router.
+    pub const STOPPING: Verdict =
+        Verdict::new(Status::Unavailable, codes::SHUTDOWN, b"shutting down");
     /// Authorized, but the service (or every SDK host) could not be reached.
     pub const UNREACHABLE: Verdict = Verdict::new(Status::Unavailable, codes::UNAVAILABLE, b"");
     /// The peer broke the protocol (a malformed or forbidden request).

@@ -1,5 +1,7 @@
 //! Certificates: enrollment, renewal, local issuance, and checking a handshake-verified peer.
 
+use umbra_policies::{CertRecord, Roster};
+
 use super::*;
 
 impl Controller {
@@ -142,8 +144,9 @@ impl Controller {
     }
 
     /// Checks that a handshake-verified certificate still speaks for an active identity of the
-    /// expected kind: the certificate was issued by this controller to that very identity (not
-    /// to an earlier namesake) and is not revoked.
+    /// expected kind (`None`: any kind). The decision is the core's `umbra_policies::admit`,
+    /// the same the routers make; the controller's roster knows every certificate it issued,
+    /// so it also refuses one it never issued or one issued to an earlier namesake.
     pub fn authorize_peer(
         &self,
         peer: &PeerCert,
@@ -160,34 +163,60 @@ impl Controller {
         peer: &PeerCert,
         kind: Option<IdentityKind>,
     ) -> Result<Identity, ControllerError> {
-        let forbidden =
-            || ControllerError::Forbidden("this certificate is not allowed here".into());
+        // Controller's only: the chain verified against this deployment's root, whose CA
+        // signs nothing but this trust domain, so this never refuses a certificate the judge
+        // would admit; it stays as a cheap guard against a CA shared by mistake. Routers
+        // verify against the same root.
         if peer.spiffe.trust_domain() != self.trust_domain() {
             return Err(forbidden());
         }
-        if kind.is_some_and(|k| peer.spiffe.kind() != k) {
-            return Err(forbidden());
+        let record = inner.store.cert_owner(peer.serial.as_str())?;
+        let roster = IssuedRoster {
+            inner,
+            serial: peer.serial.as_str(),
+            record: record.as_ref(),
+        };
+        match umbra_policies::admit(&roster, &peer.presented(), kind, self.now()) {
+            Ok(identity) => Ok(identity.clone()),
+            Err(why) => {
+                tracing::info!(peer = %peer.spiffe, serial = %peer.serial, reason = %why, "certificate refused");
+                Err(forbidden())
+            }
         }
-        let identity = inner
-            .identity_named(peer.spiffe.name().as_str())
-            .cloned()
-            .ok_or_else(forbidden)?;
-        let (owner, revoked) = inner
-            .store
-            .cert_owner(&peer.serial.to_string())?
-            .ok_or_else(forbidden)?;
-        if owner != identity.id
-            || revoked
-            || identity.kind != peer.spiffe.kind()
-            || !identity.is_active(self.now())
-        {
-            return Err(forbidden());
-        }
-        Ok(identity)
     }
 
     /// The newest audit entries.
     pub fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
         self.lock().store.audit(limit)
+    }
+}
+
+/// Every refusal reads the same from outside, whatever the reason.
+fn forbidden() -> ControllerError {
+    ControllerError::Forbidden("this certificate is not allowed here".into())
+}
+
+/// The controller's roster for one certificate: the replica's identities, and the store's
+/// record of that certificate (looked up before, since the store can fail and the judge
+/// cannot).
+struct IssuedRoster<'a> {
+    inner: &'a Inner,
+    serial: &'a str,
+    /// The identity the certificate was issued to, and whether it is revoked.
+    record: Option<&'a (IdentityId, bool)>,
+}
+
+impl Roster for IssuedRoster<'_> {
+    fn identity_named(&self, name: &str) -> Option<&Identity> {
+        self.inner.identity_named(name)
+    }
+
+    fn certificate(&self, serial: &str) -> CertRecord<'_> {
+        match self.record {
+            _ if serial != self.serial => CertRecord::NeverIssued,
+            None => CertRecord::NeverIssued,
+            Some((owner, true)) => CertRecord::Revoked { owner },
+            Some((owner, false)) => CertRecord::Issued { owner },
+        }
     }
 }
