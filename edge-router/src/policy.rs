@@ -13,6 +13,8 @@ use umbra_pki::{CertificateError, PeerCert, RevocationCheck, Serial};
 use umbra_policies::{
     CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Roster, Timestamp,
 };
+use umbra_proto::stream::codes;
+use umbra_proto::verdict::{Moment, Verdict};
 use umbra_proto::Replica;
 
 /// The current policy, or `None` when the router must fail closed.
@@ -112,7 +114,10 @@ impl RevocationCheck for LiveRevocations {
         };
         match p.admit(peer, now()) {
             Ok(_) => Ok(()),
-            Err(Deny::CertRevoked) => Err(CertificateError::Revoked),
+            // The alert says "revoked" exactly when the close code would (`verdict`).
+            Err(why) if Verdict::of(why, Moment::Request).code == codes::REVOKED => {
+                Err(CertificateError::Revoked)
+            }
             Err(why) => Err(CertificateError::NotAdmitted {
                 spiffe: peer.spiffe.to_string(),
                 reason: why.reason(),
@@ -162,23 +167,29 @@ mod tests {
         disabled.disabled = true;
         let mut expiring = identity("old", IdentityKind::Agent);
         expiring.expires_at = Some(Timestamp(50));
+        let mut gone = identity("gone", IdentityKind::Agent);
+        gone.revoked = true;
         for i in [
             identity("a", IdentityKind::Agent),
             identity("r", IdentityKind::Router),
             disabled,
             expiring,
+            gone,
         ] {
             replica.state.identities.insert(i.id.clone(), i);
         }
-        let serial = Serial::from_bytes(&[9]).as_str().to_owned();
-        replica.revoked.insert(
-            serial.clone(),
-            RevokedCert {
-                serial,
-                identity: IdentityId::new("id-a").unwrap(),
-                not_after: Timestamp(1000),
-            },
-        );
+        // 9: one of a's; 8: one of the `a` deleted before this one was created.
+        for (serial, owner) in [(9, "id-a"), (8, "id-a-deleted")] {
+            let serial = Serial::from_bytes(&[serial]).as_str().to_owned();
+            replica.revoked.insert(
+                serial.clone(),
+                RevokedCert {
+                    serial,
+                    identity: IdentityId::new(owner).unwrap(),
+                    not_after: Timestamp(1000),
+                },
+            );
+        }
         Policy::build(replica)
     }
 
@@ -249,10 +260,14 @@ mod tests {
         assert_eq!(check.admit(&peer("ghost", IdentityKind::Agent, 1)), Ok(()));
         tx.send_replace(Some(Arc::new(policy())));
         assert_eq!(check.admit(&peer("a", IdentityKind::Agent, 1)), Ok(()));
-        assert_eq!(
-            check.admit(&peer("a", IdentityKind::Agent, 9)),
-            Err(CertificateError::Revoked)
-        );
+        // Revoked: a's revoked certificate, a deleted namesake's, a revoked identity's.
+        for (name, serial) in [("a", 9), ("a", 8), ("gone", 1)] {
+            assert_eq!(
+                check.admit(&peer(name, IdentityKind::Agent, serial)),
+                Err(CertificateError::Revoked),
+                "{name} {serial}"
+            );
+        }
         for (name, kind) in [
             ("ghost", IdentityKind::Agent),
             ("off", IdentityKind::Agent),
