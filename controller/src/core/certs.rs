@@ -163,10 +163,9 @@ impl Controller {
         peer: &PeerCert,
         kind: Option<IdentityKind>,
     ) -> Result<Identity, ControllerError> {
-        // Controller's only: the chain verified against this deployment's root, whose CA
-        // signs nothing but this trust domain, so this never refuses a certificate the judge
-        // would admit; it stays as a cheap guard against a CA shared by mistake. Routers
-        // verify against the same root.
+        // Not the judge's: which trust domain a certificate may name is the PKI's question,
+        // and the handshake's verifier (`umbra_pki`, the same for routers) already refuses a
+        // foreign one. Kept as it was, as a guard in depth that decides nothing new.
         if peer.spiffe.trust_domain() != self.trust_domain() {
             return Err(forbidden());
         }
