@@ -48,7 +48,7 @@ async fn refused_how(router: &RouterHandle, identity: &IdentityFile) -> u64 {
     match tokio::time::timeout(BOUND, ended).await.expect("ended") {
         ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
         ConnectionError::TransportError(t) => u64::from(t.code),
-        ConnectionError::ApplicationClosed(c) => u64::from(c.error_code.into_inner()),
+        ConnectionError::ApplicationClosed(c) => c.error_code.into_inner(),
         other => panic!("unexpected end: {other}"),
     }
 }
