@@ -63,6 +63,23 @@ impl Policy {
     pub fn admit(&self, peer: &PeerCert, now: Timestamp) -> Result<&Identity, Deny> {
         umbra_policies::admit(self, &peer.presented(), Some(IdentityKind::Agent), now)
     }
+
+    /// [`Policy::admit`] for a connection already admitted as `id`: the certificate must still
+    /// speak for that same identity, not for one that took its name since.
+    pub fn readmit(
+        &self,
+        peer: &PeerCert,
+        id: &IdentityId,
+        now: Timestamp,
+    ) -> Result<&Identity, Deny> {
+        self.admit(peer, now).and_then(|i| {
+            if i.id == *id {
+                Ok(i)
+            } else {
+                Err(Deny::UnknownIdentity)
+            }
+        })
+    }
 }
 
 /// A router keeps no list of the certificates the controller issued, only the revocations
@@ -235,6 +252,21 @@ mod tests {
             p.admit(&peer("old", IdentityKind::Agent, 1), Timestamp(50))
                 .unwrap_err(),
             Deny::IdentityExpired
+        );
+    }
+
+    #[test]
+    fn a_connection_stays_with_the_identity_it_was_admitted_as() {
+        let p = policy();
+        let a = peer("a", IdentityKind::Agent, 1);
+        let now = Timestamp(10);
+        let same = IdentityId::new("id-a").unwrap();
+        assert_eq!(p.readmit(&a, &same, now).map(|i| i.id.clone()), Ok(same));
+        // Admitted as an earlier `a`: the certificate does not speak for the new one.
+        let earlier = IdentityId::new("id-a-deleted").unwrap();
+        assert_eq!(
+            p.readmit(&a, &earlier, now).unwrap_err(),
+            Deny::UnknownIdentity
         );
     }
 

@@ -274,7 +274,7 @@ async fn serve(
                     (Err(_), _) => Err(Lost::Stopping),
                     (Ok(()), None) => Err(Lost::NoPolicy),
                     (Ok(()), Some(p)) => p
-                        .admit(&ctx.peer, now())
+                        .readmit(&ctx.peer, &ctx.id, now())
                         .map(|i| admitted_until(i, &ctx.peer.presented()))
                         .map_err(Lost::Refused),
                 };

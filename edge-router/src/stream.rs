@@ -7,7 +7,7 @@ use std::sync::Arc;
 use quinn::{Connection, RecvStream, SendStream, VarInt};
 use tokio_util::sync::CancellationToken;
 use umbra_pki::PeerCert;
-use umbra_policies::{check_stream, Deny, IdentityId, Name, StreamRequest, Target};
+use umbra_policies::{check_stream, Deny, IdentityId, Name, StreamPermit, StreamRequest, Target};
 use umbra_proto::stream::{
     decode_request_header, decode_response, encode_request, encode_response, IncomingRequest, Op,
     ServiceRequest, Status, StreamFrameError,
@@ -63,19 +63,15 @@ fn reset(send: &mut SendStream, recv: &mut RecvStream, code: u32) {
     let _ = recv.stop(VarInt::from_u32(code));
 }
 
-/// The judge's answer for a stream of this connection at `now`: the connection must still be
-/// admitted (its certificate and identity), and the stream granted.
-fn judge(ctx: &ConnCtx, p: &Policy, request: StreamRequest<'_>) -> Result<Target, Deny> {
-    judge_at(ctx, p, request, now()).map(|permit| permit.target)
-}
-
-fn judge_at(
+/// The judge's answer for a stream of this connection at `t`: the connection must still be
+/// admitted as the identity it was admitted as, and the stream granted to it.
+fn judge(
     ctx: &ConnCtx,
     p: &Policy,
     request: StreamRequest<'_>,
     t: umbra_policies::Timestamp,
-) -> Result<umbra_policies::StreamPermit, Deny> {
-    p.admit(&ctx.peer, t)?;
+) -> Result<StreamPermit, Deny> {
+    p.readmit(&ctx.peer, &ctx.id, t)?;
     check_stream(&p.index, &ctx.id, request, t)
 }
 
@@ -137,7 +133,7 @@ async fn dial(
         return;
     };
     let request = StreamRequest::Dial(service.as_str());
-    let permit = match judge_at(ctx, &policy, request, now()) {
+    let permit = match judge(ctx, &policy, request, now()) {
         Ok(p) => p,
         Err(why) => {
             // The same answer whether the service exists or not (`Verdict::of`).
@@ -184,7 +180,7 @@ async fn dial(
                 return;
             }
             let (r, w) = tcp.into_split();
-            let caller = |p: &Policy| judge(ctx, p, request).map(drop);
+            let caller = |p: &Policy| judge(ctx, p, request, now()).map(drop);
             let service = splice::ServiceSide::Tcp(r, w);
             watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
         }
@@ -200,7 +196,7 @@ async fn dial(
             // Both ends must keep their grants: the caller Dial, the host Bind.
             let both = |p: &Policy| {
                 let t = now();
-                judge_at(ctx, p, request, t)?;
+                judge(ctx, p, request, t)?;
                 check_stream(&p.index, &host, StreamRequest::Bind(service.as_str()), t).map(drop)
             };
             let service = splice::ServiceSide::Host(&mut hsend, &mut hrecv);
@@ -344,7 +340,7 @@ async fn bind(
 ) {
     let mut rx = ctx.shared.policy.clone();
     let request = StreamRequest::Bind(service.as_str());
-    let verdict = current(&mut rx).map(|p| judge_at(ctx, &p, request, now()));
+    let verdict = current(&mut rx).map(|p| judge(ctx, &p, request, now()));
     match verdict {
         None => {
             refuse(&mut send, &mut recv, Verdict::NO_POLICY).await;
@@ -379,7 +375,7 @@ async fn bind(
                 r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break End::Done((0, 0)) },
                 changed = rx.changed() => {
                     if changed.is_err() { break End::Cancelled; }
-                    match current(&mut rx).map(|p| judge(ctx, &p, request)) {
+                    match current(&mut rx).map(|p| judge(ctx, &p, request, now())) {
                         None => break End::NoPolicy,
                         Some(Err(why)) => break End::Refused(why),
                         Some(Ok(_)) => {}
