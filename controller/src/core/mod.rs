@@ -1,9 +1,14 @@
 //! The controller's state machine: every read and write of the model, enrollment and
 //! certificate issuance goes through [`Controller`].
 //!
-//! One mutex serializes writes. Under it a command reads the current state, builds a [`Batch`],
-//! commits it to SQLite, applies it to the in-memory replica and publishes the deltas, in that
-//! order, so that what routers see is always a prefix of what is durable. Every call here is
+//! One mutex serializes writes. Under it a command reads the current state and builds a
+//! [`Batch`]; [`Controller::commit`], the one gate every write goes through, applies the batch's
+//! model changes to a candidate copy of the state and checks the result with the core's rules
+//! (`State::validate`: unique names and intercepts, resolving `@name`s, no empty selector
+//! list), and only then commits it to SQLite, applies it to the in-memory replica and publishes
+//! the deltas, in that order, so that what routers see is always a prefix of what is durable
+//! and always a state the core accepts. Commands check only what the core cannot know: that
+//! the thing they name exists, that a create does not replace, who is acting. Every call here is
 //! blocking (SQLite); the HTTP layer runs them on the blocking pool.
 
 use std::collections::{HashMap, HashSet};
@@ -262,6 +267,11 @@ impl Controller {
             .values()
             .map(|i| (i.name.clone(), i.id.clone()))
             .collect();
+        if let Err(problems) = replica.state.validate() {
+            for problem in problems {
+                tracing::warn!(%problem, "the stored state breaks a rule; writes that add to it are refused");
+            }
+        }
         let revoked = Arc::new(RevokedSerials::default());
         revoked
             .0
@@ -348,10 +358,28 @@ impl Controller {
         idx
     }
 
-    /// Commits a batch built under the lock and publishes its deltas.
+    /// Commits a batch built under the lock and publishes its deltas: the one gate for every
+    /// write. A batch that changes the model is first applied to a candidate copy of the
+    /// replica (by the same [`Replica::apply_change`] followers use) and refused, with nothing
+    /// written, unless the result keeps the core's rules ([`State::validate`]). A problem the
+    /// stored state already had (a store written before a rule existed, logged at start) does
+    /// not block unrelated writes; only a problem the batch would add is refused.
     fn commit(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
         if batch.is_empty() {
             return Ok(());
+        }
+        if batch.changes.iter().any(changes_model) {
+            let mut candidate = inner.replica.clone();
+            for change in &batch.changes {
+                candidate.apply_change(change);
+            }
+            if let Err(problems) = candidate.state.validate() {
+                let old = inner.state().validate().err().unwrap_or_default();
+                let new: Vec<_> = problems.into_iter().filter(|p| !old.contains(p)).collect();
+                if !new.is_empty() {
+                    return Err(refused(new));
+                }
+            }
         }
         let now = self.now();
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
@@ -404,6 +432,41 @@ impl Controller {
 
 fn rejected(errors: Vec<umbra_policies::DocError>) -> ControllerError {
     ControllerError::Rejected(errors.into_iter().map(|e| e.to_string()).collect())
+}
+
+/// Whether a change can affect what [`State::validate`] checks (certificates and router
+/// addresses cannot).
+fn changes_model(change: &ChangeEvent) -> bool {
+    !matches!(
+        change,
+        ChangeEvent::CertRevoked { .. }
+            | ChangeEvent::RouterPut { .. }
+            | ChangeEvent::RouterDeleted { .. }
+    )
+}
+
+/// A write the core's rules refused, as the operator should read it. A name or intercept
+/// another entry holds is a conflict (409, what the loser of two concurrent creates gets),
+/// worded for a command rather than as a path in the state; anything else is invalid (400),
+/// with the paths the core gives.
+fn refused(errors: Vec<umbra_policies::DocError>) -> ControllerError {
+    use umbra_policies::{DocErrorKind, Entity};
+    let conflict = |e: &umbra_policies::DocError| match &e.kind {
+        DocErrorKind::Duplicate { entity, name, .. } => {
+            let what = match entity {
+                Entity::Identity => "an identity",
+                Entity::Service => "a service",
+                Entity::Policy => "a policy",
+            };
+            Some(format!("{what} named {name} already exists"))
+        }
+        DocErrorKind::InterceptTaken { .. } => Some(e.kind.to_string()),
+        _ => None,
+    };
+    match errors.iter().map(conflict).collect::<Option<Vec<String>>>() {
+        Some(conflicts) if !conflicts.is_empty() => ControllerError::Conflict(conflicts.join("; ")),
+        _ => rejected(errors),
+    }
 }
 
 fn join(names: &[Name]) -> String {
