@@ -164,12 +164,14 @@ pub enum DocErrorKind {
     Rpm,
     /// Two services list the same intercept address; a tunneler could expose only one of them
     /// there, so the second would silently be unreachable.
-    #[error("intercept {intercept} is already used by service {service}")]
+    #[error("intercept {intercept} of service {by} is already used by service {service}")]
     InterceptTaken {
         /// The address listed twice.
         intercept: crate::HostPort,
         /// The service that lists it first.
         service: Name,
+        /// The service that lists it again (the entry the error's path points at).
+        by: Name,
     },
     /// A document lists a router this controller does not have. Routers are enrolled through
     /// the controller; a document only names them, for the policies that refer to them.

@@ -113,6 +113,7 @@ fn intercepts_unique(services: &[(At<'_>, &Name, &[HostPort])], problems: &mut P
                     let kind = DocErrorKind::InterceptTaken {
                         intercept: intercept.clone(),
                         service: first.clone(),
+                        by: name.clone(),
                     };
                     problems.push(format!("{}.intercepts[{j}]", at.path("services")), kind);
                 }

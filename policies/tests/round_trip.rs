@@ -209,10 +209,10 @@ proptest! {
         }
         let errs = bad.validate().unwrap_err();
         prop_assert_eq!(errs.len(), 1, "{:?}", errs);
-        let first = names[a.min(b)].clone();
+        let (first, by) = (names[a.min(b)].clone(), names[a.max(b)].clone());
         prop_assert_eq!(
             &errs[0].kind,
-            &DocErrorKind::InterceptTaken { intercept: shared, service: first }
+            &DocErrorKind::InterceptTaken { intercept: shared, service: first, by }
         );
         // The same two services in a document are refused as well.
         let yaml = export(&bad).to_yaml();

@@ -526,7 +526,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             "/v1/policies",
             serde_json::json!({"identities": ["@ghost"], "services": ["#all"]}),
             400,
-            "no identity named ghost",
+            "@ghost: there is no identity named \"ghost\"",
         ),
         (
             "/v1/apply",
@@ -756,6 +756,84 @@ async fn apply_and_export_round_trip() {
         .unwrap_err();
     assert_eq!(api_status(&e), Some(409), "{e}");
     assert_eq!(t.ctrl.state().services.len(), 2);
+}
+
+#[tokio::test]
+async fn no_write_puts_two_services_on_one_intercept() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let apply = |document: &str| ApplyRequest {
+        document: document.into(),
+        dry_run: false,
+    };
+    // Before, `apply` took this and the tunneler silently kept one of the two.
+    let doc = r#"
+identities: [{name: admin, kind: admin}]
+services:
+  - {name: one, hosted: true, intercepts: ["llm.umbra:443"]}
+  - {name: two, address: "127.0.0.1:8080", intercepts: ["LLM.umbra:443"]}
+"#;
+    let e = admin
+        .call::<ApplyResponse>(Method::POST, "/v1/apply", Some(&apply(doc)))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(400), "{e}");
+    assert!(
+        e.to_string().contains(
+            "services[1].intercepts[0]: intercept llm.umbra:443 of service two is already used by service one"
+        ),
+        "{e}"
+    );
+    assert!(t.ctrl.state().services.is_empty(), "nothing was applied");
+
+    // One service per intercept applies; a command adding a second is refused by the same rule.
+    let fixed = doc.replace("LLM.umbra:443", "other.umbra:443");
+    let done: ApplyResponse = admin
+        .call(Method::POST, "/v1/apply", Some(&apply(&fixed)))
+        .await
+        .unwrap();
+    assert!(done.applied, "{}", done.plan);
+    let mut dup = service("three", &[]);
+    dup.intercepts = vec!["other.umbra:443".parse().unwrap()];
+    let e = admin
+        .call::<Service>(Method::POST, "/v1/services", Some(&dup))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(409), "{e}");
+    assert!(
+        e.to_string()
+            .contains("intercept other.umbra:443 is already used by service two"),
+        "{e}"
+    );
+    // So is an identity name that is taken, and a grant with nothing to grant to.
+    let e = admin
+        .call::<TokenResponse>(
+            Method::POST,
+            "/v1/identities",
+            Some(&CreateIdentityRequest {
+                name: name("admin"),
+                kind: IdentityKind::Agent,
+                roles: vec![],
+                token_ttl_secs: None,
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(409), "{e}");
+    assert!(
+        e.to_string()
+            .contains("an identity named admin already exists"),
+        "{e}"
+    );
+    let e = grant(&admin, &[], &["@one"]).await.unwrap_err();
+    assert_eq!(api_status(&e), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .contains("identities: a policy needs at least one selector"),
+        "{e}"
+    );
+    assert_eq!(t.ctrl.state().services.len(), 2);
+    assert!(t.ctrl.state().policies.is_empty());
 }
 
 #[tokio::test]

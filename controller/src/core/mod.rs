@@ -377,7 +377,7 @@ impl Controller {
                 let old = inner.state().validate().err().unwrap_or_default();
                 let new: Vec<_> = problems.into_iter().filter(|p| !old.contains(p)).collect();
                 if !new.is_empty() {
-                    return Err(refused(new));
+                    return Err(refused(new, &batch));
                 }
             }
         }
@@ -447,9 +447,10 @@ fn changes_model(change: &ChangeEvent) -> bool {
 
 /// A write the core's rules refused, as the operator should read it. A name or intercept
 /// another entry holds is a conflict (409, what the loser of two concurrent creates gets),
-/// worded for a command rather than as a path in the state; anything else is invalid (400),
-/// with the paths the core gives.
-fn refused(errors: Vec<umbra_policies::DocError>) -> ControllerError {
+/// worded for a command rather than as a path in the state (naming the service the batch does
+/// not write as the one holding an intercept); anything else is invalid (400), with the paths
+/// the core gives.
+fn refused(errors: Vec<umbra_policies::DocError>, batch: &Batch) -> ControllerError {
     use umbra_policies::{DocErrorKind, Entity};
     let conflict = |e: &umbra_policies::DocError| match &e.kind {
         DocErrorKind::Duplicate { entity, name, .. } => {
@@ -460,7 +461,24 @@ fn refused(errors: Vec<umbra_policies::DocError>) -> ControllerError {
             };
             Some(format!("{what} named {name} already exists"))
         }
-        DocErrorKind::InterceptTaken { .. } => Some(e.kind.to_string()),
+        DocErrorKind::InterceptTaken {
+            intercept,
+            service,
+            by,
+        } => {
+            let written = |n: &Name| {
+                (batch.changes.iter())
+                    .any(|c| matches!(c, ChangeEvent::ServicePut { service } if &service.name == n))
+            };
+            let holder = if written(service) && !written(by) {
+                by
+            } else {
+                service
+            };
+            Some(format!(
+                "intercept {intercept} is already used by service {holder}"
+            ))
+        }
         _ => None,
     };
     match errors.iter().map(conflict).collect::<Option<Vec<String>>>() {

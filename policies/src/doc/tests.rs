@@ -266,7 +266,7 @@ services:
     let kind = error_at(yaml, "services[1].intercepts[1]");
     assert_eq!(
         kind.to_string(),
-        "intercept x.umbra:443 is already used by service a"
+        "intercept x.umbra:443 of service b is already used by service a"
     );
 }
 
