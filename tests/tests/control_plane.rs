@@ -965,6 +965,76 @@ async fn routers_follow_the_control_channel() {
 }
 
 #[tokio::test]
+async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let gw = enrolled(&t, "gw", IdentityKind::Agent, &[]).await;
+    create(&admin, "a1", IdentityKind::Agent, &["analysts"]).await;
+    create(&admin, "a2", IdentityKind::Agent, &["analysts"]).await;
+    create(&admin, "a3", IdentityKind::Agent, &[]).await;
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
+        .await
+        .unwrap();
+    let named = |name_: &str, action, ids: &[&str], rpm| GrantRequest {
+        name: Some(name(name_)),
+        action,
+        identities: ids.iter().map(|s| s.parse::<Selector>().unwrap()).collect(),
+        services: vec!["@llm".parse().unwrap()],
+        semantic: Semantic::AnyOf,
+        models: None,
+        tokens: None,
+        rpm,
+        tools: None,
+        resources: None,
+        prompts: None,
+    };
+    for req in [
+        named("gw-binds", Action::Bind, &["@gw"], None),
+        named("analysts", Action::Dial, &["#analysts"], Some(60)),
+        named("everyone", Action::Dial, &["#all"], None),
+    ] {
+        let _: umbra_policies::ServicePolicy = admin
+            .call(Method::POST, "/v1/policies", Some(&req))
+            .await
+            .unwrap();
+    }
+    let grants = || async {
+        let v: EdgeView = t
+            .client_for(&gw)
+            .call(Method::GET, "/v1/edge", NONE)
+            .await
+            .unwrap();
+        assert_eq!(v.services.len(), 1);
+        assert!(v.services[0].bind, "gw binds llm (and `#all` lets it dial too)");
+        (v.services[0].grants.iter())
+            .map(|g| (g.name.to_string(), g.policy.to_string(), g.rpm))
+            .collect::<Vec<_>>()
+    };
+    let row = |i: &str, p: &str, rpm| (i.to_owned(), p.to_owned(), rpm);
+    // Every agent the Dial policies select, with each granting policy's limits; the admin that
+    // `#all` selects too calls no gateway.
+    assert_eq!(
+        grants().await,
+        [
+            row("a1", "analysts", Some(60)),
+            row("a1", "everyone", None),
+            row("a2", "analysts", Some(60)),
+            row("a2", "everyone", None),
+            row("a3", "everyone", None),
+            row("gw", "everyone", None),
+        ]
+    );
+    let _: serde_json::Value = admin
+        .call(Method::POST, "/v1/identities/a2/revoke", NONE)
+        .await
+        .unwrap();
+    let now = grants().await;
+    assert!(now.iter().all(|(i, _, _)| i != "a2"), "{now:?}");
+    assert_eq!(now.len(), 4);
+}
+
+#[tokio::test]
 async fn an_identity_sees_only_its_own_services() {
     let t = TestController::start().await;
     let admin = t.admin_client();
