@@ -1006,7 +1006,10 @@ async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
             .await
             .unwrap();
         assert_eq!(v.services.len(), 1);
-        assert!(v.services[0].bind, "gw binds llm (and `#all` lets it dial too)");
+        assert!(
+            v.services[0].bind,
+            "gw binds llm (and `#all` lets it dial too)"
+        );
         (v.services[0].grants.iter())
             .map(|g| (g.name.to_string(), g.policy.to_string(), g.rpm))
             .collect::<Vec<_>>()

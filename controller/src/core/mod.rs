@@ -512,3 +512,6 @@ fn referencing_policies(state: &State, name: &Name, identity_side: bool) -> Vec<
         .map(|p| p.name.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod gate_tests;
