@@ -198,10 +198,20 @@ proptest! {
         a in any::<prop::sample::Index>(),
         b in any::<prop::sample::Index>(),
     ) {
+        let mut state = state;
+        for k in state.services.len()..2 {
+            let extra = Service {
+                name: name(format!("t{k}")),
+                roles: BTreeSet::new(),
+                hosting: Hosting::Sdk,
+                intercepts: vec![],
+                proxy_protocol: false,
+            };
+            state.services.insert(extra.name.clone(), extra);
+        }
         let names: Vec<Name> = state.services.keys().cloned().collect();
-        prop_assume!(names.len() >= 2);
-        let (a, b) = (a.index(names.len()), b.index(names.len()));
-        prop_assume!(a != b);
+        let a = a.index(names.len());
+        let b = (a + 1 + b.index(names.len() - 1)) % names.len();
         let mut bad = state.clone();
         let shared = HostPort::new("shared.umbra", 443).unwrap();
         for k in [a, b] {
