@@ -417,3 +417,50 @@ fn logs_are_plain_off_a_terminal_and_json_when_asked() {
         stderr(&o)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_then_apply_round_trips_a_revoked_identity_named_by_a_policy() {
+    let t = TestController::start().await;
+    for args in [
+        vec!["identity", "create", "a1", "--role", "analysts"],
+        vec!["identity", "create", "a2"],
+        vec![
+            "service",
+            "create",
+            "llm",
+            "--address",
+            "127.0.0.1:8080",
+            "--intercept",
+            "llm.umbra:443",
+            "--role",
+            "ai",
+        ],
+        vec!["policy", "grant", "--identity", "@a2", "--service", "@llm"],
+        vec![
+            "policy",
+            "grant",
+            "--identity",
+            "#analysts",
+            "--service",
+            "#ai",
+        ],
+        vec!["identity", "revoke", "a2"],
+    ] {
+        let o = t.umbra(&args);
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    }
+    let o = t.umbra(&["export"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let first = stdout(&o);
+    assert!(first.contains("revoked: true"), "{first}");
+    let file = t.path("exported.yaml");
+    std::fs::write(&file, &first).unwrap();
+
+    // Before, this failed with "@a2: there is no identity named a2".
+    let o = t.umbra(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "no changes");
+    let o = t.umbra(&["export"]);
+    assert_eq!(stdout(&o), first, "a second export is identical");
+    assert!(t.ctrl.state().identity_by_name("a2").unwrap().revoked);
+}

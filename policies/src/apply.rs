@@ -55,6 +55,7 @@ impl Applier {
                 kind,
                 roles,
                 disabled,
+                revoked,
             } => {
                 if *kind == IdentityKind::Router {
                     return Err(DocErrorKind::RouterInDocument);
@@ -71,7 +72,7 @@ impl Applier {
                     kind: *kind,
                     roles: roles.clone(),
                     disabled: *disabled,
-                    revoked: false,
+                    revoked: *revoked,
                     expires_at: None,
                 };
                 self.state.identities.insert(id, identity);

@@ -4,9 +4,11 @@
 //! ```yaml
 //! identities:
 //!   - name: agent-1
-//!     kind: agent          # agent (default) or admin; routers are not in documents
+//!     kind: agent          # agent (default), admin, or router (a reference, see below)
 //!     roles: [analysts]
 //!     disabled: false      # optional
+//!   - name: old-agent
+//!     revoked: true        # a revoked record: kept, never reused, never revoked by a document
 //! services:
 //!   - name: llm
 //!     roles: [ai]
@@ -23,6 +25,13 @@
 //!
 //! A document names identities and never carries ids: the controller assigns ids, and a
 //! document can be applied to any controller.
+//!
+//! A document holds every identity its policies name, so that whatever `umbra export` writes,
+//! `umbra apply` accepts and plans as no change on the same controller. Revoked identities are
+//! listed with `revoked: true` (on a controller without them they are recreated as revoked
+//! records, so their names stay taken). Routers are enrolled through the controller, never by a
+//! document; one appears (`kind: router`) only when a policy names it, as a reference the plan
+//! checks.
 
 mod dto;
 mod parse;
@@ -38,8 +47,9 @@ use crate::rules::{At, Catalog, PolicyRefs, Side};
 /// use unbounded memory.
 pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
 
-/// A whole desired state: every agent and admin identity, service and policy. What is not in
-/// it is deleted by `umbra apply` (routers and revoked identities excepted).
+/// A whole desired state: every agent and admin identity, service and policy, with the routers
+/// its policies name. What is not in it is deleted by `umbra apply` (routers and revoked
+/// identities excepted).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Document {
     /// Agent and admin identities.
@@ -51,17 +61,23 @@ pub struct Document {
 }
 
 /// An identity as a document declares it: by name, without the id the controller assigns and
-/// without the revocation and expiry that only the controller manages.
+/// without the expiry that only the controller manages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DocIdentity {
     /// Unique name.
     pub name: Name,
-    /// Agent or admin.
+    /// Agent or admin; a router only as a reference to an enrolled router that a policy names
+    /// (plans never create, change or delete routers).
     pub kind: IdentityKind,
     /// Role attributes.
     pub roles: BTreeSet<Name>,
     /// Whether the identity is disabled.
     pub disabled: bool,
+    /// Whether the identity is revoked: its record is kept and its name never reused, so a
+    /// round trip through a document keeps it (and the policies naming it). A plan recreates a
+    /// missing one as a revoked record but never revokes an active identity: revocation also
+    /// revokes certificates and is a command of its own.
+    pub revoked: bool,
 }
 
 impl From<&Identity> for DocIdentity {
@@ -71,6 +87,7 @@ impl From<&Identity> for DocIdentity {
             kind: i.kind,
             roles: i.roles.clone(),
             disabled: i.disabled,
+            revoked: i.revoked,
         }
     }
 }
@@ -82,8 +99,8 @@ impl From<&Identity> for DocIdentity {
 ///
 /// YAML syntax errors, unknown fields and values of the wrong type come from the YAML parser
 /// as a single error; every other problem (invalid names, selectors and addresses, hosting,
-/// duplicate names, dangling `@name` references, empty selector lists, routers) is collected
-/// with its path.
+/// duplicate names, dangling `@name` references, empty selector lists, intercepts used by two
+/// services) is collected with its path.
 pub fn parse_document(yaml: &str) -> Result<Document, Vec<DocError>> {
     if yaml.len() > MAX_DOCUMENT_BYTES {
         let kind = DocErrorKind::TooLarge {
@@ -97,12 +114,20 @@ pub fn parse_document(yaml: &str) -> Result<Document, Vec<DocError>> {
     parse::convert(dto.ok_or_else(|| vec![DocError::new("", DocErrorKind::Empty)])?)
 }
 
-/// The document describing `state`, for `umbra export`: routers (which enroll themselves) and
-/// revoked identities (kept only for audit) are left out, and every list is sorted by name so
-/// that exports diff cleanly.
+/// The document describing `state`, for `umbra export`, which [`crate::plan`] plans as no change
+/// against the same state: every agent and admin, revoked ones marked `revoked`; routers (which
+/// enroll themselves) only when a policy names them with `@name`, so that the document holds
+/// every identity it names. Every list is sorted by name so that exports diff cleanly.
 pub fn export(state: &State) -> Document {
+    let named: std::collections::HashSet<&Name> = (state.policies.values())
+        .flat_map(|p| &p.identities)
+        .filter_map(|s| match s {
+            crate::Selector::Named(n) => Some(n),
+            _ => None,
+        })
+        .collect();
     let mut identities: Vec<DocIdentity> = (state.identities.values())
-        .filter(|i| i.kind != IdentityKind::Router && !i.revoked)
+        .filter(|i| i.kind != IdentityKind::Router || named.contains(&i.name))
         .map(DocIdentity::from)
         .collect();
     identities.sort_by(|a, b| a.name.cmp(&b.name));
@@ -122,14 +147,11 @@ impl Document {
             .expect("a document of plain strings, booleans and lists always serializes")
     }
 
-    /// Checks the rules a parsed document keeps, for documents built in code: no routers,
-    /// names unique within each list, every `@name` naming an entry of this document, and no
-    /// empty selector list.
+    /// Checks the rules a parsed document keeps, for documents built in code: names unique
+    /// within each list, every `@name` naming an entry of this document, no empty selector
+    /// list, and no intercept used by two services.
     pub fn validate(&self) -> Result<(), Vec<DocError>> {
         let mut problems = Problems::default();
-        for (i, identity) in self.identities.iter().enumerate() {
-            check_kind(i, identity.kind, &mut problems);
-        }
         let catalog = Catalog {
             identities: (self.identities.iter().enumerate())
                 .map(|(i, x)| (At::Pos(i), Some(&x.name)))
@@ -145,6 +167,9 @@ impl Document {
                     services: Side::of(&p.services),
                 })
                 .collect(),
+            intercepts: (self.services.iter().enumerate())
+                .map(|(i, s)| (At::Pos(i), &s.name, s.intercepts.as_slice()))
+                .collect(),
         };
         catalog.check(&mut problems);
         problems.finish(|| ())
@@ -158,14 +183,6 @@ impl Document {
         doc.services.sort_by(|a, b| a.name.cmp(&b.name));
         doc.policies.sort_by(|a, b| a.name.cmp(&b.name));
         doc
-    }
-}
-
-/// Documents hold agents and admins only.
-fn check_kind(i: usize, kind: IdentityKind, problems: &mut Problems) {
-    if kind == IdentityKind::Router {
-        let path = format!("{}.kind", At::Pos(i).path("identities"));
-        problems.push(path, DocErrorKind::RouterInDocument);
     }
 }
 

@@ -162,6 +162,31 @@ pub enum DocErrorKind {
     /// A requests-per-minute cap is zero or too large.
     #[error("rpm must be between 1 and {max}", max = crate::MAX_RPM)]
     Rpm,
+    /// Two services list the same intercept address; a tunneler could expose only one of them
+    /// there, so the second would silently be unreachable.
+    #[error("intercept {intercept} of service {by} is already used by service {service}")]
+    InterceptTaken {
+        /// The address listed twice.
+        intercept: crate::HostPort,
+        /// The service that lists it first.
+        service: Name,
+        /// The service that lists it again (the entry the error's path points at).
+        by: Name,
+    },
+    /// A document lists a router this controller does not have. Routers are enrolled through
+    /// the controller; a document only names them, for the policies that refer to them.
+    #[error("{name:?} is not a router of this controller; create it with `umbra router create {name}` first (documents never create routers)")]
+    RouterNotEnrolled {
+        /// The router's name.
+        name: Name,
+    },
+    /// A document marks an active identity as revoked. Revocation also revokes certificates
+    /// and cuts connections, which is a command of its own.
+    #[error("{name:?} is active; revoke it with `umbra identity revoke {name}` (a document never revokes)")]
+    RevokeInDocument {
+        /// The identity's name.
+        name: Name,
+    },
     /// The id generator returned an id that is already in use.
     #[error("the new identity id {0} is already in use")]
     IdTaken(IdentityId),

@@ -23,7 +23,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::decision::{Deny, Explanation, Permit};
-use crate::model::{Action, Identity, IdentityId, Service, State, Timestamp};
+use crate::model::{Action, Identity, IdentityId, Service, ServicePolicy, State, Timestamp};
 use compile::Compiled;
 pub(crate) use identities::Activity;
 use identities::{Identities, IdentityEntry};
@@ -151,11 +151,39 @@ impl Index {
         let Some(policies) = c.service(service, Action::Bind) else {
             return Vec::new();
         };
-        let rows = policies.list().iter().map(|&p| c.policy_binders.row(p));
+        let rows = policies.list().iter().map(|&p| c.policy_identities.row(p));
         (union(rows, c.identity_ids.len()).into_iter())
             .filter(|&i| self.identities.at(i).activity.check(now).is_ok())
             .map(|i| &c.identity_ids[i as usize])
             .collect()
+    }
+
+    /// Who may dial `service` at `now`, and through which policy: every pair of a Dial policy
+    /// selecting the service and an identity it selects that is active at `now`, by policy name
+    /// and then identity id. A host (an LLM or MCP gateway) enforces each pair's limits, so it
+    /// must see the same grants the routers decide with; asking the index keeps that one
+    /// evaluator instead of a second scan of every policy against every identity. Empty for an
+    /// unknown service.
+    pub fn dialers_of(&self, service: &str, now: Timestamp) -> Vec<(&Identity, &ServicePolicy)> {
+        let c = &self.compiled;
+        let Some(policies) = c.service(service, Action::Dial) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for &p in policies.list() {
+            let Some(policy) = self.state.policies.get(&c.policy_names[p as usize]) else {
+                continue;
+            };
+            for &i in c.policy_identities.row(p) {
+                if self.identities.at(i).activity.check(now).is_err() {
+                    continue;
+                }
+                if let Some(identity) = self.state.identities.get(&c.identity_ids[i as usize]) {
+                    out.push((identity, policy));
+                }
+            }
+        }
+        out
     }
 
     /// The decision for `identity`, `service` and `action` at `now` with the facts behind it,

@@ -42,6 +42,9 @@ pub enum Change {
         roles: BTreeSet<Name>,
         /// Whether it starts disabled.
         disabled: bool,
+        /// Whether it is a revoked record (recreated from a document, so that its name stays
+        /// taken and the policies naming it resolve); it never holds a certificate.
+        revoked: bool,
     },
     /// Change an existing identity's roles or disabled flag.
     UpdateIdentity {
@@ -94,8 +97,10 @@ impl Plan {
 
 /// The changes that make `current` match `desired`.
 ///
-/// Routers and revoked identities in `current` are never touched, and a document identity
-/// that takes the name of one is an error, as is changing an identity's kind. Agent and admin
+/// Routers and revoked identities in `current` are never touched: a document may list one only
+/// exactly as it is (as `export` does, for the policies that name it), and a document router
+/// must exist. A revoked identity the state lacks is created as a revoked record; marking an
+/// active identity revoked, or changing an identity's kind, is an error. Agent and admin
 /// identities, services and policies missing from the document are deleted. Entries that
 /// would not change are left out.
 pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> {
@@ -114,13 +119,22 @@ pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> 
     for (i, want) in wanted {
         let path = At::Pos(i).path("identities");
         match by_name.get(&want.name) {
+            None if want.kind == IdentityKind::Router => {
+                let kind = DocErrorKind::RouterNotEnrolled {
+                    name: want.name.clone(),
+                };
+                problems.push(format!("{path}.name"), kind);
+            }
             None => creates.push(Change::CreateIdentity {
                 name: want.name.clone(),
                 kind: want.kind,
                 roles: want.roles.clone(),
                 disabled: want.disabled,
+                revoked: want.revoked,
             }),
             Some(have) => match protected(have) {
+                // A reference to a router or revoked record, exactly as it is.
+                Some(_) if DocIdentity::from(*have) == *want => {}
                 Some(kind) => problems.push(format!("{path}.name"), kind),
                 None if have.kind != want.kind => {
                     let kind = DocErrorKind::KindChange {
@@ -129,6 +143,12 @@ pub fn plan(current: &State, desired: &Document) -> Result<Plan, Vec<DocError>> 
                         desired: want.kind,
                     };
                     problems.push(format!("{path}.kind"), kind);
+                }
+                None if want.revoked => {
+                    let kind = DocErrorKind::RevokeInDocument {
+                        name: want.name.clone(),
+                    };
+                    problems.push(format!("{path}.revoked"), kind);
                 }
                 None if have.roles != want.roles || have.disabled != want.disabled => {
                     plan.before
@@ -237,8 +257,12 @@ fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     items.join(",")
 }
 
-fn identity_fields(roles: &BTreeSet<Name>, disabled: bool) -> Fields {
-    vec![("roles", list(roles)), ("disabled", disabled.to_string())]
+fn identity_fields(roles: &BTreeSet<Name>, disabled: bool, revoked: bool) -> Fields {
+    vec![
+        ("roles", list(roles)),
+        ("disabled", disabled.to_string()),
+        ("revoked", revoked.to_string()),
+    ]
 }
 
 fn service_fields(s: &Service) -> Fields {
@@ -300,9 +324,10 @@ impl fmt::Display for Plan {
                     kind,
                     roles,
                     disabled,
+                    revoked,
                 } => {
                     let head = format!("identity {name} ({kind})");
-                    listed(f, '+', &head, &identity_fields(roles, *disabled))?
+                    listed(f, '+', &head, &identity_fields(roles, *disabled, *revoked))?
                 }
                 Change::UpdateIdentity {
                     id,
@@ -310,10 +335,10 @@ impl fmt::Display for Plan {
                     roles,
                     disabled,
                 } => {
-                    let new = identity_fields(roles, *disabled);
+                    let new = identity_fields(roles, *disabled, false);
                     match b.identities.get(id) {
                         Some(old) => {
-                            let old = identity_fields(&old.roles, old.disabled);
+                            let old = identity_fields(&old.roles, old.disabled, old.revoked);
                             changed(f, &format!("identity {name}"), &old, &new)?
                         }
                         None => listed(f, '~', &format!("identity {name}"), &new)?,

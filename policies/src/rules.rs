@@ -1,5 +1,5 @@
 //! The rules that span entries: names unique within a list, every `@name` selector naming
-//! something, no empty selector list.
+//! something, no empty selector list, no intercept address used by two services.
 //!
 //! Documents (parsed or built in code) and controller states are checked by this one piece of
 //! code, through a [`Catalog`] of what each holds, so that `umbra apply` and every controller
@@ -8,7 +8,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::error::{DocErrorKind, Entity, Problems};
-use crate::model::State;
+use crate::model::{HostPort, State};
 use crate::name::Name;
 use crate::selector::Selector;
 
@@ -65,6 +65,8 @@ pub(crate) struct Catalog<'a> {
     pub(crate) identities: Vec<(At<'a>, Option<&'a Name>)>,
     pub(crate) services: Vec<(At<'a>, Option<&'a Name>)>,
     pub(crate) policies: Vec<PolicyRefs<'a>>,
+    /// Each service's intercepts, for the services whose entry is valid.
+    pub(crate) intercepts: Vec<(At<'a>, &'a Name, &'a [HostPort])>,
 }
 
 impl Catalog<'_> {
@@ -74,6 +76,7 @@ impl Catalog<'_> {
         let services = unique(Entity::Service, "services", &self.services, problems);
         let policies: Vec<_> = self.policies.iter().map(|p| (p.at, p.name)).collect();
         unique(Entity::Policy, "policies", &policies, problems);
+        intercepts_unique(&self.intercepts, problems);
         for p in &self.policies {
             let path = p.at.path("policies");
             let sides = [
@@ -92,6 +95,31 @@ impl Catalog<'_> {
                             problems.push(format!("{path}.{field}[{j}]"), kind);
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Reports every intercept listed by a service after another service listed it: a tunneler
+/// listens once per address, so two services there would leave one silently unreachable. A
+/// service repeating its own intercept is harmless and left alone.
+fn intercepts_unique(services: &[(At<'_>, &Name, &[HostPort])], problems: &mut Problems) {
+    let mut owner: HashMap<&HostPort, &Name> = HashMap::new();
+    for &(at, name, intercepts) in services {
+        for (j, intercept) in intercepts.iter().enumerate() {
+            match owner.get(intercept) {
+                Some(&first) if first != name => {
+                    let kind = DocErrorKind::InterceptTaken {
+                        intercept: intercept.clone(),
+                        service: first.clone(),
+                        by: name.clone(),
+                    };
+                    problems.push(format!("{}.intercepts[{j}]", at.path("services")), kind);
+                }
+                Some(_) => {}
+                None => {
+                    owner.insert(intercept, name);
                 }
             }
         }
@@ -126,8 +154,9 @@ impl State {
     /// Checks the rules every stored state must keep: entries stored under their own id or
     /// name, names unique within each list (identity names across all kinds, revoked ones
     /// included, since their names are never reused), every `@name` naming an existing identity
-    /// or service, and no empty selector list. The controller runs it on every write, with the
-    /// same rules `umbra apply` applies to documents.
+    /// or service, no empty selector list, and no intercept address used by two services. The
+    /// controller runs it on the result of every write before storing it, with the same rules
+    /// `umbra apply` applies to documents.
     pub fn validate(&self) -> Result<(), Vec<crate::DocError>> {
         let mut problems = Problems::default();
         let mismatch = |list: &str, key: &str, own: &str, problems: &mut Problems| {
@@ -162,6 +191,9 @@ impl State {
                     identities: Side::of(&p.identities),
                     services: Side::of(&p.services),
                 })
+                .collect(),
+            intercepts: (self.services.iter())
+                .map(|(k, s)| (At::Key(k.as_str()), &s.name, s.intercepts.as_slice()))
                 .collect(),
         };
         catalog.check(&mut problems);

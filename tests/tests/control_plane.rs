@@ -526,7 +526,7 @@ async fn bad_requests_get_clear_errors_and_change_nothing() {
             "/v1/policies",
             serde_json::json!({"identities": ["@ghost"], "services": ["#all"]}),
             400,
-            "no identity named ghost",
+            "@ghost: there is no identity named \"ghost\"",
         ),
         (
             "/v1/apply",
@@ -759,6 +759,84 @@ async fn apply_and_export_round_trip() {
 }
 
 #[tokio::test]
+async fn no_write_puts_two_services_on_one_intercept() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let apply = |document: &str| ApplyRequest {
+        document: document.into(),
+        dry_run: false,
+    };
+    // Before, `apply` took this and the tunneler silently kept one of the two.
+    let doc = r#"
+identities: [{name: admin, kind: admin}]
+services:
+  - {name: one, hosted: true, intercepts: ["llm.umbra:443"]}
+  - {name: two, address: "127.0.0.1:8080", intercepts: ["LLM.umbra:443"]}
+"#;
+    let e = admin
+        .call::<ApplyResponse>(Method::POST, "/v1/apply", Some(&apply(doc)))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(400), "{e}");
+    assert!(
+        e.to_string().contains(
+            "services[1].intercepts[0]: intercept llm.umbra:443 of service two is already used by service one"
+        ),
+        "{e}"
+    );
+    assert!(t.ctrl.state().services.is_empty(), "nothing was applied");
+
+    // One service per intercept applies; a command adding a second is refused by the same rule.
+    let fixed = doc.replace("LLM.umbra:443", "other.umbra:443");
+    let done: ApplyResponse = admin
+        .call(Method::POST, "/v1/apply", Some(&apply(&fixed)))
+        .await
+        .unwrap();
+    assert!(done.applied, "{}", done.plan);
+    let mut dup = service("three", &[]);
+    dup.intercepts = vec!["other.umbra:443".parse().unwrap()];
+    let e = admin
+        .call::<Service>(Method::POST, "/v1/services", Some(&dup))
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(409), "{e}");
+    assert!(
+        e.to_string()
+            .contains("intercept other.umbra:443 is already used by service two"),
+        "{e}"
+    );
+    // So is an identity name that is taken, and a grant with nothing to grant to.
+    let e = admin
+        .call::<TokenResponse>(
+            Method::POST,
+            "/v1/identities",
+            Some(&CreateIdentityRequest {
+                name: name("admin"),
+                kind: IdentityKind::Agent,
+                roles: vec![],
+                token_ttl_secs: None,
+            }),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(api_status(&e), Some(409), "{e}");
+    assert!(
+        e.to_string()
+            .contains("an identity named admin already exists"),
+        "{e}"
+    );
+    let e = grant(&admin, &[], &["@one"]).await.unwrap_err();
+    assert_eq!(api_status(&e), Some(400), "{e}");
+    assert!(
+        e.to_string()
+            .contains("identities: a policy needs at least one selector"),
+        "{e}"
+    );
+    assert_eq!(t.ctrl.state().services.len(), 2);
+    assert!(t.ctrl.state().policies.is_empty());
+}
+
+#[tokio::test]
 async fn routers_follow_the_control_channel() {
     use umbra_proto::{ChangeEvent, ControlMessage, FrameDecoder};
     let t = TestController::start().await;
@@ -884,6 +962,79 @@ async fn routers_follow_the_control_channel() {
         ),
         "{e}"
     );
+}
+
+#[tokio::test]
+async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
+    let t = TestController::start().await;
+    let admin = t.admin_client();
+    let gw = enrolled(&t, "gw", IdentityKind::Agent, &[]).await;
+    create(&admin, "a1", IdentityKind::Agent, &["analysts"]).await;
+    create(&admin, "a2", IdentityKind::Agent, &["analysts"]).await;
+    create(&admin, "a3", IdentityKind::Agent, &[]).await;
+    let _: Service = admin
+        .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
+        .await
+        .unwrap();
+    let named = |name_: &str, action, ids: &[&str], rpm| GrantRequest {
+        name: Some(name(name_)),
+        action,
+        identities: ids.iter().map(|s| s.parse::<Selector>().unwrap()).collect(),
+        services: vec!["@llm".parse().unwrap()],
+        semantic: Semantic::AnyOf,
+        models: None,
+        tokens: None,
+        rpm,
+        tools: None,
+        resources: None,
+        prompts: None,
+    };
+    for req in [
+        named("gw-binds", Action::Bind, &["@gw"], None),
+        named("analysts", Action::Dial, &["#analysts"], Some(60)),
+        named("everyone", Action::Dial, &["#all"], None),
+    ] {
+        let _: umbra_policies::ServicePolicy = admin
+            .call(Method::POST, "/v1/policies", Some(&req))
+            .await
+            .unwrap();
+    }
+    let grants = || async {
+        let v: EdgeView = t
+            .client_for(&gw)
+            .call(Method::GET, "/v1/edge", NONE)
+            .await
+            .unwrap();
+        assert_eq!(v.services.len(), 1);
+        assert!(
+            v.services[0].bind,
+            "gw binds llm (and `#all` lets it dial too)"
+        );
+        (v.services[0].grants.iter())
+            .map(|g| (g.name.to_string(), g.policy.to_string(), g.rpm))
+            .collect::<Vec<_>>()
+    };
+    let row = |i: &str, p: &str, rpm| (i.to_owned(), p.to_owned(), rpm);
+    // Every agent the Dial policies select, with each granting policy's limits; the admin that
+    // `#all` selects too calls no gateway.
+    assert_eq!(
+        grants().await,
+        [
+            row("a1", "analysts", Some(60)),
+            row("a1", "everyone", None),
+            row("a2", "analysts", Some(60)),
+            row("a2", "everyone", None),
+            row("a3", "everyone", None),
+            row("gw", "everyone", None),
+        ]
+    );
+    let _: serde_json::Value = admin
+        .call(Method::POST, "/v1/identities/a2/revoke", NONE)
+        .await
+        .unwrap();
+    let now = grants().await;
+    assert!(now.iter().all(|(i, _, _)| i != "a2"), "{now:?}");
+    assert_eq!(now.len(), 4);
 }
 
 #[tokio::test]

@@ -9,6 +9,10 @@ impl Controller {
     }
 
     /// Makes the state match a document (or only computes the plan, with `dry_run`).
+    ///
+    /// The plan is made once and applied once, by the core, with the ids it will keep: the
+    /// state it yields is what the batch stores (and what the gate in `commit` checks again
+    /// with every other write's rules).
     pub fn apply(
         &self,
         actor: &Actor,
@@ -18,8 +22,8 @@ impl Controller {
         let doc = umbra_policies::parse_document(yaml).map_err(rejected)?;
         let mut inner = self.lock();
         let plan = umbra_policies::plan(inner.state(), &doc).map_err(rejected)?;
-        // The result must pass the same rules as every other write.
-        umbra_policies::apply_plan(inner.state(), &plan, new_identity_id).map_err(rejected)?;
+        let next =
+            umbra_policies::apply_plan(inner.state(), &plan, new_identity_id).map_err(rejected)?;
         let text = plan.to_string();
         let changes = plan.changes.len();
         if dry_run || plan.is_empty() {
@@ -32,45 +36,27 @@ impl Controller {
         let now = self.now();
         let mut batch = Batch::default();
         let mut revocations = Batch::default();
+        // Identities the plan creates, by name, with the ids `apply_plan` gave them.
+        let created: HashMap<&Name, &Identity> = (next.identities.values())
+            .filter(|i| !inner.state().identities.contains_key(&i.id))
+            .map(|i| (&i.name, i))
+            .collect();
+        let changed = |id: &IdentityId| {
+            next.identities.get(id).cloned().ok_or_else(|| {
+                ControllerError::Corrupt(format!("the applied plan lost identity {id}"))
+            })
+        };
         for change in plan.changes {
             use umbra_policies::Change;
             match change {
-                Change::CreateIdentity {
-                    name,
-                    kind,
-                    roles,
-                    disabled,
-                } => {
-                    if inner.names.contains_key(&name) {
-                        return Err(ControllerError::Conflict(format!(
-                            "an identity named {name} already exists"
-                        )));
-                    }
-                    let identity = Identity {
-                        id: new_identity_id(),
-                        name,
-                        kind,
-                        roles,
-                        disabled,
-                        revoked: false,
-                        expires_at: None,
-                    };
+                Change::CreateIdentity { name, .. } => {
+                    let identity = (created.get(&name).map(|i| (*i).clone())).ok_or_else(|| {
+                        ControllerError::Corrupt(format!("the applied plan lost identity {name}"))
+                    })?;
                     batch.changes.push(ChangeEvent::IdentityPut { identity });
                 }
-                Change::UpdateIdentity {
-                    id,
-                    name,
-                    roles,
-                    disabled,
-                } => {
-                    let mut identity =
-                        inner.state().identities.get(&id).cloned().ok_or_else(|| {
-                            ControllerError::Conflict(format!(
-                                "identity {name} changed during apply"
-                            ))
-                        })?;
-                    identity.roles = roles;
-                    identity.disabled = disabled;
+                Change::UpdateIdentity { id, .. } => {
+                    let identity = changed(&id)?;
                     batch.changes.push(ChangeEvent::IdentityPut { identity });
                 }
                 Change::DeleteIdentity { id, name } => {

@@ -177,32 +177,24 @@ impl Controller {
             .cloned()
             .collect();
         // A host learns who may call the services it binds, and with what limits, so that a
-        // gateway enforces the same grants the routers do.
-        let state = inner.state();
+        // gateway enforces the same grants the routers do: the index answers, as it does for
+        // the routers. Only agents call through gateways.
         for e in services.values_mut().filter(|e| e.bind) {
-            let Some(svc) = state.services.get(&e.name) else {
-                continue;
-            };
-            for p in state
-                .policies
-                .values()
-                .filter(|p| p.action == Action::Dial && p.selects_service(svc))
-            {
-                for i in state.identities.values().filter(|i| {
-                    i.kind == IdentityKind::Agent && i.is_active(now) && p.selects_identity(i)
-                }) {
-                    e.grants.push(umbra_proto::api::HostedGrant {
-                        identity: i.id.clone(),
-                        name: i.name.clone(),
-                        policy: p.name.clone(),
-                        models: p.models.clone(),
-                        tokens: p.tokens,
-                        rpm: p.rpm,
-                        tools: p.tools.clone(),
-                        resources: p.resources.clone(),
-                        prompts: p.prompts.clone(),
-                    });
+            for (i, p) in index.dialers_of(e.name.as_str(), now) {
+                if i.kind != IdentityKind::Agent {
+                    continue;
                 }
+                e.grants.push(umbra_proto::api::HostedGrant {
+                    identity: i.id.clone(),
+                    name: i.name.clone(),
+                    policy: p.name.clone(),
+                    models: p.models.clone(),
+                    tokens: p.tokens,
+                    rpm: p.rpm,
+                    tools: p.tools.clone(),
+                    resources: p.resources.clone(),
+                    prompts: p.prompts.clone(),
+                });
             }
             e.grants
                 .sort_by(|a, b| (&a.name, &a.policy).cmp(&(&b.name, &b.policy)));

@@ -11,11 +11,7 @@ impl Controller {
         roles: std::collections::BTreeSet<Name>,
     ) -> Result<Identity, ControllerError> {
         let mut inner = self.lock();
-        if inner.names.contains_key(&name) {
-            return Err(ControllerError::Conflict(format!(
-                "an identity named {name} already exists"
-            )));
-        }
+        // A name already taken is refused by the gate in `commit`.
         let identity = Identity {
             id: new_identity_id(),
             name,

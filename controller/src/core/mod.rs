@@ -1,10 +1,15 @@
 //! The controller's state machine: every read and write of the model, enrollment and
 //! certificate issuance goes through [`Controller`].
 //!
-//! One mutex serializes writes. Under it a command reads the current state, builds a [`Batch`],
-//! commits it to SQLite, applies it to the in-memory replica and publishes the deltas, in that
-//! order, so that what routers see is always a prefix of what is durable. Every call here is
-//! blocking (SQLite); the HTTP layer runs them on the blocking pool.
+//! One mutex serializes writes. Under it a command reads the current state and builds a
+//! [`Batch`]; `Controller::commit` (module `commit`), the one gate every write goes through,
+//! applies the batch's model changes to a candidate copy of the state and checks the result
+//! with the core's rules (`State::validate`: unique names and intercepts, resolving `@name`s, no
+//! empty selector list), and only then commits it to SQLite, applies it to the in-memory
+//! replica and publishes the deltas, in that order, so that what routers see is always a prefix
+//! of what is durable and always a state the core accepts. Commands check only what the core
+//! cannot know: that the thing they name exists, that a create does not replace, who is acting.
+//! Every call here is blocking (SQLite); the HTTP layer runs them on the blocking pool.
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -34,6 +39,7 @@ use crate::error::ControllerError;
 use crate::store::{AuditRecord, Batch, Record, Store};
 
 mod certs;
+mod commit;
 mod declarative;
 mod events;
 pub mod follow;
@@ -262,6 +268,11 @@ impl Controller {
             .values()
             .map(|i| (i.name.clone(), i.id.clone()))
             .collect();
+        if let Err(problems) = replica.state.validate() {
+            for problem in problems {
+                tracing::warn!(%problem, "the stored state breaks a rule; writes that add to it are refused");
+            }
+        }
         let revoked = Arc::new(RevokedSerials::default());
         revoked
             .0
@@ -348,45 +359,6 @@ impl Controller {
         idx
     }
 
-    /// Commits a batch built under the lock and publishes its deltas.
-    fn commit(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let now = self.now();
-        let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
-        let mut revoked_changed = false;
-        for d in &deltas {
-            match &d.change {
-                ChangeEvent::IdentityPut { identity } => {
-                    inner
-                        .names
-                        .insert(identity.name.clone(), identity.id.clone());
-                }
-                ChangeEvent::IdentityDeleted { id } => {
-                    if let Some(i) = inner.replica.state.identities.get(id) {
-                        let n = i.name.clone();
-                        inner.names.remove(&n);
-                    }
-                }
-                ChangeEvent::CertRevoked { .. } => revoked_changed = true,
-                _ => {}
-            }
-            inner.replica.apply_change(&d.change);
-            inner.replica.seq = d.seq;
-        }
-        if revoked_changed {
-            self.revoked
-                .0
-                .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
-        }
-        for d in deltas {
-            // No receivers is normal (no router connected).
-            let _ = self.deltas.send(Arc::new(d));
-        }
-        Ok(())
-    }
-
     fn audit(
         actor: &Actor,
         action: &'static str,
@@ -431,3 +403,6 @@ fn referencing_policies(state: &State, name: &Name, identity_side: bool) -> Vec<
         .map(|p| p.name.clone())
         .collect()
 }
+
+#[cfg(test)]
+mod gate_tests;

@@ -16,18 +16,7 @@ impl Controller {
                 service.name
             )));
         }
-        for other in inner.state().services.values() {
-            if let Some(i) = service
-                .intercepts
-                .iter()
-                .find(|i| other.intercepts.contains(i))
-            {
-                return Err(ControllerError::Conflict(format!(
-                    "intercept {i} is already used by service {}",
-                    other.name
-                )));
-            }
-        }
+        // An intercept another service uses is refused by the gate in `commit`.
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::ServicePut {
             service: service.clone(),
@@ -106,9 +95,6 @@ impl Controller {
         let mut inner = self.lock();
         let state = inner.state();
         let mut problems = Vec::new();
-        if req.identities.is_empty() {
-            problems.push("at least one identity selector is needed".to_owned());
-        }
         if req
             .rpm
             .is_some_and(|r| !(1..=umbra_policies::MAX_RPM).contains(&r))
@@ -117,23 +103,6 @@ impl Controller {
                 "rpm must be between 1 and {}",
                 umbra_policies::MAX_RPM
             ));
-        }
-        if req.services.is_empty() {
-            problems.push("at least one service selector is needed".to_owned());
-        }
-        for s in &req.identities {
-            if let Selector::Named(n) = s {
-                if !inner.names.contains_key(n) {
-                    problems.push(format!("{s}: no identity named {n}"));
-                }
-            }
-        }
-        for s in &req.services {
-            if let Selector::Named(n) = s {
-                if !state.services.contains_key(n) {
-                    problems.push(format!("{s}: no service named {n}"));
-                }
-            }
         }
         if !problems.is_empty() {
             return Err(ControllerError::Rejected(problems));
@@ -147,6 +116,8 @@ impl Controller {
             Some(n) => n,
             None => generated_policy_name(state, req.action, &req.identities, &req.services),
         };
+        // Empty selector lists and `@name`s that name nothing are refused by the gate in
+        // `commit`.
         let policy = ServicePolicy {
             name,
             action: req.action,

@@ -27,6 +27,8 @@ pub(super) struct IdentityDto {
     pub(super) roles: Vec<String>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub(super) disabled: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub(super) revoked: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -96,6 +98,7 @@ impl From<&Document> for DocumentDto {
                     kind: i.kind,
                     roles: strings(&i.roles),
                     disabled: i.disabled,
+                    revoked: i.revoked,
                 })
                 .collect(),
             services: (doc.services.iter())

@@ -7,9 +7,9 @@
 use std::collections::BTreeSet;
 
 use super::dto::{DocumentDto, IdentityDto, PolicyDto, ServiceDto};
-use super::{check_kind, DocIdentity, Document};
+use super::{DocIdentity, Document};
 use crate::error::{DocError, DocErrorKind, Problems};
-use crate::model::{HostPort, Hosting, IdentityKind, Service, ServicePolicy};
+use crate::model::{HostPort, Hosting, Service, ServicePolicy};
 use crate::name::Name;
 use crate::rules::{At, Catalog, PolicyRefs, Side};
 use crate::selector::Selector;
@@ -53,6 +53,15 @@ pub(super) fn convert(dto: DocumentDto) -> Result<Document, Vec<DocError>> {
                 services: side(&p.services),
             })
             .collect(),
+        intercepts: (services.iter().enumerate())
+            .filter_map(|(i, d)| {
+                Some((
+                    At::Pos(i),
+                    &d.item.as_ref()?.name,
+                    &d.item.as_ref()?.intercepts[..],
+                ))
+            })
+            .collect(),
     }
     .check(&mut problems);
 
@@ -65,15 +74,15 @@ pub(super) fn convert(dto: DocumentDto) -> Result<Document, Vec<DocError>> {
 
 fn identity(i: usize, dto: IdentityDto, problems: &mut Problems) -> Draft<DocIdentity> {
     let path = At::Pos(i).path("identities");
-    check_kind(i, dto.kind, problems);
     let name = problems.take(|| format!("{path}.name"), Name::new(dto.name));
     let roles = roles(&path, dto.roles, problems);
     let item = match (&name, roles) {
-        (Some(name), Some(roles)) if dto.kind != IdentityKind::Router => Some(DocIdentity {
+        (Some(name), Some(roles)) => Some(DocIdentity {
             name: name.clone(),
             kind: dto.kind,
             roles,
             disabled: dto.disabled,
+            revoked: dto.revoked,
         }),
         _ => None,
     };

@@ -247,11 +247,26 @@ fn empty_selector_lists() {
 }
 
 #[test]
-fn routers_are_not_in_documents() {
-    let yaml = "identities: [{name: r1, kind: router}]";
+fn routers_and_revoked_identities_are_listed_as_such() {
+    let yaml = "identities: [{name: r1, kind: router}, {name: old, revoked: true}]";
+    let doc = parse_document(yaml).unwrap();
+    assert_eq!(doc.identities[0].kind, IdentityKind::Router);
+    assert!(!doc.identities[0].revoked);
+    assert!(doc.identities[1].revoked);
+    assert_eq!(parse_document(&doc.to_yaml()).unwrap(), doc);
+}
+
+#[test]
+fn an_intercept_belongs_to_one_service() {
+    let yaml = r#"
+services:
+  - {name: a, hosted: true, intercepts: ["x.umbra:443", "x.umbra:443"]}
+  - {name: b, hosted: true, intercepts: ["y.umbra:80", "X.umbra:443"]}
+"#;
+    let kind = error_at(yaml, "services[1].intercepts[1]");
     assert_eq!(
-        error_at(yaml, "identities[0].kind"),
-        DocErrorKind::RouterInDocument
+        kind.to_string(),
+        "intercept x.umbra:443 of service b is already used by service a"
     );
 }
 
@@ -345,11 +360,12 @@ fn identity(id: &str, name: &str, kind: IdentityKind) -> Identity {
 }
 
 #[test]
-fn export_leaves_out_routers_and_revoked_identities_and_sorts() {
+fn export_lists_revoked_identities_and_only_the_routers_policies_name() {
     let mut state = State::default();
     for i in [
         identity("id3", "zed", IdentityKind::Agent),
         identity("id1", "router-1", IdentityKind::Router),
+        identity("id5", "router-2", IdentityKind::Router),
         identity("id2", "amy", IdentityKind::Admin),
         Identity {
             revoked: true,
@@ -358,10 +374,21 @@ fn export_leaves_out_routers_and_revoked_identities_and_sorts() {
     ] {
         state.identities.insert(i.id.clone(), i);
     }
+    let mut named = crate::testing::policy(
+        "p",
+        Action::Dial,
+        Semantic::AnyOf,
+        &["@gone", "@router-2", "#r"],
+        &["#all"],
+    );
+    named.semantic = Semantic::AnyOf;
+    state.policies.insert(named.name.clone(), named);
     let doc = export(&state);
     let names: Vec<&str> = doc.identities.iter().map(|i| i.name.as_str()).collect();
-    assert_eq!(names, ["amy", "zed"]);
+    assert_eq!(names, ["amy", "gone", "router-2", "zed"]);
     assert_eq!(doc.identities[0].kind, IdentityKind::Admin);
+    assert!(doc.identities[1].revoked);
+    assert_eq!(doc.identities[2].kind, IdentityKind::Router);
     assert_eq!(parse_document(&doc.to_yaml()).unwrap(), doc);
 }
 
@@ -373,15 +400,17 @@ fn validate_checks_documents_built_in_code() {
         kind: IdentityKind::Router,
         roles: BTreeSet::new(),
         disabled: false,
+        revoked: false,
     });
     doc.policies[0].services.clear();
+    doc.services[1].intercepts = doc.services[0].intercepts.clone();
     let errs = doc.validate().unwrap_err();
     let paths: Vec<&str> = errs.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
         paths,
         [
-            "identities[3].kind",
             "identities[3].name",
+            "services[1].intercepts[0]",
             "policies[0].services"
         ]
     );

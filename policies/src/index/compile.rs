@@ -1,5 +1,5 @@
 //! Compiling a state into the index's relations: the policies that select each identity and
-//! each service, the services each policy selects and the identities each Bind policy selects.
+//! each service, the services each policy selects and the identities each policy selects.
 
 use super::filtered::{Filtered, FILTER_WORDS};
 use super::identities::Identities;
@@ -25,9 +25,9 @@ pub(crate) struct Compiled {
     pub(crate) policy_names: Vec<Name>,
     /// Per policy slot: the services it selects.
     pub(crate) policy_services: Rows,
-    /// Per policy slot: the identities a Bind policy selects (empty for Dial policies), for
-    /// routers looking for SDK hosts.
-    pub(crate) policy_binders: Rows,
+    /// Per policy slot: the identities it selects (whether active or not), for routers looking
+    /// for SDK hosts (Bind policies) and for the grants a host sees (Dial policies).
+    pub(crate) policy_identities: Rows,
 }
 
 impl Compiled {
@@ -41,11 +41,12 @@ impl Compiled {
         };
 
         let by_identity = Matcher::new(&policies, |p| &p.identities);
-        let mut identity_bind = Rows::default();
+        let mut identity_policies = Rows::default();
         let mut identities = Vec::with_capacity(state.identities.len());
         for (id, identity) in &state.identities {
-            let (dial, bind) = split(by_identity.matching(&identity.name, &identity.roles));
-            identity_bind.push(bind.iter().copied());
+            let found = by_identity.matching(&identity.name, &identity.roles);
+            identity_policies.push(found.iter().copied());
+            let (dial, bind) = split(found);
             identities.push((id, identity, dial, bind));
         }
         let identities = Identities::new(identities.into_iter());
@@ -71,7 +72,7 @@ impl Compiled {
             services: state.services.values().cloned().collect(),
             policy_names: policies.iter().map(|p| p.name.clone()).collect(),
             policy_services: service_policies.transpose(policies.len()),
-            policy_binders: identity_bind.transpose(policies.len()),
+            policy_identities: identity_policies.transpose(policies.len()),
         };
         (compiled, identities)
     }
@@ -94,6 +95,6 @@ impl Compiled {
     pub(crate) fn table_bytes(&self) -> usize {
         self.services_by_name.heap_bytes()
             + self.policy_services.heap_bytes()
-            + self.policy_binders.heap_bytes()
+            + self.policy_identities.heap_bytes()
     }
 }

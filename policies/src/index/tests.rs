@@ -255,6 +255,34 @@ fn binders_are_active_identities_with_bind() {
 }
 
 #[test]
+fn dialers_are_active_identities_with_their_granting_policies() {
+    let mut gone = agent("gone", &["users"]);
+    gone.revoked = true;
+    let index = Index::build(&state(
+        [
+            agent("zed", &["users"]),
+            agent("amy", &["users", "vip"]),
+            gone,
+        ],
+        [service("s", &["x"]), service("t", &[])],
+        [
+            policy("dial-s", Dial, AnyOf, &["#users"], &["#x"]),
+            policy("a-vip", Dial, AnyOf, &["#vip"], &["@s"]),
+            policy("bind-s", Bind, AnyOf, &["#users"], &["#x"]),
+        ],
+    ));
+    let got: Vec<(&str, &str)> = (index.dialers_of("s", NOW).into_iter())
+        .map(|(i, p)| (i.name.as_str(), p.name.as_str()))
+        .collect();
+    assert_eq!(
+        got,
+        [("amy", "a-vip"), ("amy", "dial-s"), ("zed", "dial-s")]
+    );
+    assert!(index.dialers_of("t", NOW).is_empty());
+    assert!(index.dialers_of("no-such", NOW).is_empty());
+}
+
+#[test]
 fn explain_gives_the_facts_and_a_sentence() {
     let index = sample();
     let e = index.explain(&id("id-bob"), "llm", Dial, NOW);

@@ -40,6 +40,14 @@ fn doc(yaml: &str) -> Document {
     parse_document(yaml).unwrap()
 }
 
+/// The export without the routers and revoked identities a document leaves alone.
+fn managed(state: &State) -> Document {
+    let mut doc = export(state);
+    doc.identities
+        .retain(|i| i.kind != IdentityKind::Router && !i.revoked);
+    doc
+}
+
 const DESIRED: &str = r##"
 identities:
   - {name: ann, roles: [analysts]}
@@ -60,6 +68,64 @@ fn export_then_parse_plans_nothing() {
     let plan = plan(&state, &doc(&yaml)).unwrap();
     assert!(plan.is_empty(), "{plan}");
     assert_eq!(plan.to_string(), "no changes\n");
+}
+
+#[test]
+fn policies_naming_revoked_identities_and_routers_round_trip() {
+    let mut state = current();
+    let p = policy(
+        "p",
+        Action::Dial,
+        Semantic::AnyOf,
+        &["@gone", "@edge-1"],
+        &["@llm"],
+    );
+    state.policies.insert(p.name.clone(), p);
+    let yaml = export(&state).to_yaml();
+    assert!(yaml.contains("revoked: true"), "{yaml}");
+    let desired = doc(&yaml);
+    assert!(plan(&state, &desired).unwrap().is_empty());
+
+    // On a controller without the router the document says what is missing.
+    let mut routerless = state.clone();
+    routerless.identities.remove(&id("id-edge-1"));
+    for p in routerless.policies.values_mut() {
+        p.identities.retain(|s| s.to_string() != "@edge-1");
+    }
+    let errs = plan(&routerless, &desired).unwrap_err();
+    assert_eq!(
+        errs[0].to_string(),
+        format!(
+            "identities[{}].name: \"edge-1\" is not a router of this controller; create it with \
+             `umbra router create edge-1` first (documents never create routers)",
+            desired
+                .identities
+                .iter()
+                .position(|i| i.name == n("edge-1"))
+                .unwrap()
+        )
+    );
+
+    // Without the router reference, an empty controller gets the revoked record back.
+    let yaml = export(&routerless).to_yaml();
+    let fresh = plan(&State::default(), &doc(&yaml)).unwrap();
+    assert!(fresh
+        .to_string()
+        .contains("+ identity gone (agent) roles=analysts revoked=true"));
+    let next = apply_plan(&State::default(), &fresh, ids()).unwrap();
+    assert!(next.identity_by_name("gone").unwrap().revoked);
+    assert_eq!(export(&next).to_yaml(), yaml);
+}
+
+#[test]
+fn documents_never_revoke() {
+    let errs = plan(&current(), &doc("identities: [{name: ann, revoked: true}]")).unwrap_err();
+    assert_eq!(errs.len(), 1);
+    assert_eq!(errs[0].path, "identities[0].revoked");
+    assert_eq!(
+        errs[0].kind,
+        DocErrorKind::RevokeInDocument { name: n("ann") }
+    );
 }
 
 #[test]
@@ -151,7 +217,7 @@ fn applying_the_plan_reaches_the_document() {
     let desired = doc(DESIRED);
     let plan = plan(&current, &desired).unwrap();
     let next = apply_plan(&current, &plan, ids()).unwrap();
-    assert_eq!(export(&next), desired.normalized());
+    assert_eq!(managed(&next), desired.normalized());
     assert_eq!(next.identity_by_name("cat").unwrap().id, id("new-1"));
     // What the document does not manage is kept: the router, the revoked record, the expiry.
     assert!(next.identity_by_name("edge-1").is_some());
@@ -171,7 +237,7 @@ fn every_intermediate_state_is_valid() {
         state = apply_plan(&state, &Plan::new(vec![change.clone()]), &mut new_ids)
             .unwrap_or_else(|e| panic!("{change:?}: {e:?}"));
     }
-    assert_eq!(export(&state), doc(DESIRED).normalized());
+    assert_eq!(managed(&state), doc(DESIRED).normalized());
 }
 
 #[test]
@@ -198,12 +264,14 @@ fn stale_or_unsafe_plans_are_refused_with_every_reason() {
             kind: IdentityKind::Agent,
             roles: BTreeSet::new(),
             disabled: false,
+            revoked: false,
         },
         Change::CreateIdentity {
             name: n("r2"),
             kind: IdentityKind::Router,
             roles: BTreeSet::new(),
             disabled: false,
+            revoked: false,
         },
     ]);
     let errs = apply_plan(&current(), &plan, ids()).unwrap_err();
@@ -243,6 +311,7 @@ fn reused_ids_are_refused() {
         kind: IdentityKind::Agent,
         roles: BTreeSet::new(),
         disabled: false,
+        revoked: false,
     }]);
     let errs = apply_plan(&current(), &plan, || id("id-ann")).unwrap_err();
     assert_eq!(errs[0].kind, DocErrorKind::IdTaken(id("id-ann")));
