@@ -454,11 +454,6 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                 })
                 .transpose()
             };
-            anyhow::ensure!(
-                rpm.is_none_or(|r| (1..=umbra_policies::MAX_RPM).contains(&r)),
-                "--rpm must be between 1 and {}",
-                umbra_policies::MAX_RPM
-            );
             let req = GrantRequest {
                 name: name
                     .map(|n| Name::new(n.as_str()).with_context(|| format!("invalid --name {n:?}")))
@@ -471,16 +466,16 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                 } else {
                     Semantic::AnyOf
                 },
-                models: models
-                    .map(|m| m.parse().with_context(|| format!("--models {m:?}")))
-                    .transpose()?,
-                tokens: tokens
-                    .map(|t| t.parse().with_context(|| format!("--tokens {t:?}")))
-                    .transpose()?,
-                rpm,
-                tools: patterns("tools", tools)?,
-                resources: patterns("resources", resources)?,
-                prompts: patterns("prompts", prompts)?,
+                limits: umbra_policies::GrantLimits {
+                    models: patterns("models", models)?,
+                    tokens: tokens
+                        .map(|t| t.parse().with_context(|| format!("--tokens {t:?}")))
+                        .transpose()?,
+                    rpm,
+                    tools: patterns("tools", tools)?,
+                    resources: patterns("resources", resources)?,
+                    prompts: patterns("prompts", prompts)?,
+                },
             };
             let p: umbra_policies::ServicePolicy =
                 c.call(Method::POST, "/v1/policies", Some(&req)).await?;
@@ -520,7 +515,7 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                         output::list(&p.identities),
                         output::list(&p.services),
                         sem.into(),
-                        limits(&p),
+                        p.limits.to_string(),
                     ]
                 })
                 .collect();
@@ -621,33 +616,5 @@ async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Res
             println!("deleted router {name}");
             Ok(())
         }
-    }
-}
-
-/// A policy's gateway limits on one line: `models=a,b tokens=1000/day rpm=60`.
-fn limits(p: &umbra_policies::ServicePolicy) -> String {
-    let mut out = Vec::new();
-    if let Some(m) = &p.models {
-        out.push(format!("models={m}"));
-    }
-    if let Some(t) = &p.tokens {
-        out.push(format!("tokens={t}"));
-    }
-    if let Some(r) = p.rpm {
-        out.push(format!("rpm={r}"));
-    }
-    for (k, v) in [
-        ("tools", &p.tools),
-        ("resources", &p.resources),
-        ("prompts", &p.prompts),
-    ] {
-        if let Some(v) = v {
-            out.push(format!("{k}={v}"));
-        }
-    }
-    if out.is_empty() {
-        "-".into()
-    } else {
-        out.join(" ")
     }
 }

@@ -77,12 +77,12 @@ async fn grant_with(
         identities: vec![format!("@{who}").parse::<Selector>().unwrap()],
         services: vec!["@llm".parse::<Selector>().unwrap()],
         semantic: Semantic::AnyOf,
-        models: models.map(|m| m.parse().unwrap()),
-        tokens: tokens.map(|t| t.parse().unwrap()),
-        rpm,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits {
+            models: models.map(|m| m.parse().unwrap()),
+            tokens: tokens.map(|t| t.parse().unwrap()),
+            rpm: rpm.map(|r| umbra_policies::Rpm::try_from(r).unwrap()),
+            ..Default::default()
+        },
     };
     let _: Value = t
         .admin_client()

@@ -76,12 +76,12 @@ async fn grant_mcp(
         identities: vec![format!("@{who}").parse::<Selector>().unwrap()],
         services: vec!["@mcp".parse::<Selector>().unwrap()],
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: tools.map(|t| t.parse().unwrap()),
-        resources: resources.map(|t| t.parse().unwrap()),
-        prompts: prompts.map(|t| t.parse().unwrap()),
+        limits: umbra_policies::GrantLimits {
+            tools: tools.map(|t| t.parse().unwrap()),
+            resources: resources.map(|t| t.parse().unwrap()),
+            prompts: prompts.map(|t| t.parse().unwrap()),
+            ..Default::default()
+        },
     };
     let _: Value = t
         .admin_client()

@@ -159,9 +159,6 @@ pub enum DocErrorKind {
     /// A model pattern list or a token budget is invalid.
     #[error(transparent)]
     Allowance(#[from] crate::AllowanceError),
-    /// A requests-per-minute cap is zero or too large.
-    #[error("rpm must be between 1 and {max}", max = crate::MAX_RPM)]
-    Rpm,
     /// The id generator returned an id that is already in use.
     #[error("the new identity id {0} is already in use")]
     IdTaken(IdentityId),

@@ -16,6 +16,7 @@ mod decision;
 mod doc;
 mod error;
 mod index;
+mod limits;
 mod model;
 mod name;
 mod plan;
@@ -24,12 +25,13 @@ mod selector;
 #[cfg(test)]
 mod testing;
 
-pub use allowance::{AllowanceError, Patterns, Period, TokenBudget, MAX_RPM};
+pub use allowance::{AllowanceError, Patterns, Period, TokenBudget};
 pub use apply::apply_plan;
 pub use decision::{Deny, Explanation, Permit};
 pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};
 pub use error::{DocError, DocErrorKind, Entity};
 pub use index::Index;
+pub use limits::{GrantLimits, Rpm, MAX_RPM};
 
 pub use model::{
     Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,

@@ -64,12 +64,7 @@ async fn grant(
             .map(|s| s.parse::<Selector>().unwrap())
             .collect(),
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits::default(),
     };
     c.call(Method::POST, "/v1/policies", Some(&req)).await
 }

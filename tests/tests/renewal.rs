@@ -127,12 +127,7 @@ fn grant(t: &TestController, action: Action, who: &str, svc: &str) {
                 identities: vec![format!("@{who}").parse::<Selector>().expect("selector")],
                 services: vec![format!("@{svc}").parse::<Selector>().expect("selector")],
                 semantic: Semantic::AnyOf,
-                models: None,
-                tokens: None,
-                rpm: None,
-                tools: None,
-                resources: None,
-                prompts: None,
+                limits: umbra_policies::GrantLimits::default(),
             },
         )
         .expect("grant");

@@ -109,15 +109,6 @@ impl Controller {
         if req.identities.is_empty() {
             problems.push("at least one identity selector is needed".to_owned());
         }
-        if req
-            .rpm
-            .is_some_and(|r| !(1..=umbra_policies::MAX_RPM).contains(&r))
-        {
-            problems.push(format!(
-                "rpm must be between 1 and {}",
-                umbra_policies::MAX_RPM
-            ));
-        }
         if req.services.is_empty() {
             problems.push("at least one service selector is needed".to_owned());
         }
@@ -153,12 +144,7 @@ impl Controller {
             identities: req.identities,
             services: req.services,
             semantic: req.semantic,
-            models: req.models,
-            tokens: req.tokens,
-            rpm: req.rpm,
-            tools: req.tools,
-            resources: req.resources,
-            prompts: req.prompts,
+            limits: req.limits,
         };
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::PolicyPut {

@@ -196,11 +196,7 @@ async fn models(s: &Shared, caller: &Caller, req: &Request<Incoming>) -> Respons
         .cfg
         .models
         .values()
-        .filter(|m| {
-            grants
-                .iter()
-                .any(|g| g.models.as_ref().is_none_or(|p| p.matches(&m.name)))
-        })
+        .filter(|m| grants.iter().any(|g| g.limits.allows_model(&m.name)))
         .collect();
     let body = if req.headers().contains_key("anthropic-version") {
         let data: Vec<Value> = allowed
@@ -335,7 +331,7 @@ async fn complete(
     let grants = grants_of(&s, &caller).await;
     let candidates: Vec<&HostedGrant> = grants
         .iter()
-        .filter(|g| g.models.as_ref().is_none_or(|p| p.matches(&ask.model)))
+        .filter(|g| g.limits.allows_model(&ask.model))
         .collect();
     // A model that does not exist and one the caller may not use look the same: 404.
     let not_found = || {
