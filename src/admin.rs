@@ -13,24 +13,21 @@ use umbra_sdk::ControllerClient;
 use crate::cli::{Command, IdentityCmd, PolicyCmd, RouterCmd, ServiceCmd};
 use crate::output;
 
-/// Renew the admin certificate once two thirds of its lifetime have passed.
-const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
-
 pub(crate) fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
     admin
         .clone()
         .unwrap_or_else(|| Path::new(".umbra").join("admin.json"))
 }
 
-/// Loads an identity file and renews its certificate first if it is getting old.
+/// Loads an identity file and renews its certificate first if renewal is due by the rule every
+/// renewing process follows (`umbra_policies::renewal`) and it has not expired yet.
 pub(crate) async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
     let file =
         IdentityFile::load(path).with_context(|| format!("admin identity {}", path.display()))?;
     let leaf = file.leaf()?;
-    let now = umbra_controller::to_timestamp(std::time::SystemTime::now()).0;
-    let life = leaf.not_after.0.saturating_sub(leaf.not_before.0) as f64;
-    let age = now.saturating_sub(leaf.not_before.0) as f64;
-    if now < leaf.not_after.0 && age >= life * RENEW_AT_FRACTION {
+    let now = umbra_clock::Clock::system().timestamp();
+    let due = umbra_policies::renewal::due(leaf.not_before, leaf.not_after, now);
+    if now < leaf.not_after && due == umbra_policies::renewal::RenewAt::Now {
         match umbra_sdk::renew(&file).await {
             Ok(renewed) => {
                 renewed.save(path)?;

@@ -58,6 +58,11 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// What the gateway's manual clock shows: 2026-12-01T12:00:00Z.
+fn audit_at() -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_126_400)
+}
+
 async fn grant_tools(t: &TestController, policy: &str, who: &str, tools: Option<&str>) {
     grant_mcp(t, policy, who, tools, None, None).await
 }
@@ -150,12 +155,14 @@ servers:
         py = python(),
         up = fixtures().join("upstream.py").display(),
     );
-    let cfg = McpConfig::parse(&yaml, dir.path(), |k| match k {
+    let mut cfg = McpConfig::parse(&yaml, dir.path(), |k| match k {
         "GH_TOKEN" => Some("gh-secret".into()),
         "NOTES_TOKEN" => Some("notes-secret".into()),
         _ => None,
     })
     .expect("config");
+    // The audit records are stamped by the gateway's clock, not the system's.
+    cfg.clock = umbra_clock::ManualClock::new(audit_at()).clock();
     let gateway = McpGateway::start(Context::with_controller(gw, Some(&t.addr())).unwrap(), cfg)
         .await
         .expect("gateway");
@@ -304,6 +311,11 @@ async fn each_identity_sees_its_own_tools_and_hidden_ones_do_not_exist() {
     assert!(denied >= 19, "{audit}");
     assert!(
         events.iter().all(|e| e["arguments_sha256"].is_string()),
+        "{audit}"
+    );
+    // RFC 3339 from the injected clock (once epoch seconds under that name).
+    assert!(
+        events.iter().all(|e| e["at"] == "2026-12-01T12:00:00Z"),
         "{audit}"
     );
     assert!(events

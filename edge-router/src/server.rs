@@ -16,7 +16,7 @@ use umbra_proto::stream::codes;
 use crate::config::Limits;
 use crate::error::RouterError;
 use crate::hosts::Hosts;
-use crate::policy::{now, PolicyRx};
+use crate::policy::PolicyRx;
 use crate::stats::{bump, Counters};
 
 /// State shared by every connection.
@@ -28,6 +28,8 @@ pub(crate) struct Shared {
     pub books: Arc<crate::slots::Books>,
     pub hosts: Hosts,
     pub stats: Counters,
+    /// The wall time admission and expiry are judged at.
+    pub clock: umbra_clock::Clock,
     /// Admitted connections open now, per data-plane lane.
     lanes: Vec<AtomicUsize>,
 }
@@ -42,7 +44,7 @@ impl Drop for OnLane<'_> {
 }
 
 impl Shared {
-    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize) -> Self {
+    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize, clock: umbra_clock::Clock) -> Self {
         Shared {
             books: crate::slots::Books::new(&limits),
             lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
@@ -55,6 +57,7 @@ impl Shared {
             policy,
             hosts: Hosts::default(),
             stats: Counters::default(),
+            clock,
         }
     }
 
@@ -203,13 +206,13 @@ async fn serve(
         match current.as_ref() {
             None => Err(None),
             Some(p) => p
-                .admit(&peer, now())
+                .admit(&peer, shared.clock.timestamp())
                 .map(|i| (i.id.clone(), i.expires_at))
                 .map_err(Some),
         }
     };
     let (id, deadline) = match admitted {
-        Ok((id, expires)) => (id, expiry(&peer, expires)),
+        Ok((id, expires)) => (id, expiry(&peer, expires, shared.clock.timestamp())),
         Err(None) => {
             tracing::warn!("no current policy: connection refused");
             bump(&shared.stats.connections_refused);
@@ -271,10 +274,10 @@ async fn serve(
                 let verdict = match (changed, policy.borrow_and_update().as_ref()) {
                     (Err(_), _) => Err("router stopping"),
                     (Ok(()), None) => Err("no current policy"),
-                    (Ok(()), Some(p)) => p.admit(&ctx.peer, now()).map(|i| i.expires_at).map_err(|_| "revoked"),
+                    (Ok(()), Some(p)) => p.admit(&ctx.peer, shared.clock.timestamp()).map(|i| i.expires_at).map_err(|_| "revoked"),
                 };
                 match verdict {
-                    Ok(expires) => expired.as_mut().reset(expiry(&ctx.peer, expires)),
+                    Ok(expires) => expired.as_mut().reset(expiry(&ctx.peer, expires, shared.clock.timestamp())),
                     Err("revoked") => {
                         tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
                         bump(&shared.stats.connections_terminated);
@@ -315,13 +318,14 @@ async fn serve(
 const REGRANT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// When a connection stops being admissible on its own: the earlier of the certificate's and
-/// the identity's expiry.
+/// the identity's expiry, counted from the wall time `now`.
 fn expiry(
     peer: &PeerCert,
     identity_expires: Option<umbra_policies::Timestamp>,
+    now: umbra_policies::Timestamp,
 ) -> tokio::time::Instant {
     let end = identity_expires.map_or(peer.not_after, |e| e.min(peer.not_after));
-    let left = end.0.saturating_sub(now().0);
+    let left = end.0.saturating_sub(now.0);
     // Far-future expiries are capped so the addition cannot overflow.
     tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
 }

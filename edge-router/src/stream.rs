@@ -14,7 +14,7 @@ use umbra_proto::stream::{
 };
 
 use crate::hosts::Host;
-use crate::policy::{now, Policy, PolicyRx};
+use crate::policy::{Policy, PolicyRx};
 use crate::server::Shared;
 use crate::splice;
 use crate::stats::bump;
@@ -114,16 +114,20 @@ async fn dial(
         refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
         return;
     };
-    let permit = match policy.index.can_dial(&ctx.id, service.as_str(), now()) {
-        Ok(p) => p,
-        Err(why) => {
-            // The same answer whether the service exists or not.
-            tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
-            bump(&ctx.shared.stats.streams_denied);
-            refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
-            return;
-        }
-    };
+    let permit =
+        match policy
+            .index
+            .can_dial(&ctx.id, service.as_str(), ctx.shared.clock.timestamp())
+        {
+            Ok(p) => p,
+            Err(why) => {
+                // The same answer whether the service exists or not.
+                tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
+                bump(&ctx.shared.stats.streams_denied);
+                refuse(&mut send, &mut recv, Status::Denied, codes::DENIED).await;
+                return;
+            }
+        };
     tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
     let svc = policy.replica.state.services.get(&service);
@@ -173,7 +177,11 @@ async fn dial(
                 return;
             }
             let (r, w) = tcp.into_split();
-            let caller = |p: &Policy| p.index.can_dial(&ctx.id, service.as_str(), now()).is_ok();
+            let caller = |p: &Policy| {
+                p.index
+                    .can_dial(&ctx.id, service.as_str(), ctx.shared.clock.timestamp())
+                    .is_ok()
+            };
             let service = splice::ServiceSide::Tcp(r, w);
             watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
         }
@@ -194,7 +202,7 @@ async fn dial(
             let (mut hsend, mut hrecv) = (hsend, hrecv);
             // Both ends must keep their grants: the caller Dial, the host Bind.
             let both = |p: &Policy| {
-                let t = now();
+                let t = ctx.shared.clock.timestamp();
                 p.index.can_dial(&ctx.id, service.as_str(), t).is_ok()
                     && p.index.can_bind(&host, service.as_str(), t).is_ok()
             };
@@ -293,7 +301,7 @@ const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// the caller; tries each host once.
 async fn to_host(ctx: &ConnCtx, service: &Name) -> Option<(IdentityId, SendStream, RecvStream)> {
     let policy = ctx.shared.policy.borrow().clone()?;
-    let t = now();
+    let t = ctx.shared.clock.timestamp();
     let hosts: Vec<Host> = ctx.shared.hosts.candidates(service, |id| {
         policy.index.can_bind(id, service.as_str(), t).is_ok()
     });
@@ -336,7 +344,10 @@ async fn bind(
     cancel: CancellationToken,
 ) {
     let mut rx = ctx.shared.policy.clone();
-    let verdict = current(&mut rx).map(|p| p.index.can_bind(&ctx.id, service.as_str(), now()));
+    let verdict = current(&mut rx).map(|p| {
+        p.index
+            .can_bind(&ctx.id, service.as_str(), ctx.shared.clock.timestamp())
+    });
     match verdict {
         None => {
             refuse(&mut send, &mut recv, Status::Unavailable, codes::SHUTDOWN).await;
@@ -373,7 +384,7 @@ async fn bind(
                     if changed.is_err() { break End::Cancelled; }
                     match current(&mut rx) {
                         None => break End::NoPolicy,
-                        Some(p) if p.index.can_bind(&ctx.id, service.as_str(), now()).is_err() => break End::Revoked,
+                        Some(p) if p.index.can_bind(&ctx.id, service.as_str(), ctx.shared.clock.timestamp()).is_err() => break End::Revoked,
                         Some(_) => {}
                     }
                 }

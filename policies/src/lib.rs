@@ -20,6 +20,7 @@ mod limits;
 mod model;
 mod name;
 mod plan;
+pub mod renewal;
 mod rules;
 mod selector;
 #[cfg(test)]

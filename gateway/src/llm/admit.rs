@@ -8,7 +8,7 @@ use umbra_proto::api::HostedGrant;
 use umbra_sdk::Caller;
 
 use super::bound::{Bound, Unbounded};
-use super::{now_secs, Shared};
+use super::Shared;
 use crate::config::Model;
 use crate::errors::Kind;
 use crate::ledger::{Bucket, Record, Reservation};
@@ -46,7 +46,7 @@ pub(super) fn admit(
     bound: &Result<Bound, Unbounded>,
     asked_max: Option<u64>,
 ) -> Result<Admission, Refusal> {
-    let now = Timestamp(now_secs());
+    let now: Timestamp = s.cfg.clock.timestamp();
     let instant = Instant::now();
     let mut ordered: Vec<(&HostedGrant, u64)> = candidates
         .iter()

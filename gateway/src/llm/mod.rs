@@ -3,7 +3,7 @@
 //! provider's key is added here and nowhere else.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -113,13 +113,6 @@ impl Gateway {
     pub fn recent(&self, limit: u32) -> Vec<Value> {
         self.shared.ledger.recent(limit).unwrap_or_default()
     }
-}
-
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// The caller's grants, waiting briefly if the router admitted a caller our view does not list
@@ -235,9 +228,9 @@ struct Ask {
     headers: http::HeaderMap,
 }
 
-fn record(caller: &Caller, ask_model: &str, endpoint: &str, stream: bool) -> Record {
+fn record(s: &Shared, caller: &Caller, ask_model: &str, endpoint: &str, stream: bool) -> Record {
     Record {
-        at: now_secs(),
+        at: s.cfg.clock.timestamp().0,
         identity: caller.id.as_str().to_string(),
         name: caller.name.to_string(),
         model: ask_model.to_string(),
@@ -327,7 +320,7 @@ async fn complete(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let rec = record(&caller, &ask.model, &ask.endpoint, ask.stream);
+    let rec = record(&s, &caller, &ask.model, &ask.endpoint, ask.stream);
     let grants = grants_of(&s, &caller).await;
     let candidates: Vec<&HostedGrant> = grants
         .iter()

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -147,12 +147,13 @@ impl Drop for McpGateway {
     }
 }
 
-fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{secs}")
+/// The time `clock` shows, as an RFC 3339 string in UTC (`2026-12-06T04:42:43.5Z`), as the
+/// audit records' `at` field promises.
+fn now_rfc3339(clock: &umbra_clock::Clock) -> String {
+    let at = time::OffsetDateTime::from(clock.now());
+    at.format(&time::format_description::well_known::Rfc3339)
+        // Only years outside 0..=9999 cannot be written; fall back to the epoch seconds.
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 fn random_id() -> String {
@@ -869,7 +870,7 @@ fn audit(s: &Shared, caller: &Caller, kind: Kind, name: &str, out: Outcome<'_>, 
         json!({"arguments_sha256": hex})
     };
     let mut ev = json!({
-        "at": now_rfc3339(),
+        "at": now_rfc3339(&s.cfg.clock),
         "identity": caller.name.as_str(),
         "kind": kind.key(),
         "name": name,
@@ -983,4 +984,18 @@ async fn call(
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn audit_times_are_rfc3339_from_the_injected_clock() {
+        // 2026-12-01T12:00:00Z, and half a second later.
+        let m = umbra_clock::ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_796_126_400));
+        assert_eq!(super::now_rfc3339(&m.clock()), "2026-12-01T12:00:00Z");
+        m.advance(Duration::from_millis(500));
+        assert_eq!(super::now_rfc3339(&m.clock()), "2026-12-01T12:00:00.5Z");
+    }
 }
