@@ -35,6 +35,8 @@ struct World {
     audit: PathBuf,
     _dir: tempfile::TempDir,
     tunnelers: Vec<Tunneler>,
+    /// The gateway's clock: session expiry and audit times follow it, not the real time.
+    clock: umbra_clock::ManualClock,
 }
 
 fn fixtures() -> PathBuf {
@@ -162,7 +164,8 @@ servers:
     })
     .expect("config");
     // The audit records are stamped by the gateway's clock, not the system's.
-    cfg.clock = umbra_clock::ManualClock::new(audit_at()).clock();
+    let clock = umbra_clock::ManualClock::new(audit_at());
+    cfg.clock = clock.clock();
     let gateway = McpGateway::start(Context::with_controller(gw, Some(&t.addr())).unwrap(), cfg)
         .await
         .expect("gateway");
@@ -174,6 +177,7 @@ servers:
         audit,
         _dir: dir,
         tunnelers: Vec::new(),
+        clock,
     }
 }
 
@@ -585,7 +589,10 @@ async fn sessions_end_on_delete_and_expire() {
 
     let s = py(&["session", &a, "2025-11-25"]).await;
     let sid = s["session_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // Idle for 9 s of the gateway's clock: still there; for 10 s: expired.
+    w.clock.advance(Duration::from_secs(9));
+    assert_eq!(py(&["replay", &a, &sid, "2025-11-25"]).await["status"], 200);
+    w.clock.advance(Duration::from_secs(10));
     let r = py(&["replay", &a, &sid, "2025-11-25"]).await;
     assert_eq!(r["status"], 404, "an expired session: {r}");
 }

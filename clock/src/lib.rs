@@ -7,17 +7,24 @@
 //! [`Clock::system`]; tests pass a [`ManualClock`] and move it, so expiry, renewal and budget
 //! periods are tested without waiting for them.
 //!
-//! This crate only tells the time; it never decides anything with it (that is `policies/`),
-//! and it is not for monotonic timers: sleeps and timeouts stay tokio's, whose paused time
-//! already virtualizes them.
+//! This crate only tells the time, and waits for a wall-clock time to come
+//! ([`Clock::sleep_until`], for deadlines that are dates: a certificate's renewal or expiry).
+//! It never decides anything with the time (that is `policies/`), and it is not for monotonic
+//! timers: plain sleeps and timeouts stay tokio's, whose paused time already virtualizes them.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 use std::fmt;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::watch;
 use umbra_policies::Timestamp;
+
+/// The longest a wait for a wall-clock time sleeps before it reads the clock again, so that a
+/// stepped clock or a suspended machine (whose monotonic timers stood still) delays a deadline
+/// by at most this much.
+pub const MAX_NAP: Duration = Duration::from_secs(60);
 
 /// Where a component reads the wall-clock time. Cheap to clone; clones read the same source.
 #[derive(Clone)]
@@ -29,8 +36,8 @@ enum Source {
     System,
     /// The system clock moved by a fixed offset, in seconds.
     Shifted(i64),
-    /// A time that moves only when a test moves it.
-    Manual(Arc<Mutex<SystemTime>>),
+    /// A time that moves only when a test moves it; the channel wakes those waiting for it.
+    Manual(Arc<watch::Sender<SystemTime>>),
 }
 
 impl Clock {
@@ -59,7 +66,30 @@ impl Clock {
                     now - d
                 }
             }
-            Source::Manual(t) => *t.lock().unwrap_or_else(PoisonError::into_inner),
+            Source::Manual(t) => *t.borrow(),
+        }
+    }
+
+    /// Waits until the clock shows `at` or later. On the system clock this sleeps (tokio's
+    /// timer) and reads the clock again at least every [`MAX_NAP`]; on a manual clock it wakes
+    /// when a test moves the time past `at`, however little real time went by.
+    pub async fn sleep_until(&self, at: SystemTime) {
+        match &self.0 {
+            Source::System | Source::Shifted(_) => loop {
+                let left = at.duration_since(self.now()).unwrap_or_default();
+                if left.is_zero() {
+                    return;
+                }
+                tokio::time::sleep(left.min(MAX_NAP)).await;
+            },
+            Source::Manual(t) => {
+                let mut rx = t.subscribe();
+                // Ends when the time shows `at`, or never if every handle to the clock is gone
+                // (nothing could move it any more).
+                if rx.wait_for(|now| *now >= at).await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            }
         }
     }
 
@@ -94,12 +124,12 @@ impl fmt::Debug for Clock {
 /// A clock that stands still until it is moved: the handle a test keeps while the components
 /// under test hold the [`Clock`] from [`ManualClock::clock`].
 #[derive(Clone)]
-pub struct ManualClock(Arc<Mutex<SystemTime>>);
+pub struct ManualClock(Arc<watch::Sender<SystemTime>>);
 
 impl ManualClock {
     /// A clock showing `start`.
     pub fn new(start: SystemTime) -> ManualClock {
-        ManualClock(Arc::new(Mutex::new(start)))
+        ManualClock(Arc::new(watch::Sender::new(start)))
     }
 
     /// A clock showing the real time now (so that certificates it dates are valid for peers
@@ -115,18 +145,17 @@ impl ManualClock {
 
     /// Moves the time forward by `d`.
     pub fn advance(&self, d: Duration) {
-        let mut t = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        *t += d;
+        self.0.send_modify(|t| *t += d);
     }
 
     /// Sets the time, forward or back (a clock step, as NTP may make).
     pub fn set(&self, to: SystemTime) {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = to;
+        self.0.send_replace(to);
     }
 
     /// The time it shows.
     pub fn now(&self) -> SystemTime {
-        *self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        *self.0.borrow()
     }
 }
 
@@ -168,6 +197,35 @@ mod tests {
             (3_599..=3_601).contains(&(real - behind)),
             "{behind} {real}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_on_a_manual_clock_ends_when_the_time_is_moved_past_it() {
+        let start = UNIX_EPOCH + Duration::from_secs(1_000);
+        let m = ManualClock::new(start);
+        let c = m.clock();
+        let at = start + Duration::from_secs(3_600);
+        let wait = tokio::spawn(async move { c.sleep_until(at).await });
+        tokio::task::yield_now().await;
+        m.advance(Duration::from_secs(3_599));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!wait.is_finished(), "a second early");
+        m.advance(Duration::from_secs(1));
+        tokio::time::timeout(Duration::from_secs(5), wait)
+            .await
+            .expect("woken by the move, not by real time")
+            .expect("no panic");
+        // A time already past returns at once.
+        m.clock().sleep_until(start).await;
+    }
+
+    #[tokio::test]
+    async fn a_wait_on_the_system_clock_returns_for_a_past_time_and_sleeps_for_a_future_one() {
+        Clock::system().sleep_until(UNIX_EPOCH).await;
+        let later = SystemTime::now() + Duration::from_secs(3_600);
+        let clock = Clock::system();
+        let waited = tokio::time::timeout(Duration::from_millis(50), clock.sleep_until(later));
+        assert!(waited.await.is_err(), "an hour away is not reached at once");
     }
 
     #[test]

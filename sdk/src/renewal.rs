@@ -14,7 +14,7 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -266,6 +266,22 @@ impl RenewingIdentity {
                 retry_delay(failures, left)
             };
             tracing::debug!(in_ms = wait.as_millis() as u64, "next renewal");
+            // The first attempt waits for a date on the injected clock (so a test that moves
+            // the clock is not kept waiting) and, however overdue, the floor in real time; a
+            // retry waits its backoff in real time only.
+            let due = UNIX_EPOCH + now + wait;
+            let until_due = async {
+                let floor = tokio::time::sleep(if failures == 0 {
+                    MIN_RENEW_INTERVAL
+                } else {
+                    wait
+                });
+                if failures == 0 {
+                    tokio::join!(floor, self.shared.clock.sleep_until(due));
+                } else {
+                    floor.await;
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 // Someone else renewed (`renew_now`): schedule from the new certificate.
@@ -276,7 +292,7 @@ impl RenewingIdentity {
                     failures = 0;
                     continue;
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = until_due => {}
             }
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => return,

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
@@ -83,7 +83,9 @@ pub enum McpError {
 struct ClientSession {
     identity: IdentityId,
     version: String,
-    last_seen: Instant,
+    /// When the client last used the session, on the gateway's clock (a wall-clock time, so
+    /// that a test moves the clock instead of waiting for the idle expiry).
+    last_seen: SystemTime,
     /// The GET stream's sender, when the client holds one open.
     events: Option<mpsc::Sender<Bytes>>,
     /// What the caller saw of each kind when last told.
@@ -99,7 +101,7 @@ const MAX_SESSIONS_PER_IDENTITY: usize = 64;
 
 /// Makes room for one more session of `who`: a peer cannot grow the table without bound.
 fn evict_oldest(m: &mut HashMap<String, ClientSession>, who: &IdentityId) {
-    let mut mine: Vec<(Instant, String)> = m
+    let mut mine: Vec<(SystemTime, String)> = m
         .iter()
         .filter(|(_, c)| &c.identity == who)
         .map(|(k, c)| (c.last_seen, k.clone()))
@@ -217,7 +219,7 @@ impl McpGateway {
                     m.retain(|_, c| match &c.subscription {
                         // A listen stream lives as long as its client holds it.
                         Some(_) => c.events.as_ref().is_some_and(|t| !t.is_closed()),
-                        None => c.last_seen.elapsed() < ttl,
+                        None => idle(&s.cfg.clock, c) < ttl,
                     });
                 }
             }
@@ -313,6 +315,11 @@ fn take_session(s: &Shared, caller: &Caller, sid: &str) -> Option<()> {
     }
 }
 
+/// How long a session has been idle (none if the clock was stepped back past its last use).
+fn idle(clock: &umbra_clock::Clock, c: &ClientSession) -> Duration {
+    clock.now().duration_since(c.last_seen).unwrap_or_default()
+}
+
 /// The session's version, refreshing its idle timer, if it belongs to the caller.
 fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
     if sid.starts_with(LISTEN_PREFIX) {
@@ -320,10 +327,10 @@ fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
     }
     let mut m = s.sessions.lock().ok()?;
     let c = m.get_mut(sid)?;
-    if c.identity != caller.id || c.last_seen.elapsed() >= s.cfg.session_ttl {
+    if c.identity != caller.id || idle(&s.cfg.clock, c) >= s.cfg.session_ttl {
         return None;
     }
-    c.last_seen = Instant::now();
+    c.last_seen = s.cfg.clock.now();
     Some(c.version.clone())
 }
 
@@ -594,7 +601,7 @@ async fn initialize(
             ClientSession {
                 identity: caller.id.clone(),
                 version: version.clone(),
-                last_seen: Instant::now(),
+                last_seen: s.cfg.clock.now(),
                 events: None,
                 seen,
                 subscription: None,
@@ -780,7 +787,7 @@ async fn listen(
             ClientSession {
                 identity: caller.id.clone(),
                 version: STATELESS_VERSION.into(),
-                last_seen: Instant::now(),
+                last_seen: s.cfg.clock.now(),
                 events: Some(tx.clone()),
                 seen,
                 subscription: Some((id.clone(), filter)),
