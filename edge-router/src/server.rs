@@ -212,7 +212,7 @@ async fn serve(
         }
     };
     let (id, deadline) = match admitted {
-        Ok((id, expires)) => (id, expiry(&peer, expires, shared.clock.timestamp())),
+        Ok((id, expires)) => (id, expiry(&peer, expires)),
         Err(None) => {
             tracing::warn!("no current policy: connection refused");
             bump(&shared.stats.connections_refused);
@@ -246,10 +246,13 @@ async fn serve(
     });
     let mut streams = JoinSet::new();
     let stream_cancel = cancel.child_token();
-    // One timer for the connection's life, moved when the policy changes the expiry (not one
-    // registered and dropped again on every turn of the loop).
-    let expired = tokio::time::sleep_until(deadline);
-    tokio::pin!(expired);
+    // One timer for the connection's life, on the router's clock (expiry is a date), replaced
+    // only when the policy changes the expiry (not one registered on every turn of the loop).
+    let until = |at: std::time::SystemTime| {
+        let clock = shared.clock.clone();
+        Box::pin(async move { clock.sleep_until(at).await })
+    };
+    let mut expired = until(deadline);
     // A connection granted less than a full window tries to grow while it lives.
     let regrant = tokio::time::sleep(REGRANT);
     tokio::pin!(regrant);
@@ -277,7 +280,7 @@ async fn serve(
                     (Ok(()), Some(p)) => p.admit(&ctx.peer, shared.clock.timestamp()).map(|i| i.expires_at).map_err(|_| "revoked"),
                 };
                 match verdict {
-                    Ok(expires) => expired.as_mut().reset(expiry(&ctx.peer, expires, shared.clock.timestamp())),
+                    Ok(expires) => expired = until(expiry(&ctx.peer, expires)),
                     Err("revoked") => {
                         tracing::info!(decision = "terminate", "identity or certificate revoked: connection closed");
                         bump(&shared.stats.connections_terminated);
@@ -318,16 +321,15 @@ async fn serve(
 const REGRANT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// When a connection stops being admissible on its own: the earlier of the certificate's and
-/// the identity's expiry, counted from the wall time `now`.
+/// the identity's expiry, as a wall-clock time.
 fn expiry(
     peer: &PeerCert,
     identity_expires: Option<umbra_policies::Timestamp>,
-    now: umbra_policies::Timestamp,
-) -> tokio::time::Instant {
+) -> std::time::SystemTime {
     let end = identity_expires.map_or(peer.not_after, |e| e.min(peer.not_after));
-    let left = end.0.saturating_sub(now.0);
-    // Far-future expiries are capped so the addition cannot overflow.
-    tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
+    // Far-future expiries are capped (at the end of year 9999) so the time is representable.
+    let secs = end.0.min(253_402_300_799);
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
 }
 
 /// Longest a revoked connection waits for its streams to end themselves before it is closed.

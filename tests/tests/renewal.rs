@@ -524,8 +524,18 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn a_connection_is_closed_when_its_certificate_expires() {
-    let t = controller().await;
-    let router = router(&t, "r1", None).await;
+    // The router judges expiry on its clock, which the test moves: the certificate stays
+    // valid for TLS (real time) while it expires for the router.
+    let clock = ManualClock::starting_now();
+    let t = TestController::start_with({
+        let clock = clock.clock();
+        |cfg| {
+            cfg.cert_validity = VIRTUAL_VALIDITY;
+            cfg.clock = clock;
+        }
+    })
+    .await;
+    let router = router_with(&t, "r1", None, clock.clock()).await;
     let a = agent(&t, "agent-1").await;
     let leaf = a.leaf().expect("leaf");
     // A raw client never renews: the connection made with this certificate must end with it,
@@ -539,13 +549,18 @@ async fn a_connection_is_closed_when_its_certificate_expires() {
     .await
     .expect("timely")
     .expect("admitted");
-    let ended = tokio::time::timeout(RENEWAL_BOUND, conn.closed())
-        .await
-        .expect("closed when the certificate expired");
+    let not_after = UNIX_EPOCH + Duration::from_secs(leaf.not_after.0);
+    // A second before it expires, on the router's clock, the connection stays.
+    clock.set(not_after - Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        unix_now() >= leaf.not_after.0,
-        "closed before the certificate expired: {ended}"
+        conn.close_reason().is_none(),
+        "closed a second before the certificate expired"
     );
+    clock.set(not_after);
+    let ended = tokio::time::timeout(BOUND, conn.closed())
+        .await
+        .expect("closed when the certificate expired, without waiting for it");
     match ended {
         quinn::ConnectionError::ApplicationClosed(c) => {
             assert_eq!(
