@@ -3,11 +3,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
+use tokio::time::Instant;
 use umbra_policies::{IdentityId, Rpm};
 use umbra_proto::api::{EdgeView, HostedGrant};
 use umbra_sdk::{Context, SdkError};
@@ -98,7 +99,8 @@ impl Grants {
     }
 }
 
-/// Sliding one-minute windows of requests per (identity, policy).
+/// Sliding one-minute windows of requests per (identity, policy), on tokio's monotonic clock
+/// (so `tokio::time::pause` moves them in a test).
 #[derive(Debug, Default)]
 pub struct RateWindows {
     windows: Mutex<HashMap<(IdentityId, String), VecDeque<Instant>>>,

@@ -1,7 +1,7 @@
 //! Choosing the grant a request runs under and holding its worst-case cost in the ledger, then
 //! replacing that hold with what the provider reported.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use umbra_policies::Timestamp;
 use umbra_proto::api::HostedGrant;
