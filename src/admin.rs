@@ -13,24 +13,21 @@ use umbra_sdk::ControllerClient;
 use crate::cli::{Command, IdentityCmd, PolicyCmd, RouterCmd, ServiceCmd};
 use crate::output;
 
-/// Renew the admin certificate once two thirds of its lifetime have passed.
-const RENEW_AT_FRACTION: f64 = 2.0 / 3.0;
-
 pub(crate) fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
     admin
         .clone()
         .unwrap_or_else(|| Path::new(".umbra").join("admin.json"))
 }
 
-/// Loads an identity file and renews its certificate first if it is getting old.
+/// Loads an identity file and renews its certificate first if renewal is due by the rule every
+/// renewing process follows (`umbra_policies::renewal`) and it has not expired yet.
 pub(crate) async fn load_renewing(path: &Path) -> anyhow::Result<IdentityFile> {
     let file =
         IdentityFile::load(path).with_context(|| format!("admin identity {}", path.display()))?;
     let leaf = file.leaf()?;
-    let now = umbra_controller::to_timestamp(std::time::SystemTime::now()).0;
-    let life = leaf.not_after.0.saturating_sub(leaf.not_before.0) as f64;
-    let age = now.saturating_sub(leaf.not_before.0) as f64;
-    if now < leaf.not_after.0 && age >= life * RENEW_AT_FRACTION {
+    let now = umbra_clock::Clock::system().timestamp();
+    let due = umbra_policies::renewal::due(leaf.not_before, leaf.not_after, now);
+    if now < leaf.not_after && due == umbra_policies::renewal::RenewAt::Now {
         match umbra_sdk::renew(&file).await {
             Ok(renewed) => {
                 renewed.save(path)?;
@@ -454,11 +451,6 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                 })
                 .transpose()
             };
-            anyhow::ensure!(
-                rpm.is_none_or(|r| (1..=umbra_policies::MAX_RPM).contains(&r)),
-                "--rpm must be between 1 and {}",
-                umbra_policies::MAX_RPM
-            );
             let req = GrantRequest {
                 name: name
                     .map(|n| Name::new(n.as_str()).with_context(|| format!("invalid --name {n:?}")))
@@ -471,16 +463,16 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                 } else {
                     Semantic::AnyOf
                 },
-                models: models
-                    .map(|m| m.parse().with_context(|| format!("--models {m:?}")))
-                    .transpose()?,
-                tokens: tokens
-                    .map(|t| t.parse().with_context(|| format!("--tokens {t:?}")))
-                    .transpose()?,
-                rpm,
-                tools: patterns("tools", tools)?,
-                resources: patterns("resources", resources)?,
-                prompts: patterns("prompts", prompts)?,
+                limits: umbra_policies::GrantLimits {
+                    models: patterns("models", models)?,
+                    tokens: tokens
+                        .map(|t| t.parse().with_context(|| format!("--tokens {t:?}")))
+                        .transpose()?,
+                    rpm,
+                    tools: patterns("tools", tools)?,
+                    resources: patterns("resources", resources)?,
+                    prompts: patterns("prompts", prompts)?,
+                },
             };
             let p: umbra_policies::ServicePolicy =
                 c.call(Method::POST, "/v1/policies", Some(&req)).await?;
@@ -520,7 +512,7 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                         output::list(&p.identities),
                         output::list(&p.services),
                         sem.into(),
-                        limits(&p),
+                        p.limits.to_string(),
                     ]
                 })
                 .collect();
@@ -621,33 +613,5 @@ async fn router(c: &ControllerClient, json: bool, cmd: RouterCmd) -> anyhow::Res
             println!("deleted router {name}");
             Ok(())
         }
-    }
-}
-
-/// A policy's gateway limits on one line: `models=a,b tokens=1000/day rpm=60`.
-fn limits(p: &umbra_policies::ServicePolicy) -> String {
-    let mut out = Vec::new();
-    if let Some(m) = &p.models {
-        out.push(format!("models={m}"));
-    }
-    if let Some(t) = &p.tokens {
-        out.push(format!("tokens={t}"));
-    }
-    if let Some(r) = p.rpm {
-        out.push(format!("rpm={r}"));
-    }
-    for (k, v) in [
-        ("tools", &p.tools),
-        ("resources", &p.resources),
-        ("prompts", &p.prompts),
-    ] {
-        if let Some(v) = v {
-            out.push(format!("{k}={v}"));
-        }
-    }
-    if out.is_empty() {
-        "-".into()
-    } else {
-        out.join(" ")
     }
 }

@@ -260,7 +260,7 @@ pub enum PolicyCmd {
         tokens: Option<String>,
         /// Requests per minute each identity may make through this grant
         #[arg(long)]
-        rpm: Option<u32>,
+        rpm: Option<umbra_policies::Rpm>,
         /// MCP tools a gateway hosting the service shows: globs on server__tool, `!` hides
         #[arg(long)]
         tools: Option<String>,

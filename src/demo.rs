@@ -135,12 +135,7 @@ pub async fn run() -> anyhow::Result<()> {
                 identities: vec!["@agent-1".parse::<Selector>()?],
                 services: vec!["@echo".parse::<Selector>()?],
                 semantic: Semantic::AnyOf,
-                models: None,
-                tokens: None,
-                rpm: None,
-                tools: None,
-                resources: None,
-                prompts: None,
+                limits: umbra_policies::GrantLimits::default(),
             },
         )?)
     })

@@ -72,6 +72,48 @@ async fn operator_workflow_through_the_cli() {
     let policy = stdout(&o).trim().to_owned();
     assert_eq!(policy, "dial-analysts-llm");
 
+    // Grant limits parse once, on the command line as in YAML, and print on one line.
+    let limited = |rpm: &str| {
+        t.umbra(&[
+            "policy",
+            "grant",
+            "--name",
+            "limited",
+            "--identity",
+            "@agent-1",
+            "--service",
+            "@llm",
+            "--models",
+            "gpt-4o-mini",
+            "--tokens",
+            "1000/day",
+            "--rpm",
+            rpm,
+        ])
+    };
+    for bad in ["0", "1000001", "x"] {
+        let o = limited(bad);
+        assert_eq!(o.status.code(), Some(2), "--rpm {bad}");
+        assert!(
+            stderr(&o).contains("rpm must be between 1 and 1000000"),
+            "{}",
+            stderr(&o)
+        );
+    }
+    let o = limited("60");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = t.umbra(&["policy", "list"]);
+    assert!(
+        stdout(&o)
+            .lines()
+            .any(|l| l.starts_with("limited")
+                && l.contains("models=gpt-4o-mini tokens=1000/day rpm=60")),
+        "{}",
+        stdout(&o)
+    );
+    let o = t.umbra(&["policy", "revoke", "limited"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+
     let o = t.umbra(&[
         "policy",
         "explain",

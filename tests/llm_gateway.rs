@@ -5,7 +5,9 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use umbra_clock::ManualClock;
 
 use http::Method;
 use serde_json::Value;
@@ -28,9 +30,16 @@ struct World {
     gw_ctx: Context,
     dir: tempfile::TempDir,
     tunnelers: Vec<Tunneler>,
+    /// The gateway's clock: budget periods and ledger times follow it, not the real time.
+    clock: ManualClock,
 }
 
-fn config(fake: &FakeLlm, ledger: PathBuf) -> Config {
+/// Where the gateway's clock starts: 2026-12-01T12:00:00Z, twelve hours before a new day.
+fn start_time() -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(1_796_126_400)
+}
+
+fn config(fake: &FakeLlm, ledger: PathBuf, clock: &ManualClock) -> Config {
     let yaml = format!(
         r#"
 service: llm
@@ -60,6 +69,7 @@ models:
     })
     .expect("gateway config");
     c.ledger = ledger;
+    c.clock = clock.clock();
     c
 }
 
@@ -77,12 +87,12 @@ async fn grant_with(
         identities: vec![format!("@{who}").parse::<Selector>().unwrap()],
         services: vec!["@llm".parse::<Selector>().unwrap()],
         semantic: Semantic::AnyOf,
-        models: models.map(|m| m.parse().unwrap()),
-        tokens: tokens.map(|t| t.parse().unwrap()),
-        rpm,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits {
+            models: models.map(|m| m.parse().unwrap()),
+            tokens: tokens.map(|t| t.parse().unwrap()),
+            rpm: rpm.map(|r| umbra_policies::Rpm::try_from(r).unwrap()),
+            ..Default::default()
+        },
     };
     let _: Value = t
         .admin_client()
@@ -111,9 +121,13 @@ async fn world() -> World {
     let fake = FakeLlm::start().await;
     let dir = tempfile::tempdir().unwrap();
     let gw_ctx = Context::with_controller(gw, Some(&t.addr())).unwrap();
-    let gateway = Gateway::start(gw_ctx.clone(), config(&fake, dir.path().join("ledger.db")))
-        .await
-        .expect("gateway starts");
+    let clock = ManualClock::new(start_time());
+    let gateway = Gateway::start(
+        gw_ctx.clone(),
+        config(&fake, dir.path().join("ledger.db"), &clock),
+    )
+    .await
+    .expect("gateway starts");
     World {
         t,
         _router: router,
@@ -122,6 +136,7 @@ async fn world() -> World {
         gw_ctx,
         dir,
         tunnelers: Vec::new(),
+        clock,
     }
 }
 
@@ -349,12 +364,8 @@ async fn budgets_hold_before_during_and_across_a_restart() {
         .collect();
     assert!(!refused.is_empty(), "the budget must run out: {r}");
     assert_eq!(refused[0]["status"], 429);
-    assert!(
-        refused[0]["retry_after"]
-            .as_str()
-            .is_some_and(|v| v.parse::<u64>().unwrap() > 0),
-        "{r}"
-    );
+    // Retry when the day the budget counts in ends, on the gateway's clock: at midnight.
+    assert_eq!(refused[0]["retry_after"], "43200", "{r}");
     let spent: u64 = records_for(&w.ledger(), "small")
         .iter()
         .filter(|r| r["decision"] == "allowed")
@@ -400,7 +411,7 @@ async fn budgets_hold_before_during_and_across_a_restart() {
     drop(w.gateway.take());
     let gateway = Gateway::start(
         w.gw_ctx.clone(),
-        config(&w.fake, w.dir.path().join("ledger.db")),
+        config(&w.fake, w.dir.path().join("ledger.db"), &w.clock),
     )
     .await
     .unwrap();
@@ -410,6 +421,18 @@ async fn budgets_hold_before_during_and_across_a_restart() {
     })
     .await;
     assert_eq!(r["results"][0]["status"], 429, "{r}");
+
+    // A second before midnight the day's budget is still spent; at midnight a new one begins.
+    w.clock.advance(Duration::from_secs(43_199));
+    let r = py("budget", &small).await;
+    assert_eq!(r["results"][0]["status"], 429, "{r}");
+    assert_eq!(r["results"][0]["retry_after"], "1", "{r}");
+    w.clock.advance(Duration::from_secs(1));
+    let r = py("budget", &small).await;
+    assert!(
+        r["results"][0]["ok"].is_u64(),
+        "a new day, a new budget: {r}"
+    );
 }
 
 /// Sum of what the ledger charged `who`.

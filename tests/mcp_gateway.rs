@@ -35,6 +35,8 @@ struct World {
     audit: PathBuf,
     _dir: tempfile::TempDir,
     tunnelers: Vec<Tunneler>,
+    /// The gateway's clock: session expiry and audit times follow it, not the real time.
+    clock: umbra_clock::ManualClock,
 }
 
 fn fixtures() -> PathBuf {
@@ -58,6 +60,11 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// What the gateway's manual clock shows: 2026-12-01T12:00:00Z.
+fn audit_at() -> std::time::SystemTime {
+    std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_796_126_400)
+}
+
 async fn grant_tools(t: &TestController, policy: &str, who: &str, tools: Option<&str>) {
     grant_mcp(t, policy, who, tools, None, None).await
 }
@@ -76,12 +83,12 @@ async fn grant_mcp(
         identities: vec![format!("@{who}").parse::<Selector>().unwrap()],
         services: vec!["@mcp".parse::<Selector>().unwrap()],
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: tools.map(|t| t.parse().unwrap()),
-        resources: resources.map(|t| t.parse().unwrap()),
-        prompts: prompts.map(|t| t.parse().unwrap()),
+        limits: umbra_policies::GrantLimits {
+            tools: tools.map(|t| t.parse().unwrap()),
+            resources: resources.map(|t| t.parse().unwrap()),
+            prompts: prompts.map(|t| t.parse().unwrap()),
+            ..Default::default()
+        },
     };
     let _: Value = t
         .admin_client()
@@ -150,12 +157,15 @@ servers:
         py = python(),
         up = fixtures().join("upstream.py").display(),
     );
-    let cfg = McpConfig::parse(&yaml, dir.path(), |k| match k {
+    let mut cfg = McpConfig::parse(&yaml, dir.path(), |k| match k {
         "GH_TOKEN" => Some("gh-secret".into()),
         "NOTES_TOKEN" => Some("notes-secret".into()),
         _ => None,
     })
     .expect("config");
+    // The audit records are stamped by the gateway's clock, not the system's.
+    let clock = umbra_clock::ManualClock::new(audit_at());
+    cfg.clock = clock.clock();
     let gateway = McpGateway::start(Context::with_controller(gw, Some(&t.addr())).unwrap(), cfg)
         .await
         .expect("gateway");
@@ -167,6 +177,7 @@ servers:
         audit,
         _dir: dir,
         tunnelers: Vec::new(),
+        clock,
     }
 }
 
@@ -304,6 +315,11 @@ async fn each_identity_sees_its_own_tools_and_hidden_ones_do_not_exist() {
     assert!(denied >= 19, "{audit}");
     assert!(
         events.iter().all(|e| e["arguments_sha256"].is_string()),
+        "{audit}"
+    );
+    // RFC 3339 from the injected clock (once epoch seconds under that name).
+    assert!(
+        events.iter().all(|e| e["at"] == "2026-12-01T12:00:00Z"),
         "{audit}"
     );
     assert!(events
@@ -573,7 +589,10 @@ async fn sessions_end_on_delete_and_expire() {
 
     let s = py(&["session", &a, "2025-11-25"]).await;
     let sid = s["session_id"].as_str().unwrap().to_string();
-    tokio::time::sleep(Duration::from_secs(11)).await;
+    // Idle for 9 s of the gateway's clock: still there; for 10 s: expired.
+    w.clock.advance(Duration::from_secs(9));
+    assert_eq!(py(&["replay", &a, &sid, "2025-11-25"]).await["status"], 200);
+    w.clock.advance(Duration::from_secs(10));
     let r = py(&["replay", &a, &sid, "2025-11-25"]).await;
     assert_eq!(r["status"], 404, "an expired session: {r}");
 }

@@ -166,7 +166,7 @@ impl TlsConfigs {
         // Peers check this certificate against their own clocks, so it is dated by the real one.
         let creds = ctrl
             .ca()
-            .issue_server(SERVER_CERT_VALIDITY, std::time::SystemTime::now())?;
+            .issue_server(SERVER_CERT_VALIDITY, umbra_clock::Clock::system().now())?;
         let enroll = umbra_pki::server_config(creds.clone(), ClientAuth::None, ALPN)?;
         let main = umbra_pki::server_config(
             creds,

@@ -131,6 +131,9 @@ pub struct RouterConfig {
     pub stale_after: Duration,
     /// Bounds on peers.
     pub limits: Limits,
+    /// Where the router reads the wall time: certificate renewal, and whether an identity has
+    /// expired. `Clock::system()` in production; tests move a manual one.
+    pub clock: umbra_clock::Clock,
 }
 
 impl RouterConfig {
@@ -144,6 +147,7 @@ impl RouterConfig {
             controller: None,
             stale_after: Duration::from_secs(60),
             limits: Limits::default(),
+            clock: umbra_clock::Clock::system(),
         }
     }
 }

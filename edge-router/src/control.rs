@@ -32,6 +32,8 @@ pub(crate) struct Follower {
     pub machine: ControlFollower,
     pub tx: watch::Sender<Option<Arc<Policy>>>,
     pub cancel: CancellationToken,
+    /// The wall time revocations are pruned at.
+    pub clock: umbra_clock::Clock,
 }
 
 impl Follower {
@@ -68,7 +70,7 @@ impl Follower {
                 let now = Instant::now();
                 self.machine.handle_timeout(now.into_std());
                 // Between sessions only withdrawals can come out.
-                let _ = drain(&mut self.machine, &self.tx);
+                let _ = drain(&mut self.machine, &self.tx, &self.clock);
                 if now >= until {
                     break;
                 }
@@ -102,7 +104,7 @@ impl Follower {
                 },
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    if let Some(end) = drain(&mut self.machine, &self.tx) {
+                    if let Some(end) = drain(&mut self.machine, &self.tx, &self.clock) {
                         return end;
                     }
                 }
@@ -118,7 +120,7 @@ impl Follower {
                 Ok(()) = self.renewed.changed() => return SessionEnd::Renewed,
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    match drain(&mut self.machine, &self.tx) {
+                    match drain(&mut self.machine, &self.tx, &self.clock) {
                         Some(end) => return end,
                         None => continue,
                     }
@@ -144,7 +146,7 @@ impl Follower {
                 }
             }
             self.machine.flush();
-            if let Some(end) = drain(&mut self.machine, &self.tx) {
+            if let Some(end) = drain(&mut self.machine, &self.tx, &self.clock) {
                 return end;
             }
         }
@@ -155,13 +157,14 @@ impl Follower {
 fn drain(
     machine: &mut ControlFollower,
     tx: &watch::Sender<Option<Arc<Policy>>>,
+    clock: &umbra_clock::Clock,
 ) -> Option<SessionEnd> {
     let mut end = None;
     while let Some(out) = machine.poll() {
         match out {
             Output::Publish => {
                 if let Some(r) = machine.replica_mut() {
-                    r.prune_revoked(crate::policy::now());
+                    r.prune_revoked(clock.timestamp());
                     let policy = Policy::build(r.clone());
                     tracing::debug!(seq = policy.replica.seq, "policy published");
                     if tx.borrow().is_none() {

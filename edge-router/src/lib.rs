@@ -89,9 +89,14 @@ impl Router {
             roots: umbra_pki::parse_pem_chain(&identity.ca_pem)?,
             policy: rx.clone(),
             limits: cfg.limits.clone(),
+            clock: cfg.clock.clone(),
         };
         let server_config = tls.build(identity)?;
-        let live = RenewingIdentity::new(identity.clone(), cfg.controller.as_deref())?;
+        let live = RenewingIdentity::new(
+            identity.clone(),
+            cfg.controller.as_deref(),
+            cfg.clock.clone(),
+        )?;
         live.set_path(cfg.identity_path.clone());
         let bind_error = |source| RouterError::Bind {
             addr: cfg.listen,
@@ -156,6 +161,7 @@ impl Router {
             machine,
             tx,
             cancel: cancel.clone(),
+            clock: cfg.clock.clone(),
         };
         tasks.spawn(follower.run());
         tasks.spawn(live.clone().run(cancel.clone()));
@@ -169,6 +175,7 @@ impl Router {
             cfg.limits.clone(),
             rx.clone(),
             endpoints.len(),
+            cfg.clock.clone(),
         ));
         let mut data_plane_done = Vec::with_capacity(lanes.len());
         let mut polling = Vec::with_capacity(lanes.len());
@@ -239,6 +246,7 @@ struct TlsFactory {
     roots: Vec<rustls::pki_types::CertificateDer<'static>>,
     policy: PolicyRx,
     limits: Limits,
+    clock: umbra_clock::Clock,
 }
 
 impl TlsFactory {
@@ -247,7 +255,10 @@ impl TlsFactory {
             ServerCredentials::from_identity(identity)?,
             ClientAuth::Required {
                 roots: self.roots.clone(),
-                revoked: Arc::new(policy::LiveRevocations(self.policy.clone())),
+                revoked: Arc::new(policy::LiveRevocations(
+                    self.policy.clone(),
+                    self.clock.clone(),
+                )),
             },
             &[umbra_proto::stream::ALPN],
         )?;

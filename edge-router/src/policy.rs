@@ -99,9 +99,10 @@ impl Roster for Policy {
     }
 }
 
-/// The handshake's revocation check, reading whatever policy is current.
+/// The handshake's revocation check, reading whatever policy is current and the router's
+/// clock.
 #[derive(Clone)]
-pub struct LiveRevocations(pub PolicyRx);
+pub struct LiveRevocations(pub PolicyRx, pub umbra_clock::Clock);
 
 impl std::fmt::Debug for LiveRevocations {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -129,7 +130,7 @@ impl RevocationCheck for LiveRevocations {
         let Some(p) = policy.as_ref() else {
             return Ok(());
         };
-        match p.admit(peer, now()) {
+        match p.admit(peer, self.1.timestamp()) {
             Ok(_) => Ok(()),
             // The alert says "revoked" exactly when the close code would (`verdict`).
             Err(why) if Verdict::of(why, Moment::Request).code == codes::REVOKED => {
@@ -141,11 +142,6 @@ impl RevocationCheck for LiveRevocations {
             }),
         }
     }
-}
-
-/// Seconds since the epoch, now.
-pub fn now() -> Timestamp {
-    umbra_pki::unix_timestamp(std::time::SystemTime::now())
 }
 
 #[cfg(test)]
@@ -273,7 +269,7 @@ mod tests {
     #[test]
     fn the_handshake_check_reads_the_live_policy() {
         let (tx, rx) = watch::channel(None);
-        let check = LiveRevocations(rx);
+        let check = LiveRevocations(rx, umbra_clock::Clock::system());
         let nine = Serial::from_bytes(&[9]);
         assert!(
             !check.is_revoked(&nine),
@@ -287,7 +283,7 @@ mod tests {
     #[test]
     fn the_handshake_refuses_unknown_disabled_and_revoked_identities() {
         let (tx, rx) = watch::channel(None);
-        let check = LiveRevocations(rx);
+        let check = LiveRevocations(rx, umbra_clock::Clock::system());
         // No policy yet: refused after the handshake, with a code that says "try elsewhere".
         assert_eq!(check.admit(&peer("ghost", IdentityKind::Agent, 1)), Ok(()));
         tx.send_replace(Some(Arc::new(policy())));

@@ -15,7 +15,7 @@ use umbra_pki::PeerCert;
 use crate::config::Limits;
 use crate::error::RouterError;
 use crate::hosts::Hosts;
-use crate::policy::{now, PolicyRx};
+use crate::policy::PolicyRx;
 use crate::stats::{bump, Counters};
 use umbra_policies::{admitted_until, Deny};
 use umbra_proto::verdict::{Moment, Verdict};
@@ -29,6 +29,8 @@ pub(crate) struct Shared {
     pub books: Arc<crate::slots::Books>,
     pub hosts: Hosts,
     pub stats: Counters,
+    /// The wall time admission and expiry are judged at.
+    pub clock: umbra_clock::Clock,
     /// Admitted connections open now, per data-plane lane.
     lanes: Vec<AtomicUsize>,
 }
@@ -43,7 +45,7 @@ impl Drop for OnLane<'_> {
 }
 
 impl Shared {
-    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize) -> Self {
+    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize, clock: umbra_clock::Clock) -> Self {
         Shared {
             books: crate::slots::Books::new(&limits),
             lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
@@ -56,6 +58,7 @@ impl Shared {
             policy,
             hosts: Hosts::default(),
             stats: Counters::default(),
+            clock,
         }
     }
 
@@ -205,7 +208,7 @@ async fn serve(
         match current.as_ref() {
             None => Err(None),
             Some(p) => p
-                .admit(&peer, now())
+                .admit(&peer, shared.clock.timestamp())
                 .map(|i| (i.id.clone(), admitted_until(i, &peer.presented())))
                 .map_err(Some),
         }
@@ -245,10 +248,13 @@ async fn serve(
     });
     let mut streams = JoinSet::new();
     let stream_cancel = cancel.child_token();
-    // One timer for the connection's life, moved when the policy changes the expiry (not one
-    // registered and dropped again on every turn of the loop).
-    let expired = tokio::time::sleep_until(deadline(until));
-    tokio::pin!(expired);
+    // One timer for the connection's life, on the router's clock (expiry is a date), replaced
+    // only when the policy changes the expiry (not one registered on every turn of the loop).
+    let timer = |until: umbra_policies::Timestamp| {
+        let clock = shared.clock.clone();
+        Box::pin(async move { clock.sleep_until(wall(until)).await })
+    };
+    let mut expired = timer(until);
     // A connection granted less than a full window tries to grow while it lives.
     let regrant = tokio::time::sleep(REGRANT);
     tokio::pin!(regrant);
@@ -274,14 +280,14 @@ async fn serve(
                     (Err(_), _) => Err(Lost::Stopping),
                     (Ok(()), None) => Err(Lost::NoPolicy),
                     (Ok(()), Some(p)) => p
-                        .readmit(&ctx.peer, &ctx.id, now())
+                        .readmit(&ctx.peer, &ctx.id, shared.clock.timestamp())
                         .map(|i| admitted_until(i, &ctx.peer.presented()))
                         .map_err(Lost::Refused),
                 };
                 match verdict {
                     Ok((until, why)) => {
                         ends = why;
-                        expired.as_mut().reset(deadline(until));
+                        expired = timer(until);
                     }
                     // The same reason as at connect, so the same answer (`Verdict::of`).
                     Err(Lost::Refused(why)) => {
@@ -342,11 +348,10 @@ pub(crate) fn close(conn: &Connection, verdict: Verdict) {
     conn.close(VarInt::from_u32(verdict.code), verdict.reason);
 }
 
-/// The instant `until` (as decided by [`admitted_until`]) on the runtime's clock.
-fn deadline(until: umbra_policies::Timestamp) -> tokio::time::Instant {
-    let left = until.0.saturating_sub(now().0);
-    // Far-future expiries are capped so the addition cannot overflow.
-    tokio::time::Instant::now() + std::time::Duration::from_secs(left.min(10 * 365 * 24 * 3600))
+/// `until` (as decided by [`admitted_until`]) as a wall-clock time for the router's clock.
+fn wall(until: umbra_policies::Timestamp) -> std::time::SystemTime {
+    // Far-future expiries are capped (at the end of year 9999) so the time is representable.
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(until.0.min(253_402_300_799))
 }
 
 /// Longest a revoked connection waits for its streams to end themselves before it is closed.

@@ -15,7 +15,7 @@ use umbra_proto::stream::{
 use umbra_proto::verdict::{Moment, Verdict};
 
 use crate::hosts::Host;
-use crate::policy::{now, Policy, PolicyRx};
+use crate::policy::{Policy, PolicyRx};
 use crate::server::Shared;
 use crate::splice;
 use crate::stats::bump;
@@ -133,7 +133,7 @@ async fn dial(
         return;
     };
     let request = StreamRequest::Dial(service.as_str());
-    let permit = match judge(ctx, &policy, request, now()) {
+    let permit = match judge(ctx, &policy, request, ctx.shared.clock.timestamp()) {
         Ok(p) => p,
         Err(why) => {
             // The same answer whether the service exists or not (`Verdict::of`).
@@ -180,7 +180,8 @@ async fn dial(
                 return;
             }
             let (r, w) = tcp.into_split();
-            let caller = |p: &Policy| judge(ctx, p, request, now()).map(drop);
+            let caller =
+                |p: &Policy| judge(ctx, p, request, ctx.shared.clock.timestamp()).map(drop);
             let service = splice::ServiceSide::Tcp(r, w);
             watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
         }
@@ -195,7 +196,7 @@ async fn dial(
             let (mut hsend, mut hrecv) = (hsend, hrecv);
             // Both ends must keep their grants: the caller Dial, the host Bind.
             let both = |p: &Policy| {
-                let t = now();
+                let t = ctx.shared.clock.timestamp();
                 judge(ctx, p, request, t)?;
                 check_stream(&p.index, &host, StreamRequest::Bind(service.as_str()), t).map(drop)
             };
@@ -295,7 +296,7 @@ const HOST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// the caller; tries each host once.
 async fn to_host(ctx: &ConnCtx, service: &Name) -> Option<(IdentityId, SendStream, RecvStream)> {
     let policy = ctx.shared.policy.borrow().clone()?;
-    let t = now();
+    let t = ctx.shared.clock.timestamp();
     let bind = StreamRequest::Bind(service.as_str());
     let hosts: Vec<Host> = (ctx.shared.hosts).candidates(service, |id| {
         check_stream(&policy.index, id, bind, t).is_ok()
@@ -340,7 +341,7 @@ async fn bind(
 ) {
     let mut rx = ctx.shared.policy.clone();
     let request = StreamRequest::Bind(service.as_str());
-    let verdict = current(&mut rx).map(|p| judge(ctx, &p, request, now()));
+    let verdict = current(&mut rx).map(|p| judge(ctx, &p, request, ctx.shared.clock.timestamp()));
     match verdict {
         None => {
             refuse(&mut send, &mut recv, Verdict::NO_POLICY).await;
@@ -375,7 +376,7 @@ async fn bind(
                 r = recv.read(&mut sink) => if !matches!(r, Ok(Some(_))) { break End::Done((0, 0)) },
                 changed = rx.changed() => {
                     if changed.is_err() { break End::Cancelled; }
-                    match current(&mut rx).map(|p| judge(ctx, &p, request, now())) {
+                    match current(&mut rx).map(|p| judge(ctx, &p, request, ctx.shared.clock.timestamp())) {
                         None => break End::NoPolicy,
                         Some(Err(why)) => break End::Refused(why),
                         Some(Ok(_)) => {}

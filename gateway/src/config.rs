@@ -164,6 +164,9 @@ pub struct Config {
     pub ledger: PathBuf,
     /// Largest request body accepted.
     pub max_request_bytes: usize,
+    /// Where the gateway reads the wall time: which budget period a request falls in, and the
+    /// ledger's timestamps. The system clock unless a test sets a manual one.
+    pub clock: umbra_clock::Clock,
 }
 
 pub(crate) fn parse_base(url: &str) -> Result<(bool, String, u16, String), String> {
@@ -340,6 +343,7 @@ impl Config {
                     .unwrap_or_else(|| PathBuf::from("llm-ledger.db")),
             ),
             max_request_bytes: file.max_request_bytes,
+            clock: umbra_clock::Clock::system(),
         })
     }
 }

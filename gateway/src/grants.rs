@@ -3,12 +3,13 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use umbra_policies::IdentityId;
+use tokio::time::Instant;
+use umbra_policies::{IdentityId, Rpm};
 use umbra_proto::api::{EdgeView, HostedGrant};
 use umbra_sdk::{Context, SdkError};
 
@@ -93,12 +94,13 @@ impl Grants {
     pub fn for_model<'a>(&'a self, id: &IdentityId, model: &str) -> Vec<&'a HostedGrant> {
         self.of(id)
             .iter()
-            .filter(|g| g.models.as_ref().is_none_or(|m| m.matches(model)))
+            .filter(|g| g.limits.allows_model(model))
             .collect()
     }
 }
 
-/// Sliding one-minute windows of requests per (identity, policy).
+/// Sliding one-minute windows of requests per (identity, policy), on tokio's monotonic clock
+/// (so `tokio::time::pause` moves them in a test).
 #[derive(Debug, Default)]
 pub struct RateWindows {
     windows: Mutex<HashMap<(IdentityId, String), VecDeque<Instant>>>,
@@ -113,7 +115,7 @@ impl RateWindows {
         &self,
         id: &IdentityId,
         policy: &str,
-        rpm: u32,
+        rpm: Rpm,
         now: Instant,
     ) -> Result<(), Duration> {
         let mut w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
@@ -121,7 +123,7 @@ impl RateWindows {
         while q.front().is_some_and(|t| now.duration_since(*t) >= WINDOW) {
             q.pop_front();
         }
-        if q.len() >= rpm as usize {
+        if q.len() >= rpm.get() as usize {
             let oldest = q.front().copied().unwrap_or(now);
             return Err(WINDOW.saturating_sub(now.duration_since(oldest)));
         }
@@ -134,7 +136,7 @@ impl RateWindows {
         &self,
         id: &IdentityId,
         policy: &str,
-        rpm: u32,
+        rpm: Rpm,
         now: Instant,
     ) -> Result<(), Duration> {
         let w = self.windows.lock().unwrap_or_else(|e| e.into_inner());
@@ -145,7 +147,7 @@ impl RateWindows {
             .iter()
             .filter(|t| now.duration_since(**t) < WINDOW)
             .collect();
-        if live.len() >= rpm as usize {
+        if live.len() >= rpm.get() as usize {
             let oldest = live.first().map(|t| **t).unwrap_or(now);
             return Err(WINDOW.saturating_sub(now.duration_since(oldest)));
         }
@@ -162,13 +164,14 @@ mod tests {
         let r = RateWindows::default();
         let id = IdentityId::new("id-1").unwrap();
         let t0 = Instant::now();
-        assert!(r.take(&id, "p", 2, t0).is_ok());
-        assert!(r.take(&id, "p", 2, t0 + Duration::from_secs(1)).is_ok());
+        let (one, two) = (Rpm::try_from(1).unwrap(), Rpm::try_from(2).unwrap());
+        assert!(r.take(&id, "p", two, t0).is_ok());
+        assert!(r.take(&id, "p", two, t0 + Duration::from_secs(1)).is_ok());
         let wait = r
-            .take(&id, "p", 2, t0 + Duration::from_secs(2))
+            .take(&id, "p", two, t0 + Duration::from_secs(2))
             .unwrap_err();
         assert_eq!(wait, Duration::from_secs(58));
-        assert!(r.has_room(&id, "other", 1, t0).is_ok(), "per policy");
-        assert!(r.take(&id, "p", 2, t0 + Duration::from_secs(61)).is_ok());
+        assert!(r.has_room(&id, "other", one, t0).is_ok(), "per policy");
+        assert!(r.take(&id, "p", two, t0 + Duration::from_secs(61)).is_ok());
     }
 }

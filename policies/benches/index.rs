@@ -125,12 +125,7 @@ fn generate(rng: &mut Rng) -> State {
             } else {
                 Semantic::AnyOf
             },
-            models: None,
-            tokens: None,
-            rpm: None,
-            tools: None,
-            resources: None,
-            prompts: None,
+            limits: umbra_policies::GrantLimits::default(),
         };
         state.policies.insert(policy.name.clone(), policy);
     }

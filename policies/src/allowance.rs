@@ -33,6 +33,9 @@ pub enum AllowanceError {
     /// Not `AMOUNT/PERIOD`.
     #[error("invalid budget {0:?}: expected AMOUNT/PERIOD such as 200000/day (minute, hour, day, week or month)")]
     Budget(String),
+    /// A requests-per-minute cap that is not a number from 1 to [`crate::MAX_RPM`].
+    #[error("rpm must be between 1 and {max}", max = crate::MAX_RPM)]
+    Rpm,
 }
 
 /// A list of glob patterns (`*` any run, `?` one character), each possibly negated with `!`.
@@ -296,9 +299,6 @@ impl fmt::Display for TokenBudget {
         write!(f, "{}/{}", self.amount, self.period.name())
     }
 }
-
-/// The most requests per minute a grant may carry.
-pub const MAX_RPM: u32 = 1_000_000;
 
 #[cfg(test)]
 mod tests {

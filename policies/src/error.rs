@@ -159,9 +159,6 @@ pub enum DocErrorKind {
     /// A model pattern list or a token budget is invalid.
     #[error(transparent)]
     Allowance(#[from] crate::AllowanceError),
-    /// A requests-per-minute cap is zero or too large.
-    #[error("rpm must be between 1 and {max}", max = crate::MAX_RPM)]
-    Rpm,
     /// Two services list the same intercept address; a tunneler could expose only one of them
     /// there, so the second would silently be unreachable.
     #[error("intercept {intercept} of service {by} is already used by service {service}")]

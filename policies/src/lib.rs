@@ -17,15 +17,17 @@ mod doc;
 mod error;
 mod index;
 mod judge;
+mod limits;
 mod model;
 mod name;
 mod plan;
+pub mod renewal;
 mod rules;
 mod selector;
 #[cfg(test)]
 mod testing;
 
-pub use allowance::{AllowanceError, Patterns, Period, TokenBudget, MAX_RPM};
+pub use allowance::{AllowanceError, Patterns, Period, TokenBudget};
 pub use apply::apply_plan;
 pub use decision::{Deny, Explanation, Permit};
 pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};
@@ -35,6 +37,7 @@ pub use judge::{
     admit, admitted_until, check_stream, CertRecord, Grants, Presented, Roster, StreamPermit,
     StreamRequest, Target,
 };
+pub use limits::{GrantLimits, Rpm, MAX_RPM};
 
 pub use model::{
     Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,

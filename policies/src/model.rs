@@ -385,25 +385,9 @@ pub struct ServicePolicy {
     /// How the selectors combine.
     #[serde(default)]
     pub semantic: Semantic,
-    /// Which models a gateway hosting the service lets these identities use; absent: any.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<crate::Patterns>,
-    /// Tokens per calendar period each identity may spend through this grant; absent: no cap.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens: Option<crate::TokenBudget>,
-    /// Requests per minute each identity may make through this grant; absent: no cap.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u32>,
-    /// Which MCP tools (`server__tool`) a gateway hosting the service shows these identities;
-    /// absent: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tools: Option<crate::Patterns>,
-    /// Which MCP resources (`server__uri`); absent: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<crate::Patterns>,
-    /// Which MCP prompts (`server__prompt`); absent: all.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompts: Option<crate::Patterns>,
+    /// What the grant allows at the gateway hosting the service (flat fields on the wire).
+    #[serde(flatten)]
+    pub limits: crate::GrantLimits,
 }
 
 impl ServicePolicy {

@@ -50,12 +50,7 @@ pub(crate) fn policy(
         identities: identities.iter().map(|s| s.parse().unwrap()).collect(),
         services: services.iter().map(|s| s.parse().unwrap()).collect(),
         semantic,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: crate::GrantLimits::default(),
     }
 }
 

@@ -87,12 +87,7 @@ fn state() -> impl Strategy<Value = State> {
                 identities,
                 services,
                 semantic,
-                models: None,
-                tokens: None,
-                rpm: None,
-                tools: None,
-                resources: None,
-                prompts: None,
+                limits: Default::default(),
             },
         );
     (

@@ -150,12 +150,7 @@ fn policy() -> impl Strategy<Value = ServicePolicy> {
                 identities,
                 services,
                 semantic,
-                models: None,
-                tokens: None,
-                rpm: None,
-                tools: None,
-                resources: None,
-                prompts: None,
+                limits: umbra_policies::GrantLimits::default(),
             },
         )
 }
@@ -337,12 +332,7 @@ fn document() -> impl Strategy<Value = Document> {
                     } else {
                         Semantic::AnyOf
                     },
-                    models: None,
-                    tokens: None,
-                    rpm: None,
-                    tools: None,
-                    resources: None,
-                    prompts: None,
+                    limits: umbra_policies::GrantLimits::default(),
                 })
                 .map(|p| (p.name.clone(), p))
                 .collect();

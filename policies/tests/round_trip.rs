@@ -7,9 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use umbra_policies::{
-    apply_plan, export, parse_document, plan, Action, DocErrorKind, HostPort, Hosting, Identity,
-    IdentityId, IdentityKind, Name, Patterns, Selector, Semantic, Service, ServicePolicy, State,
-    TokenBudget,
+    apply_plan, export, parse_document, plan, Action, DocErrorKind, GrantLimits, HostPort, Hosting,
+    Identity, IdentityId, IdentityKind, Name, Patterns, Rpm, Selector, Semantic, Service,
+    ServicePolicy, State, TokenBudget,
 };
 
 fn name(s: String) -> Name {
@@ -122,12 +122,14 @@ fn controller_state() -> impl Strategy<Value = State> {
                     } else {
                         Semantic::AnyOf
                     },
-                    models: limits.then(|| patterns("gpt-*,!gpt-4")),
-                    tokens: limits.then(|| "200000/day".parse::<TokenBudget>().unwrap()),
-                    rpm: limits.then_some(60),
-                    tools: limits.then(|| patterns("github__*")),
-                    resources: limits.then(|| patterns("docs__*")),
-                    prompts: limits.then(|| patterns("*")),
+                    limits: GrantLimits {
+                        models: limits.then(|| patterns("gpt-*,!gpt-4")),
+                        tokens: limits.then(|| "200000/day".parse::<TokenBudget>().unwrap()),
+                        rpm: limits.then(|| Rpm::try_from(60).unwrap()),
+                        tools: limits.then(|| patterns("github__*")),
+                        resources: limits.then(|| patterns("docs__*")),
+                        prompts: limits.then(|| patterns("*")),
+                    },
                 })
                 .map(|p| (p.name.clone(), p))
                 .collect();

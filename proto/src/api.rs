@@ -151,24 +151,9 @@ pub struct GrantRequest {
     /// How selectors combine.
     #[serde(default)]
     pub semantic: Semantic,
-    /// Models a gateway hosting the service allows (absent: any).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<umbra_policies::Patterns>,
-    /// Tokens per period each identity may spend through this grant (absent: no cap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens: Option<umbra_policies::TokenBudget>,
-    /// Requests per minute each identity may make through this grant (absent: no cap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u32>,
-    /// MCP tools shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tools: Option<umbra_policies::Patterns>,
-    /// MCP resources shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<umbra_policies::Patterns>,
-    /// MCP prompts shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompts: Option<umbra_policies::Patterns>,
+    /// What the grant allows at a gateway hosting the service (flat fields on the wire).
+    #[serde(flatten)]
+    pub limits: umbra_policies::GrantLimits,
 }
 
 fn default_action() -> Action {
@@ -286,24 +271,9 @@ pub struct HostedGrant {
     pub name: Name,
     /// The granting policy.
     pub policy: Name,
-    /// Models allowed (absent: any).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub models: Option<umbra_policies::Patterns>,
-    /// Token budget (absent: no cap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tokens: Option<umbra_policies::TokenBudget>,
-    /// Requests per minute (absent: no cap).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rpm: Option<u32>,
-    /// MCP tools shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tools: Option<umbra_policies::Patterns>,
-    /// MCP resources shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub resources: Option<umbra_policies::Patterns>,
-    /// MCP prompts shown (absent: all).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub prompts: Option<umbra_policies::Patterns>,
+    /// The grant's limits (flat fields on the wire).
+    #[serde(flatten)]
+    pub limits: umbra_policies::GrantLimits,
 }
 
 impl std::fmt::Debug for EnrollRequest {

@@ -93,6 +93,8 @@ pub struct EventSink {
     identity: String,
     file: Option<Arc<Mutex<std::fs::File>>>,
     forward: Option<Arc<Forward>>,
+    /// What stamps the events (`at`).
+    clock: umbra_clock::Clock,
 }
 
 impl std::fmt::Debug for EventSink {
@@ -121,7 +123,14 @@ impl EventSink {
             identity: identity.to_string(),
             file,
             forward: None,
+            clock: umbra_clock::Clock::system(),
         })
+    }
+
+    /// Stamps events with `clock` instead of the system clock.
+    pub fn with_clock(mut self, clock: umbra_clock::Clock) -> EventSink {
+        self.clock = clock;
+        self
     }
 
     /// Also hands every event to `f` (which must not block).
@@ -132,7 +141,7 @@ impl EventSink {
 
     /// Records an event.
     pub fn emit(&self, kind: EventKind) {
-        let at = time::OffsetDateTime::now_utc()
+        let at = time::OffsetDateTime::from(self.clock.now())
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default();
         let ev = Event {
@@ -230,6 +239,24 @@ impl EventWindow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn events_are_stamped_by_the_sinks_clock_in_rfc3339() {
+        let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_796_126_400);
+        let clock = umbra_clock::ManualClock::new(at);
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = EventSink::new("s", "a", None)
+            .expect("sink")
+            .with_clock(clock.clock())
+            .forward({
+                let seen = Arc::clone(&seen);
+                move |e| seen.lock().expect("lock").push(e.at.clone())
+            });
+        sink.emit(EventKind::Started {
+            command: "x".into(),
+        });
+        assert_eq!(*seen.lock().expect("lock"), ["2026-12-01T12:00:00Z"]);
+    }
 
     #[test]
     fn the_window_admits_each_key_once_and_a_bounded_number_per_period() {

@@ -225,7 +225,17 @@ impl Context {
         identity: IdentityFile,
         controller: Option<&str>,
     ) -> Result<Context, SdkError> {
-        let live = RenewingIdentity::new(identity.clone(), controller)?;
+        Self::with_clock(identity, controller, umbra_clock::Clock::system())
+    }
+
+    /// Like [`Context::with_controller`], renewing on the schedule `clock` tells: a test hands
+    /// in a manual clock to make the certificate age without waiting.
+    pub fn with_clock(
+        identity: IdentityFile,
+        controller: Option<&str>,
+        clock: umbra_clock::Clock,
+    ) -> Result<Context, SdkError> {
+        let live = RenewingIdentity::new(identity.clone(), controller, clock)?;
         let controller = live.controller();
         let mut transport = quinn::TransportConfig::default();
         transport

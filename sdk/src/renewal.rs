@@ -4,20 +4,24 @@
 //! than one certificate renews its own, with a fresh key, over mutual TLS with the current one
 //! (`POST /v1/renew`). [`RenewingIdentity`] holds the current [`Credentials`], publishes each
 //! renewal on a `watch` channel (readers take no lock on the hot path beyond the channel's
-//! short read lock), optionally persists it, and runs the schedule: renew once less than a third
-//! of the nominal validity remains, retry with backoff on failure, give up once the certificate
-//! has expired (the controller refuses an expired certificate, so only re-enrollment helps).
+//! short read lock), optionally persists it, and runs the schedule: renew once the policy core
+//! says renewal is due (`umbra_policies::renewal`: less than a third of the nominal validity
+//! left), retry with backoff on failure, give up once the certificate has expired (the
+//! controller refuses an expired certificate, so only re-enrollment helps).
 //!
-//! When to renew is a pure function of the certificate and `now` ([`renewal_delay`]), so the
-//! schedule is tested without a clock.
+//! The wall time comes from the injected [`Clock`]; the waits are tokio's, so a test moves
+//! both (a `ManualClock` and `tokio::time::pause`) instead of waiting.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
+use umbra_clock::Clock;
 use umbra_pki::{IdentityFile, PeerCert};
+use umbra_policies::renewal::{self, RenewAt};
+use umbra_policies::Timestamp;
 
 use crate::client::ControllerClient;
 use crate::context::lock;
@@ -25,7 +29,7 @@ use crate::error::SdkError;
 
 /// How far the CA backdates `notBefore` for clock skew (`CertificateAuthority::issue`); not part
 /// of the lifetime the controller meant to grant.
-pub const ISSUE_BACKDATE: Duration = Duration::from_secs(300);
+pub const ISSUE_BACKDATE: Duration = Duration::from_secs(renewal::ISSUE_BACKDATE_SECS);
 /// The shortest wait between two renewals, however short the validity: a controller
 /// configured with a tiny validity must not make every process renew in a tight loop.
 pub const MIN_RENEW_INTERVAL: Duration = Duration::from_secs(1);
@@ -92,23 +96,22 @@ impl Credentials {
 /// How long to wait, from `now` (time since the Unix epoch), before renewing the certificate
 /// valid from `not_before` to `not_after` (seconds since the epoch).
 ///
-/// Renewal is due once less than a third of the nominal validity remains; the nominal validity
-/// excludes the [`ISSUE_BACKDATE`] the CA adds, so a 24 h certificate renews 16 h after it was
-/// issued and a 6 s one after 4 s (counting the backdate, the latter would renew at once). The
-/// wait is never shorter than [`MIN_RENEW_INTERVAL`], even when renewal is overdue: one renewal
-/// per interval at most, whatever the validity.
+/// When renewal is due is the policy core's rule ([`umbra_policies::renewal::due`]: a 24 h
+/// certificate renews 16 h after it was issued, a 6 s one after 4 s). The wait is never
+/// shorter than [`MIN_RENEW_INTERVAL`], even when renewal is overdue: one renewal per interval
+/// at most, whatever the validity.
 pub fn renewal_delay(not_before: u64, not_after: u64, now: Duration) -> Duration {
-    let total = not_after.saturating_sub(not_before);
-    let backdate = ISSUE_BACKDATE.as_secs();
-    // Our CA always backdates; a certificate too short to contain the backdate came from
-    // elsewhere and is taken as it is.
-    let nominal = if total > backdate {
-        total - backdate
-    } else {
-        total
-    };
-    let due = Duration::from_secs(not_after).saturating_sub(Duration::from_secs(nominal) / 3);
-    due.saturating_sub(now).max(MIN_RENEW_INTERVAL)
+    let at = renewal::due(
+        Timestamp(not_before),
+        Timestamp(not_after),
+        Timestamp(now.as_secs()),
+    );
+    match at {
+        RenewAt::Now => MIN_RENEW_INTERVAL,
+        RenewAt::At(t) => Duration::from_secs(t.0)
+            .saturating_sub(now)
+            .max(MIN_RENEW_INTERVAL),
+    }
 }
 
 /// How long to wait after `failures` failed attempts (1 for the first), never past half the
@@ -116,12 +119,6 @@ pub fn renewal_delay(not_before: u64, not_after: u64, now: Duration) -> Duration
 fn retry_delay(failures: u32, left: Duration) -> Duration {
     let backoff = RETRY_MIN.saturating_mul(1 << failures.saturating_sub(1).min(16));
     backoff.min(RETRY_MAX).min(left / 2).max(RETRY_MIN / 2)
-}
-
-fn since_epoch() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
 }
 
 /// An identity that renews its own certificate: the current [`Credentials`], a `watch` of
@@ -141,6 +138,8 @@ struct Shared {
     /// One renewal at a time: two concurrent ones would both succeed and the earlier result
     /// would be thrown away.
     renewing: tokio::sync::Mutex<()>,
+    /// Where the schedule reads the time.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for RenewingIdentity {
@@ -153,10 +152,12 @@ impl std::fmt::Debug for RenewingIdentity {
 
 impl RenewingIdentity {
     /// Starts from `identity`, renewing with the controller at `controller` (default: the
-    /// address in the file). Nothing runs until [`RenewingIdentity::run`] is spawned.
+    /// address in the file) on the schedule `clock` tells (production: `Clock::system()`).
+    /// Nothing runs until [`RenewingIdentity::run`] is spawned.
     pub fn new(
         identity: IdentityFile,
         controller: Option<&str>,
+        clock: Clock,
     ) -> Result<RenewingIdentity, SdkError> {
         let creds = Credentials::new(identity)?;
         let (tx, _) = watch::channel(Arc::new(creds));
@@ -166,6 +167,7 @@ impl RenewingIdentity {
                 controller: controller.map(str::to_owned),
                 path: Mutex::new(None),
                 renewing: tokio::sync::Mutex::new(()),
+                clock,
             }),
         })
     }
@@ -256,7 +258,7 @@ impl RenewingIdentity {
         loop {
             let current = Arc::clone(&rx.borrow_and_update());
             let leaf = current.leaf();
-            let now = since_epoch();
+            let now = self.shared.clock.since_epoch();
             let left = Duration::from_secs(leaf.not_after.0).saturating_sub(now);
             let wait = if failures == 0 {
                 renewal_delay(leaf.not_before.0, leaf.not_after.0, now)
@@ -264,6 +266,22 @@ impl RenewingIdentity {
                 retry_delay(failures, left)
             };
             tracing::debug!(in_ms = wait.as_millis() as u64, "next renewal");
+            // The first attempt waits for a date on the injected clock (so a test that moves
+            // the clock is not kept waiting) and, however overdue, the floor in real time; a
+            // retry waits its backoff in real time only.
+            let due = UNIX_EPOCH + now + wait;
+            let until_due = async {
+                let floor = tokio::time::sleep(if failures == 0 {
+                    MIN_RENEW_INTERVAL
+                } else {
+                    wait
+                });
+                if failures == 0 {
+                    tokio::join!(floor, self.shared.clock.sleep_until(due));
+                } else {
+                    floor.await;
+                }
+            };
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 // Someone else renewed (`renew_now`): schedule from the new certificate.
@@ -274,7 +292,7 @@ impl RenewingIdentity {
                     failures = 0;
                     continue;
                 }
-                _ = tokio::time::sleep(wait) => {}
+                _ = until_due => {}
             }
             let attempt = tokio::select! {
                 _ = cancel.cancelled() => return,
@@ -284,7 +302,8 @@ impl RenewingIdentity {
                 Ok(_) => failures = 0,
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let left = Duration::from_secs(leaf.not_after.0).saturating_sub(since_epoch());
+                    let left = Duration::from_secs(leaf.not_after.0)
+                        .saturating_sub(self.shared.clock.since_epoch());
                     if left.is_zero() {
                         tracing::error!(error = %e, serial = %leaf.serial, "certificate expired before it could be renewed; the identity must enroll again");
                         return;

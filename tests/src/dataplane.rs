@@ -108,12 +108,7 @@ pub async fn grant(t: &TestController, policy: &str, action: Action, who: &str, 
         identities: vec![format!("@{who}").parse::<Selector>().expect("selector")],
         services: vec![format!("@{svc}").parse::<Selector>().expect("selector")],
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits::default(),
     };
     let _: ServicePolicy = t
         .admin_client()

@@ -64,12 +64,7 @@ async fn grant(
             .map(|s| s.parse::<Selector>().unwrap())
             .collect(),
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm: None,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits::default(),
     };
     c.call(Method::POST, "/v1/policies", Some(&req)).await
 }
@@ -976,18 +971,16 @@ async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
         .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
         .await
         .unwrap();
-    let named = |name_: &str, action, ids: &[&str], rpm| GrantRequest {
+    let named = |name_: &str, action, ids: &[&str], rpm: Option<u32>| GrantRequest {
         name: Some(name(name_)),
         action,
         identities: ids.iter().map(|s| s.parse::<Selector>().unwrap()).collect(),
         services: vec!["@llm".parse().unwrap()],
         semantic: Semantic::AnyOf,
-        models: None,
-        tokens: None,
-        rpm,
-        tools: None,
-        resources: None,
-        prompts: None,
+        limits: umbra_policies::GrantLimits {
+            rpm: rpm.map(|r: u32| umbra_policies::Rpm::try_from(r).unwrap()),
+            ..Default::default()
+        },
     };
     for req in [
         named("gw-binds", Action::Bind, &["@gw"], None),
@@ -1011,7 +1004,13 @@ async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
             "gw binds llm (and `#all` lets it dial too)"
         );
         (v.services[0].grants.iter())
-            .map(|g| (g.name.to_string(), g.policy.to_string(), g.rpm))
+            .map(|g| {
+                (
+                    g.name.to_string(),
+                    g.policy.to_string(),
+                    g.limits.rpm.map(u32::from),
+                )
+            })
             .collect::<Vec<_>>()
     };
     let row = |i: &str, p: &str, rpm| (i.to_owned(), p.to_owned(), rpm);

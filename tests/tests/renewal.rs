@@ -1,5 +1,10 @@
-//! Certificate renewal end to end: a controller that issues certificates valid for a few
-//! seconds, and agents and routers that must renew their own, automatically, to keep working.
+//! Certificate renewal end to end: a controller that issues short-lived certificates, and agents
+//! and routers that must renew their own, automatically, to keep working.
+//!
+//! Where the decision is ours (when an SDK context renews), the controller, router and context
+//! share a manual clock that the test moves. Where it is TLS's (rustls checks a certificate's
+//! validity against the real time, inside the handshake) or the router's connection expiry
+//! timer, the certificates live a few seconds and the test waits for real time.
 //!
 //! Every wait is bounded and watches for the event itself (a renewal on the identity's `watch`,
 //! a certificate passing its `notAfter`); nothing sleeps a fixed time and hopes. Administrative
@@ -10,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use umbra_clock::{Clock, ManualClock};
 use umbra_controller::Actor;
 use umbra_edge_router::{Router, RouterConfig, RouterHandle};
 use umbra_pki::{IdentityFile, SpiffeId};
@@ -80,6 +86,16 @@ async fn agent(t: &TestController, n: &str) -> IdentityFile {
 /// Creates, enrolls and starts a router that saves its renewals to `path`, and waits until it
 /// holds a policy.
 async fn router(t: &TestController, n: &str, path: Option<std::path::PathBuf>) -> RouterHandle {
+    router_with(t, n, path, Clock::system()).await
+}
+
+/// Like [`router`], reading the time from `clock`.
+async fn router_with(
+    t: &TestController,
+    n: &str,
+    path: Option<std::path::PathBuf>,
+    clock: Clock,
+) -> RouterHandle {
     let tok = t
         .ctrl
         .create_router(&Actor::controller(), name(n), None)
@@ -93,6 +109,7 @@ async fn router(t: &TestController, n: &str, path: Option<std::path::PathBuf>) -
     let mut cfg = RouterConfig::new(identity, "127.0.0.1:0".parse().expect("addr"));
     cfg.controller = Some(t.addr());
     cfg.identity_path = path;
+    cfg.clock = clock;
     let router = Router::start(cfg).await.expect("router starts");
     tokio::time::timeout(BOUND, router.ready())
         .await
@@ -127,12 +144,7 @@ fn grant(t: &TestController, action: Action, who: &str, svc: &str) {
                 identities: vec![format!("@{who}").parse::<Selector>().expect("selector")],
                 services: vec![format!("@{svc}").parse::<Selector>().expect("selector")],
                 semantic: Semantic::AnyOf,
-                models: None,
-                tokens: None,
-                rpm: None,
-                tools: None,
-                resources: None,
-                prompts: None,
+                limits: umbra_policies::GrantLimits::default(),
             },
         )
         .expect("grant");
@@ -159,10 +171,36 @@ async fn echoes(ctx: &Context, svc: &str) -> Result<(), SdkError> {
     Ok(())
 }
 
+/// How long certificates are valid in the tests that run on a manual clock: long enough that
+/// real time never renews them within a test (two thirds is 80 s), short enough that moving
+/// the clock through three renewals stays inside the CA's 5 minutes of backdating, so every
+/// certificate is also valid for TLS, which checks against the real time.
+const VIRTUAL_VALIDITY: Duration = Duration::from_secs(120);
+
+/// Moves `clock` to the moment the certificate in `creds` is due for renewal.
+fn to_renewal(clock: &ManualClock, creds: &Credentials) {
+    let leaf = creds.leaf();
+    let due = umbra_policies::renewal::deadline(leaf.not_before, leaf.not_after);
+    let at = UNIX_EPOCH + Duration::from_secs(due.0);
+    if clock.now() < at {
+        clock.advance(at.duration_since(clock.now()).unwrap_or_default());
+    }
+}
+
 #[tokio::test]
 async fn a_context_keeps_dialing_across_several_renewals() {
-    let t = controller().await;
-    let router = router(&t, "r1", None).await;
+    // The controller, the router and the agent all read one manual clock: renewals happen
+    // when the test moves it, not after waiting for certificates to age.
+    let clock = ManualClock::starting_now();
+    let t = TestController::start_with({
+        let clock = clock.clock();
+        |cfg| {
+            cfg.cert_validity = VIRTUAL_VALIDITY;
+            cfg.clock = clock;
+        }
+    })
+    .await;
+    let router = router_with(&t, "r1", None, clock.clock()).await;
     let echo = Echo::start().await;
     let a = agent(&t, "agent-1").await;
     echo_service(&t, &echo, "echo", "agent-1");
@@ -170,10 +208,10 @@ async fn a_context_keeps_dialing_across_several_renewals() {
     // The CA backdates by 5 minutes; the validity asked for is what counts for renewal.
     assert_eq!(
         first.not_after.0 - first.not_before.0,
-        VALIDITY.as_secs() + umbra_sdk::ISSUE_BACKDATE.as_secs()
+        VIRTUAL_VALIDITY.as_secs() + umbra_sdk::ISSUE_BACKDATE.as_secs()
     );
 
-    let ctx = Context::new(a.clone()).expect("context");
+    let ctx = Context::with_clock(a.clone(), None, clock.clock()).expect("context");
     let path = t.path("agent-1.json");
     ctx.set_identity_path(&path);
     let mut renewals = ctx.watch_identity();
@@ -181,7 +219,15 @@ async fn a_context_keeps_dialing_across_several_renewals() {
     echoes(&ctx, "echo")
         .await
         .expect("dial with the first certificate");
+    // Real time alone renews nothing: the certificate is young on the clock that counts.
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    assert!(
+        !renewals.has_changed().expect("renewal running"),
+        "renewed before the clock was moved"
+    );
     for _ in 0..3 {
+        let current = Arc::clone(&renewals.borrow());
+        to_renewal(&clock, &current);
         let creds = next_renewal(&mut renewals).await;
         let serial = creds.leaf().serial.clone();
         assert!(
@@ -193,17 +239,12 @@ async fn a_context_keeps_dialing_across_several_renewals() {
             ctx.current_identity().leaf().expect("leaf").serial,
             serials[serials.len() - 1]
         );
+        // Dated by the controller's (manual) clock.
+        assert!(creds.leaf().not_after.0 >= umbra_clock::to_timestamp(clock.now()).0);
         echoes(&ctx, "echo").await.expect("dial after a renewal");
     }
-    // Three renewals take two validities: the first certificate is long expired, and useless.
-    until_expired(first.not_after.0).await;
-    let e = umbra_sdk::renew(&a)
-        .await
-        .expect_err("an expired certificate renews nothing");
-    assert!(matches!(e, SdkError::Handshake { .. }), "{e}");
-    echoes(&ctx, "echo")
-        .await
-        .expect("dial after the first certificate expired");
+    // Three renewals take two validities: on the clock, the first certificate has expired.
+    assert!(umbra_clock::to_timestamp(clock.now()) > first.not_after);
     // The identity file on disk follows (0600), so a restart starts from a valid certificate.
     // (Saved before it is published, so the file can be one renewal ahead for a moment.)
     let saved = eventually(BOUND, || {
@@ -213,7 +254,7 @@ async fn a_context_keeps_dialing_across_several_renewals() {
     })
     .await
     .expect("the saved identity is the current one");
-    assert!(saved.leaf().expect("leaf").not_after.0 >= unix_now());
+    assert!(saved.leaf().expect("leaf").not_after >= umbra_clock::to_timestamp(clock.now()));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
@@ -221,7 +262,8 @@ async fn a_context_keeps_dialing_across_several_renewals() {
         assert_eq!(mode & 0o777, 0o600);
     }
     // And a new context started from the saved file works.
-    let restarted = Context::new(saved).expect("context from the saved file");
+    let restarted =
+        Context::with_clock(saved, None, clock.clock()).expect("context from the saved file");
     echoes(&restarted, "echo")
         .await
         .expect("dial from the saved file");
@@ -482,8 +524,18 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn a_connection_is_closed_when_its_certificate_expires() {
-    let t = controller().await;
-    let router = router(&t, "r1", None).await;
+    // The router judges expiry on its clock, which the test moves: the certificate stays
+    // valid for TLS (real time) while it expires for the router.
+    let clock = ManualClock::starting_now();
+    let t = TestController::start_with({
+        let clock = clock.clock();
+        |cfg| {
+            cfg.cert_validity = VIRTUAL_VALIDITY;
+            cfg.clock = clock;
+        }
+    })
+    .await;
+    let router = router_with(&t, "r1", None, clock.clock()).await;
     let a = agent(&t, "agent-1").await;
     let leaf = a.leaf().expect("leaf");
     // A raw client never renews: the connection made with this certificate must end with it,
@@ -497,13 +549,18 @@ async fn a_connection_is_closed_when_its_certificate_expires() {
     .await
     .expect("timely")
     .expect("admitted");
-    let ended = tokio::time::timeout(RENEWAL_BOUND, conn.closed())
-        .await
-        .expect("closed when the certificate expired");
+    let not_after = UNIX_EPOCH + Duration::from_secs(leaf.not_after.0);
+    // A second before it expires, on the router's clock, the connection stays.
+    clock.set(not_after - Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        unix_now() >= leaf.not_after.0,
-        "closed before the certificate expired: {ended}"
+        conn.close_reason().is_none(),
+        "closed a second before the certificate expired"
     );
+    clock.set(not_after);
+    let ended = tokio::time::timeout(BOUND, conn.closed())
+        .await
+        .expect("closed when the certificate expired, without waiting for it");
     match ended {
         quinn::ConnectionError::ApplicationClosed(c) => {
             assert_eq!(

@@ -188,12 +188,7 @@ impl Controller {
                     identity: i.id.clone(),
                     name: i.name.clone(),
                     policy: p.name.clone(),
-                    models: p.models.clone(),
-                    tokens: p.tokens,
-                    rpm: p.rpm,
-                    tools: p.tools.clone(),
-                    resources: p.resources.clone(),
-                    prompts: p.prompts.clone(),
+                    limits: p.limits.clone(),
                 });
             }
             e.grants

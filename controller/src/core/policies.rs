@@ -94,19 +94,6 @@ impl Controller {
     ) -> Result<ServicePolicy, ControllerError> {
         let mut inner = self.lock();
         let state = inner.state();
-        let mut problems = Vec::new();
-        if req
-            .rpm
-            .is_some_and(|r| !(1..=umbra_policies::MAX_RPM).contains(&r))
-        {
-            problems.push(format!(
-                "rpm must be between 1 and {}",
-                umbra_policies::MAX_RPM
-            ));
-        }
-        if !problems.is_empty() {
-            return Err(ControllerError::Rejected(problems));
-        }
         let name = match req.name {
             Some(n) if state.policies.contains_key(&n) => {
                 return Err(ControllerError::Conflict(format!(
@@ -124,12 +111,7 @@ impl Controller {
             identities: req.identities,
             services: req.services,
             semantic: req.semantic,
-            models: req.models,
-            tokens: req.tokens,
-            rpm: req.rpm,
-            tools: req.tools,
-            resources: req.resources,
-            prompts: req.prompts,
+            limits: req.limits,
         };
         let mut batch = Batch::default();
         batch.changes.push(ChangeEvent::PolicyPut {

@@ -1,14 +1,14 @@
 //! Choosing the grant a request runs under and holding its worst-case cost in the ledger, then
 //! replacing that hold with what the provider reported.
 
-use std::time::Instant;
+use tokio::time::Instant;
 
 use umbra_policies::Timestamp;
 use umbra_proto::api::HostedGrant;
 use umbra_sdk::Caller;
 
 use super::bound::{Bound, Unbounded};
-use super::{now_secs, Shared};
+use super::Shared;
 use crate::config::Model;
 use crate::errors::Kind;
 use crate::ledger::{Bucket, Record, Reservation};
@@ -46,12 +46,12 @@ pub(super) fn admit(
     bound: &Result<Bound, Unbounded>,
     asked_max: Option<u64>,
 ) -> Result<Admission, Refusal> {
-    let now = Timestamp(now_secs());
+    let now: Timestamp = s.cfg.clock.timestamp();
     let instant = Instant::now();
     let mut ordered: Vec<(&HostedGrant, u64)> = candidates
         .iter()
         .map(|g| {
-            let left = match g.tokens {
+            let left = match g.limits.tokens {
                 None => u64::MAX,
                 Some(b) => {
                     let bucket = Bucket::new(caller.id.as_str(), g.policy.as_str(), b.period, now);
@@ -67,7 +67,7 @@ pub(super) fn admit(
     ordered.sort_by_key(|g| std::cmp::Reverse(g.1));
     let mut refusal: Option<Refusal> = None;
     for (g, _) in ordered {
-        if let Some(rpm) = g.rpm {
+        if let Some(rpm) = g.limits.rpm {
             if let Err(wait) = s.rate.has_room(&caller.id, g.policy.as_str(), rpm, instant) {
                 let secs = wait.as_secs().max(1);
                 if refusal.is_none() {
@@ -80,7 +80,7 @@ pub(super) fn admit(
                 continue;
             }
         }
-        let (reservation, max_out, budget) = match g.tokens {
+        let (reservation, max_out, budget) = match g.limits.tokens {
             None => (
                 Reservation {
                     bucket: None,
@@ -126,7 +126,7 @@ pub(super) fn admit(
                 }
             }
         };
-        if let Some(rpm) = g.rpm {
+        if let Some(rpm) = g.limits.rpm {
             if let Err(wait) = s.rate.take(&caller.id, g.policy.as_str(), rpm, instant) {
                 // Another request took the last slot meanwhile.
                 let _ = s.ledger.release(reservation);

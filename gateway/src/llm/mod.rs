@@ -3,7 +3,7 @@
 //! provider's key is added here and nowhere else.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode};
@@ -115,13 +115,6 @@ impl Gateway {
     }
 }
 
-pub(crate) fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// The caller's grants, waiting briefly if the router admitted a caller our view does not list
 /// yet (a grant made a moment ago).
 async fn grants_of(s: &Shared, caller: &Caller) -> Vec<HostedGrant> {
@@ -196,11 +189,7 @@ async fn models(s: &Shared, caller: &Caller, req: &Request<Incoming>) -> Respons
         .cfg
         .models
         .values()
-        .filter(|m| {
-            grants
-                .iter()
-                .any(|g| g.models.as_ref().is_none_or(|p| p.matches(&m.name)))
-        })
+        .filter(|m| grants.iter().any(|g| g.limits.allows_model(&m.name)))
         .collect();
     let body = if req.headers().contains_key("anthropic-version") {
         let data: Vec<Value> = allowed
@@ -239,9 +228,9 @@ struct Ask {
     headers: http::HeaderMap,
 }
 
-fn record(caller: &Caller, ask_model: &str, endpoint: &str, stream: bool) -> Record {
+fn record(s: &Shared, caller: &Caller, ask_model: &str, endpoint: &str, stream: bool) -> Record {
     Record {
-        at: now_secs(),
+        at: s.cfg.clock.timestamp().0,
         identity: caller.id.as_str().to_string(),
         name: caller.name.to_string(),
         model: ask_model.to_string(),
@@ -331,11 +320,11 @@ async fn complete(
         Ok(a) => a,
         Err(r) => return r,
     };
-    let rec = record(&caller, &ask.model, &ask.endpoint, ask.stream);
+    let rec = record(&s, &caller, &ask.model, &ask.endpoint, ask.stream);
     let grants = grants_of(&s, &caller).await;
     let candidates: Vec<&HostedGrant> = grants
         .iter()
-        .filter(|g| g.models.as_ref().is_none_or(|p| p.matches(&ask.model)))
+        .filter(|g| g.limits.allows_model(&ask.model))
         .collect();
     // A model that does not exist and one the caller may not use look the same: 404.
     let not_found = || {

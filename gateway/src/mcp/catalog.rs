@@ -198,9 +198,9 @@ pub fn answer_uris(result: &mut Value, entry: &Entry) {
 pub fn visible(grants: &[HostedGrant], kind: Kind, name: &str) -> bool {
     grants.iter().any(|g| {
         let p = match kind {
-            Kind::Tools => &g.tools,
-            Kind::Resources => &g.resources,
-            Kind::Prompts => &g.prompts,
+            Kind::Tools => &g.limits.tools,
+            Kind::Resources => &g.limits.resources,
+            Kind::Prompts => &g.limits.prompts,
         };
         p.as_ref().is_none_or(|p| p.matches(name))
     })
@@ -247,12 +247,10 @@ mod tests {
             identity: umbra_policies::IdentityId::new("id-1").unwrap(),
             name: umbra_policies::Name::new("agent-1").unwrap(),
             policy: umbra_policies::Name::new("p").unwrap(),
-            models: None,
-            tokens: None,
-            rpm: None,
-            tools: tools.map(|t| t.parse().unwrap()),
-            resources: None,
-            prompts: None,
+            limits: umbra_policies::GrantLimits {
+                tools: tools.map(|t| t.parse().unwrap()),
+                ..Default::default()
+            },
         }
     }
 

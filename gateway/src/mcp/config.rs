@@ -106,6 +106,9 @@ pub struct McpConfig {
     pub max_request_bytes: usize,
     /// Upstream servers by name.
     pub servers: BTreeMap<String, Server>,
+    /// Where the gateway reads the wall time (the audit records' timestamps). The system clock
+    /// unless a test sets a manual one.
+    pub clock: umbra_clock::Clock,
 }
 
 /// Replaces `${VAR}` with the variable's value; a missing variable is an error.
@@ -211,6 +214,7 @@ impl McpConfig {
             page_size: f.page_size,
             max_request_bytes: f.max_request_bytes,
             servers,
+            clock: umbra_clock::Clock::system(),
         })
     }
 }

@@ -83,7 +83,9 @@ pub enum McpError {
 struct ClientSession {
     identity: IdentityId,
     version: String,
-    last_seen: Instant,
+    /// When the client last used the session, on the gateway's clock (a wall-clock time, so
+    /// that a test moves the clock instead of waiting for the idle expiry).
+    last_seen: SystemTime,
     /// The GET stream's sender, when the client holds one open.
     events: Option<mpsc::Sender<Bytes>>,
     /// What the caller saw of each kind when last told.
@@ -99,7 +101,7 @@ const MAX_SESSIONS_PER_IDENTITY: usize = 64;
 
 /// Makes room for one more session of `who`: a peer cannot grow the table without bound.
 fn evict_oldest(m: &mut HashMap<String, ClientSession>, who: &IdentityId) {
-    let mut mine: Vec<(Instant, String)> = m
+    let mut mine: Vec<(SystemTime, String)> = m
         .iter()
         .filter(|(_, c)| &c.identity == who)
         .map(|(k, c)| (c.last_seen, k.clone()))
@@ -147,12 +149,13 @@ impl Drop for McpGateway {
     }
 }
 
-fn now_rfc3339() -> String {
-    let secs = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
-    format!("{secs}")
+/// The time `clock` shows, as an RFC 3339 string in UTC (`2026-12-06T04:42:43.5Z`), as the
+/// audit records' `at` field promises.
+fn now_rfc3339(clock: &umbra_clock::Clock) -> String {
+    let at = time::OffsetDateTime::from(clock.now());
+    at.format(&time::format_description::well_known::Rfc3339)
+        // Only years outside 0..=9999 cannot be written; fall back to the epoch seconds.
+        .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
 fn random_id() -> String {
@@ -216,7 +219,7 @@ impl McpGateway {
                     m.retain(|_, c| match &c.subscription {
                         // A listen stream lives as long as its client holds it.
                         Some(_) => c.events.as_ref().is_some_and(|t| !t.is_closed()),
-                        None => c.last_seen.elapsed() < ttl,
+                        None => idle(&s.cfg.clock, c) < ttl,
                     });
                 }
             }
@@ -312,6 +315,11 @@ fn take_session(s: &Shared, caller: &Caller, sid: &str) -> Option<()> {
     }
 }
 
+/// How long a session has been idle (none if the clock was stepped back past its last use).
+fn idle(clock: &umbra_clock::Clock, c: &ClientSession) -> Duration {
+    clock.now().duration_since(c.last_seen).unwrap_or_default()
+}
+
 /// The session's version, refreshing its idle timer, if it belongs to the caller.
 fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
     if sid.starts_with(LISTEN_PREFIX) {
@@ -319,10 +327,10 @@ fn touch(s: &Shared, caller: &Caller, sid: &str) -> Option<String> {
     }
     let mut m = s.sessions.lock().ok()?;
     let c = m.get_mut(sid)?;
-    if c.identity != caller.id || c.last_seen.elapsed() >= s.cfg.session_ttl {
+    if c.identity != caller.id || idle(&s.cfg.clock, c) >= s.cfg.session_ttl {
         return None;
     }
-    c.last_seen = Instant::now();
+    c.last_seen = s.cfg.clock.now();
     Some(c.version.clone())
 }
 
@@ -593,7 +601,7 @@ async fn initialize(
             ClientSession {
                 identity: caller.id.clone(),
                 version: version.clone(),
-                last_seen: Instant::now(),
+                last_seen: s.cfg.clock.now(),
                 events: None,
                 seen,
                 subscription: None,
@@ -779,7 +787,7 @@ async fn listen(
             ClientSession {
                 identity: caller.id.clone(),
                 version: STATELESS_VERSION.into(),
-                last_seen: Instant::now(),
+                last_seen: s.cfg.clock.now(),
                 events: Some(tx.clone()),
                 seen,
                 subscription: Some((id.clone(), filter)),
@@ -869,7 +877,7 @@ fn audit(s: &Shared, caller: &Caller, kind: Kind, name: &str, out: Outcome<'_>, 
         json!({"arguments_sha256": hex})
     };
     let mut ev = json!({
-        "at": now_rfc3339(),
+        "at": now_rfc3339(&s.cfg.clock),
         "identity": caller.name.as_str(),
         "kind": kind.key(),
         "name": name,
@@ -983,4 +991,18 @@ async fn call(
         HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod clock_tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    #[test]
+    fn audit_times_are_rfc3339_from_the_injected_clock() {
+        // 2026-12-01T12:00:00Z, and half a second later.
+        let m = umbra_clock::ManualClock::new(UNIX_EPOCH + Duration::from_secs(1_796_126_400));
+        assert_eq!(super::now_rfc3339(&m.clock()), "2026-12-01T12:00:00Z");
+        m.advance(Duration::from_millis(500));
+        assert_eq!(super::now_rfc3339(&m.clock()), "2026-12-01T12:00:00.5Z");
+    }
 }

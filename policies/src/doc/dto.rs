@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Document;
+use crate::limits::RawLimits;
 use crate::model::{Action, Hosting, IdentityKind, Semantic};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -59,18 +60,8 @@ pub(super) struct PolicyDto {
     pub(super) services: Vec<String>,
     #[serde(default)]
     pub(super) semantic: Semantic,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) models: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) tokens: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) rpm: Option<u32>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) tools: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) resources: Option<Vec<String>>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub(super) prompts: Option<Vec<String>>,
+    #[serde(flatten)]
+    pub(super) limits: RawLimits,
 }
 
 fn agent() -> IdentityKind {
@@ -121,12 +112,7 @@ impl From<&Document> for DocumentDto {
                     identities: strings(&p.identities),
                     services: strings(&p.services),
                     semantic: p.semantic,
-                    models: p.models.clone().map(Vec::from),
-                    tokens: p.tokens.map(|t| t.to_string()),
-                    rpm: p.rpm,
-                    tools: p.tools.clone().map(Vec::from),
-                    resources: p.resources.clone().map(Vec::from),
-                    prompts: p.prompts.clone().map(Vec::from),
+                    limits: RawLimits::from(&p.limits),
                 })
                 .collect(),
         }

@@ -126,62 +126,24 @@ fn policy(i: usize, dto: PolicyDto, problems: &mut Problems) -> PolicyDraft {
     };
     let identities = selectors("identities", dto.identities);
     let services = selectors("services", dto.services);
-    // Each attribute: `Ok(None)` absent, `Ok(Some)` valid, `Err(())` reported.
-    let mut patterns = |field: &str, v: Option<Vec<String>>| match v {
-        None => Ok(None),
-        Some(m) => problems
-            .take(|| format!("{path}.{field}"), crate::Patterns::try_from(m))
-            .map(Some)
-            .ok_or(()),
-    };
-    let models = patterns("models", dto.models);
-    let tools = patterns("tools", dto.tools);
-    let resources = patterns("resources", dto.resources);
-    let prompts = patterns("prompts", dto.prompts);
-    let tokens = match dto.tokens {
-        None => Ok(None),
-        Some(t) => problems
-            .take(|| format!("{path}.tokens"), t.parse::<crate::TokenBudget>())
-            .map(Some)
-            .ok_or(()),
-    };
-    let rpm = match dto.rpm {
-        None => Ok(None),
-        Some(r) if (1..=crate::MAX_RPM).contains(&r) => Ok(Some(r)),
-        Some(_) => {
-            problems.push(format!("{path}.rpm"), DocErrorKind::Rpm);
-            Err(())
+    let limits = dto.limits.parse().map_err(|errors| {
+        for (field, e) in errors {
+            problems.push(format!("{path}.{field}"), e);
         }
-    };
+    });
     let item = match (
         &name,
         all(identities.iter().cloned()),
         all(services.iter().cloned()),
-        models,
-        tokens,
-        rpm,
-        (tools, resources, prompts),
+        limits,
     ) {
-        (
-            Some(name),
-            Some(ids),
-            Some(svcs),
-            Ok(models),
-            Ok(tokens),
-            Ok(rpm),
-            (Ok(tools), Ok(resources), Ok(prompts)),
-        ) => Some(ServicePolicy {
+        (Some(name), Some(ids), Some(svcs), Ok(limits)) => Some(ServicePolicy {
             name: name.clone(),
             action: dto.action,
             identities: ids,
             services: svcs,
             semantic: dto.semantic,
-            models,
-            tokens,
-            rpm,
-            tools,
-            resources,
-            prompts,
+            limits,
         }),
         _ => None,
     };

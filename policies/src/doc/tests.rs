@@ -459,13 +459,14 @@ policies:
 "##;
     let doc = parse_document(yaml).unwrap();
     let p = &doc.policies[0];
-    assert!(p.models.as_ref().unwrap().matches("claude-3-5-haiku"));
-    assert!(!p.models.as_ref().unwrap().matches("claude-opus-4"));
-    assert_eq!(p.tokens.unwrap().to_string(), "200000/day");
-    assert_eq!(p.rpm, Some(60));
-    let tools = p.tools.as_ref().unwrap();
+    let l = &p.limits;
+    assert!(l.models.as_ref().unwrap().matches("claude-3-5-haiku"));
+    assert!(!l.models.as_ref().unwrap().matches("claude-opus-4"));
+    assert_eq!(l.tokens.unwrap().to_string(), "200000/day");
+    assert_eq!(l.rpm.map(crate::Rpm::get), Some(60));
+    let tools = l.tools.as_ref().unwrap();
     assert!(tools.matches("github__create_issue") && !tools.matches("github__delete_repo"));
-    assert!(p.resources.is_none() && p.prompts.is_none());
+    assert!(l.resources.is_none() && l.prompts.is_none());
     let again = parse_document(&doc.to_yaml()).unwrap();
     assert_eq!(again.policies, doc.policies);
 
