@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use http::Method;
+use umbra_launcher::RunOptions;
 use umbra_pki::IdentityFile;
 use umbra_policies::Name;
 use umbra_proto::api::{CreateIdentityRequest, ReportEventsRequest, ReportedEvent, TokenResponse};
@@ -16,7 +17,6 @@ use umbra_sandbox::events::{EventKind, EventSink};
 use umbra_sandbox::probe::{Attempt, ProbeConfig};
 use umbra_sandbox::{Limits, SandboxConfig};
 use umbra_sdk::{Context, ControllerClient};
-use umbra_tunneler::sandboxed::{self, RunOptions};
 use umbra_tunneler::TunnelerConfig;
 
 use crate::cli::{SandboxArgs, SandboxRunArgs as RunArgs, VerifyArgs};
@@ -175,7 +175,7 @@ pub async fn run(
     // sandbox and removes its cgroup and state.
     let result = tokio::select! {
         r = run_with(&file, path.as_deref(), controller, &args) => r,
-        _ = sandboxed::interrupted() => Ok(130),
+        _ = umbra_launcher::interrupted() => Ok(130),
     };
     if let Some(e) = ephemeral {
         e.delete().await;
@@ -229,7 +229,7 @@ async fn run_with(
             ..Default::default()
         },
     };
-    let outcome = sandboxed::run(ctx, opts).await;
+    let outcome = umbra_launcher::run(ctx, opts).await;
     // The sink (and with it the queue's sender) is gone with the options: the uploader drains
     // what is left and ends.
     let _ = tokio::time::timeout(Duration::from_secs(3), uploader).await;
@@ -692,7 +692,7 @@ pub(crate) async fn run_probe(
     events: EventSink,
     limits: Option<Limits>,
     timeout: Duration,
-) -> anyhow::Result<sandboxed::RunOutcome> {
+) -> anyhow::Result<umbra_launcher::RunOutcome> {
     let mut cfg = base.clone();
     cfg.id = format!("umbra-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let exe = cfg.program.clone();
@@ -720,7 +720,7 @@ pub(crate) async fn run_probe(
         keep_on_revoke: false,
         tunnel: TunnelerConfig::default(),
     };
-    Ok(sandboxed::run(ctx.clone(), opts).await?)
+    Ok(umbra_launcher::run(ctx.clone(), opts).await?)
 }
 
 #[cfg(test)]

@@ -262,7 +262,7 @@ async fn connection_hold(
         .and_then(|s| serde_json::from_slice(s).ok());
     // The tunneler's bound, the DNS responder's, and room for the launcher's own (the count
     // starts before the sandbox and its tunneler exist).
-    let fd_bound = umbra_tunneler::sandboxed::SANDBOX_CONNECTIONS + 16 + 192;
+    let fd_bound = umbra_launcher::SANDBOX_CONNECTIONS + 16 + 192;
     let grown = used.fds_peak.saturating_sub(used.fds_before);
     let cpu_share = used.cpu.as_secs_f64() / used.wall.as_secs_f64().max(0.001);
     let (observed, escaped) = match &report {
