@@ -44,7 +44,7 @@ pub struct TunnelerConfig {
     /// tunneler's own runtime. 1 disables them.
     pub lanes: usize,
     /// How long a lane keeps polling after it last moved bytes before its thread sleeps (see
-    /// `umbra_sdk::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
+    /// `umbra_transport::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
     pub busy_poll: std::time::Duration,
 }
 
@@ -65,7 +65,7 @@ impl Default for TunnelerConfig {
             listen: None,
             on_denied: None,
             lanes: 2,
-            busy_poll: umbra_sdk::busy_poll::DEFAULT_WINDOW,
+            busy_poll: umbra_transport::busy_poll::DEFAULT_WINDOW,
         }
     }
 }
