@@ -12,7 +12,7 @@ use umbra_launcher::verify::VerifyOptions;
 use umbra_launcher::RunOptions;
 use umbra_pki::IdentityFile;
 use umbra_policies::Name;
-use umbra_proto::api::{CreateIdentityRequest, ReportEventsRequest, ReportedEvent, TokenResponse};
+use umbra_proto::api::{CreateIdentityRequest, TokenResponse};
 use umbra_sandbox::events::EventSink;
 use umbra_sandbox::probe::Attempt;
 use umbra_sandbox::{Limits, SandboxConfig};
@@ -199,7 +199,7 @@ async fn run_with(
         Some(ev) => Some(events_file(ev, &cfg)?),
         None => None,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<ReportedEvent>(1024);
+    let (forward, upload) = umbra_launcher::report::to_controller(ctx.controller());
     let sink = EventSink::new(
         &cfg.id,
         file.name.as_str(),
@@ -212,13 +212,7 @@ async fn run_with(
             let shown = args.events.as_deref().unwrap_or(Path::new(""));
             anyhow::anyhow!("opening the events file {}: {e}", shown.display())
         })?
-        .forward(move |ev| {
-            if let Some(r) = reported(ev) {
-                // A full queue drops the event for the controller; the file still has it.
-                let _ = tx.try_send(r);
-            }
-        });
-    let uploader = tokio::spawn(upload_events(ctx.controller(), rx));
+        .forward(forward);
     let opts = RunOptions {
         sandbox: cfg,
         events,
@@ -230,13 +224,12 @@ async fn run_with(
         },
     };
     let outcome = umbra_launcher::run(ctx, opts).await;
-    // The sink (and with it the queue's sender) is gone with the options: the uploader drains
+    // The sink (and with it the queue's sender) is gone with the options: the upload sends
     // what is left and ends.
-    let _ = tokio::time::timeout(Duration::from_secs(3), uploader).await;
+    upload.finish(Duration::from_secs(3)).await;
     Ok(outcome?.code)
 }
 
-/// An event as the controller's audit log takes it.
 /// Where the identity's renewals are written while the sandbox runs: its real path, resolved
 /// once now, never the path as given. A path through a link or a `..` in the workspace could be
 /// re-aimed by the agent between renewals (into the workspace, where it would read its own key,
@@ -308,52 +301,6 @@ fn events_file(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<(OwnedFd, Pat
         );
     }
     Ok((dir, at))
-}
-
-fn reported(ev: &umbra_sandbox::events::Event) -> Option<ReportedEvent> {
-    let mut v = serde_json::to_value(ev).ok()?;
-    let obj = v.as_object_mut()?;
-    let kind = obj.remove("kind")?.as_str()?.to_string();
-    for k in ["at", "sandbox", "identity"] {
-        obj.remove(k);
-    }
-    Some(ReportedEvent {
-        kind,
-        sandbox: ev.sandbox.clone(),
-        at: ev.at.clone(),
-        detail: v,
-    })
-}
-
-/// Sends events to the controller's audit log as they come, a batch at a time. Failures are
-/// logged once; a revoked identity cannot report, and the controller recorded the revocation.
-async fn upload_events(
-    client: ControllerClient,
-    mut rx: tokio::sync::mpsc::Receiver<ReportedEvent>,
-) {
-    let mut warned = false;
-    while let Some(first) = rx.recv().await {
-        let mut events = vec![first];
-        while events.len() < umbra_proto::api::MAX_REPORTED_EVENTS {
-            match rx.try_recv() {
-                Ok(e) => events.push(e),
-                Err(_) => break,
-            }
-        }
-        let req = ReportEventsRequest { events };
-        let r: Result<serde_json::Value, _> = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.call(Method::POST, "/v1/audit/events", Some(&req)),
-        )
-        .await
-        .unwrap_or_else(|_| Err(umbra_sdk::SdkError::Timeout("the controller".into())));
-        if let Err(e) = r {
-            if !warned {
-                tracing::warn!(error = %e, "could not send sandbox events to the controller");
-                warned = true;
-            }
-        }
-    }
 }
 
 /// `umbra verify`: returns the exit code (0: nothing escaped, 1: something did).

@@ -14,6 +14,7 @@
 //! leaves nothing running.
 #![forbid(unsafe_code)]
 
+pub mod report;
 mod resolver;
 mod run;
 pub mod verify;
