@@ -2,7 +2,7 @@
 //! real sandbox, tunneler included, and tries every way out it knows; what it cannot see from
 //! inside is judged here from the host (canary listeners, the host's /tmp and homes, the hidden
 //! directory, set-id bits), and the limit attempts run in sandboxes of their own
-//! ([`limits`]). The binary only parses arguments and prints the attempts.
+//! (`limits`). The binary only parses arguments and prints the attempts.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
