@@ -6,7 +6,6 @@ mod cli;
 mod demo;
 mod output;
 mod sandbox_cmd;
-mod verify_limits;
 
 use std::process::ExitCode;
 

@@ -1,22 +1,22 @@
-//! `umbra run` and `umbra verify`: glue between the command line and the tunneler's sandbox
-//! runner. Exit codes are the agent's, or `umbra_sandbox::exit`'s own.
+//! `umbra run` and `umbra verify`: glue between the command line and the launcher
+//! (`umbra_launcher::run`, `umbra_launcher::verify`). Exit codes are the agent's, or
+//! `umbra_sandbox::exit`'s own.
 
 use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
 use http::Method;
+use umbra_launcher::verify::VerifyOptions;
+use umbra_launcher::RunOptions;
 use umbra_pki::IdentityFile;
 use umbra_policies::Name;
-use umbra_proto::api::{CreateIdentityRequest, ReportEventsRequest, ReportedEvent, TokenResponse};
-use umbra_sandbox::events::{EventKind, EventSink};
-use umbra_sandbox::probe::{Attempt, ProbeConfig};
+use umbra_proto::api::{CreateIdentityRequest, TokenResponse};
+use umbra_sandbox::events::EventSink;
+use umbra_sandbox::probe::Attempt;
 use umbra_sandbox::{Limits, SandboxConfig};
 use umbra_sdk::{Context, ControllerClient};
-use umbra_tunneler::sandboxed::{self, RunOptions};
 use umbra_tunneler::TunnelerConfig;
 
 use crate::cli::{SandboxArgs, SandboxRunArgs as RunArgs, VerifyArgs};
@@ -175,7 +175,7 @@ pub async fn run(
     // sandbox and removes its cgroup and state.
     let result = tokio::select! {
         r = run_with(&file, path.as_deref(), controller, &args) => r,
-        _ = sandboxed::interrupted() => Ok(130),
+        _ = umbra_launcher::interrupted() => Ok(130),
     };
     if let Some(e) = ephemeral {
         e.delete().await;
@@ -199,7 +199,7 @@ async fn run_with(
         Some(ev) => Some(events_file(ev, &cfg)?),
         None => None,
     };
-    let (tx, rx) = tokio::sync::mpsc::channel::<ReportedEvent>(1024);
+    let (forward, upload) = umbra_launcher::report::to_controller(ctx.controller());
     let sink = EventSink::new(
         &cfg.id,
         file.name.as_str(),
@@ -212,13 +212,7 @@ async fn run_with(
             let shown = args.events.as_deref().unwrap_or(Path::new(""));
             anyhow::anyhow!("opening the events file {}: {e}", shown.display())
         })?
-        .forward(move |ev| {
-            if let Some(r) = reported(ev) {
-                // A full queue drops the event for the controller; the file still has it.
-                let _ = tx.try_send(r);
-            }
-        });
-    let uploader = tokio::spawn(upload_events(ctx.controller(), rx));
+        .forward(forward);
     let opts = RunOptions {
         sandbox: cfg,
         events,
@@ -229,14 +223,13 @@ async fn run_with(
             ..Default::default()
         },
     };
-    let outcome = sandboxed::run(ctx, opts).await;
-    // The sink (and with it the queue's sender) is gone with the options: the uploader drains
+    let outcome = umbra_launcher::run(ctx, opts).await;
+    // The sink (and with it the queue's sender) is gone with the options: the upload sends
     // what is left and ends.
-    let _ = tokio::time::timeout(Duration::from_secs(3), uploader).await;
+    upload.finish(Duration::from_secs(3)).await;
     Ok(outcome?.code)
 }
 
-/// An event as the controller's audit log takes it.
 /// Where the identity's renewals are written while the sandbox runs: its real path, resolved
 /// once now, never the path as given. A path through a link or a `..` in the workspace could be
 /// re-aimed by the agent between renewals (into the workspace, where it would read its own key,
@@ -310,52 +303,6 @@ fn events_file(file: &Path, cfg: &SandboxConfig) -> anyhow::Result<(OwnedFd, Pat
     Ok((dir, at))
 }
 
-fn reported(ev: &umbra_sandbox::events::Event) -> Option<ReportedEvent> {
-    let mut v = serde_json::to_value(ev).ok()?;
-    let obj = v.as_object_mut()?;
-    let kind = obj.remove("kind")?.as_str()?.to_string();
-    for k in ["at", "sandbox", "identity"] {
-        obj.remove(k);
-    }
-    Some(ReportedEvent {
-        kind,
-        sandbox: ev.sandbox.clone(),
-        at: ev.at.clone(),
-        detail: v,
-    })
-}
-
-/// Sends events to the controller's audit log as they come, a batch at a time. Failures are
-/// logged once; a revoked identity cannot report, and the controller recorded the revocation.
-async fn upload_events(
-    client: ControllerClient,
-    mut rx: tokio::sync::mpsc::Receiver<ReportedEvent>,
-) {
-    let mut warned = false;
-    while let Some(first) = rx.recv().await {
-        let mut events = vec![first];
-        while events.len() < umbra_proto::api::MAX_REPORTED_EVENTS {
-            match rx.try_recv() {
-                Ok(e) => events.push(e),
-                Err(_) => break,
-            }
-        }
-        let req = ReportEventsRequest { events };
-        let r: Result<serde_json::Value, _> = tokio::time::timeout(
-            Duration::from_secs(2),
-            client.call(Method::POST, "/v1/audit/events", Some(&req)),
-        )
-        .await
-        .unwrap_or_else(|_| Err(umbra_sdk::SdkError::Timeout("the controller".into())));
-        if let Err(e) = r {
-            if !warned {
-                tracing::warn!(error = %e, "could not send sandbox events to the controller");
-                warned = true;
-            }
-        }
-    }
-}
-
 /// `umbra verify`: returns the exit code (0: nothing escaped, 1: something did).
 pub async fn verify(
     admin: &Option<PathBuf>,
@@ -390,71 +337,8 @@ pub async fn verify(
     Ok(if escaped == 0 { 0 } else { 1 })
 }
 
-/// Connections the canary reads at once.
-const CANARY_READERS: usize = 256;
-
-/// Counts what reaches a canary listener on the host's loopback carrying `token` (the run's
-/// secret, which only the probe knows): an unrelated host process that happens to connect is
-/// not mistaken for an escape.
-fn canary(token: &str) -> anyhow::Result<(std::net::SocketAddr, Arc<AtomicUsize>)> {
-    let tcp = std::net::TcpListener::bind("127.0.0.1:0")?;
-    tcp.set_nonblocking(true)?;
-    let addr = tcp.local_addr()?;
-    let hits = Arc::new(AtomicUsize::new(0));
-    let tcp = tokio::net::TcpListener::from_std(tcp)?;
-    let h = hits.clone();
-    let want = token.as_bytes().to_vec();
-    // Every connection is read (for a bounded time), a bounded number at once: when all readers
-    // are busy the loop waits before accepting more, and the kernel's backlog holds the rest.
-    // None is dropped unread, so a flood from some other host process cannot hide the probe's
-    // own connection among dropped ones.
-    let readers = Arc::new(tokio::sync::Semaphore::new(CANARY_READERS));
-    tokio::spawn(async move {
-        loop {
-            let Ok(permit) = readers.clone().acquire_owned().await else {
-                return;
-            };
-            let Ok((mut s, _)) = tcp.accept().await else {
-                return;
-            };
-            let (h, want) = (h.clone(), want.clone());
-            tokio::spawn(async move {
-                use tokio::io::AsyncReadExt as _;
-                let mut got = vec![0u8; want.len()];
-                let read = tokio::time::timeout(Duration::from_secs(2), s.read_exact(&mut got));
-                if matches!(read.await, Ok(Ok(_))) && got == want {
-                    h.fetch_add(1, Ordering::SeqCst);
-                }
-                drop(permit);
-            });
-        }
-    });
-    if let Ok(udp) = std::net::UdpSocket::bind(addr) {
-        udp.set_nonblocking(true)?;
-        let udp = tokio::net::UdpSocket::from_std(udp)?;
-        let h = hits.clone();
-        let want = token.as_bytes().to_vec();
-        tokio::spawn(async move {
-            let mut b = [0u8; 512];
-            while let Ok((n, _)) = udp.recv_from(&mut b).await {
-                if b[..n] == want[..] {
-                    h.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        });
-    }
-    Ok((addr, hits))
-}
-
-pub(crate) fn held(attempt: &str, expected: &str, observed: String, escaped: bool) -> Attempt {
-    Attempt {
-        attempt: attempt.into(),
-        expected: expected.into(),
-        observed,
-        escaped,
-    }
-}
-
+/// The escape suite as `file` (`umbra_launcher::verify`), with the sandbox `umbra run` would
+/// make for the same arguments.
 async fn verify_with(
     file: &IdentityFile,
     path: Option<&Path>,
@@ -463,15 +347,6 @@ async fn verify_with(
     args: &VerifyArgs,
 ) -> anyhow::Result<Vec<Attempt>> {
     let ctx = Context::with_controller(file.clone(), controller.as_deref())?;
-    let run = uuid::Uuid::new_v4().simple().to_string();
-    let (host_addr, hits) = canary(&run)?;
-    let host_tmp = tempfile::Builder::new()
-        .prefix("umbra-verify-")
-        .tempdir_in(std::env::temp_dir())?;
-    // The listeners the tunneler will make, laid out as it lays them out.
-    let view = ctx.edge().await?;
-    let (want, _) = umbra_tunneler::desired(&view, &mut umbra_tunneler::AddressBook::new());
-    let granted: Vec<std::net::SocketAddr> = want.keys().copied().collect();
     let mut secrets: Vec<PathBuf> = path
         .and_then(|p| std::fs::canonicalize(p).ok())
         .into_iter()
@@ -480,247 +355,18 @@ async fn verify_with(
     if let Ok(a) = std::fs::canonicalize(&admin_file) {
         secrets.push(a);
     }
-    let mut base = sandbox_config(&args.sandbox, Vec::new(), &[])?;
+    let base = sandbox_config(&args.sandbox, Vec::new(), &[])?;
     if let Some(p) = path {
         ctx.set_identity_path(&renewal_path(p, &base)?);
     }
-    let workspace = std::fs::canonicalize(&base.workspace)
-        .with_context(|| format!("workspace {}", base.workspace.display()))?;
-    // A hidden directory of the run's own, which the probe tries to read and to rename away.
-    let hidden = HideCanary::make(&workspace)?;
-    base.hide.push(hidden.dir.clone());
-    let refused_name = "umbra-verify-refused.example".to_string();
-    let probe = ProbeConfig {
-        mode: "escape".into(),
-        run,
-        tag: uuid::Uuid::new_v4().simple().to_string(),
-        workspace,
+    let opts = VerifyOptions {
+        base,
+        identity: file.name.as_str().to_owned(),
         secrets,
-        ro: args
-            .sandbox
-            .ro
-            .iter()
-            .filter_map(|p| std::fs::canonicalize(p).ok())
-            .collect(),
-        home: std::env::var_os("HOME").and_then(|h| std::fs::canonicalize(h).ok()),
-        host_tmp_dir: Some(host_tmp.path().to_path_buf()),
-        host_tcp: Some(host_addr),
         test_hosts: args.test_hosts.clone(),
-        refused_name: refused_name.clone(),
-        granted,
-        tunneler_pid: i32::try_from(std::process::id()).ok(),
-        hidden: Some(hidden.dir.clone()),
+        skip_limits: args.skip_limits,
     };
-    let dns_seen: Arc<Mutex<Vec<String>>> = Arc::default();
-    let seen = dns_seen.clone();
-    let events = EventSink::new(&base.id, file.name.as_str(), None)?.forward(move |e| {
-        if let EventKind::DnsRefused { name } = &e.kind {
-            if let Ok(mut v) = seen.lock() {
-                v.push(name.clone());
-            }
-        }
-    });
-    let out = run_probe(
-        &ctx,
-        &base,
-        &probe,
-        events.clone(),
-        None,
-        Duration::from_secs(180),
-    )
-    .await?;
-    let mut attempts: Vec<Attempt> = match out
-        .stdout
-        .as_deref()
-        .and_then(|s| serde_json::from_slice(s).ok())
-    {
-        Some(a) => a,
-        None => vec![held(
-            "run the escape probe",
-            "a report",
-            format!("no report (exit code {})", out.code),
-            true,
-        )],
-    };
-    attempts.extend(hidden.check());
-    attempts.push(setid_on_host(&probe.workspace));
-    let n = hits.load(Ordering::SeqCst);
-    attempts.push(held(
-        "reach the host's loopback listener (seen from the host)",
-        "nothing arrives",
-        format!("{n} connection(s) or datagram(s) arrived"),
-        n > 0,
-    ));
-    let homes: std::collections::BTreeSet<PathBuf> = probe
-        .home
-        .iter()
-        .cloned()
-        .chain(std::iter::once(PathBuf::from("/root")))
-        .collect();
-    for home in &homes {
-        let marker = home.join(umbra_sandbox::probe::HOME_MARKER);
-        let there = marker.exists();
-        if there {
-            let _ = std::fs::remove_file(&marker);
-        }
-        attempts.push(held(
-            &format!("write {} (seen from the host)", home.display()),
-            "nothing appears",
-            if there {
-                "the probe's file appeared"
-            } else {
-                "nothing appeared"
-            }
-            .into(),
-            there,
-        ));
-    }
-    let left = std::fs::read_dir(host_tmp.path())
-        .map(|d| d.count())
-        .unwrap_or(0);
-    attempts.push(held(
-        "write the host's /tmp (seen from the host)",
-        "host /tmp unchanged",
-        format!("{left} file(s) appeared"),
-        left > 0,
-    ));
-    let logged = dns_seen
-        .lock()
-        .map(|v| v.contains(&refused_name))
-        .unwrap_or(false);
-    attempts.push(held(
-        "audit event for the refused name",
-        "recorded",
-        if logged { "recorded" } else { "missing" }.into(),
-        !logged,
-    ));
-    if !args.skip_limits {
-        attempts.extend(crate::verify_limits::limit_attempts(&ctx, &base, &probe, &events).await?);
-    }
-    Ok(attempts)
-}
-
-/// The `--hide` canary: `HIDDEN_DIR/secret` below the workspace, removed when dropped.
-struct HideCanary {
-    top: PathBuf,
-    dir: PathBuf,
-}
-
-impl HideCanary {
-    fn make(workspace: &Path) -> anyhow::Result<HideCanary> {
-        use umbra_sandbox::probe::privilege::{HIDDEN_DIR, HIDDEN_SECRET};
-        let dir = workspace.join(HIDDEN_DIR);
-        let top = workspace.join(
-            Path::new(HIDDEN_DIR)
-                .components()
-                .next()
-                .map(|c| c.as_os_str().to_owned())
-                .unwrap_or_default(),
-        );
-        let _ = std::fs::remove_dir_all(&top);
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("making {} in the workspace", dir.display()))?;
-        std::fs::write(dir.join(HIDDEN_SECRET), b"umbra verify: hidden canary\n")
-            .context("writing the hidden canary")?;
-        Ok(HideCanary { top, dir })
-    }
-
-    /// On the host: the hidden file is still where it was (no rename carried it out).
-    fn check(&self) -> Vec<Attempt> {
-        use umbra_sandbox::probe::privilege::HIDDEN_SECRET;
-        let there = self.dir.join(HIDDEN_SECRET).is_file();
-        let strays: Vec<String> = std::fs::read_dir(&self.top)
-            .map(|d| {
-                d.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| Some(n.as_str()) != self.dir.file_name().and_then(|f| f.to_str()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let ok = there && strays.is_empty();
-        vec![held(
-            "carry a --hide path out from under its cover (seen from the host)",
-            "still in place",
-            if ok {
-                "in place".into()
-            } else {
-                format!(
-                    "in place: {there}; new entries beside it: [{}]",
-                    strays.join(" ")
-                )
-            },
-            !ok,
-        )]
-    }
-}
-
-impl Drop for HideCanary {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.top);
-    }
-}
-
-/// On the host: the probe's file in the workspace carries no set-id bit; removed afterwards.
-fn setid_on_host(workspace: &Path) -> Attempt {
-    use std::os::unix::fs::MetadataExt as _;
-    let file = workspace.join(umbra_sandbox::probe::privilege::SETID_FILE);
-    let meta = std::fs::symlink_metadata(&file);
-    let _ = std::fs::remove_file(&file);
-    let (observed, escaped) = match meta {
-        Ok(m) if m.mode() & 0o6000 != 0 => (
-            format!("mode {:o}, owner {}", m.mode() & 0o7777, m.uid()),
-            true,
-        ),
-        Ok(m) => (
-            format!("mode {:o}, owner {}", m.mode() & 0o7777, m.uid()),
-            false,
-        ),
-        Err(_) => ("no file".into(), false),
-    };
-    held(
-        "a set-id file in the workspace (seen from the host)",
-        "no set-id bit",
-        observed,
-        escaped,
-    )
-}
-
-pub(crate) async fn run_probe(
-    ctx: &Context,
-    base: &SandboxConfig,
-    probe: &ProbeConfig,
-    events: EventSink,
-    limits: Option<Limits>,
-    timeout: Duration,
-) -> anyhow::Result<sandboxed::RunOutcome> {
-    let mut cfg = base.clone();
-    cfg.id = format!("umbra-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let exe = cfg.program.clone();
-    let inside = PathBuf::from("/.umbra/umbra");
-    cfg.extra = vec![(exe, inside.clone())];
-    cfg.argv = vec![
-        inside.display().to_string(),
-        "__escape-probe".into(),
-        probe.tag.clone(),
-    ];
-    // The configuration holds the canary's token: in the environment, which only the probe's
-    // own user can read, never on the command line.
-    cfg.env.push((
-        umbra_sandbox::probe::CONFIG_ENV.into(),
-        serde_json::to_string(probe)?,
-    ));
-    cfg.capture_stdout = true;
-    if let Some(l) = limits {
-        cfg.limits = l;
-    }
-    let opts = RunOptions {
-        sandbox: cfg,
-        events,
-        timeout: Some(timeout),
-        keep_on_revoke: false,
-        tunnel: TunnelerConfig::default(),
-    };
-    Ok(sandboxed::run(ctx.clone(), opts).await?)
+    Ok(umbra_launcher::verify::verify(&ctx, opts).await?)
 }
 
 #[cfg(test)]

@@ -949,3 +949,73 @@ print(s.recv(100).decode())
     assert!(escaped.is_empty(), "escaped: {escaped:#?}");
     assert!(attempts.len() > 30);
 }
+
+/// The launcher's owners at work: an error after the sandbox and the tunneler have started (here
+/// the controller refuses the identity before the first view) returns without a task of the
+/// launcher's still running, and with the sandbox's cgroup and state gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_error_after_start_leaves_no_task_or_cgroup_behind() {
+    let w = world().await;
+    let file = umbra_pki::IdentityFile::load(&w.identity).expect("identity file");
+    let ctx = umbra_sdk::Context::with_controller(file, Some(&w.t.addr())).expect("context");
+    revoke_identity(&w.t, "agent-1").await;
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    let id = format!("umbra-{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let opts = umbra_launcher::RunOptions {
+        sandbox: umbra_sandbox::SandboxConfig {
+            program: umbra_bin(),
+            id: id.clone(),
+            workspace: w.ws().to_path_buf(),
+            ro: Vec::new(),
+            hide: vec![w.identity.clone()],
+            extra: Vec::new(),
+            argv: vec!["/bin/true".into()],
+            env: Vec::new(),
+            limits: umbra_sandbox::Limits {
+                pids: Some(64),
+                ..Default::default()
+            },
+            allow_degraded: false,
+            capture_stdout: false,
+        },
+        events: umbra_sandbox::events::EventSink::new(&id, "agent-1", None).expect("sink"),
+        timeout: Some(Duration::from_secs(20)),
+        keep_on_revoke: false,
+        tunnel: umbra_tunneler::TunnelerConfig {
+            controller: Some(w.t.addr()),
+            ..Default::default()
+        },
+    };
+    let r = umbra_launcher::run(ctx, opts).await;
+    assert!(
+        matches!(r, Err(umbra_launcher::RunError::Tunnel(_))),
+        "a refused identity fails the run before the agent starts: {r:?}"
+    );
+    // The cgroup is removed by a thread of its own once it has emptied: a moment, not more.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while (tasks() > before || cgroup_left(&id)) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        tasks() <= before,
+        "tasks still alive after the run returned: {} (before: {before})",
+        tasks()
+    );
+    assert_nothing_left(&id);
+}
+
+/// Whether any of the sandbox `id`'s cgroup directories is still there.
+fn cgroup_left(id: &str) -> bool {
+    ["", "memory", "pids", "cpu"].iter().any(|c| {
+        Path::new("/sys/fs/cgroup")
+            .join(c)
+            .join("umbra")
+            .join(id)
+            .exists()
+    })
+}

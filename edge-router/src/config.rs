@@ -65,7 +65,7 @@ pub struct Limits {
     /// How often an otherwise idle connection sends a keep-alive.
     pub keep_alive: Duration,
     /// The standing queue the router lets what it sends build before it backs off as for a
-    /// loss (see `umbra_sdk::congestion`); `None` is plain Cubic, which fills buffers until
+    /// loss (see `umbra_transport::congestion`); `None` is plain Cubic, which fills buffers until
     /// they overflow and so delays interactive streams behind bulk ones.
     pub queue_floor: Option<Duration>,
     /// Kernel buffer asked for the router's UDP socket, each direction, bytes (capped by
@@ -76,7 +76,7 @@ pub struct Limits {
     /// for each other's thread. Default: one per core, at most 8.
     pub lanes: usize,
     /// How long a lane keeps polling its sockets after it last moved bytes before its thread
-    /// sleeps (see `umbra_sdk::busy_poll`): a round trip then finds the router awake instead
+    /// sleeps (see `umbra_transport::busy_poll`): a round trip then finds the router awake instead
     /// of paying for waking a halted CPU. Zero turns it off.
     pub busy_poll: Duration,
 }
@@ -102,10 +102,10 @@ impl Default for Limits {
             connection_window: 16 * 1024 * 1024,
             idle_timeout: Duration::from_secs(30),
             keep_alive: Duration::from_secs(10),
-            queue_floor: Some(umbra_sdk::congestion::DEFAULT_QUEUE_FLOOR),
-            socket_buffer: umbra_sdk::quic::SOCKET_BUFFER,
+            queue_floor: Some(umbra_transport::congestion::DEFAULT_QUEUE_FLOOR),
+            socket_buffer: umbra_transport::quic::SOCKET_BUFFER,
             lanes: std::thread::available_parallelism().map_or(1, |n| n.get().min(8)),
-            busy_poll: umbra_sdk::busy_poll::DEFAULT_WINDOW,
+            busy_poll: umbra_transport::busy_poll::DEFAULT_WINDOW,
         }
     }
 }

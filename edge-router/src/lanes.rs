@@ -8,7 +8,7 @@
 //! Which lane takes a datagram is decided in the kernel, by a classic BPF program attached to
 //! the socket group: the first byte of the destination connection ID modulo the number of lanes.
 //! Each lane's endpoint issues connection IDs whose first byte names it
-//! (`umbra_sdk::quic::LaneCids`), and a client's handshake lands on the lane its initial
+//! (`umbra_transport::quic::LaneCids`), and a client's handshake lands on the lane its initial
 //! destination ID names (random, or chosen by the SDK to spread its own lanes). If the program
 //! cannot be attached, the kernel's hash of the address pair decides instead; a connection still
 //! stays on one lane (the router does not allow migration), only the spreading is left to chance.

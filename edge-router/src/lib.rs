@@ -71,7 +71,7 @@ pub struct RouterHandle {
     /// Each resolves when its data-plane thread has stopped.
     data_plane_done: Vec<tokio::sync::oneshot::Receiver<()>>,
     /// Each lane's busy poller's counters (zero where polling is off).
-    polling: Vec<umbra_sdk::busy_poll::PollStats>,
+    polling: Vec<umbra_transport::busy_poll::PollStats>,
 }
 
 impl Router {
@@ -107,7 +107,9 @@ impl Router {
         let reset_key = reset_key::load_or_create(cfg.identity_path.as_deref());
         let mut lanes = Vec::with_capacity(sockets.len());
         for (i, socket) in sockets.into_iter().enumerate() {
-            if let Some(got) = umbra_sdk::quic::size_buffers(&socket, cfg.limits.socket_buffer) {
+            if let Some(got) =
+                umbra_transport::quic::size_buffers(&socket, cfg.limits.socket_buffer)
+            {
                 if i == 0 {
                     tracing::info!(
                         asked = cfg.limits.socket_buffer,
@@ -120,10 +122,11 @@ impl Router {
                 .enable_all()
                 .build()
                 .map_err(bind_error)?;
-            let mut endpoint_config = umbra_sdk::quic::endpoint_config_with_reset_key(&reset_key);
+            let mut endpoint_config =
+                umbra_transport::quic::endpoint_config_with_reset_key(&reset_key);
             let lane = u8::try_from(i).unwrap_or(0);
             endpoint_config
-                .cid_generator(move || Box::new(umbra_sdk::quic::LaneCids::new(lane, count)));
+                .cid_generator(move || Box::new(umbra_transport::quic::LaneCids::new(lane, count)));
             let endpoint = {
                 // The endpoint's socket and driver, and every connection and stream task
                 // spawned from its accept loop, live on this lane's runtime.
@@ -180,7 +183,7 @@ impl Router {
         let mut data_plane_done = Vec::with_capacity(lanes.len());
         let mut polling = Vec::with_capacity(lanes.len());
         for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {
-            let poller = umbra_sdk::busy_poll::spawn(runtime.handle(), cfg.limits.busy_poll);
+            let poller = umbra_transport::busy_poll::spawn(runtime.handle(), cfg.limits.busy_poll);
             polling.push(poller.as_ref().map(|p| p.stats()).unwrap_or_default());
             data_plane_done.push(
                 spawn_data_plane(
@@ -214,12 +217,12 @@ impl Router {
 /// its connections and their splices means no wake-up crosses threads on a connection's data
 /// path; with a multi-threaded runtime, waking the other worker for each packet batch and
 /// stream cost about a tenth of the router's CPU per byte. `poller`, started on `runtime`
-/// (`umbra_sdk::busy_poll`), runs with the lane and ends with it. The returned receiver
+/// (`umbra_transport::busy_poll`), runs with the lane and ends with it. The returned receiver
 /// resolves when the thread is done.
 fn spawn_data_plane(
     lane: usize,
     runtime: tokio::runtime::Runtime,
-    poller: Option<umbra_sdk::busy_poll::BusyPoll>,
+    poller: Option<umbra_transport::busy_poll::BusyPoll>,
     accept: impl std::future::Future<Output = ()> + Send + 'static,
     endpoint: quinn::Endpoint,
 ) -> std::io::Result<tokio::sync::oneshot::Receiver<()>> {

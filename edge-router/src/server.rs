@@ -98,7 +98,7 @@ pub(crate) fn quinn_config(
         .keep_alive_interval(Some(limits.keep_alive))
         .datagram_receive_buffer_size(None)
         .max_idle_timeout(quinn::IdleTimeout::try_from(limits.idle_timeout).ok());
-    umbra_sdk::quic::tune(&mut transport, limits.queue_floor);
+    umbra_transport::quic::tune(&mut transport, limits.queue_floor);
     cfg.transport_config(Arc::new(transport));
     // quinn's own bound on attempts not yet decided; the gate decides each one at once.
     cfg.max_incoming(limits.handshakes_in_flight.max(1))

@@ -1,13 +1,13 @@
 //! Moves bytes both ways between a client's QUIC stream and the service side (a TCP connection
 //! to a router-hosted service, or a QUIC stream to an SDK host), with backpressure (each side is
 //! written before the next read) and half-close (an end of one direction is passed on as an end,
-//! not as a close of both). Bytes are not copied in user space: see `umbra_sdk::splice`.
+//! not as a close of both). Bytes are not copied in user space: see `umbra_transport::splice`.
 
 use quinn::{RecvStream, SendStream};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use umbra_sdk::splice::{io_to_quic, quic_to_io, quic_to_quic};
+use umbra_transport::splice::{io_to_quic, quic_to_io, quic_to_quic};
 
-pub(crate) use umbra_sdk::splice::SpliceError;
+pub(crate) use umbra_transport::splice::SpliceError;
 
 /// Bytes moved: client to service, service to client.
 pub(crate) type Moved = (u64, u64);

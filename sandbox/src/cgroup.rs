@@ -39,7 +39,11 @@ pub enum Backend {
     Rlimits,
 }
 
-/// A sandbox's cgroup; removed (after killing what is left in it) on drop.
+/// A sandbox's cgroup, the owner of its directories: whatever it holds is killed and the group
+/// removed by [`Cgroup::shutdown`] (async, waits until the group is gone) or, on any other path
+/// out, on drop. Drop never sleeps (it may run on an async worker): it kills and tries once, and
+/// hands what needs waiting for (a group empties a moment after its last process is reaped) to a
+/// thread of its own.
 #[derive(Debug)]
 pub struct Cgroup {
     backend: Backend,
@@ -288,25 +292,112 @@ impl Cgroup {
         counter(&file, "max") > 0
     }
 
-    /// Kills every process in the group and waits (bounded) until it is empty.
-    pub fn kill_all(&self) {
+    /// Sends every process in the group SIGKILL, without waiting: returns whether any was left.
+    /// A process forked meanwhile escapes one pass under v1 (v2's `cgroup.kill` takes the whole
+    /// group at once), which is why the waiting callers repeat it until the group is empty.
+    pub fn kill(&self) -> bool {
         if let Backend::V2(p) = &self.backend {
             let _ = fs::write(p.join("cgroup.kill"), "1");
         }
-        for _ in 0..200 {
-            let pids = self.pids();
-            if pids.is_empty() {
+        let pids = self.pids();
+        for &pid in &pids {
+            // SAFETY: kill takes plain integers.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        !pids.is_empty()
+    }
+
+    /// Kills every process in the group and waits (bounded) until it is empty. Blocks the
+    /// thread: for a blocking thread only (see [`Cgroup::emptied`] on an async one).
+    pub fn kill_all(&self) {
+        for _ in 0..KILL_ROUNDS {
+            if !self.kill() {
                 return;
             }
-            for pid in pids {
-                // SAFETY: kill takes plain integers.
-                unsafe { libc::kill(pid, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(PAUSE);
         }
         tracing::warn!("processes survived in the sandbox's cgroup");
     }
+
+    /// [`Cgroup::kill_all`] for an async caller: the same rounds, sleeping without blocking.
+    pub async fn emptied(&self) {
+        for _ in 0..KILL_ROUNDS {
+            if !self.kill() {
+                return;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        tracing::warn!("processes survived in the sandbox's cgroup");
+    }
+
+    /// Kills what is left in the group, waits until it is empty and removes it.
+    pub async fn shutdown(mut self) {
+        self.emptied().await;
+        for _ in 0..REMOVE_ROUNDS {
+            if self.try_remove() {
+                return;
+            }
+            tokio::time::sleep(PAUSE).await;
+        }
+        tracing::warn!("cannot remove the sandbox's cgroup");
+        self.forget();
+    }
+
+    /// What [`Cgroup::shutdown`] does, blocking the thread.
+    pub fn remove_blocking(mut self) {
+        self.kill_all();
+        for _ in 0..REMOVE_ROUNDS {
+            if self.try_remove() {
+                return;
+            }
+            std::thread::sleep(PAUSE);
+        }
+        tracing::warn!("cannot remove the sandbox's cgroup");
+        self.forget();
+    }
+
+    /// Removes the group's directories that can be removed now; whether none is left. The
+    /// removed ones are forgotten, so nothing tries again.
+    fn try_remove(&mut self) -> bool {
+        let gone = |dir: &Path| match fs::remove_dir(dir) {
+            Ok(()) => true,
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        };
+        match &mut self.backend {
+            Backend::V2(p) => {
+                if !gone(p) {
+                    return false;
+                }
+            }
+            Backend::V1 { memory, pids, cpu } => {
+                for dir in [memory, pids, cpu] {
+                    if dir.as_deref().is_some_and(gone) {
+                        *dir = None;
+                    }
+                }
+                if self.dirs().is_empty() {
+                    self.forget();
+                }
+                return self.dirs().is_empty();
+            }
+            Backend::Rlimits => return true,
+        }
+        self.forget();
+        true
+    }
+
+    /// Stops owning any directory (they are gone, or past saving).
+    fn forget(&mut self) {
+        self.backend = Backend::Rlimits;
+    }
 }
+
+/// How many times the group is killed, a [`PAUSE`] apart, before survivors are reported.
+const KILL_ROUNDS: u32 = 200;
+/// How many times removing the group is tried, a [`PAUSE`] apart.
+const REMOVE_ROUNDS: u32 = 100;
+/// Between two rounds.
+const PAUSE: Duration = Duration::from_millis(5);
 
 /// The v1 socket-memory limit (`memory.kmem.tcp.limit_in_bytes`) for a memory limit of
 /// `memory`: a quarter of it, at least 4 MiB (below that a few idle connections would hit it),
@@ -340,16 +431,26 @@ fn counter(file: &Path, key: &str) -> u64 {
 
 impl Drop for Cgroup {
     fn drop(&mut self) {
-        self.kill_all();
-        for dir in self.dirs() {
-            // A group empties a moment after its last process is reaped.
-            for _ in 0..100 {
-                match fs::remove_dir(&dir) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
-                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
+        if self.dirs().is_empty() {
+            return;
+        }
+        // Never sleeps here: one kill and one try, and if the group has not emptied yet (it
+        // does a moment after its last process is reaped), a thread of its own waits for it.
+        self.kill();
+        if self.try_remove() {
+            return;
+        }
+        // The thread takes the directories over; the closure holds them as plain data, so a
+        // thread that cannot be started drops nothing that would come back here.
+        let (backend, limits) = (
+            std::mem::replace(&mut self.backend, Backend::Rlimits),
+            self.limits,
+        );
+        let spawned = std::thread::Builder::new()
+            .name("umbra-cgroup-rm".into())
+            .spawn(move || Cgroup { backend, limits }.remove_blocking());
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start a thread to remove the sandbox's cgroup");
         }
     }
 }

@@ -299,7 +299,10 @@ fn reclaim(base: &Path) {
             continue;
         };
         tracing::info!(sandbox = %id, "removing what a killed launcher left behind");
-        drop(Cgroup::left_behind(&id));
+        // Waited for here, so the state goes after the processes, as it does for a live one.
+        if let Some(cgroup) = Cgroup::left_behind(&id) {
+            cgroup.remove_blocking();
+        }
         drop(StateDir {
             path: dir,
             lock: Some(lock),
@@ -759,10 +762,37 @@ impl Running {
             .unwrap_or(exit::SETUP))
     }
 
-    /// Kills the agent and everything it started.
+    /// Kills the agent and everything it started, without waiting ([`Running::shutdown`] waits
+    /// until they are gone).
     pub fn kill(&mut self) {
         let _ = self.child.start_kill();
-        self.cgroup.kill_all();
+        self.cgroup.kill();
+    }
+
+    /// Kills what is left of the sandbox and waits until its processes, its cgroup and its state
+    /// are gone. Dropping a `Running` does the same without waiting (the cgroup is removed by a
+    /// thread of its own once it has emptied); this is the way out that is known to be done.
+    pub async fn shutdown(self) {
+        let Running {
+            mut child,
+            _sock,
+            cgroup,
+            _netns,
+            hosts: _,
+            _state,
+        } = self;
+        let _ = child.start_kill();
+        if tokio::time::timeout(Duration::from_secs(5), child.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("the sandbox's first process outlived SIGKILL for 5 s");
+        }
+        drop(_sock);
+        cgroup.shutdown().await;
+        // Declared last in `Running` for the same reason: the state goes after the processes.
+        drop(_netns);
+        drop(_state);
     }
 
     /// The sandbox's cgroup (to read what limits were hit).

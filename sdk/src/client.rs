@@ -19,8 +19,8 @@ use tokio_rustls::TlsConnector;
 use umbra_pki::{IdentityFile, CONTROLLER_SERVER_NAME};
 use umbra_proto::api::ErrorBody;
 
+use crate::credentials::Credentials;
 use crate::error::SdkError;
-use crate::renewal::Credentials;
 
 /// The largest response body read into memory.
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;

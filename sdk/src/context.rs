@@ -44,10 +44,11 @@ use umbra_proto::FrameDecoder;
 use umbra_proto::RouterInfo;
 
 use crate::client::{ControllerClient, ResponseStream};
+use crate::credentials::Credentials;
 use crate::error::SdkError;
-use crate::listener::Listener;
-use crate::renewal::{Credentials, RenewingIdentity};
+use crate::renewal::RenewingIdentity;
 use crate::stream::{connection_error, read_error, write_error, Stream};
+use crate::sync::lock;
 
 /// Connecting to a router, handshake included.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -55,8 +56,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long a host's answer to an incoming caller may take to arrive.
 const INCOMING_TIMEOUT: Duration = Duration::from_secs(5);
-/// Callers queued for a listener that is not accepting; more are refused.
-const ACCEPT_BACKLOG: usize = 128;
 /// The largest edge view accepted on a watch.
 const MAX_EDGE_FRAME: usize = 16 * 1024 * 1024;
 /// The TLS server name sent to routers (only SNI; routers are checked by SPIFFE id).
@@ -206,10 +205,6 @@ impl std::fmt::Debug for Context {
     }
 }
 
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 impl Context {
     /// A context acting as `identity`, talking to the controller its file names.
     pub fn new(identity: IdentityFile) -> Result<Context, SdkError> {
@@ -245,7 +240,10 @@ impl Context {
             .max_concurrent_bidi_streams(VarInt::from_u32(256))
             .stream_receive_window(VarInt::from_u32(2 * 1024 * 1024))
             .receive_window(VarInt::from_u32(16 * 1024 * 1024));
-        crate::quic::tune(&mut transport, Some(crate::congestion::DEFAULT_QUEUE_FLOOR));
+        umbra_transport::quic::tune(
+            &mut transport,
+            Some(umbra_transport::congestion::DEFAULT_QUEUE_FLOOR),
+        );
         let ctx = Context {
             inner: Arc::new(Inner {
                 original: identity,
@@ -257,7 +255,7 @@ impl Context {
                 endpoints: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
                 lanes: std::sync::atomic::AtomicU32::new(0),
-                slot_base: crate::quic::initial_cid(0)[1],
+                slot_base: umbra_transport::quic::initial_cid(0)[1],
                 backoff: Mutex::new(HashMap::new()),
                 routers: Mutex::new(None),
                 listeners: Arc::new(Mutex::new(HashMap::new())),
@@ -577,29 +575,6 @@ impl Context {
         result.map(|(send, recv)| Stream::new(send, recv, name.as_str().to_owned()))
     }
 
-    /// Hosts `service` on every router the controller lists: callers that dial it arrive on the
-    /// returned listener, with no listening port here. Needs a Bind grant. The listener keeps
-    /// its registrations alive: it binds again after a router connection is lost, and on routers
-    /// that appear later. One listener per service per context.
-    pub async fn bind(&self, service: &str) -> Result<Listener, SdkError> {
-        let name = Name::new(service).map_err(|_| SdkError::Denied {
-            service: service.to_owned(),
-        })?;
-        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
-        lock(&self.inner.listeners).insert(name.clone(), tx);
-        match crate::listener::bind_all(self, &name, &HashSet::new(), false).await {
-            Ok(binds) if !binds.is_empty() => Ok(Listener::start(self.clone(), name, rx, binds)),
-            Ok(_) => {
-                lock(&self.inner.listeners).remove(&name);
-                Err(SdkError::Unavailable("every router".into()))
-            }
-            Err(e) => {
-                lock(&self.inner.listeners).remove(&name);
-                Err(e)
-            }
-        }
-    }
-
     pub(crate) fn listeners(&self) -> &Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>> {
         &self.inner.listeners
     }
@@ -727,7 +702,7 @@ impl Context {
         let endpoint = self.endpoint(addr)?;
         // Only the low byte matters: it is a hint for spreading, not a name.
         let slot = self.inner.slot_base.wrapping_add(self.lane_id() as u8);
-        quic.initial_dst_cid_provider(Arc::new(move || crate::quic::initial_cid(slot)));
+        quic.initial_dst_cid_provider(Arc::new(move || umbra_transport::quic::initial_cid(slot)));
         let connecting = {
             // The connection's driver is spawned here: on the lane's runtime for a lane.
             let _on_lane = self.lane.as_ref().map(|l| l.runtime.enter());
@@ -761,15 +736,22 @@ impl Context {
             source,
         };
         let socket = std::net::UdpSocket::bind(bind).map_err(unreachable)?;
-        if let Some(got) = crate::quic::size_buffers(&socket, crate::quic::SOCKET_BUFFER) {
+        if let Some(got) =
+            umbra_transport::quic::size_buffers(&socket, umbra_transport::quic::SOCKET_BUFFER)
+        {
             tracing::debug!(got, "UDP receive buffer smaller than asked");
         }
         // The socket's registration and the endpoint's driver belong to the lane's runtime.
         let _on_lane = self.lane.as_ref().map(|l| l.runtime.enter());
         let runtime = quinn::default_runtime()
             .ok_or_else(|| unreachable(std::io::Error::other("no async runtime")))?;
-        let ep = Endpoint::new(crate::quic::endpoint_config(), None, socket, runtime)
-            .map_err(unreachable)?;
+        let ep = Endpoint::new(
+            umbra_transport::quic::endpoint_config(),
+            None,
+            socket,
+            runtime,
+        )
+        .map_err(unreachable)?;
         eps.insert(key, ep.clone());
         Ok(ep)
     }

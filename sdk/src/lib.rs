@@ -12,25 +12,23 @@
 //! there (its SPIFFE id), not just any router.
 #![forbid(unsafe_code)]
 
-pub mod busy_poll;
 mod client;
-pub mod congestion;
 mod context;
+mod credentials;
 mod enroll;
 mod error;
 mod listener;
-pub mod quic;
 mod renewal;
-pub mod splice;
+mod splice;
 mod stream;
+mod sync;
 
 pub use client::{ControllerClient, ResponseStream};
 pub use context::{Caller, Context, Early, EdgeWatch};
+pub use credentials::Credentials;
 pub use enroll::{enroll, renew};
 pub use error::SdkError;
 pub use listener::Listener;
-pub use renewal::{
-    renewal_delay, Credentials, RenewingIdentity, ISSUE_BACKDATE, MIN_RENEW_INTERVAL,
-};
+pub use renewal::{renewal_delay, RenewingIdentity, ISSUE_BACKDATE, MIN_RENEW_INTERVAL};
 pub use splice::splice;
 pub use stream::Stream;

@@ -11,9 +11,40 @@ use umbra_pki::Serial;
 use umbra_policies::Name;
 use umbra_proto::stream::Op;
 
-use crate::context::{lock, request, Caller, Context, Early, Incoming, RouterTarget};
+use crate::context::{request, Caller, Context, Early, Incoming, RouterTarget};
 use crate::error::SdkError;
 use crate::stream::{read_error, Stream};
+use crate::sync::lock;
+
+/// Callers queued for a listener that is not accepting; more are refused.
+const ACCEPT_BACKLOG: usize = 128;
+
+// Hosting is the listener's business; `Context` knows only the registry of listeners its
+// connections hand incoming streams to, so the modules depend one way: listener → context.
+impl Context {
+    /// Hosts `service` on every router the controller lists: callers that dial it arrive on the
+    /// returned listener, with no listening port here. Needs a Bind grant. The listener keeps
+    /// its registrations alive: it binds again after a router connection is lost, and on routers
+    /// that appear later. One listener per service per context.
+    pub async fn bind(&self, service: &str) -> Result<Listener, SdkError> {
+        let name = Name::new(service).map_err(|_| SdkError::Denied {
+            service: service.to_owned(),
+        })?;
+        let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        lock(self.listeners()).insert(name.clone(), tx);
+        match bind_all(self, &name, &HashSet::new(), false).await {
+            Ok(binds) if !binds.is_empty() => Ok(Listener::start(self.clone(), name, rx, binds)),
+            Ok(_) => {
+                lock(self.listeners()).remove(&name);
+                Err(SdkError::Unavailable("every router".into()))
+            }
+            Err(e) => {
+                lock(self.listeners()).remove(&name);
+                Err(e)
+            }
+        }
+    }
+}
 
 /// How often a listener looks for routers it is not registered with.
 const REFRESH: Duration = Duration::from_secs(30);

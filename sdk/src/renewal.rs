@@ -19,13 +19,14 @@ use std::time::{Duration, UNIX_EPOCH};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use umbra_clock::Clock;
-use umbra_pki::{IdentityFile, PeerCert};
+use umbra_pki::IdentityFile;
 use umbra_policies::renewal::{self, RenewAt};
 use umbra_policies::Timestamp;
 
 use crate::client::ControllerClient;
-use crate::context::lock;
+use crate::credentials::Credentials;
 use crate::error::SdkError;
+use crate::sync::lock;
 
 /// How far the CA backdates `notBefore` for clock skew (`CertificateAuthority::issue`); not part
 /// of the lifetime the controller meant to grant.
@@ -38,60 +39,6 @@ const RETRY_MIN: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(60);
 /// How long one renewal attempt may take.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// An identity file together with what every connection derives from it, built once per
-/// certificate. Immutable: a renewal publishes a new one.
-pub struct Credentials {
-    identity: Arc<IdentityFile>,
-    leaf: PeerCert,
-    controller_tls: Arc<rustls::ClientConfig>,
-}
-
-impl std::fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Credentials")
-            .field("spiffe", &self.leaf.spiffe.to_string())
-            .field("serial", &self.leaf.serial.to_string())
-            .field("not_after", &self.leaf.not_after.0)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Credentials {
-    /// Checks an identity file (a leaf with the file's SPIFFE id, a key that belongs to it) and
-    /// builds its controller TLS configuration.
-    pub fn new(identity: IdentityFile) -> Result<Credentials, SdkError> {
-        let leaf = identity.leaf()?;
-        if leaf.spiffe != identity.spiffe() {
-            return Err(SdkError::Protocol(format!(
-                "the certificate is for {}, but the file describes {}",
-                leaf.spiffe,
-                identity.spiffe()
-            )));
-        }
-        // Fails if the certificate and key do not belong together.
-        let controller_tls = umbra_pki::client_config(&identity, &[b"http/1.1"])?;
-        Ok(Credentials {
-            identity: Arc::new(identity),
-            leaf,
-            controller_tls,
-        })
-    }
-
-    /// The identity file, certificate and key included.
-    pub fn identity(&self) -> &Arc<IdentityFile> {
-        &self.identity
-    }
-
-    /// What the current leaf certificate says (serial, validity).
-    pub fn leaf(&self) -> &PeerCert {
-        &self.leaf
-    }
-
-    pub(crate) fn controller_tls(&self) -> Arc<rustls::ClientConfig> {
-        Arc::clone(&self.controller_tls)
-    }
-}
 
 /// How long to wait, from `now` (time since the Unix epoch), before renewing the certificate
 /// valid from `not_before` to `not_after` (seconds since the epoch).

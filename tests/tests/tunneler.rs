@@ -191,3 +191,64 @@ async fn a_connection_opened_while_the_first_lane_is_busy_takes_another() {
     assert!(rest.is_empty());
     tun.shutdown().await;
 }
+
+/// Dropping a tunneler without `shutdown` stops it all the same: its listeners close, the
+/// connections it carries are cut and none of its tasks stays behind (an early return in a
+/// caller cannot leave one running).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropping_the_tunneler_stops_its_tasks_listeners_and_connections() {
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let ctx = umbra_sdk::Context::with_controller(a, Some(&t.addr())).unwrap();
+    let cfg = TunnelerConfig {
+        controller: Some(t.addr()),
+        name_base: "127.93.0.1".parse().unwrap(),
+        ..Default::default()
+    };
+    let tasks = || {
+        tokio::runtime::Handle::current()
+            .metrics()
+            .num_alive_tasks()
+    };
+    let before = tasks();
+    let tun = Tunneler::start(ctx, cfg).await.unwrap();
+    let m = wait_for(&tun, "the echo listener", |m| {
+        listen_of(m, "echo").is_some()
+    })
+    .await;
+    let addr = listen_of(&m, "echo").unwrap();
+    let mut live = TcpStream::connect(addr).await.unwrap();
+    live.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    live.read_exact(&mut buf).await.unwrap();
+    assert!(tasks() > before, "a running tunneler has tasks");
+
+    drop(tun);
+    let cut = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut b = [0u8; 16];
+        loop {
+            match live.read(&mut b).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "a carried connection outlived its tunneler");
+    assert!(
+        TcpStream::connect(addr).await.is_err(),
+        "a dropped tunneler still listens"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tasks() > before && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        tasks() <= before,
+        "tasks alive after the tunneler was dropped: {} (before: {before})",
+        tasks()
+    );
+}

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 use tokio::runtime::Handle;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use umbra_sdk::busy_poll::{self, BusyPoll, Meter, PollStats};
 use umbra_sdk::Context;
+use umbra_transport::busy_poll::{self, BusyPoll, Meter, PollStats};
 
 /// How often lanes' business is measured while connections are carried.
 const SAMPLE: Duration = Duration::from_millis(10);

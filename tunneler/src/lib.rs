@@ -12,7 +12,6 @@ mod addresses;
 mod lanes;
 mod plan;
 mod run;
-pub mod sandboxed;
 
 pub use addresses::{AddressBook, AddressError};
 pub use plan::{desired, Mapping};

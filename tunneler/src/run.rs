@@ -9,7 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tokio_util::task::AbortOnDropHandle;
 use umbra_proto::api::EdgeView;
 use umbra_proto::follow::{WatchEnd, WatchFollower};
 use umbra_proto::FrameDecoder;
@@ -43,7 +44,7 @@ pub struct TunnelerConfig {
     /// tunneler's own runtime. 1 disables them.
     pub lanes: usize,
     /// How long a lane keeps polling after it last moved bytes before its thread sleeps (see
-    /// `umbra_sdk::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
+    /// `umbra_transport::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
     pub busy_poll: std::time::Duration,
 }
 
@@ -64,7 +65,7 @@ impl Default for TunnelerConfig {
             listen: None,
             on_denied: None,
             lanes: 2,
-            busy_poll: umbra_sdk::busy_poll::DEFAULT_WINDOW,
+            busy_poll: umbra_transport::busy_poll::DEFAULT_WINDOW,
         }
     }
 }
@@ -91,13 +92,15 @@ pub enum TunnelError {
     Sdk(#[from] SdkError),
 }
 
-/// A running tunneler.
+/// A running tunneler: the owner of its task. Dropping it stops the task (and so every
+/// listener, carried connection and lane) at once, so an early return in its caller cannot leave
+/// a tunneler running; [`Tunneler::shutdown`] does the same and waits until it is done.
 #[derive(Debug)]
 pub struct Tunneler {
     mappings: watch::Receiver<Vec<Mapping>>,
     refused: watch::Receiver<bool>,
     shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: AbortOnDropHandle<()>,
 }
 
 impl Tunneler {
@@ -111,7 +114,7 @@ impl Tunneler {
         let token = shutdown.clone();
         let lanes_stop = CancellationToken::new();
         let lanes = Lanes::start(&ctx, cfg.lanes, cfg.busy_poll, &lanes_stop);
-        let task = tokio::spawn(async move {
+        let task = AbortOnDropHandle::new(tokio::spawn(async move {
             // The lanes' threads end with this task, however it ends.
             let _lanes = lanes_stop.drop_guard();
             let mut state = Listeners {
@@ -130,7 +133,7 @@ impl Tunneler {
                 _ = token.cancelled() => {}
             }
             state.clear().await;
-        });
+        }));
         Ok(Tunneler {
             mappings,
             refused,
@@ -150,17 +153,48 @@ impl Tunneler {
         self.refused.clone()
     }
 
-    /// Closes every listener and carried connection.
-    pub async fn shutdown(self) {
+    /// Closes every listener and carried connection, and returns once they are closed.
+    pub async fn shutdown(mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Tunneler {
+    fn drop(&mut self) {
+        // The task is aborted by its handle; cancelling first lets a task that is between two
+        // polls see the same ending either way.
+        self.shutdown.cancel();
+    }
+}
+
+/// One listener: dropping it cancels its token (ending the connections it carries, which watch
+/// it) and aborts its accept loop, which owns the socket.
+struct Active {
+    mapping: Mapping,
+    _cancel: DropGuard,
+    task: AbortOnDropHandle<()>,
+}
+
+impl Active {
+    /// Stops the listener and waits until its socket is closed.
+    async fn close(self) -> Mapping {
+        let Active {
+            mapping,
+            _cancel,
+            mut task,
+        } = self;
+        drop(_cancel);
+        // The accept loop owns the socket: once it has returned, nothing listens.
+        let _ = (&mut task).await;
+        mapping
     }
 }
 
 struct Listeners {
     lanes: Arc<Lanes>,
     book: AddressBook,
-    active: BTreeMap<SocketAddr, (Mapping, CancellationToken, tokio::task::JoinHandle<()>)>,
+    active: BTreeMap<SocketAddr, Active>,
     limit: std::sync::Arc<Semaphore>,
     tx: watch::Sender<Vec<Mapping>>,
     hosts_file: Option<PathBuf>,
@@ -179,14 +213,12 @@ impl Listeners {
         let stale: Vec<SocketAddr> = self
             .active
             .iter()
-            .filter(|(addr, (m, _, _))| want.get(addr) != Some(m))
+            .filter(|(addr, a)| want.get(addr) != Some(&a.mapping))
             .map(|(addr, _)| *addr)
             .collect();
         for addr in stale {
-            if let Some((m, token, task)) = self.active.remove(&addr) {
-                token.cancel();
-                // The accept loop owns the socket: once it has returned, nothing listens.
-                let _ = task.await;
+            if let Some(active) = self.active.remove(&addr) {
+                let m = active.close().await;
                 tracing::info!(service = %m.service, listen = %m.listen, "listener removed");
             }
         }
@@ -205,15 +237,20 @@ impl Listeners {
                 Ok(listener) => {
                     let token = CancellationToken::new();
                     tracing::info!(service = %m.service, intercept = %m.intercept, listen = %m.listen, "listening");
-                    let task = tokio::spawn(accept_loop(
+                    let task = AbortOnDropHandle::new(tokio::spawn(accept_loop(
                         listener,
                         m.clone(),
                         Arc::clone(&self.lanes),
                         self.limit.clone(),
                         token.clone(),
                         self.on_denied.clone(),
-                    ));
-                    self.active.insert(addr, (m, token, task));
+                    )));
+                    let active = Active {
+                        mapping: m,
+                        _cancel: token.drop_guard(),
+                        task,
+                    };
+                    self.active.insert(addr, active);
                 }
                 Err(e) => {
                     tracing::warn!(service = %m.service, listen = %addr, error = %e, "cannot listen")
@@ -224,7 +261,7 @@ impl Listeners {
     }
 
     fn publish(&self) {
-        let list: Vec<Mapping> = self.active.values().map(|(m, _, _)| m.clone()).collect();
+        let list: Vec<Mapping> = self.active.values().map(|a| a.mapping.clone()).collect();
         if let Some(path) = &self.hosts_file {
             // Public data (names and loopback addresses), so 0644; replaced atomically so a
             // reader never sees half a file, and written in place if it is a FIFO or device.
@@ -238,9 +275,8 @@ impl Listeners {
 
     /// Removes every listener: access is gone or the tunneler is stopping.
     async fn clear(&mut self) {
-        for (_, (_, token, task)) in std::mem::take(&mut self.active) {
-            token.cancel();
-            let _ = task.await;
+        for (_, active) in std::mem::take(&mut self.active) {
+            active.close().await;
         }
         self.publish();
     }
@@ -338,7 +374,11 @@ async fn accept_loop(
 ) {
     let mut backoff = AcceptBackoff::new();
     let what = m.listen.to_string();
+    // The connections this listener carries, on whichever lane: they end with the loop, however
+    // it ends (a cancelled token, or this task aborted with its owner).
+    let mut carrying = tokio::task::JoinSet::new();
     loop {
+        while carrying.try_join_next().is_some() {}
         // The slot is taken before `accept`: over the bound, connections wait in the kernel's
         // backlog instead of costing this process a descriptor each.
         let permit = tokio::select! {
@@ -391,8 +431,8 @@ async fn accept_loop(
             }
         };
         match lane.runtime.as_ref() {
-            None => drop(tokio::spawn(carried)),
-            Some(runtime) => drop(runtime.spawn(carried)),
+            None => drop(carrying.spawn(carried)),
+            Some(runtime) => drop(carrying.spawn_on(carried, runtime)),
         }
     }
 }

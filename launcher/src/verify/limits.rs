@@ -8,7 +8,7 @@ use umbra_sandbox::probe::{Attempt, ProbeConfig};
 use umbra_sandbox::{Limits, SandboxConfig};
 use umbra_sdk::Context;
 
-use crate::sandbox_cmd::{held, run_probe};
+use super::{held, run_probe, VerifyError};
 
 /// Host processes still running this run's probes (none may outlive their sandbox).
 fn leftover_probes(tag: &str) -> usize {
@@ -31,12 +31,13 @@ fn leftover_probes(tag: &str) -> usize {
         .count()
 }
 
-pub(crate) async fn limit_attempts(
+/// The limit attempts, each in a sandbox of its own, judged from outside.
+pub(super) async fn limit_attempts(
     ctx: &Context,
     base: &SandboxConfig,
     probe: &ProbeConfig,
     events: &EventSink,
-) -> anyhow::Result<Vec<Attempt>> {
+) -> Result<Vec<Attempt>, VerifyError> {
     let mut out = Vec::new();
     let with_mode = |mode: &str| ProbeConfig {
         mode: mode.into(),
@@ -135,7 +136,7 @@ async fn socket_balloon(
     base: &SandboxConfig,
     probe: &ProbeConfig,
     events: &EventSink,
-) -> anyhow::Result<Attempt> {
+) -> Result<Attempt, VerifyError> {
     let out = run_probe(
         ctx,
         base,
@@ -238,7 +239,7 @@ async fn connection_hold(
     base: &SandboxConfig,
     probe: &ProbeConfig,
     events: &EventSink,
-) -> anyhow::Result<Attempt> {
+) -> Result<Attempt, VerifyError> {
     use std::sync::atomic::{AtomicBool, Ordering};
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let watcher = watch_launcher(stop.clone());
@@ -252,9 +253,7 @@ async fn connection_hold(
     )
     .await;
     stop.store(true, Ordering::SeqCst);
-    let used = watcher
-        .join()
-        .map_err(|_| anyhow::anyhow!("the launcher watcher panicked"))?;
+    let used = watcher.join().map_err(|_| VerifyError::Watcher)?;
     let out = out?;
     let report: Option<serde_json::Value> = out
         .stdout
@@ -262,7 +261,7 @@ async fn connection_hold(
         .and_then(|s| serde_json::from_slice(s).ok());
     // The tunneler's bound, the DNS responder's, and room for the launcher's own (the count
     // starts before the sandbox and its tunneler exist).
-    let fd_bound = umbra_tunneler::sandboxed::SANDBOX_CONNECTIONS + 16 + 192;
+    let fd_bound = crate::run::SANDBOX_CONNECTIONS + 16 + 192;
     let grown = used.fds_peak.saturating_sub(used.fds_before);
     let cpu_share = used.cpu.as_secs_f64() / used.wall.as_secs_f64().max(0.001);
     let (observed, escaped) = match &report {

@@ -1,0 +1,23 @@
+//! Umbra's launcher: `umbra run`, one agent in a sealed sandbox whose only network is a tunneler.
+//!
+//! It is its own crate because it is the one place that joins the two: the sandbox
+//! (`umbra-sandbox`, which knows nothing of the overlay) and the tunneler (`umbra-tunneler`, which
+//! knows nothing of sandboxes). Both stay usable alone, and the dependency runs one way only:
+//! launcher → tunneler → SDK, launcher → sandbox.
+//!
+//! It also holds the escape suite behind `umbra verify` ([`verify`]), which runs the escape
+//! probe through the same launcher and judges from the host what the probe cannot see.
+//!
+//! Everything it starts has an owner that stops it on every path out: the tunneler
+//! ([`umbra_tunneler::Tunneler`] stops its task on drop), the sandbox (`Running` and its cgroup),
+//! the DNS responder and the hosts writer (task sets that abort on drop). An early return
+//! leaves nothing running.
+#![forbid(unsafe_code)]
+
+pub mod report;
+mod resolver;
+mod run;
+pub mod verify;
+
+pub use resolver::DNS_ADDR;
+pub use run::{interrupted, run, Ending, RunError, RunOptions, RunOutcome, SANDBOX_CONNECTIONS};
