@@ -118,6 +118,10 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
             tokio::select! {
                 r = mappings.changed() => {
                     r.map_err(|_| "the tunneler stopped".to_string())?;
+                    // An emptied list because the identity was refused is no first view.
+                    if *refused.borrow() {
+                        return Err("the controller refused this identity".to_string());
+                    }
                     return Ok(());
                 }
                 r = refused.changed() => {

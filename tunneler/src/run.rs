@@ -304,8 +304,9 @@ async fn follow(client: ControllerClient, state: &mut Listeners) {
         };
         let next = machine.ended(end, jitter());
         if next.clear {
-            state.clear().await;
+            // Refused first: whoever wakes on the emptied list must already see why it emptied.
             state.refused.send_replace(true);
+            state.clear().await;
         }
         tokio::time::sleep(next.pause).await;
     }
