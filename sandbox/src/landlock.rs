@@ -6,34 +6,21 @@
 //! private /tmp and a handful of devices; read and execute beneath the system paths and the `--ro`
 //! paths; nothing else. From ABI 6 the agent also cannot signal processes outside its domain or
 //! connect to abstract Unix sockets created outside it.
+//!
+//! The system calls and their structures are the `landlock` crate's (by the LSM's author), which
+//! knows each ABI's rights. Which rights are handled is decided here from the kernel's ABI, and
+//! the crate is told to treat every one of them as a hard requirement, so that nothing is dropped
+//! silently: a ruleset either holds exactly these rules or is not built.
 
-use std::ffi::CString;
+use std::fs::{File, OpenOptions};
 use std::io;
-use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-const CREATE_RULESET_VERSION: u32 = 1;
-const RULE_PATH_BENEATH: libc::c_int = 1;
-
-const EXECUTE: u64 = 1 << 0;
-const WRITE_FILE: u64 = 1 << 1;
-const READ_FILE: u64 = 1 << 2;
-const READ_DIR: u64 = 1 << 3;
-const REMOVE_DIR: u64 = 1 << 4;
-const REMOVE_FILE: u64 = 1 << 5;
-const MAKE_CHAR: u64 = 1 << 6;
-const MAKE_DIR: u64 = 1 << 7;
-const MAKE_REG: u64 = 1 << 8;
-const MAKE_SOCK: u64 = 1 << 9;
-const MAKE_FIFO: u64 = 1 << 10;
-const MAKE_BLOCK: u64 = 1 << 11;
-const MAKE_SYM: u64 = 1 << 12;
-const REFER: u64 = 1 << 13;
-const TRUNCATE: u64 = 1 << 14;
-const IOCTL_DEV: u64 = 1 << 15;
-
-const SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
-const SCOPE_SIGNAL: u64 = 1 << 1;
+use landlock::{
+    Access as _, AccessFs, BitFlags, CompatLevel, Compatible as _, PathBeneath, RulesetAttr as _,
+    RulesetCreated, RulesetCreatedAttr as _, Scope, ABI,
+};
 
 /// What a rule grants beneath a path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,76 +39,67 @@ pub enum Access {
 
 /// The kernel's Landlock ABI version, or `None` when Landlock is absent or disabled.
 pub fn abi() -> Option<u32> {
-    // SAFETY: the version query takes no pointer and returns a number or -1.
+    // SAFETY: the version query (LANDLOCK_CREATE_RULESET_VERSION) takes no pointer and returns
+    // a number or -1; the crate does not expose it.
     let v = unsafe {
         libc::syscall(
             libc::SYS_landlock_create_ruleset,
             std::ptr::null::<u8>(),
             0usize,
-            CREATE_RULESET_VERSION,
+            1u32,
         )
     };
     u32::try_from(v).ok().filter(|v| *v > 0)
 }
 
-fn handled_fs(abi: u32) -> u64 {
-    let mut a = EXECUTE
-        | WRITE_FILE
-        | READ_FILE
-        | READ_DIR
-        | REMOVE_DIR
-        | REMOVE_FILE
-        | MAKE_CHAR
-        | MAKE_DIR
-        | MAKE_REG
-        | MAKE_SOCK
-        | MAKE_FIFO
-        | MAKE_BLOCK
-        | MAKE_SYM;
-    if abi >= 2 {
-        a |= REFER;
-    }
-    if abi >= 3 {
-        a |= TRUNCATE;
-    }
-    if abi >= 5 {
-        a |= IOCTL_DEV;
-    }
-    a
+/// The newest ABI whose rights these rules were written and tested against. A newer kernel (or
+/// crate) brings new rights, such as ABI 9's right to connect to pathname Unix sockets; handling
+/// one denies it everywhere no rule grants it, so each is adopted deliberately, with tests, and
+/// never by upgrading a crate.
+const NEWEST_ABI: u32 = 6;
+
+/// The crate's name for a kernel ABI, capped at [`NEWEST_ABI`].
+fn crate_abi(abi: u32) -> ABI {
+    ABI::from(i32::try_from(abi.min(NEWEST_ABI)).unwrap_or(1))
 }
 
-fn rights(access: Access, handled: u64) -> u64 {
-    let read = READ_FILE | READ_DIR;
+/// Every filesystem right the ABI knows: all are handled, so all are denied unless granted.
+fn handled_fs(abi: u32) -> BitFlags<AccessFs> {
+    AccessFs::from_all(crate_abi(abi))
+}
+
+/// The scopes the ABI knows (none before ABI 6).
+fn scopes(abi: u32) -> BitFlags<Scope> {
+    Scope::from_all(crate_abi(abi))
+}
+
+fn rights(access: Access, handled: BitFlags<AccessFs>) -> BitFlags<AccessFs> {
+    let read = AccessFs::ReadFile | AccessFs::ReadDir;
     let r = match access {
         Access::Read => read,
-        Access::ReadExec => read | EXECUTE,
-        Access::Device => READ_FILE | WRITE_FILE | TRUNCATE | IOCTL_DEV,
-        Access::List => READ_DIR,
-        // Devices cannot be made inside the workspace: MAKE_CHAR and MAKE_BLOCK stay out.
-        Access::ReadWrite => handled & !(MAKE_CHAR | MAKE_BLOCK | IOCTL_DEV),
+        Access::ReadExec => read | AccessFs::Execute,
+        Access::Device => {
+            AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::Truncate | AccessFs::IoctlDev
+        }
+        Access::List => AccessFs::ReadDir.into(),
+        // Devices cannot be made inside the workspace: MakeChar and MakeBlock stay out.
+        Access::ReadWrite => {
+            handled & !(AccessFs::MakeChar | AccessFs::MakeBlock | AccessFs::IoctlDev)
+        }
     };
     r & handled
 }
 
-#[repr(C)]
-struct RulesetAttr {
-    handled_access_fs: u64,
-    handled_access_net: u64,
-    scoped: u64,
-}
-
-#[repr(C, packed)]
-struct PathBeneathAttr {
-    allowed_access: u64,
-    parent_fd: i32,
+fn other(e: impl std::fmt::Display) -> io::Error {
+    io::Error::other(e.to_string())
 }
 
 /// A ruleset being built; [`Ruleset::restrict_self`] applies it to the calling thread for good.
 #[derive(Debug)]
 pub struct Ruleset {
-    fd: libc::c_int,
+    created: RulesetCreated,
     abi: u32,
-    handled: u64,
+    handled: BitFlags<AccessFs>,
 }
 
 impl Ruleset {
@@ -130,37 +108,17 @@ impl Ruleset {
     pub fn new() -> io::Result<Ruleset> {
         let abi = abi().ok_or_else(|| io::Error::other("Landlock is not available"))?;
         let handled = handled_fs(abi);
-        let attr = RulesetAttr {
-            handled_access_fs: handled,
-            handled_access_net: 0,
-            scoped: if abi >= 6 {
-                SCOPE_ABSTRACT_UNIX_SOCKET | SCOPE_SIGNAL
-            } else {
-                0
-            },
-        };
-        // Older kernels reject fields they do not know: pass only the prefix they understand.
-        let size = if abi >= 6 {
-            24
-        } else if abi >= 4 {
-            16
-        } else {
-            8
-        };
-        // SAFETY: `attr` is a valid ruleset attribute of at least `size` bytes.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_create_ruleset,
-                &attr as *const RulesetAttr,
-                size as libc::size_t,
-                0u32,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+        let mut ruleset = landlock::Ruleset::default()
+            .set_compatibility(CompatLevel::HardRequirement)
+            .handle_access(handled)
+            .map_err(other)?;
+        let scoped = scopes(abi);
+        if !scoped.is_empty() {
+            ruleset = ruleset.scope(scoped).map_err(other)?;
         }
+        let created = ruleset.create().map_err(other)?;
         Ok(Ruleset {
-            fd: fd as libc::c_int,
+            created,
             abi,
             handled,
         })
@@ -174,72 +132,70 @@ impl Ruleset {
     /// Grants `access` beneath `path`. A path that does not exist is skipped: there is
     /// nothing beneath it to grant.
     pub fn allow(&mut self, path: &Path, access: Access) -> io::Result<()> {
-        let c = CString::new(path.as_os_str().as_bytes())
-            .map_err(|_| io::Error::other("path holds a NUL byte"))?;
-        // SAFETY: `c` is a valid C string; O_PATH opens without reading.
-        let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
-        if fd < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::NotFound {
-                return Ok(());
-            }
-            return Err(e);
-        }
+        // O_PATH opens without reading (and without the right to), only to name the file.
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
         let mut allowed = rights(access, self.handled);
         // Directory-only rights on a file are refused by the kernel.
-        let mut st: libc::stat = unsafe { std::mem::zeroed() };
-        // SAFETY: `fd` is open and `st` is a valid out-pointer.
-        if unsafe { libc::fstat(fd, &mut st) } == 0 && (st.st_mode & libc::S_IFMT) != libc::S_IFDIR
-        {
-            allowed &= EXECUTE | WRITE_FILE | READ_FILE | TRUNCATE | IOCTL_DEV;
+        if !File::metadata(&file).is_ok_and(|m| m.is_dir()) {
+            allowed &= AccessFs::from_file(crate_abi(self.abi));
         }
-        let attr = PathBeneathAttr {
-            allowed_access: allowed,
-            parent_fd: fd,
-        };
-        // SAFETY: `attr` is a valid rule for the ruleset fd we own.
-        let r = unsafe {
-            libc::syscall(
-                libc::SYS_landlock_add_rule,
-                self.fd,
-                RULE_PATH_BENEATH,
-                &attr as *const PathBeneathAttr,
-                0u32,
-            )
-        };
-        let e = io::Error::last_os_error();
-        // SAFETY: we opened `fd` above.
-        unsafe { libc::close(fd) };
-        if r != 0 {
-            return Err(io::Error::new(
-                e.kind(),
-                format!("landlock rule for {}: {e}", path.display()),
-            ));
-        }
+        (&mut self.created)
+            .add_rule(PathBeneath::new(&file, allowed))
+            .map_err(|e| other(format!("landlock rule for {}: {e}", path.display())))?;
         Ok(())
     }
 
     /// Applies the rules to this thread and everything it starts. Requires `no_new_privs`.
     pub fn restrict_self(self) -> io::Result<()> {
-        // SAFETY: the fd is the ruleset we built.
-        let r = unsafe { libc::syscall(libc::SYS_landlock_restrict_self, self.fd, 0u32) };
-        if r != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.created.restrict_self().map_err(other)?;
         Ok(())
-    }
-}
-
-impl Drop for Ruleset {
-    fn drop(&mut self) {
-        // SAFETY: the fd is ours and closed once.
-        unsafe { libc::close(self.fd) };
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The rights' bit values as the kernel's uapi header numbers them: the crate must hand the
+    /// kernel exactly the sets the hand-written rules did.
+    const EXECUTE: u64 = 1 << 0;
+    const WRITE_FILE: u64 = 1 << 1;
+    const MAKE_CHAR: u64 = 1 << 6;
+    const MAKE_BLOCK: u64 = 1 << 11;
+    const REFER: u64 = 1 << 13;
+
+    #[test]
+    fn handled_rights_are_the_kernels_per_abi() {
+        assert_eq!(
+            handled_fs(1).bits(),
+            (1 << 13) - 1,
+            "execute through make_sym"
+        );
+        assert_eq!(handled_fs(2).bits(), (1 << 14) - 1, "and refer");
+        assert_eq!(handled_fs(3).bits(), (1 << 15) - 1, "and truncate");
+        assert_eq!(
+            handled_fs(4).bits(),
+            (1 << 15) - 1,
+            "ABI 4 adds network rights only"
+        );
+        assert_eq!(handled_fs(5).bits(), (1 << 16) - 1, "and ioctl_dev");
+        assert_eq!(
+            handled_fs(9).bits(),
+            (1 << 16) - 1,
+            "newer rights are not handled"
+        );
+        assert_eq!(scopes(5).bits(), 0);
+        assert_eq!(scopes(6).bits(), 0b11, "abstract unix sockets and signals");
+        assert_eq!(scopes(9).bits(), 0b11);
+    }
 
     #[test]
     fn rights_never_exceed_what_is_handled() {
@@ -252,12 +208,15 @@ mod tests {
                 Access::Device,
                 Access::List,
             ] {
-                assert_eq!(rights(a, h) & !h, 0, "abi {abi} {a:?}");
+                assert_eq!(rights(a, h) & !h, BitFlags::EMPTY, "abi {abi} {a:?}");
             }
-            assert_eq!(rights(Access::Read, h) & (WRITE_FILE | EXECUTE), 0);
-            assert_eq!(rights(Access::ReadWrite, h) & (MAKE_CHAR | MAKE_BLOCK), 0);
+            assert_eq!(rights(Access::Read, h).bits() & (WRITE_FILE | EXECUTE), 0);
+            assert_eq!(
+                rights(Access::ReadWrite, h).bits() & (MAKE_CHAR | MAKE_BLOCK),
+                0
+            );
         }
-        assert_eq!(handled_fs(1) & REFER, 0);
-        assert_ne!(handled_fs(2) & REFER, 0);
+        assert_eq!(handled_fs(1).bits() & REFER, 0);
+        assert_ne!(handled_fs(2).bits() & REFER, 0);
     }
 }

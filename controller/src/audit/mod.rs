@@ -4,7 +4,7 @@
 //! Before, every report was an fsync'd transaction under the controller's global write lock, so
 //! one agent could write 40,000 rows in 4.4 s and stall every command behind it. Now a report is
 //! checked against per-identity buckets ([`limiter`], pure), what passes goes into a bounded
-//! queue, and one writer thread ([`writer`]) commits many rows per transaction on its own SQLite
+//! queue, and one writer thread (`writer`) commits many rows per transaction on its own SQLite
 //! connection, never under the command lock; a report is answered once the transaction holding
 //! its rows has committed (group commit), so `recorded` means stored. What the buckets or the queue refuse is counted and
 //! stored as one `audit.suppressed` row per identity a period. Agent rows expire after the

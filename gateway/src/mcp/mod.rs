@@ -6,6 +6,7 @@ pub mod catalog;
 pub mod config;
 pub mod cursor;
 pub mod pool;
+pub mod routing_header;
 pub mod server;
 pub mod stdio;
 pub mod upstream;

@@ -46,26 +46,6 @@ const TRANSPORT_ERROR: i64 = -32000;
 /// The stateless revision's code for routing headers that disagree with the body.
 const HEADER_MISMATCH: i64 = -32020;
 
-/// A routing header's value: verbatim, or the UTF-8 inside the `=?base64?...?=` form that
-/// carries names HTTP fields cannot (non-ASCII, edge spaces). A malformed form is `None`, which
-/// matches nothing.
-fn decode_header_value(v: &str) -> Option<String> {
-    use base64::Engine as _;
-    let Some(payload) = v
-        .strip_prefix("=?base64?")
-        .and_then(|p| p.strip_suffix("?="))
-    else {
-        return Some(v.to_string());
-    };
-    let engine = base64::engine::general_purpose::STANDARD;
-    let bytes = engine.decode(payload).ok()?;
-    // Only the canonical encoding of those bytes is accepted.
-    if engine.encode(&bytes) != payload {
-        return None;
-    }
-    String::from_utf8(bytes).ok()
-}
-
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
@@ -435,7 +415,7 @@ async fn post(s: Arc<Shared>, caller: Arc<Caller>, req: Request<Incoming>) -> Re
             _ => None,
         };
         let hm = header(&headers, "mcp-method");
-        let hn = header(&headers, "mcp-name").and_then(decode_header_value);
+        let hn = header(&headers, "mcp-name").and_then(super::routing_header::decode);
         let mismatch = if hm != Some(method.as_str()) {
             Some("Mcp-Method header does not match the request body's method")
         } else if want_name.is_some() && hn.as_deref() != want_name {

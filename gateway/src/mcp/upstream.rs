@@ -440,7 +440,7 @@ impl Session {
                 _ => None,
             };
             if let Some(name) = name_key.and_then(|k| msg["params"][k].as_str()) {
-                b = b.header("mcp-name", encode_header_value(name));
+                b = b.header("mcp-name", super::routing_header::encode(name));
             }
             if !msg["params"].is_object() {
                 msg["params"] = json!({});
@@ -584,23 +584,6 @@ fn stateless_meta() -> Value {
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "umbra-mcp-gateway", "version": env!("CARGO_PKG_VERSION")},
     })
-}
-
-/// A routing header value: verbatim when it is printable ASCII without edge spaces, else the
-/// `=?base64?...?=` form.
-fn encode_header_value(v: &str) -> String {
-    use base64::Engine as _;
-    let plain = v.bytes().all(|b| (0x20..=0x7e).contains(&b))
-        && v == v.trim()
-        && !(v.starts_with("=?base64?") && v.ends_with("?="));
-    if plain {
-        v.to_string()
-    } else {
-        format!(
-            "=?base64?{}?=",
-            base64::engine::general_purpose::STANDARD.encode(v.as_bytes())
-        )
-    }
 }
 
 impl Drop for Session {
