@@ -11,8 +11,6 @@
 //! ([`Clock::sleep_until`], for deadlines that are dates: a certificate's renewal or expiry).
 //! It never decides anything with the time (that is `policies/`), and it is not for monotonic
 //! timers: plain sleeps and timeouts stay tokio's, whose paused time already virtualizes them.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 use std::fmt;
 use std::sync::Arc;

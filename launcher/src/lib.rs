@@ -12,7 +12,6 @@
 //! ([`umbra_tunneler::Tunneler`] stops its task on drop), the sandbox (`Running` and its cgroup),
 //! the DNS responder and the hosts writer (task sets that abort on drop). An early return
 //! leaves nothing running.
-#![forbid(unsafe_code)]
 
 pub mod report;
 mod resolver;

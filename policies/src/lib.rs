@@ -6,8 +6,6 @@
 //! clock or a random source: time (`Timestamp`) and identifiers are arguments, so that every
 //! decision can be unit-tested, property-tested and fuzzed without a network. The controller
 //! validates and compiles policy with it, and the routers and gateways enforce with it.
-#![forbid(unsafe_code)]
-#![warn(missing_docs)]
 
 pub mod address;
 mod allowance;

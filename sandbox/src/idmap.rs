@@ -205,8 +205,9 @@ pub fn open_exact(path: &Path) -> io::Result<OwnedFd> {
 
 /// The device and inode `fd` names: what the sandbox checks a path it opens itself against.
 pub fn identity_of(fd: &OwnedFd) -> io::Result<(u64, u64)> {
-    // SAFETY: a valid descriptor and out-pointer.
+    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out-pointer.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
         return Err(last_err("fstat"));
     }

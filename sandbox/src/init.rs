@@ -234,8 +234,8 @@ fn namespaces(sock: &mut UnixStream) -> Result<Option<Spec>, String> {
         | libc::CLONE_NEWUTS
         | libc::CLONE_NEWPID
         | libc::CLONE_NEWCGROUP;
-    // SAFETY: unshare takes flags only; this process is single-threaded.
     check(
+        // SAFETY: unshare takes flags only; this process is single-threaded.
         unsafe { libc::unshare(flags) },
         "creating namespaces (are user namespaces enabled?)",
     )?;
@@ -348,8 +348,8 @@ fn pid1(spec: &Spec, sock: &mut UnixStream) -> Result<i32, String> {
     }
     let memfd_sealed = build_root(spec)?;
     let host = cstr(&spec.id)?;
-    // SAFETY: a valid buffer and its length.
     check(
+        // SAFETY: a valid buffer and its length.
         unsafe { libc::sethostname(host.as_ptr(), host.as_bytes().len()) },
         "sethostname",
     )?;
@@ -421,6 +421,7 @@ fn locked_flags(path: &Path) -> Result<libc::c_ulong, String> {
     // SAFETY: valid path and out-pointer.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     check(
+        // SAFETY: valid path and out-pointer.
         unsafe { libc::statvfs(c.as_ptr(), &mut st) },
         format_args!("statvfs {}", path.display()),
     )?;
@@ -486,8 +487,8 @@ pub fn checked_device(
     // SAFETY: stat is plain data; zeroed is valid; fstat fills it.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     use std::os::fd::AsRawFd;
-    // SAFETY: a valid descriptor and out-pointer.
     check(
+        // SAFETY: a valid descriptor and out-pointer.
         unsafe { libc::fstat(fd.as_raw_fd(), &mut st) },
         path.display(),
     )?;
@@ -764,8 +765,8 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
         cover(&inside(root, h), &cover_file)?;
     }
     let cover_c = cstr(&cover_dir)?;
-    // SAFETY: a valid C string.
     check(
+        // SAFETY: a valid C string.
         unsafe { libc::umount2(cover_c.as_ptr(), libc::MNT_DETACH) },
         "detaching the cover",
     )?;
@@ -774,15 +775,15 @@ fn build_root(spec: &Spec) -> Result<bool, String> {
     let old = root.join(".oldroot");
     fs::create_dir_all(&old).map_err(|e| err("old root", e))?;
     let (root_c, old_c) = (cstr(root)?, cstr(&old)?);
-    // SAFETY: valid C strings.
     check(
+        // SAFETY: valid C strings.
         unsafe { libc::syscall(libc::SYS_pivot_root, root_c.as_ptr(), old_c.as_ptr()) as i32 },
         "pivot_root",
     )?;
     std::env::set_current_dir("/").map_err(|e| err("chdir /", e))?;
     let old_in = cstr("/.oldroot")?;
-    // SAFETY: valid C string.
     check(
+        // SAFETY: valid C string.
         unsafe { libc::umount2(old_in.as_ptr(), libc::MNT_DETACH) },
         "detaching the host's root",
     )?;
@@ -928,8 +929,8 @@ impl Prepared {
         if let Some(p) = self.pids {
             limit(libc::RLIMIT_NPROC, p)?;
         }
-        // SAFETY: prctl with integer arguments.
         check(
+            // SAFETY: prctl with integer arguments.
             unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
             "no_new_privs",
         )?;

@@ -908,6 +908,7 @@ mod tests {
         assert!(!private_to_us(&link), "a link");
         assert!(!private_to_us(&t.path().join("missing")));
         // Owned by someone else (root can hand it over; others cannot make one to test).
+        // SAFETY: getuid takes nothing and cannot fail.
         if unsafe { libc::getuid() } == 0 {
             std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
             assert!(!private_to_us(&dir), "another user's");

@@ -737,6 +737,7 @@ fn syscalls(cfg: &ProbeConfig, out: &mut Vec<Attempt>) {
     }
     // SAFETY: as above.
     let ppid = unsafe { libc::getppid() };
+    // SAFETY: ptrace with integer arguments only; the kernel refuses it inside the sandbox.
     let r = unsafe { libc::ptrace(libc::PTRACE_ATTACH, ppid, 0, 0) } as i32;
     out.push(rc_attempt("ptrace the parent (towards the tunneler)", r));
     let mut params = [0u8; 120];

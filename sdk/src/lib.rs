@@ -10,7 +10,6 @@
 //! pinned fingerprint, trust a router that is not a router of its own trust domain, or log a
 //! token or key. A router at an address the controller lists must be exactly the router listed
 //! there (its SPIFFE id), not just any router.
-#![forbid(unsafe_code)]
 
 mod client;
 mod context;

@@ -7,7 +7,6 @@
 //! Its own crate so that the SDK's public API is what a program needs (contexts, streams,
 //! listeners) and not the router's internals, while both still use one implementation. It
 //! knows nothing of identities, policies or the controller.
-#![forbid(unsafe_code)]
 
 pub mod busy_poll;
 pub mod congestion;

@@ -5,7 +5,6 @@
 //! It follows the controller's per-identity view (`/v1/edge/watch`), so listeners appear and
 //! disappear as grants change, without a restart. It never listens on anything but a loopback
 //! address, and never decides access itself: the router authorizes every stream.
-#![forbid(unsafe_code)]
 
 pub mod accept;
 mod addresses;
