@@ -167,14 +167,19 @@ impl TlsConfigs {
         let creds = ctrl
             .ca()
             .issue_server(SERVER_CERT_VALIDITY, umbra_clock::Clock::system().now())?;
-        let enroll = umbra_pki::server_config(creds.clone(), ClientAuth::None, ALPN)?;
-        let main = umbra_pki::server_config(
+        // Client certificates, though, are judged by the controller's own clock, like
+        // everything else it decides.
+        let clock = &ctrl.config().clock;
+        let enroll =
+            umbra_pki::server_config_with_clock(creds.clone(), ClientAuth::None, ALPN, clock)?;
+        let main = umbra_pki::server_config_with_clock(
             creds,
             ClientAuth::Required {
                 roots: vec![ctrl.ca().root_der().clone()],
                 revoked: ctrl.revoked_serials(),
             },
             ALPN,
+            clock,
         )?;
         Ok(TlsConfigs { enroll, main })
     }

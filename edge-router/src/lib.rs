@@ -254,7 +254,7 @@ struct TlsFactory {
 
 impl TlsFactory {
     fn build(&self, identity: &IdentityFile) -> Result<quinn::ServerConfig, RouterError> {
-        let tls = umbra_pki::server_config(
+        let tls = umbra_pki::server_config_with_clock(
             ServerCredentials::from_identity(identity)?,
             ClientAuth::Required {
                 roots: self.roots.clone(),
@@ -264,6 +264,7 @@ impl TlsFactory {
                 )),
             },
             &[umbra_proto::stream::ALPN],
+            &self.clock,
         )?;
         server::quinn_config(tls, &self.limits)
     }

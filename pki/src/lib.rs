@@ -42,8 +42,9 @@ pub use outfile::{check_target, open_append, private_database, write_file, OutFi
 pub use serial::{Serial, SerialError};
 pub use spiffe::{SpiffeError, SpiffeId, TrustDomain, TrustDomainError};
 pub use tls::{
-    client_config, client_config_pinned, client_config_spiffe, peer_identity, server_config,
-    ClientAuth, ExpectedServer, PeerRejected, RevocationCheck,
+    client_config, client_config_pinned, client_config_pinned_with_clock, client_config_spiffe,
+    client_config_spiffe_with_clock, client_config_with_clock, peer_identity, server_config,
+    server_config_with_clock, ClientAuth, ClockTime, ExpectedServer, PeerRejected, RevocationCheck,
 };
 pub use token::{
     decode_unverified, new_nonce, EnrollmentClaims, Malformation, TokenError, TokenSigner,

@@ -10,6 +10,13 @@
 //! - [`client_config`]: an enrolled identity talking to the controller (checked by DNS name).
 //! - [`client_config_spiffe`]: an enrolled identity talking to a peer that is identified by its
 //!   SPIFFE id rather than a DNS name (a router).
+//!
+//! rustls checks certificate validity against the time its config's
+//! [`TimeProvider`](rustls::time_provider::TimeProvider) reports, and hands that same `now` to
+//! our verifiers. Each builder has a `*_with_clock` form that takes an injected
+//! [`Clock`] (wrapped as [`ClockTime`]), so that components that run on a manual clock in tests
+//! also judge certificates by it; the plain forms use [`Clock::system`], which is what every
+//! caller without a clock of its own (the CLI, first enrollment) means.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -25,6 +32,7 @@ use rustls::{
     CertificateError as TlsCertError, DigitallySignedStruct, DistinguishedName, OtherError,
     RootCertStore, SignatureScheme,
 };
+use umbra_clock::Clock;
 use umbra_policies::IdentityKind;
 
 use crate::ca::ServerCredentials;
@@ -88,6 +96,22 @@ pub enum ExpectedServer {
     AnyOfKind(IdentityKind),
 }
 
+/// The injected [`Clock`] as rustls's time source, so that the handshake's validity checks
+/// (webpki's and our verifiers', which receive rustls's `now`) move with the clock that the rest
+/// of the component uses, rather than reading the system time behind its back.
+#[derive(Debug, Clone)]
+pub struct ClockTime(pub Clock);
+
+impl rustls::time_provider::TimeProvider for ClockTime {
+    fn current_time(&self) -> Option<UnixTime> {
+        Some(UnixTime::since_unix_epoch(self.0.since_epoch()))
+    }
+}
+
+fn time(clock: &Clock) -> Arc<ClockTime> {
+    Arc::new(ClockTime(clock.clone()))
+}
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -147,8 +171,18 @@ pub fn server_config(
     client_auth: ClientAuth,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ServerConfig>, PkiError> {
+    server_config_with_clock(creds, client_auth, alpn, &Clock::system())
+}
+
+/// [`server_config`] judging client certificates' validity at `clock`'s time.
+pub fn server_config_with_clock(
+    creds: ServerCredentials,
+    client_auth: ClientAuth,
+    alpn: &[&[u8]],
+    clock: &Clock,
+) -> Result<Arc<rustls::ServerConfig>, PkiError> {
     let provider = provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ServerConfig::builder_with_details(provider.clone(), time(clock))
         .with_protocol_versions(&[&rustls::version::TLS13])?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
@@ -180,6 +214,15 @@ pub fn server_config(
 /// leaf) has SHA-256 fingerprint `ca`; the chain is then verified with webpki with that
 /// certificate as the only trust anchor, including the server-name check. No client certificate.
 pub fn client_config_pinned(ca: Fingerprint, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+    client_config_pinned_with_clock(ca, alpn, &Clock::system())
+}
+
+/// [`client_config_pinned`] judging the server's certificates at `clock`'s time.
+pub fn client_config_pinned_with_clock(
+    ca: Fingerprint,
+    alpn: &[&[u8]],
+    clock: &Clock,
+) -> Arc<rustls::ClientConfig> {
     let provider = provider();
     let verifier = Arc::new(PinnedServerVerifier {
         ca,
@@ -187,7 +230,7 @@ pub fn client_config_pinned(ca: Fingerprint, alpn: &[&[u8]]) -> Arc<rustls::Clie
     });
     // The ring provider supports TLS 1.3, so this cannot fail; a test covers it.
     #[allow(clippy::expect_used)]
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_details(provider, time(clock))
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("the ring provider supports TLS 1.3");
     let mut config = builder
@@ -204,10 +247,19 @@ pub fn client_config(
     identity: &IdentityFile,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    client_config_with_clock(identity, alpn, &Clock::system())
+}
+
+/// [`client_config`] judging the server's certificates at `clock`'s time.
+pub fn client_config_with_clock(
+    identity: &IdentityFile,
+    alpn: &[&[u8]],
+    clock: &Clock,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
     let roots = root_store(identity)?;
     let chain = parse_pem_chain(&identity.cert_pem)?;
     let key = parse_private_key_pem(&identity.key_pem)?;
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+    let mut config = rustls::ClientConfig::builder_with_details(provider(), time(clock))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)?;
@@ -225,6 +277,16 @@ pub fn client_config_spiffe(
     expected: ExpectedServer,
     alpn: &[&[u8]],
 ) -> Result<Arc<rustls::ClientConfig>, PkiError> {
+    client_config_spiffe_with_clock(identity, expected, alpn, &Clock::system())
+}
+
+/// [`client_config_spiffe`] judging the server's certificates at `clock`'s time.
+pub fn client_config_spiffe_with_clock(
+    identity: &IdentityFile,
+    expected: ExpectedServer,
+    alpn: &[&[u8]],
+    clock: &Clock,
+) -> Result<Arc<rustls::ClientConfig>, PkiError> {
     let provider = provider();
     let roots = Arc::new(root_store(identity)?);
     let chain = parse_pem_chain(&identity.cert_pem)?;
@@ -235,7 +297,7 @@ pub fn client_config_spiffe(
         expected,
         provider: provider.clone(),
     });
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_details(provider, time(clock))
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)

@@ -112,7 +112,17 @@ impl ControllerClient {
 
     /// A client that authenticates as `identity` to the controller its file names (or `addr`).
     pub fn for_identity(identity: &IdentityFile, addr: Option<&str>) -> Result<Self, SdkError> {
-        let tls = umbra_pki::client_config(identity, &[b"http/1.1"])?;
+        Self::for_identity_with_clock(identity, addr, &umbra_clock::Clock::system())
+    }
+
+    /// [`ControllerClient::for_identity`] judging the controller's certificate at `clock`'s
+    /// time (a renewing identity's clock, so that a test's manual clock governs the handshake).
+    pub fn for_identity_with_clock(
+        identity: &IdentityFile,
+        addr: Option<&str>,
+        clock: &umbra_clock::Clock,
+    ) -> Result<Self, SdkError> {
+        let tls = umbra_pki::client_config_with_clock(identity, &[b"http/1.1"], clock)?;
         Ok(ControllerClient::new(
             addr.unwrap_or(&identity.controller),
             CONTROLLER_SERVER_NAME,

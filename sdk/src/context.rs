@@ -375,7 +375,8 @@ impl Context {
             )),
             None => ExpectedServer::AnyOfKind(IdentityKind::Router),
         };
-        let tls = umbra_pki::client_config_spiffe(identity, expected, &[ALPN])?;
+        let tls =
+            umbra_pki::client_config_spiffe_with_clock(identity, expected, &[ALPN], creds.clock())?;
         let crypto =
             QuicClientConfig::try_from(tls).map_err(|e| SdkError::Protocol(e.to_string()))?;
         let mut quic = quinn::ClientConfig::new(Arc::new(crypto));

@@ -4,6 +4,7 @@
 
 use std::sync::Arc;
 
+use umbra_clock::Clock;
 use umbra_pki::{IdentityFile, PeerCert};
 
 use crate::error::SdkError;
@@ -14,6 +15,8 @@ pub struct Credentials {
     identity: Arc<IdentityFile>,
     leaf: PeerCert,
     controller_tls: Arc<rustls::ClientConfig>,
+    /// The clock the TLS configurations judge peers' certificates by (the renewal's clock).
+    clock: Clock,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -28,8 +31,8 @@ impl std::fmt::Debug for Credentials {
 
 impl Credentials {
     /// Checks an identity file (a leaf with the file's SPIFFE id, a key that belongs to it) and
-    /// builds its controller TLS configuration.
-    pub fn new(identity: IdentityFile) -> Result<Credentials, SdkError> {
+    /// builds its controller TLS configuration, which judges certificates at `clock`'s time.
+    pub fn new(identity: IdentityFile, clock: Clock) -> Result<Credentials, SdkError> {
         let leaf = identity.leaf()?;
         if leaf.spiffe != identity.spiffe() {
             return Err(SdkError::Protocol(format!(
@@ -39,11 +42,13 @@ impl Credentials {
             )));
         }
         // Fails if the certificate and key do not belong together.
-        let controller_tls = umbra_pki::client_config(&identity, &[b"http/1.1"])?;
+        let controller_tls =
+            umbra_pki::client_config_with_clock(&identity, &[b"http/1.1"], &clock)?;
         Ok(Credentials {
             identity: Arc::new(identity),
             leaf,
             controller_tls,
+            clock,
         })
     }
 
@@ -55,6 +60,11 @@ impl Credentials {
     /// What the current leaf certificate says (serial, validity).
     pub fn leaf(&self) -> &PeerCert {
         &self.leaf
+    }
+
+    /// The clock these credentials' TLS configurations judge certificates by.
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub(crate) fn controller_tls(&self) -> Arc<rustls::ClientConfig> {

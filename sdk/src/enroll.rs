@@ -55,16 +55,17 @@ pub async fn enroll(
 /// Renews the identity's certificate with a fresh key, authenticating with the current one.
 /// Returns the updated identity file; the caller saves it.
 pub async fn renew(identity: &IdentityFile) -> Result<IdentityFile, SdkError> {
-    renew_via(identity, None).await
+    renew_via(identity, None, &umbra_clock::Clock::system()).await
 }
 
 /// Like [`renew`], talking to `controller` instead of the address in the file (which is kept).
 pub(crate) async fn renew_via(
     identity: &IdentityFile,
     controller: Option<&str>,
+    clock: &umbra_clock::Clock,
 ) -> Result<IdentityFile, SdkError> {
     let key = umbra_pki::generate_key_and_csr(identity.name.as_str())?;
-    let client = ControllerClient::for_identity(identity, controller)?;
+    let client = ControllerClient::for_identity_with_clock(identity, controller, clock)?;
     let req = RenewRequest {
         csr: base64::engine::general_purpose::STANDARD.encode(&key.csr_der),
     };

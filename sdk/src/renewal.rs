@@ -106,7 +106,7 @@ impl RenewingIdentity {
         controller: Option<&str>,
         clock: Clock,
     ) -> Result<RenewingIdentity, SdkError> {
-        let creds = Credentials::new(identity)?;
+        let creds = Credentials::new(identity, clock.clone())?;
         let (tx, _) = watch::channel(Arc::new(creds));
         Ok(RenewingIdentity {
             shared: Arc::new(Shared {
@@ -156,11 +156,15 @@ impl RenewingIdentity {
         let old = self.current();
         let renewed = tokio::time::timeout(
             ATTEMPT_TIMEOUT,
-            crate::enroll::renew_via(old.identity(), self.shared.controller.as_deref()),
+            crate::enroll::renew_via(
+                old.identity(),
+                self.shared.controller.as_deref(),
+                &self.shared.clock,
+            ),
         )
         .await
         .map_err(|_| SdkError::Timeout("renewal".into()))??;
-        let creds = Arc::new(Credentials::new(renewed)?);
+        let creds = Arc::new(Credentials::new(renewed, self.shared.clock.clone())?);
         let path = lock(&self.shared.path).clone();
         if let Some(path) = path {
             let file = Arc::clone(creds.identity());

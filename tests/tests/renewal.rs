@@ -1,15 +1,14 @@
 //! Certificate renewal end to end: a controller that issues short-lived certificates, and agents
 //! and routers that must renew their own, automatically, to keep working.
 //!
-//! Where the decision is ours (when an SDK context renews), the controller, router and context
-//! share a manual clock that the test moves. Where it is TLS's (rustls checks a certificate's
-//! validity against the real time, inside the handshake) or the router's connection expiry
-//! timer, the certificates live a few seconds and the test waits for real time.
+//! The controller, the router and the SDK contexts share a manual clock that the test moves:
+//! when to renew, when a connection's certificate has expired, and (since every TLS config takes
+//! its time from the injected clock) whether a handshake's certificates are valid are all
+//! judged on it. Certificates have ordinary lifetimes and nothing waits for them to age.
 //!
 //! Every wait is bounded and watches for the event itself (a renewal on the identity's `watch`,
-//! a certificate passing its `notAfter`); nothing sleeps a fixed time and hopes. Administrative
-//! changes go through the controller's Rust API as the controller itself: the admin's own
-//! certificate also lives only a few seconds, and is not what these tests are about.
+//! a connection closing); nothing sleeps a fixed time and hopes. Administrative changes go
+//! through the controller's Rust API as the controller itself.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -25,34 +24,35 @@ use umbra_sdk::{Context, Credentials, SdkError};
 use umbra_tests::dataplane::{agent_raw_client, name, Echo};
 use umbra_tests::{eventually, TestController};
 
-/// How long every certificate is valid (the CA adds its 5 minutes of backdating to this).
-const VALIDITY: Duration = Duration::from_secs(6);
+/// How long certificates are valid in the tests on a manual clock (the CA adds its 5 minutes of
+/// backdating to this): real time never renews them within a test.
+const VALIDITY: Duration = Duration::from_secs(3600);
 /// The bound on anything a test waits for that is not a renewal.
 const BOUND: Duration = Duration::from_secs(15);
-/// The bound on waiting for one renewal: due after two thirds of the validity, so three
-/// validities is generous even on a loaded machine.
+/// The bound on waiting for one renewal once the clock has been moved to its date.
 const RENEWAL_BOUND: Duration = Duration::from_secs(18);
 
+/// A controller on the system clock, for the tests that do not move time.
 async fn controller() -> TestController {
     TestController::start_with(|cfg| cfg.cert_validity = VALIDITY).await
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("clock after 1970")
-        .as_secs()
+/// A controller issuing `validity`-long certificates, reading the time from `clock`.
+async fn controller_on(clock: &ManualClock, validity: Duration) -> TestController {
+    let clock = clock.clock();
+    TestController::start_with(|cfg| {
+        cfg.cert_validity = validity;
+        cfg.clock = clock;
+    })
+    .await
 }
 
-/// Waits until the certificate valid until `not_after` (seconds) has expired.
-async fn until_expired(not_after: u64) {
-    let expired = tokio::time::timeout(BOUND, async {
-        while unix_now() <= not_after {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
-    .await;
-    assert!(expired.is_ok(), "the certificate expires in time");
+/// Moves `clock` to a second after `not_after` (seconds), if it is not there yet.
+fn past(clock: &ManualClock, not_after: u64) {
+    let at = UNIX_EPOCH + Duration::from_secs(not_after + 1);
+    if clock.now() < at {
+        clock.set(at);
+    }
 }
 
 /// Waits for the next renewal on `rx` and returns the new credentials.
@@ -171,12 +171,6 @@ async fn echoes(ctx: &Context, svc: &str) -> Result<(), SdkError> {
     Ok(())
 }
 
-/// How long certificates are valid in the tests that run on a manual clock: long enough that
-/// real time never renews them within a test (two thirds is 80 s), short enough that moving
-/// the clock through three renewals stays inside the CA's 5 minutes of backdating, so every
-/// certificate is also valid for TLS, which checks against the real time.
-const VIRTUAL_VALIDITY: Duration = Duration::from_secs(120);
-
 /// Moves `clock` to the moment the certificate in `creds` is due for renewal.
 fn to_renewal(clock: &ManualClock, creds: &Credentials) {
     let leaf = creds.leaf();
@@ -195,7 +189,7 @@ async fn a_context_keeps_dialing_across_several_renewals() {
     let t = TestController::start_with({
         let clock = clock.clock();
         |cfg| {
-            cfg.cert_validity = VIRTUAL_VALIDITY;
+            cfg.cert_validity = VALIDITY;
             cfg.clock = clock;
         }
     })
@@ -208,7 +202,7 @@ async fn a_context_keeps_dialing_across_several_renewals() {
     // The CA backdates by 5 minutes; the validity asked for is what counts for renewal.
     assert_eq!(
         first.not_after.0 - first.not_before.0,
-        VIRTUAL_VALIDITY.as_secs() + umbra_sdk::ISSUE_BACKDATE.as_secs()
+        VALIDITY.as_secs() + umbra_sdk::ISSUE_BACKDATE.as_secs()
     );
 
     let ctx = Context::with_clock(a.clone(), None, clock.clock()).expect("context");
@@ -272,8 +266,9 @@ async fn a_context_keeps_dialing_across_several_renewals() {
 
 #[tokio::test]
 async fn an_sdk_host_keeps_serving_across_its_renewals() {
-    let t = controller().await;
-    let router = router(&t, "r1", None).await;
+    let clock = ManualClock::starting_now();
+    let t = controller_on(&clock, VALIDITY).await;
+    let router = router_with(&t, "r1", None, clock.clock()).await;
     let host = agent(&t, "host-1").await;
     let caller = agent(&t, "caller-1").await;
     service(&t, "chat", Hosting::Sdk);
@@ -281,7 +276,7 @@ async fn an_sdk_host_keeps_serving_across_its_renewals() {
     grant(&t, Action::Dial, "caller-1", "chat");
     let first = host.leaf().expect("leaf");
 
-    let hctx = Context::new(host).expect("host context");
+    let hctx = Context::with_clock(host, None, clock.clock()).expect("host context");
     let mut listener = hctx.bind("chat").await.expect("bind");
     let echo_host = tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
@@ -292,24 +287,32 @@ async fn an_sdk_host_keeps_serving_across_its_renewals() {
             });
         }
     });
-    let cctx = Context::new(caller).expect("caller context");
+    let cctx = Context::with_clock(caller, None, clock.clock()).expect("caller context");
     echoes(&cctx, "chat").await.expect("dial the SDK host");
-    // Past the host's first certificate (on which it registered) and at least one renewal, every
-    // dial still finds the host: it registered again with its renewed certificate before the
-    // router closed the connection made with the old one.
+    // Past the host's first certificate (on which it registered) and its renewal, every dial
+    // still finds the host: it registered again with its renewed certificate before the router
+    // closed the connection made with the old one.
     let mut renewals = hctx.watch_identity();
-    next_renewal(&mut renewals).await;
-    let keep_dialing = async {
-        while unix_now() <= first.not_after.0 + 1 {
-            echoes(&cctx, "chat")
-                .await
-                .expect("dial while the host renews");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    tokio::time::timeout(BOUND, keep_dialing)
+    let mut caller_renewals = cctx.watch_identity();
+    to_renewal(&clock, &renewals.borrow());
+    let renewed = next_renewal(&mut renewals).await;
+    assert_ne!(renewed.leaf().serial, first.serial);
+    // Both agents were issued at the same instant of the clock, so the caller renews too.
+    next_renewal(&mut caller_renewals).await;
+    echoes(&cctx, "chat")
         .await
-        .expect("in time");
+        .expect("dial after the host renewed");
+    past(&clock, first.not_after.0);
+    for _ in 0..10 {
+        echoes(&cctx, "chat")
+            .await
+            .expect("dial after the host's first certificate expired on the clock");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        hctx.current_identity().leaf().expect("leaf").serial,
+        renewed.leaf().serial
+    );
     echoes(&cctx, "chat")
         .await
         .expect("dial after the host's first certificate expired");
@@ -319,25 +322,28 @@ async fn an_sdk_host_keeps_serving_across_its_renewals() {
 
 #[tokio::test]
 async fn a_router_keeps_serving_across_its_own_renewal() {
-    let t = controller().await;
+    let clock = ManualClock::starting_now();
+    let t = controller_on(&clock, VALIDITY).await;
     let path = t.path("r1.json");
-    let router = router(&t, "r1", Some(path.clone())).await;
+    let router = router_with(&t, "r1", Some(path.clone()), clock.clock()).await;
     let echo = Echo::start().await;
     let mut creds = router.credentials();
-    let first = creds.borrow_and_update().leaf().clone();
+    let first = Arc::clone(&creds.borrow_and_update());
 
-    // Wait until the router's first certificate has expired, renewing as it goes.
+    // Move the clock to the router's renewal, then past its first certificate's expiry.
+    to_renewal(&clock, &first);
     let renewed = next_renewal(&mut creds).await;
+    let first = first.leaf().clone();
     assert_ne!(renewed.leaf().serial, first.serial);
-    until_expired(first.not_after.0).await;
+    past(&clock, first.not_after.0);
 
     // Created only now: the router learns of them over its control channel, which it has
     // reopened with its renewed certificate.
     let a = agent(&t, "agent-1").await;
     echo_service(&t, &echo, "echo", "agent-1");
     // A brand-new client makes a new handshake, which must present a valid certificate: the
-    // SDK checks the router's chain and validity like any TLS client.
-    let ctx = Context::new(a).expect("context");
+    // SDK checks the router's chain and validity (on the clock) like any TLS client.
+    let ctx = Context::with_clock(a, None, clock.clock()).expect("context");
     let dialed = async {
         loop {
             match echoes(&ctx, "echo").await {
@@ -352,8 +358,8 @@ async fn a_router_keeps_serving_across_its_own_renewal() {
         .await
         .expect("dial in time");
     assert!(
-        SystemTime::now() > UNIX_EPOCH + Duration::from_secs(first.not_after.0),
-        "the router's first certificate had expired"
+        clock.now() > UNIX_EPOCH + Duration::from_secs(first.not_after.0),
+        "the router's first certificate had expired on the clock"
     );
 
     // The router saved its renewals where it was told to.
@@ -368,15 +374,17 @@ async fn a_router_keeps_serving_across_its_own_renewal() {
 
 #[tokio::test]
 async fn a_revoked_identity_stops_renewing_and_its_dials_fail() {
-    let t = controller().await;
-    let router = router(&t, "r1", None).await;
+    let clock = ManualClock::starting_now();
+    let t = controller_on(&clock, VALIDITY).await;
+    let router = router_with(&t, "r1", None, clock.clock()).await;
     let echo = Echo::start().await;
     let a = agent(&t, "agent-1").await;
     echo_service(&t, &echo, "echo", "agent-1");
-    let ctx = Context::new(a).expect("context");
+    let ctx = Context::with_clock(a, None, clock.clock()).expect("context");
     echoes(&ctx, "echo").await.expect("dial before revocation");
     // Renew once, so the revoked certificate is a renewed one.
     let mut renewals = ctx.watch_identity();
+    to_renewal(&clock, &renewals.borrow());
     next_renewal(&mut renewals).await;
     echoes(&ctx, "echo").await.expect("dial after renewal");
 
@@ -412,7 +420,9 @@ async fn a_revoked_identity_stops_renewing_and_its_dials_fail() {
     );
     // No renewal happens any more: the certificate it holds runs out.
     let held = ctx.current_identity().leaf().expect("leaf");
-    until_expired(held.not_after.0).await;
+    past(&clock, held.not_after.0);
+    // Time for the renewal task, woken by the clock, to try (and be refused).
+    tokio::time::sleep(Duration::from_millis(1_500)).await;
     assert_eq!(
         ctx.current_identity().leaf().expect("leaf").serial,
         held.serial,
@@ -524,13 +534,12 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
 
 #[tokio::test]
 async fn a_connection_is_closed_when_its_certificate_expires() {
-    // The router judges expiry on its clock, which the test moves: the certificate stays
-    // valid for TLS (real time) while it expires for the router.
+    // The router judges expiry on its clock, which the test moves.
     let clock = ManualClock::starting_now();
     let t = TestController::start_with({
         let clock = clock.clock();
         |cfg| {
-            cfg.cert_validity = VIRTUAL_VALIDITY;
+            cfg.cert_validity = VALIDITY;
             cfg.clock = clock;
         }
     })
