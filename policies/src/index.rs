@@ -23,7 +23,9 @@ use std::fmt;
 use std::sync::Arc;
 
 use crate::decision::{Deny, Explanation, Permit};
-use crate::model::{Action, Identity, IdentityId, Service, ServicePolicy, State, Timestamp};
+use crate::model::{
+    Action, Hosting, Identity, IdentityId, Service, ServicePolicy, State, Timestamp,
+};
 use compile::Compiled;
 pub(crate) use identities::Activity;
 use identities::{Identities, IdentityEntry};
@@ -163,9 +165,13 @@ impl Index {
     /// and then identity id. A host (an LLM or MCP gateway) enforces each pair's limits, so it
     /// must see the same grants the routers decide with; asking the index keeps that one
     /// evaluator instead of a second scan of every policy against every identity. Empty for an
-    /// unknown service.
+    /// unknown service and for one not hosted through the SDK (no host serves it, and the
+    /// index keeps no table for it).
     pub fn dialers_of(&self, service: &str, now: Timestamp) -> Vec<(&Identity, &ServicePolicy)> {
         let c = &self.compiled;
+        if self.state.services.get(service).map(|s| &s.hosting) != Some(&Hosting::Sdk) {
+            return Vec::new();
+        }
         let Some(policies) = c.service(service, Action::Dial) else {
             return Vec::new();
         };

@@ -65,9 +65,14 @@ fn naive_check(
 }
 
 /// Every (identity id, policy name) pair through which the identity may dial `service` at
-/// `now`, by policy name then id: every policy tried against every identity.
+/// `now`, by policy name then id: every policy tried against every identity. Only a service
+/// hosted through the SDK has a host to tell, so any other has none.
 fn naive_dialers(state: &State, service: &str, now: Timestamp) -> Vec<(IdentityId, Name)> {
-    let Some(s) = state.services.get(service) else {
+    let Some(s) = state
+        .services
+        .get(service)
+        .filter(|s| s.hosting == Hosting::Sdk)
+    else {
         return Vec::new();
     };
     let mut out = Vec::new();

@@ -6,7 +6,7 @@ use super::identities::Identities;
 use super::keyed::KeyedRows;
 use super::matcher::Matcher;
 use super::rows::{slot, Rows};
-use crate::model::{Action, IdentityId, Service, ServicePolicy, State};
+use crate::model::{Action, Hosting, IdentityId, Service, ServicePolicy, State};
 use crate::name::Name;
 
 /// Everything the index knows except the table of identities, which also holds whether each
@@ -26,7 +26,9 @@ pub(crate) struct Compiled {
     /// Per policy slot: the services it selects.
     pub(crate) policy_services: Rows,
     /// Per policy slot: the identities it selects (whether active or not), for routers looking
-    /// for SDK hosts (Bind policies) and for the grants a host sees (Dial policies).
+    /// for SDK hosts (Bind policies) and for the grants a host sees (Dial policies that select
+    /// a service hosted through the SDK; empty for other Dial policies, which no host serves,
+    /// so that a large deployment of address services does not pay for the table).
     pub(crate) policy_identities: Rows,
 }
 
@@ -40,22 +42,19 @@ impl Compiled {
             (found.into_iter()).partition(|&p| policies[p as usize].action == Action::Dial)
         };
 
-        let by_identity = Matcher::new(&policies, |p| &p.identities);
-        let mut identity_policies = Rows::default();
-        let mut identities = Vec::with_capacity(state.identities.len());
-        for (id, identity) in &state.identities {
-            let found = by_identity.matching(&identity.name, &identity.roles);
-            identity_policies.push(found.iter().copied());
-            let (dial, bind) = split(found);
-            identities.push((id, identity, dial, bind));
-        }
-        let identities = Identities::new(identities.into_iter());
-
+        // Which policies select a service hosted through the SDK: only a host is told who may
+        // dial its service, so only their Dial rows are worth keeping per policy.
+        let mut hosted = vec![false; policies.len()];
         let by_service = Matcher::new(&policies, |p| &p.services);
         let mut services = Vec::with_capacity(state.services.len());
         let mut service_policies = Rows::default();
         for (i, (name, service)) in state.services.iter().enumerate() {
             let found = by_service.matching(&service.name, &service.roles);
+            if service.hosting == Hosting::Sdk {
+                for &p in &found {
+                    hosted[p as usize] = true;
+                }
+            }
             service_policies.push(found.iter().copied());
             let (dial, bind) = split(found);
             let mut entry = vec![slot(i), slot(dial.len())];
@@ -65,6 +64,22 @@ impl Compiled {
             entry.extend(bind);
             services.push((name.as_str(), entry));
         }
+
+        let by_identity = Matcher::new(&policies, |p| &p.identities);
+        let mut identity_policies = Rows::default();
+        let mut identities = Vec::with_capacity(state.identities.len());
+        for (id, identity) in &state.identities {
+            let found = by_identity.matching(&identity.name, &identity.roles);
+            identity_policies.push(
+                found
+                    .iter()
+                    .copied()
+                    .filter(|&p| policies[p as usize].action == Action::Bind || hosted[p as usize]),
+            );
+            let (dial, bind) = split(found);
+            identities.push((id, identity, dial, bind));
+        }
+        let identities = Identities::new(identities.into_iter());
 
         let compiled = Compiled {
             identity_ids: state.identities.keys().cloned().collect(),

@@ -382,3 +382,20 @@ fn deny_reads_as_an_error() {
     let e: Box<dyn std::error::Error> = Box::new(Deny::NotGranted);
     assert_eq!(e.to_string(), "not granted");
 }
+
+#[test]
+fn only_services_hosted_through_the_sdk_have_dialers() {
+    let mut addressed = service("a", &["x"]);
+    addressed.hosting = crate::Hosting::Address("backend.internal:443".parse().unwrap());
+    let index = Index::build(&state(
+        [agent("zed", &["users"])],
+        [service("s", &["x"]), addressed],
+        [policy("dial-x", Dial, AnyOf, &["#users"], &["#x"])],
+    ));
+    assert_eq!(index.dialers_of("s", NOW).len(), 1);
+    assert!(
+        index.dialers_of("a", NOW).is_empty(),
+        "no host serves an address service"
+    );
+    assert_eq!(index.can_dial(&id("id-zed"), "a", NOW), permit("dial-x"));
+}
