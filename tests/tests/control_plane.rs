@@ -50,6 +50,14 @@ fn service(n: &str, roles: &[&str]) -> Service {
     }
 }
 
+/// A service hosted through the SDK (no address): what an LLM or MCP gateway serves.
+fn hosted_service(n: &str) -> Service {
+    Service {
+        hosting: Hosting::Sdk,
+        ..service(n, &[])
+    }
+}
+
 async fn grant(
     c: &ControllerClient,
     ids: &[&str],
@@ -974,7 +982,7 @@ async fn a_host_sees_every_active_agent_that_may_dial_what_it_binds() {
     create(&admin, "a2", IdentityKind::Agent, &["analysts"]).await;
     create(&admin, "a3", IdentityKind::Agent, &[]).await;
     let _: Service = admin
-        .call(Method::POST, "/v1/services", Some(&service("llm", &[])))
+        .call(Method::POST, "/v1/services", Some(&hosted_service("llm")))
         .await
         .unwrap();
     let named = |name_: &str, action, ids: &[&str], rpm: Option<u32>| GrantRequest {
