@@ -17,6 +17,7 @@ use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::control::{ApplyError, ControlMessage, Replica, CONTROL_PROTOCOL_VERSION};
+use crate::snapshot::{SnapshotAssembly, SnapshotError};
 
 /// The heartbeat of a channel whose follower asks for none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -75,6 +76,9 @@ pub enum SessionEnd {
     /// A delta came before any snapshot; the next session asks for one.
     #[error("delta before any snapshot")]
     NoBase,
+    /// A snapshot arrived out of order or incomplete; nothing of it was enforced.
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
     /// The controller closed the channel.
     #[error("the controller closed the channel")]
     Eof,
@@ -113,6 +117,8 @@ struct Session {
     mid_commit: bool,
     /// Whether [`Output::Close`] was already emitted for it.
     closing: bool,
+    /// A snapshot being received; what is enforced changes only when it is complete.
+    snapshot: Option<SnapshotAssembly>,
 }
 
 /// The router's follower of `GET /v1/control`.
@@ -185,6 +191,7 @@ impl ControlFollower {
             changed: false,
             mid_commit: false,
             closing: false,
+            snapshot: None,
         });
     }
 
@@ -220,12 +227,26 @@ impl ControlFollower {
             _ if !session.after_hello => {
                 return Err(SessionEnd::Transport("a message before Hello".into()))
             }
-            ControlMessage::Snapshot(s) => {
-                self.replica = Some(Replica::from_snapshot(*s));
+            ControlMessage::SnapshotBegin { epoch, seq } => {
+                if session.snapshot.is_some() {
+                    return Err(SnapshotError::Interrupted.into());
+                }
+                session.snapshot = Some(SnapshotAssembly::begin(epoch, seq));
+                return Ok(());
+            }
+            ControlMessage::SnapshotChunk(chunk) => {
+                let assembly = session.snapshot.as_mut().ok_or(SnapshotError::NotBegun)?;
+                assembly.push(*chunk)?;
+                return Ok(());
+            }
+            ControlMessage::SnapshotEnd(counts) => {
+                let assembly = session.snapshot.take().ok_or(SnapshotError::NotBegun)?;
+                self.replica = Some(assembly.finish(counts)?);
                 session.mid_commit = false;
                 session.changed = true;
                 true
             }
+            _ if session.snapshot.is_some() => return Err(SnapshotError::Interrupted.into()),
             ControlMessage::Delta(d) => {
                 let Some(r) = self.replica.as_mut() else {
                     return Err(SessionEnd::NoBase);
