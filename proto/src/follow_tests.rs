@@ -531,3 +531,36 @@ fn an_interrupted_or_incomplete_snapshot_changes_nothing() {
         assert_eq!(f.resume_from(), Some(("e1", 3)), "the copy is as it was");
     }
 }
+
+/// The shell learns exactly what changed since it last compiled: the whole copy after a
+/// snapshot, the changes in order after deltas, and the whole copy again once there are more
+/// changes than are worth applying one by one.
+#[test]
+fn the_shell_is_told_what_changed_since_it_last_compiled() {
+    let t0 = Instant::now();
+    let mut f = serving(t0, 3);
+    assert_eq!(f.take_changes(), Changes::Rebuild, "a snapshot arrived");
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
+    let out = batch(&mut f, vec![delta(4, false), delta(5, true)], t0);
+    assert_eq!(out, vec![Output::Publish]);
+    let Changes::Deltas(list) = f.take_changes() else {
+        panic!("deltas, not a rebuild")
+    };
+    let serials: Vec<String> = (list.iter())
+        .map(|c| match c {
+            ChangeEvent::CertRevoked { cert } => cert.serial.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(serials, ["4", "5"]);
+    // A duplicate is not a change.
+    let _ = batch(&mut f, vec![delta(5, true)], t0);
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
+
+    let many: Vec<ControlMessage> = (6..6 + MAX_PENDING_CHANGES as u64 + 1)
+        .map(|s| delta(s, true))
+        .collect();
+    let _ = batch(&mut f, many, t0);
+    assert_eq!(f.take_changes(), Changes::Rebuild);
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
+}
