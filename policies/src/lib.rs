@@ -42,5 +42,5 @@ pub use model::{
     Service, ServicePolicy, State, Timestamp,
 };
 pub use name::{Name, NameError, MAX_NAME_LEN};
-pub use plan::{plan, Change, Plan};
+pub use plan::{plan, Change, Plan, Shown};
 pub use selector::{Selector, SelectorError};

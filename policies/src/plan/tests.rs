@@ -153,6 +153,22 @@ fn plans_every_kind_of_change_in_a_safe_order() {
 }
 
 #[test]
+fn a_plan_shown_in_part_counts_the_rest_by_kind() {
+    let plan = plan(&current(), &doc(DESIRED)).unwrap();
+    let whole = plan.to_string();
+    assert_eq!(plan.shown(usize::MAX).to_string(), whole);
+    assert_eq!(plan.shown(plan.changes.len()).to_string(), whole);
+    let part = plan.shown(3).to_string();
+    let lines: Vec<&str> = part.lines().collect();
+    assert_eq!(lines[..3], whole.lines().take(3).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        lines[3..],
+        ["... and 5 more change(s): 2 to identities, 1 to services, 2 to policies"]
+    );
+    assert_eq!(Plan::default().shown(0).to_string(), "no changes\n");
+}
+
+#[test]
 fn routers_and_revoked_identities_are_never_touched() {
     let plan = plan(&current(), &doc("{}")).unwrap();
     let deleted: Vec<&str> = (plan.changes.iter())
