@@ -23,13 +23,14 @@ mod records;
 mod sides;
 mod slots;
 mod terms;
+mod validate;
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::decision::{Deny, Explanation, Permit};
 use crate::model::{
-    Action, Hosting, Identity, IdentityId, Service, ServicePolicy, State, Timestamp,
+    Action, HostPort, Hosting, Identity, IdentityId, Service, ServicePolicy, State, Timestamp,
 };
 use crate::name::Name;
 pub(crate) use activity::Activity;
@@ -57,6 +58,8 @@ pub struct Index {
     identity_all: SlotSet,
     /// Policies whose service side leads through `#all`.
     service_all: SlotSet,
+    /// The services listing each intercept (for checking writes).
+    intercepts: HashMap<HostPort, SlotSet>,
 }
 
 impl Index {

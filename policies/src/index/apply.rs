@@ -17,7 +17,7 @@ use super::slots::SlotSet;
 use super::terms::Kind;
 use super::Index;
 use crate::change::StateChange;
-use crate::model::{Action, Identity, IdentityId, Service, ServicePolicy};
+use crate::model::{Action, HostPort, Identity, IdentityId, Service, ServicePolicy};
 use crate::name::Name;
 
 impl Index {
@@ -127,6 +127,7 @@ impl Index {
     /// Indexes `service` under `key` (its name in the state): finds the policies that select
     /// it through its terms' lead lists and links both ways.
     pub(super) fn put_service(&mut self, key: &Name, service: &Service) {
+        let intercepts: Arc<[HostPort]> = service.intercepts.as_slice().into();
         if let Some(old) = self.services.get(key).cloned() {
             if self
                 .existing_terms(&service.name, &service.roles)
@@ -134,6 +135,14 @@ impl Index {
                 == Some(&old.terms[..])
             {
                 // Same name and roles: the same policies select it.
+                self.list_intercepts(&old, false);
+                let record = Arc::new(SvcRecord {
+                    intercepts,
+                    ..SvcRecord::clone(&old)
+                });
+                self.list_intercepts(&record, true);
+                self.service_slots.set(record.slot, Arc::clone(&record));
+                self.services.insert(key.clone(), record);
                 return;
             }
             self.remove_service(key);
@@ -170,10 +179,29 @@ impl Index {
             terms,
             dial: Filter::new(dial),
             bind: Filter::new(bind),
+            intercepts,
         });
         let added = self.service_slots.add(Arc::clone(&record));
         debug_assert_eq!(added, slot);
+        self.list_intercepts(&record, true);
         self.services.insert(key.clone(), record);
+    }
+
+    /// Adds the service to (or removes it from) the map of who lists each of its intercepts.
+    fn list_intercepts(&mut self, service: &SvcRecord, add: bool) {
+        for intercept in service.intercepts.iter() {
+            let mut listed = self.intercepts.get(intercept).cloned().unwrap_or_default();
+            if add {
+                listed.insert(service.slot);
+            } else {
+                listed.remove(service.slot);
+            }
+            if listed.is_empty() {
+                self.intercepts.remove(intercept);
+            } else {
+                self.intercepts.insert(intercept.clone(), listed);
+            }
+        }
     }
 
     /// Unindexes the service stored under `key`.
@@ -181,6 +209,7 @@ impl Index {
         let Some(old) = self.services.remove(key) else {
             return;
         };
+        self.list_intercepts(&old, false);
         for &p in old.dial.list().iter().chain(old.bind.list()) {
             if let Some(policy) = self.policy_slots.get(p) {
                 let mut policy = PolRecord::clone(policy);

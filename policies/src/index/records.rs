@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::activity::Activity;
 use super::slots::SlotSet;
-use crate::model::{Action, IdentityId};
+use crate::model::{Action, HostPort, IdentityId};
 use crate::name::Name;
 
 /// An identity: whether it may act, and the terms (its name and roles) that selectors test.
@@ -31,6 +31,8 @@ pub(crate) struct SvcRecord {
     pub(crate) terms: Arc<[u32]>,
     pub(crate) dial: Filter,
     pub(crate) bind: Filter,
+    /// Its intercepts (for the map of who lists each, which checks writes).
+    pub(crate) intercepts: Arc<[HostPort]>,
 }
 
 impl SvcRecord {

@@ -30,6 +30,21 @@ impl Of {
             Of::Services => &mut term.svc_leads,
         }
     }
+
+    /// The policies whose side of this kind names the term.
+    pub(crate) fn tests(self, term: &Term) -> &SlotSet {
+        match self {
+            Of::Identities => &term.id_tests,
+            Of::Services => &term.svc_tests,
+        }
+    }
+
+    fn tests_mut(self, term: &mut Term) -> &mut SlotSet {
+        match self {
+            Of::Identities => &mut term.id_tests,
+            Of::Services => &mut term.svc_tests,
+        }
+    }
 }
 
 /// The test of a selector list, given whether it names `#all` and whether it names any term.
@@ -43,8 +58,8 @@ fn test(selectors: &[Selector], semantic: Semantic, has_terms: bool) -> Test {
     }
 }
 
-/// Compiles one side of the policy in `slot`: interns its terms (each counted as tested once),
-/// and lists the policy under its leads (`all` is the side's list for `#all`).
+/// Compiles one side of the policy in `slot`: interns its terms (listing the policy as testing
+/// each) and lists the policy under its leads (`all` is the side's list for `#all`).
 pub(crate) fn link(
     terms: &mut Terms,
     all: &mut SlotSet,
@@ -63,7 +78,7 @@ pub(crate) fn link(
     ts.sort_unstable();
     ts.dedup();
     for &t in &ts {
-        terms.edit(t, |term| term.tests += 1);
+        terms.edit(t, |term| of.tests_mut(term).insert(slot));
     }
     let test = test(selectors, semantic, !ts.is_empty());
     let leads: Vec<Lead> = match test {
@@ -102,7 +117,7 @@ pub(crate) fn unlink(terms: &mut Terms, all: &mut SlotSet, of: Of, slot: u32, si
         }
     }
     for &t in side.terms.iter() {
-        terms.edit(t, |term| term.tests -= 1);
+        terms.edit(t, |term| of.tests_mut(term).remove(slot));
     }
 }
 

@@ -42,6 +42,7 @@ impl SlotSet {
     }
 
     /// Whether `x` is in the set.
+    #[cfg(test)]
     pub(crate) fn contains(&self, x: u32) -> bool {
         match self {
             SlotSet::Small(s) => s.as_deref().unwrap_or(&[]).binary_search(&x).is_ok(),

@@ -45,13 +45,16 @@ pub(crate) struct Term {
     pub(crate) identities: SlotSet,
     /// Services holding this role, or named so.
     pub(crate) services: SlotSet,
-    /// How many policy sides test this term.
-    pub(crate) tests: u32,
+    /// Policies whose identity side names this term.
+    pub(crate) id_tests: SlotSet,
+    /// Policies whose service side names this term.
+    pub(crate) svc_tests: SlotSet,
 }
 
 impl Term {
     fn unused(&self) -> bool {
-        self.tests == 0
+        self.id_tests.is_empty()
+            && self.svc_tests.is_empty()
             && self.id_leads.is_empty()
             && self.svc_leads.is_empty()
             && self.identities.is_empty()
@@ -98,7 +101,8 @@ impl Terms {
             svc_leads: SlotSet::default(),
             identities: SlotSet::default(),
             services: SlotSet::default(),
-            tests: 0,
+            id_tests: SlotSet::default(),
+            svc_tests: SlotSet::default(),
         }));
         let map = match kind {
             Kind::Role => &mut self.roles,
