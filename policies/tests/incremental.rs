@@ -279,10 +279,9 @@ proptest! {
         }
         let before = problems(index.state());
         let mut want: Vec<DocError> = problems(&after).into_iter().filter(|p| !before.contains(p)).collect();
-        want.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
-        let got = index.validate_changes(&changes).err().unwrap_or_default();
-        let mut got_sorted = got.clone();
-        got_sorted.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
-        prop_assert_eq!(got_sorted, want);
+        want.sort_by_key(|p| p.to_string());
+        let mut got = index.validate_changes(&changes).err().unwrap_or_default();
+        got.sort_by_key(|p| p.to_string());
+        prop_assert_eq!(got, want);
     }
 }
