@@ -439,7 +439,10 @@ fn main() {
     let samples = time_each(200, || {
         let policy = gen_policy(&mut r, scale, scale.policies + 1_000_000);
         let service = gen_service(&mut r, scale.services + 1_000_000);
-        let batch = [StateChange::PolicyPut(policy), StateChange::ServicePut(service)];
+        let batch = [
+            StateChange::PolicyPut(policy),
+            StateChange::ServicePut(service),
+        ];
         black_box(index.validate_changes(&batch).is_ok());
     });
     table.row(

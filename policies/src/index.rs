@@ -146,28 +146,33 @@ impl Index {
         action: Action,
     ) -> impl Iterator<Item = &'a PolRecord> + 'a {
         let of_service = service.policies(action);
-        let leads = (identity.terms.iter()).map(|&t| &self.terms.get(t).id_leads);
-        std::iter::once(&self.identity_all)
-            .chain(leads)
-            .flat_map(SlotSet::iter)
+        self.candidates(identity)
             .filter(move |&p| of_service.contains(p))
             .filter_map(move |p| self.policy_slots.get(p))
-            .filter(move |p| p.identities.selects(&identity.terms))
+            .filter(move |p| p.selects_candidate(identity))
             .map(|p| &**p)
+    }
+
+    /// The policies the identity's leads reach (some more than once): those for `#all`, for
+    /// its name and for its roles.
+    fn candidates<'a>(&'a self, identity: &'a IdRecord) -> impl Iterator<Item = u32> + 'a {
+        let roles = (identity.terms.iter())
+            .filter(|&&t| t != identity.name_term)
+            .map(|&t| &self.terms.get(t).id_leads);
+        [&self.identity_all, &identity.name_leads]
+            .into_iter()
+            .chain(roles)
+            .flat_map(SlotSet::iter)
     }
 
     /// The policies (of either action) that select the identity, sorted by slot.
     fn selecting(&self, identity: &IdRecord) -> Vec<&PolRecord> {
-        let leads = (identity.terms.iter()).map(|&t| &self.terms.get(t).id_leads);
-        let mut slots: Vec<u32> = std::iter::once(&self.identity_all)
-            .chain(leads)
-            .flat_map(SlotSet::iter)
-            .collect();
+        let mut slots: Vec<u32> = self.candidates(identity).collect();
         slots.sort_unstable();
         slots.dedup();
         (slots.into_iter())
             .filter_map(|p| self.policy_slots.get(p))
-            .filter(|p| p.identities.selects(&identity.terms))
+            .filter(|p| p.selects_candidate(identity))
             .map(|p| &**p)
             .collect()
     }
@@ -194,14 +199,12 @@ impl Index {
 
     /// The services in these slots, sorted by name.
     fn services_at(&self, slots: Vec<u32>) -> Vec<&Service> {
-        let mut names: Vec<&Name> = (slots.into_iter())
+        let mut records: Vec<&SvcRecord> = (slots.into_iter())
             .filter_map(|s| self.service_slots.get(s))
-            .map(|s| &s.name)
+            .map(|s| &**s)
             .collect();
-        names.sort_unstable();
-        (names.into_iter())
-            .filter_map(|n| self.state.services.get(n))
-            .collect()
+        records.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        records.into_iter().map(|s| &*s.service).collect()
     }
 
     /// The ids of the identities that may bind `service` at `now`, sorted: routers use this to

@@ -11,13 +11,13 @@
 use std::sync::Arc;
 
 use super::activity::Activity;
-use super::records::{Filter, IdRecord, PolRecord, SvcRecord};
+use super::records::{Filter, IdRecord, Lead, PolRecord, SvcRecord};
 use super::sides::{self, Of};
 use super::slots::SlotSet;
 use super::terms::Kind;
 use super::Index;
 use crate::change::StateChange;
-use crate::model::{Action, HostPort, Identity, IdentityId, Service, ServicePolicy};
+use crate::model::{Action, Identity, IdentityId, Service, ServicePolicy};
 use crate::name::Name;
 
 impl Index {
@@ -63,11 +63,14 @@ impl Index {
         let terms = self.intern_entity(&identity.name, &identity.roles, |term| {
             term.identities.insert(slot)
         });
+        let name_term = self.terms.intern(Kind::Name, &identity.name);
         let record = Arc::new(IdRecord {
             id: id.clone(),
             slot,
             activity,
             terms,
+            name_term,
+            name_leads: self.terms.get(name_term).id_leads.clone(),
         });
         if self.identity_slots.get(slot).is_none() {
             let added = self.identity_slots.add(Arc::clone(&record));
@@ -127,7 +130,6 @@ impl Index {
     /// Indexes `service` under `key` (its name in the state): finds the policies that select
     /// it through its terms' lead lists and links both ways.
     pub(super) fn put_service(&mut self, key: &Name, service: &Service) {
-        let intercepts: Arc<[HostPort]> = service.intercepts.as_slice().into();
         if let Some(old) = self.services.get(key).cloned() {
             if self
                 .existing_terms(&service.name, &service.roles)
@@ -137,7 +139,7 @@ impl Index {
                 // Same name and roles: the same policies select it.
                 self.list_intercepts(&old, false);
                 let record = Arc::new(SvcRecord {
-                    intercepts,
+                    service: Arc::new(service.clone()),
                     ..SvcRecord::clone(&old)
                 });
                 self.list_intercepts(&record, true);
@@ -179,7 +181,7 @@ impl Index {
             terms,
             dial: Filter::new(dial),
             bind: Filter::new(bind),
-            intercepts,
+            service: Arc::new(service.clone()),
         });
         let added = self.service_slots.add(Arc::clone(&record));
         debug_assert_eq!(added, slot);
@@ -189,7 +191,7 @@ impl Index {
 
     /// Adds the service to (or removes it from) the map of who lists each of its intercepts.
     fn list_intercepts(&mut self, service: &SvcRecord, add: bool) {
-        for intercept in service.intercepts.iter() {
+        for intercept in service.service.intercepts.iter() {
             let mut listed = self.intercepts.get(intercept).cloned().unwrap_or_default();
             if add {
                 listed.insert(service.slot);
@@ -251,9 +253,11 @@ impl Index {
                 *list = list.with(slot);
             });
         }
+        self.sync_name_leads(&identities.leads);
         let added = self.policy_slots.add(Arc::new(PolRecord {
             name: policy.name.clone(),
             action: policy.action,
+            identity_test: identities.test,
             identities: Arc::new(identities),
             services: Arc::new(services),
             selected: SlotSet::from_sorted(selected),
@@ -291,7 +295,32 @@ impl Index {
             slot,
             &old.services,
         );
+        self.sync_name_leads(&old.identities.leads);
         self.policy_slots.remove(slot);
+    }
+
+    /// Refreshes the copy of a name term's identity leads kept by the identities holding that
+    /// name (one, in a valid state), after a policy leading through it came or went.
+    fn sync_name_leads(&mut self, leads: &[Lead]) {
+        for &lead in leads {
+            let Lead::Term(t) = lead else { continue };
+            let Some(term) = self.terms.try_get(t) else {
+                continue;
+            };
+            if term.kind != Kind::Name {
+                continue;
+            }
+            let (holders, name_leads) = (term.identities.clone(), term.id_leads.clone());
+            for i in holders.iter() {
+                if let Some(record) = self.identity_slots.get(i) {
+                    let record = IdRecord {
+                        name_leads: name_leads.clone(),
+                        ..IdRecord::clone(record)
+                    };
+                    self.store_identity(Arc::new(record));
+                }
+            }
+        }
     }
 
     fn edit_service(&mut self, slot: u32, change: impl FnOnce(&mut SvcRecord)) {

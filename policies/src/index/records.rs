@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use super::activity::Activity;
 use super::slots::SlotSet;
-use crate::model::{Action, HostPort, IdentityId};
+use crate::model::{Action, IdentityId, Service};
 use crate::name::Name;
 
 /// An identity: whether it may act, and the terms (its name and roles) that selectors test.
@@ -18,6 +18,11 @@ pub(crate) struct IdRecord {
     pub(crate) activity: Activity,
     /// Its name's and roles' terms, sorted.
     pub(crate) terms: Arc<[u32]>,
+    /// Its name's term.
+    pub(crate) name_term: u32,
+    /// The policies leading through its name's term (a copy kept here, so that a lookup need
+    /// not read a term that, for most identities, no policy names).
+    pub(crate) name_leads: SlotSet,
 }
 
 /// A service: its terms and, per action, the policies that select it, materialized (services
@@ -31,8 +36,8 @@ pub(crate) struct SvcRecord {
     pub(crate) terms: Arc<[u32]>,
     pub(crate) dial: Filter,
     pub(crate) bind: Filter,
-    /// Its intercepts (for the map of who lists each, which checks writes).
-    pub(crate) intercepts: Arc<[HostPort]>,
+    /// The service itself, for answers that hand it out.
+    pub(crate) service: Arc<Service>,
 }
 
 impl SvcRecord {
@@ -113,6 +118,8 @@ impl Filter {
 pub(crate) struct PolRecord {
     pub(crate) name: Name,
     pub(crate) action: Action,
+    /// The identity side's test, kept here so that a lookup reads the side only for AllOf.
+    pub(crate) identity_test: Test,
     pub(crate) identities: Arc<Side>,
     pub(crate) services: Arc<Side>,
     /// The services it selects (for `services_for`, and to unlink them when it goes).
@@ -149,6 +156,18 @@ pub(crate) struct Side {
     pub(crate) terms: Box<[u32]>,
     /// Where it is listed.
     pub(crate) leads: Box<[Lead]>,
+}
+
+impl PolRecord {
+    /// Whether the identity side selects an identity found through one of its leads: always
+    /// for AnyOf (a lead is a selector the identity matches), tested for AllOf.
+    pub(crate) fn selects_candidate(&self, identity: &IdRecord) -> bool {
+        match self.identity_test {
+            Test::Any | Test::Always => true,
+            Test::Never => false,
+            Test::All => self.identities.selects(&identity.terms),
+        }
+    }
 }
 
 impl Side {

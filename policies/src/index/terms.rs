@@ -117,6 +117,11 @@ impl Terms {
         self.table.get(t).expect("a referenced term exists")
     }
 
+    /// The term in slot `t`, if it exists.
+    pub(crate) fn try_get(&self, t: u32) -> Option<&Term> {
+        self.table.get(t).map(|t| &**t)
+    }
+
     /// Changes term `t`, and frees it if nothing refers to it any more.
     pub(crate) fn edit(&mut self, t: u32, change: impl FnOnce(&mut Term)) {
         let mut term = Term::clone(self.get(t));
