@@ -19,10 +19,12 @@
 mod activity;
 mod apply;
 mod explain;
+mod order;
 mod records;
 mod sides;
 mod slots;
 mod terms;
+mod trie;
 mod validate;
 
 use std::fmt;
@@ -65,7 +67,11 @@ pub struct Index {
 impl Index {
     /// Compiles `state` (sharing it: states are persistent, so this copies nothing).
     pub fn build(state: &State) -> Index {
-        let mut index = Index::default();
+        let mut index = Index {
+            // First, so that new entries find their neighbours in key order (see `order`).
+            state: state.clone(),
+            ..Index::default()
+        };
         for (id, identity) in &state.identities {
             index.put_identity(id, identity);
         }
@@ -77,7 +83,6 @@ impl Index {
         for (name, service) in &state.services {
             index.put_service(name, service);
         }
-        index.state = state.clone();
         index
     }
 
@@ -203,7 +208,7 @@ impl Index {
             .filter_map(|s| self.service_slots.get(s))
             .map(|s| &**s)
             .collect();
-        records.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        records.sort_unstable_by_key(|s| s.order);
         records.into_iter().map(|s| &*s.service).collect()
     }
 
@@ -224,13 +229,13 @@ impl Index {
 
     /// The ids of the identities in these slots (active at `now`, if given), sorted.
     fn identity_ids(&self, slots: Vec<u32>, now: Option<Timestamp>) -> Vec<&IdentityId> {
-        let mut ids: Vec<&IdentityId> = (slots.into_iter())
+        let mut records: Vec<&IdRecord> = (slots.into_iter())
             .filter_map(|i| self.identity_slots.get(i))
             .filter(|i| now.is_none_or(|now| i.activity.check(now).is_ok()))
-            .map(|i| &i.id)
+            .map(|i| &**i)
             .collect();
-        ids.sort_unstable();
-        ids
+        records.sort_unstable_by_key(|i| i.order);
+        records.into_iter().map(|i| &i.id).collect()
     }
 
     /// Who may dial `service` at `now`, and through which policy: every pair of a Dial policy

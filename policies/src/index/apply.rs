@@ -38,7 +38,8 @@ impl Index {
     /// Indexes `identity` under `id` (its key in the state).
     pub(super) fn put_identity(&mut self, id: &IdentityId, identity: &Identity) {
         let activity = Activity::of(identity);
-        let slot = match self.identities.get(id).cloned() {
+        let old = self.identities.get(id).cloned();
+        let slot = match old.clone() {
             Some(old) => {
                 // Only whether it may act changed: keep its terms and slot.
                 if self
@@ -64,9 +65,14 @@ impl Index {
             term.identities.insert(slot)
         });
         let name_term = self.terms.intern(Kind::Name, &identity.name);
+        let order = match old {
+            Some(old) => old.order,
+            None => self.identity_label(id),
+        };
         let record = Arc::new(IdRecord {
             id: id.clone(),
             slot,
+            order,
             activity,
             terms,
             name_term,
@@ -150,6 +156,7 @@ impl Index {
             self.remove_service(key);
         }
         let slot = self.service_slots.next_slot();
+        let order = self.service_label(key);
         let terms = self.intern_entity(&service.name, &service.roles, |term| {
             term.services.insert(slot)
         });
@@ -178,6 +185,7 @@ impl Index {
         let record = Arc::new(SvcRecord {
             name: key.clone(),
             slot,
+            order,
             terms,
             dial: Filter::new(dial),
             bind: Filter::new(bind),

@@ -15,6 +15,8 @@ pub(crate) struct IdRecord {
     /// The id it is stored under.
     pub(crate) id: IdentityId,
     pub(crate) slot: u32,
+    /// Follows id order (see `order`).
+    pub(crate) order: u64,
     pub(crate) activity: Activity,
     /// Its name's and roles' terms, sorted.
     pub(crate) terms: Arc<[u32]>,
@@ -32,6 +34,8 @@ pub(crate) struct SvcRecord {
     /// The name it is stored under.
     pub(crate) name: Name,
     pub(crate) slot: u32,
+    /// Follows name order (see `order`).
+    pub(crate) order: u64,
     /// Its name's and roles' terms, sorted.
     pub(crate) terms: Arc<[u32]>,
     pub(crate) dial: Filter,

@@ -10,6 +10,8 @@ use std::sync::Arc;
 
 use imbl::{OrdSet, Vector};
 
+use super::trie::Trie;
+
 /// Longest set kept as a sorted array; past it, a B-tree.
 const SMALL_MAX: usize = 32;
 
@@ -118,7 +120,7 @@ impl SlotSet {
 /// the most records held at once.
 #[derive(Clone, Debug)]
 pub(crate) struct Slots<T: Clone> {
-    by_slot: Vector<Option<T>>,
+    by_slot: Trie<Option<T>>,
     free: Vector<u32>,
     len: usize,
 }
@@ -126,7 +128,7 @@ pub(crate) struct Slots<T: Clone> {
 impl<T: Clone> Default for Slots<T> {
     fn default() -> Self {
         Slots {
-            by_slot: Vector::new(),
+            by_slot: Trie::default(),
             free: Vector::new(),
             len: 0,
         }
@@ -143,7 +145,7 @@ impl<T: Clone> Slots<T> {
                 slot
             }
             None => {
-                self.by_slot.push_back(Some(value));
+                self.by_slot.push(Some(value));
                 slot(self.by_slot.len() - 1)
             }
         }
@@ -165,11 +167,10 @@ impl<T: Clone> Slots<T> {
 
     /// Frees a used slot.
     pub(crate) fn remove(&mut self, slot: u32) {
-        if let Some(place) = self.by_slot.get_mut(slot as usize) {
-            if place.take().is_some() {
-                self.len -= 1;
-                self.free.push_back(slot);
-            }
+        if self.get(slot).is_some() {
+            self.by_slot.set(slot as usize, None);
+            self.len -= 1;
+            self.free.push_back(slot);
         }
     }
 

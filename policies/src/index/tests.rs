@@ -407,3 +407,20 @@ fn only_services_hosted_through_the_sdk_have_dialers() {
     );
     assert_eq!(index.can_dial(&id("id-zed"), "a", NOW), permit("dial-x"));
 }
+
+#[test]
+fn answers_stay_sorted_when_labels_run_out() {
+    // Each id sorts just after "a" and before the previous one, halving the room between
+    // labels every time, until every identity is relabelled.
+    let mut index = Index::build(&state([agent("a", &["x"])], [], []));
+    for k in 1..60 {
+        let mut identity = agent(&format!("b{k}"), &["x"]);
+        identity.id = id(&format!("a{}", "0".repeat(k)));
+        index.apply(&crate::StateChange::IdentityPut(identity));
+    }
+    let everyone = policy("p", Bind, AnyOf, &["#x"], &["#all"]);
+    let got = index.identities_selected_by(&everyone);
+    let want: Vec<&IdentityId> = index.state().identities.keys().collect();
+    assert_eq!(got.len(), 60);
+    assert_eq!(got, want);
+}
