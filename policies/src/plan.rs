@@ -220,7 +220,7 @@ struct Diff<T> {
 }
 
 fn diff<T: Clone + PartialEq>(
-    current: &BTreeMap<Name, T>,
+    current: &imbl::OrdMap<Name, T>,
     desired: &[T],
     name: impl Fn(&T) -> &Name,
 ) -> Diff<T> {

@@ -89,9 +89,12 @@ fn policies_naming_revoked_identities_and_routers_round_trip() {
     // On a controller without the router the document says what is missing.
     let mut routerless = state.clone();
     routerless.identities.remove(&id("id-edge-1"));
-    for p in routerless.policies.values_mut() {
-        p.identities.retain(|s| s.to_string() != "@edge-1");
-    }
+    routerless.policies = (routerless.policies.into_iter())
+        .map(|(k, mut p)| {
+            p.identities.retain(|s| s.to_string() != "@edge-1");
+            (k, p)
+        })
+        .collect();
     let errs = plan(&routerless, &desired).unwrap_err();
     assert_eq!(
         errs[0].to_string(),
