@@ -207,6 +207,7 @@ fn print_table(label: &str, rows: &[Row]) {
 struct Phase {
     revocation: Samples,
     answered: Samples,
+    after_answer: Samples,
     start: Samples,
     grant: Samples,
     router: Option<(f64, f64)>,
@@ -221,6 +222,7 @@ async fn revocations(dep: &Deployment, admin: &Admin, agent: &Enrolled, p: &mut 
             p.start.v.push(r.start);
             p.revocation.v.push(r.cut);
             p.answered.v.push(r.answered);
+            p.after_answer.v.push(r.after_answer);
         }
         Err(e) => p.revocation.fail(e),
     }
@@ -402,6 +404,9 @@ async fn run() -> Result<(), String> {
     ));
     procs::settle(router_pid, Duration::from_secs(120)).await;
     procs::settle(ctrl_pid, Duration::from_secs(60)).await;
+    let after_apply = (memory_mib(ctrl_pid), memory_mib(router_pid));
+    // Memory after each step, printed under the table: what grows with what.
+    let mut timeline = vec![("after the apply", after_apply.0, after_apply.1)];
 
     // 3. Revocations at scale, each with a fresh tunneler.
     let mut at = Phase::default();
@@ -417,7 +422,13 @@ async fn run() -> Result<(), String> {
     }
     // 4. Grants, and 5. memory.
     println!("at scale: {n_grants} grants");
+    timeline.push((
+        "after the revocations",
+        memory_mib(ctrl_pid),
+        memory_mib(router_pid),
+    ));
     grants(&dep, &admin, &grant_agent, 'b', &mut at).await;
+    timeline.push(("after the grants", at.controller, at.router));
 
     let rev_floor = scale.revocation_floor_ms();
     rows.push(row(
@@ -431,6 +442,13 @@ async fn run() -> Result<(), String> {
         "  (revoke request answered)",
         base.answered.show(),
         at.answered.show(),
+        "-",
+        "",
+    ));
+    rows.push(row(
+        "  (revoke answered → live TCP closed)",
+        base.after_answer.show(),
+        at.after_answer.show(),
         "-",
         "",
     ));
@@ -464,6 +482,13 @@ async fn run() -> Result<(), String> {
         mem_met(at.controller, 384.0),
     ));
     rows.push(row(
+        "  RSS right after the apply: controller / router",
+        "-".to_owned(),
+        format!("{} / {}", mem(after_apply.0), mem(after_apply.1)),
+        "-",
+        "",
+    ));
+    rows.push(row(
         "tunneler RSS (the grant agent's)",
         mem(base.tunneler),
         mem(at.tunneler),
@@ -483,7 +508,13 @@ async fn run() -> Result<(), String> {
             .collect();
         let enrolled = files.len();
         println!("at scale: {enrolled} watchers enrolled; opening their watches");
+        timeline.push((
+            "after enrolling the watchers",
+            memory_mib(ctrl_pid),
+            memory_mib(router_pid),
+        ));
         let f = probes::fan_out(&admin, ctrl_pid, files).await;
+        timeline.push(("with the watchers", f.controller, memory_mib(router_pid)));
         let measured = match f.all {
             Some(all) => format!(
                 "all {} in {} (p50 {})",
@@ -523,9 +554,20 @@ async fn run() -> Result<(), String> {
             "reported",
             "",
         ));
+        rows.push(row(
+            "  controller RSS with the watchers",
+            "-".to_owned(),
+            mem(f.controller),
+            "-",
+            "",
+        ));
     }
 
     print_table(&label, &rows);
+    println!("memory, controller / router:");
+    for (step, c, r) in &timeline {
+        println!("  {step:<30} {} / {}", mem(*c), mem(*r));
+    }
     for (what, s) in [
         ("revocation (small)", &base.revocation),
         ("revocation", &at.revocation),

@@ -254,6 +254,8 @@ pub struct Revocation {
     pub cut: Duration,
     /// Revoke request sent → its answer received.
     pub answered: Duration,
+    /// Answer received → the connection ended (zero if it ended first).
+    pub after_answer: Duration,
 }
 
 /// Starts a tunneler for `agent`, waits for a byte echoed through `intercept` (the tunnel
@@ -285,7 +287,7 @@ pub async fn revoke_once(
     });
     let sent = Instant::now();
     admin.revoke(&agent.name).await?;
-    let answered = sent.elapsed();
+    let answered_at = Instant::now();
     let cut = tokio::time::timeout(Duration::from_secs(10), reader)
         .await
         .map_err(|_| format!("{}: the connection was still open 10 s after", agent.name))?
@@ -294,7 +296,8 @@ pub async fn revoke_once(
     Ok(Revocation {
         start,
         cut: cut - sent,
-        answered,
+        answered: answered_at - sent,
+        after_answer: cut.saturating_duration_since(answered_at),
     })
 }
 
@@ -338,6 +341,8 @@ pub struct FanOut {
     pub p50: Option<Duration>,
     /// The controller's CPU seconds from the grant until the last watcher saw it (or gave up).
     pub cpu: f64,
+    /// The controller's memory (RSS, peak) with every watch open.
+    pub controller: Option<(f64, f64)>,
 }
 
 /// Opens an edge-view watch for each identity (an SDK context each, in this process), then
@@ -399,6 +404,7 @@ pub async fn fan_out(admin: &Admin, ctrl_pid: u32, identities: Vec<IdentityFile>
         all: None,
         p50: None,
         cpu: 0.0,
+        controller: None,
     };
     let deadline = Instant::now() + Duration::from_secs(300);
     let mut answered = 0;
@@ -439,6 +445,7 @@ pub async fn fan_out(admin: &Admin, ctrl_pid: u32, identities: Vec<IdentityFile>
         }
     }
     out.cpu = procs::cpu_secs(ctrl_pid) - cpu0;
+    out.controller = procs::memory_mib(ctrl_pid);
     out.updated = seen.len();
     seen.sort();
     out.p50 = seen.get(seen.len() / 2).copied();
