@@ -32,6 +32,7 @@
 mod doc;
 mod probes;
 mod procs;
+mod table;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,7 @@ use std::time::{Duration, Instant};
 use doc::{Scale, Spec};
 use probes::{Admin, Enrolled};
 use procs::{memory_mib, Deployment};
+use table::{mem, mem_met, ms, print_table, row, Samples};
 
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --all-targets` runs bench binaries without it,
@@ -68,142 +70,6 @@ fn env_usize(var: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-// ----- samples and the table ------------------------------------------------------------------
-
-/// Latencies of one figure, and the runs that failed.
-#[derive(Default)]
-struct Samples {
-    v: Vec<Duration>,
-    failed: usize,
-    first_error: Option<String>,
-}
-
-impl Samples {
-    fn push(&mut self, r: Result<Duration, String>) {
-        match r {
-            Ok(d) => self.v.push(d),
-            Err(e) => self.fail(e),
-        }
-    }
-
-    fn fail(&mut self, e: String) {
-        self.failed += 1;
-        self.first_error.get_or_insert(e);
-    }
-
-    fn pct(&self, p: f64) -> Option<Duration> {
-        let mut v = self.v.clone();
-        v.sort();
-        let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-        v.get(i).copied()
-    }
-
-    fn show(&self) -> String {
-        let mut s = match (self.pct(0.5), self.pct(0.99), self.pct(1.0)) {
-            (Some(a), Some(b), Some(c)) => format!(
-                "p50 {} p99 {} max {} (n={})",
-                ms(a),
-                ms(b),
-                ms(c),
-                self.v.len()
-            ),
-            _ => "no sample".to_owned(),
-        };
-        if self.failed > 0 {
-            s.push_str(&format!(", {} failed", self.failed));
-        }
-        s
-    }
-
-    /// Met when p99 is under `floor` and nothing failed.
-    fn met(&self, floor: Duration) -> &'static str {
-        match self.pct(0.99) {
-            Some(p) if p < floor && self.failed == 0 => "yes",
-            Some(_) => "NO",
-            None => "-",
-        }
-    }
-}
-
-fn ms(d: Duration) -> String {
-    let m = d.as_secs_f64() * 1e3;
-    if m >= 1000.0 {
-        format!("{:.2} s", m / 1e3)
-    } else if m >= 100.0 {
-        format!("{m:.0} ms")
-    } else {
-        format!("{m:.1} ms")
-    }
-}
-
-fn mem(m: Option<(f64, f64)>) -> String {
-    match m {
-        Some((rss, hwm)) => format!("{rss:.0} MiB (peak {hwm:.0})"),
-        None => "-".to_owned(),
-    }
-}
-
-fn mem_met(m: Option<(f64, f64)>, floor_mib: f64) -> &'static str {
-    match m {
-        Some((rss, _)) if rss < floor_mib => "yes",
-        Some(_) => "NO",
-        None => "-",
-    }
-}
-
-struct Row {
-    figure: String,
-    small: String,
-    measured: String,
-    floor: String,
-    met: String,
-}
-
-fn row(figure: &str, small: String, measured: String, floor: &str, met: &str) -> Row {
-    Row {
-        figure: figure.to_owned(),
-        small,
-        measured,
-        floor: floor.to_owned(),
-        met: met.to_owned(),
-    }
-}
-
-fn print_table(label: &str, rows: &[Row]) {
-    let w = |f: fn(&Row) -> &str, title: &str| {
-        rows.iter()
-            .map(|r| f(r).chars().count())
-            .chain([title.chars().count()])
-            .max()
-            .unwrap_or(0)
-    };
-    let at = format!("measured at {label}");
-    let (a, b, c, d) = (
-        w(|r| &r.figure, "figure"),
-        w(|r| &r.small, "at ~10 identities"),
-        w(|r| &r.measured, &at),
-        w(|r| &r.floor, "floor (target)"),
-    );
-    println!();
-    println!(
-        "| {:<a$} | {:<b$} | {:<c$} | {:<d$} | met? |",
-        "figure", "at ~10 identities", at, "floor (target)"
-    );
-    println!(
-        "|{}|{}|{}|{}|------|",
-        "-".repeat(a + 2),
-        "-".repeat(b + 2),
-        "-".repeat(c + 2),
-        "-".repeat(d + 2)
-    );
-    for r in rows {
-        println!(
-            "| {:<a$} | {:<b$} | {:<c$} | {:<d$} | {:<4} |",
-            r.figure, r.small, r.measured, r.floor, r.met
-        );
-    }
 }
 
 // ----- the run --------------------------------------------------------------------------------
