@@ -2,6 +2,7 @@
 //! copy of the replica and checked with the core's rules before anything is stored or
 //! published.
 
+use super::affected::affected;
 use super::*;
 
 impl Controller {
@@ -29,6 +30,12 @@ impl Controller {
             }
         }
         let now = self.now();
+        let model = batch.changes.iter().any(changes_model);
+        // The index before the batch, when a watch may need to know whose view it alters (after
+        // a commit with watchers open it is already built, for the watchers' views).
+        let watched = !self.hub.is_empty();
+        let before = (watched && model).then(|| self.index_locked(inner));
+        let seq_before = inner.replica.seq;
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
         let mut revoked_changed = false;
         for d in &deltas {
@@ -55,11 +62,58 @@ impl Controller {
                 .0
                 .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
         }
+        self.next_index(inner, seq_before, before.as_deref(), model, &batch.changes);
+        if watched {
+            // Computed once here, so that only the watchers whose views the batch can alter
+            // recompute them (see `hub`).
+            let after = self.index_locked(inner);
+            let before = before.unwrap_or_else(|| after.clone());
+            let routers = &inner.replica.routers;
+            self.hub
+                .wake(&affected(&before, &after, routers, &batch.changes, now));
+        }
         for d in deltas {
             // No receivers is normal (no router connected).
             let _ = self.deltas.send(Arc::new(d));
         }
         Ok(())
+    }
+
+    /// Keeps the cached index current after a commit without compiling it again where that is
+    /// not needed: a batch that changes no model entity (certificates, router addresses) keeps
+    /// it as it is, and one that only puts identities patches it (`Index::with_identity`, which
+    /// shares the compiled relations when only activity changed). Anything else is compiled
+    /// when next asked for.
+    fn next_index(
+        &self,
+        inner: &mut Inner,
+        seq_before: u64,
+        before: Option<&Index>,
+        model: bool,
+        changes: &[ChangeEvent],
+    ) {
+        let seq = inner.replica.seq;
+        let cached = match &inner.index {
+            Some((s, idx)) if *s == seq_before => Some(idx.clone()),
+            _ => None,
+        };
+        if !model {
+            inner.index = cached.map(|idx| (seq, idx));
+            return;
+        }
+        let Some(base) = before.map(Index::clone).or(cached.as_deref().cloned()) else {
+            return;
+        };
+        let puts: Option<Vec<&Identity>> = (changes.iter())
+            .map(|c| match c {
+                ChangeEvent::IdentityPut { identity } => Some(identity),
+                _ => None,
+            })
+            .collect();
+        if let Some(puts) = puts {
+            let next = (puts.into_iter()).fold(base, |idx, i| idx.with_identity(i.clone()));
+            inner.index = Some((seq, Arc::new(next)));
+        }
     }
 }
 

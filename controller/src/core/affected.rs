@@ -1,0 +1,179 @@
+//! Which identities' edge views a committed batch can alter, computed once per commit from the
+//! index before and after it, so that the watch hub wakes only their watchers instead of every
+//! watcher recomputing its view on every commit.
+//!
+//! An identity's view (see `views`) is a function of: its own record; the policies that select
+//! it and the services they select; for each SDK-hosted service it binds, the Dial policies that
+//! select that service and the identities they select; and the routers with their identities.
+//! So a batch alters at most the views that depend, before or after it, on something it wrote:
+//!
+//! - an identity: that identity, and the binders of the SDK-hosted services it may dial before
+//!   or after (their grants list it); a router's identity: everyone (the routers list);
+//! - a service: every identity a policy selecting it selects, before or after (its dialers and
+//!   binders);
+//! - a policy: every identity it selects, before or after, and for a Dial policy the binders of
+//!   the SDK-hosted services it selects, before or after;
+//! - a router: everyone; a revoked certificate: its owner (whose watch must end).
+//!
+//! Pure: no lock, no clock (`now` is an argument). Tested against the brute-force truth (every
+//! identity's view before and after random batches) in `affected_tests`.
+
+use std::collections::{BTreeMap, HashSet};
+
+use umbra_policies::{
+    Action, Hosting, IdentityId, IdentityKind, Index, Name, ServicePolicy, State, Timestamp,
+};
+use umbra_proto::{ChangeEvent, RouterInfo};
+
+/// The watchers a batch must wake.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Affected {
+    /// Every watcher (the routers list changed).
+    pub everyone: bool,
+    /// The identities whose views may have changed, or whose own access may have ended.
+    pub identities: HashSet<IdentityId>,
+}
+
+impl Affected {
+    /// Whether `id`'s watchers must be woken.
+    pub fn contains(&self, id: &IdentityId) -> bool {
+        self.everyone || self.identities.contains(id)
+    }
+
+    /// Whether nobody is.
+    pub fn is_empty(&self) -> bool {
+        !self.everyone && self.identities.is_empty()
+    }
+}
+
+/// The identities whose views `changes` can alter, given the index before and after them and
+/// the routers after them (a batch that changes the routers wakes everyone anyway).
+pub fn affected(
+    before: &Index,
+    after: &Index,
+    routers: &BTreeMap<IdentityId, RouterInfo>,
+    changes: &[ChangeEvent],
+    now: Timestamp,
+) -> Affected {
+    let mut out = Affected::default();
+    for change in changes {
+        if out.everyone {
+            // Nothing narrower can follow, except the owners of revoked certificates, whom
+            // "everyone" already wakes.
+            break;
+        }
+        match change {
+            ChangeEvent::IdentityPut { identity } => {
+                identity_changed(&mut out, [before, after], routers, &identity.id, now)
+            }
+            ChangeEvent::IdentityDeleted { id } => {
+                identity_changed(&mut out, [before, after], routers, id, now)
+            }
+            ChangeEvent::ServicePut { service } => {
+                service_changed(&mut out, before, after, &service.name)
+            }
+            ChangeEvent::ServiceDeleted { name } => service_changed(&mut out, before, after, name),
+            ChangeEvent::PolicyPut { policy } => {
+                policy_changed(&mut out, before, after, &policy.name, now)
+            }
+            ChangeEvent::PolicyDeleted { name } => {
+                policy_changed(&mut out, before, after, name, now)
+            }
+            ChangeEvent::CertRevoked { cert } => {
+                out.identities.insert(cert.identity.clone());
+            }
+            ChangeEvent::RouterPut { .. } | ChangeEvent::RouterDeleted { .. } => {
+                out.everyone = true
+            }
+        }
+    }
+    out
+}
+
+fn identity_changed(
+    out: &mut Affected,
+    indexes: [&Index; 2],
+    routers: &BTreeMap<IdentityId, RouterInfo>,
+    id: &IdentityId,
+    now: Timestamp,
+) {
+    out.identities.insert(id.clone());
+    for index in indexes {
+        let router =
+            (index.state().identities.get(id)).is_some_and(|i| i.kind == IdentityKind::Router);
+        if router || routers.contains_key(id) {
+            // Whether a router is listed depends on its identity being active.
+            out.everyone = true;
+            return;
+        }
+        // An inactive identity dials nothing, so it is in no host's grants in that state.
+        for s in index.services_for(id, Action::Dial, now) {
+            if s.hosting == Hosting::Sdk {
+                let binders = index.binders_of(s.name.as_str(), now);
+                out.identities.extend(binders.into_iter().cloned());
+            }
+        }
+    }
+}
+
+fn service_changed(out: &mut Affected, before: &Index, after: &Index, name: &Name) {
+    for index in [before, after] {
+        let state = index.state();
+        let Some(service) = state.services.get(name) else {
+            continue;
+        };
+        for p in state
+            .policies
+            .values()
+            .filter(|p| p.selects_service(service))
+        {
+            out.identities
+                .extend(identities_selected_by(state, p).cloned());
+        }
+    }
+}
+
+fn policy_changed(out: &mut Affected, before: &Index, after: &Index, name: &Name, now: Timestamp) {
+    for index in [before, after] {
+        let state = index.state();
+        let Some(policy) = state.policies.get(name) else {
+            continue;
+        };
+        out.identities
+            .extend(identities_selected_by(state, policy).cloned());
+        if policy.action != Action::Dial {
+            // Bind policies change who hosts, never a host's grants.
+            continue;
+        }
+        for s in services_selected_by(state, policy) {
+            if s.hosting == Hosting::Sdk {
+                let binders = index.binders_of(s.name.as_str(), now);
+                out.identities.extend(binders.into_iter().cloned());
+            }
+        }
+    }
+}
+
+/// The identities a policy's identity side selects (active or not).
+// A scan of every identity until the index answers this itself (`Index::identities_selected_by`).
+fn identities_selected_by<'a>(
+    state: &'a State,
+    policy: &'a ServicePolicy,
+) -> impl Iterator<Item = &'a IdentityId> + 'a {
+    (state.identities.values())
+        .filter(|i| policy.selects_identity(i))
+        .map(|i| &i.id)
+}
+
+/// The services a policy's service side selects.
+// A scan of every service until the index answers this itself (`Index::services_selected_by`).
+fn services_selected_by<'a>(
+    state: &'a State,
+    policy: &'a ServicePolicy,
+) -> impl Iterator<Item = &'a umbra_policies::Service> + 'a {
+    (state.services.values()).filter(|s| policy.selects_service(s))
+}
+
+#[cfg(test)]
+#[path = "affected_tests.rs"]
+mod tests;
