@@ -74,6 +74,10 @@ pub struct ControllerConfig {
     pub clock: Clock,
     /// Limits and retention for events identities report (`POST /v1/audit/events`).
     pub audit: AuditConfig,
+    /// Authenticated connections in all, per identity, and for all agents together. Every
+    /// tunneler, SDK host and gateway holds one for its edge-view watch, so a deployment with
+    /// more agents than `connections.agents` must raise it (and the file descriptor limit).
+    pub connections: crate::sessions::AuthLimits,
 }
 
 impl ControllerConfig {
@@ -86,6 +90,7 @@ impl ControllerConfig {
             max_token_ttl: Duration::from_secs(7 * 24 * 3600),
             clock: Clock::system(),
             audit: AuditConfig::default(),
+            connections: crate::sessions::AuthLimits::default(),
         }
     }
 }
