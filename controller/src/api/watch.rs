@@ -50,7 +50,8 @@ pub async fn edge(
 }
 
 /// `GET /v1/edge/watch`: the caller's view now, then a diff after every commit that altered it,
-/// as length-prefixed JSON frames; it ends when the caller loses its own access.
+/// as length-prefixed JSON frames; it ends when the caller loses its own access (revoked,
+/// disabled, deleted, or its certificate or identity expired).
 pub async fn edge_watch(
     State(s): State<AppState>,
     AnyIdentity(peer): AnyIdentity,
@@ -58,12 +59,19 @@ pub async fn edge_watch(
     let p = peer.clone();
     let (identity, watcher) = blocking(&s, move |c| c.watch_edge(&p)).await?;
     let guard = s.open_stream(&identity.id).map_err(ApiError::from)?;
+    // Access also ends with time (the certificate's or the identity's expiry), which no commit
+    // announces: the watch ends then, and the client opens a new one with what it holds.
+    let ends = (identity.expires_at).map_or(peer.not_after, |e| e.min(peer.not_after));
+    let ends = std::time::UNIX_EPOCH + Duration::from_secs(ends.0);
+    let clock = s.config().clock.clone();
     // Registered before the first view is computed: a commit in between wakes the watcher.
     let first = blocking(&s, move |c| Ok(c.edge_view(&identity))).await?;
     let (tx, body_rx) = mpsc::channel::<Bytes>(QUEUED_FRAMES);
     let ctrl = s.clone();
     tokio::spawn(async move {
         let _guard = guard;
+        let expired = clock.sleep_until(ends);
+        tokio::pin!(expired);
         let mut last = first;
         if send_frame(&tx, &Frame::View(&last)).await.is_err() {
             return;
@@ -78,6 +86,7 @@ pub async fn edge_watch(
                     continue;
                 }
                 _ = tx.closed() => return,
+                _ = &mut expired => return,
             }
             let Some(turn) = watcher.recompute().await else {
                 return;
