@@ -101,7 +101,7 @@ impl Controller {
             inner.index = cached.map(|idx| (seq, idx));
             return;
         }
-        let Some(base) = before.map(Index::clone).or(cached.as_deref().cloned()) else {
+        let Some(base) = before.cloned().or(cached.as_deref().cloned()) else {
             return;
         };
         let puts: Option<Vec<&Identity>> = (changes.iter())

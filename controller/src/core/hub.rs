@@ -36,10 +36,13 @@ pub struct WatchStats {
 /// controller's lock).
 const CONCURRENT_RECOMPUTATIONS: usize = 4;
 
+/// Each identity's open watches: a key for unregistering, and the wake.
+type Watches = HashMap<IdentityId, Vec<(u64, Arc<Notify>)>>;
+
 /// Open watches by identity.
 #[derive(Debug)]
 pub struct WatchHub {
-    watchers: Mutex<HashMap<IdentityId, Vec<(u64, Arc<Notify>)>>>,
+    watchers: Mutex<Watches>,
     next_key: AtomicU64,
     woken: AtomicU64,
     recomputed: AtomicU64,
@@ -61,7 +64,7 @@ impl Default for WatchHub {
 }
 
 impl WatchHub {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<IdentityId, Vec<(u64, Arc<Notify>)>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Watches> {
         self.watchers.lock().unwrap_or_else(|e| e.into_inner())
     }
 
