@@ -13,6 +13,10 @@ use umbra_sdk::ControllerClient;
 use crate::cli::{Command, IdentityCmd, PolicyCmd, RouterCmd, ServiceCmd};
 use crate::output;
 
+/// How long `apply` waits for the controller: planning and committing a document of a million
+/// identities takes it tens of seconds.
+const APPLY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub(crate) fn admin_path(admin: &Option<PathBuf>) -> PathBuf {
     admin
         .clone()
@@ -131,20 +135,22 @@ pub async fn run(
         Command::Router(cmd) => router(&c, json, cmd).await,
         Command::Apply(args) => {
             let document = if args.file.as_os_str() == "-" {
-                std::io::read_to_string(std::io::stdin())?
+                let mut buf = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf)?;
+                buf
             } else {
-                std::fs::read_to_string(&args.file)
+                std::fs::read(&args.file)
                     .with_context(|| format!("reading {}", args.file.display()))?
             };
+            // Sent as it is, not wrapped in JSON: a document of a million identities is held
+            // once on each side.
+            let path = if args.dry_run {
+                "/v1/apply?dry_run=true"
+            } else {
+                "/v1/apply"
+            };
             let r: ApplyResponse = c
-                .call(
-                    Method::POST,
-                    "/v1/apply",
-                    Some(&ApplyRequest {
-                        document,
-                        dry_run: args.dry_run,
-                    }),
-                )
+                .send_document(path, document.into(), APPLY_TIMEOUT)
                 .await?;
             if json {
                 return output::json(&r);

@@ -506,3 +506,56 @@ async fn export_then_apply_round_trips_a_revoked_identity_named_by_a_policy() {
     assert_eq!(stdout(&o), first, "a second export is identical");
     assert!(t.ctrl.state().identity_by_name("a2").unwrap().revoked);
 }
+
+/// `apply` sends the document as it is, so one larger than the 16 MiB a JSON request may be
+/// goes through; a dry run changes nothing; a plan of more than a thousand changes is shown in
+/// part, with the rest counted, so the answer stays small whatever the document.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_takes_a_document_larger_than_a_json_request_and_shows_a_long_plan_in_part() {
+    let t = TestController::start().await;
+    // The admin applying it is in it: a document may not delete its applier.
+    let mut doc = String::from("identities:\n  - {name: admin, kind: admin}\n");
+    for i in 0..1200 {
+        doc.push_str(&format!("  - {{name: bulk-{i:04}, roles: [r{}]}}\n", i % 7));
+    }
+    doc.push_str("services:\n  - {name: llm, address: \"127.0.0.1:8080\", roles: [ai]}\n");
+    doc.push_str("policies:\n  - {name: all-llm, identities: [\"#r1\"], services: [\"#ai\"]}\n");
+    // Comments take the document past the JSON request bound without costing the parser much.
+    let pad = format!("# {}\n", "x".repeat(1021));
+    while doc.len() <= umbra_proto::api::MAX_REQUEST_BODY + 1024 * 1024 {
+        doc.push_str(&pad);
+    }
+    let file = t.path("bulk.yaml");
+    std::fs::write(&file, &doc).unwrap();
+
+    let o = t.umbra(&["apply", "--dry-run", "-f", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stdout(&o).contains("dry run: 1202 change(s) not applied"),
+        "{}",
+        stdout(&o)
+    );
+    assert!(t.ctrl.state().identity_by_name("bulk-0000").is_none());
+
+    let o = t.umbra(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 1002, "{}", &out[..out.len().min(2000)]);
+    assert_eq!(
+        lines[1000],
+        "... and 202 more change(s): 200 to identities, 1 to services, 1 to policies"
+    );
+    assert_eq!(lines[1001], "applied 1202 change(s)");
+    let state = t.ctrl.state();
+    assert_eq!(
+        (state.identities.values())
+            .filter(|i| i.name.as_str().starts_with("bulk-"))
+            .count(),
+        1200
+    );
+    // The same document again is no change.
+    let o = t.umbra(&["apply", "-f", file.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).trim(), "no changes");
+}

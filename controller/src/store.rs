@@ -39,6 +39,11 @@ CREATE TABLE IF NOT EXISTS audit (
 /// The most deltas replayed to a resuming follower; further behind, it gets a snapshot.
 pub const MAX_REPLAY: u64 = 10_000;
 
+/// The change log keeps the last [`MAX_REPLAY`] changes (older ones could never be replayed)
+/// and is trimmed whenever a commit crosses a multiple of this many, so that it stays bounded
+/// without a delete in every commit.
+const TRIM_EVERY: u64 = 1024;
+
 /// An audit record before it is stored.
 #[derive(Debug, Clone)]
 pub struct AuditRecord {
@@ -395,6 +400,13 @@ impl Store {
                 last_in_commit,
             });
         }
+        let last = seq + n as u64;
+        if n > 0 && last / TRIM_EVERY != seq / TRIM_EVERY {
+            tx.execute(
+                "DELETE FROM changes WHERE seq <= ?1",
+                [i64::try_from(last.saturating_sub(MAX_REPLAY)).unwrap_or(0)],
+            )?;
+        }
         for record in &batch.records {
             match record {
                 Record::Token {
@@ -526,4 +538,55 @@ fn persist_change(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use umbra_policies::{IdentityId, Timestamp};
+
+    fn revocation(i: u64) -> ChangeEvent {
+        ChangeEvent::CertRevoked {
+            cert: umbra_proto::RevokedCert {
+                serial: format!("{i:x}"),
+                identity: IdentityId::new("i1").unwrap(),
+                not_after: Timestamp(1),
+            },
+        }
+    }
+
+    /// The change log holds what can still be replayed and no more: it stays bounded however
+    /// many commits there are, and a follower too far behind gets a snapshot.
+    #[test]
+    fn the_change_log_keeps_only_what_can_be_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::open(&dir.path().join("t.db")).unwrap();
+        let mut seq = 0;
+        // Commits of 700 changes: trims happen inside commits, not at their edges.
+        while seq < 3 * MAX_REPLAY {
+            let batch = Batch {
+                changes: (0..700).map(|i| revocation(seq + i)).collect(),
+                ..Default::default()
+            };
+            seq = store
+                .commit(&batch, seq, Timestamp(1))
+                .unwrap()
+                .last()
+                .unwrap()
+                .seq;
+        }
+        assert_eq!(store.last_seq().unwrap(), seq);
+        let rows: i64 = (store.conn)
+            .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+            .unwrap();
+        let rows = u64::try_from(rows).unwrap();
+        assert!(
+            (MAX_REPLAY..MAX_REPLAY + TRIM_EVERY + 700).contains(&rows),
+            "{rows} rows"
+        );
+        let replay = store.changes_since(seq - MAX_REPLAY).unwrap().unwrap();
+        assert_eq!(replay.len() as u64, MAX_REPLAY);
+        assert_eq!(replay.first().unwrap().seq, seq - MAX_REPLAY + 1);
+        assert!(store.changes_since(seq - MAX_REPLAY - 1).unwrap().is_none());
+    }
 }

@@ -11,12 +11,35 @@ use std::time::{Duration, Instant};
 
 use umbra_policies::{
     Action, Hosting, Identity, IdentityId, IdentityKind, Index, Name, Selector, Semantic, Service,
-    ServicePolicy, State, Timestamp,
+    ServicePolicy, State, StateChange, Timestamp,
 };
 
-const IDENTITIES: usize = 100_000;
-const SERVICES: usize = 10_000;
-const POLICIES: usize = 10_000;
+/// How many of each kind to generate: 100k identities by default, a million with
+/// `BENCH_SCALE=1m`.
+#[derive(Clone, Copy)]
+struct Scale {
+    identities: usize,
+    services: usize,
+    policies: usize,
+}
+
+impl Scale {
+    fn from_env() -> Scale {
+        match std::env::var("BENCH_SCALE").as_deref() {
+            Ok("1m") => Scale {
+                identities: 1_000_000,
+                services: 100_000,
+                policies: 100_000,
+            },
+            _ => Scale {
+                identities: 100_000,
+                services: 10_000,
+                policies: 10_000,
+            },
+        }
+    }
+}
+
 const ROLES: usize = 1_000;
 const LOOKUPS: usize = 200_000;
 const BATCH: usize = 64;
@@ -70,66 +93,123 @@ fn selectors(rng: &mut Rng, prefix: &str, named: &str, pool: usize) -> Vec<Selec
 /// A realistic mix: identities with 1-4 of 1,000 roles (a few disabled, revoked or expired),
 /// services with 1-3 of 1,000 roles, policies with 1-3 selectors a side (mostly roles, some
 /// `@name`, a few `#all`), 80% Dial, 10% AllOf.
-fn generate(rng: &mut Rng) -> State {
+fn generate(rng: &mut Rng, scale: Scale) -> State {
     let mut state = State::default();
-    for i in 0..IDENTITIES {
-        let id = IdentityId::new(format!("{:016x}{:016x}", rng.next(), i)).expect("hex id");
-        let identity = Identity {
-            id: id.clone(),
-            name: name(format!("agent-{i}")),
-            kind: IdentityKind::Agent,
-            roles: roles(rng, "team", 4),
-            disabled: rng.chance(1),
-            revoked: rng.chance(1),
-            expires_at: rng
-                .chance(5)
-                .then(|| Timestamp(NOW.0 - 500 + rng.below(1000) as u64)),
-        };
-        state.identities.insert(id, identity);
+    for i in 0..scale.identities {
+        let identity = gen_identity(rng, i);
+        state.identities.insert(identity.id.clone(), identity);
     }
-    for i in 0..SERVICES {
-        let service = Service {
-            name: name(format!("svc-{i}")),
-            roles: roles(rng, "tier", 3),
-            hosting: if rng.chance(30) {
-                Hosting::Sdk
-            } else {
-                Hosting::Address("backend.internal:443".parse().expect("valid address"))
-            },
-            intercepts: vec![],
-            proxy_protocol: false,
-        };
+    for i in 0..scale.services {
+        let service = gen_service(rng, i);
         state.services.insert(service.name.clone(), service);
     }
-    for i in 0..POLICIES {
-        let mut identities = selectors(rng, "team", "agent", IDENTITIES);
-        let mut services = selectors(rng, "tier", "svc", SERVICES);
-        // A few policies for everyone, and a few for every service.
-        if i % 2_000 == 0 {
-            identities = vec![Selector::All];
-        }
-        if i % 2_000 == 1_000 {
-            services = vec![Selector::All];
-        }
-        let policy = ServicePolicy {
-            name: name(format!("policy-{i}")),
-            action: if rng.chance(80) {
-                Action::Dial
-            } else {
-                Action::Bind
-            },
-            identities,
-            services,
-            semantic: if rng.chance(10) {
-                Semantic::AllOf
-            } else {
-                Semantic::AnyOf
-            },
-            limits: umbra_policies::GrantLimits::default(),
-        };
+    for i in 0..scale.policies {
+        let policy = gen_policy(rng, scale, i);
         state.policies.insert(policy.name.clone(), policy);
     }
     state
+}
+
+fn gen_identity(rng: &mut Rng, i: usize) -> Identity {
+    let id = IdentityId::new(format!("{:016x}{:016x}", rng.next(), i)).expect("hex id");
+    Identity {
+        id,
+        name: name(format!("agent-{i}")),
+        kind: IdentityKind::Agent,
+        roles: roles(rng, "team", 4),
+        disabled: rng.chance(1),
+        revoked: rng.chance(1),
+        expires_at: rng
+            .chance(5)
+            .then(|| Timestamp(NOW.0 - 500 + rng.below(1000) as u64)),
+    }
+}
+
+fn gen_service(rng: &mut Rng, i: usize) -> Service {
+    Service {
+        name: name(format!("svc-{i}")),
+        roles: roles(rng, "tier", 3),
+        hosting: if rng.chance(30) {
+            Hosting::Sdk
+        } else {
+            Hosting::Address("backend.internal:443".parse().expect("valid address"))
+        },
+        intercepts: vec![],
+        proxy_protocol: false,
+    }
+}
+
+fn gen_policy(rng: &mut Rng, scale: Scale, i: usize) -> ServicePolicy {
+    let mut identities = selectors(rng, "team", "agent", scale.identities);
+    let mut services = selectors(rng, "tier", "svc", scale.services);
+    // A few policies for everyone, and a few for every service.
+    if i % 2_000 == 0 {
+        identities = vec![Selector::All];
+    }
+    if i % 2_000 == 1_000 {
+        services = vec![Selector::All];
+    }
+    ServicePolicy {
+        name: name(format!("policy-{i}")),
+        action: if rng.chance(80) {
+            Action::Dial
+        } else {
+            Action::Bind
+        },
+        identities,
+        services,
+        semantic: if rng.chance(10) {
+            Semantic::AllOf
+        } else {
+            Semantic::AnyOf
+        },
+        limits: umbra_policies::GrantLimits::default(),
+    }
+}
+
+/// Makes the k-th change of a kind.
+type MakeChange<'a> = Box<dyn FnMut(usize) -> BenchChange + 'a>;
+
+/// One write, as the bench applies it.
+enum BenchChange {
+    Identity(Identity),
+    Service(Service),
+    Policy(ServicePolicy),
+}
+
+/// The index after one change: a copy (O(1), sharing structure) with the change applied, as a
+/// router keeps the previous version for the lookups in flight.
+fn apply(index: &Index, change: BenchChange) -> Index {
+    let change = match change {
+        BenchChange::Identity(identity) => StateChange::IdentityPut(identity),
+        BenchChange::Service(service) => StateChange::ServicePut(service),
+        BenchChange::Policy(policy) => StateChange::PolicyPut(policy),
+    };
+    let mut next = index.clone();
+    next.apply(&change);
+    next
+}
+
+/// Times `make` then `apply` of up to 200 changes (at most ~10 s in all); returns the sorted
+/// times of the apply alone.
+fn time_changes(index: &Index, mut make: impl FnMut(usize) -> BenchChange) -> Vec<Duration> {
+    let started = Instant::now();
+    let mut samples = Vec::new();
+    for k in 0..200 {
+        if k >= 3 && started.elapsed() > Duration::from_secs(10) {
+            break;
+        }
+        let change = make(k);
+        let t = Instant::now();
+        black_box(apply(index, change));
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
 /// Resident memory of this process in KiB, from `/proc/self/status` (Linux only).
@@ -228,7 +308,8 @@ fn main() {
     let mut table = Table(Vec::new());
 
     let started = Instant::now();
-    let state = generate(&mut rng);
+    let scale = Scale::from_env();
+    let state = generate(&mut rng, scale);
     table.row("state generation", ms(started.elapsed()), None);
 
     let rss_before = rss_kib();
@@ -240,7 +321,7 @@ fn main() {
     table.row("Index::build", ms(build), Some((build, build_target)));
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         let mib = after.saturating_sub(before) as f64 / 1024.0;
-        let label = "index RSS growth (incl. state copy)";
+        let label = "index RSS growth (the state is shared, not copied)";
         table.row(label, format!("{mib:.1} MiB"), None);
     }
 
@@ -267,8 +348,8 @@ fn main() {
     let max = percentile(&samples, 1.0);
     table.row("can_dial max (of 64-lookup means)", ns(max), None);
 
-    let ids: Vec<&IdentityId> = state.identities.keys().collect();
     let mut returned = 0usize;
+    let ids: Vec<&IdentityId> = state.identities.keys().collect();
     let samples = time_each(20_000, || {
         let id = ids[rng.below(ids.len())];
         returned += black_box(index.services_for(id, Action::Dial, NOW)).len();
@@ -297,9 +378,86 @@ fn main() {
     table.row("binders_of p50", ns(percentile(&samples, 0.5)), None);
     table.row("binders_of p99", ns(percentile(&samples, 0.99)), None);
 
+    let ids: Vec<&IdentityId> = state.identities.keys().collect();
+    let (ids, state) = (&ids, &state);
+    let changes: [(&str, MakeChange); 4] = [
+        (
+            "apply: revocation",
+            Box::new({
+                let mut r = Rng(rng.next() | 1);
+                move |_| {
+                    let mut identity = state.identities[ids[r.below(ids.len())]].clone();
+                    identity.revoked = true;
+                    BenchChange::Identity(identity)
+                }
+            }),
+        ),
+        (
+            "apply: identity role change",
+            Box::new({
+                let mut r = Rng(rng.next() | 1);
+                move |_| {
+                    let mut identity = state.identities[ids[r.below(ids.len())]].clone();
+                    identity.roles = roles(&mut r, "team", 4);
+                    BenchChange::Identity(identity)
+                }
+            }),
+        ),
+        (
+            "apply: policy put (new)",
+            Box::new({
+                let mut r = Rng(rng.next() | 1);
+                move |k| BenchChange::Policy(gen_policy(&mut r, scale, scale.policies + k))
+            }),
+        ),
+        (
+            "apply: service put (new)",
+            Box::new({
+                let mut r = Rng(rng.next() | 1);
+                move |k| BenchChange::Service(gen_service(&mut r, scale.services + k))
+            }),
+        ),
+    ];
+    for (label, make) in changes {
+        let samples = time_changes(&index, make);
+        let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
+        table.row(
+            &format!("{label} p50 / p99 (n={})", samples.len()),
+            format!("{} / {}", us(p50), us(p99)),
+            None,
+        );
+    }
+
+    let started = Instant::now();
+    let valid = state.validate().is_ok();
+    table.row(
+        &format!("State::validate, whole state (valid: {valid})"),
+        ms(started.elapsed()),
+        None,
+    );
+    let mut r = Rng(rng.next() | 1);
+    let samples = time_each(200, || {
+        let policy = gen_policy(&mut r, scale, scale.policies + 1_000_000);
+        let service = gen_service(&mut r, scale.services + 1_000_000);
+        let batch = [
+            StateChange::PolicyPut(policy),
+            StateChange::ServicePut(service),
+        ];
+        black_box(index.validate_changes(&batch).is_ok());
+    });
+    table.row(
+        "validate_changes (policy + service put) p50 / p99",
+        format!(
+            "{} / {}",
+            us(percentile(&samples, 0.5)),
+            us(percentile(&samples, 0.99))
+        ),
+        None,
+    );
+
     println!(
-        "\numbra-policies index: {IDENTITIES} identities, {SERVICES} services, \
-         {POLICIES} policies, {ROLES} roles per side"
+        "\numbra-policies index: {} identities, {} services, {} policies, {ROLES} roles per side",
+        scale.identities, scale.services, scale.policies
     );
     println!(
         "load average before / after: {} / {} (other processes share the CPUs and caches)\n",

@@ -44,8 +44,9 @@ use crate::name::Name;
 use crate::rules::{At, Catalog, PolicyRefs, Side};
 
 /// The largest document accepted, so that a careless or hostile input cannot make the parser
-/// use unbounded memory.
-pub const MAX_DOCUMENT_BYTES: usize = 16 << 20;
+/// use unbounded memory: about two and a half times a document of a million identities, a
+/// hundred thousand services and a hundred thousand policies.
+pub const MAX_DOCUMENT_BYTES: usize = 256 << 20;
 
 /// A whole desired state: every agent and admin identity, service and policy, with the routers
 /// its policies name. What is not in it is deleted by `umbra apply` (routers and revoked

@@ -1,85 +1,103 @@
-//! The compiled index: answers "may this identity dial or bind this service" in well under a
-//! microsecond, for routers on every stream request and for the controller.
+//! The policy index: answers "may this identity dial or bind this service" in about a
+//! microsecond, for routers on every stream request and for the controller, and is kept up to
+//! date one change at a time ([`Index::apply`]) instead of being rebuilt.
 //!
-//! Building it finds, for every identity and every service, the sorted policies that select it
-//! (see `matcher`), and stores each identity's lists in one block next to its id and each
-//! service's in one block next to its name (see `keyed`). A lookup fetches the two blocks
-//! together and finds the first policy of the identity's list that is also in the service's,
-//! testing against a bitmap stored with the service (see `filtered`). With 100,000 identities
-//! most lookups miss the CPU caches, so what a lookup costs is the number of memory reads that
-//! wait on one another; this layout keeps that to one block per side. Whether the identity is
+//! Names and roles are interned as terms (see `terms`), and identities, services and policies
+//! get stable `u32` slots. Per identity the index keeps only whether it may act and its
+//! terms; which policies select it is found when asked, through the terms' lead lists (the
+//! policies each role, each name and `#all` can lead to: AnyOf policies through every
+//! selector, AllOf through their most selective one), then the policy's test. Per service it
+//! keeps the Dial and Bind policies that select it, materialized with a small bitmap, so a
+//! lookup walks the identity's few candidates and tests each against the service's bitmap.
+//! Per term it also keeps the identities and services holding it, so that a policy change
+//! finds the services it selects, and `binders_of` the identities, without scanning.
+//!
+//! Everything is persistent (`imbl` maps and vectors, `Arc`ed records), so cloning an index is
+//! O(1) and a changed copy shares what the change did not touch. Whether an identity is
 //! active (not disabled, revoked or expired at `now`) is checked at lookup time, so that time
-//! passing needs nothing and a revocation needs no recompilation ([`Index::with_identity`]).
-
-mod compile;
+//! passing needs nothing and a revocation touches one record.
+mod activity;
+mod apply;
 mod explain;
-mod filtered;
-mod identities;
-mod keyed;
-mod matcher;
-mod rows;
+mod order;
+mod records;
+mod sides;
+mod slots;
+mod terms;
+mod trie;
+mod validate;
 
 use std::fmt;
 use std::sync::Arc;
 
 use crate::decision::{Deny, Explanation, Permit};
 use crate::model::{
-    Action, Hosting, Identity, IdentityId, Service, ServicePolicy, State, Timestamp,
+    Action, HostPort, Hosting, Identity, IdentityId, Service, ServicePolicy, State, Timestamp,
 };
-use compile::Compiled;
-pub(crate) use identities::Activity;
-use identities::{Identities, IdentityEntry};
-use rows::{common, union};
+use crate::name::Name;
+pub(crate) use activity::Activity;
+use records::{IdRecord, PolRecord, Side, SvcRecord};
+use sides::Of;
+use slots::{SlotSet, Slots};
+use terms::{HashMap, Terms};
 
-/// An immutable, compiled view of one [`State`], cheap to share between threads (clone it, or
-/// put it in an `Arc`) and cheap to query.
-#[derive(Clone)]
+/// A compiled view of one [`State`], cheap to clone (O(1): versions share structure), cheap to
+/// query and cheap to change ([`Index::apply`]).
+#[derive(Clone, Default)]
 pub struct Index {
-    state: Arc<State>,
-    /// Identities by id, with whether they may act; replaced alone when only that changes.
-    identities: Arc<Identities>,
-    compiled: Arc<Compiled>,
+    state: State,
+    /// Identities by the id they are stored under.
+    identities: HashMap<IdentityId, Arc<IdRecord>>,
+    identity_slots: Slots<Arc<IdRecord>>,
+    /// Services by the name they are stored under.
+    services: HashMap<Name, Arc<SvcRecord>>,
+    service_slots: Slots<Arc<SvcRecord>>,
+    /// Policy slots by the name they are stored under.
+    policies: HashMap<Name, u32>,
+    policy_slots: Slots<Arc<PolRecord>>,
+    terms: Terms,
+    /// Policies whose identity side leads through `#all`.
+    identity_all: SlotSet,
+    /// Policies whose service side leads through `#all`.
+    service_all: SlotSet,
+    /// The services listing each intercept (for checking writes).
+    intercepts: HashMap<HostPort, SlotSet>,
 }
 
 impl Index {
-    /// Compiles `state` (copying it; see [`Index::from_arc`] to share one instead).
+    /// Compiles `state` (sharing it: states are persistent, so this copies nothing).
     pub fn build(state: &State) -> Index {
-        Index::from_arc(Arc::new(state.clone()))
+        let mut index = Index {
+            // First, so that new entries find their neighbours in key order (see `order`).
+            state: state.clone(),
+            ..Index::default()
+        };
+        for (id, identity) in &state.identities {
+            index.put_identity(id, identity);
+        }
+        // Policies before services: each service then finds its policies in one pass, rather
+        // than each policy growing the lists of the services it selects.
+        for (name, policy) in &state.policies {
+            index.put_policy(name, policy);
+        }
+        for (name, service) in &state.services {
+            index.put_service(name, service);
+        }
+        index
     }
 
-    /// Compiles a state that the caller already shares, without copying it.
+    /// Compiles a state that the caller already shares.
     pub fn from_arc(state: Arc<State>) -> Index {
-        let (compiled, identities) = Compiled::new(&state);
-        Index {
-            state,
-            identities: Arc::new(identities),
-            compiled: Arc::new(compiled),
-        }
+        Index::build(&state)
     }
 
-    /// The index for this state with one identity replaced or added. When only what decides
-    /// whether it may act changed (disabled, revoked, expiry, kind), the compiled relations
-    /// are shared instead of rebuilt, so that disabling or revoking is cheap; otherwise it
-    /// recompiles.
+    /// The index for this state with one identity replaced or added: a copy with
+    /// [`Index::apply`] of the put. When only what decides whether it may act changed
+    /// (disabled, revoked, expiry, kind) this touches that one record.
     pub fn with_identity(&self, identity: Identity) -> Index {
-        let mut state = (*self.state).clone();
-        let unchanged = (state.identities.get(&identity.id))
-            .is_some_and(|old| old.name == identity.name && old.roles == identity.roles);
-        let patched = unchanged
-            .then(|| {
-                self.identities
-                    .with_activity(identity.id.as_str(), Activity::of(&identity))
-            })
-            .flatten();
-        state.identities.insert(identity.id.clone(), identity);
-        match patched {
-            Some(identities) => Index {
-                state: Arc::new(state),
-                identities: Arc::new(identities),
-                compiled: Arc::clone(&self.compiled),
-            },
-            None => Index::from_arc(Arc::new(state)),
-        }
+        let mut index = self.clone();
+        index.apply(&crate::StateChange::IdentityPut(identity));
+        index
     }
 
     /// Whether `identity` may open streams to `service` at `now`.
@@ -111,18 +129,57 @@ impl Index {
         service: &str,
         now: Timestamp,
     ) -> Result<Permit, Deny> {
-        // Both lookups are independent; issuing them together lets their cache misses overlap.
-        let (entry, of_service) = (
-            self.identities.get(identity.as_str()),
-            self.compiled.service(service, action),
-        );
-        let entry = entry.ok_or(Deny::UnknownIdentity)?;
-        entry.activity.check(now)?;
-        let first = of_service.and_then(|s| s.first_of(entry.policies(action)));
-        let policy = first.ok_or(Deny::NotGranted)?;
+        let record = self.active(identity, now)?;
+        let policy = (self.services.get(service))
+            .and_then(|s| {
+                self.granting(record, s, action)
+                    .min_by(|a, b| a.name.cmp(&b.name))
+            })
+            .ok_or(Deny::NotGranted)?;
         Ok(Permit {
-            policy: self.compiled.policy_names[policy as usize].clone(),
+            policy: policy.name.clone(),
         })
+    }
+
+    /// The policies of `action` that select both the identity and the service (a policy may
+    /// come more than once). Walks the identity's candidates and tests each against the
+    /// service's bitmap first, so that only real grants read a policy record.
+    fn granting<'a>(
+        &'a self,
+        identity: &'a IdRecord,
+        service: &'a SvcRecord,
+        action: Action,
+    ) -> impl Iterator<Item = &'a PolRecord> + 'a {
+        let of_service = service.policies(action);
+        self.candidates(identity)
+            .filter(move |&p| of_service.contains(p))
+            .filter_map(move |p| self.policy_slots.get(p))
+            .filter(move |p| p.selects_candidate(identity))
+            .map(|p| &**p)
+    }
+
+    /// The policies the identity's leads reach (some more than once): those for `#all`, for
+    /// its name and for its roles.
+    fn candidates<'a>(&'a self, identity: &'a IdRecord) -> impl Iterator<Item = u32> + 'a {
+        let roles = (identity.terms.iter())
+            .filter(|&&t| t != identity.name_term)
+            .map(|&t| &self.terms.get(t).id_leads);
+        [&self.identity_all, &identity.name_leads]
+            .into_iter()
+            .chain(roles)
+            .flat_map(SlotSet::iter)
+    }
+
+    /// The policies (of either action) that select the identity, sorted by slot.
+    fn selecting(&self, identity: &IdRecord) -> Vec<&PolRecord> {
+        let mut slots: Vec<u32> = self.candidates(identity).collect();
+        slots.sort_unstable();
+        slots.dedup();
+        (slots.into_iter())
+            .filter_map(|p| self.policy_slots.get(p))
+            .filter(|p| p.selects_candidate(identity))
+            .map(|p| &**p)
+            .collect()
     }
 
     /// The services `identity` may use for `action` at `now`, sorted by name: what a tunneler
@@ -133,31 +190,52 @@ impl Index {
         action: Action,
         now: Timestamp,
     ) -> Vec<&Service> {
-        let Ok(entry) = self.active(identity, now) else {
+        let Ok(record) = self.active(identity, now) else {
             return Vec::new();
         };
-        let c = &self.compiled;
-        let rows = entry
-            .policies(action)
-            .iter()
-            .map(|&p| c.policy_services.row(p));
-        (union(rows, c.services.len()).into_iter())
-            .map(|s| &c.services[s as usize])
-            .collect()
+        let mut slots: Vec<u32> = (self.selecting(record).into_iter())
+            .filter(|p| p.action == action)
+            .flat_map(|p| p.selected.iter())
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        self.services_at(slots)
+    }
+
+    /// The services in these slots, sorted by name.
+    fn services_at(&self, slots: Vec<u32>) -> Vec<&Service> {
+        let mut records: Vec<&SvcRecord> = (slots.into_iter())
+            .filter_map(|s| self.service_slots.get(s))
+            .map(|s| &**s)
+            .collect();
+        records.sort_unstable_by_key(|s| s.order);
+        records.into_iter().map(|s| &*s.service).collect()
     }
 
     /// The ids of the identities that may bind `service` at `now`, sorted: routers use this to
     /// pick the SDK hosts a dial can be routed to. Empty for an unknown service.
     pub fn binders_of(&self, service: &str, now: Timestamp) -> Vec<&IdentityId> {
-        let c = &self.compiled;
-        let Some(policies) = c.service(service, Action::Bind) else {
+        let Some(record) = self.services.get(service) else {
             return Vec::new();
         };
-        let rows = policies.list().iter().map(|&p| c.policy_identities.row(p));
-        (union(rows, c.identity_ids.len()).into_iter())
-            .filter(|&i| self.identities.at(i).activity.check(now).is_ok())
-            .map(|i| &c.identity_ids[i as usize])
-            .collect()
+        let mut slots: Vec<u32> = (record.bind.list().iter())
+            .filter_map(|&p| self.policy_slots.get(p))
+            .flat_map(|p| self.selected_identities(&p.identities))
+            .collect();
+        slots.sort_unstable();
+        slots.dedup();
+        self.identity_ids(slots, Some(now))
+    }
+
+    /// The ids of the identities in these slots (active at `now`, if given), sorted.
+    fn identity_ids(&self, slots: Vec<u32>, now: Option<Timestamp>) -> Vec<&IdentityId> {
+        let mut records: Vec<&IdRecord> = (slots.into_iter())
+            .filter_map(|i| self.identity_slots.get(i))
+            .filter(|i| now.is_none_or(|now| i.activity.check(now).is_ok()))
+            .map(|i| &**i)
+            .collect();
+        records.sort_unstable_by_key(|i| i.order);
+        records.into_iter().map(|i| &i.id).collect()
     }
 
     /// Who may dial `service` at `now`, and through which policy: every pair of a Dial policy
@@ -165,31 +243,61 @@ impl Index {
     /// and then identity id. A host (an LLM or MCP gateway) enforces each pair's limits, so it
     /// must see the same grants the routers decide with; asking the index keeps that one
     /// evaluator instead of a second scan of every policy against every identity. Empty for an
-    /// unknown service and for one not hosted through the SDK (no host serves it, and the
-    /// index keeps no table for it).
+    /// unknown service and for one not hosted through the SDK (no host serves it).
     pub fn dialers_of(&self, service: &str, now: Timestamp) -> Vec<(&Identity, &ServicePolicy)> {
-        let c = &self.compiled;
         if self.state.services.get(service).map(|s| &s.hosting) != Some(&Hosting::Sdk) {
             return Vec::new();
         }
-        let Some(policies) = c.service(service, Action::Dial) else {
+        let Some(record) = self.services.get(service) else {
             return Vec::new();
         };
+        let mut policies: Vec<&PolRecord> = (record.dial.list().iter())
+            .filter_map(|&p| self.policy_slots.get(p))
+            .map(|p| &**p)
+            .collect();
+        policies.sort_unstable_by(|a, b| a.name.cmp(&b.name));
         let mut out = Vec::new();
-        for &p in policies.list() {
-            let Some(policy) = self.state.policies.get(&c.policy_names[p as usize]) else {
+        for p in policies {
+            let Some(policy) = self.state.policies.get(&p.name) else {
                 continue;
             };
-            for &i in c.policy_identities.row(p) {
-                if self.identities.at(i).activity.check(now).is_err() {
-                    continue;
-                }
-                if let Some(identity) = self.state.identities.get(&c.identity_ids[i as usize]) {
+            let slots = self.selected_identities(&p.identities);
+            for id in self.identity_ids(slots, Some(now)) {
+                if let Some(identity) = self.state.identities.get(id) {
                     out.push((identity, policy));
                 }
             }
         }
         out
+    }
+
+    /// The identities a policy's identity side selects, active or not, sorted by id: found
+    /// through the terms' member sets, at a cost proportional to the answer. The policy need
+    /// not be in the index (the controller asks about the old and new version of a changed
+    /// one, to find whose views it changes).
+    pub fn identities_selected_by(&self, policy: &ServicePolicy) -> Vec<&IdentityId> {
+        let side = sides::lookup(&self.terms, &policy.identities, policy.semantic);
+        self.identity_ids(self.selected_identities(&side), None)
+    }
+
+    /// The services a policy's service side selects, sorted by name, likewise.
+    pub fn services_selected_by(&self, policy: &ServicePolicy) -> Vec<&Service> {
+        let side = sides::lookup(&self.terms, &policy.services, policy.semantic);
+        self.services_at(self.selected_services(&side))
+    }
+
+    /// The identity slots a side selects, sorted.
+    fn selected_identities(&self, side: &Side) -> Vec<u32> {
+        let everything = || self.identity_slots.iter().map(|i| i.slot).collect();
+        let terms_of = |i| self.identity_slots.get(i).map(|i| &i.terms[..]);
+        sides::selected(&self.terms, side, Of::Identities, everything, terms_of)
+    }
+
+    /// The service slots a side selects, sorted.
+    fn selected_services(&self, side: &Side) -> Vec<u32> {
+        let everything = || self.service_slots.iter().map(|s| s.slot).collect();
+        let terms_of = |s| self.service_slots.get(s).map(|s| &s.terms[..]);
+        sides::selected(&self.terms, side, Of::Services, everything, terms_of)
     }
 
     /// The decision for `identity`, `service` and `action` at `now` with the facts behind it,
@@ -201,22 +309,20 @@ impl Index {
         action: Action,
         now: Timestamp,
     ) -> Explanation {
-        let c = &self.compiled;
-        let selecting = (self.identities.get(identity.as_str()))
-            .map(|entry| entry.policies(action).to_vec())
-            .unwrap_or_default();
-        let of_service = c
-            .service(service, action)
-            .map(|s| s.list())
-            .unwrap_or_default();
-        let granting = common(&selecting, of_service)
-            .map(|p| c.policy_names[p as usize].clone())
-            .collect();
+        let record = self.services.get(service);
+        let mut granting: Vec<Name> = match (self.identities.get(identity), record) {
+            (Some(i), Some(s)) => (self.granting(i, s, action))
+                .map(|p| p.name.clone())
+                .collect(),
+            _ => Vec::new(),
+        };
+        granting.sort_unstable();
+        granting.dedup();
         let facts = explain::Facts {
             identity: self.state.identities.get(identity),
             id: identity,
             service,
-            service_exists: self.compiled.service(service, action).is_some(),
+            service_exists: record.is_some(),
             action,
             now,
             granting,
@@ -231,23 +337,20 @@ impl Index {
     }
 
     /// A known identity that is active at `now`.
-    fn active(&self, identity: &IdentityId, now: Timestamp) -> Result<IdentityEntry<'_>, Deny> {
-        let entry = (self.identities.get(identity.as_str())).ok_or(Deny::UnknownIdentity)?;
-        entry.activity.check(now)?;
-        Ok(entry)
+    fn active(&self, identity: &IdentityId, now: Timestamp) -> Result<&IdRecord, Deny> {
+        let record = self.identities.get(identity).ok_or(Deny::UnknownIdentity)?;
+        record.activity.check(now)?;
+        Ok(record)
     }
 }
 
 impl fmt::Debug for Index {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Index")
-            .field("identities", &self.compiled.identity_ids.len())
-            .field("services", &self.compiled.services.len())
-            .field("policies", &self.compiled.policy_names.len())
-            .field(
-                "table_bytes",
-                &(self.compiled.table_bytes() + self.identities.heap_bytes()),
-            )
+            .field("identities", &self.identity_slots.len())
+            .field("services", &self.service_slots.len())
+            .field("policies", &self.policy_slots.len())
+            .field("terms", &self.terms.len())
             .finish()
     }
 }

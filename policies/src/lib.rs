@@ -10,6 +10,7 @@
 pub mod address;
 mod allowance;
 mod apply;
+mod change;
 mod decision;
 mod doc;
 mod error;
@@ -27,6 +28,7 @@ mod testing;
 
 pub use allowance::{AllowanceError, Patterns, Period, TokenBudget};
 pub use apply::apply_plan;
+pub use change::StateChange;
 pub use decision::{Deny, Explanation, Permit};
 pub use doc::{export, parse_document, DocIdentity, Document, MAX_DOCUMENT_BYTES};
 pub use error::{DocError, DocErrorKind, Entity};
@@ -42,5 +44,5 @@ pub use model::{
     Service, ServicePolicy, State, Timestamp,
 };
 pub use name::{Name, NameError, MAX_NAME_LEN};
-pub use plan::{plan, Change, Plan};
+pub use plan::{plan, Change, Plan, Shown};
 pub use selector::{Selector, SelectorError};

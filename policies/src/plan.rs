@@ -220,7 +220,7 @@ struct Diff<T> {
 }
 
 fn diff<T: Clone + PartialEq>(
-    current: &BTreeMap<Name, T>,
+    current: &imbl::OrdMap<Name, T>,
     desired: &[T],
     name: impl Fn(&T) -> &Name,
 ) -> Diff<T> {
@@ -311,13 +311,60 @@ fn changed(f: &mut fmt::Formatter<'_>, head: &str, old: &Fields, new: &Fields) -
     writeln!(f, "~ {head}: {}", diffs.join(", "))
 }
 
+impl Plan {
+    /// The plan as a diff of at most `limit` changes, then one line counting the rest by kind,
+    /// for answers and logs that must stay small whatever the document.
+    pub fn shown(&self, limit: usize) -> Shown<'_> {
+        Shown { plan: self, limit }
+    }
+}
+
+/// A plan shown in part (see [`Plan::shown`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Shown<'a> {
+    plan: &'a Plan,
+    limit: usize,
+}
+
+impl fmt::Display for Shown<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.plan.write(f, self.limit)?;
+        let rest = self.plan.changes.get(self.limit..).unwrap_or_default();
+        if rest.is_empty() {
+            return Ok(());
+        }
+        let (mut identities, mut services, mut policies) = (0usize, 0usize, 0usize);
+        for change in rest {
+            match change {
+                Change::CreateIdentity { .. }
+                | Change::UpdateIdentity { .. }
+                | Change::DeleteIdentity { .. } => identities += 1,
+                Change::PutService(_) | Change::DeleteService { .. } => services += 1,
+                Change::PutPolicy(_) | Change::DeletePolicy { .. } => policies += 1,
+            }
+        }
+        writeln!(
+            f,
+            "... and {} more change(s): {identities} to identities, {services} to services, \
+             {policies} to policies",
+            rest.len()
+        )
+    }
+}
+
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.write(f, usize::MAX)
+    }
+}
+
+impl Plan {
+    fn write(&self, f: &mut fmt::Formatter<'_>, limit: usize) -> fmt::Result {
         if self.is_empty() {
             return writeln!(f, "no changes");
         }
         let b = &self.before;
-        for change in &self.changes {
+        for change in self.changes.iter().take(limit) {
             match change {
                 Change::CreateIdentity {
                     name,

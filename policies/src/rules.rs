@@ -78,23 +78,36 @@ impl Catalog<'_> {
         unique(Entity::Policy, "policies", &policies, problems);
         intercepts_unique(&self.intercepts, problems);
         for p in &self.policies {
-            let path = p.at.path("policies");
-            let sides = [
-                ("identities", &p.identities, Entity::Identity, &identities),
-                ("services", &p.services, Entity::Service, &services),
-            ];
-            for (field, side, entity, known) in sides {
-                if side.len == 0 {
-                    problems.push(format!("{path}.{field}"), DocErrorKind::EmptySelectors);
-                }
-                for &(j, selector) in &side.valid {
-                    if let Selector::Named(name) = selector {
-                        if !known.contains(name) {
-                            let name = name.clone();
-                            let kind = DocErrorKind::Dangling { entity, name };
-                            problems.push(format!("{path}.{field}[{j}]"), kind);
-                        }
-                    }
+            let identity = |n: &Name| identities.contains(n);
+            let service = |n: &Name| services.contains(n);
+            check_policy(p, &identity, &service, problems);
+        }
+    }
+}
+
+/// Records the problems of one policy: an empty selector list, and each `@name` naming no
+/// identity (no service) as `identity` (`service`) tells.
+pub(crate) fn check_policy(
+    p: &PolicyRefs<'_>,
+    identity: &dyn Fn(&Name) -> bool,
+    service: &dyn Fn(&Name) -> bool,
+    problems: &mut Problems,
+) {
+    let path = p.at.path("policies");
+    let sides = [
+        ("identities", &p.identities, Entity::Identity, identity),
+        ("services", &p.services, Entity::Service, service),
+    ];
+    for (field, side, entity, known) in sides {
+        if side.len == 0 {
+            problems.push(format!("{path}.{field}"), DocErrorKind::EmptySelectors);
+        }
+        for &(j, selector) in &side.valid {
+            if let Selector::Named(name) = selector {
+                if !known(name) {
+                    let name = name.clone();
+                    let kind = DocErrorKind::Dangling { entity, name };
+                    problems.push(format!("{path}.{field}[{j}]"), kind);
                 }
             }
         }
@@ -104,7 +117,10 @@ impl Catalog<'_> {
 /// Reports every intercept listed by a service after another service listed it: a tunneler
 /// listens once per address, so two services there would leave one silently unreachable. A
 /// service repeating its own intercept is harmless and left alone.
-fn intercepts_unique(services: &[(At<'_>, &Name, &[HostPort])], problems: &mut Problems) {
+pub(crate) fn intercepts_unique(
+    services: &[(At<'_>, &Name, &[HostPort])],
+    problems: &mut Problems,
+) {
     let mut owner: HashMap<&HostPort, &Name> = HashMap::new();
     for &(at, name, intercepts) in services {
         for (j, intercept) in intercepts.iter().enumerate() {
@@ -127,7 +143,7 @@ fn intercepts_unique(services: &[(At<'_>, &Name, &[HostPort])], problems: &mut P
 }
 
 /// Reports names used twice in one list and returns the set of names in it.
-fn unique<'a>(
+pub(crate) fn unique<'a>(
     entity: Entity,
     list: &str,
     entries: &[(At<'_>, Option<&'a Name>)],

@@ -96,7 +96,7 @@ fn state() -> impl Strategy<Value = State> {
         proptest::collection::vec(policy, 0..8),
     )
         .prop_map(|(identities, services, policies)| State {
-            identities,
+            identities: identities.into_iter().collect(),
             services: services.into_iter().map(|s| (s.name.clone(), s)).collect(),
             policies: policies.into_iter().map(|p| (p.name.clone(), p)).collect(),
         })

@@ -134,8 +134,8 @@ fn controller_state() -> impl Strategy<Value = State> {
                 .map(|p| (p.name.clone(), p))
                 .collect();
             State {
-                identities,
-                services,
+                identities: identities.into(),
+                services: services.into(),
                 policies,
             }
         })

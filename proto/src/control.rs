@@ -1,8 +1,8 @@
 //! The control channel: how the controller keeps every router's copy of the model exact.
 //!
 //! A router connects, says which history (`epoch`) and sequence number it last applied, and the
-//! controller answers with either the deltas after that number or a full [`Snapshot`] followed
-//! by deltas. Every committed change has exactly one sequence number, so a router that applies
+//! controller answers with either the deltas after that number or a full snapshot (in bounded
+//! chunks, see [`crate::snapshot`]) followed by deltas. Every committed change has exactly one sequence number, so a router that applies
 //! deltas in order holds the same state as the controller; a gap means it must resynchronize.
 //! Revocations are deltas like any other, persisted with their sequence number, so a router that
 //! was away when one happened still receives it before anything newer.
@@ -35,22 +35,6 @@ pub struct RouterInfo {
     pub name: Name,
     /// The address (`host:port`, UDP) that clients connect to; absent until it first reports.
     pub advertise: Option<String>,
-}
-
-/// The whole state as of one sequence number.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Snapshot {
-    /// Identifies the controller's history; sequence numbers only compare within one epoch.
-    pub epoch: String,
-    /// The sequence number of the last change included.
-    pub seq: u64,
-    /// Identities, services and policies.
-    pub state: State,
-    /// Certificates revoked before they expire.
-    pub revoked: Vec<RevokedCert>,
-    /// Known routers.
-    pub routers: Vec<RouterInfo>,
 }
 
 /// One committed change.
@@ -136,8 +120,17 @@ pub enum ControlMessage {
         /// The controller's epoch.
         epoch: String,
     },
-    /// The whole state; deltas follow.
-    Snapshot(Box<Snapshot>),
+    /// A snapshot of the whole state begins: chunks follow, then its end, then deltas.
+    SnapshotBegin {
+        /// The controller's epoch.
+        epoch: String,
+        /// The sequence number of the last change included.
+        seq: u64,
+    },
+    /// Part of the snapshot (see [`crate::snapshot`]).
+    SnapshotChunk(Box<crate::snapshot::SnapshotChunk>),
+    /// The snapshot is complete: it held this many entries of each kind.
+    SnapshotEnd(crate::snapshot::SnapshotCounts),
     /// One change.
     Delta(Box<Delta>),
     /// Sent when nothing else was for a while, so a router notices a dead connection.
@@ -177,32 +170,6 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Replaces the copy with a snapshot.
-    pub fn from_snapshot(s: Snapshot) -> Replica {
-        Replica {
-            epoch: s.epoch,
-            seq: s.seq,
-            state: s.state,
-            revoked: s
-                .revoked
-                .into_iter()
-                .map(|r| (r.serial.clone(), r))
-                .collect(),
-            routers: s.routers.into_iter().map(|r| (r.id.clone(), r)).collect(),
-        }
-    }
-
-    /// The copy as a snapshot (what a controller sends a new follower).
-    pub fn to_snapshot(&self) -> Snapshot {
-        Snapshot {
-            epoch: self.epoch.clone(),
-            seq: self.seq,
-            state: self.state.clone(),
-            revoked: self.revoked.values().cloned().collect(),
-            routers: self.routers.values().cloned().collect(),
-        }
-    }
-
     /// Applies the next delta. A delta that is not exactly `seq + 1` is refused, because
     /// skipping one could skip a revocation.
     pub fn apply(&mut self, delta: &Delta) -> Result<(), ApplyError> {
@@ -330,7 +297,7 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_round_trip_and_json() {
+    fn prunes_expired_revocations() {
         let mut r = Replica {
             epoch: "e".into(),
             ..Default::default()
@@ -346,12 +313,8 @@ mod tests {
             },
         ))
         .unwrap();
-        let snap = r.to_snapshot();
-        let json =
-            serde_json::to_string(&ControlMessage::Snapshot(Box::new(snap.clone()))).unwrap();
-        let back: ControlMessage = serde_json::from_str(&json).unwrap();
-        assert_eq!(back, ControlMessage::Snapshot(Box::new(snap.clone())));
-        assert_eq!(Replica::from_snapshot(snap), r);
+        r.prune_revoked(Timestamp(9));
+        assert_eq!(r.revoked.len(), 1);
         r.prune_revoked(Timestamp(10));
         assert!(r.revoked.is_empty());
     }

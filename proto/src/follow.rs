@@ -16,7 +16,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::control::{ApplyError, ControlMessage, Replica, CONTROL_PROTOCOL_VERSION};
+use crate::control::{ApplyError, ChangeEvent, ControlMessage, Replica, CONTROL_PROTOCOL_VERSION};
+use crate::snapshot::{SnapshotAssembly, SnapshotError};
 
 /// The heartbeat of a channel whose follower asks for none.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
@@ -75,6 +76,9 @@ pub enum SessionEnd {
     /// A delta came before any snapshot; the next session asks for one.
     #[error("delta before any snapshot")]
     NoBase,
+    /// A snapshot arrived out of order or incomplete; nothing of it was enforced.
+    #[error("{0}")]
+    Snapshot(#[from] SnapshotError),
     /// The controller closed the channel.
     #[error("the controller closed the channel")]
     Eof,
@@ -85,6 +89,27 @@ pub enum SessionEnd {
     /// at once, from the same sequence number, without withdrawing anything.
     #[error("the router's certificate was renewed; reconnecting with the new one")]
     Renewed,
+}
+
+/// The most changes kept for the shell between two publications; past it the shell is told to
+/// compile the copy afresh, which then costs less than applying them one by one.
+pub const MAX_PENDING_CHANGES: usize = 65_536;
+
+/// What changed in the copy since the shell last took it: the shell keeps its compiled policy
+/// up to date by applying these, in order, instead of compiling the whole copy again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Changes {
+    /// These changes, in order, since the last time (empty: nothing, or only sequence numbers).
+    Deltas(Vec<ChangeEvent>),
+    /// A new copy (a snapshot, another history, or more changes than are worth applying):
+    /// compile [`ControlFollower::replica`] from scratch.
+    Rebuild,
+}
+
+impl Default for Changes {
+    fn default() -> Self {
+        Changes::Deltas(Vec::new())
+    }
 }
 
 /// What the shell must do, in order.
@@ -113,6 +138,8 @@ struct Session {
     mid_commit: bool,
     /// Whether [`Output::Close`] was already emitted for it.
     closing: bool,
+    /// A snapshot being received; what is enforced changes only when it is complete.
+    snapshot: Option<SnapshotAssembly>,
 }
 
 /// The router's follower of `GET /v1/control`.
@@ -122,6 +149,8 @@ pub struct ControlFollower {
     heartbeat: Duration,
     /// The exact copy, once a snapshot arrived; `None` makes the next session ask for one.
     replica: Option<Replica>,
+    /// What changed in the copy since the shell last took [`ControlFollower::take_changes`].
+    changes: Changes,
     /// When the controller last sent a message; `None` before the first.
     last_heard: Option<Instant>,
     /// Whether nothing is enforced: at start, and after `stale_after` of silence.
@@ -142,6 +171,7 @@ impl ControlFollower {
             stale_after,
             heartbeat: heartbeat_for(stale_after),
             replica: None,
+            changes: Changes::Rebuild,
             last_heard: None,
             stale: true,
             session: None,
@@ -165,6 +195,13 @@ impl ControlFollower {
         self.replica.as_mut()
     }
 
+    /// What changed in the copy since the last call (the first call says [`Changes::Rebuild`]).
+    /// The shell calls it on each [`Output::Publish`] and applies the result to what it last
+    /// compiled, which then equals a compilation of [`ControlFollower::replica`].
+    pub fn take_changes(&mut self) -> Changes {
+        std::mem::take(&mut self.changes)
+    }
+
     /// Where the next session resumes: the epoch and last applied sequence, or `None` to ask for
     /// a snapshot.
     pub fn resume_from(&self) -> Option<(&str, u64)> {
@@ -185,6 +222,7 @@ impl ControlFollower {
             changed: false,
             mid_commit: false,
             closing: false,
+            snapshot: None,
         });
     }
 
@@ -220,12 +258,27 @@ impl ControlFollower {
             _ if !session.after_hello => {
                 return Err(SessionEnd::Transport("a message before Hello".into()))
             }
-            ControlMessage::Snapshot(s) => {
-                self.replica = Some(Replica::from_snapshot(*s));
+            ControlMessage::SnapshotBegin { epoch, seq } => {
+                if session.snapshot.is_some() {
+                    return Err(SnapshotError::Interrupted.into());
+                }
+                session.snapshot = Some(SnapshotAssembly::begin(epoch, seq));
+                return Ok(());
+            }
+            ControlMessage::SnapshotChunk(chunk) => {
+                let assembly = session.snapshot.as_mut().ok_or(SnapshotError::NotBegun)?;
+                assembly.push(*chunk)?;
+                return Ok(());
+            }
+            ControlMessage::SnapshotEnd(counts) => {
+                let assembly = session.snapshot.take().ok_or(SnapshotError::NotBegun)?;
+                self.replica = Some(assembly.finish(counts)?);
+                self.changes = Changes::Rebuild;
                 session.mid_commit = false;
                 session.changed = true;
                 true
             }
+            _ if session.snapshot.is_some() => return Err(SnapshotError::Interrupted.into()),
             ControlMessage::Delta(d) => {
                 let Some(r) = self.replica.as_mut() else {
                     return Err(SessionEnd::NoBase);
@@ -235,6 +288,13 @@ impl ControlFollower {
                     return Ok(());
                 }
                 r.apply(&d)?;
+                if let Changes::Deltas(list) = &mut self.changes {
+                    if list.len() < MAX_PENDING_CHANGES {
+                        list.push(d.change);
+                    } else {
+                        self.changes = Changes::Rebuild;
+                    }
+                }
                 session.mid_commit = !d.last_in_commit;
                 session.changed = true;
                 // Deltas replayed on resume are followed by a heartbeat that says how far the

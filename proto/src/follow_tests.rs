@@ -6,7 +6,8 @@ use proptest::prelude::*;
 use umbra_policies::{IdentityId, State, Timestamp};
 
 use super::*;
-use crate::control::{ChangeEvent, Delta, RevokedCert, Snapshot};
+use crate::control::{ChangeEvent, Delta, RevokedCert};
+use crate::snapshot::SnapshotMessages;
 
 const STALE: Duration = Duration::from_secs(15);
 
@@ -17,14 +18,14 @@ fn hello(epoch: &str) -> ControlMessage {
     }
 }
 
-fn snapshot(epoch: &str, seq: u64) -> ControlMessage {
-    ControlMessage::Snapshot(Box::new(Snapshot {
+/// A snapshot of an empty state, as the controller sends it: begin, then end.
+fn snapshot(epoch: &str, seq: u64) -> Vec<ControlMessage> {
+    let replica = Replica {
         epoch: epoch.into(),
         seq,
-        state: State::default(),
-        revoked: vec![],
-        routers: vec![],
-    }))
+        ..Default::default()
+    };
+    SnapshotMessages::new(replica).collect()
 }
 
 fn delta(seq: u64, last_in_commit: bool) -> ControlMessage {
@@ -65,7 +66,7 @@ fn serving(t0: Instant, seq: u64) -> ControlFollower {
     f.session_started(t0);
     let out = batch(
         &mut f,
-        vec![hello("e1"), snapshot("e1", seq), beat(seq)],
+        [vec![hello("e1")], snapshot("e1", seq), vec![beat(seq)]].concat(),
         t0,
     );
     assert_eq!(out, vec![Output::Publish]);
@@ -116,7 +117,11 @@ fn a_slow_first_message_does_not_end_the_session() {
     f.session_started(t0);
     let first = t0 + session_silence(f.heartbeat()) - Duration::from_millis(1);
     assert_eq!(tick(&mut f, first), vec![]);
-    let out = batch(&mut f, vec![hello("e1"), snapshot("e1", 3), beat(3)], first);
+    let out = batch(
+        &mut f,
+        [vec![hello("e1")], snapshot("e1", 3), vec![beat(3)]].concat(),
+        first,
+    );
     assert_eq!(out, vec![Output::Publish]);
 }
 
@@ -179,7 +184,7 @@ fn a_restarted_controller_with_a_new_epoch_sends_a_whole_new_copy() {
     f.session_started(t0);
     assert_eq!(batch(&mut f, vec![hello("e2")], t0), vec![]);
     assert_eq!(f.resume_from(), None, "the old copy is dropped");
-    let out = batch(&mut f, vec![snapshot("e2", 2), beat(2)], t0);
+    let out = batch(&mut f, [snapshot("e2", 2), vec![beat(2)]].concat(), t0);
     assert_eq!(out, vec![Output::Publish]);
     assert_eq!(f.resume_from(), Some(("e2", 2)));
 }
@@ -376,7 +381,7 @@ impl History {
                     out.push(delta(seq, self.ends[seq as usize - 1]));
                 }
             }
-            _ => out.push(snapshot(&self.name(), self.seq())),
+            _ => out.extend(snapshot(&self.name(), self.seq())),
         }
         out.push(beat(self.seq()));
         out
@@ -476,4 +481,86 @@ proptest! {
         prop_assert!(!f.is_stale());
         prop_assert_eq!(f.replica().map(|r| r.seq), Some(h.seq()));
     }
+}
+
+/// A snapshot replaces what is enforced only once it is complete: one interrupted by another
+/// message, or short of what its end announced, ends the session and leaves the copy as it was.
+#[test]
+fn an_interrupted_or_incomplete_snapshot_changes_nothing() {
+    let t0 = Instant::now();
+    let mut f = serving(t0, 3);
+    let mut r = Replica {
+        epoch: "e1".into(),
+        seq: 9,
+        ..Default::default()
+    };
+    r.apply_change(&ChangeEvent::CertRevoked {
+        cert: RevokedCert {
+            serial: "ff".into(),
+            identity: IdentityId::new("i1").unwrap(),
+            not_after: Timestamp(u64::MAX),
+        },
+    });
+    let msgs: Vec<ControlMessage> = SnapshotMessages::new(r).collect();
+    assert_eq!(msgs.len(), 3, "begin, one chunk, end");
+
+    for broken in [
+        // A delta in the middle.
+        vec![msgs[0].clone(), delta(4, true)],
+        // A second beginning.
+        vec![msgs[0].clone(), msgs[0].clone()],
+        // The chunk lost.
+        vec![msgs[0].clone(), msgs[2].clone()],
+        // Parts without a beginning.
+        vec![msgs[1].clone()],
+        vec![msgs[2].clone()],
+    ] {
+        f.session_ended(&SessionEnd::Eof, 0);
+        f.session_started(t0);
+        f.handle(hello("e1"), t0).unwrap();
+        let mut ended = None;
+        for m in broken {
+            if let Err(e) = f.handle(m, t0) {
+                ended = Some(e);
+                break;
+            }
+        }
+        assert!(matches!(ended, Some(SessionEnd::Snapshot(_))), "{ended:?}");
+        f.flush();
+        assert_eq!(drain(&mut f), vec![]);
+        assert_eq!(f.resume_from(), Some(("e1", 3)), "the copy is as it was");
+    }
+}
+
+/// The shell learns exactly what changed since it last compiled: the whole copy after a
+/// snapshot, the changes in order after deltas, and the whole copy again once there are more
+/// changes than are worth applying one by one.
+#[test]
+fn the_shell_is_told_what_changed_since_it_last_compiled() {
+    let t0 = Instant::now();
+    let mut f = serving(t0, 3);
+    assert_eq!(f.take_changes(), Changes::Rebuild, "a snapshot arrived");
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
+    let out = batch(&mut f, vec![delta(4, false), delta(5, true)], t0);
+    assert_eq!(out, vec![Output::Publish]);
+    let Changes::Deltas(list) = f.take_changes() else {
+        panic!("deltas, not a rebuild")
+    };
+    let serials: Vec<String> = (list.iter())
+        .map(|c| match c {
+            ChangeEvent::CertRevoked { cert } => cert.serial.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(serials, ["4", "5"]);
+    // A duplicate is not a change.
+    let _ = batch(&mut f, vec![delta(5, true)], t0);
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
+
+    let many: Vec<ControlMessage> = (6..6 + MAX_PENDING_CHANGES as u64 + 1)
+        .map(|s| delta(s, true))
+        .collect();
+    let _ = batch(&mut f, many, t0);
+    assert_eq!(f.take_changes(), Changes::Rebuild);
+    assert_eq!(f.take_changes(), Changes::Deltas(vec![]));
 }

@@ -6,8 +6,11 @@
 
 use serde::{de::DeserializeOwned, Serialize};
 
-/// The largest control frame accepted: a snapshot of a large deployment fits with room to spare.
-pub const MAX_CONTROL_FRAME: usize = 256 * 1024 * 1024;
+/// The largest control frame accepted. A snapshot comes in chunks of at most
+/// [`crate::snapshot::CHUNK_ENTRIES`] entries (about a quarter of a megabyte) and a delta
+/// carries one entry, which the controller's 16 MiB request bound already limits, so no frame
+/// of a well-behaved controller comes near it.
+pub const MAX_CONTROL_FRAME: usize = 16 * 1024 * 1024;
 
 /// Why a frame could not be read.
 #[derive(Debug, thiserror::Error)]

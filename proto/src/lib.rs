@@ -9,11 +9,13 @@ pub mod control;
 pub mod edge;
 pub mod follow;
 pub mod frame;
+pub mod snapshot;
 pub mod stream;
 pub mod verdict;
 
 pub use control::{
-    ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, Snapshot,
+    ApplyError, ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo,
     CONTROL_PROTOCOL_VERSION,
 };
 pub use frame::{encode, FrameDecoder, FrameError, KEEPALIVE, MAX_CONTROL_FRAME};
+pub use snapshot::{SnapshotChunk, SnapshotCounts, SnapshotMessages};

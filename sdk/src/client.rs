@@ -141,6 +141,19 @@ impl ControllerClient {
         path: &str,
         body: Option<Vec<u8>>,
     ) -> Result<hyper::Response<Incoming>, SdkError> {
+        let body = Bytes::from(body.unwrap_or_default());
+        self.send_with(method, path, "application/json", body, REQUEST_TIMEOUT)
+            .await
+    }
+
+    async fn send_with(
+        &self,
+        method: Method,
+        path: &str,
+        content_type: &'static str,
+        body: Bytes,
+        timeout: Duration,
+    ) -> Result<hyper::Response<Incoming>, SdkError> {
         let addr = self.addr.clone();
         let connect = async {
             let tcp = TcpStream::connect(&addr)
@@ -175,10 +188,10 @@ impl ControllerClient {
             .method(method)
             .uri(path)
             .header("host", self.server_name)
-            .header("content-type", "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .header("content-type", content_type)
+            .body(Full::new(body))
             .map_err(|e| SdkError::Protocol(e.to_string()))?;
-        let resp = tokio::time::timeout(REQUEST_TIMEOUT, sender.send_request(req))
+        let resp = tokio::time::timeout(timeout, sender.send_request(req))
             .await
             .map_err(|_| SdkError::Timeout(addr.clone()))?
             .map_err(|e| match tls_refusal(&e) {
@@ -205,9 +218,31 @@ impl ControllerClient {
             .transpose()
             .map_err(|e| SdkError::Protocol(e.to_string()))?;
         let resp = self.send(method, path, body).await?;
+        self.answer(resp, REQUEST_TIMEOUT).await
+    }
+
+    /// Sends a declarative document as it is (`application/yaml`, not wrapped in JSON, so that
+    /// neither end holds it twice) and decodes the JSON answer. A large document takes the
+    /// controller a while to plan and commit, hence the caller's `timeout`.
+    pub async fn send_document<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        document: Bytes,
+        timeout: Duration,
+    ) -> Result<T, SdkError> {
+        let resp =
+            (self.send_with(Method::POST, path, "application/yaml", document, timeout)).await?;
+        self.answer(resp, timeout).await
+    }
+
+    async fn answer<T: DeserializeOwned>(
+        &self,
+        resp: hyper::Response<Incoming>,
+        timeout: Duration,
+    ) -> Result<T, SdkError> {
         let status = resp.status();
         let bytes = tokio::time::timeout(
-            REQUEST_TIMEOUT,
+            timeout,
             Limited::new(resp.into_body(), MAX_RESPONSE).collect(),
         )
         .await

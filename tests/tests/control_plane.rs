@@ -885,20 +885,34 @@ async fn routers_follow_the_control_channel() {
     let ControlMessage::Hello { epoch, .. } = next(&mut s, &mut d).await else {
         panic!("hello first")
     };
-    let ControlMessage::Snapshot(snap) = next(&mut s, &mut d).await else {
+    let ControlMessage::SnapshotBegin {
+        epoch: snap_epoch,
+        seq: snap_seq,
+    } = next(&mut s, &mut d).await
+    else {
         panic!("then a snapshot")
     };
-    assert_eq!(snap.epoch, epoch);
-    assert!(snap
-        .state
-        .identities
-        .values()
-        .any(|i| i.name.as_str() == "r1"));
+    assert_eq!(snap_epoch, epoch);
+    // The snapshot comes in chunks; the router's own identity is in one of them.
+    let mut saw_router = false;
+    loop {
+        match next(&mut s, &mut d).await {
+            ControlMessage::SnapshotChunk(c) => {
+                saw_router |= c.identities.iter().any(|i| i.name.as_str() == "r1");
+            }
+            ControlMessage::SnapshotEnd(counts) => {
+                assert!(counts.identities >= 2, "{counts:?}");
+                break;
+            }
+            other => panic!("a snapshot is chunks then its end, not {other:?}"),
+        }
+    }
+    assert!(saw_router);
 
     // A revocation arrives as deltas, pushed: the certificate first, then the identity.
     let agent = enrolled(&t, "agent-1", IdentityKind::Agent, &[]).await;
     let serial = agent.leaf().unwrap().serial.to_string();
-    let mut seq = snap.seq;
+    let mut seq = snap_seq;
     let mut saw_identity = false;
     loop {
         if let ControlMessage::Delta(dl) = next(&mut s, &mut d).await {
@@ -939,7 +953,7 @@ async fn routers_follow_the_control_channel() {
     let mut got_late = false;
     for _ in 0..5 {
         match next(&mut s, &mut d).await {
-            ControlMessage::Snapshot(_) => {
+            ControlMessage::SnapshotBegin { .. } => {
                 panic!("a resumable follower gets deltas, not a snapshot")
             }
             ControlMessage::Delta(dl) => {
@@ -1220,11 +1234,10 @@ async fn deltas_mark_where_each_commit_ends() {
     // The same marks come back when a follower resumes from the log.
     let resumed = t
         .ctrl
-        .subscribe(Some((&sub_epoch(&sub), first.seq - 1)))
+        .subscribe(Some((&sub_epoch(&mut sub), first.seq - 1)))
         .unwrap();
     let marks: Vec<bool> = resumed
         .initial
-        .iter()
         .filter_map(|m| match m {
             umbra_proto::ControlMessage::Delta(d) => Some(d.last_in_commit),
             _ => None,
@@ -1233,11 +1246,10 @@ async fn deltas_mark_where_each_commit_ends() {
     assert_eq!(marks, vec![false, true]);
 }
 
-fn sub_epoch(sub: &umbra_controller::Subscription) -> String {
+fn sub_epoch(sub: &mut umbra_controller::Subscription) -> String {
     sub.initial
-        .iter()
         .find_map(|m| match m {
-            umbra_proto::ControlMessage::Hello { epoch, .. } => Some(epoch.clone()),
+            umbra_proto::ControlMessage::Hello { epoch, .. } => Some(epoch),
             _ => None,
         })
         .unwrap()
@@ -1286,7 +1298,9 @@ async fn heartbeats_follow_the_routers_request_within_bounds() {
                 kinds.push(
                     match m {
                         ControlMessage::Hello { .. } => "hello",
-                        ControlMessage::Snapshot(_) => "snapshot",
+                        ControlMessage::SnapshotBegin { .. } => "snapshot",
+                        ControlMessage::SnapshotChunk(_) => "chunk",
+                        ControlMessage::SnapshotEnd(_) => "end",
                         ControlMessage::Delta(_) => "delta",
                         ControlMessage::Heartbeat { .. } => "heartbeat",
                     }
@@ -1304,7 +1318,7 @@ async fn heartbeats_follow_the_routers_request_within_bounds() {
     let default = count(&rc, "", window).await;
     assert_eq!(
         default,
-        ["hello", "snapshot", "heartbeat"],
+        ["hello", "snapshot", "chunk", "end", "heartbeat"],
         "the catch-up marker, then 5 s of quiet"
     );
     let fast = count(&rc, "heartbeat_ms=1", window).await;

@@ -53,11 +53,12 @@ pub async fn stream(
         )
     })
     .await?;
+    let since_label = if sub.snapshot { "snapshot" } else { "resumed" };
     let (initial, mut last, mut rx) = (sub.initial, sub.seq, sub.deltas);
     let guard = s.open_stream(&router.id).map_err(ApiError::from)?;
     let (tx, body_rx) = mpsc::channel::<Bytes>(64);
     let serial = peer.serial.to_string();
-    tracing::info!(router = %router.name, since = ?since_label(&initial), "control channel opened");
+    tracing::info!(router = %router.name, since = since_label, "control channel opened");
     tokio::spawn(async move {
         let _guard = guard;
         for msg in initial {
@@ -97,17 +98,6 @@ pub async fn stream(
         .header("content-type", "application/x-umbra-control")
         .body(Body::from_stream(body))
         .map_err(ApiError::internal)
-}
-
-fn since_label(initial: &[ControlMessage]) -> &'static str {
-    if initial
-        .iter()
-        .any(|m| matches!(m, ControlMessage::Snapshot(_)))
-    {
-        "snapshot"
-    } else {
-        "resumed"
-    }
 }
 
 /// Whether a change revokes the identity's own access, which ends its channel.

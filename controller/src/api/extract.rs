@@ -2,12 +2,13 @@
 
 use std::sync::Arc;
 
+use axum::body::Bytes;
 use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 use umbra_pki::PeerCert;
 use umbra_policies::{Identity, IdentityKind};
-use umbra_proto::api::MAX_REQUEST_BODY;
+use umbra_proto::api::{ApplyRequest, MAX_REQUEST_BODY};
 
 use super::error::ApiError;
 use super::{blocking, AppState};
@@ -34,6 +35,57 @@ impl<T: DeserializeOwned, const LIMIT: usize> FromRequest<AppState> for JsonBody
         serde_json::from_slice(&bytes)
             .map(JsonBody)
             .map_err(|e| ApiError::invalid(format!("malformed request body: {e}")))
+    }
+}
+
+/// The body of `POST /v1/apply`: a declarative document, sent as it is
+/// (`content-type: application/yaml`, up to [`MAX_DOCUMENT`] within [`DOCUMENT_TIMEOUT`]; what
+/// the CLI sends) or wrapped in JSON ([`ApplyRequest`], up to [`MAX_REQUEST_BODY`]). Raw, a
+/// document of a million identities is read once into memory and parsed from there, instead of
+/// being escaped into JSON, read, and unescaped into a second copy.
+pub struct DocumentBody {
+    /// The YAML text.
+    pub document: Bytes,
+    /// The JSON form's `dry_run` (the raw form says it in the query).
+    pub dry_run: bool,
+}
+
+/// The largest document `POST /v1/apply` reads: the core's bound.
+pub const MAX_DOCUMENT: usize = umbra_policies::MAX_DOCUMENT_BYTES;
+/// How long an admin may take to send a document.
+pub const DOCUMENT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+impl FromRequest<AppState> for DocumentBody {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let yaml = (req.headers().get(axum::http::header::CONTENT_TYPE))
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|v| {
+                matches!(
+                    v.trim(),
+                    "application/yaml" | "application/x-yaml" | "text/yaml"
+                )
+            });
+        if !yaml {
+            let JsonBody(r) = JsonBody::<ApplyRequest>::from_request(req, state).await?;
+            return Ok(DocumentBody {
+                document: Bytes::from(r.document),
+                dry_run: r.dry_run,
+            });
+        }
+        let document = (tokio::time::timeout(
+            DOCUMENT_TIMEOUT,
+            axum::body::to_bytes(req.into_body(), MAX_DOCUMENT),
+        ))
+        .await
+        .map_err(|_| ApiError::timeout())?
+        .map_err(|_| ApiError::too_large(MAX_DOCUMENT))?;
+        Ok(DocumentBody {
+            document,
+            dry_run: false,
+        })
     }
 }
 

@@ -8,7 +8,7 @@ use umbra_policies::{Action, IdentityKind, Name};
 use umbra_proto::api::*;
 
 use super::error::ApiError;
-use super::extract::{Admin, AnyIdentity, JsonBody, Path, Query, SMALL_BODY};
+use super::extract::{Admin, AnyIdentity, DocumentBody, JsonBody, Path, Query, SMALL_BODY};
 use super::{blocking, decode_csr, AppState};
 
 type Res<T> = Result<Json<T>, ApiError>;
@@ -235,12 +235,22 @@ pub async fn delete_router(
     .map(|_| StatusCode::NO_CONTENT)
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApplyQuery {
+    /// Only compute and return the plan (for a document sent as YAML).
+    #[serde(default)]
+    dry_run: bool,
+}
+
 pub async fn apply(
     State(s): State<AppState>,
     Admin(a): Admin,
-    JsonBody(req): JsonBody<ApplyRequest>,
+    Query(q): Query<ApplyQuery>,
+    body: DocumentBody,
 ) -> Res<ApplyResponse> {
-    blocking(&s, move |c| c.apply(&a, &req.document, req.dry_run))
+    let dry_run = q.dry_run || body.dry_run;
+    blocking(&s, move |c| c.apply(&a, body.document, dry_run))
         .await
         .map(Json)
 }

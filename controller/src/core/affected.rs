@@ -15,14 +15,15 @@
 //!   the SDK-hosted services it selects, before or after;
 //! - a router: everyone; a revoked certificate: its owner (whose watch must end).
 //!
-//! Pure: no lock, no clock (`now` is an argument). Tested against the brute-force truth (every
-//! identity's view before and after random batches) in `affected_tests`.
+//! The index answers who a policy selects and what (`Index::identities_selected_by`,
+//! `services_selected_by`), at a cost proportional to the answer; which policies select a
+//! changed service is a scan of the policies. Pure: no lock, no clock (`now` is an argument).
+//! Tested against the brute-force truth (every identity's view before and after random
+//! batches) in `affected_tests`.
 
 use std::collections::{BTreeMap, HashSet};
 
-use umbra_policies::{
-    Action, Hosting, IdentityId, IdentityKind, Index, Name, ServicePolicy, State, Timestamp,
-};
+use umbra_policies::{Action, Hosting, IdentityId, IdentityKind, Index, Name, Timestamp};
 use umbra_proto::{ChangeEvent, RouterInfo};
 
 /// The watchers a batch must wake.
@@ -122,56 +123,36 @@ fn service_changed(out: &mut Affected, before: &Index, after: &Index, name: &Nam
         let Some(service) = state.services.get(name) else {
             continue;
         };
+        // A scan of the policies (the index keeps each service's policies, but does not say).
         for p in state
             .policies
             .values()
             .filter(|p| p.selects_service(service))
         {
             out.identities
-                .extend(identities_selected_by(state, p).cloned());
+                .extend(index.identities_selected_by(p).into_iter().cloned());
         }
     }
 }
 
 fn policy_changed(out: &mut Affected, before: &Index, after: &Index, name: &Name, now: Timestamp) {
     for index in [before, after] {
-        let state = index.state();
-        let Some(policy) = state.policies.get(name) else {
+        let Some(policy) = index.state().policies.get(name) else {
             continue;
         };
         out.identities
-            .extend(identities_selected_by(state, policy).cloned());
+            .extend(index.identities_selected_by(policy).into_iter().cloned());
         if policy.action != Action::Dial {
             // Bind policies change who hosts, never a host's grants.
             continue;
         }
-        for s in services_selected_by(state, policy) {
+        for s in index.services_selected_by(policy) {
             if s.hosting == Hosting::Sdk {
                 let binders = index.binders_of(s.name.as_str(), now);
                 out.identities.extend(binders.into_iter().cloned());
             }
         }
     }
-}
-
-/// The identities a policy's identity side selects (active or not).
-// A scan of every identity until the index answers this itself (`Index::identities_selected_by`).
-fn identities_selected_by<'a>(
-    state: &'a State,
-    policy: &'a ServicePolicy,
-) -> impl Iterator<Item = &'a IdentityId> + 'a {
-    (state.identities.values())
-        .filter(|i| policy.selects_identity(i))
-        .map(|i| &i.id)
-}
-
-/// The services a policy's service side selects.
-// A scan of every service until the index answers this itself (`Index::services_selected_by`).
-fn services_selected_by<'a>(
-    state: &'a State,
-    policy: &'a ServicePolicy,
-) -> impl Iterator<Item = &'a umbra_policies::Service> + 'a {
-    (state.services.values()).filter(|s| policy.selects_service(s))
 }
 
 #[cfg(test)]

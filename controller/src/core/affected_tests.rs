@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 use umbra_policies::{
-    GrantLimits, HostPort, Identity, IdentityKind, Rpm, Selector, Semantic, Service, State,
+    GrantLimits, HostPort, Identity, IdentityKind, Rpm, Selector, Semantic, Service, ServicePolicy,
+    State,
 };
 use umbra_proto::{Replica, RevokedCert, RouterInfo};
 

@@ -2,6 +2,8 @@
 //! copy of the replica and checked with the core's rules before anything is stored or
 //! published.
 
+use umbra_policies::StateChange;
+
 use super::affected::affected;
 use super::*;
 
@@ -31,8 +33,8 @@ impl Controller {
         }
         let now = self.now();
         let model = batch.changes.iter().any(changes_model);
-        // The index before the batch, when a watch may need to know whose view it alters (after
-        // a commit with watchers open it is already built, for the watchers' views).
+        // The index before the batch, when a watch may need to know whose view it alters
+        // (kept current commit by commit, so this is a lookup, not a compilation).
         let watched = !self.hub.is_empty();
         let before = (watched && model).then(|| self.index_locked(inner));
         let seq_before = inner.replica.seq;
@@ -62,7 +64,7 @@ impl Controller {
                 .0
                 .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
         }
-        self.next_index(inner, seq_before, before.as_deref(), model, &batch.changes);
+        self.next_index(inner, seq_before, before.clone(), &batch.changes);
         if watched {
             // Computed once here, so that only the watchers whose views the batch can alter
             // recompute them (see `hub`).
@@ -79,42 +81,49 @@ impl Controller {
         Ok(())
     }
 
-    /// Keeps the cached index current after a commit without compiling it again where that is
-    /// not needed: a batch that changes no model entity (certificates, router addresses) keeps
-    /// it as it is, and one that only puts identities patches it (`Index::with_identity`, which
-    /// shares the compiled relations when only activity changed). Anything else is compiled
-    /// when next asked for.
+    /// Keeps the cached index current after a commit, one change at a time
+    /// ([`Index::apply`], at a cost proportional to what each change touches, on an O(1) copy
+    /// that shares the rest with the index before): a batch that changes no model entity
+    /// (certificates, router addresses) keeps it as it is. Without a current index to start
+    /// from, it is compiled when next asked for.
     fn next_index(
         &self,
         inner: &mut Inner,
         seq_before: u64,
-        before: Option<&Index>,
-        model: bool,
+        before: Option<Arc<Index>>,
         changes: &[ChangeEvent],
     ) {
         let seq = inner.replica.seq;
-        let cached = match &inner.index {
+        let base = before.or_else(|| match &inner.index {
             Some((s, idx)) if *s == seq_before => Some(idx.clone()),
             _ => None,
-        };
-        if !model {
-            inner.index = cached.map(|idx| (seq, idx));
-            return;
-        }
-        let Some(base) = before.cloned().or(cached.as_deref().cloned()) else {
+        });
+        let Some(base) = base else {
             return;
         };
-        let puts: Option<Vec<&Identity>> = (changes.iter())
-            .map(|c| match c {
-                ChangeEvent::IdentityPut { identity } => Some(identity),
-                _ => None,
-            })
-            .collect();
-        if let Some(puts) = puts {
-            let next = (puts.into_iter()).fold(base, |idx, i| idx.with_identity(i.clone()));
-            inner.index = Some((seq, Arc::new(next)));
+        let mut next = Index::clone(&base);
+        let mut changed = false;
+        for change in changes.iter().filter_map(state_change) {
+            next.apply(&change);
+            changed = true;
         }
+        inner.index = Some((seq, if changed { Arc::new(next) } else { base }));
     }
+}
+
+/// The model change a committed change makes, if any (the index's unit of change).
+fn state_change(change: &ChangeEvent) -> Option<StateChange> {
+    Some(match change {
+        ChangeEvent::IdentityPut { identity } => StateChange::IdentityPut(identity.clone()),
+        ChangeEvent::IdentityDeleted { id } => StateChange::IdentityDeleted(id.clone()),
+        ChangeEvent::ServicePut { service } => StateChange::ServicePut(service.clone()),
+        ChangeEvent::ServiceDeleted { name } => StateChange::ServiceDeleted(name.clone()),
+        ChangeEvent::PolicyPut { policy } => StateChange::PolicyPut(policy.clone()),
+        ChangeEvent::PolicyDeleted { name } => StateChange::PolicyDeleted(name.clone()),
+        ChangeEvent::CertRevoked { .. }
+        | ChangeEvent::RouterPut { .. }
+        | ChangeEvent::RouterDeleted { .. } => return None,
+    })
 }
 
 /// Whether a change can affect what [`State::validate`] checks (certificates and router

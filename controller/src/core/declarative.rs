@@ -2,6 +2,11 @@
 
 use super::*;
 
+/// How many changes of a plan the answer to `apply` and its audit record spell out; the rest
+/// are counted. A first apply of a million identities would otherwise answer with (and log) a
+/// plan of tens of megabytes.
+pub const SHOWN_CHANGES: usize = 1000;
+
 impl Controller {
     /// The current state as a YAML document.
     pub fn export(&self) -> String {
@@ -13,18 +18,27 @@ impl Controller {
     /// The plan is made once and applied once, by the core, with the ids it will keep: the
     /// state it yields is what the batch stores (and what the gate in `commit` checks again
     /// with every other write's rules).
+    ///
+    /// The document's text is dropped once parsed, before the plan is made, so that a large
+    /// one is not held as text and as a document at once for longer than parsing takes. What
+    /// the answer and the audit log show of the plan is its first [`SHOWN_CHANGES`] changes and
+    /// a count of the rest.
     pub fn apply(
         &self,
         actor: &Actor,
-        yaml: &str,
+        document: impl AsRef<[u8]>,
         dry_run: bool,
     ) -> Result<ApplyResponse, ControllerError> {
-        let doc = umbra_policies::parse_document(yaml).map_err(rejected)?;
+        let doc = std::str::from_utf8(document.as_ref())
+            .map_err(|e| ControllerError::Invalid(format!("the document is not UTF-8: {e}")))
+            .and_then(|text| umbra_policies::parse_document(text).map_err(rejected))?;
+        drop(document);
         let mut inner = self.lock();
         let plan = umbra_policies::plan(inner.state(), &doc).map_err(rejected)?;
+        drop(doc);
         let next =
             umbra_policies::apply_plan(inner.state(), &plan, new_identity_id).map_err(rejected)?;
-        let text = plan.to_string();
+        let text = plan.shown(SHOWN_CHANGES).to_string();
         let changes = plan.changes.len();
         if dry_run || plan.is_empty() {
             return Ok(ApplyResponse {

@@ -65,16 +65,17 @@ impl Controller {
         rx: broadcast::Receiver<Arc<Delta>>,
     ) -> Result<Subscription, ControllerError> {
         let epoch = inner.replica.epoch.clone();
-        let mut out = vec![ControlMessage::Hello {
+        let hello = ControlMessage::Hello {
             version: umbra_proto::control::CONTROL_PROTOCOL_VERSION,
             epoch: epoch.clone(),
-        }];
+        };
         let resumed = match since {
             Some((e, seq)) if e == epoch => inner.store.changes_since(seq)?,
             _ => None,
         };
-        match resumed {
-            Some(deltas) => out.extend(
+        let snapshot = resumed.is_none();
+        let catch_up: Box<dyn Iterator<Item = ControlMessage> + Send> = match resumed {
+            Some(deltas) => Box::new(
                 deltas
                     .into_iter()
                     .map(|d| ControlMessage::Delta(Box::new(d))),
@@ -85,18 +86,24 @@ impl Controller {
                 replica.prune_revoked(Timestamp(
                     self.now().0.saturating_sub(REVOCATION_GRACE_SECS),
                 ));
-                out.push(ControlMessage::Snapshot(Box::new(replica.to_snapshot())));
+                // Made chunk by chunk as the follower reads, not held whole.
+                Box::new(SnapshotMessages::new(replica))
             }
-        }
+        };
         // Says how far the controller is: a follower that failed closed during an outage knows
         // the replay is complete and serves again at once, not at the next heartbeat.
-        out.push(ControlMessage::Heartbeat {
+        let heartbeat = ControlMessage::Heartbeat {
             seq: inner.replica.seq,
-        });
+        };
         Ok(Subscription {
-            initial: out,
+            initial: Box::new(
+                std::iter::once(hello)
+                    .chain(catch_up)
+                    .chain(std::iter::once(heartbeat)),
+            ),
             seq: inner.replica.seq,
             deltas: rx,
+            snapshot,
         })
     }
 

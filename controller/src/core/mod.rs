@@ -30,7 +30,9 @@ use umbra_proto::api::{
     ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeView, EnrollResponse, ExplainResponse,
     GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
 };
-use umbra_proto::{ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo};
+use umbra_proto::{
+    ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, SnapshotMessages,
+};
 
 use crate::audit::writer::AuditSink;
 use crate::audit::AuditConfig;
@@ -144,14 +146,25 @@ impl Inner {
 
 /// What a new control-channel follower gets: the messages to send first, the sequence number
 /// they bring it to, and the live deltas (skip those at or below `seq`).
-#[derive(Debug)]
 pub struct Subscription {
-    /// `Hello`, then a snapshot or the deltas since the follower's position.
-    pub initial: Vec<ControlMessage>,
+    /// `Hello`, then a snapshot (made lazily, chunk by chunk, from a copy of the replica) or
+    /// the deltas since the follower's position, then a heartbeat.
+    pub initial: Box<dyn Iterator<Item = ControlMessage> + Send>,
     /// The sequence number the initial messages reach.
     pub seq: u64,
     /// Every delta committed after subscribing.
     pub deltas: broadcast::Receiver<Arc<Delta>>,
+    /// Whether the follower gets a snapshot (it could not resume), for the log.
+    pub snapshot: bool,
+}
+
+impl std::fmt::Debug for Subscription {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Subscription")
+            .field("seq", &self.seq)
+            .field("snapshot", &self.snapshot)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The controller.

@@ -334,7 +334,16 @@ fn with_identity_revokes_without_recompiling() {
     let mut bob = index.state().identities[&id("id-bob")].clone();
     bob.revoked = true;
     let revoked = index.with_identity(bob);
-    assert!(Arc::ptr_eq(&index.compiled, &revoked.compiled));
+    // Nothing but bob's record changed: the services' lists are the same allocations.
+    assert!(Arc::ptr_eq(
+        &index.services["llm"],
+        &revoked.services["llm"]
+    ));
+    let (before, after) = (
+        &index.identities[&id("id-bob")],
+        &revoked.identities[&id("id-bob")],
+    );
+    assert!(Arc::ptr_eq(&before.terms, &after.terms));
     assert_eq!(
         revoked.can_dial(&id("id-bob"), "llm", NOW),
         Err(Deny::IdentityRevoked)
@@ -356,7 +365,6 @@ fn with_identity_recompiles_when_roles_change_or_the_identity_is_new() {
     let index = sample();
     let cid = agent("cid", &["ai-users", "analysts"]);
     let changed = index.with_identity(cid);
-    assert!(!Arc::ptr_eq(&index.compiled, &changed.compiled));
     assert_eq!(
         changed.can_dial(&id("id-cid"), "llm", NOW),
         permit("p-analysts-ai")
@@ -398,4 +406,21 @@ fn only_services_hosted_through_the_sdk_have_dialers() {
         "no host serves an address service"
     );
     assert_eq!(index.can_dial(&id("id-zed"), "a", NOW), permit("dial-x"));
+}
+
+#[test]
+fn answers_stay_sorted_when_labels_run_out() {
+    // Each id sorts just after "a" and before the previous one, halving the room between
+    // labels every time, until every identity is relabelled.
+    let mut index = Index::build(&state([agent("a", &["x"])], [], []));
+    for k in 1..60 {
+        let mut identity = agent(&format!("b{k}"), &["x"]);
+        identity.id = id(&format!("a{}", "0".repeat(k)));
+        index.apply(&crate::StateChange::IdentityPut(identity));
+    }
+    let everyone = policy("p", Bind, AnyOf, &["#x"], &["#all"]);
+    let got = index.identities_selected_by(&everyone);
+    let want: Vec<&IdentityId> = index.state().identities.keys().collect();
+    assert_eq!(got.len(), 60);
+    assert_eq!(got, want);
 }

@@ -89,9 +89,12 @@ fn policies_naming_revoked_identities_and_routers_round_trip() {
     // On a controller without the router the document says what is missing.
     let mut routerless = state.clone();
     routerless.identities.remove(&id("id-edge-1"));
-    for p in routerless.policies.values_mut() {
-        p.identities.retain(|s| s.to_string() != "@edge-1");
-    }
+    routerless.policies = (routerless.policies.into_iter())
+        .map(|(k, mut p)| {
+            p.identities.retain(|s| s.to_string() != "@edge-1");
+            (k, p)
+        })
+        .collect();
     let errs = plan(&routerless, &desired).unwrap_err();
     assert_eq!(
         errs[0].to_string(),
@@ -150,6 +153,22 @@ fn plans_every_kind_of_change_in_a_safe_order() {
         plan.changes.last(),
         Some(Change::DeleteIdentity { id: i, .. }) if i == &id("id-ops")
     ));
+}
+
+#[test]
+fn a_plan_shown_in_part_counts_the_rest_by_kind() {
+    let plan = plan(&current(), &doc(DESIRED)).unwrap();
+    let whole = plan.to_string();
+    assert_eq!(plan.shown(usize::MAX).to_string(), whole);
+    assert_eq!(plan.shown(plan.changes.len()).to_string(), whole);
+    let part = plan.shown(3).to_string();
+    let lines: Vec<&str> = part.lines().collect();
+    assert_eq!(lines[..3], whole.lines().take(3).collect::<Vec<_>>()[..]);
+    assert_eq!(
+        lines[3..],
+        ["... and 5 more change(s): 2 to identities, 1 to services, 2 to policies"]
+    );
+    assert_eq!(Plan::default().shown(0).to_string(), "no changes\n");
 }
 
 #[test]

@@ -1,0 +1,144 @@
+//! Terms: the roles and names that selectors test, interned as small integers, each with the
+//! inverted lists that connect entities and policies through it.
+//!
+//! A term is `#role` or `@name`. It exists while anything refers to it (an entity holding the
+//! role or name, a policy testing or leading through it) and is freed when nothing does, so
+//! the table is bounded by what the state holds.
+
+use std::hash::BuildHasherDefault;
+use std::sync::Arc;
+
+use imbl::GenericHashMap;
+
+use super::slots::{SlotSet, Slots};
+use crate::name::Name;
+use crate::selector::Selector;
+
+/// A persistent hash map with a fixed hasher: the core has no randomness, and the keys (ids
+/// and names) are chosen by the controller and its admins.
+pub(crate) type HashMap<K, V> = GenericHashMap<
+    K,
+    V,
+    BuildHasherDefault<std::hash::DefaultHasher>,
+    imbl::shared_ptr::DefaultSharedPtr,
+>;
+
+/// Whether a term is a role or a name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// `#role`.
+    Role,
+    /// `@name`.
+    Name,
+}
+
+/// One term and what connects through it.
+#[derive(Debug, Clone)]
+pub(crate) struct Term {
+    pub(crate) kind: Kind,
+    pub(crate) key: Name,
+    /// Policies whose identity side leads through this term (see `Side`).
+    pub(crate) id_leads: SlotSet,
+    /// Policies whose service side leads through this term.
+    pub(crate) svc_leads: SlotSet,
+    /// Identities holding this role, or named so.
+    pub(crate) identities: SlotSet,
+    /// Services holding this role, or named so.
+    pub(crate) services: SlotSet,
+    /// Policies whose identity side names this term.
+    pub(crate) id_tests: SlotSet,
+    /// Policies whose service side names this term.
+    pub(crate) svc_tests: SlotSet,
+}
+
+impl Term {
+    fn unused(&self) -> bool {
+        self.id_tests.is_empty()
+            && self.svc_tests.is_empty()
+            && self.id_leads.is_empty()
+            && self.svc_leads.is_empty()
+            && self.identities.is_empty()
+            && self.services.is_empty()
+    }
+}
+
+/// The table of terms.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Terms {
+    roles: HashMap<Name, u32>,
+    names: HashMap<Name, u32>,
+    table: Slots<Arc<Term>>,
+}
+
+impl Terms {
+    /// The term for `kind` and `key`, if it exists.
+    pub(crate) fn find(&self, kind: Kind, key: &str) -> Option<u32> {
+        match kind {
+            Kind::Role => self.roles.get(key).copied(),
+            Kind::Name => self.names.get(key).copied(),
+        }
+    }
+
+    /// The term a selector tests (`None` for `#all`), if it exists.
+    pub(crate) fn of_selector(&self, selector: &Selector) -> Option<Option<u32>> {
+        match selector {
+            Selector::All => Some(None),
+            Selector::Role(r) => self.find(Kind::Role, r.as_str()).map(Some),
+            Selector::Named(n) => self.find(Kind::Name, n.as_str()).map(Some),
+        }
+    }
+
+    /// The term for `kind` and `key`, created if it does not exist. The caller makes it used
+    /// with [`Terms::edit`] at once.
+    pub(crate) fn intern(&mut self, kind: Kind, key: &Name) -> u32 {
+        if let Some(t) = self.find(kind, key.as_str()) {
+            return t;
+        }
+        let t = self.table.add(Arc::new(Term {
+            kind,
+            key: key.clone(),
+            id_leads: SlotSet::default(),
+            svc_leads: SlotSet::default(),
+            identities: SlotSet::default(),
+            services: SlotSet::default(),
+            id_tests: SlotSet::default(),
+            svc_tests: SlotSet::default(),
+        }));
+        let map = match kind {
+            Kind::Role => &mut self.roles,
+            Kind::Name => &mut self.names,
+        };
+        map.insert(key.clone(), t);
+        t
+    }
+
+    /// The term in slot `t`. Terms are only referred to while they exist.
+    pub(crate) fn get(&self, t: u32) -> &Term {
+        self.table.get(t).expect("a referenced term exists")
+    }
+
+    /// The term in slot `t`, if it exists.
+    pub(crate) fn try_get(&self, t: u32) -> Option<&Term> {
+        self.table.get(t).map(|t| &**t)
+    }
+
+    /// Changes term `t`, and frees it if nothing refers to it any more.
+    pub(crate) fn edit(&mut self, t: u32, change: impl FnOnce(&mut Term)) {
+        let mut term = Term::clone(self.get(t));
+        change(&mut term);
+        if term.unused() {
+            match term.kind {
+                Kind::Role => self.roles.remove(term.key.as_str()),
+                Kind::Name => self.names.remove(term.key.as_str()),
+            };
+            self.table.remove(t);
+        } else {
+            self.table.set(t, Arc::new(term));
+        }
+    }
+
+    /// The number of terms.
+    pub(crate) fn len(&self) -> usize {
+        self.table.len()
+    }
+}
