@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use umbra_policies::{IdentityId, State, Timestamp};
+use umbra_policies::{IdentityId, Timestamp};
 
 use super::*;
 use crate::control::{ChangeEvent, Delta, RevokedCert};
