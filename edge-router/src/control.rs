@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use umbra_proto::follow::{ControlFollower, Output, SessionEnd};
+use umbra_proto::follow::{Changes, ControlFollower, Output, SessionEnd};
 use umbra_proto::{ControlMessage, FrameDecoder, MAX_CONTROL_FRAME};
 use umbra_sdk::{ControllerClient, Credentials};
 
@@ -31,6 +31,9 @@ pub(crate) struct Follower {
     /// Every decision: sessions, staleness, when a copy may be enforced.
     pub machine: ControlFollower,
     pub tx: watch::Sender<Option<Arc<Policy>>>,
+    /// The last policy compiled, kept apart from `tx` (which says `None` while the router
+    /// fails closed), so that the next one is this with the changes since applied.
+    pub compiled: Option<Arc<Policy>>,
     pub cancel: CancellationToken,
     /// The wall time revocations are pruned at.
     pub clock: umbra_clock::Clock,
@@ -70,7 +73,7 @@ impl Follower {
                 let now = Instant::now();
                 self.machine.handle_timeout(now.into_std());
                 // Between sessions only withdrawals can come out.
-                let _ = drain(&mut self.machine, &self.tx, &self.clock);
+                let _ = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock);
                 if now >= until {
                     break;
                 }
@@ -104,7 +107,7 @@ impl Follower {
                 },
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    if let Some(end) = drain(&mut self.machine, &self.tx, &self.clock) {
+                    if let Some(end) = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
                         return end;
                     }
                 }
@@ -120,7 +123,7 @@ impl Follower {
                 Ok(()) = self.renewed.changed() => return SessionEnd::Renewed,
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    match drain(&mut self.machine, &self.tx, &self.clock) {
+                    match drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
                         Some(end) => return end,
                         None => continue,
                     }
@@ -146,7 +149,7 @@ impl Follower {
                 }
             }
             self.machine.flush();
-            if let Some(end) = drain(&mut self.machine, &self.tx, &self.clock) {
+            if let Some(end) = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
                 return end;
             }
         }
@@ -156,6 +159,7 @@ impl Follower {
 /// Carries out what the machine asks; returns the reason to end the session, if any.
 fn drain(
     machine: &mut ControlFollower,
+    compiled: &mut Option<Arc<Policy>>,
     tx: &watch::Sender<Option<Arc<Policy>>>,
     clock: &umbra_clock::Clock,
 ) -> Option<SessionEnd> {
@@ -163,18 +167,27 @@ fn drain(
     while let Some(out) = machine.poll() {
         match out {
             Output::Publish => {
-                if let Some(r) = machine.replica_mut() {
-                    r.prune_revoked(clock.timestamp());
-                    let policy = Policy::build(r.clone());
-                    tracing::debug!(seq = policy.replica.seq, "policy published");
-                    if tx.borrow().is_none() {
-                        tracing::info!(
-                            seq = policy.replica.seq,
-                            "controller heard: serving policy"
-                        );
-                    }
-                    tx.send_replace(Some(Arc::new(policy)));
+                let changes = machine.take_changes();
+                let Some(r) = machine.replica_mut() else {
+                    continue;
+                };
+                let now = clock.timestamp();
+                // The policy after the changes: the last one compiled with them applied (what
+                // they touch, nothing else), or a compilation of the copy after a snapshot.
+                let mut policy = match (changes, compiled.as_deref()) {
+                    (Changes::Deltas(list), Some(last)) => last.apply(r.seq, &list),
+                    _ => Policy::build(r),
+                };
+                if policy.prune_revoked(now) {
+                    r.prune_revoked(now);
                 }
+                tracing::debug!(seq = policy.seq, "policy published");
+                if tx.borrow().is_none() {
+                    tracing::info!(seq = policy.seq, "controller heard: serving policy");
+                }
+                let policy = Arc::new(policy);
+                *compiled = Some(Arc::clone(&policy));
+                tx.send_replace(Some(policy));
             }
             Output::Withdraw => {
                 tx.send_replace(None);

@@ -163,6 +163,7 @@ impl Router {
             advertise: advertise.clone(),
             machine,
             tx,
+            compiled: None,
             cancel: cancel.clone(),
             clock: cfg.clock.clone(),
         };

@@ -5,17 +5,16 @@
 //! one arrives. `None` on the channel means "no trustworthy policy" (never synchronized, or the
 //! controller has been silent too long), and the router refuses everything.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use umbra_pki::{CertificateError, PeerCert, RevocationCheck, Serial};
 use umbra_policies::{
-    CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Roster, Timestamp,
+    CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Name, Roster, Timestamp,
 };
 use umbra_proto::stream::codes;
 use umbra_proto::verdict::{Moment, Verdict};
-use umbra_proto::Replica;
+use umbra_proto::{ChangeEvent, Replica, RevokedCert};
 
 /// The current policy, or `None` when the router must fail closed.
 pub type PolicyRx = watch::Receiver<Option<Arc<Policy>>>;
@@ -23,34 +22,95 @@ pub type PolicyRx = watch::Receiver<Option<Arc<Policy>>>;
 /// One consistent snapshot of everything the router decides with. It decides nothing itself:
 /// it is the [`Roster`] that `umbra_policies::admit` reads and, through `index`, the
 /// `Grants` that `umbra_policies::check_stream` reads.
-#[derive(Debug)]
+///
+/// Every part is persistent (the index, the state it holds, the maps here), so the policy after
+/// a change is a copy of the one before with that change applied ([`Policy::apply`]): a
+/// revocation costs the router a few map updates, not a compilation of every identity, and
+/// consecutive policies share all the structure a change did not touch.
+#[derive(Debug, Clone)]
 pub struct Policy {
-    /// The controller's state as of `replica.seq`.
-    pub replica: Replica,
-    /// The compiled index over `replica.state`.
+    /// The sequence number of the controller's last change included.
+    pub seq: u64,
+    /// The compiled index, with the controller's state (`index.state()`).
     pub index: Index,
     /// Identity ids by name (names are unique across kinds).
-    by_name: HashMap<String, IdentityId>,
-    /// Revoked certificate serials, with the identity each was issued to.
-    revoked: HashMap<String, IdentityId>,
+    by_name: imbl::HashMap<Name, IdentityId>,
+    /// Revoked certificate serials, with the identity each was issued to and its expiry.
+    revoked: imbl::HashMap<String, RevokedCert>,
+    /// The earliest expiry on the revocation list: nothing needs pruning before it.
+    prune_at: Option<Timestamp>,
 }
 
 impl Policy {
-    /// Compiles a replica.
-    pub fn build(replica: Replica) -> Policy {
-        let index = Index::build(&replica.state);
-        let by_name = (replica.state.identities.values())
-            .map(|i| (i.name.as_str().to_owned(), i.id.clone()))
-            .collect();
-        let revoked = (replica.revoked.values())
-            .map(|r| (r.serial.clone(), r.identity.clone()))
+    /// Compiles a replica from scratch (after a snapshot).
+    pub fn build(replica: &Replica) -> Policy {
+        let state = &replica.state;
+        let revoked: imbl::HashMap<String, RevokedCert> = (replica.revoked.values())
+            .map(|r| (r.serial.clone(), r.clone()))
             .collect();
         Policy {
-            replica,
-            index,
-            by_name,
+            seq: replica.seq,
+            index: Index::build(state),
+            by_name: (state.identities.values())
+                .map(|i| (i.name.clone(), i.id.clone()))
+                .collect(),
+            prune_at: revoked.values().map(|r| r.not_after).min(),
             revoked,
         }
+    }
+
+    /// This policy with `changes` (the controller's, in order, up to `seq`) applied: what
+    /// [`Policy::build`] of the replica they lead to would give, at the cost of what they touch.
+    pub fn apply(&self, seq: u64, changes: &[ChangeEvent]) -> Policy {
+        let mut next = self.clone();
+        next.seq = seq;
+        for change in changes {
+            next.apply_one(change);
+        }
+        next
+    }
+
+    fn apply_one(&mut self, change: &ChangeEvent) {
+        match change {
+            ChangeEvent::IdentityPut { identity } => {
+                if let Some(old) = self.index.state().identities.get(&identity.id) {
+                    if old.name != identity.name {
+                        self.by_name.remove(&old.name);
+                    }
+                }
+                (self.by_name).insert(identity.name.clone(), identity.id.clone());
+            }
+            ChangeEvent::IdentityDeleted { id } => {
+                if let Some(old) = self.index.state().identities.get(id) {
+                    if self.by_name.get(&old.name) == Some(id) {
+                        self.by_name.remove(&old.name);
+                    }
+                }
+            }
+            ChangeEvent::CertRevoked { cert } => {
+                self.prune_at = Some(
+                    self.prune_at
+                        .map_or(cert.not_after, |t| t.min(cert.not_after)),
+                );
+                self.revoked.insert(cert.serial.clone(), cert.clone());
+            }
+            _ => {}
+        }
+        if let Some(change) = change.state_change() {
+            self.index.apply(&change);
+        }
+    }
+
+    /// Drops revocations of certificates that have expired anyway (a certificate past its
+    /// expiry is refused by the handshake itself); says whether there were any. Costs nothing
+    /// until the earliest expires.
+    pub fn prune_revoked(&mut self, now: Timestamp) -> bool {
+        if !self.prune_at.is_some_and(|t| t <= now) {
+            return false;
+        }
+        self.revoked.retain(|_, r| r.not_after > now);
+        self.prune_at = self.revoked.values().map(|r| r.not_after).min();
+        true
     }
 
     /// Whether a certificate serial is revoked.
@@ -88,12 +148,14 @@ impl Policy {
 impl Roster for Policy {
     fn identity_named(&self, name: &str) -> Option<&Identity> {
         let id = self.by_name.get(name)?;
-        self.replica.state.identities.get(id)
+        self.index.state().identities.get(id)
     }
 
     fn certificate(&self, serial: &str) -> CertRecord<'_> {
         match self.revoked.get(serial) {
-            Some(owner) => CertRecord::Revoked { owner },
+            Some(cert) => CertRecord::Revoked {
+                owner: &cert.identity,
+            },
             None => CertRecord::NotRevoked,
         }
     }
@@ -203,7 +265,7 @@ mod tests {
                 },
             );
         }
-        Policy::build(replica)
+        Policy::build(&replica)
     }
 
     #[test]
@@ -311,3 +373,7 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "policy_incremental_tests.rs"]
+mod incremental_tests;

@@ -8,7 +8,9 @@
 //! was away when one happened still receives it before anything newer.
 
 use serde::{Deserialize, Serialize};
-use umbra_policies::{Identity, IdentityId, Name, Service, ServicePolicy, State, Timestamp};
+use umbra_policies::{
+    Identity, IdentityId, Name, Service, ServicePolicy, State, StateChange, Timestamp,
+};
 
 /// Version of the control protocol; a router refuses messages of another version.
 pub const CONTROL_PROTOCOL_VERSION: u32 = 1;
@@ -109,6 +111,24 @@ pub enum ChangeEvent {
     },
 }
 
+impl ChangeEvent {
+    /// The change to the model this event makes, in the core's terms (what `State::apply` and
+    /// `Index::apply` take); `None` for certificates and routers, which the model does not hold.
+    pub fn state_change(&self) -> Option<StateChange> {
+        Some(match self {
+            ChangeEvent::IdentityPut { identity } => StateChange::IdentityPut(identity.clone()),
+            ChangeEvent::IdentityDeleted { id } => StateChange::IdentityDeleted(id.clone()),
+            ChangeEvent::ServicePut { service } => StateChange::ServicePut(service.clone()),
+            ChangeEvent::ServiceDeleted { name } => StateChange::ServiceDeleted(name.clone()),
+            ChangeEvent::PolicyPut { policy } => StateChange::PolicyPut(policy.clone()),
+            ChangeEvent::PolicyDeleted { name } => StateChange::PolicyDeleted(name.clone()),
+            ChangeEvent::CertRevoked { .. }
+            | ChangeEvent::RouterPut { .. }
+            | ChangeEvent::RouterDeleted { .. } => return None,
+        })
+    }
+}
+
 /// One frame on the control channel, controller to router.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -164,9 +184,9 @@ pub struct Replica {
     /// The model.
     pub state: State,
     /// Revoked certificate serials with their details.
-    pub revoked: std::collections::BTreeMap<String, RevokedCert>,
+    pub revoked: imbl::OrdMap<String, RevokedCert>,
     /// Known routers by id.
-    pub routers: std::collections::BTreeMap<IdentityId, RouterInfo>,
+    pub routers: imbl::OrdMap<IdentityId, RouterInfo>,
 }
 
 impl Replica {
@@ -187,28 +207,17 @@ impl Replica {
 
     /// Applies a change without sequence bookkeeping (the controller uses this on its own copy).
     pub fn apply_change(&mut self, change: &ChangeEvent) {
-        let state = &mut self.state;
+        if let Some(change) = change.state_change() {
+            self.state.apply(&change);
+            return;
+        }
         match change {
-            ChangeEvent::IdentityPut { identity } => {
-                state
-                    .identities
-                    .insert(identity.id.clone(), identity.clone());
-            }
-            ChangeEvent::IdentityDeleted { id } => {
-                state.identities.remove(id);
-            }
-            ChangeEvent::ServicePut { service } => {
-                state.services.insert(service.name.clone(), service.clone());
-            }
-            ChangeEvent::ServiceDeleted { name } => {
-                state.services.remove(name);
-            }
-            ChangeEvent::PolicyPut { policy } => {
-                state.policies.insert(policy.name.clone(), policy.clone());
-            }
-            ChangeEvent::PolicyDeleted { name } => {
-                state.policies.remove(name);
-            }
+            ChangeEvent::IdentityPut { .. }
+            | ChangeEvent::IdentityDeleted { .. }
+            | ChangeEvent::ServicePut { .. }
+            | ChangeEvent::ServiceDeleted { .. }
+            | ChangeEvent::PolicyPut { .. }
+            | ChangeEvent::PolicyDeleted { .. } => {}
             ChangeEvent::CertRevoked { cert } => {
                 self.revoked.insert(cert.serial.clone(), cert.clone());
             }
@@ -223,7 +232,13 @@ impl Replica {
 
     /// Drops revoked entries for certificates that have expired anyway.
     pub fn prune_revoked(&mut self, now: Timestamp) {
-        self.revoked.retain(|_, r| r.not_after > now);
+        let expired: Vec<String> = (self.revoked.iter())
+            .filter(|(_, r)| r.not_after <= now)
+            .map(|(serial, _)| serial.clone())
+            .collect();
+        for serial in expired {
+            self.revoked.remove(&serial);
+        }
     }
 }
 

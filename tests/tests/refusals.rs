@@ -135,7 +135,7 @@ async fn disable(t: &TestController, router: &RouterHandle, who: &str) {
         .expect("apply");
     let seen = eventually(BOUND, || {
         let p = router.policy().borrow().clone()?;
-        (p.replica.state.identities.values())
+        (p.index.state().identities.values())
             .any(|i| i.name.as_str() == who && i.disabled)
             .then_some(())
     })

@@ -505,8 +505,8 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
         .expect("apply");
     let disabled = eventually(BOUND, || {
         let p = router.policy().borrow().clone()?;
-        p.replica
-            .state
+        p.index
+            .state()
             .identities
             .values()
             .any(|i| i.name.as_str() == "agent-2" && i.disabled)
