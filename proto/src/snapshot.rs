@@ -138,8 +138,8 @@ impl SnapshotMessages {
             identities: Box::new(state.identities.into_iter().map(|(_, v)| v)),
             services: Box::new(state.services.into_iter().map(|(_, v)| v)),
             policies: Box::new(state.policies.into_iter().map(|(_, v)| v)),
-            revoked: Box::new(revoked.into_values()),
-            routers: Box::new(routers.into_values()),
+            revoked: Box::new(revoked.into_iter().map(|(_, v)| v)),
+            routers: Box::new(routers.into_iter().map(|(_, v)| v)),
         }
     }
 

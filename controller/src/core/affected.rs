@@ -21,10 +21,10 @@
 //! Tested against the brute-force truth (every identity's view before and after random
 //! batches) in `affected_tests`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use umbra_policies::{Action, Hosting, IdentityId, IdentityKind, Index, Name, Timestamp};
-use umbra_proto::{ChangeEvent, RouterInfo};
+use umbra_proto::ChangeEvent;
 
 /// The watchers a batch must wake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -48,11 +48,12 @@ impl Affected {
 }
 
 /// The identities whose views `changes` can alter, given the index before and after them and
-/// the routers after them (a batch that changes the routers wakes everyone anyway).
+/// which identities are routers after them (`is_router`; a batch that changes the routers wakes
+/// everyone anyway).
 pub fn affected(
     before: &Index,
     after: &Index,
-    routers: &BTreeMap<IdentityId, RouterInfo>,
+    is_router: impl Fn(&IdentityId) -> bool,
     changes: &[ChangeEvent],
     now: Timestamp,
 ) -> Affected {
@@ -65,10 +66,10 @@ pub fn affected(
         }
         match change {
             ChangeEvent::IdentityPut { identity } => {
-                identity_changed(&mut out, [before, after], routers, &identity.id, now)
+                identity_changed(&mut out, [before, after], &is_router, &identity.id, now)
             }
             ChangeEvent::IdentityDeleted { id } => {
-                identity_changed(&mut out, [before, after], routers, id, now)
+                identity_changed(&mut out, [before, after], &is_router, id, now)
             }
             ChangeEvent::ServicePut { service } => {
                 service_changed(&mut out, before, after, &service.name)
@@ -94,7 +95,7 @@ pub fn affected(
 fn identity_changed(
     out: &mut Affected,
     indexes: [&Index; 2],
-    routers: &BTreeMap<IdentityId, RouterInfo>,
+    is_router: &impl Fn(&IdentityId) -> bool,
     id: &IdentityId,
     now: Timestamp,
 ) {
@@ -102,7 +103,7 @@ fn identity_changed(
     for index in indexes {
         let router =
             (index.state().identities.get(id)).is_some_and(|i| i.kind == IdentityKind::Router);
-        if router || routers.contains_key(id) {
+        if router || is_router(id) {
             // Whether a router is listed depends on its identity being active.
             out.everyone = true;
             return;

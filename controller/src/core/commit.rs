@@ -71,8 +71,9 @@ impl Controller {
             let after = self.index_locked(inner);
             let before = before.unwrap_or_else(|| after.clone());
             let routers = &inner.replica.routers;
+            let is_router = |id: &IdentityId| routers.contains_key(id);
             self.hub
-                .wake(&affected(&before, &after, routers, &batch.changes, now));
+                .wake(&affected(&before, &after, is_router, &batch.changes, now));
         }
         for d in deltas {
             // No receivers is normal (no router connected).

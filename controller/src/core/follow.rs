@@ -142,7 +142,7 @@ impl Controller {
         let (index, routers) = {
             let mut inner = self.lock();
             let index = self.index_locked(&mut inner);
-            let routers = views::listed_routers(inner.state(), &inner.replica.routers, now);
+            let routers = views::listed_routers(inner.state(), inner.replica.routers.values(), now);
             (index, routers)
         };
         views::edge_view(&index, &identity.id, routers, now)

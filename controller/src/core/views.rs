@@ -11,13 +11,12 @@ use umbra_proto::RouterInfo;
 /// The routers every view lists: those that reported an address and whose own identity is
 /// active at `now` (a revoked router is never offered). The same for every identity, so it is
 /// computed once per batch of views.
-pub fn listed_routers(
+pub fn listed_routers<'a>(
     state: &State,
-    routers: &BTreeMap<IdentityId, RouterInfo>,
+    routers: impl IntoIterator<Item = &'a RouterInfo>,
     now: Timestamp,
 ) -> Vec<RouterInfo> {
-    routers
-        .values()
+    (routers.into_iter())
         .filter(|r| r.advertise.is_some())
         .filter(|r| (state.identities.get(&r.id)).is_some_and(|i| i.is_active(now)))
         .cloned()
