@@ -21,6 +21,7 @@ mod store;
 
 pub use clock::{to_timestamp, Clock};
 pub use core::follow::MAX_STREAMS_PER_IDENTITY;
+pub use core::hub::{WatchStats, Watcher};
 pub use core::{files, init, Actor, Controller, ControllerConfig, RevokedSerials, Subscription};
 pub use error::ControllerError;
 pub use server::{Server, ALPN};

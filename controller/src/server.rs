@@ -28,7 +28,7 @@ use crate::admission::{Admission, Admit, ConnId, Limits, Pool, Source};
 use crate::api::{self, Peer};
 use crate::core::Controller;
 use crate::error::ControllerError;
-use crate::sessions::{AuthBudget, AuthLimits};
+use crate::sessions::AuthBudget;
 
 /// Authenticated connections (client certificate verified) served at once. Anonymous
 /// connections are counted apart (see [`crate::admission`]), so they can never use these up.
@@ -84,9 +84,10 @@ impl Server {
         let main_app = api::main_router(ctrl.clone());
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
+        let limits = ctrl.config().connections;
         let task = tokio::spawn(async move {
             let admission = Arc::new(Mutex::new(Admission::new(Limits::DEFAULT)));
-            let authenticated = Arc::new(Mutex::new(AuthBudget::new(AuthLimits::default())));
+            let authenticated = Arc::new(Mutex::new(AuthBudget::new(limits)));
             let mut conns = JoinSet::new();
             let mut refresh = tokio::time::interval(SERVER_CERT_REFRESH);
             refresh.tick().await;

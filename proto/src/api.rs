@@ -232,8 +232,11 @@ pub struct RouterView {
     pub enrolled: bool,
 }
 
-/// `GET /v1/edge` (and each frame of `GET /v1/edge/watch`): what an identity may use and where
-/// the routers are. Only the caller's own services appear; others do not exist for it.
+/// `GET /v1/edge` (and the first frame of `GET /v1/edge/watch`, see [`EdgeFrame`]): what an
+/// identity may use and where the routers are. Only the caller's own services appear; others do
+/// not exist for it. The controller sends it canonical ([`EdgeView::canonicalize`]): services
+/// sorted by name, each service's grants by caller name, policy and caller id, which is what
+/// lets a diff be applied to it without positions.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EdgeView {
@@ -274,6 +277,65 @@ pub struct HostedGrant {
     /// The grant's limits (flat fields on the wire).
     #[serde(flatten)]
     pub limits: umbra_policies::GrantLimits,
+}
+
+/// One frame of `GET /v1/edge/watch`, tagged so that it says what it is: the first frame of a
+/// watch is the whole view, every later one a diff against the view the frames before it built.
+/// A watcher that cannot apply a diff ends the watch and opens a new one (whole view first), so
+/// it never holds a wrong view (see [`crate::edge::EdgeWatchDecoder`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum EdgeFrame {
+    /// The whole view: what the watcher holds from now on.
+    View(EdgeView),
+    /// What changed since the previous frame; never empty.
+    Diff(EdgeViewDiff),
+}
+
+/// What changed between two views of one identity (`EdgeView::diff`), so that a change that
+/// touches one dialer of a gateway's service costs one grant on the wire, not the gateway's whole
+/// view. Applied in field order: services removed, services put, grants, then routers.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeViewDiff {
+    /// Services no longer in the view, by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<Name>,
+    /// Services added to the view, whole with their grants, or changed (intercepts, dial, bind),
+    /// then without their grants: those change through [`EdgeViewDiff::grants`] only.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub put: Vec<EdgeService>,
+    /// Grants removed from and added to services the identity already held and still holds.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub grants: Vec<GrantChanges>,
+    /// The whole routers list, when it changed (routers are few; a list is simpler than a diff).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routers: Option<Vec<crate::RouterInfo>>,
+}
+
+/// The grants of one hosted service that changed: a grant whose caller name or limits changed
+/// is removed and added again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantChanges {
+    /// The hosted service.
+    pub service: Name,
+    /// Grants gone, by caller and policy (applied first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<GrantKey>,
+    /// Grants new or changed, whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub added: Vec<HostedGrant>,
+}
+
+/// What names one grant among a service's grants: a caller holds at most one grant per policy.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantKey {
+    /// The caller's identity id.
+    pub identity: umbra_policies::IdentityId,
+    /// The granting policy.
+    pub policy: Name,
 }
 
 impl std::fmt::Debug for EnrollRequest {

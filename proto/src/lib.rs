@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod control;
+pub mod edge;
 pub mod follow;
 pub mod frame;
 pub mod snapshot;

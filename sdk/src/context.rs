@@ -36,11 +36,11 @@ use tokio_util::sync::CancellationToken;
 use umbra_pki::{ExpectedServer, IdentityFile, Serial, SpiffeId};
 use umbra_policies::{IdentityId, IdentityKind, Name};
 use umbra_proto::api::{EdgeService, EdgeView};
+use umbra_proto::edge::EdgeWatchDecoder;
 use umbra_proto::stream::{
     decode_request_header, decode_response, encode_request, encode_response, IncomingRequest, Op,
     ServiceRequest, Status, ALPN,
 };
-use umbra_proto::FrameDecoder;
 use umbra_proto::RouterInfo;
 
 use crate::client::{ControllerClient, ResponseStream};
@@ -416,7 +416,7 @@ impl Context {
         let stream = self.inner.controller.stream("/v1/edge/watch").await?;
         Ok(EdgeWatch {
             stream,
-            decoder: FrameDecoder::new(MAX_EDGE_FRAME),
+            decoder: EdgeWatchDecoder::new(MAX_EDGE_FRAME),
         })
     }
 
@@ -936,10 +936,12 @@ async fn incoming(
     ));
 }
 
-/// Successive views of an identity's services and routers (see [`Context::watch_edge`]).
+/// Successive views of an identity's services and routers (see [`Context::watch_edge`]). The
+/// controller sends the whole view once and then diffs; each is applied here, so every call
+/// still yields a whole view.
 pub struct EdgeWatch {
     stream: ResponseStream,
-    decoder: FrameDecoder,
+    decoder: EdgeWatchDecoder,
 }
 
 impl std::fmt::Debug for EdgeWatch {
@@ -952,16 +954,17 @@ impl EdgeWatch {
     /// The next view; `None` when the controller ended the watch. The controller sends a
     /// keepalive on an idle watch; after three missed ones the connection is taken for dead
     /// (a half-open TCP connection never ends by itself) and this fails, so the caller
-    /// reconnects.
+    /// reconnects. A diff that does not fit the view fails too (never a wrong view): the
+    /// caller watches again and gets a whole view first.
     pub async fn next(&mut self) -> Result<Option<EdgeView>, SdkError> {
         let silence = umbra_proto::follow::session_silence(umbra_proto::follow::DEFAULT_HEARTBEAT);
         loop {
             if let Some(view) = self
                 .decoder
-                .next::<EdgeView>()
+                .next()
                 .map_err(|e| SdkError::Protocol(e.to_string()))?
             {
-                return Ok(Some(view));
+                return Ok(Some(view.clone()));
             }
             let chunk = tokio::time::timeout(silence, self.stream.chunk())
                 .await

@@ -131,7 +131,7 @@ async fn disable(t: &TestController, router: &RouterHandle, who: &str) {
         .expect("exported")
         .disabled = true;
     t.ctrl
-        .apply(&Actor::controller(), &doc.to_yaml(), false)
+        .apply(&Actor::controller(), doc.to_yaml(), false)
         .expect("apply");
     let seen = eventually(BOUND, || {
         let p = router.policy().borrow().clone()?;

@@ -501,7 +501,7 @@ async fn unknown_and_disabled_identities_are_refused_at_the_handshake() {
         .expect("agent-2 exported")
         .disabled = true;
     t.ctrl
-        .apply(&Actor::controller(), &doc.to_yaml(), false)
+        .apply(&Actor::controller(), doc.to_yaml(), false)
         .expect("apply");
     let disabled = eventually(BOUND, || {
         let p = router.policy().borrow().clone()?;

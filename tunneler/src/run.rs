@@ -12,8 +12,8 @@ use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::AbortOnDropHandle;
 use umbra_proto::api::EdgeView;
+use umbra_proto::edge::EdgeWatchDecoder;
 use umbra_proto::follow::{WatchEnd, WatchFollower};
-use umbra_proto::FrameDecoder;
 use umbra_sdk::{Context, ControllerClient, Early, SdkError};
 
 use crate::accept::{accept_with_backoff, AcceptBackoff};
@@ -331,13 +331,15 @@ async fn watch_once(
     let mut stream = timeout_at(machine.deadline(), client.stream("/v1/edge/watch"))
         .await
         .ok_or_else(silent)??;
-    let mut decoder = FrameDecoder::new(16 * 1024 * 1024);
+    // Whole view first, then diffs; a diff that does not fit ends this watch (never a wrong
+    // view), and the next one starts from a whole view again.
+    let mut decoder = EdgeWatchDecoder::new(16 * 1024 * 1024);
     loop {
         while let Some(view) = decoder
-            .next::<EdgeView>()
+            .next()
             .map_err(|e| SdkError::Protocol(e.to_string()))?
         {
-            state.reconcile(&view).await;
+            state.reconcile(view).await;
         }
         let chunk = timeout_at(machine.deadline(), stream.chunk())
             .await

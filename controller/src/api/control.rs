@@ -2,7 +2,6 @@
 //! length-prefixed JSON frames (see `umbra_proto::frame`).
 
 use std::convert::Infallible;
-use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -12,12 +11,8 @@ use tokio::sync::{broadcast, mpsc};
 use umbra_proto::{ChangeEvent, ControlMessage};
 
 use super::error::ApiError;
-use super::extract::{AnyIdentity, Query, Router};
+use super::extract::{Query, Router};
 use super::{blocking, AppState};
-
-/// How often an idle edge-view watch carries a keepalive, so a watcher notices a dead
-/// controller; a router's control channel asks for its own (see `umbra_proto::follow`).
-pub const HEARTBEAT: Duration = umbra_proto::follow::DEFAULT_HEARTBEAT;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -121,87 +116,11 @@ async fn send(tx: &mpsc::Sender<Bytes>, msg: &ControlMessage) -> Result<(), ()> 
     send_frame(tx, msg).await
 }
 
-/// `GET /v1/edge`: the caller's services and the routers.
-pub async fn edge(
-    State(s): State<AppState>,
-    AnyIdentity(peer): AnyIdentity,
-) -> Result<axum::Json<umbra_proto::api::EdgeView>, ApiError> {
-    blocking(&s, move |c| {
-        let identity = c.authorize_peer(&peer, None)?;
-        Ok(c.edge_view(&identity))
-    })
-    .await
-    .map(axum::Json)
-}
-
-/// `GET /v1/edge/watch`: the caller's view now and again after every change that alters it, as
-/// length-prefixed JSON frames; it ends when the caller loses its own access.
-pub async fn edge_watch(
-    State(s): State<AppState>,
-    AnyIdentity(peer): AnyIdentity,
-) -> Result<Response, ApiError> {
-    let p = peer.clone();
-    let (mut rx, identity, view) = blocking(&s, move |c| {
-        let rx = c.deltas();
-        let identity = c.authorize_peer(&p, None)?;
-        let view = c.edge_view(&identity);
-        Ok((rx, identity, view))
-    })
-    .await?;
-    let guard = s.open_stream(&identity.id).map_err(ApiError::from)?;
-    let (tx, body_rx) = mpsc::channel::<Bytes>(16);
-    let ctrl = s.clone();
-    tokio::spawn(async move {
-        let _guard = guard;
-        let mut last = view;
-        if send_frame(&tx, &last).await.is_err() {
-            return;
-        }
-        loop {
-            tokio::select! {
-                r = rx.recv() => match r {
-                    Ok(d) => {
-                        if ends_identity(&d.change, &identity.id, &peer.serial.to_string()) {
-                            return;
-                        }
-                        // Coalesce a burst of deltas into one recomputation.
-                        while rx.try_recv().is_ok() {}
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                _ = tokio::time::sleep(HEARTBEAT) => {
-                    if tx.send(Bytes::from_static(&umbra_proto::KEEPALIVE)).await.is_err() {
-                        return;
-                    }
-                    continue;
-                }
-                _ = tx.closed() => return,
-            }
-            let (c, p) = (ctrl.clone(), peer.clone());
-            let next = tokio::task::spawn_blocking(move || {
-                c.authorize_peer(&p, None).map(|i| c.edge_view(&i))
-            })
-            .await;
-            let Ok(Ok(view)) = next else { return };
-            if view != last {
-                last = view;
-                if send_frame(&tx, &last).await.is_err() {
-                    return;
-                }
-            }
-        }
-    });
-    let body = futures::stream::unfold(body_rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
-    });
-    Response::builder()
-        .header("content-type", "application/x-umbra-edge")
-        .body(Body::from_stream(body))
-        .map_err(ApiError::internal)
-}
-
-async fn send_frame<T: serde::Serialize>(tx: &mpsc::Sender<Bytes>, msg: &T) -> Result<(), ()> {
+/// Sends one message as a frame; fails once the body is gone.
+pub(super) async fn send_frame<T: serde::Serialize>(
+    tx: &mpsc::Sender<Bytes>,
+    msg: &T,
+) -> Result<(), ()> {
     let frame = umbra_proto::encode(msg).map_err(|_| ())?;
     tx.send(Bytes::from(frame)).await.map_err(|_| ())
 }

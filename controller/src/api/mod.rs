@@ -7,6 +7,7 @@ mod control;
 pub mod error;
 mod extract;
 mod handlers;
+mod watch;
 
 use std::sync::Arc;
 
@@ -58,8 +59,8 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/health", get(handlers::health))
         .route("/v1/renew", post(handlers::renew))
         .route("/v1/control", get(control::stream))
-        .route("/v1/edge", get(control::edge))
-        .route("/v1/edge/watch", get(control::edge_watch))
+        .route("/v1/edge", get(watch::edge))
+        .route("/v1/edge/watch", get(watch::edge_watch))
         .route(
             "/v1/identities",
             get(handlers::list_identities).post(handlers::create_identity),

@@ -2,6 +2,9 @@
 //! copy of the replica and checked with the core's rules before anything is stored or
 //! published.
 
+use umbra_policies::StateChange;
+
+use super::affected::affected;
 use super::*;
 
 impl Controller {
@@ -29,6 +32,12 @@ impl Controller {
             }
         }
         let now = self.now();
+        let model = batch.changes.iter().any(changes_model);
+        // The index before the batch, when a watch may need to know whose view it alters
+        // (kept current commit by commit, so this is a lookup, not a compilation).
+        let watched = !self.hub.is_empty();
+        let before = (watched && model).then(|| self.index_locked(inner));
+        let seq_before = inner.replica.seq;
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
         let mut revoked_changed = false;
         for d in &deltas {
@@ -55,12 +64,67 @@ impl Controller {
                 .0
                 .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
         }
+        self.next_index(inner, seq_before, before.clone(), &batch.changes);
+        if watched {
+            // Computed once here, so that only the watchers whose views the batch can alter
+            // recompute them (see `hub`).
+            let after = self.index_locked(inner);
+            let before = before.unwrap_or_else(|| after.clone());
+            let routers = &inner.replica.routers;
+            let is_router = |id: &IdentityId| routers.contains_key(id);
+            self.hub
+                .wake(&affected(&before, &after, is_router, &batch.changes, now));
+        }
         for d in deltas {
             // No receivers is normal (no router connected).
             let _ = self.deltas.send(Arc::new(d));
         }
         Ok(())
     }
+
+    /// Keeps the cached index current after a commit, one change at a time
+    /// ([`Index::apply`], at a cost proportional to what each change touches, on an O(1) copy
+    /// that shares the rest with the index before): a batch that changes no model entity
+    /// (certificates, router addresses) keeps it as it is. Without a current index to start
+    /// from, it is compiled when next asked for.
+    fn next_index(
+        &self,
+        inner: &mut Inner,
+        seq_before: u64,
+        before: Option<Arc<Index>>,
+        changes: &[ChangeEvent],
+    ) {
+        let seq = inner.replica.seq;
+        let base = before.or_else(|| match &inner.index {
+            Some((s, idx)) if *s == seq_before => Some(idx.clone()),
+            _ => None,
+        });
+        let Some(base) = base else {
+            return;
+        };
+        let mut next = Index::clone(&base);
+        let mut changed = false;
+        for change in changes.iter().filter_map(state_change) {
+            next.apply(&change);
+            changed = true;
+        }
+        inner.index = Some((seq, if changed { Arc::new(next) } else { base }));
+    }
+}
+
+/// The model change a committed change makes, if any (the index's unit of change).
+fn state_change(change: &ChangeEvent) -> Option<StateChange> {
+    Some(match change {
+        ChangeEvent::IdentityPut { identity } => StateChange::IdentityPut(identity.clone()),
+        ChangeEvent::IdentityDeleted { id } => StateChange::IdentityDeleted(id.clone()),
+        ChangeEvent::ServicePut { service } => StateChange::ServicePut(service.clone()),
+        ChangeEvent::ServiceDeleted { name } => StateChange::ServiceDeleted(name.clone()),
+        ChangeEvent::PolicyPut { policy } => StateChange::PolicyPut(policy.clone()),
+        ChangeEvent::PolicyDeleted { name } => StateChange::PolicyDeleted(name.clone()),
+        ChangeEvent::CertRevoked { .. }
+        | ChangeEvent::RouterPut { .. }
+        | ChangeEvent::RouterDeleted { .. } => return None,
+    })
 }
 
 /// Whether a change can affect what [`State::validate`] checks (certificates and router

@@ -21,7 +21,7 @@ impl Controller {
     ///
     /// The document's text is dropped once parsed, before the plan is made, so that a large
     /// one is not held as text and as a document at once for longer than parsing takes. What
-    /// the answer and the audit log show of the plan is its first [`SHOWN_CHANGES`] changes and
+    /// the answer and the audit log show of the plan is its first `SHOWN_CHANGES` changes and
     /// a count of the rest.
     pub fn apply(
         &self,

@@ -138,73 +138,31 @@ impl Controller {
 
     /// What `identity` may use now, and where the routers are.
     pub fn edge_view(&self, identity: &Identity) -> EdgeView {
-        let index = self.index();
         let now = self.now();
-        let mut services: std::collections::BTreeMap<Name, EdgeService> = Default::default();
-        for (action, svcs) in [
-            (
-                Action::Dial,
-                index.services_for(&identity.id, Action::Dial, now),
-            ),
-            (
-                Action::Bind,
-                index.services_for(&identity.id, Action::Bind, now),
-            ),
-        ] {
-            for s in svcs {
-                let e = services
-                    .entry(s.name.clone())
-                    .or_insert_with(|| EdgeService {
-                        name: s.name.clone(),
-                        intercepts: s.intercepts.clone(),
-                        dial: false,
-                        bind: false,
-                        grants: Vec::new(),
-                    });
-                match action {
-                    Action::Dial => e.dial = true,
-                    Action::Bind => e.bind = true,
-                }
-            }
-        }
-        // Only routers whose own identity is still active: a revoked router is never offered.
+        let (index, routers) = {
+            let mut inner = self.lock();
+            let index = self.index_locked(&mut inner);
+            let routers = views::listed_routers(inner.state(), inner.replica.routers.values(), now);
+            (index, routers)
+        };
+        views::edge_view(&index, &identity.id, routers, now)
+    }
+
+    /// Opens a watch of the peer's edge view: checks the peer and registers its watcher with
+    /// the hub under the same lock commits take, so that no commit falls between the check and
+    /// the registration unseen (one that comes after wakes the watcher). The caller computes
+    /// the first view after this returns.
+    pub fn watch_edge(&self, peer: &PeerCert) -> Result<(Identity, hub::Watcher), ControllerError> {
         let inner = self.lock();
-        let routers = inner
-            .replica
-            .routers
-            .values()
-            .filter(|r| r.advertise.is_some())
-            .filter(|r| {
-                inner
-                    .state()
-                    .identities
-                    .get(&r.id)
-                    .is_some_and(|i| i.is_active(now))
-            })
-            .cloned()
-            .collect();
-        // A host learns who may call the services it binds, and with what limits, so that a
-        // gateway enforces the same grants the routers do: the index answers, as it does for
-        // the routers. Only agents call through gateways.
-        for e in services.values_mut().filter(|e| e.bind) {
-            for (i, p) in index.dialers_of(e.name.as_str(), now) {
-                if i.kind != IdentityKind::Agent {
-                    continue;
-                }
-                e.grants.push(umbra_proto::api::HostedGrant {
-                    identity: i.id.clone(),
-                    name: i.name.clone(),
-                    policy: p.name.clone(),
-                    limits: p.limits.clone(),
-                });
-            }
-            e.grants
-                .sort_by(|a, b| (&a.name, &a.policy).cmp(&(&b.name, &b.policy)));
-        }
-        EdgeView {
-            routers,
-            services: services.into_values().collect(),
-        }
+        let identity = self.authorize_locked(&inner, peer, None)?;
+        let watcher = self.hub.register(&identity.id);
+        Ok((identity, watcher))
+    }
+
+    /// The watch hub's counters: how many watches are open, how many wakes commits handed out
+    /// and how many views they cost.
+    pub fn watch_stats(&self) -> hub::WatchStats {
+        self.hub.stats()
     }
 
     /// Takes one of an identity's long-lived stream slots, so that no identity can hold the
@@ -224,7 +182,7 @@ impl Controller {
         })
     }
 
-    /// A receiver of every committed delta, for watchers that recompute a view.
+    /// A receiver of every committed delta (in-process followers and tests).
     pub fn deltas(&self) -> broadcast::Receiver<Arc<Delta>> {
         self.deltas.subscribe()
     }

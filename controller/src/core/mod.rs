@@ -27,8 +27,8 @@ use umbra_policies::{
     State, Timestamp,
 };
 use umbra_proto::api::{
-    ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeService, EdgeView, EnrollResponse,
-    ExplainResponse, GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
+    ApplyResponse, AuditEntry, CreateIdentityRequest, EdgeView, EnrollResponse, ExplainResponse,
+    GrantRequest, IdentityView, RenewResponse, RouterView, TokenResponse,
 };
 use umbra_proto::{
     ChangeEvent, ControlMessage, Delta, Replica, RevokedCert, RouterInfo, SnapshotMessages,
@@ -40,13 +40,16 @@ use crate::clock::Clock;
 use crate::error::ControllerError;
 use crate::store::{AuditRecord, Batch, Record, Store};
 
+pub mod affected;
 mod certs;
 mod commit;
 mod declarative;
 mod events;
 pub mod follow;
+pub mod hub;
 mod identities;
 mod policies;
+pub mod views;
 
 /// File names inside the controller's directory.
 pub mod files {
@@ -73,6 +76,10 @@ pub struct ControllerConfig {
     pub clock: Clock,
     /// Limits and retention for events identities report (`POST /v1/audit/events`).
     pub audit: AuditConfig,
+    /// Authenticated connections in all, per identity, and for all agents together. Every
+    /// tunneler, SDK host and gateway holds one for its edge-view watch, so a deployment with
+    /// more agents than `connections.agents` must raise it (and the file descriptor limit).
+    pub connections: crate::sessions::AuthLimits,
 }
 
 impl ControllerConfig {
@@ -85,6 +92,7 @@ impl ControllerConfig {
             max_token_ttl: Duration::from_secs(7 * 24 * 3600),
             clock: Clock::system(),
             audit: AuditConfig::default(),
+            connections: crate::sessions::AuthLimits::default(),
         }
     }
 }
@@ -170,6 +178,8 @@ pub struct Controller {
     revoked: Arc<RevokedSerials>,
     address: Mutex<String>,
     streams: Arc<Mutex<HashMap<IdentityId, usize>>>,
+    /// Open edge-view watches, woken by commits that can alter their views.
+    hub: Arc<hub::WatchHub>,
     /// Reported events: buckets, queue and writer thread, apart from the command lock.
     audit: AuditSink,
 }
@@ -307,6 +317,7 @@ impl Controller {
             address: Mutex::new(address),
             audit,
             streams: Default::default(),
+            hub: Default::default(),
         })
     }
 
@@ -360,7 +371,11 @@ impl Controller {
 
     /// The compiled policy index for the current state (rebuilt only after a model change).
     pub fn index(&self) -> Arc<Index> {
-        let mut inner = self.lock();
+        self.index_locked(&mut self.lock())
+    }
+
+    /// [`Controller::index`] under the lock the caller holds.
+    fn index_locked(&self, inner: &mut Inner) -> Arc<Index> {
         let seq = inner.replica.seq;
         if let Some((s, idx)) = &inner.index {
             if *s == seq {
