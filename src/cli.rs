@@ -140,6 +140,14 @@ pub struct RunArgs {
     /// operator actions
     #[arg(long, default_value_t = 1_000_000)]
     pub audit_max_agent_rows: u64,
+    /// Authenticated connections the controller holds at once (each tunneler, SDK host and
+    /// gateway keeps one open for its view)
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Of those, how many all agents together may hold; the rest is kept for admins and
+    /// routers
+    #[arg(long, default_value_t = 3584)]
+    pub max_agent_connections: usize,
 }
 
 #[derive(Debug, Subcommand)]

@@ -52,6 +52,22 @@ fn main() -> ExitCode {
             )
             .init(),
     }
+    // Servers hold a socket per peer: take the open-file limit the system allows (its hard
+    // limit), as a service manager's default soft limit (often 1,024) is below the controller's
+    // connection bound.
+    if matches!(
+        cli.command,
+        Command::Quickstart { .. }
+            | Command::Controller(ControllerCmd::Run(_))
+            | Command::Router(cli::RouterCmd::Run { .. })
+            | Command::Tunnel { .. }
+            | Command::Gateway(_)
+    ) {
+        match rlimit::increase_nofile_limit(u64::MAX) {
+            Ok(n) => tracing::debug!(open_files = n, "open-file limit"),
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
     // The tunneler's data path wakes no other thread on one core: fewer scheduler wake-ups per
     // byte and a shorter queue for interactive streams under bulk load (see the data-plane bench).
     let runtime = if matches!(cli.command, Command::Tunnel { .. }) {
@@ -337,6 +353,8 @@ async fn quickstart(
         cert_validity: cfg.cert_validity,
         audit_retention: cfg.audit.retention.unwrap_or_default(),
         audit_max_agent_rows: cfg.audit.max_agent_rows,
+        max_connections: cfg.connections.total,
+        max_agent_connections: cfg.connections.agents,
     };
     let (ctrl, server) = start_controller(&args).await?;
 
@@ -396,6 +414,15 @@ async fn start_controller(
     cfg.cert_validity = args.cert_validity;
     cfg.audit.retention = (!args.audit_retention.is_zero()).then_some(args.audit_retention);
     cfg.audit.max_agent_rows = args.audit_max_agent_rows;
+    if args.max_agent_connections >= args.max_connections {
+        anyhow::bail!(
+            "--max-agent-connections ({}) must be below --max-connections ({}): the rest is kept for admins and routers",
+            args.max_agent_connections,
+            args.max_connections
+        );
+    }
+    cfg.connections.total = args.max_connections;
+    cfg.connections.agents = args.max_agent_connections;
     let ctrl = std::sync::Arc::new(
         tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??,
     );

@@ -24,9 +24,9 @@ pub struct AuthLimits {
 impl Default for AuthLimits {
     fn default() -> Self {
         AuthLimits {
-            total: 1024,
+            total: 4096,
             per_identity: 32,
-            agents: 768,
+            agents: 3584,
         }
     }
 }

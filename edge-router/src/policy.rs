@@ -105,7 +105,7 @@ impl Policy {
     /// expiry is refused by the handshake itself); says whether there were any. Costs nothing
     /// until the earliest expires.
     pub fn prune_revoked(&mut self, now: Timestamp) -> bool {
-        if !self.prune_at.is_some_and(|t| t <= now) {
+        if self.prune_at.is_none_or(|t| t > now) {
             return false;
         }
         self.revoked.retain(|_, r| r.not_after > now);

@@ -116,10 +116,10 @@ proptest! {
             let mut fresh = Policy::build(&replica);
             fresh.prune_revoked(now);
             prop_assert_eq!(kept.seq, fresh.seq);
-            for n in 0..NAMES.len() {
+            for (n, label) in NAMES.iter().enumerate() {
                 prop_assert_eq!(
-                    kept.identity_named(NAMES[n]).map(|i| &i.id),
-                    fresh.identity_named(NAMES[n]).map(|i| &i.id)
+                    kept.identity_named(label).map(|i| &i.id),
+                    fresh.identity_named(label).map(|i| &i.id)
                 );
                 for serial in 0..7u8 {
                     let p = peer(n, serial);

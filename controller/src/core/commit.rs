@@ -9,40 +9,47 @@ use super::*;
 
 impl Controller {
     /// Commits a batch built under the lock and publishes its deltas: the one gate for every
-    /// write. A batch that changes the model is first applied to a candidate copy of the
-    /// replica (by the same [`Replica::apply_change`] followers use) and refused, with nothing
-    /// written, unless the result keeps the core's rules ([`State::validate`]). A problem the
-    /// stored state already had (a store written before a rule existed, logged at start) does
-    /// not block unrelated writes; only a problem the batch would add is refused.
+    /// write. A batch that changes the model is refused, with nothing written, if it would add
+    /// a problem to the state by the core's rules: the index answers that from what the batch
+    /// touches ([`Index::validate_changes`], the problems `State::validate` of the result has
+    /// and of the state before has not), so a write costs what it changes, not the size of the
+    /// state. A problem the stored state already had (a store written before a rule existed,
+    /// logged at start) does not block unrelated writes.
     pub(super) fn commit(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
         if batch.is_empty() {
             return Ok(());
         }
-        if batch.changes.iter().any(changes_model) {
-            let mut candidate = inner.replica.clone();
-            for change in &batch.changes {
-                candidate.apply_change(change);
-            }
-            if let Err(problems) = candidate.state.validate() {
-                let old = inner.state().validate().err().unwrap_or_default();
-                let new: Vec<_> = problems.into_iter().filter(|p| !old.contains(p)).collect();
-                if !new.is_empty() {
-                    return Err(refused(new, &batch));
-                }
+        let changes: Vec<StateChange> = (batch.changes.iter())
+            .filter_map(ChangeEvent::state_change)
+            .collect();
+        if !changes.is_empty() {
+            if let Err(problems) = inner.index.validate_changes(&changes) {
+                return Err(refused(problems, &batch));
             }
         }
         let now = self.now();
-        let model = batch.changes.iter().any(changes_model);
-        // The index before the batch, when a watch may need to know whose view it alters
-        // (kept current commit by commit, so this is a lookup, not a compilation).
-        let watched = !self.hub.is_empty();
-        let before = (watched && model).then(|| self.index_locked(inner));
-        let seq_before = inner.replica.seq;
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
-        let mut revoked_changed = false;
+        // The index before the batch, for finding whose views it alters.
+        let before = Arc::clone(&inner.index);
+        if !changes.is_empty() {
+            // One change at a time, each at a cost proportional to what it touches, on an
+            // O(1) copy that shares the rest with the index before.
+            let mut next = Index::clone(&before);
+            for change in &changes {
+                next.apply(change);
+            }
+            inner.index = Arc::new(next);
+        }
+        let mut revoked = Vec::new();
         for d in &deltas {
             match &d.change {
                 ChangeEvent::IdentityPut { identity } => {
+                    if let Some(old) = inner.replica.state.identities.get(&identity.id) {
+                        if old.name != identity.name {
+                            let n = old.name.clone();
+                            inner.names.remove(&n);
+                        }
+                    }
                     inner
                         .names
                         .insert(identity.name.clone(), identity.id.clone());
@@ -53,27 +60,34 @@ impl Controller {
                         inner.names.remove(&n);
                     }
                 }
-                ChangeEvent::CertRevoked { .. } => revoked_changed = true,
+                ChangeEvent::CertRevoked { cert } => revoked.push(cert.serial.clone()),
                 _ => {}
             }
-            inner.replica.apply_change(&d.change);
+            if !is_model(&d.change) {
+                inner.replica.apply_change(&d.change);
+            }
             inner.replica.seq = d.seq;
         }
-        if revoked_changed {
-            self.revoked
-                .0
-                .store(Arc::new(inner.replica.revoked.keys().cloned().collect()));
+        if !changes.is_empty() {
+            // The model changes, made once: the replica holds the index's state (persistent,
+            // so this shares it instead of holding a second copy).
+            inner.replica.state = inner.index.state().clone();
         }
-        self.next_index(inner, seq_before, before.clone(), &batch.changes);
-        if watched {
+        if !revoked.is_empty() {
+            self.revoked.add(revoked);
+        }
+        if !self.hub.is_empty() {
             // Computed once here, so that only the watchers whose views the batch can alter
             // recompute them (see `hub`).
-            let after = self.index_locked(inner);
-            let before = before.unwrap_or_else(|| after.clone());
             let routers = &inner.replica.routers;
             let is_router = |id: &IdentityId| routers.contains_key(id);
-            self.hub
-                .wake(&affected(&before, &after, is_router, &batch.changes, now));
+            self.hub.wake(&affected(
+                &before,
+                &inner.index,
+                is_router,
+                &batch.changes,
+                now,
+            ));
         }
         for d in deltas {
             // No receivers is normal (no router connected).
@@ -81,55 +95,11 @@ impl Controller {
         }
         Ok(())
     }
-
-    /// Keeps the cached index current after a commit, one change at a time
-    /// ([`Index::apply`], at a cost proportional to what each change touches, on an O(1) copy
-    /// that shares the rest with the index before): a batch that changes no model entity
-    /// (certificates, router addresses) keeps it as it is. Without a current index to start
-    /// from, it is compiled when next asked for.
-    fn next_index(
-        &self,
-        inner: &mut Inner,
-        seq_before: u64,
-        before: Option<Arc<Index>>,
-        changes: &[ChangeEvent],
-    ) {
-        let seq = inner.replica.seq;
-        let base = before.or_else(|| match &inner.index {
-            Some((s, idx)) if *s == seq_before => Some(idx.clone()),
-            _ => None,
-        });
-        let Some(base) = base else {
-            return;
-        };
-        let mut next = Index::clone(&base);
-        let mut changed = false;
-        for change in changes.iter().filter_map(state_change) {
-            next.apply(&change);
-            changed = true;
-        }
-        inner.index = Some((seq, if changed { Arc::new(next) } else { base }));
-    }
 }
 
-/// The model change a committed change makes, if any (the index's unit of change).
-fn state_change(change: &ChangeEvent) -> Option<StateChange> {
-    Some(match change {
-        ChangeEvent::IdentityPut { identity } => StateChange::IdentityPut(identity.clone()),
-        ChangeEvent::IdentityDeleted { id } => StateChange::IdentityDeleted(id.clone()),
-        ChangeEvent::ServicePut { service } => StateChange::ServicePut(service.clone()),
-        ChangeEvent::ServiceDeleted { name } => StateChange::ServiceDeleted(name.clone()),
-        ChangeEvent::PolicyPut { policy } => StateChange::PolicyPut(policy.clone()),
-        ChangeEvent::PolicyDeleted { name } => StateChange::PolicyDeleted(name.clone()),
-        ChangeEvent::CertRevoked { .. }
-        | ChangeEvent::RouterPut { .. }
-        | ChangeEvent::RouterDeleted { .. } => return None,
-    })
-}
-
-/// Whether a change can affect what [`State::validate`] checks (certificates and router
-/// addresses cannot).
-fn changes_model(change: &ChangeEvent) -> bool {
+/// Whether a change is to the model (what the index and `State` hold), rather than to
+/// certificates or routers.
+fn is_model(change: &ChangeEvent) -> bool {
     !matches!(
         change,
         ChangeEvent::CertRevoked { .. }

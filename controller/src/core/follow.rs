@@ -140,8 +140,8 @@ impl Controller {
     pub fn edge_view(&self, identity: &Identity) -> EdgeView {
         let now = self.now();
         let (index, routers) = {
-            let mut inner = self.lock();
-            let index = self.index_locked(&mut inner);
+            let inner = self.lock();
+            let index = Arc::clone(&inner.index);
             let routers = views::listed_routers(inner.state(), inner.replica.routers.values(), now);
             (index, routers)
         };

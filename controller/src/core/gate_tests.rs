@@ -63,6 +63,9 @@ fn an_old_problem_blocks_only_writes_that_add_to_it() {
             inner.replica.seq = d.seq;
         }
     }
+    // Opened again, as such a store would be.
+    drop(ctrl);
+    let ctrl = Controller::open(ControllerConfig::new(dir.path().join("ctrl"))).unwrap();
     assert!(ctrl.state().validate().is_err());
     // Unrelated writes go through.
     ctrl.insert_identity(

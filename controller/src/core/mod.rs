@@ -11,7 +11,7 @@
 //! cannot know: that the thing they name exists, that a create does not replace, who is acting.
 //! Every call here is blocking (SQLite); the HTTP layer runs them on the blocking pool.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -118,11 +118,24 @@ impl Actor {
 
 /// The live set of revoked certificate serials, read on every TLS handshake without a lock.
 #[derive(Debug, Default)]
-pub struct RevokedSerials(ArcSwap<HashSet<String>>);
+pub struct RevokedSerials(ArcSwap<imbl::HashSet<String>>);
+
+impl RevokedSerials {
+    /// Adds serials: a copy of the set (O(1), persistent) with them inserted, swapped in, so a
+    /// revocation costs what it adds however long the list is. Only commits call this, under
+    /// the command lock, so no two run at once.
+    fn add(&self, serials: Vec<String>) {
+        let mut set = imbl::HashSet::clone(&self.0.load());
+        for s in serials {
+            set.insert(s);
+        }
+        self.0.store(Arc::new(set));
+    }
+}
 
 impl RevocationCheck for RevokedSerials {
     fn is_revoked(&self, serial: &Serial) -> bool {
-        self.0.load().contains(&serial.to_string())
+        self.0.load().contains(serial.as_str())
     }
 }
 
@@ -130,7 +143,8 @@ struct Inner {
     store: Store,
     replica: Replica,
     names: HashMap<Name, IdentityId>,
-    index: Option<(u64, Arc<Index>)>,
+    /// The compiled index of `replica.state`, kept current by every commit.
+    index: Arc<Index>,
 }
 
 impl Inner {
@@ -301,6 +315,7 @@ impl Controller {
             .0
             .store(Arc::new(replica.revoked.keys().cloned().collect()));
         let (deltas, _) = broadcast::channel(4096);
+        let replica_state = replica.state.clone();
         Ok(Controller {
             cfg,
             ca,
@@ -310,7 +325,7 @@ impl Controller {
                 store,
                 replica,
                 names,
-                index: None,
+                index: Arc::new(Index::build(&replica_state)),
             }),
             deltas,
             revoked,
@@ -369,22 +384,10 @@ impl Controller {
         self.lock().replica.state.clone()
     }
 
-    /// The compiled policy index for the current state (rebuilt only after a model change).
+    /// The compiled policy index for the current state (kept current by every commit, so this
+    /// is a copy of a pointer).
     pub fn index(&self) -> Arc<Index> {
-        self.index_locked(&mut self.lock())
-    }
-
-    /// [`Controller::index`] under the lock the caller holds.
-    fn index_locked(&self, inner: &mut Inner) -> Arc<Index> {
-        let seq = inner.replica.seq;
-        if let Some((s, idx)) = &inner.index {
-            if *s == seq {
-                return idx.clone();
-            }
-        }
-        let idx = Arc::new(Index::build(inner.state()));
-        inner.index = Some((seq, idx.clone()));
-        idx
+        Arc::clone(&self.lock().index)
     }
 
     fn audit(
