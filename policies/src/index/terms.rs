@@ -37,28 +37,73 @@ pub(crate) enum Kind {
 pub(crate) struct Term {
     pub(crate) kind: Kind,
     pub(crate) key: Name,
-    /// Policies whose identity side leads through this term (see `Side`).
-    pub(crate) id_leads: SlotSet,
-    /// Policies whose service side leads through this term.
-    pub(crate) svc_leads: SlotSet,
     /// Identities holding this role, or named so.
     pub(crate) identities: SlotSet,
     /// Services holding this role, or named so.
     pub(crate) services: SlotSet,
+    /// Policies whose identity side leads through this term (see `Side`): kept inline, since
+    /// every lookup reads it for each role of the identity.
+    pub(crate) id_leads: SlotSet,
+    /// The other policies connected through it; absent for the many terms no policy names (the
+    /// names of most identities), which keeps those small.
+    policies: Option<Arc<TermPolicies>>,
+}
+
+/// The policies connected through a term.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TermPolicies {
+    /// Policies whose service side leads through this term.
+    pub(crate) svc_leads: SlotSet,
     /// Policies whose identity side names this term.
     pub(crate) id_tests: SlotSet,
     /// Policies whose service side names this term.
     pub(crate) svc_tests: SlotSet,
 }
 
+impl TermPolicies {
+    fn is_empty(&self) -> bool {
+        self.id_tests.is_empty() && self.svc_tests.is_empty() && self.svc_leads.is_empty()
+    }
+}
+
+/// The empty set, for terms without policies.
+static EMPTY: SlotSet = SlotSet::Small(None);
+
 impl Term {
     fn unused(&self) -> bool {
-        self.id_tests.is_empty()
-            && self.svc_tests.is_empty()
+        self.policies.is_none()
             && self.id_leads.is_empty()
-            && self.svc_leads.is_empty()
             && self.identities.is_empty()
             && self.services.is_empty()
+    }
+
+    /// Policies whose identity side leads through this term.
+    pub(crate) fn id_leads(&self) -> &SlotSet {
+        &self.id_leads
+    }
+
+    /// Policies whose service side leads through this term.
+    pub(crate) fn svc_leads(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.svc_leads)
+    }
+
+    /// Policies whose identity side names this term.
+    pub(crate) fn id_tests(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.id_tests)
+    }
+
+    /// Policies whose service side names this term.
+    pub(crate) fn svc_tests(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.svc_tests)
+    }
+
+    /// Changes the policies connected through this term.
+    pub(crate) fn edit_policies(&mut self, change: impl FnOnce(&mut TermPolicies)) {
+        let mut policies = self.policies.take().unwrap_or_default();
+        change(Arc::make_mut(&mut policies));
+        if !policies.is_empty() {
+            self.policies = Some(policies);
+        }
     }
 }
 
@@ -97,12 +142,10 @@ impl Terms {
         let t = self.table.add(Arc::new(Term {
             kind,
             key: key.clone(),
-            id_leads: SlotSet::default(),
-            svc_leads: SlotSet::default(),
             identities: SlotSet::default(),
             services: SlotSet::default(),
-            id_tests: SlotSet::default(),
-            svc_tests: SlotSet::default(),
+            id_leads: SlotSet::default(),
+            policies: None,
         }));
         let map = match kind {
             Kind::Role => &mut self.roles,
