@@ -107,12 +107,17 @@ impl Term {
     }
 }
 
+/// Name terms have this bit set in their id; role terms are numbered apart, so that the
+/// few, hot role terms a lookup reads sit in a small table of their own.
+const NAME_BIT: u32 = 1 << 31;
+
 /// The table of terms.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Terms {
     roles: HashMap<Name, u32>,
     names: HashMap<Name, u32>,
-    table: Slots<Arc<Term>>,
+    role_table: Slots<Arc<Term>>,
+    name_table: Slots<Arc<Term>>,
 }
 
 impl Terms {
@@ -139,30 +144,44 @@ impl Terms {
         if let Some(t) = self.find(kind, key.as_str()) {
             return t;
         }
-        let t = self.table.add(Arc::new(Term {
+        let term = Arc::new(Term {
             kind,
             key: key.clone(),
             identities: SlotSet::default(),
             services: SlotSet::default(),
             id_leads: SlotSet::default(),
             policies: None,
-        }));
-        let map = match kind {
-            Kind::Role => &mut self.roles,
-            Kind::Name => &mut self.names,
+        });
+        let (map, t) = match kind {
+            Kind::Role => (&mut self.roles, self.role_table.add(term)),
+            Kind::Name => (&mut self.names, self.name_table.add(term) | NAME_BIT),
         };
+        debug_assert!(
+            t & NAME_BIT == 0 || kind == Kind::Name,
+            "fewer than 2^31 roles"
+        );
         map.insert(key.clone(), t);
         t
     }
 
     /// The term in slot `t`. Terms are only referred to while they exist.
+    #[inline]
     pub(crate) fn get(&self, t: u32) -> &Term {
-        self.table.get(t).expect("a referenced term exists")
+        self.try_get(t).expect("a referenced term exists")
     }
 
     /// The term in slot `t`, if it exists.
+    #[inline]
     pub(crate) fn try_get(&self, t: u32) -> Option<&Term> {
-        self.table.get(t).map(|t| &**t)
+        self.table(t).get(t & !NAME_BIT).map(|t| &**t)
+    }
+
+    fn table(&self, t: u32) -> &Slots<Arc<Term>> {
+        if t & NAME_BIT == 0 {
+            &self.role_table
+        } else {
+            &self.name_table
+        }
     }
 
     /// Changes term `t`, and frees it if nothing refers to it any more.
@@ -174,14 +193,22 @@ impl Terms {
                 Kind::Role => self.roles.remove(term.key.as_str()),
                 Kind::Name => self.names.remove(term.key.as_str()),
             };
-            self.table.remove(t);
+            self.table_mut(t).remove(t & !NAME_BIT);
         } else {
-            self.table.set(t, Arc::new(term));
+            self.table_mut(t).set(t & !NAME_BIT, Arc::new(term));
+        }
+    }
+
+    fn table_mut(&mut self, t: u32) -> &mut Slots<Arc<Term>> {
+        if t & NAME_BIT == 0 {
+            &mut self.role_table
+        } else {
+            &mut self.name_table
         }
     }
 
     /// The number of terms.
     pub(crate) fn len(&self) -> usize {
-        self.table.len()
+        self.role_table.len() + self.name_table.len()
     }
 }
