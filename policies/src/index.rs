@@ -23,6 +23,7 @@ mod order;
 mod records;
 mod sides;
 mod slots;
+mod table;
 mod terms;
 mod trie;
 mod validate;
@@ -39,6 +40,7 @@ pub(crate) use activity::Activity;
 use records::{IdRecord, PolRecord, Side, SvcRecord};
 use sides::Of;
 use slots::{SlotSet, Slots};
+use table::Table;
 use terms::{HashMap, Terms};
 
 /// A compiled view of one [`State`], cheap to clone (O(1): versions share structure), cheap to
@@ -47,10 +49,10 @@ use terms::{HashMap, Terms};
 pub struct Index {
     state: State,
     /// Identities by the id they are stored under.
-    identities: HashMap<IdentityId, Arc<IdRecord>>,
+    identities: Table<IdentityId, Arc<IdRecord>>,
     identity_slots: Slots<Arc<IdRecord>>,
     /// Services by the name they are stored under.
-    services: HashMap<Name, Arc<SvcRecord>>,
+    services: Table<Name, Arc<SvcRecord>>,
     service_slots: Slots<Arc<SvcRecord>>,
     /// Policy slots by the name they are stored under.
     policies: HashMap<Name, u32>,
@@ -130,15 +132,37 @@ impl Index {
         now: Timestamp,
     ) -> Result<Permit, Deny> {
         let record = self.active(identity, now)?;
-        let policy = (self.services.get(service))
-            .and_then(|s| {
-                self.granting(record, s, action)
-                    .min_by(|a, b| a.name.cmp(&b.name))
-            })
-            .ok_or(Deny::NotGranted)?;
+        let service = self.services.get(service).ok_or(Deny::NotGranted)?;
+        let of_service = service.policies(action);
+        let mut first: Option<&PolRecord> = None;
+        self.for_each_candidate(record, |p| {
+            if !of_service.contains(p) {
+                return;
+            }
+            let Some(policy) = self.policy_slots.get(p) else {
+                return;
+            };
+            if policy.selects_candidate(record) && first.is_none_or(|f| policy.name < f.name) {
+                first = Some(policy);
+            }
+        });
+        let policy = first.ok_or(Deny::NotGranted)?;
         Ok(Permit {
             policy: policy.name.clone(),
         })
+    }
+
+    /// Calls `f` with every policy the identity's leads reach (some more than once): those
+    /// for `#all`, for its name and for its roles. A plain loop, for the lookup's hot path.
+    #[inline]
+    fn for_each_candidate(&self, identity: &IdRecord, mut f: impl FnMut(u32)) {
+        self.identity_all.for_each(&mut f);
+        identity.name_leads.for_each(&mut f);
+        for &t in identity.terms.iter() {
+            if t != identity.name_term {
+                self.terms.get(t).id_leads().for_each(&mut f);
+            }
+        }
     }
 
     /// The policies of `action` that select both the identity and the service (a policy may
@@ -163,7 +187,7 @@ impl Index {
     fn candidates<'a>(&'a self, identity: &'a IdRecord) -> impl Iterator<Item = u32> + 'a {
         let roles = (identity.terms.iter())
             .filter(|&&t| t != identity.name_term)
-            .map(|&t| &self.terms.get(t).id_leads);
+            .map(|&t| self.terms.get(t).id_leads());
         [&self.identity_all, &identity.name_leads]
             .into_iter()
             .chain(roles)

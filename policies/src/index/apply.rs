@@ -76,7 +76,7 @@ impl Index {
             activity,
             terms,
             name_term,
-            name_leads: self.terms.get(name_term).id_leads.clone(),
+            name_leads: self.terms.get(name_term).id_leads().clone(),
         });
         if self.identity_slots.get(slot).is_none() {
             let added = self.identity_slots.add(Arc::clone(&record));
@@ -162,7 +162,7 @@ impl Index {
         });
         let mut candidates: Vec<u32> = self.service_all.iter().collect();
         for &t in terms.iter() {
-            candidates.extend(self.terms.get(t).svc_leads.iter());
+            candidates.extend(self.terms.get(t).svc_leads().iter());
         }
         candidates.sort_unstable();
         candidates.dedup();
@@ -318,7 +318,7 @@ impl Index {
             if term.kind != Kind::Name {
                 continue;
             }
-            let (holders, name_leads) = (term.identities.clone(), term.id_leads.clone());
+            let (holders, name_leads) = (term.identities.clone(), term.id_leads().clone());
             for i in holders.iter() {
                 if let Some(record) = self.identity_slots.get(i) {
                     let record = IdRecord {

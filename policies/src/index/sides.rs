@@ -4,7 +4,7 @@
 
 use super::records::{Lead, Side, Test};
 use super::slots::SlotSet;
-use super::terms::{Kind, Term, Terms};
+use super::terms::{Kind, Term, TermPolicies, Terms};
 use crate::model::Semantic;
 use crate::selector::Selector;
 
@@ -24,22 +24,22 @@ impl Of {
         }
     }
 
-    fn leads(self, term: &mut Term) -> &mut SlotSet {
+    fn edit_leads(self, term: &mut Term, change: impl FnOnce(&mut SlotSet)) {
         match self {
-            Of::Identities => &mut term.id_leads,
-            Of::Services => &mut term.svc_leads,
+            Of::Identities => change(&mut term.id_leads),
+            Of::Services => term.edit_policies(|p| change(&mut p.svc_leads)),
         }
     }
 
     /// The policies whose side of this kind names the term.
     pub(crate) fn tests(self, term: &Term) -> &SlotSet {
         match self {
-            Of::Identities => &term.id_tests,
-            Of::Services => &term.svc_tests,
+            Of::Identities => term.id_tests(),
+            Of::Services => term.svc_tests(),
         }
     }
 
-    fn tests_mut(self, term: &mut Term) -> &mut SlotSet {
+    fn tests_mut(self, term: &mut TermPolicies) -> &mut SlotSet {
         match self {
             Of::Identities => &mut term.id_tests,
             Of::Services => &mut term.svc_tests,
@@ -78,7 +78,9 @@ pub(crate) fn link(
     ts.sort_unstable();
     ts.dedup();
     for &t in &ts {
-        terms.edit(t, |term| of.tests_mut(term).insert(slot));
+        terms.edit(t, |term| {
+            term.edit_policies(|p| of.tests_mut(p).insert(slot))
+        });
     }
     let test = test(selectors, semantic, !ts.is_empty());
     let leads: Vec<Lead> = match test {
@@ -98,7 +100,7 @@ pub(crate) fn link(
     for &lead in &leads {
         match lead {
             Lead::All => all.insert(slot),
-            Lead::Term(t) => terms.edit(t, |term| of.leads(term).insert(slot)),
+            Lead::Term(t) => terms.edit(t, |term| of.edit_leads(term, |l| l.insert(slot))),
         }
     }
     Side {
@@ -113,11 +115,13 @@ pub(crate) fn unlink(terms: &mut Terms, all: &mut SlotSet, of: Of, slot: u32, si
     for &lead in side.leads.iter() {
         match lead {
             Lead::All => all.remove(slot),
-            Lead::Term(t) => terms.edit(t, |term| of.leads(term).remove(slot)),
+            Lead::Term(t) => terms.edit(t, |term| of.edit_leads(term, |l| l.remove(slot))),
         }
     }
     for &t in side.terms.iter() {
-        terms.edit(t, |term| of.tests_mut(term).remove(slot));
+        terms.edit(t, |term| {
+            term.edit_policies(|p| of.tests_mut(p).remove(slot))
+        });
     }
 }
 

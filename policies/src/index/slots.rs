@@ -65,6 +65,23 @@ impl SlotSet {
         self.len() == 0
     }
 
+    /// Calls `f` with each slot in increasing order (a plain loop: the lookup's hot path).
+    #[inline]
+    pub(crate) fn for_each(&self, mut f: impl FnMut(u32)) {
+        match self {
+            SlotSet::Small(s) => {
+                for &x in s.as_deref().unwrap_or(&[]) {
+                    f(x);
+                }
+            }
+            SlotSet::Big(s) => {
+                for &x in s {
+                    f(x);
+                }
+            }
+        }
+    }
+
     /// The slots in increasing order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = u32> + '_ {
         let (small, big) = match self {

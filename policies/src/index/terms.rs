@@ -37,37 +37,87 @@ pub(crate) enum Kind {
 pub(crate) struct Term {
     pub(crate) kind: Kind,
     pub(crate) key: Name,
-    /// Policies whose identity side leads through this term (see `Side`).
-    pub(crate) id_leads: SlotSet,
-    /// Policies whose service side leads through this term.
-    pub(crate) svc_leads: SlotSet,
     /// Identities holding this role, or named so.
     pub(crate) identities: SlotSet,
     /// Services holding this role, or named so.
     pub(crate) services: SlotSet,
+    /// Policies whose identity side leads through this term (see `Side`): kept inline, since
+    /// every lookup reads it for each role of the identity.
+    pub(crate) id_leads: SlotSet,
+    /// The other policies connected through it; absent for the many terms no policy names (the
+    /// names of most identities), which keeps those small.
+    policies: Option<Arc<TermPolicies>>,
+}
+
+/// The policies connected through a term.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TermPolicies {
+    /// Policies whose service side leads through this term.
+    pub(crate) svc_leads: SlotSet,
     /// Policies whose identity side names this term.
     pub(crate) id_tests: SlotSet,
     /// Policies whose service side names this term.
     pub(crate) svc_tests: SlotSet,
 }
 
+impl TermPolicies {
+    fn is_empty(&self) -> bool {
+        self.id_tests.is_empty() && self.svc_tests.is_empty() && self.svc_leads.is_empty()
+    }
+}
+
+/// The empty set, for terms without policies.
+static EMPTY: SlotSet = SlotSet::Small(None);
+
 impl Term {
     fn unused(&self) -> bool {
-        self.id_tests.is_empty()
-            && self.svc_tests.is_empty()
+        self.policies.is_none()
             && self.id_leads.is_empty()
-            && self.svc_leads.is_empty()
             && self.identities.is_empty()
             && self.services.is_empty()
     }
+
+    /// Policies whose identity side leads through this term.
+    pub(crate) fn id_leads(&self) -> &SlotSet {
+        &self.id_leads
+    }
+
+    /// Policies whose service side leads through this term.
+    pub(crate) fn svc_leads(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.svc_leads)
+    }
+
+    /// Policies whose identity side names this term.
+    pub(crate) fn id_tests(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.id_tests)
+    }
+
+    /// Policies whose service side names this term.
+    pub(crate) fn svc_tests(&self) -> &SlotSet {
+        self.policies.as_ref().map_or(&EMPTY, |p| &p.svc_tests)
+    }
+
+    /// Changes the policies connected through this term.
+    pub(crate) fn edit_policies(&mut self, change: impl FnOnce(&mut TermPolicies)) {
+        let mut policies = self.policies.take().unwrap_or_default();
+        change(Arc::make_mut(&mut policies));
+        if !policies.is_empty() {
+            self.policies = Some(policies);
+        }
+    }
 }
+
+/// Name terms have this bit set in their id; role terms are numbered apart, so that the
+/// few, hot role terms a lookup reads sit in a small table of their own.
+const NAME_BIT: u32 = 1 << 31;
 
 /// The table of terms.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Terms {
     roles: HashMap<Name, u32>,
     names: HashMap<Name, u32>,
-    table: Slots<Arc<Term>>,
+    role_table: Slots<Arc<Term>>,
+    name_table: Slots<Arc<Term>>,
 }
 
 impl Terms {
@@ -94,32 +144,44 @@ impl Terms {
         if let Some(t) = self.find(kind, key.as_str()) {
             return t;
         }
-        let t = self.table.add(Arc::new(Term {
+        let term = Arc::new(Term {
             kind,
             key: key.clone(),
-            id_leads: SlotSet::default(),
-            svc_leads: SlotSet::default(),
             identities: SlotSet::default(),
             services: SlotSet::default(),
-            id_tests: SlotSet::default(),
-            svc_tests: SlotSet::default(),
-        }));
-        let map = match kind {
-            Kind::Role => &mut self.roles,
-            Kind::Name => &mut self.names,
+            id_leads: SlotSet::default(),
+            policies: None,
+        });
+        let (map, t) = match kind {
+            Kind::Role => (&mut self.roles, self.role_table.add(term)),
+            Kind::Name => (&mut self.names, self.name_table.add(term) | NAME_BIT),
         };
+        debug_assert!(
+            t & NAME_BIT == 0 || kind == Kind::Name,
+            "fewer than 2^31 roles"
+        );
         map.insert(key.clone(), t);
         t
     }
 
     /// The term in slot `t`. Terms are only referred to while they exist.
+    #[inline]
     pub(crate) fn get(&self, t: u32) -> &Term {
-        self.table.get(t).expect("a referenced term exists")
+        self.try_get(t).expect("a referenced term exists")
     }
 
     /// The term in slot `t`, if it exists.
+    #[inline]
     pub(crate) fn try_get(&self, t: u32) -> Option<&Term> {
-        self.table.get(t).map(|t| &**t)
+        self.table(t).get(t & !NAME_BIT).map(|t| &**t)
+    }
+
+    fn table(&self, t: u32) -> &Slots<Arc<Term>> {
+        if t & NAME_BIT == 0 {
+            &self.role_table
+        } else {
+            &self.name_table
+        }
     }
 
     /// Changes term `t`, and frees it if nothing refers to it any more.
@@ -131,14 +193,22 @@ impl Terms {
                 Kind::Role => self.roles.remove(term.key.as_str()),
                 Kind::Name => self.names.remove(term.key.as_str()),
             };
-            self.table.remove(t);
+            self.table_mut(t).remove(t & !NAME_BIT);
         } else {
-            self.table.set(t, Arc::new(term));
+            self.table_mut(t).set(t & !NAME_BIT, Arc::new(term));
+        }
+    }
+
+    fn table_mut(&mut self, t: u32) -> &mut Slots<Arc<Term>> {
+        if t & NAME_BIT == 0 {
+            &mut self.role_table
+        } else {
+            &mut self.name_table
         }
     }
 
     /// The number of terms.
     pub(crate) fn len(&self) -> usize {
-        self.table.len()
+        self.role_table.len() + self.name_table.len()
     }
 }
