@@ -26,6 +26,11 @@ use std::collections::HashSet;
 use umbra_policies::{Action, Hosting, IdentityId, IdentityKind, Index, Name, Timestamp};
 use umbra_proto::ChangeEvent;
 
+/// Above this many changes a batch wakes every watcher instead of working out whose views it
+/// alters: the work of finding them grows with the batch, that of waking everyone only with
+/// the number of watchers.
+pub const WAKE_EVERYONE_ABOVE: usize = 256;
+
 /// The watchers a batch must wake.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Affected {
@@ -58,6 +63,12 @@ pub fn affected(
     now: Timestamp,
 ) -> Affected {
     let mut out = Affected::default();
+    if changes.len() > WAKE_EVERYONE_ABOVE {
+        // A large batch (an `apply`) can touch most views; finding exactly whose would cost
+        // more than every watcher recomputing once, which the connection bound limits.
+        out.everyone = true;
+        return out;
+    }
     for change in changes {
         if out.everyone {
             // Nothing narrower can follow, except the owners of revoked certificates, whom

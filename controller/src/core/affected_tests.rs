@@ -325,3 +325,18 @@ fn routers_wake_everyone() {
     let index = Index::build(&s);
     assert!(affected(&index, &index, |_| false, &[change], NOW).everyone);
 }
+
+/// A batch too large to be worth narrowing wakes everyone, whatever it holds.
+#[test]
+fn a_large_batch_wakes_everyone() {
+    let index = Index::build(&deployment());
+    let batch: Vec<ChangeEvent> = (0..=WAKE_EVERYONE_ABOVE)
+        .map(|i| ChangeEvent::IdentityPut {
+            identity: agent(1000 + i, &[]),
+        })
+        .collect();
+    let out = affected(&index, &index, |_| false, &batch, NOW);
+    assert!(out.everyone);
+    let out = affected(&index, &index, |_| false, &batch[1..], NOW);
+    assert!(!out.everyone, "at the bound it is still narrowed");
+}
