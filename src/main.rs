@@ -14,6 +14,13 @@ use clap::Parser;
 
 use cli::{Cli, Command, ControllerCmd};
 
+/// Every Umbra process allocates through mimalloc: under glibc's allocator a controller or router
+/// kept the memory of a large apply or snapshot long after freeing it (RSS twice the live data
+/// at 100,000 identities), because freed chunks stay in per-thread arenas; mimalloc returns
+/// freed pages to the system.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // The sandbox's own processes: single-threaded, before any runtime or logging exists.
     match std::env::args_os()
