@@ -39,7 +39,7 @@ use crate::name::Name;
 pub(crate) use activity::Activity;
 use records::{IdRecord, PolRecord, Side, SvcRecord};
 use sides::Of;
-use slots::{SlotSet, Slots};
+use slots::{sorted_unique, SlotSet, Slots};
 use table::Table;
 use terms::{HashMap, Terms};
 
@@ -217,13 +217,11 @@ impl Index {
         let Ok(record) = self.active(identity, now) else {
             return Vec::new();
         };
-        let mut slots: Vec<u32> = (self.selecting(record).into_iter())
+        let slots: Vec<u32> = (self.selecting(record).into_iter())
             .filter(|p| p.action == action)
             .flat_map(|p| p.selected.iter())
             .collect();
-        slots.sort_unstable();
-        slots.dedup();
-        self.services_at(slots)
+        self.services_at(sorted_unique(slots, self.service_slots.bound()))
     }
 
     /// The services in these slots, sorted by name.
@@ -242,12 +240,11 @@ impl Index {
         let Some(record) = self.services.get(service) else {
             return Vec::new();
         };
-        let mut slots: Vec<u32> = (record.bind.list().iter())
+        let slots: Vec<u32> = (record.bind.list().iter())
             .filter_map(|&p| self.policy_slots.get(p))
             .flat_map(|p| self.selected_identities(&p.identities))
             .collect();
-        slots.sort_unstable();
-        slots.dedup();
+        let slots = sorted_unique(slots, self.identity_slots.bound());
         self.identity_ids(slots, Some(now))
     }
 
@@ -314,14 +311,23 @@ impl Index {
     fn selected_identities(&self, side: &Side) -> Vec<u32> {
         let everything = || self.identity_slots.iter().map(|i| i.slot).collect();
         let terms_of = |i| self.identity_slots.get(i).map(|i| &i.terms[..]);
-        sides::selected(&self.terms, side, Of::Identities, everything, terms_of)
+        let bound = self.identity_slots.bound();
+        sides::selected(
+            &self.terms,
+            side,
+            Of::Identities,
+            bound,
+            everything,
+            terms_of,
+        )
     }
 
     /// The service slots a side selects, sorted.
     fn selected_services(&self, side: &Side) -> Vec<u32> {
         let everything = || self.service_slots.iter().map(|s| s.slot).collect();
         let terms_of = |s| self.service_slots.get(s).map(|s| &s.terms[..]);
-        sides::selected(&self.terms, side, Of::Services, everything, terms_of)
+        let bound = self.service_slots.bound();
+        sides::selected(&self.terms, side, Of::Services, bound, everything, terms_of)
     }
 
     /// The decision for `identity`, `service` and `action` at `now` with the facts behind it,

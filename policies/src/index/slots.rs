@@ -201,10 +201,40 @@ impl<T: Clone> Slots<T> {
         self.len
     }
 
+    /// One more than the highest slot ever used: every slot is below it.
+    pub(crate) fn bound(&self) -> usize {
+        self.by_slot.len()
+    }
+
     /// Every record, in slot order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> + '_ {
         self.by_slot.iter().flatten()
     }
+}
+
+/// `slots` (all below `bound`) sorted and without duplicates: by sorting when they are few
+/// compared to `bound`, else through a bitmap (a union of long lists, as `#all` makes).
+pub(crate) fn sorted_unique(mut slots: Vec<u32>, bound: usize) -> Vec<u32> {
+    if slots.len().saturating_mul(16) < bound {
+        slots.sort_unstable();
+        slots.dedup();
+        return slots;
+    }
+    let mut bits = vec![0u64; bound.div_ceil(64)];
+    for &x in &slots {
+        if let Some(word) = bits.get_mut(x as usize / 64) {
+            *word |= 1 << (x % 64);
+        }
+    }
+    slots.clear();
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            slots.push(slot(w * 64) + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    slots
 }
 
 /// A position as a slot. The index refuses nothing, so a state with more than `u32::MAX`
@@ -236,6 +266,12 @@ mod tests {
                 prop_assert_eq!(set.contains(x), model.contains(&x));
             }
             prop_assert_eq!(set.iter().collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn sorted_unique_is_the_sorted_set(v in proptest::collection::vec(0u32..300, 0..400)) {
+            let want: Vec<u32> = v.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(sorted_unique(v, 300), want);
         }
 
         #[test]
