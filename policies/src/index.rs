@@ -39,7 +39,7 @@ use crate::name::Name;
 pub(crate) use activity::Activity;
 use records::{IdRecord, PolRecord, Side, SvcRecord};
 use sides::Of;
-use slots::{sorted_unique, SlotSet, Slots};
+use slots::{sorted_unique, union, SlotSet, Slots};
 use table::Table;
 use terms::{HashMap, Terms};
 
@@ -217,21 +217,22 @@ impl Index {
         let Ok(record) = self.active(identity, now) else {
             return Vec::new();
         };
-        let slots: Vec<u32> = (self.selecting(record).into_iter())
+        let sets: Vec<&SlotSet> = (self.selecting(record).into_iter())
             .filter(|p| p.action == action)
-            .flat_map(|p| p.selected.iter())
+            .map(|p| &p.selected)
             .collect();
-        self.services_at(sorted_unique(slots, self.service_slots.bound()))
+        self.services_at(union(&sets, self.service_slots.bound()))
     }
 
     /// The services in these slots, sorted by name.
     fn services_at(&self, slots: Vec<u32>) -> Vec<&Service> {
-        let mut records: Vec<&SvcRecord> = (slots.into_iter())
+        // Sorting (label, record) pairs reads each record once, not at every comparison.
+        let mut records: Vec<(u64, &SvcRecord)> = (slots.into_iter())
             .filter_map(|s| self.service_slots.get(s))
-            .map(|s| &**s)
+            .map(|s| (s.order, &**s))
             .collect();
-        records.sort_unstable_by_key(|s| s.order);
-        records.into_iter().map(|s| &*s.service).collect()
+        records.sort_unstable_by_key(|&(order, _)| order);
+        records.into_iter().map(|(_, s)| &*s.service).collect()
     }
 
     /// The ids of the identities that may bind `service` at `now`, sorted: routers use this to
@@ -250,13 +251,13 @@ impl Index {
 
     /// The ids of the identities in these slots (active at `now`, if given), sorted.
     fn identity_ids(&self, slots: Vec<u32>, now: Option<Timestamp>) -> Vec<&IdentityId> {
-        let mut records: Vec<&IdRecord> = (slots.into_iter())
+        let mut records: Vec<(u64, &IdRecord)> = (slots.into_iter())
             .filter_map(|i| self.identity_slots.get(i))
             .filter(|i| now.is_none_or(|now| i.activity.check(now).is_ok()))
-            .map(|i| &**i)
+            .map(|i| (i.order, &**i))
             .collect();
-        records.sort_unstable_by_key(|i| i.order);
-        records.into_iter().map(|i| &i.id).collect()
+        records.sort_unstable_by_key(|&(order, _)| order);
+        records.into_iter().map(|(_, i)| &i.id).collect()
     }
 
     /// Who may dial `service` at `now`, and through which policy: every pair of a Dial policy

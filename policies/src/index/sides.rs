@@ -3,7 +3,7 @@
 //! number of identities or services).
 
 use super::records::{Lead, Side, Test};
-use super::slots::{sorted_unique, SlotSet};
+use super::slots::{union, SlotSet};
 use super::terms::{Kind, Term, TermPolicies, Terms};
 use crate::model::Semantic;
 use crate::selector::Selector;
@@ -159,10 +159,10 @@ pub(crate) fn selected<'a>(
         Test::Never => Vec::new(),
         Test::Always => everything(),
         Test::Any => {
-            let all = (side.terms.iter())
-                .flat_map(|&t| of.members(terms.get(t)).iter())
+            let sets: Vec<&SlotSet> = (side.terms.iter())
+                .map(|&t| of.members(terms.get(t)))
                 .collect();
-            sorted_unique(all, bound)
+            union(&sets, bound)
         }
         Test::All => {
             let smallest =

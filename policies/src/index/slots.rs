@@ -237,6 +237,38 @@ pub(crate) fn sorted_unique(mut slots: Vec<u32>, bound: usize) -> Vec<u32> {
     slots
 }
 
+/// The union of `sets` (all slots below `bound`), sorted: gathered and sorted when small
+/// compared to `bound`, else marked in a bitmap (a union of long sets, as `#all` makes).
+pub(crate) fn union(sets: &[&SlotSet], bound: usize) -> Vec<u32> {
+    let total: usize = sets.iter().map(|s| s.len()).sum();
+    if total.saturating_mul(16) < bound {
+        let mut all = Vec::with_capacity(total);
+        for set in sets {
+            set.for_each(|x| all.push(x));
+        }
+        all.sort_unstable();
+        all.dedup();
+        return all;
+    }
+    let mut bits = vec![0u64; bound.div_ceil(64)];
+    for set in sets {
+        set.for_each(|x| {
+            if let Some(word) = bits.get_mut(x as usize / 64) {
+                *word |= 1 << (x % 64);
+            }
+        });
+    }
+    let mut out = Vec::with_capacity(total.min(bound));
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            out.push(slot(w * 64) + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    out
+}
+
 /// A position as a slot. The index refuses nothing, so a state with more than `u32::MAX`
 /// entries of one kind (which could not fit in memory anyway) is a bug, not an input error.
 pub(crate) fn slot(i: usize) -> u32 {
@@ -272,6 +304,14 @@ mod tests {
         fn sorted_unique_is_the_sorted_set(v in proptest::collection::vec(0u32..300, 0..400)) {
             let want: Vec<u32> = v.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
             prop_assert_eq!(sorted_unique(v, 300), want);
+        }
+
+        #[test]
+        fn union_is_the_sorted_union(sets in proptest::collection::vec(proptest::collection::btree_set(0u32..300, 0..80), 0..6)) {
+            let want: Vec<u32> = sets.iter().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            let sets: Vec<SlotSet> = sets.into_iter().map(|s| SlotSet::from_sorted(s.into_iter().collect())).collect();
+            let refs: Vec<&SlotSet> = sets.iter().collect();
+            prop_assert_eq!(union(&refs, 300), want);
         }
 
         #[test]
