@@ -156,12 +156,22 @@ impl Index {
     /// for `#all`, for its name and for its roles. A plain loop, for the lookup's hot path.
     #[inline]
     fn for_each_candidate(&self, identity: &IdRecord, mut f: impl FnMut(u32)) {
+        // Fetch the roles' lists first: the fetches are independent, so their cache misses
+        // overlap instead of each waiting for the walk of the list before.
+        let mut roles: [Option<&SlotSet>; 8] = [None; 8];
+        let mut more = Vec::new();
+        let role_terms = (identity.terms.iter()).filter(|&&t| t != identity.name_term);
+        for (k, &t) in role_terms.enumerate() {
+            let leads = self.terms.get(t).id_leads();
+            match roles.get_mut(k) {
+                Some(place) => *place = Some(leads),
+                None => more.push(leads),
+            }
+        }
         self.identity_all.for_each(&mut f);
         identity.name_leads.for_each(&mut f);
-        for &t in identity.terms.iter() {
-            if t != identity.name_term {
-                self.terms.get(t).id_leads().for_each(&mut f);
-            }
+        for leads in roles.into_iter().flatten().chain(more) {
+            leads.for_each(&mut f);
         }
     }
 

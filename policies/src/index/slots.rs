@@ -137,7 +137,7 @@ impl SlotSet {
 /// the most records held at once.
 #[derive(Clone, Debug)]
 pub(crate) struct Slots<T: Clone> {
-    by_slot: Trie<Option<T>>,
+    by_slot: Trie<T>,
     free: Vector<u32>,
     len: usize,
 }
@@ -193,7 +193,7 @@ impl<T: Clone> Slots<T> {
 
     /// The record in `slot`, if it is used.
     pub(crate) fn get(&self, slot: u32) -> Option<&T> {
-        self.by_slot.get(slot as usize)?.as_ref()
+        self.by_slot.get(slot as usize)
     }
 
     /// The number of used slots.
@@ -208,7 +208,7 @@ impl<T: Clone> Slots<T> {
 
     /// Every record, in slot order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        self.by_slot.iter().flatten()
+        self.by_slot.iter()
     }
 }
 
