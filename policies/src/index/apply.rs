@@ -178,9 +178,10 @@ impl Index {
                 Action::Dial => dial.push(p),
                 Action::Bind => bind.push(p),
             }
-            let mut policy = PolRecord::clone(policy);
-            policy.selected.insert(slot);
-            self.policy_slots.set(p, Arc::new(policy));
+            // In place when nothing else shares the record (while building).
+            if let Some(policy) = self.policy_slots.get_mut(p) {
+                Arc::make_mut(policy).selected.insert(slot);
+            }
         }
         let record = Arc::new(SvcRecord {
             name: key.clone(),
@@ -221,10 +222,8 @@ impl Index {
         };
         self.list_intercepts(&old, false);
         for &p in old.dial.list().iter().chain(old.bind.list()) {
-            if let Some(policy) = self.policy_slots.get(p) {
-                let mut policy = PolRecord::clone(policy);
-                policy.selected.remove(old.slot);
-                self.policy_slots.set(p, Arc::new(policy));
+            if let Some(policy) = self.policy_slots.get_mut(p) {
+                Arc::make_mut(policy).selected.remove(old.slot);
             }
         }
         for &t in old.terms.iter() {

@@ -191,6 +191,11 @@ impl<T: Clone> Slots<T> {
         }
     }
 
+    /// The record in `slot`, if it is used, to change in place (see [`Trie::get_mut`]).
+    pub(crate) fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
+        self.by_slot.get_mut(slot as usize)
+    }
+
     /// The record in `slot`, if it is used.
     pub(crate) fn get(&self, slot: u32) -> Option<&T> {
         self.by_slot.get(slot as usize)

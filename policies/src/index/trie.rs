@@ -73,6 +73,25 @@ impl<T: Clone> Trie<T> {
         }
     }
 
+    /// The element at `i`, to change in place: the nodes on its path are copied first if
+    /// another version shares them (and changed in place if not, as while building).
+    pub(crate) fn get_mut(&mut self, i: usize) -> Option<&mut T> {
+        if i >= self.len {
+            return None;
+        }
+        let mut node = self.root.as_mut()?;
+        let mut level = self.depth;
+        loop {
+            match Arc::make_mut(node) {
+                Node::Inner(children) => {
+                    node = children[(i >> (BITS * level)) & MASK].as_mut()?;
+                    level = level.saturating_sub(1);
+                }
+                Node::Leaf(items) => return items[i & MASK].as_mut(),
+            }
+        }
+    }
+
     /// Puts `value` at `i` (below `len`), or empties the place.
     pub(crate) fn set(&mut self, i: usize, value: Option<T>) {
         if i >= self.len {
