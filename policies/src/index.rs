@@ -37,7 +37,7 @@ use crate::model::{
 };
 use crate::name::Name;
 pub(crate) use activity::Activity;
-use records::{IdRecord, PolRecord, Side, SvcRecord};
+use records::{IdRecord, PolRecord, Side, SvcRecord, Test};
 use sides::Of;
 use slots::{sorted_unique, union, SlotSet, Slots};
 use table::Table;
@@ -227,11 +227,34 @@ impl Index {
         let Ok(record) = self.active(identity, now) else {
             return Vec::new();
         };
-        let sets: Vec<&SlotSet> = (self.selecting(record).into_iter())
+        // The union of what the service sides select: the member sets of AnyOf sides' terms
+        // (each term once), AllOf sides enumerated, everything for `#all`.
+        let mut terms: Vec<u32> = Vec::new();
+        let mut tested: Vec<u32> = Vec::new();
+        for p in self
+            .selecting(record)
+            .into_iter()
             .filter(|p| p.action == action)
-            .map(|p| &p.selected)
+        {
+            match p.services.test {
+                Test::Never => {}
+                Test::Always => return self.services_at(self.selected_services(&p.services)),
+                Test::Any => terms.extend(p.services.terms.iter()),
+                Test::All => tested.extend(self.selected_services(&p.services)),
+            }
+        }
+        terms.sort_unstable();
+        terms.dedup();
+        let sets: Vec<&SlotSet> = (terms.iter())
+            .map(|&t| Of::Services.members(self.terms.get(t)))
             .collect();
-        self.services_at(union(&sets, self.service_slots.bound()))
+        let bound = self.service_slots.bound();
+        let mut slots = union(&sets, bound);
+        if !tested.is_empty() {
+            slots.extend(tested);
+            slots = sorted_unique(slots, bound);
+        }
+        self.services_at(slots)
     }
 
     /// The services in these slots, sorted by name.
