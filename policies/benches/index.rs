@@ -21,6 +21,9 @@ struct Scale {
     identities: usize,
     services: usize,
     policies: usize,
+    /// How many `services_for` calls to time (a tenth as many `binders_of`); at a million an
+    /// identity is granted tens of thousands of services, so each call is long.
+    queries: usize,
 }
 
 impl Scale {
@@ -30,11 +33,13 @@ impl Scale {
                 identities: 1_000_000,
                 services: 100_000,
                 policies: 100_000,
+                queries: 2_000,
             },
             _ => Scale {
                 identities: 100_000,
                 services: 10_000,
                 policies: 10_000,
+                queries: 20_000,
             },
         }
     }
@@ -350,11 +355,11 @@ fn main() {
 
     let mut returned = 0usize;
     let ids: Vec<&IdentityId> = state.identities.keys().collect();
-    let samples = time_each(20_000, || {
+    let samples = time_each(scale.queries, || {
         let id = ids[rng.below(ids.len())];
         returned += black_box(index.services_for(id, Action::Dial, NOW)).len();
     });
-    let mean = returned as f64 / 20_000.0;
+    let mean = returned as f64 / scale.queries as f64;
     table.row(
         "services_for mean result",
         format!("{mean:.0} services"),
@@ -365,11 +370,11 @@ fn main() {
 
     let services: Vec<&str> = state.services.keys().map(|n| n.as_str()).collect();
     let mut returned = 0usize;
-    let samples = time_each(2_000, || {
+    let samples = time_each(scale.queries / 10, || {
         let service = services[rng.below(services.len())];
         returned += black_box(index.binders_of(service, NOW)).len();
     });
-    let mean = returned as f64 / 2_000.0;
+    let mean = returned as f64 / (scale.queries / 10) as f64;
     table.row(
         "binders_of mean result",
         format!("{mean:.0} identities"),
@@ -469,23 +474,28 @@ fn main() {
 }
 
 /// Identity and service pairs to look up: half random (nearly all refused), half known to be
-/// granted. Owned copies, as a router holds the id and service name of a request it just
-/// parsed (references into the state would make every input a cache miss of its own).
+/// granted, shuffled. Owned copies, as a router holds the id and service name of a request it
+/// just parsed (references into the state would make every input a cache miss of its own).
 fn lookup_pairs(rng: &mut Rng, state: &State, index: &Index) -> Vec<(IdentityId, String)> {
     let ids: Vec<&IdentityId> = state.identities.keys().collect();
     let services: Vec<&str> = state.services.keys().map(|n| n.as_str()).collect();
     let mut pairs = Vec::with_capacity(LOOKUPS);
     while pairs.len() < LOOKUPS {
+        // Half granted (4 granted services of each identity asked, to keep the `services_for`
+        // calls affordable at a million), half random (nearly all refused).
         let id = ids[rng.below(ids.len())];
-        if pairs.len() % 2 == 0 {
-            pairs.push((id.clone(), services[rng.below(services.len())].to_owned()));
-        } else {
-            let granted = index.services_for(id, Action::Dial, NOW);
-            if !granted.is_empty() {
-                let service = granted[rng.below(granted.len())].name.to_string();
-                pairs.push((id.clone(), service));
-            }
+        let granted = index.services_for(id, Action::Dial, NOW);
+        for _ in 0..granted.len().min(4) {
+            let service = granted[rng.below(granted.len())].name.to_string();
+            pairs.push((id.clone(), service));
+            let other = ids[rng.below(ids.len())].clone();
+            pairs.push((other, services[rng.below(services.len())].to_owned()));
         }
+    }
+    pairs.truncate(LOOKUPS);
+    // Shuffled, so that consecutive lookups share nothing.
+    for i in (1..pairs.len()).rev() {
+        pairs.swap(i, rng.below(i + 1));
     }
     pairs
 }

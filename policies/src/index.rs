@@ -37,9 +37,9 @@ use crate::model::{
 };
 use crate::name::Name;
 pub(crate) use activity::Activity;
-use records::{IdRecord, PolRecord, Side, SvcRecord};
+use records::{IdRecord, PolRecord, Side, SvcRecord, Test};
 use sides::Of;
-use slots::{SlotSet, Slots};
+use slots::{sorted_unique, union, SlotSet, Slots};
 use table::Table;
 use terms::{HashMap, Terms};
 
@@ -156,12 +156,22 @@ impl Index {
     /// for `#all`, for its name and for its roles. A plain loop, for the lookup's hot path.
     #[inline]
     fn for_each_candidate(&self, identity: &IdRecord, mut f: impl FnMut(u32)) {
+        // Fetch the roles' lists first: the fetches are independent, so their cache misses
+        // overlap instead of each waiting for the walk of the list before.
+        let mut roles: [Option<&SlotSet>; 8] = [None; 8];
+        let mut more = Vec::new();
+        let role_terms = (identity.terms.iter()).filter(|&&t| t != identity.name_term);
+        for (k, &t) in role_terms.enumerate() {
+            let leads = self.terms.get(t).id_leads();
+            match roles.get_mut(k) {
+                Some(place) => *place = Some(leads),
+                None => more.push(leads),
+            }
+        }
         self.identity_all.for_each(&mut f);
         identity.name_leads.for_each(&mut f);
-        for &t in identity.terms.iter() {
-            if t != identity.name_term {
-                self.terms.get(t).id_leads().for_each(&mut f);
-            }
+        for leads in roles.into_iter().flatten().chain(more) {
+            leads.for_each(&mut f);
         }
     }
 
@@ -217,23 +227,45 @@ impl Index {
         let Ok(record) = self.active(identity, now) else {
             return Vec::new();
         };
-        let mut slots: Vec<u32> = (self.selecting(record).into_iter())
+        // The union of what the service sides select: the member sets of AnyOf sides' terms
+        // (each term once), AllOf sides enumerated, everything for `#all`.
+        let mut terms: Vec<u32> = Vec::new();
+        let mut tested: Vec<u32> = Vec::new();
+        for p in self
+            .selecting(record)
+            .into_iter()
             .filter(|p| p.action == action)
-            .flat_map(|p| p.selected.iter())
+        {
+            match p.services.test {
+                Test::Never => {}
+                Test::Always => return self.services_at(self.selected_services(&p.services)),
+                Test::Any => terms.extend(p.services.terms.iter()),
+                Test::All => tested.extend(self.selected_services(&p.services)),
+            }
+        }
+        terms.sort_unstable();
+        terms.dedup();
+        let sets: Vec<&SlotSet> = (terms.iter())
+            .map(|&t| Of::Services.members(self.terms.get(t)))
             .collect();
-        slots.sort_unstable();
-        slots.dedup();
+        let bound = self.service_slots.bound();
+        let mut slots = union(&sets, bound);
+        if !tested.is_empty() {
+            slots.extend(tested);
+            slots = sorted_unique(slots, bound);
+        }
         self.services_at(slots)
     }
 
     /// The services in these slots, sorted by name.
     fn services_at(&self, slots: Vec<u32>) -> Vec<&Service> {
-        let mut records: Vec<&SvcRecord> = (slots.into_iter())
+        // Sorting (label, record) pairs reads each record once, not at every comparison.
+        let mut records: Vec<(u64, &SvcRecord)> = (slots.into_iter())
             .filter_map(|s| self.service_slots.get(s))
-            .map(|s| &**s)
+            .map(|s| (s.order, &**s))
             .collect();
-        records.sort_unstable_by_key(|s| s.order);
-        records.into_iter().map(|s| &*s.service).collect()
+        records.sort_unstable_by_key(|&(order, _)| order);
+        records.into_iter().map(|(_, s)| &*s.service).collect()
     }
 
     /// The ids of the identities that may bind `service` at `now`, sorted: routers use this to
@@ -242,24 +274,23 @@ impl Index {
         let Some(record) = self.services.get(service) else {
             return Vec::new();
         };
-        let mut slots: Vec<u32> = (record.bind.list().iter())
+        let slots: Vec<u32> = (record.bind.list().iter())
             .filter_map(|&p| self.policy_slots.get(p))
             .flat_map(|p| self.selected_identities(&p.identities))
             .collect();
-        slots.sort_unstable();
-        slots.dedup();
+        let slots = sorted_unique(slots, self.identity_slots.bound());
         self.identity_ids(slots, Some(now))
     }
 
     /// The ids of the identities in these slots (active at `now`, if given), sorted.
     fn identity_ids(&self, slots: Vec<u32>, now: Option<Timestamp>) -> Vec<&IdentityId> {
-        let mut records: Vec<&IdRecord> = (slots.into_iter())
+        let mut records: Vec<(u64, &IdRecord)> = (slots.into_iter())
             .filter_map(|i| self.identity_slots.get(i))
             .filter(|i| now.is_none_or(|now| i.activity.check(now).is_ok()))
-            .map(|i| &**i)
+            .map(|i| (i.order, &**i))
             .collect();
-        records.sort_unstable_by_key(|i| i.order);
-        records.into_iter().map(|i| &i.id).collect()
+        records.sort_unstable_by_key(|&(order, _)| order);
+        records.into_iter().map(|(_, i)| &i.id).collect()
     }
 
     /// Who may dial `service` at `now`, and through which policy: every pair of a Dial policy
@@ -314,14 +345,23 @@ impl Index {
     fn selected_identities(&self, side: &Side) -> Vec<u32> {
         let everything = || self.identity_slots.iter().map(|i| i.slot).collect();
         let terms_of = |i| self.identity_slots.get(i).map(|i| &i.terms[..]);
-        sides::selected(&self.terms, side, Of::Identities, everything, terms_of)
+        let bound = self.identity_slots.bound();
+        sides::selected(
+            &self.terms,
+            side,
+            Of::Identities,
+            bound,
+            everything,
+            terms_of,
+        )
     }
 
     /// The service slots a side selects, sorted.
     fn selected_services(&self, side: &Side) -> Vec<u32> {
         let everything = || self.service_slots.iter().map(|s| s.slot).collect();
         let terms_of = |s| self.service_slots.get(s).map(|s| &s.terms[..]);
-        sides::selected(&self.terms, side, Of::Services, everything, terms_of)
+        let bound = self.service_slots.bound();
+        sides::selected(&self.terms, side, Of::Services, bound, everything, terms_of)
     }
 
     /// The decision for `identity`, `service` and `action` at `now` with the facts behind it,

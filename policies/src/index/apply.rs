@@ -13,7 +13,6 @@ use std::sync::Arc;
 use super::activity::Activity;
 use super::records::{Filter, IdRecord, Lead, PolRecord, SvcRecord};
 use super::sides::{self, Of};
-use super::slots::SlotSet;
 use super::terms::Kind;
 use super::Index;
 use crate::change::StateChange;
@@ -134,7 +133,7 @@ impl Index {
     }
 
     /// Indexes `service` under `key` (its name in the state): finds the policies that select
-    /// it through its terms' lead lists and links both ways.
+    /// it through its terms' lead lists, and lists them with the service.
     pub(super) fn put_service(&mut self, key: &Name, service: &Service) {
         if let Some(old) = self.services.get(key).cloned() {
             if self
@@ -178,9 +177,6 @@ impl Index {
                 Action::Dial => dial.push(p),
                 Action::Bind => bind.push(p),
             }
-            let mut policy = PolRecord::clone(policy);
-            policy.selected.insert(slot);
-            self.policy_slots.set(p, Arc::new(policy));
         }
         let record = Arc::new(SvcRecord {
             name: key.clone(),
@@ -220,13 +216,6 @@ impl Index {
             return;
         };
         self.list_intercepts(&old, false);
-        for &p in old.dial.list().iter().chain(old.bind.list()) {
-            if let Some(policy) = self.policy_slots.get(p) {
-                let mut policy = PolRecord::clone(policy);
-                policy.selected.remove(old.slot);
-                self.policy_slots.set(p, Arc::new(policy));
-            }
-        }
         for &t in old.terms.iter() {
             self.terms.edit(t, |term| term.services.remove(old.slot));
         }
@@ -268,7 +257,6 @@ impl Index {
             identity_test: identities.test,
             identities: Arc::new(identities),
             services: Arc::new(services),
-            selected: SlotSet::from_sorted(selected),
         }));
         debug_assert_eq!(added, slot);
         self.policies.insert(key.clone(), slot);
@@ -282,7 +270,9 @@ impl Index {
         let Some(old) = self.policy_slots.get(slot).cloned() else {
             return;
         };
-        for s in old.selected.iter() {
+        // The services it selects are those whose lists hold it: found through the terms
+        // while it is still linked, rather than stored per policy.
+        for s in self.selected_services(&old.services) {
             self.edit_service(s, |record| {
                 let list = record.policies_mut(old.action);
                 *list = list.without(slot);

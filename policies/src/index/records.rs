@@ -117,7 +117,8 @@ impl Filter {
     }
 }
 
-/// A policy: its name and action, both sides compiled, and the services it selects.
+/// A policy: its name and action and both sides compiled. The services it selects are not
+/// stored: they are found through the terms' member sets when asked.
 #[derive(Debug, Clone)]
 pub(crate) struct PolRecord {
     pub(crate) name: Name,
@@ -126,8 +127,6 @@ pub(crate) struct PolRecord {
     pub(crate) identity_test: Test,
     pub(crate) identities: Arc<Side>,
     pub(crate) services: Arc<Side>,
-    /// The services it selects (for `services_for`, and to unlink them when it goes).
-    pub(crate) selected: SlotSet,
 }
 
 /// How one side of a policy decides, compiled.

@@ -3,7 +3,7 @@
 //! number of identities or services).
 
 use super::records::{Lead, Side, Test};
-use super::slots::SlotSet;
+use super::slots::{union, SlotSet};
 use super::terms::{Kind, Term, TermPolicies, Terms};
 use crate::model::Semantic;
 use crate::selector::Selector;
@@ -144,33 +144,36 @@ pub(crate) fn lookup(terms: &Terms, selectors: &[Selector], semantic: Semantic) 
     }
 }
 
-/// The entities of side `of` that `side` selects, sorted: `everything` lists all of them (for
-/// `#all`), `terms_of` gives an entity's terms (for AllOf).
+/// The entities of side `of` that `side` selects, sorted: all slots are below `bound`,
+/// `everything` lists all of them in order (for `#all`), `terms_of` gives an entity's terms
+/// (for AllOf).
 pub(crate) fn selected<'a>(
     terms: &Terms,
     side: &Side,
     of: Of,
+    bound: usize,
     everything: impl FnOnce() -> Vec<u32>,
     terms_of: impl Fn(u32) -> Option<&'a [u32]>,
 ) -> Vec<u32> {
-    let mut out: Vec<u32> = match side.test {
+    match side.test {
         Test::Never => Vec::new(),
         Test::Always => everything(),
-        Test::Any => (side.terms.iter())
-            .flat_map(|&t| of.members(terms.get(t)).iter())
-            .collect(),
+        Test::Any => {
+            let sets: Vec<&SlotSet> = (side.terms.iter())
+                .map(|&t| of.members(terms.get(t)))
+                .collect();
+            union(&sets, bound)
+        }
         Test::All => {
             let smallest =
                 (side.terms.iter().copied()).min_by_key(|&t| of.members(terms.get(t)).len());
             match smallest {
                 None => Vec::new(),
+                // One set's members: sorted already.
                 Some(t) => (of.members(terms.get(t)).iter())
                     .filter(|&e| terms_of(e).is_some_and(|ts| side.selects(ts)))
                     .collect(),
             }
         }
-    };
-    out.sort_unstable();
-    out.dedup();
-    out
+    }
 }

@@ -137,7 +137,7 @@ impl SlotSet {
 /// the most records held at once.
 #[derive(Clone, Debug)]
 pub(crate) struct Slots<T: Clone> {
-    by_slot: Trie<Option<T>>,
+    by_slot: Trie<T>,
     free: Vector<u32>,
     len: usize,
 }
@@ -191,9 +191,14 @@ impl<T: Clone> Slots<T> {
         }
     }
 
+    /// The record in `slot`, if it is used, to change in place (see [`Trie::get_mut`]).
+    pub(crate) fn get_mut(&mut self, slot: u32) -> Option<&mut T> {
+        self.by_slot.get_mut(slot as usize)
+    }
+
     /// The record in `slot`, if it is used.
     pub(crate) fn get(&self, slot: u32) -> Option<&T> {
-        self.by_slot.get(slot as usize)?.as_ref()
+        self.by_slot.get(slot as usize)
     }
 
     /// The number of used slots.
@@ -201,10 +206,72 @@ impl<T: Clone> Slots<T> {
         self.len
     }
 
+    /// One more than the highest slot ever used: every slot is below it.
+    pub(crate) fn bound(&self) -> usize {
+        self.by_slot.len()
+    }
+
     /// Every record, in slot order.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &T> + '_ {
-        self.by_slot.iter().flatten()
+        self.by_slot.iter()
     }
+}
+
+/// `slots` (all below `bound`) sorted and without duplicates: by sorting when they are few
+/// compared to `bound`, else through a bitmap (a union of long lists, as `#all` makes).
+pub(crate) fn sorted_unique(mut slots: Vec<u32>, bound: usize) -> Vec<u32> {
+    if slots.len().saturating_mul(16) < bound {
+        slots.sort_unstable();
+        slots.dedup();
+        return slots;
+    }
+    let mut bits = vec![0u64; bound.div_ceil(64)];
+    for &x in &slots {
+        if let Some(word) = bits.get_mut(x as usize / 64) {
+            *word |= 1 << (x % 64);
+        }
+    }
+    slots.clear();
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            slots.push(slot(w * 64) + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    slots
+}
+
+/// The union of `sets` (all slots below `bound`), sorted: gathered and sorted when small
+/// compared to `bound`, else marked in a bitmap (a union of long sets, as `#all` makes).
+pub(crate) fn union(sets: &[&SlotSet], bound: usize) -> Vec<u32> {
+    let total: usize = sets.iter().map(|s| s.len()).sum();
+    if total.saturating_mul(16) < bound {
+        let mut all = Vec::with_capacity(total);
+        for set in sets {
+            set.for_each(|x| all.push(x));
+        }
+        all.sort_unstable();
+        all.dedup();
+        return all;
+    }
+    let mut bits = vec![0u64; bound.div_ceil(64)];
+    for set in sets {
+        set.for_each(|x| {
+            if let Some(word) = bits.get_mut(x as usize / 64) {
+                *word |= 1 << (x % 64);
+            }
+        });
+    }
+    let mut out = Vec::with_capacity(total.min(bound));
+    for (w, &word) in bits.iter().enumerate() {
+        let mut word = word;
+        while word != 0 {
+            out.push(slot(w * 64) + word.trailing_zeros());
+            word &= word - 1;
+        }
+    }
+    out
 }
 
 /// A position as a slot. The index refuses nothing, so a state with more than `u32::MAX`
@@ -236,6 +303,20 @@ mod tests {
                 prop_assert_eq!(set.contains(x), model.contains(&x));
             }
             prop_assert_eq!(set.iter().collect::<Vec<_>>(), model.into_iter().collect::<Vec<_>>());
+        }
+
+        #[test]
+        fn sorted_unique_is_the_sorted_set(v in proptest::collection::vec(0u32..300, 0..400)) {
+            let want: Vec<u32> = v.iter().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            prop_assert_eq!(sorted_unique(v, 300), want);
+        }
+
+        #[test]
+        fn union_is_the_sorted_union(sets in proptest::collection::vec(proptest::collection::btree_set(0u32..300, 0..80), 0..6)) {
+            let want: Vec<u32> = sets.iter().flatten().copied().collect::<BTreeSet<_>>().into_iter().collect();
+            let sets: Vec<SlotSet> = sets.into_iter().map(|s| SlotSet::from_sorted(s.into_iter().collect())).collect();
+            let refs: Vec<&SlotSet> = sets.iter().collect();
+            prop_assert_eq!(union(&refs, 300), want);
         }
 
         #[test]

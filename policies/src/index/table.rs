@@ -17,7 +17,7 @@ type Hasher = BuildHasherDefault<std::hash::DefaultHasher>;
 /// Entries per bucket, on average, before a bucket is split.
 const LOAD: usize = 2;
 
-type Bucket<K, V> = Option<Arc<[(u64, K, V)]>>;
+type Bucket<K, V> = Arc<[(u64, K, V)]>;
 
 /// A persistent map from `K` to `V`.
 #[derive(Debug, Clone)]
@@ -63,7 +63,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Table<K, V> {
         Q: Hash + Eq + ?Sized,
     {
         let h = hash(key);
-        let bucket = self.buckets.get(self.bucket_of(h))?.as_deref()?;
+        let bucket = self.buckets.get(self.bucket_of(h))?;
         (bucket.iter())
             .find(|(eh, k, _)| *eh == h && k.borrow() == key)
             .map(|(_, _, v)| v)
@@ -76,7 +76,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Table<K, V> {
         }
         let h = hash(&key);
         let at = self.bucket_of(h);
-        let old = self.buckets.get(at).cloned().flatten();
+        let old = self.buckets.get(at).cloned();
         let mut entries: Vec<(u64, K, V)> = old.as_deref().unwrap_or(&[]).to_vec();
         match entries.iter_mut().find(|(eh, k, _)| *eh == h && *k == key) {
             Some(entry) => entry.2 = value,
@@ -94,7 +94,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Table<K, V> {
     /// Splits the next bucket in turn into itself and a new last bucket.
     fn split_one(&mut self) {
         let at = self.split;
-        let entries = self.buckets.get(at).cloned().flatten();
+        let entries = self.buckets.get(at).cloned();
         let bit = 1u64 << self.level;
         let (stay, go): (Vec<_>, Vec<_>) =
             (entries.as_deref().unwrap_or(&[]).iter().cloned()).partition(|(h, _, _)| h & bit == 0);
@@ -116,7 +116,7 @@ impl<K: Clone + Eq + Hash, V: Clone> Table<K, V> {
     {
         let h = hash(key);
         let at = self.bucket_of(h);
-        let old = self.buckets.get(at)?.clone()?;
+        let old = self.buckets.get(at)?.clone();
         let position = (old.iter()).position(|(eh, k, _)| *eh == h && k.borrow() == key)?;
         let mut entries = old.to_vec();
         let (_, _, value) = entries.remove(position);

@@ -186,16 +186,19 @@ impl Terms {
 
     /// Changes term `t`, and frees it if nothing refers to it any more.
     pub(crate) fn edit(&mut self, t: u32, change: impl FnOnce(&mut Term)) {
-        let mut term = Term::clone(self.get(t));
-        change(&mut term);
+        // In place when nothing else shares the term (while building).
+        let Some(term) = self.table_mut(t).get_mut(t & !NAME_BIT) else {
+            return;
+        };
+        let term = Arc::make_mut(term);
+        change(term);
         if term.unused() {
-            match term.kind {
-                Kind::Role => self.roles.remove(term.key.as_str()),
-                Kind::Name => self.names.remove(term.key.as_str()),
+            let (kind, key) = (term.kind, term.key.clone());
+            match kind {
+                Kind::Role => self.roles.remove(key.as_str()),
+                Kind::Name => self.names.remove(key.as_str()),
             };
             self.table_mut(t).remove(t & !NAME_BIT);
-        } else {
-            self.table_mut(t).set(t & !NAME_BIT, Arc::new(term));
         }
     }
 
