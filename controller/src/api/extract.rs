@@ -48,7 +48,15 @@ pub struct DocumentBody {
     pub document: Bytes,
     /// The JSON form's `dry_run` (the raw form says it in the query).
     pub dry_run: bool,
+    /// One of the [`DOCUMENTS_AT_ONCE`] slots, held until the document is dropped (after the
+    /// apply), so that admins' connections cannot hold many large documents at once.
+    pub slot: tokio::sync::SemaphorePermit<'static>,
 }
+
+/// Large documents held at once, across all admins: each may be up to [`MAX_DOCUMENT`], and an
+/// apply runs under the command lock anyway, so more would only wait in memory.
+pub const DOCUMENTS_AT_ONCE: usize = 2;
+static DOCUMENTS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(DOCUMENTS_AT_ONCE);
 
 /// The largest document `POST /v1/apply` reads: the core's bound.
 pub const MAX_DOCUMENT: usize = umbra_policies::MAX_DOCUMENT_BYTES;
@@ -68,24 +76,27 @@ impl FromRequest<AppState> for DocumentBody {
                     "application/yaml" | "application/x-yaml" | "text/yaml"
                 )
             });
-        if !yaml {
-            let JsonBody(r) = JsonBody::<ApplyRequest>::from_request(req, state).await?;
-            return Ok(DocumentBody {
-                document: Bytes::from(r.document),
-                dry_run: r.dry_run,
-            });
-        }
-        let document = (tokio::time::timeout(
-            DOCUMENT_TIMEOUT,
-            axum::body::to_bytes(req.into_body(), MAX_DOCUMENT),
-        ))
-        .await
-        .map_err(|_| ApiError::timeout())?
-        .map_err(|_| ApiError::too_large(MAX_DOCUMENT))?;
-        Ok(DocumentBody {
-            document,
-            dry_run: false,
-        })
+        let read = async {
+            // Waiting for a slot counts against the same deadline as sending.
+            let slot = DOCUMENTS.acquire().await.map_err(|_| ApiError::timeout())?;
+            if !yaml {
+                let JsonBody(r) = JsonBody::<ApplyRequest>::from_request(req, state).await?;
+                return Ok(DocumentBody {
+                    document: Bytes::from(r.document),
+                    dry_run: r.dry_run,
+                    slot,
+                });
+            }
+            let document = axum::body::to_bytes(req.into_body(), MAX_DOCUMENT)
+                .await
+                .map_err(|_| ApiError::too_large(MAX_DOCUMENT))?;
+            Ok(DocumentBody {
+                document,
+                dry_run: false,
+                slot,
+            })
+        };
+        (tokio::time::timeout(DOCUMENT_TIMEOUT, read).await).map_err(|_| ApiError::timeout())?
     }
 }
 

@@ -250,9 +250,15 @@ pub async fn apply(
     body: DocumentBody,
 ) -> Res<ApplyResponse> {
     let dry_run = q.dry_run || body.dry_run;
-    blocking(&s, move |c| c.apply(&a, body.document, dry_run))
-        .await
-        .map(Json)
+    // The document and its slot are held until the apply is done.
+    blocking(&s, move |c| {
+        let DocumentBody { document, slot, .. } = body;
+        let r = c.apply(&a, document, dry_run);
+        drop(slot);
+        r
+    })
+    .await
+    .map(Json)
 }
 
 pub async fn export(State(s): State<AppState>, _: Admin) -> Res<ExportResponse> {
