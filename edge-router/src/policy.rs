@@ -10,7 +10,7 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use umbra_pki::{CertificateError, PeerCert, RevocationCheck, Serial};
 use umbra_policies::{
-    CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Name, Roster, Timestamp,
+    CertRecord, Deny, Identity, IdentityId, IdentityKind, Index, Roster, Timestamp,
 };
 use umbra_proto::stream::codes;
 use umbra_proto::verdict::{Moment, Verdict};
@@ -33,8 +33,6 @@ pub struct Policy {
     pub seq: u64,
     /// The compiled index, with the controller's state (`index.state()`).
     pub index: Index,
-    /// Identity ids by name (names are unique across kinds).
-    by_name: imbl::HashMap<Name, IdentityId>,
     /// Revoked certificate serials, with the identity each was issued to and its expiry.
     revoked: imbl::HashMap<String, RevokedCert>,
     /// The earliest expiry on the revocation list: nothing needs pruning before it.
@@ -51,9 +49,6 @@ impl Policy {
         Policy {
             seq: replica.seq,
             index: Index::build(state),
-            by_name: (state.identities.values())
-                .map(|i| (i.name.clone(), i.id.clone()))
-                .collect(),
             prune_at: revoked.values().map(|r| r.not_after).min(),
             revoked,
         }
@@ -71,30 +66,12 @@ impl Policy {
     }
 
     fn apply_one(&mut self, change: &ChangeEvent) {
-        match change {
-            ChangeEvent::IdentityPut { identity } => {
-                if let Some(old) = self.index.state().identities.get(&identity.id) {
-                    if old.name != identity.name {
-                        self.by_name.remove(&old.name);
-                    }
-                }
-                (self.by_name).insert(identity.name.clone(), identity.id.clone());
-            }
-            ChangeEvent::IdentityDeleted { id } => {
-                if let Some(old) = self.index.state().identities.get(id) {
-                    if self.by_name.get(&old.name) == Some(id) {
-                        self.by_name.remove(&old.name);
-                    }
-                }
-            }
-            ChangeEvent::CertRevoked { cert } => {
-                self.prune_at = Some(
-                    self.prune_at
-                        .map_or(cert.not_after, |t| t.min(cert.not_after)),
-                );
-                self.revoked.insert(cert.serial.clone(), cert.clone());
-            }
-            _ => {}
+        if let ChangeEvent::CertRevoked { cert } = change {
+            self.prune_at = Some(
+                self.prune_at
+                    .map_or(cert.not_after, |t| t.min(cert.not_after)),
+            );
+            self.revoked.insert(cert.serial.clone(), cert.clone());
         }
         if let Some(change) = change.state_change() {
             self.index.apply(&change);
@@ -147,8 +124,7 @@ impl Policy {
 /// deleted namesake's certificate.
 impl Roster for Policy {
     fn identity_named(&self, name: &str) -> Option<&Identity> {
-        let id = self.by_name.get(name)?;
-        self.index.state().identities.get(id)
+        self.index.identity_named(name)
     }
 
     fn certificate(&self, serial: &str) -> CertRecord<'_> {

@@ -5,9 +5,9 @@
 //! single sub-microsecond call is below what the clock measures reliably; p99 is therefore the
 //! p99 of batch averages.
 
-use std::collections::BTreeSet;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
+use umbra_policies::Roles;
 
 use umbra_policies::{
     Action, Hosting, Identity, IdentityId, IdentityKind, Index, Name, Selector, Semantic, Service,
@@ -75,7 +75,7 @@ fn name(s: String) -> Name {
     Name::new(s).expect("generated names are valid")
 }
 
-fn roles(rng: &mut Rng, prefix: &str, max: usize) -> BTreeSet<Name> {
+fn roles(rng: &mut Rng, prefix: &str, max: usize) -> Roles {
     let count = 1 + rng.below(max);
     (0..count)
         .map(|_| name(format!("{prefix}-{}", rng.below(ROLES))))

@@ -36,7 +36,7 @@
 mod dto;
 mod parse;
 
-use std::collections::BTreeSet;
+use crate::roles::Roles;
 
 use crate::error::{DocError, DocErrorKind, Problems};
 use crate::model::{Identity, IdentityKind, Service, ServicePolicy, State};
@@ -71,7 +71,7 @@ pub struct DocIdentity {
     /// (plans never create, change or delete routers).
     pub kind: IdentityKind,
     /// Role attributes.
-    pub roles: BTreeSet<Name>,
+    pub roles: Roles,
     /// Whether the identity is disabled.
     pub disabled: bool,
     /// Whether the identity is revoked: its record is kept and its name never reused, so a

@@ -41,7 +41,7 @@ use records::{IdRecord, PolRecord, Side, SvcRecord, Test};
 use sides::Of;
 use slots::{sorted_unique, union, SlotSet, Slots};
 use table::Table;
-use terms::{HashMap, Terms};
+use terms::Terms;
 
 /// A compiled view of one [`State`], cheap to clone (O(1): versions share structure), cheap to
 /// query and cheap to change ([`Index::apply`]).
@@ -55,7 +55,7 @@ pub struct Index {
     services: Table<Name, Arc<SvcRecord>>,
     service_slots: Slots<Arc<SvcRecord>>,
     /// Policy slots by the name they are stored under.
-    policies: HashMap<Name, u32>,
+    policies: Table<Name, u32>,
     policy_slots: Slots<Arc<PolRecord>>,
     terms: Terms,
     /// Policies whose identity side leads through `#all`.
@@ -63,7 +63,7 @@ pub struct Index {
     /// Policies whose service side leads through `#all`.
     service_all: SlotSet,
     /// The services listing each intercept (for checking writes).
-    intercepts: HashMap<HostPort, SlotSet>,
+    intercepts: Table<HostPort, SlotSet>,
 }
 
 impl Index {
@@ -393,6 +393,15 @@ impl Index {
             decision: self.check(action, identity, service, now),
         };
         facts.into_explanation()
+    }
+
+    /// The identity with this name, found through its name's term, so that a router, which
+    /// admits connections by the name in their certificates, keeps no map of its own.
+    pub fn identity_named(&self, name: &str) -> Option<&Identity> {
+        let term = self.terms.get(self.terms.find(terms::Kind::Name, name)?);
+        let slot = term.identities.iter().next()?;
+        let record = self.identity_slots.get(slot)?;
+        self.state.identities.get(&record.id)
     }
 
     /// The state this index was compiled from.

@@ -21,6 +21,7 @@ mod model;
 mod name;
 mod plan;
 pub mod renewal;
+mod roles;
 mod rules;
 mod selector;
 #[cfg(test)]
@@ -45,4 +46,5 @@ pub use model::{
 };
 pub use name::{Name, NameError, MAX_NAME_LEN};
 pub use plan::{plan, Change, Plan, Shown};
+pub use roles::Roles;
 pub use selector::{Selector, SelectorError};

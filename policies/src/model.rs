@@ -1,6 +1,6 @@
 //! The data model: identities, services and service policies, and the whole `State`.
 
-use std::collections::BTreeSet;
+use crate::roles::Roles;
 use std::fmt;
 use std::net::IpAddr;
 
@@ -25,10 +25,11 @@ impl Timestamp {
 /// The stable, random identifier of an identity, chosen by the controller when it creates it.
 ///
 /// Names can be reused after a delete; ids never are, so anything that must not transfer to a
-/// later namesake (certificates, ledgers, audit records) refers to the id.
+/// later namesake (certificates, ledgers, audit records) refers to the id. Held inline (the
+/// controller's 24-character ids take no allocation), like [`Name`].
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
-pub struct IdentityId(String);
+pub struct IdentityId(compact_str::CompactString);
 
 impl IdentityId {
     /// Checks `s`: 1 to 64 characters of ASCII letters, digits, `-` and `_`.
@@ -46,7 +47,7 @@ impl IdentityId {
         {
             return Err(crate::NameError::InvalidChar(c));
         }
-        Ok(IdentityId(s))
+        Ok(IdentityId(s.into()))
     }
 
     /// The id as a string slice.
@@ -64,7 +65,7 @@ impl TryFrom<String> for IdentityId {
 
 impl From<IdentityId> for String {
     fn from(i: IdentityId) -> String {
-        i.0
+        i.0.into_string()
     }
 }
 
@@ -136,7 +137,7 @@ pub struct Identity {
     pub kind: IdentityKind,
     /// Role attributes that `#role` selectors match.
     #[serde(default)]
-    pub roles: BTreeSet<Name>,
+    pub roles: Roles,
     /// A disabled identity keeps its record and certificates but is refused everywhere until
     /// enabled again.
     #[serde(default)]
@@ -305,7 +306,7 @@ pub struct Service {
     pub name: Name,
     /// Role attributes that `#role` selectors match.
     #[serde(default)]
-    pub roles: BTreeSet<Name>,
+    pub roles: Roles,
     /// How the service is reached.
     pub hosting: Hosting,
     /// Where tunnelers expose the service to agents (`llm.umbra:443`, `127.0.0.1:8443`).
@@ -351,7 +352,7 @@ pub enum Semantic {
 impl Semantic {
     /// Combines selectors: an empty list matches nothing under either semantic, so that a
     /// policy with no selectors can never grant anything by accident.
-    pub fn matches(self, selectors: &[Selector], name: &Name, roles: &BTreeSet<Name>) -> bool {
+    pub fn matches(self, selectors: &[Selector], name: &Name, roles: &Roles) -> bool {
         if selectors.is_empty() {
             return false;
         }
@@ -459,7 +460,7 @@ mod tests {
     #[test]
     fn empty_selectors_match_nothing() {
         let n = Name::new("x").unwrap();
-        let roles = BTreeSet::new();
+        let roles = Roles::new();
         assert!(!Semantic::AnyOf.matches(&[], &n, &roles));
         assert!(!Semantic::AllOf.matches(&[], &n, &roles));
         assert!(Semantic::AllOf.matches(&[Selector::All], &n, &roles));
@@ -471,7 +472,7 @@ mod tests {
             id: IdentityId::new("id1").unwrap(),
             name: Name::new("a").unwrap(),
             kind: IdentityKind::Agent,
-            roles: BTreeSet::new(),
+            roles: Roles::new(),
             disabled: false,
             revoked: false,
             expires_at: Some(Timestamp(100)),

@@ -1,7 +1,9 @@
 //! Planning: the ordered changes that turn the current state into the one a document describes,
 //! shown to the operator by `umbra apply --dry-run` before anything is written.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use crate::roles::Roles;
 use std::fmt;
 
 use crate::doc::{DocIdentity, Document};
@@ -39,7 +41,7 @@ pub enum Change {
         /// Agent or admin.
         kind: IdentityKind,
         /// Its roles.
-        roles: BTreeSet<Name>,
+        roles: Roles,
         /// Whether it starts disabled.
         disabled: bool,
         /// Whether it is a revoked record (recreated from a document, so that its name stays
@@ -53,7 +55,7 @@ pub enum Change {
         /// Its name.
         name: Name,
         /// Its new roles.
-        roles: BTreeSet<Name>,
+        roles: Roles,
         /// Its new disabled flag.
         disabled: bool,
     },
@@ -257,7 +259,7 @@ fn list<T: fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
     items.join(",")
 }
 
-fn identity_fields(roles: &BTreeSet<Name>, disabled: bool, revoked: bool) -> Fields {
+fn identity_fields(roles: &Roles, disabled: bool, revoked: bool) -> Fields {
     vec![
         ("roles", list(roles)),
         ("disabled", disabled.to_string()),

@@ -2,9 +2,8 @@
 //! answers every question exactly like `Index::build` of the resulting state, and checking a
 //! batch of changes finds exactly the problems the batch adds.
 
-use std::collections::BTreeSet;
-
 use proptest::prelude::*;
+use umbra_policies::Roles;
 use umbra_policies::{
     Action, DocError, HostPort, Hosting, Identity, IdentityId, IdentityKind, Index, Name, Selector,
     Semantic, Service, ServicePolicy, State, StateChange, Timestamp,
@@ -21,8 +20,9 @@ fn name(s: String) -> Name {
 const ROLES: usize = 5;
 const IDS: usize = 12;
 
-fn roles() -> impl Strategy<Value = BTreeSet<Name>> {
+fn roles() -> impl Strategy<Value = Roles> {
     proptest::collection::btree_set((0..ROLES).prop_map(|r| name(format!("r{r}"))), 0..4)
+        .prop_map(|s| s.into_iter().collect())
 }
 
 fn selector(names: &'static str, pool: usize) -> impl Strategy<Value = Selector> {
@@ -112,7 +112,7 @@ enum Op {
     /// Flip the activity of the identity with this id, if there is one.
     Flip(usize, u8, Option<u64>),
     /// Give the identity with this id new roles, if there is one.
-    Roles(usize, BTreeSet<Name>),
+    Roles(usize, Roles),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -211,7 +211,7 @@ fn naive_selected<'a, T>(
     entities: impl Iterator<Item = &'a T>,
     selectors: &[Selector],
     semantic: Semantic,
-    name_roles: impl Fn(&T) -> (&Name, &BTreeSet<Name>),
+    name_roles: impl Fn(&T) -> (&Name, &Roles),
 ) -> Vec<&'a T>
 where
     T: 'a,

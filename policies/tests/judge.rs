@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
+use umbra_policies::Roles;
 use umbra_policies::{
     admit, check_stream, Action, CertRecord, Deny, Hosting, Identity, IdentityId, IdentityKind,
     Index, Name, Presented, Roster, Selector, Semantic, Service, ServicePolicy, State,
@@ -36,7 +37,8 @@ fn identities() -> impl Strategy<Value = BTreeMap<IdentityId, Identity>> {
     let one = (
         0usize..8,
         kind(),
-        proptest::collection::btree_set((0..3usize).prop_map(|r| name(format!("r{r}"))), 0..3),
+        proptest::collection::btree_set((0..3usize).prop_map(|r| name(format!("r{r}"))), 0..3)
+            .prop_map(|s| s.into_iter().collect::<Roles>()),
         0u8..6,
         proptest::option::of(0u64..30),
     );

@@ -1,9 +1,10 @@
 //! Property tests: the compiled index against a naive evaluation of every policy, and planning
 //! against the document it plans for.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 use proptest::prelude::*;
+use umbra_policies::Roles;
 use umbra_policies::{
     apply_plan, export, parse_document, plan, Action, DocIdentity, Document, Hosting, Identity,
     IdentityId, IdentityKind, Index, Name, Selector, Semantic, Service, ServicePolicy, State,
@@ -18,15 +19,15 @@ fn name(s: String) -> Name {
 // The naive reference: every question answered by testing every policy, written from the
 // definitions and sharing no code with the index.
 
-fn selector_matches(s: &Selector, name: &Name, roles: &BTreeSet<Name>) -> bool {
+fn selector_matches(s: &Selector, name: &Name, roles: &Roles) -> bool {
     match s {
         Selector::All => true,
-        Selector::Role(r) => roles.contains(r),
+        Selector::Role(r) => roles.contains(r.as_str()),
         Selector::Named(n) => n == name,
     }
 }
 
-fn side_matches(p: &ServicePolicy, sel: &[Selector], name: &Name, roles: &BTreeSet<Name>) -> bool {
+fn side_matches(p: &ServicePolicy, sel: &[Selector], name: &Name, roles: &Roles) -> bool {
     !sel.is_empty()
         && match p.semantic {
             Semantic::AnyOf => sel.iter().any(|s| selector_matches(s, name, roles)),
@@ -102,8 +103,9 @@ fn dialers(index: &Index, service: &str, now: Timestamp) -> Vec<(IdentityId, Nam
 
 const ROLES: usize = 5;
 
-fn roles() -> impl Strategy<Value = BTreeSet<Name>> {
+fn roles() -> impl Strategy<Value = Roles> {
     proptest::collection::btree_set((0..ROLES).prop_map(|r| name(format!("r{r}"))), 0..4)
+        .prop_map(|s| s.into_iter().collect())
 }
 
 fn selector(names: &'static str, pool: usize) -> impl Strategy<Value = Selector> {
@@ -114,7 +116,7 @@ fn selector(names: &'static str, pool: usize) -> impl Strategy<Value = Selector>
     ]
 }
 
-fn identity() -> impl Strategy<Value = (usize, IdentityKind, BTreeSet<Name>, u8, Option<u64>)> {
+fn identity() -> impl Strategy<Value = (usize, IdentityKind, Roles, u8, Option<u64>)> {
     let kind = prop_oneof![
         Just(IdentityKind::Agent),
         Just(IdentityKind::Admin),
@@ -381,7 +383,7 @@ fn current_state() -> impl Strategy<Value = State> {
                 add(
                     name(format!("r{k}")),
                     IdentityKind::Router,
-                    BTreeSet::new(),
+                    Roles::new(),
                     false,
                     false,
                 );
@@ -390,7 +392,7 @@ fn current_state() -> impl Strategy<Value = State> {
                 add(
                     name(format!("x{k}")),
                     IdentityKind::Agent,
-                    BTreeSet::new(),
+                    Roles::new(),
                     false,
                     true,
                 );

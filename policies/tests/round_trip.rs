@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
+use umbra_policies::Roles;
 use umbra_policies::{
     apply_plan, export, parse_document, plan, Action, DocErrorKind, GrantLimits, HostPort, Hosting,
     Identity, IdentityId, IdentityKind, Name, Patterns, Rpm, Selector, Semantic, Service,
@@ -19,8 +20,9 @@ fn name(s: String) -> Name {
 const ROLES: usize = 4;
 const INTERCEPTS: usize = 6;
 
-fn roles() -> impl Strategy<Value = BTreeSet<Name>> {
+fn roles() -> impl Strategy<Value = Roles> {
     proptest::collection::btree_set((0..ROLES).prop_map(|r| name(format!("r{r}"))), 0..3)
+        .prop_map(|s| s.into_iter().collect())
 }
 
 /// An identity of any kind and standing: active, disabled or revoked agents, admins, routers.
@@ -184,7 +186,7 @@ proptest! {
         prop_assert_eq!(export(&next).to_yaml(), yaml);
         prop_assert_eq!(&next.services, &state.services);
         prop_assert_eq!(&next.policies, &state.policies);
-        let without_ids = |s: &State| -> BTreeMap<Name, (IdentityKind, BTreeSet<Name>, bool, bool)> {
+        let without_ids = |s: &State| -> BTreeMap<Name, (IdentityKind, Roles, bool, bool)> {
             (s.identities.values())
                 .filter(|i| i.kind != IdentityKind::Router)
                 .map(|i| (i.name.clone(), (i.kind, i.roles.clone(), i.disabled, i.revoked)))
@@ -204,7 +206,7 @@ proptest! {
         for k in state.services.len()..2 {
             let extra = Service {
                 name: name(format!("t{k}")),
-                roles: BTreeSet::new(),
+                roles: Roles::new(),
                 hosting: Hosting::Sdk,
                 intercepts: vec![],
                 proxy_protocol: false,

@@ -25,8 +25,9 @@ fn id(i: usize) -> IdentityId {
     IdentityId::new(format!("id{i}")).unwrap()
 }
 
-fn roles() -> impl Strategy<Value = std::collections::BTreeSet<Name>> {
+fn roles() -> impl Strategy<Value = umbra_policies::Roles> {
     prop::collection::btree_set((0..ROLES.len()).prop_map(|r| n(ROLES[r])), 0..3)
+        .prop_map(|s| s.into_iter().collect())
 }
 
 fn identity() -> impl Strategy<Value = Identity> {
@@ -292,7 +293,7 @@ fn a_change_wakes_only_the_views_it_touches() {
         vec![id(3)]
     );
     // The users' policy: the users, and the gateway.
-    i1.roles.clear();
+    i1.roles = umbra_policies::Roles::new();
     assert_eq!(
         woken(&s, &[ChangeEvent::PolicyDeleted { name: n("use") }]),
         vec![id(0), id(1), id(2)]

@@ -8,7 +8,7 @@ impl Controller {
         actor: &Actor,
         name: Name,
         kind: IdentityKind,
-        roles: std::collections::BTreeSet<Name>,
+        roles: umbra_policies::Roles,
     ) -> Result<Identity, ControllerError> {
         let mut inner = self.lock();
         // A name already taken is refused by the gate in `commit`.

@@ -4,7 +4,7 @@
 //! result but what was valid in it (its name, its valid selectors) still takes part in the
 //! cross-entry rules, so that one run reports duplicates and dangling references too.
 
-use std::collections::BTreeSet;
+use crate::roles::Roles;
 
 use super::dto::{DocumentDto, IdentityDto, PolicyDto, ServiceDto};
 use super::{DocIdentity, Document};
@@ -173,7 +173,7 @@ fn side(selectors: &[Option<Selector>]) -> Side<'_> {
 }
 
 /// The role names of the entry at `path`, reporting each invalid one.
-fn roles(path: &str, roles: Vec<String>, problems: &mut Problems) -> Option<BTreeSet<Name>> {
+fn roles(path: &str, roles: Vec<String>, problems: &mut Problems) -> Option<Roles> {
     all((roles.into_iter().enumerate())
         .map(|(j, r)| problems.take(|| format!("{path}.roles[{j}]"), Name::new(r))))
 }

@@ -398,7 +398,7 @@ fn validate_checks_documents_built_in_code() {
     doc.identities.push(DocIdentity {
         name: n("agent-1"),
         kind: IdentityKind::Router,
-        roles: BTreeSet::new(),
+        roles: Roles::new(),
         disabled: false,
         revoked: false,
     });

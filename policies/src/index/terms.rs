@@ -5,23 +5,12 @@
 //! role or name, a policy testing or leading through it) and is freed when nothing does, so
 //! the table is bounded by what the state holds.
 
-use std::hash::BuildHasherDefault;
 use std::sync::Arc;
 
-use imbl::GenericHashMap;
-
 use super::slots::{SlotSet, Slots};
+use super::table::Table;
 use crate::name::Name;
 use crate::selector::Selector;
-
-/// A persistent hash map with a fixed hasher: the core has no randomness, and the keys (ids
-/// and names) are chosen by the controller and its admins.
-pub(crate) type HashMap<K, V> = GenericHashMap<
-    K,
-    V,
-    BuildHasherDefault<std::hash::DefaultHasher>,
-    imbl::shared_ptr::DefaultSharedPtr,
->;
 
 /// Whether a term is a role or a name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -114,8 +103,10 @@ const NAME_BIT: u32 = 1 << 31;
 /// The table of terms.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct Terms {
-    roles: HashMap<Name, u32>,
-    names: HashMap<Name, u32>,
+    /// By key. Tables rather than HAMTs: a HAMT node costs hundreds of bytes per entry, and
+    /// there is a name term for each of a million identities.
+    roles: Table<Name, u32>,
+    names: Table<Name, u32>,
     role_table: Slots<Arc<Term>>,
     name_table: Slots<Arc<Term>>,
 }

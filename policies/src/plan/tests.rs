@@ -269,7 +269,7 @@ fn stale_or_unsafe_plans_are_refused_with_every_reason() {
         Change::UpdateIdentity {
             id: id("id-edge-1"),
             name: n("edge-1"),
-            roles: BTreeSet::new(),
+            roles: Roles::new(),
             disabled: true,
         },
         Change::DeleteIdentity {
@@ -281,14 +281,14 @@ fn stale_or_unsafe_plans_are_refused_with_every_reason() {
         Change::CreateIdentity {
             name: n("bob"),
             kind: IdentityKind::Agent,
-            roles: BTreeSet::new(),
+            roles: Roles::new(),
             disabled: false,
             revoked: false,
         },
         Change::CreateIdentity {
             name: n("r2"),
             kind: IdentityKind::Router,
-            roles: BTreeSet::new(),
+            roles: Roles::new(),
             disabled: false,
             revoked: false,
         },
@@ -328,7 +328,7 @@ fn reused_ids_are_refused() {
     let plan = Plan::new(vec![Change::CreateIdentity {
         name: n("new"),
         kind: IdentityKind::Agent,
-        roles: BTreeSet::new(),
+        roles: Roles::new(),
         disabled: false,
         revoked: false,
     }]);
