@@ -13,11 +13,11 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
-use umbra_proto::follow::{Changes, ControlFollower, Output, SessionEnd};
+use umbra_proto::follow::{ControlFollower, Output, SessionEnd};
 use umbra_proto::{ControlMessage, FrameDecoder, MAX_CONTROL_FRAME};
 use umbra_sdk::{ControllerClient, Credentials};
 
-use crate::policy::Policy;
+use crate::publish::Publisher;
 
 /// Follows the controller until `cancel` fires.
 pub(crate) struct Follower {
@@ -30,13 +30,9 @@ pub(crate) struct Follower {
     pub advertise: String,
     /// Every decision: sessions, staleness, when a copy may be enforced.
     pub machine: ControlFollower,
-    pub tx: watch::Sender<Option<Arc<Policy>>>,
-    /// The last policy compiled, kept apart from `tx` (which says `None` while the router
-    /// fails closed), so that the next one is this with the changes since applied.
-    pub compiled: Option<Arc<Policy>>,
+    /// Turns the machine's batches into enforced policies.
+    pub publisher: Publisher,
     pub cancel: CancellationToken,
-    /// The wall time revocations are pruned at.
-    pub clock: umbra_clock::Clock,
 }
 
 impl Follower {
@@ -69,11 +65,15 @@ impl Follower {
                 tokio::select! {
                     _ = cancel.cancelled() => return,
                     _ = tokio::time::sleep_until(wake) => {}
+                    built = self.publisher.built() => {
+                        self.publisher.finished(built, &mut self.machine);
+                        continue;
+                    }
                 }
                 let now = Instant::now();
                 self.machine.handle_timeout(now.into_std());
                 // Between sessions only withdrawals can come out.
-                let _ = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock);
+                let _ = drain(&mut self.machine, &mut self.publisher);
                 if now >= until {
                     break;
                 }
@@ -107,10 +107,11 @@ impl Follower {
                 },
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    if let Some(end) = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
+                    if let Some(end) = drain(&mut self.machine, &mut self.publisher) {
                         return end;
                     }
                 }
+                built = self.publisher.built() => self.publisher.finished(built, &mut self.machine),
             }
         };
         tracing::info!(controller = %self.client.addr(), "control channel open");
@@ -123,10 +124,14 @@ impl Follower {
                 Ok(()) = self.renewed.changed() => return SessionEnd::Renewed,
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
-                    match drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
+                    match drain(&mut self.machine, &mut self.publisher) {
                         Some(end) => return end,
                         None => continue,
                     }
+                }
+                built = self.publisher.built() => {
+                    self.publisher.finished(built, &mut self.machine);
+                    continue;
                 }
             };
             let chunk = match chunk {
@@ -149,7 +154,7 @@ impl Follower {
                 }
             }
             self.machine.flush();
-            if let Some(end) = drain(&mut self.machine, &mut self.compiled, &self.tx, &self.clock) {
+            if let Some(end) = drain(&mut self.machine, &mut self.publisher) {
                 return end;
             }
         }
@@ -157,44 +162,12 @@ impl Follower {
 }
 
 /// Carries out what the machine asks; returns the reason to end the session, if any.
-fn drain(
-    machine: &mut ControlFollower,
-    compiled: &mut Option<Arc<Policy>>,
-    tx: &watch::Sender<Option<Arc<Policy>>>,
-    clock: &umbra_clock::Clock,
-) -> Option<SessionEnd> {
+fn drain(machine: &mut ControlFollower, publisher: &mut Publisher) -> Option<SessionEnd> {
     let mut end = None;
     while let Some(out) = machine.poll() {
         match out {
-            Output::Publish => {
-                let changes = machine.take_changes();
-                let Some(r) = machine.replica_mut() else {
-                    continue;
-                };
-                let now = clock.timestamp();
-                // The policy after the changes: the last one compiled with them applied (what
-                // they touch, nothing else), or a compilation of the copy after a snapshot.
-                let mut policy = match (changes, compiled.as_deref()) {
-                    (Changes::Deltas(list), Some(last)) => last.apply(r.seq, &list),
-                    _ => Policy::build(r),
-                };
-                if policy.prune_revoked(now) {
-                    r.prune_revoked(now);
-                }
-                tracing::debug!(seq = policy.seq, "policy published");
-                if tx.borrow().is_none() {
-                    tracing::info!(seq = policy.seq, "controller heard: serving policy");
-                }
-                let policy = Arc::new(policy);
-                *compiled = Some(Arc::clone(&policy));
-                tx.send_replace(Some(policy));
-            }
-            Output::Withdraw => {
-                tx.send_replace(None);
-                tracing::error!(
-                    "no word from the controller within the stale window: failing closed"
-                );
-            }
+            Output::Publish => publisher.publish(machine),
+            Output::Withdraw => publisher.withdraw(),
             Output::Close(e) => {
                 end.get_or_insert(e);
             }

@@ -29,6 +29,7 @@ mod hosts;
 mod lanes;
 mod policy;
 pub mod proxy;
+mod publish;
 mod quota;
 mod reset_key;
 mod server;
@@ -162,10 +163,8 @@ impl Router {
             renewed: live.subscribe(),
             advertise: advertise.clone(),
             machine,
-            tx,
-            compiled: None,
+            publisher: publish::Publisher::new(tx, cfg.clock.clone()),
             cancel: cancel.clone(),
-            clock: cfg.clock.clone(),
         };
         tasks.spawn(follower.run());
         tasks.spawn(live.clone().run(cancel.clone()));

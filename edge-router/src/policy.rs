@@ -65,6 +65,16 @@ impl Policy {
         next
     }
 
+    /// This policy with `cuts` (changes that only take access away) applied, at the same
+    /// sequence number: what the router enforces while a newer copy is being compiled.
+    pub fn tightened(&self, cuts: &[ChangeEvent]) -> Policy {
+        let mut next = self.clone();
+        for change in cuts {
+            next.apply_one(change);
+        }
+        next
+    }
+
     fn apply_one(&mut self, change: &ChangeEvent) {
         if let ChangeEvent::CertRevoked { cert } = change {
             self.prune_at = Some(
