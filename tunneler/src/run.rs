@@ -382,14 +382,18 @@ async fn accept_loop(
     let mut carrying = tokio::task::JoinSet::new();
     loop {
         while carrying.try_join_next().is_some() {}
-        // The slot is taken before `accept`: over the bound, connections wait in the kernel's
-        // backlog instead of costing this process a descriptor each.
-        let permit = tokio::select! {
-            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
-            _ = token.cancelled() => return,
-        };
+        // `accept`, then a slot. Over the bound a listener holds the one connection it took,
+        // unread, and takes no other: the rest wait in the kernel's backlog, so the agent can
+        // make the tunneler hold at most one descriptor per listener beyond the bound, and an
+        // idle listener holds no slot (an agent granted thousands of services has thousands of
+        // listeners, far more than slots; a slot taken before `accept` left all but the first
+        // few thousand listeners unable to accept at all).
         let (tcp, peer) = tokio::select! {
             x = accept_with_backoff(&mut backoff, &what, || listener.accept()) => x,
+            _ = token.cancelled() => return,
+        };
+        let permit = tokio::select! {
+            p = limit.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             _ = token.cancelled() => return,
         };
         let (service, token) = (m.service.clone(), token.clone());
