@@ -31,6 +31,10 @@ pub enum ControllerError {
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
+    /// The controller cannot vouch for its state now (a shared store it cannot reach): the
+    /// client should try another controller, or this one later.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     /// Stored data could not be decoded: the store was changed outside the controller.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

@@ -79,6 +79,8 @@ impl Server {
         let advertise = advertise.unwrap_or_else(|| local_addr.to_string());
         ctrl.set_address(&advertise)?;
 
+        // With a shared store: learn the other controllers' commits as they happen.
+        crate::core::shared::follow(&ctrl);
         let tls = Arc::new(ArcSwap::from_pointee(TlsConfigs::issue(&ctrl)?));
         let enroll_app = api::enroll_router(ctrl.clone());
         let main_app = api::main_router(ctrl.clone());

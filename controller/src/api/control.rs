@@ -59,6 +59,7 @@ pub async fn stream(
     let (tx, body_rx) = mpsc::channel::<Bytes>(64);
     let serial = peer.serial.to_string();
     tracing::info!(router = %router.name, since = since_label, "control channel opened");
+    let ctrl = s.clone();
     tokio::spawn(async move {
         let _guard = guard;
         for msg in initial {
@@ -83,7 +84,15 @@ pub async fn stream(
                     // reconnects and resumes from the store.
                     Err(broadcast::error::RecvError::Lagged(_)) | Err(broadcast::error::RecvError::Closed) => return,
                 },
-                _ = tokio::time::sleep(heartbeat) => ControlMessage::Heartbeat { seq: last },
+                _ = tokio::time::sleep(heartbeat) => {
+                    // A controller cut off from its shared store vouches for nothing: the
+                    // router fails over, or fails closed after its stale window.
+                    if !ctrl.in_touch() {
+                        tracing::warn!(router = %router.name, "the store is out of reach: ending the control channel");
+                        return;
+                    }
+                    ControlMessage::Heartbeat { seq: last }
+                }
                 _ = tx.closed() => return,
             };
             if send(&tx, &msg).await.is_err() {

@@ -68,6 +68,7 @@ impl From<ControllerError> for ApiError {
         let (status, code) = match &e {
             E::Invalid(_) | E::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid"),
             E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             E::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             E::Forbidden(_) => return ApiError::forbidden(),
             E::Enrollment(_) => (StatusCode::UNAUTHORIZED, "enrollment_refused"),

@@ -12,7 +12,7 @@ impl Controller {
             .verifier
             .verify(token, now)
             .map_err(|e| ControllerError::Enrollment(e.to_string()))?;
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let row = inner.store.token(&claims.jti)?.ok_or_else(|| {
             ControllerError::Enrollment("the token is unknown to this controller".into())
         })?;
@@ -56,7 +56,7 @@ impl Controller {
     /// signature and the commit happen under one lock: a renewal racing a revoke or delete
     /// either completes before it (and its certificate is revoked with the others) or fails.
     pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let identity = self.authorize_locked(&inner, peer, None)?;
         let mut batch = Batch::default();
         let issued = self.sign(&identity, csr_der, None, "identity.renew", &mut batch)?;
@@ -79,7 +79,7 @@ impl Controller {
         id: &IdentityId,
     ) -> Result<IdentityFile, ControllerError> {
         let key = umbra_pki::generate_key_and_csr("local")?;
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let identity = inner
             .state()
             .identities

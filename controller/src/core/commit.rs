@@ -29,6 +29,19 @@ impl Controller {
         }
         let now = self.now();
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
+        self.absorb(inner, deltas, now);
+        Ok(())
+    }
+
+    /// Makes committed deltas part of the in-memory state and publishes them: this
+    /// controller's own, right after they are stored, or another controller's, read back from
+    /// a shared store (module `shared`). They must follow `inner.replica.seq` without a gap.
+    /// The index, the replica, the names, the revoked serials, the watchers whose views the
+    /// deltas can alter, and the routers following the control channel, in that order.
+    pub(super) fn absorb(&self, inner: &mut Inner, deltas: Vec<Delta>, now: Timestamp) {
+        let changes: Vec<StateChange> = (deltas.iter())
+            .filter_map(|d| d.change.state_change())
+            .collect();
         // The index before the batch, for finding whose views it alters.
         let before = Arc::clone(&inner.index);
         if !changes.is_empty() {
@@ -81,19 +94,14 @@ impl Controller {
             // recompute them (see `hub`).
             let routers = &inner.replica.routers;
             let is_router = |id: &IdentityId| routers.contains_key(id);
-            self.hub.wake(&affected(
-                &before,
-                &inner.index,
-                is_router,
-                &batch.changes,
-                now,
-            ));
+            let events: Vec<ChangeEvent> = deltas.iter().map(|d| d.change.clone()).collect();
+            self.hub.wake(&affected(&before, &inner.index, is_router, &events, now));
         }
+        let sender = self.deltas.load();
         for d in deltas {
             // No receivers is normal (no router connected).
-            let _ = self.deltas.send(Arc::new(d));
+            let _ = sender.send(Arc::new(d));
         }
-        Ok(())
     }
 }
 

@@ -33,7 +33,7 @@ impl Controller {
             .map_err(|e| ControllerError::Invalid(format!("the document is not UTF-8: {e}")))
             .and_then(|text| umbra_policies::parse_document(text).map_err(rejected))?;
         drop(document);
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let plan = umbra_policies::plan(inner.state(), &doc).map_err(rejected)?;
         drop(doc);
         let next =

@@ -40,8 +40,15 @@ impl Controller {
         since: Option<(&str, u64)>,
         advertise: Option<&str>,
     ) -> Result<(Identity, Subscription), ControllerError> {
-        let rx = self.deltas.subscribe();
-        let mut inner = self.lock();
+        if !self.in_touch() {
+            return Err(ControllerError::Unavailable(
+                "this controller cannot reach its store".into(),
+            ));
+        }
+        let mut inner = self.write()?;
+        // Under the command lock, which every commit and catch-up holds: no delta falls
+        // between the state read below and the subscription.
+        let rx = self.deltas.load().subscribe();
         let router = self.authorize_locked(&inner, peer, Some(IdentityKind::Router))?;
         if let Some(addr) = advertise {
             self.advertise_locked(&mut inner, &router, addr)?;
@@ -53,8 +60,8 @@ impl Controller {
     /// What a follower at `since` (epoch, seq) needs first (no authorization: for tests and
     /// in-process followers).
     pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<Subscription, ControllerError> {
-        let rx = self.deltas.subscribe();
         let inner = self.lock();
+        let rx = self.deltas.load().subscribe();
         self.subscription_locked(&inner, since, rx)
     }
 
@@ -184,7 +191,7 @@ impl Controller {
 
     /// A receiver of every committed delta (in-process followers and tests).
     pub fn deltas(&self) -> broadcast::Receiver<Arc<Delta>> {
-        self.deltas.subscribe()
+        self.deltas.load().subscribe()
     }
 
     /// Revoked certificates (for tests and diagnostics).

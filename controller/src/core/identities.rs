@@ -10,7 +10,7 @@ impl Controller {
         kind: IdentityKind,
         roles: umbra_policies::Roles,
     ) -> Result<Identity, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         // A name already taken is refused by the gate in `commit`.
         let identity = Identity {
             id: new_identity_id(),
@@ -95,7 +95,7 @@ impl Controller {
         ttl: Option<u64>,
     ) -> Result<TokenResponse, ControllerError> {
         let ttl = self.token_ttl(ttl)?;
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let identity = inner
             .identity_named(name)
             .cloned()
@@ -190,7 +190,7 @@ impl Controller {
     /// Revokes an identity for good: the record stays for audit, every certificate it holds goes
     /// on the revocation list, and routers cut its live connections when the delta arrives.
     pub fn revoke_identity(&self, actor: &Actor, name: &str) -> Result<Identity, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let mut identity = inner
             .identity_named(name)
             .cloned()
@@ -233,7 +233,7 @@ impl Controller {
         cascade: bool,
         kind: Option<IdentityKind>,
     ) -> Result<Vec<Name>, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let identity = inner
             .identity_named(name)
             .filter(|i| kind.is_none_or(|k| i.kind == k))

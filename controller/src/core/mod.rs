@@ -48,8 +48,13 @@ mod events;
 pub mod follow;
 pub mod hub;
 mod identities;
+pub mod shared;
 mod policies;
 pub mod views;
+
+/// Deltas a router's control channel may fall behind by before it is dropped (it then resumes
+/// from the store, or gets a snapshot).
+const DELTA_CAPACITY: usize = 4096;
 
 /// File names inside the controller's directory.
 pub mod files {
@@ -121,6 +126,11 @@ impl Actor {
 pub struct RevokedSerials(ArcSwap<imbl::HashSet<String>>);
 
 impl RevokedSerials {
+    /// Replaces the whole set (after the state was reloaded from the store).
+    fn replace(&self, serials: imbl::HashSet<String>) {
+        self.0.store(Arc::new(serials));
+    }
+
     /// Adds serials: a copy of the set (O(1), persistent) with them inserted, swapped in, so a
     /// revocation costs what it adds however long the list is. Only commits call this, under
     /// the command lock, so no two run at once.
@@ -188,8 +198,12 @@ pub struct Controller {
     signer: TokenSigner,
     verifier: TokenVerifier,
     inner: Mutex<Inner>,
-    deltas: broadcast::Sender<Arc<Delta>>,
+    /// The deltas for routers' control channels; replaced (ending every channel, whose
+    /// routers then resume or get a snapshot) when the state is reloaded from a shared store.
+    deltas: ArcSwap<broadcast::Sender<Arc<Delta>>>,
     revoked: Arc<RevokedSerials>,
+    /// With a store other controllers write too: when it last answered, and the write lock.
+    shared: Option<shared::Shared>,
     address: Mutex<String>,
     streams: Arc<Mutex<HashMap<IdentityId, usize>>>,
     /// Open edge-view watches, woken by commits that can alter their views.
@@ -314,7 +328,14 @@ impl Controller {
         revoked
             .0
             .store(Arc::new(replica.revoked.keys().cloned().collect()));
-        let (deltas, _) = broadcast::channel(4096);
+        let (deltas, _) = broadcast::channel(DELTA_CAPACITY);
+        let shared = match &cfg.store {
+            crate::store::StoreConfig::Postgres(_) => Some(shared::Shared::open(
+                &cfg.store,
+                std::time::Instant::now(),
+            )?),
+            _ => None,
+        };
         let replica_state = replica.state.clone();
         Ok(Controller {
             cfg,
@@ -327,8 +348,9 @@ impl Controller {
                 names,
                 index: Arc::new(Index::build(&replica_state)),
             }),
-            deltas,
+            deltas: ArcSwap::from_pointee(deltas),
             revoked,
+            shared,
             address: Mutex::new(address),
             audit,
             streams: Default::default(),
@@ -374,7 +396,10 @@ impl Controller {
 
     /// Records where clients reach the controller (after binding the listener).
     pub fn set_address(&self, address: &str) -> Result<(), ControllerError> {
-        self.lock().store.set_meta("address", address)?;
+        // Every controller on a shared store has an address of its own: kept in memory.
+        if !self.is_shared() {
+            self.lock().store.set_meta("address", address)?;
+        }
         *self.address.lock().unwrap_or_else(|e| e.into_inner()) = address.to_owned();
         Ok(())
     }

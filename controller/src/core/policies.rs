@@ -9,7 +9,7 @@ impl Controller {
         actor: &Actor,
         service: Service,
     ) -> Result<Service, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         if inner.state().services.contains_key(&service.name) {
             return Err(ControllerError::Conflict(format!(
                 "a service named {} already exists",
@@ -53,7 +53,7 @@ impl Controller {
         name: &str,
         cascade: bool,
     ) -> Result<Vec<Name>, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let service = inner
             .state()
             .services
@@ -92,7 +92,7 @@ impl Controller {
         actor: &Actor,
         req: GrantRequest,
     ) -> Result<ServicePolicy, ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let state = inner.state();
         let name = match req.name {
             Some(n) if state.policies.contains_key(&n) => {
@@ -129,7 +129,7 @@ impl Controller {
 
     /// Deletes a service policy; routers cut the streams that only it allowed.
     pub fn revoke_policy(&self, actor: &Actor, name: &str) -> Result<(), ControllerError> {
-        let mut inner = self.lock();
+        let mut inner = self.write()?;
         let policy = inner
             .state()
             .policies
