@@ -89,18 +89,22 @@ impl Controller {
         if !revoked.is_empty() {
             self.revoked.add(revoked);
         }
-        if !self.hub.is_empty() {
-            // Computed once here, so that only the watchers whose views the batch can alter
-            // recompute them (see `hub`).
-            let routers = &inner.replica.routers;
-            let is_router = |id: &IdentityId| routers.contains_key(id);
-            let events: Vec<ChangeEvent> = deltas.iter().map(|d| d.change.clone()).collect();
-            self.hub.wake(&affected(&before, &inner.index, is_router, &events, now));
-        }
+        // What the watchers need, taken before the deltas go to the routers.
+        let events: Option<Vec<ChangeEvent>> = (!self.hub.is_empty())
+            .then(|| deltas.iter().map(|d| d.change.clone()).collect());
+        // Routers first: a revocation reaches them before the watchers' views are worked out.
         let sender = self.deltas.load();
         for d in deltas {
             // No receivers is normal (no router connected).
             let _ = sender.send(Arc::new(d));
+        }
+        if let Some(events) = events {
+            // Computed once here, so that only the watchers whose views the batch can alter
+            // recompute them (see `hub`).
+            let routers = &inner.replica.routers;
+            let is_router = |id: &IdentityId| routers.contains_key(id);
+            self.hub
+                .wake(&affected(&before, &inner.index, is_router, &events, now));
         }
     }
 }
