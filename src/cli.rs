@@ -113,9 +113,26 @@ pub enum ControllerCmd {
         /// Where clients will reach the controller (host:port)
         #[arg(long, default_value = "127.0.0.1:1280")]
         address: String,
+        /// Where the state is kept: sqlite:PATH or postgres://USER@HOST:PORT/DB
+        /// [default: sqlite:DIR/umbra.db]
+        #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+        store: Option<String>,
     },
     /// Serve enrollment, the management API and the control channel
     Run(RunArgs),
+    /// Make a directory for another controller on the same database: copies the CA and token
+    /// key from an existing controller's directory, checked against the database
+    Join {
+        /// The new controller's directory
+        #[arg(long)]
+        dir: PathBuf,
+        /// An existing controller's directory (made by `init` or `join`)
+        #[arg(long)]
+        from: PathBuf,
+        /// The database both controllers use: postgres://USER@HOST:PORT/DB
+        #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+        store: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -129,6 +146,10 @@ pub struct RunArgs {
     /// Address clients should use, if not the listening one
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Where the state is kept: sqlite:PATH or postgres://USER@HOST:PORT/DB
+    /// [default: sqlite:DIR/umbra.db]
+    #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// Lifetime of issued identity certificates
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_validity: std::time::Duration,

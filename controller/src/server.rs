@@ -77,7 +77,12 @@ impl Server {
             .local_addr()
             .map_err(ControllerError::io(listen.to_string()))?;
         let advertise = advertise.unwrap_or_else(|| local_addr.to_string());
-        ctrl.set_address(&advertise)?;
+        // Off the runtime's threads: the store is blocking (PostgreSQL's client would refuse to
+        // block inside the runtime).
+        let (c, a) = (ctrl.clone(), advertise.clone());
+        tokio::task::spawn_blocking(move || c.set_address(&a))
+            .await
+            .map_err(|e| ControllerError::Setup(format!("recording the address: {e}")))??;
 
         let tls = Arc::new(ArcSwap::from_pointee(TlsConfigs::issue(&ctrl)?));
         let enroll_app = api::enroll_router(ctrl.clone());

@@ -42,11 +42,11 @@ impl Controller {
     ) -> Result<(Identity, Subscription), ControllerError> {
         let rx = self.deltas.subscribe();
         let mut inner = self.lock();
-        let router = self.authorize_locked(&inner, peer, Some(IdentityKind::Router))?;
+        let router = self.authorize_locked(&mut inner, peer, Some(IdentityKind::Router))?;
         if let Some(addr) = advertise {
             self.advertise_locked(&mut inner, &router, addr)?;
         }
-        let sub = self.subscription_locked(&inner, since, rx)?;
+        let sub = self.subscription_locked(&mut inner, since, rx)?;
         Ok((router, sub))
     }
 
@@ -54,13 +54,13 @@ impl Controller {
     /// in-process followers).
     pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<Subscription, ControllerError> {
         let rx = self.deltas.subscribe();
-        let inner = self.lock();
-        self.subscription_locked(&inner, since, rx)
+        let mut inner = self.lock();
+        self.subscription_locked(&mut inner, since, rx)
     }
 
     fn subscription_locked(
         &self,
-        inner: &Inner,
+        inner: &mut Inner,
         since: Option<(&str, u64)>,
         rx: broadcast::Receiver<Arc<Delta>>,
     ) -> Result<Subscription, ControllerError> {
@@ -153,8 +153,8 @@ impl Controller {
     /// the registration unseen (one that comes after wakes the watcher). The caller computes
     /// the first view after this returns.
     pub fn watch_edge(&self, peer: &PeerCert) -> Result<(Identity, hub::Watcher), ControllerError> {
-        let inner = self.lock();
-        let identity = self.authorize_locked(&inner, peer, None)?;
+        let mut inner = self.lock();
+        let identity = self.authorize_locked(&mut inner, peer, None)?;
         let watcher = self.hub.register(&identity.id);
         Ok((identity, watcher))
     }
