@@ -166,7 +166,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             match shared {
                 Some(store) => {
                     println!("state kept in {store}");
-                    println!("next: umbra controller run --dir {} --store URL", dir.display());
+                    println!(
+                        "next: umbra controller run --dir {} --store URL",
+                        dir.display()
+                    );
                 }
                 None => println!("next: umbra controller run --dir {}", dir.display()),
             }
@@ -177,7 +180,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg = umbra_controller::ControllerConfig::new(&dir);
             cfg.store = parse_store(&store)?;
             let shown = cfg.store.to_string();
-            tokio::task::spawn_blocking(move || umbra_controller::join(&cfg, &from)).await??;
+            tokio::task::spawn_blocking(move || umbra_controller::join_dir(&cfg, &from)).await??;
             println!(
                 "{} holds the key material of the controllers on {shown}",
                 dir.display()

@@ -24,7 +24,7 @@ pub use clock::{to_timestamp, Clock};
 pub use core::follow::MAX_STREAMS_PER_IDENTITY;
 pub use core::hub::{WatchStats, Watcher};
 pub use core::{
-    files, init, join, Actor, Controller, ControllerConfig, RevokedSerials, Subscription,
+    files, init, join_dir, Actor, Controller, ControllerConfig, RevokedSerials, Subscription,
 };
 pub use error::ControllerError;
 pub use server::{Server, ALPN};

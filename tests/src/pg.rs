@@ -275,10 +275,10 @@ fn owner(spec: Spec, rx: Receiver<(Cmd, SyncSender<Result<(), String>>)>) {
     let mut child: Option<Child> = None;
     while let Ok((cmd, ack)) = rx.recv() {
         let r = match cmd {
-            Cmd::Start => match child {
-                Some(_) => Ok(()),
-                None => start_child(&spec).map(|c| child = Some(c)),
-            },
+            Cmd::Start if child.is_some() => Ok(()),
+            Cmd::Start => start_child(&spec).map(|c| {
+                child = Some(c);
+            }),
             Cmd::Stop => {
                 stop_child(child.take());
                 Ok(())
@@ -372,9 +372,11 @@ fn unprivileged() -> Result<Option<(u32, u32)>, String> {
             return Ok(Some((uid, gid)));
         }
     }
-    Err("no `postgres` user to run PostgreSQL as (it refuses root): install Debian's \
+    Err(
+        "no `postgres` user to run PostgreSQL as (it refuses root): install Debian's \
          `postgresql` package, which creates it"
-        .into())
+            .into(),
+    )
 }
 
 /// A new scratch directory under `$TMPDIR/umbra-test-pg`, owned by the server's user, after
@@ -454,6 +456,9 @@ mod tests {
             with_database("postgres://u@h:5/postgres?sslmode=disable", "t2"),
             "postgres://u@h:5/t2?sslmode=disable"
         );
-        assert_eq!(with_database("postgres://u@h:5", "t3"), "postgres://u@h:5/t3");
+        assert_eq!(
+            with_database("postgres://u@h:5", "t3"),
+            "postgres://u@h:5/t3"
+        );
     }
 }

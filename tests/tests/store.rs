@@ -435,9 +435,20 @@ fn a_commit_wakes_the_watchers_of_other_controllers() {
     let b = Backend::postgres();
     let mut s = b.open();
     let mut watcher = b.cfg.commit_watcher().unwrap();
-    assert!(!watcher.wait(Duration::from_millis(200)).unwrap(), "woke with nothing committed");
+    assert!(
+        !watcher.wait(Duration::from_millis(200)).unwrap(),
+        "woke with nothing committed"
+    );
     // A commit that changes nothing in the log announces nothing.
-    commit(s.as_mut(), &Batch { audit: vec![audit("x")], ..Default::default() }, 1).unwrap();
+    commit(
+        s.as_mut(),
+        &Batch {
+            audit: vec![audit("x")],
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
     assert!(!watcher.wait(Duration::from_millis(200)).unwrap());
     let waiter = std::thread::spawn(move || {
         let started = Instant::now();
@@ -446,14 +457,33 @@ fn a_commit_wakes_the_watchers_of_other_controllers() {
     });
     std::thread::sleep(Duration::from_millis(100));
     let committed = Instant::now();
-    commit(s.as_mut(), &Batch { changes: vec![service("one")], ..Default::default() }, 2).unwrap();
+    commit(
+        s.as_mut(),
+        &Batch {
+            changes: vec![service("one")],
+            ..Default::default()
+        },
+        2,
+    )
+    .unwrap();
     let (woke, _, mut watcher) = waiter.join().unwrap();
     assert!(woke);
     let lag = committed.elapsed();
-    assert!(lag < Duration::from_secs(1), "woke {lag:?} after the commit");
+    assert!(
+        lag < Duration::from_secs(1),
+        "woke {lag:?} after the commit"
+    );
     // Several commits, then a wait: it wakes.
     for i in 0..3 {
-        commit(s.as_mut(), &Batch { changes: vec![revocation(i)], ..Default::default() }, 3).unwrap();
+        commit(
+            s.as_mut(),
+            &Batch {
+                changes: vec![revocation(i)],
+                ..Default::default()
+            },
+            3,
+        )
+        .unwrap();
     }
     assert!(watcher.wait(Duration::from_secs(5)).unwrap());
 
@@ -479,7 +509,10 @@ fn the_write_lock_serializes_whole_commands_across_controllers() {
     let waiter = std::thread::spawn(move || {
         started_tx.send(()).unwrap();
         let r = other.commit(
-            &Batch { changes: vec![service("theirs")], ..Default::default() },
+            &Batch {
+                changes: vec![service("theirs")],
+                ..Default::default()
+            },
             seq,
             Timestamp(1),
         );
@@ -490,14 +523,26 @@ fn the_write_lock_serializes_whole_commands_across_controllers() {
     // commit first and the holder's commit below would be the stale one.
     std::thread::sleep(Duration::from_millis(300));
     holder
-        .commit(&Batch { changes: vec![service("ours")], ..Default::default() }, seq, Timestamp(1))
+        .commit(
+            &Batch {
+                changes: vec![service("ours")],
+                ..Default::default()
+            },
+            seq,
+            Timestamp(1),
+        )
         .expect("the holder commits under its own lock");
     holder.unlock_writes();
     let (r, mut other) = waiter.join().unwrap();
     assert!(matches!(r, Err(ControllerError::Stale { .. })), "{r:?}");
-    let names: Vec<String> = (other.load("e".into(), Timestamp(0)).unwrap().state.services.keys())
-        .map(|n| n.to_string())
-        .collect();
+    let names: Vec<String> = (other
+        .load("e".into(), Timestamp(0))
+        .unwrap()
+        .state
+        .services
+        .keys())
+    .map(|n| n.to_string())
+    .collect();
     assert_eq!(names, ["ours"]);
     // Released: the other controller takes it at once now.
     other.lock_writes().unwrap();
@@ -516,17 +561,35 @@ fn a_store_recovers_after_the_database_restarts() {
     let cfg: StoreConfig = url.parse().unwrap();
     let mut s = cfg.open().unwrap();
     let mut watcher = cfg.commit_watcher().unwrap();
-    commit(s.as_mut(), &Batch { changes: vec![service("before")], ..Default::default() }, 1).unwrap();
+    commit(
+        s.as_mut(),
+        &Batch {
+            changes: vec![service("before")],
+            ..Default::default()
+        },
+        1,
+    )
+    .unwrap();
     assert!(watcher.wait(Duration::from_secs(5)).unwrap());
     s.lock_writes().unwrap();
 
     server.stop();
     let e = s.last_seq().unwrap_err();
     assert!(matches!(e, ControllerError::Unavailable(_)), "{e}");
-    let e = commit(s.as_mut(), &Batch { changes: vec![service("during")], ..Default::default() }, 2)
-        .unwrap_err();
+    let e = commit(
+        s.as_mut(),
+        &Batch {
+            changes: vec![service("during")],
+            ..Default::default()
+        },
+        2,
+    )
+    .unwrap_err();
     assert!(matches!(e, ControllerError::Unavailable(_)), "{e}");
-    assert!(e.to_string().starts_with("the database is unavailable"), "{e}");
+    assert!(
+        e.to_string().starts_with("the database is unavailable"),
+        "{e}"
+    );
     // The lock died with the session; releasing it does not fail.
     s.unlock_writes();
     assert!(watcher.wait(Duration::from_millis(300)).is_err());
@@ -535,7 +598,15 @@ fn a_store_recovers_after_the_database_restarts() {
     server.start();
     let seq = s.last_seq().expect("the store reconnects by itself");
     assert_eq!(seq, 1, "nothing of the failed commit was written");
-    commit(s.as_mut(), &Batch { changes: vec![service("after")], ..Default::default() }, 3).unwrap();
+    commit(
+        s.as_mut(),
+        &Batch {
+            changes: vec![service("after")],
+            ..Default::default()
+        },
+        3,
+    )
+    .unwrap();
     // The watcher reconnects (and says so: notifications may have been missed), then hears
     // commits again.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -547,11 +618,24 @@ fn a_store_recovers_after_the_database_restarts() {
         }
     }
     let mut other = cfg.open().unwrap();
-    commit(other.as_mut(), &Batch { changes: vec![service("later")], ..Default::default() }, 4).unwrap();
+    commit(
+        other.as_mut(),
+        &Batch {
+            changes: vec![service("later")],
+            ..Default::default()
+        },
+        4,
+    )
+    .unwrap();
     assert!(watcher.wait(Duration::from_secs(5)).unwrap());
-    let names: Vec<String> = (s.load("e".into(), Timestamp(0)).unwrap().state.services.keys())
-        .map(|n| n.to_string())
-        .collect();
+    let names: Vec<String> = (s
+        .load("e".into(), Timestamp(0))
+        .unwrap()
+        .state
+        .services
+        .keys())
+    .map(|n| n.to_string())
+    .collect();
     assert_eq!(names, ["after", "before", "later"]);
 }
 
@@ -569,24 +653,38 @@ fn controllers_share_a_database_only_with_the_same_keys() {
     use std::os::unix::fs::PermissionsExt;
     let b = Backend::postgres();
     let root = tempfile::tempdir().unwrap();
-    let (a, joined, stranger) = (root.path().join("a"), root.path().join("b"), root.path().join("c"));
+    let (a, joined, stranger) = (
+        root.path().join("a"),
+        root.path().join("b"),
+        root.path().join("c"),
+    );
     let td: umbra_pki::TrustDomain = "test.umbra".parse().unwrap();
     umbra_controller::init(&controller_cfg(&a, &b.cfg), &td, "127.0.0.1:1").unwrap();
     assert!(!a.join("umbra.db").exists(), "the state went to PostgreSQL");
-    let e = umbra_controller::init(&controller_cfg(&root.path().join("d"), &b.cfg), &td, "127.0.0.1:1")
-        .unwrap_err();
+    let e = umbra_controller::init(
+        &controller_cfg(&root.path().join("d"), &b.cfg),
+        &td,
+        "127.0.0.1:1",
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("already initialized"), "{e}");
 
-    umbra_controller::join(&controller_cfg(&joined, &b.cfg), &a).unwrap();
+    umbra_controller::join_dir(&controller_cfg(&joined, &b.cfg), &a).unwrap();
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&joined), 0o700);
     for key in ["token.key", "intermediate.key", "root.key"] {
         assert_eq!(mode(&joined.join(key)), 0o600, "{key}");
-        assert_eq!(std::fs::read(joined.join(key)).unwrap(), std::fs::read(a.join(key)).unwrap());
+        assert_eq!(
+            std::fs::read(joined.join(key)).unwrap(),
+            std::fs::read(a.join(key)).unwrap()
+        );
     }
     let first = umbra_controller::Controller::open(controller_cfg(&a, &b.cfg)).unwrap();
     let second = umbra_controller::Controller::open(controller_cfg(&joined, &b.cfg)).unwrap();
-    assert_eq!(first.ca().fingerprint().to_string(), second.ca().fingerprint().to_string());
+    assert_eq!(
+        first.ca().fingerprint().to_string(),
+        second.ca().fingerprint().to_string()
+    );
     // Both see the admin that init made, from the one database.
     assert_eq!(second.state().identities.len(), 1);
     // No key material in the database.
@@ -601,12 +699,12 @@ fn controllers_share_a_database_only_with_the_same_keys() {
     let e = umbra_controller::Controller::open(controller_cfg(&stranger, &b.cfg)).unwrap_err();
     assert!(matches!(e, ControllerError::Setup(_)), "{e}");
     assert!(e.to_string().contains("CA"), "{e}");
-    let e = umbra_controller::join(&controller_cfg(&root.path().join("e"), &b.cfg), &stranger)
+    let e = umbra_controller::join_dir(&controller_cfg(&root.path().join("e"), &b.cfg), &stranger)
         .unwrap_err();
     assert!(e.to_string().contains("CA"), "{e}");
     assert!(!root.path().join("e").join("token.key").exists());
     // Joining over existing key material is refused.
-    assert!(umbra_controller::join(&controller_cfg(&joined, &b.cfg), &a).is_err());
+    assert!(umbra_controller::join_dir(&controller_cfg(&joined, &b.cfg), &a).is_err());
 }
 
 /// Every text value in the database's tables, for looking for what must not be there.
@@ -618,8 +716,21 @@ fn dump_database(cfg: &StoreConfig) -> String {
     std::thread::spawn(move || {
         let mut c = postgres::Client::connect(&url, postgres::NoTls).unwrap();
         let mut out = String::new();
-        for t in ["meta", "identities", "services", "policies", "routers", "tokens", "certs", "changes", "audit"] {
-            for row in c.query(&format!("SELECT t::text FROM {t} AS t"), &[]).unwrap() {
+        for t in [
+            "meta",
+            "identities",
+            "services",
+            "policies",
+            "routers",
+            "tokens",
+            "certs",
+            "changes",
+            "audit",
+        ] {
+            for row in c
+                .query(&format!("SELECT t::text FROM {t} AS t"), &[])
+                .unwrap()
+            {
                 out.push_str(&row.get::<_, String>(0));
                 out.push('\n');
             }

@@ -87,12 +87,9 @@ impl From<ControllerError> for ApiError {
             // Another controller committed first, nothing was written: the same request can be
             // sent again (a controller that catches up on its own retries before it gets here).
             E::Stale { .. } => (StatusCode::SERVICE_UNAVAILABLE, "stale"),
-            E::Setup(_)
-            | E::Pki(_)
-            | E::Db(_)
-            | E::Postgres(_)
-            | E::Corrupt(_)
-            | E::Io { .. } => return ApiError::internal(e),
+            E::Setup(_) | E::Pki(_) | E::Db(_) | E::Postgres(_) | E::Corrupt(_) | E::Io { .. } => {
+                return ApiError::internal(e)
+            }
         };
         ApiError {
             status,

@@ -118,7 +118,11 @@ mod tests {
         assert_eq!(prune(&mut s, Timestamp(300), None, 30).unwrap(), 70);
         assert_eq!(count(&mut s, AGENT), 30);
         assert_eq!(count(&mut s, "operator"), 50);
-        assert_eq!(oldest_agent_row(&mut s), 270, "the newest agent rows are kept");
+        assert_eq!(
+            oldest_agent_row(&mut s),
+            270,
+            "the newest agent rows are kept"
+        );
         // A cap of zero empties the agent rows only.
         prune(&mut s, Timestamp(300), None, 0).unwrap();
         assert_eq!(count(&mut s, AGENT), 0);

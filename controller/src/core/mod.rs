@@ -232,8 +232,7 @@ pub fn init(
         // A shared database is initialized once; other controllers join it. Key files already
         // in DIR are never replaced.
         StoreConfig::Postgres(_) => {
-            dir.join(files::CA_CERT).exists()
-                || cfg.store.open()?.meta(meta::EPOCH)?.is_some()
+            dir.join(files::CA_CERT).exists() || cfg.store.open()?.meta(meta::EPOCH)?.is_some()
         }
     };
     if initialized {
@@ -317,7 +316,7 @@ fn token_key_id(signer: &TokenSigner) -> String {
 /// (`cfg.store`). The keys are checked against the fingerprints the database was initialized
 /// with before anything is written; the files are created with their final modes (0600 keys in a
 /// 0700 directory); nothing is written to the database. Keys never go through the database.
-pub fn join(cfg: &ControllerConfig, from: &Path) -> Result<(), ControllerError> {
+pub fn join_dir(cfg: &ControllerConfig, from: &Path) -> Result<(), ControllerError> {
     let dir = &cfg.dir;
     for f in [files::CA_CERT, files::TOKEN_KEY] {
         if dir.join(f).exists() {
@@ -427,9 +426,7 @@ impl Controller {
         let epoch = store.meta(meta::EPOCH)?;
         let Some(epoch) = epoch else {
             return Err(match cfg.store {
-                StoreConfig::Sqlite(_) => {
-                    ControllerError::Corrupt("no epoch in the store".into())
-                }
+                StoreConfig::Sqlite(_) => ControllerError::Corrupt("no epoch in the store".into()),
                 StoreConfig::Postgres(_) => not_initialized(),
             });
         };

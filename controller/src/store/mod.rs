@@ -340,9 +340,9 @@ impl StoreConfig {
     pub fn commit_watcher(&self) -> Result<CommitWatcher, ControllerError> {
         match self {
             StoreConfig::Sqlite(_) => Ok(CommitWatcher(Watch::Alone)),
-            StoreConfig::Postgres(url) => Ok(CommitWatcher(Watch::Postgres(
+            StoreConfig::Postgres(url) => Ok(CommitWatcher(Watch::Postgres(Box::new(
                 postgres::Listener::connect(url)?,
-            ))),
+            )))),
         }
     }
 }
@@ -354,7 +354,7 @@ pub struct CommitWatcher(Watch);
 enum Watch {
     /// SQLite: one process owns the database, nobody else commits.
     Alone,
-    Postgres(postgres::Listener),
+    Postgres(Box<postgres::Listener>),
 }
 
 impl fmt::Debug for CommitWatcher {
@@ -398,7 +398,10 @@ mod tests {
         assert!(p.is_shared());
         for shown in [p.to_string(), format!("{p:?}")] {
             assert!(!shown.contains("hunter2"), "{shown}");
-            assert!(shown.contains("umbra:...@db.internal:5432/umbra"), "{shown}");
+            assert!(
+                shown.contains("umbra:...@db.internal:5432/umbra"),
+                "{shown}"
+            );
         }
         let q: StoreConfig = "postgresql://umbra@127.0.0.1/umbra?password=hunter2&sslmode=disable"
             .parse()

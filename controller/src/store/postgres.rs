@@ -416,7 +416,7 @@ impl Store for PostgresStore {
     }
 
     fn last_seq(&mut self) -> Result<u64, ControllerError> {
-        self.idempotent(|c| last_seq(c))
+        self.idempotent(last_seq)
     }
 
     /// Read in one snapshot, so that a trim committed meanwhile by another controller cannot
@@ -659,7 +659,10 @@ impl Store for PostgresStore {
                     .map_err(pg)?;
             }
             let n: i64 = c
-                .query_one("SELECT COUNT(*) FROM audit WHERE origin = $1", &[&AGENT_ORIGIN])
+                .query_one(
+                    "SELECT COUNT(*) FROM audit WHERE origin = $1",
+                    &[&AGENT_ORIGIN],
+                )
                 .map_err(pg)?
                 .try_get(0)
                 .map_err(pg)?;
@@ -809,10 +812,7 @@ fn commit_in(
     }
     if n > 0 {
         // Delivered to listeners when (and only if) the transaction commits.
-        st.run(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &last.to_string()],
-        )?;
+        st.run("SELECT pg_notify($1, $2)", &[&CHANNEL, &last.to_string()])?;
     }
     Ok(deltas)
 }

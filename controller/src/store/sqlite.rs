@@ -106,7 +106,7 @@ impl Store for SqliteStore {
         }
         let mut replica = Replica {
             epoch,
-            seq: self.last_seq()?,
+            seq: last_seq(&self.conn)?,
             state,
             ..Default::default()
         };
