@@ -29,7 +29,7 @@ pub struct PgServer {
     /// A URL of the server's `postgres` database (for `CREATE DATABASE`).
     url: String,
     /// The thread that owns the server process, when this process started it.
-    control: Option<Mutex<SyncSender<(Cmd, SyncSender<Result<(), String>>)>>>,
+    control: Option<Mutex<SyncSender<Order>>>,
     next: AtomicU64,
 }
 
@@ -47,6 +47,9 @@ enum Cmd {
     Stop,
     Exit,
 }
+
+/// A command for the owner thread and where to say it is done.
+type Order = (Cmd, SyncSender<Result<(), String>>);
 
 static SHARED: OnceLock<PgServer> = OnceLock::new();
 
@@ -271,7 +274,7 @@ impl Spec {
 
 /// The thread that owns the server process. It never returns while the process lives unless
 /// told to (`Exit`): the server's parent-death signal is tied to it.
-fn owner(spec: Spec, rx: Receiver<(Cmd, SyncSender<Result<(), String>>)>) {
+fn owner(spec: Spec, rx: Receiver<Order>) {
     let mut child: Option<Child> = None;
     while let Ok((cmd, ack)) = rx.recv() {
         let r = match cmd {

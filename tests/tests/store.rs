@@ -270,8 +270,9 @@ both! {
         let stores: Vec<_> = (0..2).map(|_| b.open()).collect();
         let mut setup = b.open();
         let rounds = 20;
+        // One identity per round: a new token supersedes the identity's unused ones.
         for r in 0..rounds {
-            issue_token(setup.as_mut(), &format!("t{r}"), "i1");
+            issue_token(setup.as_mut(), &format!("t{r}"), &format!("i{r}"));
         }
         let barrier = Arc::new(Barrier::new(2));
         let threads: Vec<_> = stores
@@ -286,7 +287,7 @@ both! {
                         // sequence; only the token decides.
                         let seq = s.last_seq().unwrap();
                         barrier.wait();
-                        let batch = spend(&format!("t{r}"), &format!("s{r}-{k}"), "i1");
+                        let batch = spend(&format!("t{r}"), &format!("s{r}-{k}"), &format!("i{r}"));
                         match s.commit(&batch, seq, Timestamp(500)) {
                             Ok(_) => won.push(true),
                             Err(ControllerError::Conflict(_)) => won.push(false),
