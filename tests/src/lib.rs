@@ -193,6 +193,7 @@ pub fn umbra_cmd(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     cmd.args(args)
         .env_remove("UMBRA_ADMIN")
         .env_remove("UMBRA_CONTROLLER")
+        .env_remove("UMBRA_STORE")
         .env("UMBRA_LOG", "error");
     for (k, v) in env {
         cmd.env(k, v);

@@ -184,6 +184,22 @@ fn connect(config: &Config, what: &str) -> Result<Client, ControllerError> {
     Ok(client)
 }
 
+/// Closes a connection where that is allowed: the blocking client owns a tokio runtime of its
+/// own, and tokio refuses to drop a runtime on an async runtime's thread (a controller may be
+/// dropped there, at shutdown), so there it is dropped on a thread of its own.
+fn discard(client: Client) {
+    if tokio::runtime::Handle::try_current().is_ok() {
+        let spawned = std::thread::Builder::new()
+            .name("umbra-pg-close".into())
+            .spawn(move || drop(client));
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot close a PostgreSQL connection on a thread; leaking it");
+        }
+    } else {
+        drop(client);
+    }
+}
+
 /// The PostgreSQL store (see the module documentation).
 pub struct PostgresStore {
     config: Config,
@@ -200,6 +216,14 @@ impl std::fmt::Debug for PostgresStore {
             .field("url", &self.what)
             .field("connected", &self.client.is_some())
             .finish_non_exhaustive()
+    }
+}
+
+impl Drop for PostgresStore {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            discard(c);
+        }
     }
 }
 
@@ -244,8 +268,9 @@ impl PostgresStore {
 
     /// Forgets the connection (and with it the session's write lock, if it held it).
     fn lost(&mut self) {
-        if self.client.take().is_some() {
+        if let Some(c) = self.client.take() {
             tracing::warn!(store = %self.what, "PostgreSQL connection lost; reconnecting at the next call");
+            discard(c);
         }
         self.locked = false;
     }
@@ -886,6 +911,14 @@ pub(super) struct Listener {
     client: Option<Client>,
 }
 
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Some(c) = self.client.take() {
+            discard(c);
+        }
+    }
+}
+
 impl Listener {
     /// Connects and starts listening.
     pub(super) fn connect(url: &str) -> Result<Listener, ControllerError> {
@@ -914,7 +947,9 @@ impl Listener {
         let client = match self.client.as_mut() {
             Some(c) if !c.is_closed() => c,
             _ => {
-                self.client = None;
+                if let Some(c) = self.client.take() {
+                    discard(c);
+                }
                 let started = Instant::now();
                 return match self.listen() {
                     // Notifications sent while it was away are lost: the caller catches up.
@@ -940,7 +975,9 @@ impl Listener {
         let woke = match first {
             Ok(woke) => woke.is_some(),
             Err(e) => {
-                self.client = None;
+                if let Some(c) = self.client.take() {
+                    discard(c);
+                }
                 tracing::warn!(store = %self.what, error = %e, "lost the PostgreSQL notification connection");
                 return Err(pg(e));
             }
@@ -949,7 +986,9 @@ impl Listener {
         // does not always mark itself closed).
         let ended = !woke && started.elapsed() + Duration::from_millis(5) < timeout;
         if ended || client.is_closed() {
-            self.client = None;
+            if let Some(c) = self.client.take() {
+                discard(c);
+            }
             tracing::warn!(store = %self.what, "lost the PostgreSQL notification connection");
             return Err(ControllerError::Unavailable(
                 "the notification connection was closed".into(),
