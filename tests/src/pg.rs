@@ -397,6 +397,7 @@ fn scratch_dir() -> Result<PathBuf, String> {
             let pid = name.to_str().and_then(|n| n.split('-').next());
             if let Some(pid) = pid {
                 if !Path::new("/proc").join(pid).exists() {
+                    release_shared_memory(&e.path());
                     let _ = fs::remove_dir_all(e.path());
                 }
             }
@@ -417,6 +418,25 @@ fn scratch_dir() -> Result<PathBuf, String> {
             .map_err(|e| format!("chown {}: {e}", dir.display()))?;
     }
     Ok(dir)
+}
+
+/// Removes the small System V segment a killed server leaves behind (its key and id are on the
+/// seventh line of `postmaster.pid`), so that test runs do not pile them up.
+fn release_shared_memory(scratch: &Path) {
+    let Ok(pid_file) = fs::read_to_string(scratch.join("data").join("postmaster.pid")) else {
+        return;
+    };
+    let id = pid_file
+        .lines()
+        .nth(6)
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|id| id.parse::<u64>().ok());
+    if let Some(id) = id {
+        let _ = Command::new("ipcrm")
+            .args(["-m", &id.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    }
 }
 
 fn free_port() -> Result<u16, String> {
