@@ -334,6 +334,7 @@ fn run_controller(dir: &std::path::Path, store: &str) -> (std::process::Child, S
         }
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("the controller in {} did not start", dir.display());
 }
 
