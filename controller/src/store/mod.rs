@@ -179,6 +179,11 @@ pub trait Store: Send {
     /// the batch was built, nothing is written and the error is [`ControllerError::Stale`].
     /// A record that cannot be applied (a token already spent) fails the whole batch with
     /// nothing written. Returns the deltas as committed.
+    ///
+    /// [`ControllerError::Unavailable`] from a commit means the outcome is unknown (the
+    /// connection can be lost after the database committed): the caller must not apply the
+    /// batch to its replica, and learns what happened from the change log (catching up by
+    /// sequence brings the batch in if it was committed).
     fn commit(
         &mut self,
         batch: &Batch,
@@ -190,6 +195,9 @@ pub trait Store: Send {
     /// command reads the state until after its commit, so that no other controller commits in
     /// between (which [`Store::commit`] would otherwise refuse as stale). A no-op where one
     /// process owns the database (SQLite, whose controller already holds its command mutex).
+    /// Taking it again while held is a no-op. Waiting longer than the lock timeout (30 s on
+    /// PostgreSQL) fails as [`ControllerError::Unavailable`]. If the connection is lost while
+    /// it is held, the lock is gone and a later commit is still checked by sequence.
     fn lock_writes(&mut self) -> Result<(), ControllerError>;
 
     /// Releases [`Store::lock_writes`]. Never fails: if the connection is gone, so is the lock,
