@@ -660,6 +660,8 @@ fn controllers_share_a_database_only_with_the_same_keys() {
         root.path().join("c"),
     );
     let td: umbra_pki::TrustDomain = "test.umbra".parse().unwrap();
+    let e = umbra_controller::Controller::open(controller_cfg(&a, &b.cfg)).unwrap_err();
+    assert!(e.to_string().contains("not initialized"), "{e}");
     umbra_controller::init(&controller_cfg(&a, &b.cfg), &td, "127.0.0.1:1").unwrap();
     assert!(!a.join("umbra.db").exists(), "the state went to PostgreSQL");
     let e = umbra_controller::init(
