@@ -179,7 +179,10 @@ fn wait_bounded(mut child: Child, what: String, bound: Duration) -> Result<Outpu
     });
     let start = Instant::now();
     let status = loop {
-        match child.try_wait().map_err(io(format!("waiting for `{what}`")))? {
+        match child
+            .try_wait()
+            .map_err(io(format!("waiting for `{what}`")))?
+        {
             Some(status) => break status,
             None if start.elapsed() >= bound => {
                 let _ = child.kill();
@@ -331,7 +334,8 @@ struct RootFs {
 
 impl RootFs {
     fn dir(&mut self, path: &str, mode: u32) {
-        self.entries.insert(PathBuf::from(path), Entry::Dir { mode });
+        self.entries
+            .insert(PathBuf::from(path), Entry::Dir { mode });
     }
 
     fn bytes(&mut self, path: &str, data: &str, mode: u32) {
@@ -346,9 +350,8 @@ impl RootFs {
 
     /// `src` (symbolic links followed) at `dest`, keeping its permission bits.
     fn file(&mut self, src: &Path, dest: &Path) -> Result<()> {
-        let meta = std::fs::metadata(src).map_err(|e| {
-            DockerError::Missing(format!("{}: {e}", src.display()))
-        })?;
+        let meta = std::fs::metadata(src)
+            .map_err(|e| DockerError::Missing(format!("{}: {e}", src.display())))?;
         let mode = std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777;
         self.entries.insert(
             dest.to_path_buf(),
@@ -386,9 +389,9 @@ impl RootFs {
                 stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
             });
         }
-        for lib in parse_ldd(&text).map_err(|m| {
-            DockerError::Missing(format!("{}: {m}", src.display()))
-        })? {
+        for lib in
+            parse_ldd(&text).map_err(|m| DockerError::Missing(format!("{}: {m}", src.display())))?
+        {
             let dest = lib.clone();
             self.file(&lib, &dest)?;
         }
@@ -481,7 +484,8 @@ impl RootFs {
             let rel = path.strip_prefix("/").unwrap_or(path);
             let to = root.join(rel);
             if let Some(parent) = to.parent() {
-                std::fs::create_dir_all(parent).map_err(io(format!("mkdir {}", parent.display())))?;
+                std::fs::create_dir_all(parent)
+                    .map_err(io(format!("mkdir {}", parent.display())))?;
             }
             match entry {
                 Entry::Dir { mode } => {
@@ -509,7 +513,10 @@ impl RootFs {
     fn image(&self, repo: &str) -> Result<Image> {
         ensure_engine()?;
         let tag = format!("{repo}:{}", self.hash()?);
-        let have = output_bounded(docker_cmd(["image", "inspect", "--format", "{{.Id}}", &tag]), QUICK)?;
+        let have = output_bounded(
+            docker_cmd(["image", "inspect", "--format", "{{.Id}}", &tag]),
+            QUICK,
+        )?;
         if have.status.success() {
             return Ok(Image { tag });
         }
@@ -625,9 +632,8 @@ pub fn umbra_binary() -> Result<PathBuf> {
 /// `/tmp`, and a passwd and group file naming root, `postgres` and nobody.
 fn base() -> Result<RootFs> {
     let mut fs = RootFs::default();
-    let sh = std::fs::canonicalize("/bin/sh").map_err(|e| {
-        DockerError::Missing(format!("/bin/sh: {e}"))
-    })?;
+    let sh = std::fs::canonicalize("/bin/sh")
+        .map_err(|e| DockerError::Missing(format!("/bin/sh: {e}")))?;
     fs.program(&sh, Path::new("/bin/sh"))?;
     fs.dir("/tmp", 0o1777);
     fs.dir("/etc", 0o755);
@@ -643,7 +649,11 @@ fn base() -> Result<RootFs> {
         &format!("root:x:0:\npostgres:x:{PG_UID}:\nnogroup:x:65534:\n"),
         0o644,
     );
-    fs.bytes("/etc/nsswitch.conf", "passwd: files\ngroup: files\nhosts: files dns\n", 0o644);
+    fs.bytes(
+        "/etc/nsswitch.conf",
+        "passwd: files\ngroup: files\nhosts: files dns\n",
+        0o644,
+    );
     fs.dir("/root", 0o700);
     Ok(fs)
 }
@@ -706,7 +716,10 @@ pub fn postgres_image() -> Result<Image> {
                 {
                     let p = e.map_err(io(format!("listing {}", lib.display())))?.path();
                     let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-                    if name.as_deref().is_some_and(|n| n.ends_with(".so") && !n.starts_with("llvmjit")) {
+                    if name
+                        .as_deref()
+                        .is_some_and(|n| n.ends_with(".so") && !n.starts_with("llvmjit"))
+                    {
                         modules.push(p);
                     }
                 }
@@ -809,7 +822,13 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 fn sanitize(s: &str) -> String {
     let mut out: String = s
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '-' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
         .collect();
     out.truncate(24);
     out.trim_matches('-').to_owned()
@@ -1240,7 +1259,10 @@ mod tests {
 
     #[test]
     fn a_subnet_under_a_route_is_not_used() {
-        let routes = vec![(u32::from(Ipv4Addr::new(10, 213, 4, 0)), 0xffff_ff00), (0, 0)];
+        let routes = vec![
+            (u32::from(Ipv4Addr::new(10, 213, 4, 0)), 0xffff_ff00),
+            (0, 0),
+        ];
         assert!(overlaps_route(Ipv4Addr::new(10, 213, 4, 0), &routes));
         assert!(!overlaps_route(Ipv4Addr::new(10, 213, 5, 0), &routes));
         // A wider route covers it too.
@@ -1262,7 +1284,11 @@ mod tests {
         b.bytes("/etc/x", "two", 0o644);
         let mut c = RootFs::default();
         c.bytes("/etc/x", "one", 0o600);
-        let (ha, hb, hc) = (a.hash().expect("a"), b.hash().expect("b"), c.hash().expect("c"));
+        let (ha, hb, hc) = (
+            a.hash().expect("a"),
+            b.hash().expect("b"),
+            c.hash().expect("c"),
+        );
         assert_ne!(ha, hb);
         assert_ne!(ha, hc);
         assert_eq!(ha, a.hash().expect("again"));

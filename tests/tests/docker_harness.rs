@@ -94,13 +94,10 @@ async fn the_postgres_image_accepts_connections_across_a_test_network() {
     // And from this process, on this machine's side of the network: PostgreSQL answers an
     // SSLRequest with one byte, 'N' (no TLS configured).
     let addr = SocketAddr::from((pg.ip(), PG_PORT));
-    let mut s = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio::net::TcpStream::connect(addr),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect to postgres");
+    let mut s = tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr))
+        .await
+        .expect("connect in time")
+        .expect("connect to postgres");
     s.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
         .await
         .expect("SSLRequest");
@@ -141,7 +138,10 @@ fn a_test_that_panics_leaves_no_container_or_network_behind() {
             "a server container",
         );
         let done = must(
-            net.run("done", RunSpec::new(&image, 11).args([UMBRA_IN_IMAGE, "--version"])),
+            net.run(
+                "done",
+                RunSpec::new(&image, 11).args([UMBRA_IN_IMAGE, "--version"]),
+            ),
             "a short container",
         );
         assert_eq!(must(done.wait(Duration::from_secs(30)), "exits"), 0);
@@ -158,7 +158,9 @@ fn a_test_that_panics_leaves_no_container_or_network_behind() {
         panic!("the test fails here");
     }));
     assert!(result.is_err(), "the closure panicked");
-    let name = rx.recv_timeout(Duration::from_secs(1)).expect("the network's name");
+    let name = rx
+        .recv_timeout(Duration::from_secs(1))
+        .expect("the network's name");
     assert!(!network_exists(&name), "{name} left behind");
     assert_eq!(containers_of(&name), "", "containers of {name} left behind");
 }
