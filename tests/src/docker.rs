@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 /// The label every container and network made here carries: the [`TestNet`] that owns it.
 pub const LABEL_SCOPE: &str = "umbra-test.scope";
-/// The label that names the test process (its pid) that made an object, so that the leftovers
-/// of a process that died without unwinding can be told from those of one still running.
+/// The label that names the test process that made an object ([`owner_label`]), so that the
+/// leftovers of a process that died without unwinding can be told from those of one still
+/// running.
 pub const LABEL_OWNER: &str = "umbra-test.owner";
 
 /// The repository of the `umbra` image.
@@ -281,8 +282,8 @@ fn probe_engine(mut cmd: Command) -> std::result::Result<String, String> {
 fn unreachable(why: &str) -> DockerError {
     let why = why.lines().next().unwrap_or("no answer");
     DockerError::Unreachable(format!(
-        "{why}. Start the engine (`systemctl start docker`, or `dockerd &`) or point \
-         DOCKER_HOST at one; UMBRA_DOCKER_TESTS=skip skips these tests"
+        "{why} (start the engine: `systemctl start docker`, or `dockerd &`; or point \
+         DOCKER_HOST at one; UMBRA_DOCKER_TESTS=skip skips these tests)"
     ))
 }
 
@@ -662,6 +663,7 @@ fn base() -> Result<RootFs> {
 /// and `/bin/sh`. Built once per test process (and reused across runs while the binary is the
 /// same).
 pub fn umbra_image() -> Result<Image> {
+    ensure_engine()?;
     static IMAGE: OnceLock<std::result::Result<Image, String>> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
@@ -675,7 +677,7 @@ pub fn umbra_image() -> Result<Image> {
             build().map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(|m| DockerError::NotReady(format!("the umbra image: {m}")))
+        .map_err(DockerError::NotReady)
 }
 
 /// The PostgreSQL 15 image, from this machine's Debian package (`postgresql-15`): the server
@@ -683,6 +685,7 @@ pub fn umbra_image() -> Result<Image> {
 /// UTC time zone data, and a `postgres` user (uid [`PG_UID`]). Start one with
 /// [`TestNet::postgres`].
 pub fn postgres_image() -> Result<Image> {
+    ensure_engine()?;
     static IMAGE: OnceLock<std::result::Result<Image, String>> = OnceLock::new();
     IMAGE
         .get_or_init(|| {
@@ -741,7 +744,7 @@ pub fn postgres_image() -> Result<Image> {
             build().map_err(|e| e.to_string())
         })
         .clone()
-        .map_err(|m| DockerError::NotReady(format!("the postgres image: {m}")))
+        .map_err(DockerError::NotReady)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -865,46 +868,67 @@ fn overlaps_route(net: Ipv4Addr, routes: &[(u32, u32)]) -> bool {
         })
 }
 
-/// Whether a process with this pid runs on this machine.
-fn alive(pid: u32) -> bool {
-    Path::new("/proc").join(pid.to_string()).exists()
+/// When process `pid` started (clock ticks after boot, field 22 of `/proc/PID/stat`), if it runs.
+fn started(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
-/// Removes containers and networks labelled with the pid of a process that no longer runs:
-/// what a test killed without unwinding left behind.
-fn reap_orphans() {
-    let Ok(cs) = docker([
-        "ps",
-        "-a",
-        "--filter",
-        &format!("label={LABEL_OWNER}"),
-        "--format",
-        &format!("{{{{.ID}}}} {{{{.Label \"{LABEL_OWNER}\"}}}}"),
-    ]) else {
-        return;
+/// This machine's host name (of its UTS namespace).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The value of [`LABEL_OWNER`] on what this process makes: `HOST:PID:START`, so that a
+/// leftover is reaped only by a test process of the same host, and only once its maker is gone
+/// (a pid reused by a later process has another start time).
+pub fn owner_label() -> String {
+    static OWNER: OnceLock<String> = OnceLock::new();
+    OWNER
+        .get_or_init(|| {
+            let pid = std::process::id();
+            format!("{}:{pid}:{}", hostname(), started(pid).unwrap_or(0))
+        })
+        .clone()
+}
+
+/// Whether an owner label names a test process of this host that is no longer running.
+fn owner_gone(label: &str) -> bool {
+    let mut parts = label.rsplitn(3, ':');
+    let (Some(start), Some(pid), Some(host)) = (parts.next(), parts.next(), parts.next()) else {
+        return false;
     };
-    for line in cs.lines() {
-        if let Some((id, pid)) = line.split_once(' ') {
-            if pid.parse::<u32>().is_ok_and(|p| !alive(p)) {
-                let _ = docker(["rm", "-f", "-v", id]);
-            }
+    let (Ok(start), Ok(pid)) = (start.parse::<u64>(), pid.parse::<u32>()) else {
+        return false;
+    };
+    host == hostname() && started(pid) != Some(start)
+}
+
+/// Removes the containers and networks that a test process of this host made and left when
+/// it died without unwinding (SIGKILL, abort, a timeout's kill).
+fn reap_orphans() {
+    let format = format!("{{{{.ID}}}} {{{{.Label \"{LABEL_OWNER}\"}}}}");
+    let filter = format!("label={LABEL_OWNER}");
+    let gone = |listing: String| -> Vec<String> {
+        listing
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .filter(|(_, owner)| owner_gone(owner))
+            .map(|(id, _)| id.to_owned())
+            .collect()
+    };
+    if let Ok(cs) = docker(["ps", "-a", "--filter", &filter, "--format", &format]) {
+        for id in gone(cs) {
+            let _ = docker(["rm", "-f", "-v", &id]);
         }
     }
-    let Ok(ns) = docker([
-        "network",
-        "ls",
-        "--filter",
-        &format!("label={LABEL_OWNER}"),
-        "--format",
-        &format!("{{{{.ID}}}} {{{{.Label \"{LABEL_OWNER}\"}}}}"),
-    ]) else {
-        return;
-    };
-    for line in ns.lines() {
-        if let Some((id, pid)) = line.split_once(' ') {
-            if pid.parse::<u32>().is_ok_and(|p| !alive(p)) {
-                let _ = docker(["network", "rm", id]);
-            }
+    if let Ok(ns) = docker(["network", "ls", "--filter", &filter, "--format", &format]) {
+        for id in gone(ns) {
+            let _ = docker(["network", "rm", &id]);
         }
     }
 }
@@ -943,7 +967,7 @@ impl TestNet {
                 "--label",
                 &format!("{LABEL_SCOPE}={scope}"),
                 "--label",
-                &format!("{LABEL_OWNER}={pid}"),
+                &format!("{LABEL_OWNER}={}", owner_label()),
                 &name,
             ]);
             match r {
@@ -1009,7 +1033,7 @@ impl TestNet {
             "--label".into(),
             format!("{LABEL_SCOPE}={}", self.scope),
             "--label".into(),
-            format!("{LABEL_OWNER}={}", std::process::id()),
+            format!("{LABEL_OWNER}={}", owner_label()),
         ];
         if let Some(u) = &spec.user {
             args.push("--user".into());
@@ -1242,6 +1266,19 @@ mod tests {
         assert!(e.starts_with("the Docker engine is not reachable: "), "{e}");
         assert!(e.contains("UMBRA_DOCKER_TESTS=skip"), "{e}");
         assert_eq!(e.lines().count(), 1, "{e}");
+    }
+
+    #[test]
+    fn only_a_gone_owner_of_this_host_is_reaped() {
+        let me = owner_label();
+        assert!(!owner_gone(&me), "{me}");
+        let pid = std::process::id();
+        let host = hostname();
+        // The same pid with another start time: a reused pid, its maker gone.
+        assert!(owner_gone(&format!("{host}:{pid}:1")));
+        // Another host's objects are never this process's to judge.
+        assert!(!owner_gone(&format!("{host}-elsewhere:{pid}:1")));
+        assert!(!owner_gone("garbage"));
     }
 
     #[test]

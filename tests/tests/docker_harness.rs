@@ -164,3 +164,79 @@ fn a_test_that_panics_leaves_no_container_or_network_behind() {
     assert!(!network_exists(&name), "{name} left behind");
     assert_eq!(containers_of(&name), "", "containers of {name} left behind");
 }
+
+/// What a test process killed without unwinding leaves (objects whose owner label names a
+/// process that is gone) is removed by the next test's [`TestNet::create`]; what a running
+/// process owns is not.
+#[test]
+fn leftovers_of_a_killed_test_are_reaped_by_the_next_one() {
+    if docker::skip_requested() {
+        eprintln!("UMBRA_DOCKER_TESTS=skip: skipped");
+        return;
+    }
+    let image = must(docker::umbra_image(), "the umbra image");
+    let me = docker::owner_label();
+    let (host_pid, _) = me.rsplit_once(':').expect("HOST:PID:START");
+    // This pid with another start time: a process that is gone.
+    let dead = format!("{host_pid}:1");
+    let docker_ok = |args: &[&str]| {
+        let o = std::process::Command::new("docker")
+            .args(args)
+            .output()
+            .expect("run docker");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    };
+    let pid = std::process::id();
+    let (orphan, alive) = (format!("umbra-orphan-{pid}"), format!("umbra-alive-{pid}"));
+    for (name, owner) in [(&orphan, &dead), (&alive, &me)] {
+        docker_ok(&[
+            "network",
+            "create",
+            "--internal",
+            "--label",
+            &format!("{}={name}", docker::LABEL_SCOPE),
+            "--label",
+            &format!("{}={owner}", docker::LABEL_OWNER),
+            name,
+        ]);
+        docker_ok(&[
+            "create",
+            "--name",
+            name,
+            "--network",
+            name,
+            "--label",
+            &format!("{}={name}", docker::LABEL_SCOPE),
+            "--label",
+            &format!("{}={owner}", docker::LABEL_OWNER),
+            image.tag(),
+            UMBRA_IN_IMAGE,
+            "--version",
+        ]);
+    }
+    let net = must(TestNet::create("reaper"), "a test network");
+    let orphan_left = (network_exists(&orphan), containers_of(&orphan));
+    let alive_left = (network_exists(&alive), containers_of(&alive));
+    // Remove the live one by hand before asserting, so that a failure leaves nothing either.
+    let _ = std::process::Command::new("docker")
+        .args(["rm", "-f", &alive])
+        .output();
+    let _ = std::process::Command::new("docker")
+        .args(["network", "rm", &alive])
+        .output();
+    drop(net);
+    assert_eq!(
+        orphan_left,
+        (false, String::new()),
+        "the orphans are reaped"
+    );
+    assert_eq!(
+        alive_left,
+        (true, alive.clone()),
+        "a live owner's objects are kept"
+    );
+}
