@@ -933,61 +933,107 @@ fn reap_orphans() {
     }
 }
 
+/// Address number `host` of the /24 at `subnet`.
+fn host_ip(subnet: Ipv4Addr, host: u8) -> Ipv4Addr {
+    let [a, b, c, _] = subnet.octets();
+    Ipv4Addr::new(a, b, c, host)
+}
+
+/// Creates the `--internal` network `name` with the labels of `scope`, on a /24 of
+/// 10.213.0.0/16 that neither another Docker network nor a route of this host uses; its subnet.
+fn create_network(name: &str, scope: &str) -> Result<Ipv4Addr> {
+    let pid = std::process::id();
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let routes = host_routes();
+    // Start at a place of this process's own, so that tests running at once rarely try the
+    // same subnet first.
+    let start = (pid.wrapping_mul(31).wrapping_add(n.wrapping_mul(7))) % 256;
+    let mut last = None;
+    for i in 0..64u32 {
+        let third = ((start + i * 37) % 256) as u8;
+        let subnet = Ipv4Addr::new(10, 213, third, 0);
+        if overlaps_route(subnet, &routes) {
+            continue;
+        }
+        let r = docker([
+            "network",
+            "create",
+            "--internal",
+            "--driver",
+            "bridge",
+            "--subnet",
+            &format!("{subnet}/24"),
+            "--gateway",
+            &host_ip(subnet, 1).to_string(),
+            "--label",
+            &format!("{LABEL_SCOPE}={scope}"),
+            "--label",
+            &format!("{LABEL_OWNER}={}", owner_label()),
+            name,
+        ]);
+        match r {
+            Ok(_) => return Ok(subnet),
+            Err(DockerError::Failed { stderr, .. }) if stderr.contains("overlap") => {
+                last = Some(stderr);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(DockerError::NotReady(format!(
+        "no free /24 in 10.213.0.0/16 for a test network (last: {})",
+        last.unwrap_or_default().trim()
+    )))
+}
+
+/// Another network of a test ([`TestNet::segment`]), removed with its [`TestNet`]: for
+/// partitions that cut some links and keep others.
+#[derive(Debug, Clone)]
+pub struct Segment {
+    name: String,
+    subnet: Ipv4Addr,
+}
+
+impl Segment {
+    /// The network's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The address of host number `host` on this segment.
+    pub fn ip(&self, host: u8) -> Ipv4Addr {
+        host_ip(self.subnet, host)
+    }
+
+    /// This machine's own address on the segment (the bridge's).
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.ip(1)
+    }
+}
+
 impl TestNet {
     /// Creates a private network for the test `test` (a name for people reading `docker ps`),
     /// with a /24 subnet that neither another Docker network nor a route of this host uses.
+    /// Leftovers of test processes that died without unwinding are removed first.
     pub fn create(test: &str) -> Result<TestNet> {
         ensure_engine()?;
         reap_orphans();
-        let pid = std::process::id();
         let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let name = format!("umbra-{}-{pid}-{n}", sanitize(test));
-        let scope = name.clone();
-        let routes = host_routes();
-        // Candidates in 10.213.0.0/16, starting at a place of this process's own so that
-        // tests running at once rarely try the same one first.
-        let start = (pid.wrapping_mul(31).wrapping_add(n.wrapping_mul(7))) % 256;
-        let mut last = None;
-        for i in 0..64u32 {
-            let third = ((start + i * 37) % 256) as u8;
-            let subnet = Ipv4Addr::new(10, 213, third, 0);
-            if overlaps_route(subnet, &routes) {
-                continue;
-            }
-            let r = docker([
-                "network",
-                "create",
-                "--internal",
-                "--driver",
-                "bridge",
-                "--subnet",
-                &format!("{subnet}/24"),
-                "--gateway",
-                &Ipv4Addr::new(10, 213, third, 1).to_string(),
-                "--label",
-                &format!("{LABEL_SCOPE}={scope}"),
-                "--label",
-                &format!("{LABEL_OWNER}={}", owner_label()),
-                &name,
-            ]);
-            match r {
-                Ok(_) => {
-                    return Ok(TestNet {
-                        name,
-                        scope,
-                        subnet,
-                    })
-                }
-                Err(DockerError::Failed { stderr, .. }) if stderr.contains("overlap") => {
-                    last = Some(stderr);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(DockerError::NotReady(format!(
-            "no free /24 in 10.213.0.0/16 for a test network (last: {})",
-            last.unwrap_or_default().trim()
-        )))
+        let name = format!("umbra-{}-{}-{n}", sanitize(test), std::process::id());
+        let subnet = create_network(&name, &name)?;
+        Ok(TestNet {
+            scope: name.clone(),
+            name,
+            subnet,
+        })
+    }
+
+    /// Another network of this test (its own `--internal` /24, removed with this one), for
+    /// partitions that cut one link and keep another: controllers cut off from their database
+    /// but not from their routers, say. Containers join it with [`Container::join`].
+    pub fn segment(&self, name: &str) -> Result<Segment> {
+        let full = format!("{}-{}", self.name, sanitize(name));
+        let subnet = create_network(&full, &self.scope)?;
+        Ok(Segment { name: full, subnet })
     }
 
     /// The network's name.
@@ -997,8 +1043,7 @@ impl TestNet {
 
     /// The address of host number `host` on this network.
     pub fn ip(&self, host: u8) -> Ipv4Addr {
-        let [a, b, c, _] = self.subnet.octets();
-        Ipv4Addr::new(a, b, c, host)
+        host_ip(self.subnet, host)
     }
 
     /// This machine's own address on the network (the bridge's): a test process listens here
@@ -1130,9 +1175,16 @@ impl TestNet {
             args.extend(ids);
             docker(args)?;
         }
-        let exists = output_bounded(docker_cmd(["network", "inspect", &self.name]), QUICK)?;
-        if exists.status.success() {
-            docker(["network", "rm", &self.name])?;
+        // This network and its segments.
+        let nets = docker([
+            "network",
+            "ls",
+            "-q",
+            "--filter",
+            &format!("label={LABEL_SCOPE}={}", self.scope),
+        ])?;
+        for id in nets.lines().filter(|l| !l.is_empty()) {
+            docker(["network", "rm", id])?;
         }
         Ok(())
     }
@@ -1240,6 +1292,24 @@ impl Container {
         code.trim().parse().map_err(|_| {
             DockerError::NotReady(format!("`docker wait {}` printed {code:?}", self.name))
         })
+    }
+
+    /// Connects it to `segment` too, as host number `host` there (another interface).
+    pub fn join(&self, segment: &Segment, host: u8) -> Result<()> {
+        docker([
+            "network",
+            "connect",
+            "--ip",
+            &segment.ip(host).to_string(),
+            &segment.name,
+            &self.name,
+        ])
+        .map(drop)
+    }
+
+    /// Cuts it off `segment` only: a partition of that link, its other networks kept.
+    pub fn leave(&self, segment: &Segment) -> Result<()> {
+        docker(["network", "disconnect", &segment.name, &self.name]).map(drop)
     }
 
     /// Kills it (SIGKILL), as a crash or the loss of its host would.

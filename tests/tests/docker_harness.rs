@@ -49,9 +49,14 @@ async fn the_postgres_image_accepts_connections_across_a_test_network() {
     let (pg, client_out, net) = tokio::task::block_in_place(|| {
         let image = must(docker::postgres_image(), "the postgres image");
         let net = must(TestNet::create("postgres"), "a test network");
+        let started = Instant::now();
         let pg = must(
             net.postgres("pg", 10, Duration::from_secs(60)),
             "postgres starts",
+        );
+        println!(
+            "postgres accepted connections {:?} after docker run",
+            started.elapsed()
         );
         // Inside its own container, as the superuser.
         let one = must(
@@ -239,4 +244,60 @@ fn leftovers_of_a_killed_test_are_reaped_by_the_next_one() {
         (true, alive.clone()),
         "a live owner's objects are kept"
     );
+}
+
+/// Whether a TCP connection to `addr` is accepted within a second.
+async fn reachable(addr: SocketAddr) -> bool {
+    matches!(
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await,
+        Ok(Ok(_))
+    )
+}
+
+/// A second network of a test: a container on both is cut off one and keeps the other, then
+/// joins again at the same address; both networks go with the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_segment_is_cut_while_the_main_network_stays() {
+    if docker::skip_requested() {
+        eprintln!("UMBRA_DOCKER_TESTS=skip: skipped");
+        return;
+    }
+    let (net, seg, server) = tokio::task::block_in_place(|| {
+        let image = must(docker::umbra_image(), "the umbra image");
+        let net = must(TestNet::create("segments"), "a test network");
+        let seg = must(net.segment("db"), "a segment");
+        let addr = format!("{}:1280", net.ip(10));
+        let server = must(
+            net.run(
+                "server",
+                RunSpec::new(&image, 10).shell(&format!(
+                    "set -e; {UMBRA_IN_IMAGE} controller init --dir /data/c --address {addr}; \
+                     exec {UMBRA_IN_IMAGE} controller run --dir /data/c --listen 0.0.0.0:1280"
+                )),
+            ),
+            "a server",
+        );
+        must(
+            server.wait_for_log("controller listening", Duration::from_secs(20)),
+            "the server starts",
+        );
+        must(server.join(&seg, 20), "join the segment");
+        (net, seg, server)
+    });
+    let main = SocketAddr::from((net.ip(10), 1280));
+    let other = SocketAddr::from((seg.ip(20), 1280));
+    assert!(reachable(main).await, "on the main network");
+    assert!(reachable(other).await, "on the segment");
+
+    tokio::task::block_in_place(|| must(server.leave(&seg), "leave the segment"));
+    assert!(!reachable(other).await, "cut off the segment");
+    assert!(reachable(main).await, "still on the main network");
+
+    tokio::task::block_in_place(|| must(server.join(&seg, 20), "join again"));
+    assert!(reachable(other).await, "back on the segment, same address");
+
+    let (net_name, seg_name) = (net.name().to_owned(), seg.name().to_owned());
+    tokio::task::block_in_place(|| drop(net));
+    assert!(!network_exists(&net_name), "{net_name} removed");
+    assert!(!network_exists(&seg_name), "{seg_name} removed");
 }

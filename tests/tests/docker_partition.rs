@@ -192,8 +192,8 @@ async fn world() -> World {
                 RunSpec::new(&image, CTRL_HOST)
                     .env("UMBRA_LOG", "info")
                     .shell(&format!(
-                        "set -e; {UMBRA_IN_IMAGE} controller init --dir /data/ctrl \
-                         --trust-domain docker.umbra --address {ctrl_addr}; \
+                        "set -e; [ -e /data/ctrl/admin.json ] || {UMBRA_IN_IMAGE} controller init \
+                         --dir /data/ctrl --trust-domain docker.umbra --address {ctrl_addr}; \
                          exec {UMBRA_IN_IMAGE} controller run --dir /data/ctrl \
                          --listen 0.0.0.0:{CTRL_PORT} --advertise {ctrl_addr}"
                     )),
