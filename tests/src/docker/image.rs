@@ -229,6 +229,7 @@ impl RootFs {
     /// The image `repo:hash`, imported from this tree unless the engine has it already.
     fn image(&self, repo: &str) -> Result<Image> {
         ensure_engine()?;
+        let started = std::time::Instant::now();
         let tag = format!("{repo}:{}", self.hash()?);
         let have = output_bounded(
             docker_cmd(["image", "inspect", "--format", "{{.Id}}", &tag]),
@@ -244,6 +245,12 @@ impl RootFs {
         self.materialize(dir.path())?;
         import(dir.path(), &tag)?;
         prune(repo, &tag);
+        // Shown with the test's output: a run that rebuilds every time is worth noticing.
+        eprintln!(
+            "umbra_tests::docker: built {tag} ({} files) in {:?}",
+            self.entries.len(),
+            started.elapsed()
+        );
         Ok(Image { tag })
     }
 }
