@@ -331,7 +331,9 @@ fn prune(repo: &str, keep: &str) {
 
 /// The `umbra` binary the images are built from: `UMBRA_BIN` if set, else the one cargo built
 /// beside this test executable (`cargo test --workspace` builds it; `cargo test -p
-/// umbra-tests` alone does not, so build it first with `cargo build -p umbra`).
+/// umbra-tests` alone does not, so build it first with `cargo build -p umbra`). Refused if a
+/// source it is built from changed after it was built: an image of an old binary would test
+/// old code and pass or fail for the wrong reason.
 pub fn umbra_binary() -> Result<PathBuf> {
     if let Some(p) = std::env::var_os("UMBRA_BIN") {
         return Ok(PathBuf::from(p));
@@ -342,14 +344,67 @@ pub fn umbra_binary() -> Result<PathBuf> {
         .and_then(Path::parent)
         .map(|d| d.join("umbra"))
         .ok_or_else(|| DockerError::Missing("no target directory above the test".into()))?;
-    if !bin.exists() {
+    let rebuild = "build it (`cargo build -p umbra`, with the same profile and target \
+                   directory; `cargo test --workspace` builds it), or set UMBRA_BIN";
+    let built = match std::fs::metadata(&bin).and_then(|m| m.modified()) {
+        Ok(t) => t,
+        Err(_) => {
+            return Err(DockerError::Missing(format!(
+                "{} is missing: {rebuild}",
+                bin.display()
+            )))
+        }
+    };
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).parent();
+    if let Some(newer) = workspace.and_then(|w| source_newer_than(w, built)) {
         return Err(DockerError::Missing(format!(
-            "{} is missing: build it first (`cargo build -p umbra`, with the same profile and \
-             target directory; `cargo test --workspace` builds it), or set UMBRA_BIN",
-            bin.display()
+            "{} is older than {}: {rebuild}",
+            bin.display(),
+            newer.display()
         )));
     }
     Ok(bin)
+}
+
+/// A Rust source of the `umbra` binary under `workspace` (the `src/` of the root package and of
+/// each member crate, not the tests crate's nor the fuzz targets') modified after `built`.
+fn source_newer_than(workspace: &Path, built: std::time::SystemTime) -> Option<PathBuf> {
+    let mut dirs = vec![workspace.join("src")];
+    let mut members: Vec<PathBuf> = std::fs::read_dir(workspace)
+        .ok()?
+        .filter_map(|e| e.ok())
+        .map(|e| e.path())
+        .filter(|p| {
+            let name = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            !matches!(name, "tests" | "fuzz" | "target" | "benches") && !name.starts_with('.')
+        })
+        .map(|p| p.join("src"))
+        .filter(|p| p.is_dir())
+        .collect();
+    members.sort();
+    dirs.extend(members);
+    // Depth-first, bounded: a source tree is a few hundred files a few levels deep.
+    let mut budget = 20_000u32;
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.filter_map(|e| e.ok()) {
+            budget = budget.checked_sub(1)?;
+            let path = e.path();
+            let Ok(meta) = e.metadata() else {
+                continue;
+            };
+            if meta.is_dir() {
+                dirs.push(path);
+            } else if path.extension().is_some_and(|x| x == "rs")
+                && meta.modified().is_ok_and(|m| m > built)
+            {
+                return Some(path);
+            }
+        }
+    }
+    None
 }
 
 /// The files every image here has: `/bin/sh` (Debian's dash, for `sh -c` command lines),
@@ -473,6 +528,26 @@ pub fn postgres_image() -> Result<Image> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_binary_older_than_its_sources_is_found_out() {
+        let w = tempfile::tempdir().expect("tempdir");
+        for d in ["src", "pki/src/x509", "tests/src", "fuzz/src"] {
+            std::fs::create_dir_all(w.path().join(d)).expect("mkdir");
+        }
+        std::fs::write(w.path().join("tests/src/lib.rs"), "").expect("write");
+        std::fs::write(w.path().join("fuzz/src/lib.rs"), "").expect("write");
+        let before = std::time::SystemTime::now() - Duration::from_secs(60);
+        // Only the tests crate and the fuzz targets changed: the binary is current.
+        assert_eq!(source_newer_than(w.path(), before), None);
+        std::fs::write(w.path().join("pki/src/x509/chain.rs"), "").expect("write");
+        assert_eq!(
+            source_newer_than(w.path(), before),
+            Some(w.path().join("pki/src/x509/chain.rs"))
+        );
+        let after = std::time::SystemTime::now() + Duration::from_secs(60);
+        assert_eq!(source_newer_than(w.path(), after), None);
+    }
 
     #[test]
     fn ldd_listings_are_parsed() {
