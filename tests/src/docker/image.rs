@@ -4,20 +4,19 @@
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::Hasher;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::cmd::{docker, docker_cmd, output_bounded, wait_bounded, QUICK, SLOW};
+use super::cmd::{checked, docker, docker_cmd, output_bounded, wait_bounded, QUICK, SLOW};
 use super::{
     ensure_engine, io, DockerError, Result, PG_BIN, PG_UID, POSTGRES_REPO, UMBRA_IN_IMAGE,
     UMBRA_REPO,
 };
 
 /// Bumped whenever what goes into an image changes in a way the files' contents do not show.
-const RECIPE: &str = "umbra-docker-images-v1";
+const RECIPE: &str = "umbra-docker-images-v2";
 /// Images of one repository kept after a new one is built (older ones are removed if unused).
 const KEEP_IMAGES: usize = 3;
 
@@ -143,6 +142,7 @@ impl RootFs {
 
     /// A hash of every path, mode and byte: the image's tag.
     fn hash(&self) -> Result<String> {
+        let digests = self.digests()?;
         let mut a = DefaultHasher::new();
         let mut b = DefaultHasher::new();
         a.write(b"a");
@@ -152,7 +152,6 @@ impl RootFs {
             b.write(bytes);
         };
         both(RECIPE.as_bytes());
-        let mut buf = vec![0u8; 1 << 20];
         for (path, entry) in &self.entries {
             both(path.as_os_str().as_encoded_bytes());
             both(&[0]);
@@ -170,24 +169,49 @@ impl RootFs {
                 Entry::File { src, mode } => {
                     both(b"f");
                     both(&mode.to_le_bytes());
-                    let mut f = std::fs::File::open(src)
-                        .map_err(io(format!("reading {}", src.display())))?;
-                    let mut len = 0u64;
-                    loop {
-                        let n = f
-                            .read(&mut buf)
-                            .map_err(io(format!("reading {}", src.display())))?;
-                        if n == 0 {
-                            break;
-                        }
-                        len += n as u64;
-                        both(&buf[..n]);
-                    }
-                    both(&len.to_le_bytes());
+                    let digest = digests.get(src).ok_or_else(|| {
+                        DockerError::Missing(format!("no digest for {}", src.display()))
+                    })?;
+                    both(digest.as_bytes());
                 }
             }
         }
         Ok(format!("{:016x}{:016x}", a.finish(), b.finish()))
+    }
+
+    /// A BLAKE2b digest of every source file, from one `b2sum` (coreutils): this crate is built
+    /// without optimization, and hashing a debug `umbra` binary (~300 MB) here took 3.7 s where
+    /// `b2sum` takes 0.6 s.
+    fn digests(&self) -> Result<BTreeMap<PathBuf, String>> {
+        let files: Vec<&PathBuf> = self
+            .entries
+            .values()
+            .filter_map(|e| match e {
+                Entry::File { src, .. } => Some(src),
+                _ => None,
+            })
+            .collect();
+        let mut out = BTreeMap::new();
+        if files.is_empty() {
+            return Ok(out);
+        }
+        let mut cmd = Command::new("b2sum");
+        cmd.arg("--").args(&files);
+        let text = checked(cmd, Duration::from_secs(120))?;
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.len() != files.len() {
+            return Err(DockerError::Missing(format!(
+                "b2sum gave {} digests for {} files",
+                lines.len(),
+                files.len()
+            )));
+        }
+        // One line per file, in the order given: `DIGEST  PATH`.
+        for (file, line) in files.into_iter().zip(lines) {
+            let digest = line.split_whitespace().next().unwrap_or_default();
+            out.insert(file.clone(), digest.to_owned());
+        }
+        Ok(out)
     }
 
     /// Writes the tree under `root`.
@@ -578,5 +602,22 @@ mod tests {
         assert_ne!(ha, hb);
         assert_ne!(ha, hc);
         assert_eq!(ha, a.hash().expect("again"));
+        // Files by their contents, whatever their names on this machine.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (x, y, z) = (
+            dir.path().join("x"),
+            dir.path().join("y"),
+            dir.path().join("z"),
+        );
+        std::fs::write(&x, "same").expect("write");
+        std::fs::write(&y, "same").expect("write");
+        std::fs::write(&z, "other").expect("write");
+        let with = |src: &Path| {
+            let mut fs = RootFs::default();
+            fs.file(src, Path::new("/bin/x")).expect("file");
+            fs.hash().expect("hash")
+        };
+        assert_eq!(with(&x), with(&y));
+        assert_ne!(with(&x), with(&z));
     }
 }
