@@ -36,7 +36,7 @@ mod net;
 pub use image::{postgres_image, umbra_binary, umbra_image, Image};
 pub use net::{owner_label, Container, RunSpec, Segment, TestNet};
 
-use cmd::{docker, output_bounded};
+use cmd::output_bounded;
 
 /// The label every container and network made here carries: the [`TestNet`] that owns it.
 pub const LABEL_SCOPE: &str = "umbra-test.scope";
@@ -166,12 +166,6 @@ pub fn ensure_engine() -> Result<()> {
         Ok(_) => Ok(()),
         Err(why) => Err(unreachable(why)),
     }
-}
-
-/// The engine's version (`docker version`), or why it cannot be reached.
-pub fn engine_version() -> Result<String> {
-    ensure_engine()?;
-    docker(["version", "--format", "{{.Server.Version}}"])
 }
 
 #[cfg(test)]

@@ -255,7 +255,8 @@ async fn reachable(addr: SocketAddr) -> bool {
 }
 
 /// A second network of a test: a container on both is cut off one and keeps the other, then
-/// joins again at the same address; both networks go with the test.
+/// joins again at the same address; killed and started again, it is back on both; both
+/// networks go with the test.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_segment_is_cut_while_the_main_network_stays() {
     if docker::skip_requested() {
@@ -271,7 +272,8 @@ async fn a_segment_is_cut_while_the_main_network_stays() {
             net.run(
                 "server",
                 RunSpec::new(&image, 10).shell(&format!(
-                    "set -e; {UMBRA_IN_IMAGE} controller init --dir /data/c --address {addr}; \
+                    "set -e; [ -e /data/c/admin.json ] || \
+                     {UMBRA_IN_IMAGE} controller init --dir /data/c --address {addr}; \
                      exec {UMBRA_IN_IMAGE} controller run --dir /data/c --listen 0.0.0.0:1280"
                 )),
             ),
@@ -295,6 +297,19 @@ async fn a_segment_is_cut_while_the_main_network_stays() {
 
     tokio::task::block_in_place(|| must(server.join(&seg, 20), "join again"));
     assert!(reachable(other).await, "back on the segment, same address");
+
+    // Killed (a lost host), then started again: same files, same addresses on both networks.
+    tokio::task::block_in_place(|| must(server.kill(), "kill"));
+    assert!(!reachable(main).await, "killed");
+    tokio::task::block_in_place(|| must(server.start(), "start again"));
+    let back = Instant::now();
+    while !(reachable(main).await && reachable(other).await) {
+        assert!(
+            back.elapsed() < Duration::from_secs(20),
+            "not back on both networks after a restart"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let (net_name, seg_name) = (net.name().to_owned(), seg.name().to_owned());
     tokio::task::block_in_place(|| drop(net));

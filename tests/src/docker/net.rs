@@ -51,8 +51,8 @@ impl RunSpec {
         self
     }
 
-    /// Sets an environment variable (a secret such as a token passes here rather than on a
-    /// command line that `docker inspect` shows).
+    /// Sets an environment variable: how a value such as an enrollment token reaches a
+    /// [`RunSpec::shell`] script (as `"$NAME"`) without being quoted into the script's text.
     pub fn env(mut self, key: &str, value: &str) -> RunSpec {
         self.env.push((key.to_owned(), value.to_owned()));
         self
