@@ -221,6 +221,9 @@ impl RootFs {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
                 .map_err(io(format!("chmod {}", p.display())))
         };
+        // The image's `/` is this directory (a scratch directory is 0700): open to the
+        // unprivileged users containers run as.
+        set_mode(root, 0o755)?;
         for (path, entry) in &self.entries {
             let rel = path.strip_prefix("/").unwrap_or(path);
             let to = root.join(rel);
