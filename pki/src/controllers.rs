@@ -200,7 +200,10 @@ mod tests {
     #[test]
     fn bad_items_duplicates_and_long_lists_are_refused() {
         let e = parse("a:1,b").unwrap_err();
-        assert!(matches!(e, ControllerAddrsError::Address { position: 2, .. }));
+        assert!(matches!(
+            e,
+            ControllerAddrsError::Address { position: 2, .. }
+        ));
         assert!(e.to_string().contains("no port"), "{e}");
         assert!(matches!(
             parse("a:1,b:0"),

@@ -150,7 +150,10 @@ fn one_controller_or_a_list_loads_and_a_broken_list_is_refused() {
     // The old format, byte for byte as it was written: a single `host:port`.
     id.save(&path).expect("save");
     let json = std::fs::read_to_string(&path).expect("read");
-    assert!(json.contains("\"controller\": \"127.0.0.1:7443\""), "{json}");
+    assert!(
+        json.contains("\"controller\": \"127.0.0.1:7443\""),
+        "{json}"
+    );
     let loaded = IdentityFile::load(&path).expect("an old single-address file loads");
     let list = loaded.controllers().expect("controllers");
     assert_eq!(list.len(), 1);

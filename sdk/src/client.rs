@@ -53,12 +53,12 @@ use crate::sync::lock;
 /// The largest response body read into memory.
 const MAX_RESPONSE: usize = 64 * 1024 * 1024;
 /// Connect plus handshake, over all the addresses one call tries.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect plus handshake to one address while others remain to be tried: how long a dead or
 /// black-holed controller (one that accepts and never answers TLS) holds up a failover. A
 /// controller further than this needs to be the last one tried, which gets the rest of
 /// [`CONNECT_TIMEOUT`].
-pub const ADDRESS_TIMEOUT: Duration = Duration::from_secs(1);
+const ADDRESS_TIMEOUT: Duration = Duration::from_secs(1);
 /// A whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -299,8 +299,16 @@ impl ControllerClient {
                     .await
                     .map_err(|_| Failure::NotSent(SdkError::Timeout(addr.clone())))?
                     .map_err(Failure::NotSent)?;
-                self.request(tls, addr, &method, path, content_type, body.clone(), timeout)
-                    .await
+                self.request(
+                    tls,
+                    addr,
+                    &method,
+                    path,
+                    content_type,
+                    body.clone(),
+                    timeout,
+                )
+                .await
             };
             match attempt.await {
                 Ok(resp) => {

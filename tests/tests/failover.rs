@@ -108,7 +108,10 @@ impl Forwarder {
 }
 
 /// Runs the `umbra` binary on a blocking thread (the test's own listeners keep running).
-async fn umbra_async(args: Vec<String>, env: Vec<(&'static str, std::ffi::OsString)>) -> std::process::Output {
+async fn umbra_async(
+    args: Vec<String>,
+    env: Vec<(&'static str, std::ffi::OsString)>,
+) -> std::process::Output {
     tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let env: Vec<(&str, &std::ffi::OsStr)> =
@@ -154,7 +157,10 @@ async fn the_cli_fails_over_past_a_dead_and_a_silent_controller() {
     let baseline = started.elapsed();
     assert!(out.status.success(), "{}", stderr(&out));
 
-    for (what, first) in [("closed port", closed_port()), ("black hole", hole.addr.clone())] {
+    for (what, first) in [
+        ("closed port", closed_port()),
+        ("black hole", hole.addr.clone()),
+    ] {
         let list = format!("{first}, {}", t.addr());
         let started = Instant::now();
         let out = umbra_async(
@@ -165,10 +171,11 @@ async fn the_cli_fails_over_past_a_dead_and_a_silent_controller() {
         let took = started.elapsed();
         assert!(out.status.success(), "{what}: {}", stderr(&out));
         let listed: Vec<IdentityView> = serde_json::from_str(&stdout(&out)).expect("json");
-        assert!(listed.iter().any(|i| i.identity.name.as_str() == "admin"), "{listed:?}");
-        eprintln!(
-            "cli: {what} first: {took:?} (the real controller alone: {baseline:?})"
+        assert!(
+            listed.iter().any(|i| i.identity.name.as_str() == "admin"),
+            "{listed:?}"
         );
+        eprintln!("cli: {what} first: {took:?} (the real controller alone: {baseline:?})");
         assert!(took < baseline + FAILOVER_BOUND, "{what}: {took:?}");
     }
 
@@ -177,13 +184,21 @@ async fn the_cli_fails_over_past_a_dead_and_a_silent_controller() {
         strings(&["identity", "list"]),
         vec![
             ("UMBRA_ADMIN", admin.clone()),
-            ("UMBRA_CONTROLLER", format!("{},{}", closed_port(), t.addr()).into()),
+            (
+                "UMBRA_CONTROLLER",
+                format!("{},{}", closed_port(), t.addr()).into(),
+            ),
         ],
     )
     .await;
     assert!(out.status.success(), "{}", stderr(&out));
     let out = umbra_async(
-        strings(&["--controller", &format!("{},,{}", closed_port(), t.addr()), "identity", "list"]),
+        strings(&[
+            "--controller",
+            &format!("{},,{}", closed_port(), t.addr()),
+            "identity",
+            "list",
+        ]),
         vec![("UMBRA_ADMIN", admin.clone())],
     )
     .await;
@@ -193,7 +208,12 @@ async fn the_cli_fails_over_past_a_dead_and_a_silent_controller() {
     // Every address dead: one line naming each, well within the connect budget.
     let started = Instant::now();
     let out = umbra_async(
-        strings(&["--controller", &format!("{},{}", hole.addr, closed_port()), "identity", "list"]),
+        strings(&[
+            "--controller",
+            &format!("{},{}", hole.addr, closed_port()),
+            "identity",
+            "list",
+        ]),
         vec![("UMBRA_ADMIN", admin)],
     )
     .await;
@@ -220,7 +240,10 @@ async fn enrollment_fails_over_and_the_identity_file_and_its_renewals_keep_the_l
     let took = started.elapsed();
     eprintln!("enroll: black hole first: {took:?}");
     assert!(took < FAILOVER_BOUND, "{took:?}");
-    assert_eq!(file.controller, list, "the identity file keeps the whole list");
+    assert_eq!(
+        file.controller, list,
+        "the identity file keeps the whole list"
+    );
 
     // Saved and loaded, then used through a context that reads the list from the file.
     let path = t.path("agent-1.json");
@@ -237,7 +260,11 @@ async fn enrollment_fails_over_and_the_identity_file_and_its_renewals_keep_the_l
     let started = Instant::now();
     ctx.edge().await.expect("edge view");
     eprintln!("sdk context: second call: {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_millis(900), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "{:?}",
+        started.elapsed()
+    );
 
     // Renewal keeps the list, in memory and in the saved file.
     let old_serial = ctx.current_identity().leaf().expect("leaf").serial;
@@ -247,11 +274,19 @@ async fn enrollment_fails_over_and_the_identity_file_and_its_renewals_keep_the_l
     assert_eq!(renewed.controller, list);
     let saved = IdentityFile::load(&path).expect("renewed file");
     assert_eq!(saved.controller, list);
-    assert_eq!(saved.leaf().expect("leaf").serial, renewed.leaf().expect("leaf").serial);
+    assert_eq!(
+        saved.leaf().expect("leaf").serial,
+        renewed.leaf().expect("leaf").serial
+    );
 
     // The CLI's renewal of a file keeps it too.
     let out = umbra_async(
-        strings(&["identity", "renew", "--identity", path.to_str().expect("utf-8")]),
+        strings(&[
+            "identity",
+            "renew",
+            "--identity",
+            path.to_str().expect("utf-8"),
+        ]),
         vec![],
     )
     .await;
@@ -261,12 +296,17 @@ async fn enrollment_fails_over_and_the_identity_file_and_its_renewals_keep_the_l
 
     // An identity file naming one controller, as every file did before lists, still works.
     let token = create_agent_token(&t, "agent-2").await;
-    let old = umbra_sdk::enroll(&token, Some(&t.addr())).await.expect("enroll");
+    let old = umbra_sdk::enroll(&token, Some(&t.addr()))
+        .await
+        .expect("enroll");
     assert_eq!(old.controller, t.addr());
     let path = t.path("agent-2.json");
     old.save(&path).expect("save");
     let json = std::fs::read_to_string(&path).expect("read");
-    assert!(json.contains(&format!("\"controller\": \"{}\"", t.addr())), "{json}");
+    assert!(
+        json.contains(&format!("\"controller\": \"{}\"", t.addr())),
+        "{json}"
+    );
     let ctx = umbra_sdk::Context::new(IdentityFile::load(&path).expect("load")).expect("context");
     ctx.edge().await.expect("a single-address file works");
     ctx.renew_now().await.expect("renews");
@@ -289,7 +329,14 @@ async fn advertised_lists_reach_tokens_and_identity_files() {
     let list = format!("{},{real}", hole.addr);
     let ctrl_dir_s = ctrl_dir.to_str().expect("utf-8").to_owned();
     let out = umbra_async(
-        strings(&["controller", "init", "--dir", &ctrl_dir_s, "--address", &real]),
+        strings(&[
+            "controller",
+            "init",
+            "--dir",
+            &ctrl_dir_s,
+            "--address",
+            &real,
+        ]),
         vec![],
     )
     .await;
@@ -297,7 +344,14 @@ async fn advertised_lists_reach_tokens_and_identity_files() {
 
     // A bad list is refused at once.
     let out = umbra_async(
-        strings(&["controller", "run", "--dir", &ctrl_dir_s, "--advertise", "a:1,,b:2"]),
+        strings(&[
+            "controller",
+            "run",
+            "--dir",
+            &ctrl_dir_s,
+            "--advertise",
+            "a:1,,b:2",
+        ]),
         vec![],
     )
     .await;
@@ -325,11 +379,20 @@ async fn advertised_lists_reach_tokens_and_identity_files() {
     let tok = dir.path().join("agent.jwt");
     let started = Instant::now();
     let out = umbra_async(
-        strings(&["identity", "create", "agent-1", "-o", tok.to_str().expect("utf-8")]),
+        strings(&[
+            "identity",
+            "create",
+            "agent-1",
+            "-o",
+            tok.to_str().expect("utf-8"),
+        ]),
         vec![("UMBRA_ADMIN", admin_path.clone().into_os_string())],
     )
     .await;
-    eprintln!("cli with the admin file's list (black hole first): {:?}", started.elapsed());
+    eprintln!(
+        "cli with the admin file's list (black hole first): {:?}",
+        started.elapsed()
+    );
     assert!(out.status.success(), "{}", stderr(&out));
     let token = std::fs::read_to_string(&tok).expect("token");
     let claims = umbra_pki::decode_unverified(token.trim()).expect("claims");
@@ -338,7 +401,12 @@ async fn advertised_lists_reach_tokens_and_identity_files() {
     let id = dir.path().join("agent.json");
     let started = Instant::now();
     let out = umbra_async(
-        strings(&["enroll", tok.to_str().expect("utf-8"), "-o", id.to_str().expect("utf-8")]),
+        strings(&[
+            "enroll",
+            tok.to_str().expect("utf-8"),
+            "-o",
+            id.to_str().expect("utf-8"),
+        ]),
         vec![],
     )
     .await;
@@ -488,7 +556,10 @@ async fn a_tunneler_fails_over_at_start_and_when_its_controller_dies() {
     assert!(reconnected < FAILOVER_BOUND, "{reconnected:?}");
     echo_service(&t, &echo, "echo-2", "agent-1").await;
     let listen = wait_for_service(&tunneler, "echo-2").await;
-    eprintln!("tunneler: a grant made after the failover arrived {:?} after the kill", killed.elapsed());
+    eprintln!(
+        "tunneler: a grant made after the failover arrived {:?} after the kill",
+        killed.elapsed()
+    );
     assert_eq!(echo_once(listen, b"pong").await.expect("echo"), b"pong");
     tunneler.shutdown().await;
 }
@@ -521,4 +592,163 @@ async fn echo_once(addr: std::net::SocketAddr, msg: &[u8]) -> std::io::Result<Ve
     let mut out = Vec::new();
     s.read_to_end(&mut out).await?;
     Ok(out)
+}
+
+/// A controller that crashes after reading each request: TLS with a certificate of the test
+/// controller's own CA (so clients trust it as they trust the real one), the request read in
+/// full, then the connection closed without an answer. Counts the requests it swallowed.
+struct Crashing {
+    addr: String,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Crashing {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Crashing {
+    async fn start(t: &TestController) -> Crashing {
+        let creds = t
+            .ctrl
+            .ca()
+            .issue_server(Duration::from_secs(3600), std::time::SystemTime::now())
+            .expect("server certificate");
+        let tls = umbra_pki::server_config(creds, umbra_pki::ClientAuth::None, &[b"http/1.1"])
+            .expect("server config");
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr").to_string();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let count = Arc::clone(&requests);
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((tcp, _)) = l.accept().await {
+                let (acceptor, count) = (acceptor.clone(), Arc::clone(&count));
+                conns.spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        return;
+                    };
+                    if read_request(&mut tls).await {
+                        count.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Dropped without a word: the process died with the request read.
+                });
+                while conns.try_join_next().is_some() {}
+            }
+        });
+        Crashing {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+/// Reads one HTTP/1.1 request (headers and a `content-length` body); whether it arrived whole.
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(s: &mut S) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                return true;
+            }
+        }
+        match s.read(&mut chunk).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// A request that may have reached a controller is repeated on another only if repeating it
+/// changes nothing: reads and renewals are, a create and an enrollment are not (the token
+/// stays unspent, the identity uncreated, and the caller is told the request may have been
+/// carried out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_can_be_repeated_are_repeated_after_a_controller_dies_mid_request() {
+    let t = TestController::start().await;
+    let crash = Crashing::start(&t).await;
+    let list = format!("{},{}", crash.addr, t.addr());
+    let admin = umbra_sdk::ControllerClient::for_identity(&t.admin, Some(&list)).expect("client");
+
+    // A read: swallowed by the first, answered by the second.
+    let ids: Vec<IdentityView> = admin
+        .call(Method::GET, "/v1/identities", None::<&()>)
+        .await
+        .expect("a GET is repeated on the next controller");
+    assert!(ids.iter().any(|i| i.identity.name.as_str() == "admin"));
+    assert_eq!(crash.requests(), 1);
+    assert_eq!(admin.addr(), t.addr(), "the client remembers who answered");
+
+    // A create: swallowed, and not repeated. A fresh client, so that the crashing controller
+    // is tried first again.
+    let admin = umbra_sdk::ControllerClient::for_identity(&t.admin, Some(&list)).expect("client");
+    let req = CreateIdentityRequest {
+        name: name("ghost"),
+        kind: IdentityKind::Agent,
+        roles: Default::default(),
+        token_ttl_secs: None,
+    };
+    let e = admin
+        .call::<TokenResponse>(Method::POST, "/v1/identities", Some(&req))
+        .await
+        .expect_err("a create is not repeated");
+    assert!(
+        matches!(e, umbra_sdk::SdkError::Interrupted { .. }),
+        "{e:?}"
+    );
+    assert!(e.to_string().contains("may have been carried out"), "{e}");
+    assert_eq!(crash.requests(), 2);
+    assert!(
+        !t.ctrl
+            .state()
+            .identities
+            .values()
+            .any(|i| i.name.as_str() == "ghost"),
+        "the second controller never saw the create"
+    );
+
+    // An enrollment: swallowed, not repeated, and the token is still good afterwards.
+    let token = create_agent_token(&t, "agent-1").await;
+    let e = umbra_sdk::enroll(&token, Some(&list))
+        .await
+        .expect_err("an enrollment is not repeated");
+    assert!(
+        matches!(e, umbra_sdk::SdkError::Interrupted { .. }),
+        "{e:?}"
+    );
+    assert_eq!(crash.requests(), 3);
+    let file = umbra_sdk::enroll(&token, Some(&t.addr()))
+        .await
+        .expect("the token was not spent");
+
+    // A renewal: swallowed, then repeated on the next controller.
+    let mut file = file;
+    file.controller = list.clone();
+    let renewed = umbra_sdk::renew(&file)
+        .await
+        .expect("a renewal is repeated");
+    assert_eq!(crash.requests(), 4);
+    assert_ne!(
+        renewed.leaf().expect("leaf").serial,
+        file.leaf().expect("leaf").serial
+    );
+    assert_eq!(renewed.controller, list);
 }
