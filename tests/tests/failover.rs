@@ -416,6 +416,20 @@ async fn advertised_lists_reach_tokens_and_identity_files() {
     assert!(took < FAILOVER_BOUND + Duration::from_secs(1), "{took:?}");
     let file = IdentityFile::load(&id).expect("identity");
     assert_eq!(file.controller, list);
+
+    // Stopped, it cannot guess which address of the stored list is its own: it says so.
+    drop(_child);
+    let out = umbra_async(
+        strings(&["controller", "run", "--dir", &ctrl_dir_s]),
+        vec![],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("is not one IP:PORT; pass --listen"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// The controller process this test started: killed and reaped when the test ends, however
