@@ -59,11 +59,13 @@ impl Drop for BlackHole {
 }
 
 /// A TCP forwarder to the controller: a second address for the same controller, which the
-/// test can kill (every connection through it closed, its port closed) as a controller dies.
-/// Counts the connections it accepted.
+/// test can kill (every connection through it closed, its port closed) as a controller dies, or
+/// freeze (connections kept open, nothing forwarded any more) as a controller that hangs or a
+/// network that silently drops everything. Counts the connections it accepted.
 struct Forwarder {
     addr: String,
     accepted: Arc<AtomicUsize>,
+    frozen: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -75,16 +77,20 @@ impl Forwarder {
         let addr = l.local_addr().expect("addr").to_string();
         let accepted = Arc::new(AtomicUsize::new(0));
         let count = Arc::clone(&accepted);
+        let (frozen, frozen_rx) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(async move {
             // Dropped with the task: every carried connection ends with it.
             let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut inbound, _)) = l.accept().await {
+            while let Ok((inbound, _)) = l.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
-                let to = to.clone();
+                let (to, frozen) = (to.clone(), frozen_rx.clone());
                 conns.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&to).await {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
+                    let Ok(outbound) = tokio::net::TcpStream::connect(&to).await else {
+                        return;
+                    };
+                    let (ir, iw) = inbound.into_split();
+                    let (or, ow) = outbound.into_split();
+                    tokio::join!(pump(ir, ow, frozen.clone()), pump(or, iw, frozen));
                 });
                 while conns.try_join_next().is_some() {}
             }
@@ -92,6 +98,7 @@ impl Forwarder {
         Forwarder {
             addr,
             accepted,
+            frozen,
             task,
         }
     }
@@ -104,6 +111,34 @@ impl Forwarder {
     async fn kill(self) {
         self.task.abort();
         let _ = self.task.await;
+    }
+
+    /// Forwards nothing more, on open connections and new ones, and closes none.
+    fn freeze(&self) {
+        self.frozen.send_replace(true);
+    }
+}
+
+/// Copies `from` to `to` until either ends, or holds everything once `frozen`.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if *frozen.borrow() {
+            // Keep both sockets open and silent.
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -518,6 +553,71 @@ async fn a_router_fails_over_at_start_and_when_its_controller_dies() {
     drop(hole);
     r1.shutdown().await;
     r2.shutdown().await;
+}
+
+/// A controller that stops answering without closing anything (hung, or cut off by a network
+/// that drops packets): the router gives the session up after three missed heartbeats and its
+/// next session goes to the other address first, not back into the silent one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_leaves_a_controller_that_falls_silent_for_the_next_one() {
+    let t = TestController::start().await;
+    let f1 = Forwarder::start(t.addr()).await;
+    let f2 = Forwarder::start(t.addr()).await;
+    let identity = router_identity(&t, "r1").await;
+    let mut cfg = RouterConfig::new(identity, "127.0.0.1:0".parse().expect("addr"));
+    cfg.controller = Some(format!("{},{}", f1.addr, f2.addr));
+    // Heartbeats every 500 ms: a session silent for 1.5 s is given up.
+    cfg.stale_after = Duration::from_secs(2);
+    let router = Router::start(cfg).await.expect("router starts");
+    tokio::time::timeout(Duration::from_secs(10), router.ready())
+        .await
+        .expect("router synchronizes");
+    let (at_f1, at_f2) = (f1.accepted(), f2.accepted());
+    assert!(
+        at_f1 >= 1 && at_f2 == 0,
+        "the router follows the first address"
+    );
+
+    let frozen = Instant::now();
+    f1.freeze();
+    let moved = eventually(Duration::from_secs(10), || {
+        (f2.accepted() > at_f2).then(|| (frozen.elapsed(), f1.accepted()))
+    })
+    .await
+    .expect("the router reconnects through the second address");
+    eprintln!(
+        "router: control channel left a silent controller in {:?} (three heartbeats: 1.5 s)",
+        moved.0
+    );
+    assert_eq!(
+        moved.1, at_f1,
+        "the next session went to the other address first, not back to the silent one"
+    );
+    assert!(moved.0 < Duration::from_secs(5), "{:?}", moved.0);
+    // And it serves from there.
+    tokio::time::timeout(Duration::from_secs(10), router.ready())
+        .await
+        .expect("the router serves");
+    service(&t, "after-silence", Hosting::Sdk).await;
+    let mut policy = router.policy();
+    let arrived = tokio::time::timeout(
+        Duration::from_secs(10),
+        policy.wait_for(|p| {
+            p.as_ref().is_some_and(|p| {
+                p.index
+                    .state()
+                    .services
+                    .values()
+                    .any(|s| s.name.as_str() == "after-silence")
+            })
+        }),
+    )
+    .await;
+    assert!(
+        matches!(arrived, Ok(Ok(_))),
+        "a change arrives through the second address"
+    );
+    router.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
