@@ -443,10 +443,14 @@ async fn start_controller(
     );
     let listen = match args.listen {
         Some(l) => l,
-        None => ctrl
-            .address()
-            .parse()
-            .context("the stored controller address is not IP:PORT; pass --listen")?,
+        // After `--advertise a,b` the stored address is a list: which one is this controller's
+        // is for the operator to say.
+        None => ctrl.address().parse().with_context(|| {
+            format!(
+                "the stored controller address {:?} is not one IP:PORT; pass --listen",
+                ctrl.address()
+            )
+        })?,
     };
     let server =
         umbra_controller::Server::start(ctrl.clone(), listen, args.advertise.clone()).await?;
