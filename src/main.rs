@@ -295,16 +295,24 @@ async fn tunnel(
     };
     let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;
     let mut mappings = tunneler.mappings();
+    // What changed, not the whole list: an agent with thousands of services would otherwise
+    // print them all on every grant.
     let printer = async {
+        let mut shown = std::collections::BTreeSet::new();
         loop {
             if mappings.changed().await.is_err() {
                 return;
             }
-            let list = mappings.borrow_and_update().clone();
-            println!("services: {}", list.len());
-            for m in list {
-                println!("  {} -> {} ({})", m.intercept, m.listen, m.service);
+            let now: std::collections::BTreeSet<_> =
+                mappings.borrow_and_update().iter().cloned().collect();
+            println!("services: {}", now.len());
+            for m in shown.difference(&now) {
+                println!("  - {} -> {} ({})", m.intercept, m.listen, m.service);
             }
+            for m in now.difference(&shown) {
+                println!("  + {} -> {} ({})", m.intercept, m.listen, m.service);
+            }
+            shown = now;
         }
     };
     tokio::select! {
@@ -472,10 +480,14 @@ async fn start_controller(
     );
     let listen = match args.listen {
         Some(l) => l,
-        None => ctrl
-            .address()
-            .parse()
-            .context("the stored controller address is not IP:PORT; pass --listen")?,
+        // After `--advertise a,b` the stored address is a list: which one is this controller's
+        // is for the operator to say.
+        None => ctrl.address().parse().with_context(|| {
+            format!(
+                "the stored controller address {:?} is not one IP:PORT; pass --listen",
+                ctrl.address()
+            )
+        })?,
     };
     let server =
         umbra_controller::Server::start(ctrl.clone(), listen, args.advertise.clone()).await?;

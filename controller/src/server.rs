@@ -63,13 +63,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `listen` and starts serving. If `advertise` is `None`, the bound address is what
-    /// tokens and identity files name.
+    /// Binds `listen` and starts serving. `advertise` is where clients reach the controllers:
+    /// one `host:port`, or the comma-separated addresses of every controller sharing this one's
+    /// database, which enrollment tokens and so identity files then carry, so that clients can
+    /// fail over among them. If `None`, the bound address is what tokens and identity files
+    /// name.
     pub async fn start(
         ctrl: Arc<Controller>,
         listen: SocketAddr,
         advertise: Option<String>,
     ) -> Result<Server, ControllerError> {
+        // One address or several (`a:443,b:443`: every controller sharing this one's database),
+        // in the canonical form tokens and identity files then carry; refused before binding.
+        let advertise = advertise
+            .map(|list| {
+                list.parse::<umbra_pki::ControllerAddrs>()
+                    .map(|l| l.to_string())
+                    .map_err(|e| ControllerError::Invalid(format!("--advertise: {e}")))
+            })
+            .transpose()?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(ControllerError::io(listen.to_string()))?;

@@ -116,6 +116,65 @@ async fn listeners_follow_grants_and_carry_bytes() {
     tun.shutdown().await;
 }
 
+/// An agent granted more services than the tunneler carries connections at once: every
+/// listener serves (an idle listener holds no connection slot), and past the bound a connection
+/// waits in the backlog until a slot frees, instead of being refused or costing a descriptor.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_listeners_than_connection_slots_all_serve_within_the_bound() {
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    let names: Vec<String> = (0..6).map(|i| format!("echo-{i}")).collect();
+    for n in &names {
+        echo_service(&t, &echo, n, "agent-1").await;
+    }
+    let ctx = umbra_sdk::Context::with_controller(a, Some(&t.addr())).unwrap();
+    let cfg = TunnelerConfig {
+        controller: Some(t.addr()),
+        name_base: "127.92.0.1".parse().unwrap(),
+        max_connections: 2,
+        ..Default::default()
+    };
+    let tun = Tunneler::start(ctx, cfg).await.unwrap();
+    let m = wait_for(&tun, "six listeners", |m| m.len() == 6).await;
+    for n in &names {
+        let addr = listen_of(&m, n).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), echo_once(addr, n.as_bytes()))
+            .await
+            .unwrap_or_else(|_| panic!("{n}: no echo within 5 s"))
+            .unwrap();
+        assert_eq!(got, n.as_bytes());
+    }
+
+    // Two live connections take both slots: a third waits, and is carried once one closes.
+    let mut live = Vec::new();
+    for n in &names[..2] {
+        let mut s = TcpStream::connect(listen_of(&m, n).unwrap()).await.unwrap();
+        s.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        s.read_exact(&mut buf).await.unwrap();
+        live.push(s);
+    }
+    let mut third = TcpStream::connect(listen_of(&m, &names[5]).unwrap())
+        .await
+        .unwrap();
+    third.write_all(b"wait").await.unwrap();
+    let mut buf = [0u8; 4];
+    let early = tokio::time::timeout(Duration::from_millis(500), third.read_exact(&mut buf)).await;
+    assert!(
+        early.is_err(),
+        "a third connection is carried past a bound of two"
+    );
+    drop(live.pop());
+    tokio::time::timeout(Duration::from_secs(5), third.read_exact(&mut buf))
+        .await
+        .expect("carried once a slot is free")
+        .unwrap();
+    assert_eq!(&buf, b"wait");
+    tun.shutdown().await;
+}
+
 /// While the tunneler's own thread is busy (here: a task hogging it, as a bulk transfer does), a
 /// new connection is carried on another lane, over that lane's own QUIC connection; both carry
 /// bytes. The tunneler runs on this test's single-threaded runtime, its first lane.

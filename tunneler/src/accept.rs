@@ -4,8 +4,11 @@
 //! launcher's descriptors made every `accept` fail at once with `EMFILE` while the connection
 //! stayed in the backlog, so a loop that retried at once spun a whole CPU; and a loop that
 //! accepted past its bound only to close the newest connection spun as fast as the agent could
-//! reconnect. So: a slot is taken *before* `accept` (over the bound, connections wait in the
-//! kernel's backlog, which costs the launcher nothing), and a failing `accept` backs off.
+//! reconnect. So: over the bound, a listener that has taken a connection waits for a slot
+//! before it accepts another (the rest wait in the kernel's backlog, which costs the launcher
+//! nothing; at most one descriptor per listener beyond the bound), and a failing `accept` backs
+//! off. The slot is not taken before `accept`: an idle listener holding one would leave every
+//! listener past the bound unable to accept when an agent has more services than slots.
 
 use std::future::Future;
 use std::io;
