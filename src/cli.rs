@@ -11,8 +11,9 @@ pub struct Cli {
     /// Admin identity file for management commands [default: .umbra/admin.json]
     #[arg(long, global = true, env = "UMBRA_ADMIN")]
     pub admin: Option<PathBuf>,
-    /// Controller address (host:port), overriding the one in the identity file
-    #[arg(long, global = true, env = "UMBRA_CONTROLLER")]
+    /// Controller address (host:port), or several separated by commas to fail over among
+    /// (a:443,b:443), overriding the identity file's
+    #[arg(long, global = true, env = "UMBRA_CONTROLLER", value_parser = parse_controllers)]
     pub controller: Option<String>,
     /// Print JSON instead of tables
     #[arg(long, global = true)]
@@ -113,9 +114,26 @@ pub enum ControllerCmd {
         /// Where clients will reach the controller (host:port)
         #[arg(long, default_value = "127.0.0.1:1280")]
         address: String,
+        /// Where the state is kept: sqlite:PATH or postgres://USER@HOST:PORT/DB
+        /// [default: sqlite:DIR/umbra.db]
+        #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+        store: Option<String>,
     },
     /// Serve enrollment, the management API and the control channel
     Run(RunArgs),
+    /// Make a directory for another controller on the same database: copies the CA and token
+    /// key from an existing controller's directory, checked against the database
+    Join {
+        /// The new controller's directory
+        #[arg(long)]
+        dir: PathBuf,
+        /// An existing controller's directory (made by `init` or `join`)
+        #[arg(long)]
+        from: PathBuf,
+        /// The database both controllers use: postgres://USER@HOST:PORT/DB
+        #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+        store: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -126,9 +144,15 @@ pub struct RunArgs {
     /// Address to listen on (TCP) [default: the address given at init]
     #[arg(long)]
     pub listen: Option<std::net::SocketAddr>,
-    /// Address clients should use, if not the listening one
-    #[arg(long)]
+    /// Address clients should use, if not the listening one; with several controllers on one
+    /// database, all of their addresses separated by commas (a:443,b:443), which tokens and
+    /// identity files then carry
+    #[arg(long, value_parser = parse_controllers)]
     pub advertise: Option<String>,
+    /// Where the state is kept: sqlite:PATH or postgres://USER@HOST:PORT/DB
+    /// [default: sqlite:DIR/umbra.db]
+    #[arg(long, env = "UMBRA_STORE", hide_env_values = true)]
+    pub store: Option<String>,
     /// Lifetime of issued identity certificates
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub cert_validity: std::time::Duration,
@@ -358,6 +382,13 @@ fn number_and_unit<'a>(s: &'a str, what: &str) -> Result<(u64, &'a str), String>
     let (num, unit) = s.split_at(split);
     let n = num.parse().map_err(|_| format!("{s:?} is not {what}"))?;
     Ok((n, unit))
+}
+
+/// One controller address or a comma-separated list, in its canonical form (no spaces).
+fn parse_controllers(s: &str) -> Result<String, String> {
+    s.parse::<umbra_pki::ControllerAddrs>()
+        .map(|l| l.to_string())
+        .map_err(|e| e.to_string())
 }
 
 /// Parses `90s`, `30m`, `24h`, `7d` (or plain seconds).

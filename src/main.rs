@@ -144,20 +144,53 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             trust_domain,
             address,
+            store,
         }) => {
             let td: umbra_pki::TrustDomain =
                 trust_domain.parse().context("invalid --trust-domain")?;
             address
                 .parse::<umbra_policies::HostPort>()
                 .context("invalid --address")?;
-            let cfg = umbra_controller::ControllerConfig::new(&dir);
-            let admin = umbra_controller::init(&cfg, &td, &address)?;
+            let mut cfg = umbra_controller::ControllerConfig::new(&dir);
+            if let Some(s) = store {
+                cfg.store = parse_store(&s)?;
+            }
+            let shared = cfg.store.is_shared().then(|| cfg.store.to_string());
+            let admin = tokio::task::spawn_blocking(move || {
+                umbra_controller::init(&cfg, &td, &address).map(|admin| (admin, td))
+            })
+            .await??;
+            let (admin, td) = admin;
             println!("initialized {} (trust domain {td})", dir.display());
             println!("admin identity: {}", admin.display());
-            println!("next: umbra controller run --dir {}", dir.display());
+            match shared {
+                Some(store) => {
+                    println!("state kept in {store}");
+                    println!(
+                        "next: umbra controller run --dir {} --store URL",
+                        dir.display()
+                    );
+                }
+                None => println!("next: umbra controller run --dir {}", dir.display()),
+            }
             Ok(())
         }
         Command::Controller(ControllerCmd::Run(args)) => run_controller(args).await,
+        Command::Controller(ControllerCmd::Join { dir, from, store }) => {
+            let mut cfg = umbra_controller::ControllerConfig::new(&dir);
+            cfg.store = parse_store(&store)?;
+            let shown = cfg.store.to_string();
+            tokio::task::spawn_blocking(move || umbra_controller::join_dir(&cfg, &from)).await??;
+            println!(
+                "{} holds the key material of the controllers on {shown}",
+                dir.display()
+            );
+            println!(
+                "next: umbra controller run --dir {} --store URL",
+                dir.display()
+            );
+            Ok(())
+        }
         Command::Quickstart { dir, listen } => quickstart(dir, listen).await,
         Command::Demo => demo::run().await,
         Command::Enroll(args) => {
@@ -365,6 +398,7 @@ async fn quickstart(
         dir: dir.clone(),
         listen,
         advertise: None,
+        store: None,
         cert_validity: cfg.cert_validity,
         audit_retention: cfg.audit.retention.unwrap_or_default(),
         audit_max_agent_rows: cfg.audit.max_agent_rows,
@@ -426,6 +460,9 @@ async fn start_controller(
     umbra_controller::Server,
 )> {
     let mut cfg = umbra_controller::ControllerConfig::new(&args.dir);
+    if let Some(s) = &args.store {
+        cfg.store = parse_store(s)?;
+    }
     cfg.cert_validity = args.cert_validity;
     cfg.audit.retention = (!args.audit_retention.is_zero()).then_some(args.audit_retention);
     cfg.audit.max_agent_rows = args.audit_max_agent_rows;
@@ -443,10 +480,14 @@ async fn start_controller(
     );
     let listen = match args.listen {
         Some(l) => l,
-        None => ctrl
-            .address()
-            .parse()
-            .context("the stored controller address is not IP:PORT; pass --listen")?,
+        // After `--advertise a,b` the stored address is a list: which one is this controller's
+        // is for the operator to say.
+        None => ctrl.address().parse().with_context(|| {
+            format!(
+                "the stored controller address {:?} is not one IP:PORT; pass --listen",
+                ctrl.address()
+            )
+        })?,
     };
     let server =
         umbra_controller::Server::start(ctrl.clone(), listen, args.advertise.clone()).await?;
@@ -459,6 +500,12 @@ async fn start_controller(
         }
     }
     Ok((ctrl, server))
+}
+
+/// A `--store` value; errors never repeat a password.
+fn parse_store(s: &str) -> anyhow::Result<umbra_controller::StoreConfig> {
+    s.parse()
+        .map_err(|e| anyhow::anyhow!("invalid --store: {e}"))
 }
 
 async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {

@@ -315,6 +315,121 @@ fn quickstart_initializes_and_serves() {
     let _ = addr;
 }
 
+/// A `umbra controller run` process on a free loopback port, and the address it serves.
+fn run_controller(dir: &std::path::Path, store: &str) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(umbra_bin())
+        .args(["controller", "run", "--dir", dir.to_str().unwrap()])
+        .args(["--listen", "127.0.0.1:0"])
+        .env("UMBRA_STORE", store)
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    for line in lines.take(10) {
+        if let Some(a) = line.unwrap().strip_prefix("controller listening on ") {
+            return (child, a.trim().to_owned());
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the controller in {} did not start", dir.display());
+}
+
+fn stop(mut child: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .arg(child.id().to_string())
+        .status();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "a clean shutdown on SIGTERM: {status:?}");
+}
+
+/// Controllers on PostgreSQL: `init --store` once, `join` a second directory, and a controller
+/// run from either directory serves the same state; a directory with another CA is refused.
+#[test]
+fn controllers_on_postgres_share_state_through_join() {
+    let url = umbra_tests::pg::PgServer::shared().database();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b, c) = (
+        dir.path().join("a"),
+        dir.path().join("b"),
+        dir.path().join("c"),
+    );
+    let s = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let o = umbra_cmd(
+        &["controller", "init", "--dir", &s(&a), "--store", &url],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("--store URL"), "{}", stdout(&o));
+    assert!(!a.join("umbra.db").exists(), "the state went to PostgreSQL");
+    let o = umbra_cmd(
+        &[
+            "controller",
+            "join",
+            "--dir",
+            &s(&b),
+            "--from",
+            &s(&a),
+            "--store",
+            &url,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    let admin = a.join("admin.json");
+    let (first, _) = run_controller(&a, &url);
+    let o = umbra_cmd(
+        &[
+            "identity",
+            "create",
+            "agent-1",
+            "-o",
+            &s(&dir.path().join("t.jwt")),
+        ],
+        &[("UMBRA_ADMIN", admin.as_os_str())],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    stop(first);
+
+    let (second, addr) = run_controller(&b, &url);
+    let o = umbra_cmd(
+        &["identity", "list"],
+        &[
+            ("UMBRA_ADMIN", admin.as_os_str()),
+            ("UMBRA_CONTROLLER", addr.as_ref()),
+        ],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stdout(&o).contains("agent-1"), "{}", stdout(&o));
+    stop(second);
+
+    let o = umbra_cmd(&["controller", "init", "--dir", &s(&c)], &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = umbra_cmd(
+        &[
+            "controller",
+            "run",
+            "--dir",
+            &s(&c),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        &[("UMBRA_STORE", url.as_ref())],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("CA"), "{}", stderr(&o));
+    let o = umbra_cmd(
+        &["controller", "run", "--dir", &s(&c), "--store", "mysql://x"],
+        &[],
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("invalid --store"), "{}", stderr(&o));
+}
+
 /// `umbra demo` plays enroll, grant, dial, deny and revoke on real components and checks each.
 #[test]
 fn the_demo_runs_its_whole_story() {

@@ -444,6 +444,12 @@ async fn run() -> Result<(), String> {
         }
     }
     print_table(&label, &rows);
+    if at_scale && scale.identities >= 1_000_000 {
+        println!(
+            "at a million the issue sets floors for the router's RSS and revocation only; the \
+             other floors shown are those for 100,000"
+        );
+    }
     println!("memory, controller / router:");
     for (step, c, r) in &timeline {
         println!("  {step:<30} {} / {}", mem(*c), mem(*r));

@@ -276,6 +276,11 @@ pub async fn revoke_once(
         .await
         .ok_or_else(|| format!("{}: no echo through the tunneler within 30 s", agent.name))?;
     let start = served - spawned;
+    // The first echo comes as soon as that one listener is up; an agent granted thousands of
+    // services is still binding the rest, on the same two cores. The revocation is timed once
+    // the tunneler has set up its whole view (it prints its count then), so that the figure is
+    // the revocation's and not the neighbour's start-up.
+    settled(&dep.tunnel_log(&agent.name), Duration::from_secs(30)).await;
     let reader = tokio::spawn(async move {
         let mut buf = [0u8; 64];
         loop {
@@ -299,6 +304,18 @@ pub async fn revoke_once(
         answered: answered_at - sent,
         after_answer: cut.saturating_duration_since(answered_at),
     })
+}
+
+/// Waits (at most `limit`) until a tunneler's output says it serves its whole view.
+async fn settled(log: &std::path::Path, limit: Duration) {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        let text = tokio::fs::read_to_string(log).await.unwrap_or_default();
+        if text.lines().any(|l| l.starts_with("services: ")) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
 }
 
 /// Grants `GRANT_AGENT` (whose tunneler is running) service `service`; from the request sent

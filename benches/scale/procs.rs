@@ -177,6 +177,11 @@ impl Deployment {
     }
 
     /// Starts `umbra tunnel` for an identity file; its output goes to `tunnel-NAME.log`.
+    /// Where `umbra tunnel` for `name` writes its output (its listeners as they change).
+    pub fn tunnel_log(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("tunnel-{name}.log"))
+    }
+
     pub fn tunnel(&self, identity: &Path, name: &str) -> Result<Proc, String> {
         let out = log_file(&self.dir, &format!("tunnel-{name}"))?;
         let err = out.try_clone().map_err(|e| e.to_string())?;

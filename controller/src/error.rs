@@ -31,10 +31,23 @@ pub enum ControllerError {
     /// The database failed.
     #[error("database: {0}")]
     Db(#[from] rusqlite::Error),
-    /// The controller cannot vouch for its state now (a shared store it cannot reach): the
-    /// client should try another controller, or this one later.
-    #[error("unavailable: {0}")]
+    /// PostgreSQL failed in a way that is not the connection's (a query or a conversion).
+    #[error("database: {0}")]
+    Postgres(#[source] postgres::Error),
+    /// The database cannot be reached or cannot do this now (connection lost or refused,
+    /// server restarting, out of connections or space, a lock wait timed out). Nothing was
+    /// written; the store reconnects at its next call, so retrying later works.
+    #[error("the database is unavailable: {0}")]
     Unavailable(String),
+    /// Another controller committed since this command read the state: nothing was written.
+    /// The caller catches up from the change log and may try the command again.
+    #[error("another controller committed first (the change log is at {found}, the command was built at {expected}); nothing was written")]
+    Stale {
+        /// The sequence number the batch was built on.
+        expected: u64,
+        /// The change log's last sequence number at commit.
+        found: u64,
+    },
     /// Stored data could not be decoded: the store was changed outside the controller.
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),

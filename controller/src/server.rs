@@ -63,13 +63,25 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `listen` and starts serving. If `advertise` is `None`, the bound address is what
-    /// tokens and identity files name.
+    /// Binds `listen` and starts serving. `advertise` is where clients reach the controllers:
+    /// one `host:port`, or the comma-separated addresses of every controller sharing this one's
+    /// database, which enrollment tokens and so identity files then carry, so that clients can
+    /// fail over among them. If `None`, the bound address is what tokens and identity files
+    /// name.
     pub async fn start(
         ctrl: Arc<Controller>,
         listen: SocketAddr,
         advertise: Option<String>,
     ) -> Result<Server, ControllerError> {
+        // One address or several (`a:443,b:443`: every controller sharing this one's database),
+        // in the canonical form tokens and identity files then carry; refused before binding.
+        let advertise = advertise
+            .map(|list| {
+                list.parse::<umbra_pki::ControllerAddrs>()
+                    .map(|l| l.to_string())
+                    .map_err(|e| ControllerError::Invalid(format!("--advertise: {e}")))
+            })
+            .transpose()?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(ControllerError::io(listen.to_string()))?;
@@ -77,7 +89,12 @@ impl Server {
             .local_addr()
             .map_err(ControllerError::io(listen.to_string()))?;
         let advertise = advertise.unwrap_or_else(|| local_addr.to_string());
-        ctrl.set_address(&advertise)?;
+        // Off the runtime's threads: the store is blocking (PostgreSQL's client would refuse to
+        // block inside the runtime).
+        let (c, a) = (ctrl.clone(), advertise.clone());
+        tokio::task::spawn_blocking(move || c.set_address(&a))
+            .await
+            .map_err(|e| ControllerError::Setup(format!("recording the address: {e}")))??;
 
         // With a shared store: learn the other controllers' commits as they happen.
         crate::core::shared::follow(&ctrl);

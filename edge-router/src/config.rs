@@ -124,7 +124,8 @@ pub struct RouterConfig {
     pub listen: SocketAddr,
     /// The `host:port` clients should use; defaults to the bound address.
     pub advertise: Option<String>,
-    /// The controller address, overriding the one in the identity file.
+    /// The controllers' addresses (one `host:port`, or several separated by commas, among
+    /// which the control channel fails over), overriding the identity file's.
     pub controller: Option<String>,
     /// Without any message from the controller (heartbeats included) for this long, the router
     /// stops serving its last policy and refuses everything until it hears from it again.

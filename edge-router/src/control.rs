@@ -3,7 +3,11 @@
 //!
 //! The controller pushes; the router never polls. After a disconnect the follower resumes from
 //! its epoch and sequence number, so a revocation committed while it was away still arrives
-//! before anything newer. If it hears nothing (heartbeats included) for `stale_after`, it
+//! before anything newer. With several controllers (on one database, so one epoch and one
+//! sequence) the next session goes to another controller first when this one's stream failed
+//! or fell silent (the client's rotation), and resumes there from the same sequence; the pause
+//! after a session that was up is the follower's shortest backoff (100 ms), and a connection
+//! attempt walks every address, a dead one costing at most about a second. If it hears nothing (heartbeats included) for `stale_after`, it
 //! publishes `None`: the router then refuses everything rather than enforce a policy that may
 //! be missing revocations.
 
@@ -37,7 +41,7 @@ pub(crate) struct Follower {
 
 impl Follower {
     pub async fn run(self) {
-        let span = tracing::info_span!("control", controller = %self.client.addr());
+        let span = tracing::info_span!("control", controllers = %self.client.addrs().join(","));
         self.run_inner().instrument(span).await
     }
 
@@ -114,7 +118,7 @@ impl Follower {
                 built = self.publisher.built() => self.publisher.finished(built, &mut self.machine),
             }
         };
-        tracing::info!(controller = %self.client.addr(), "control channel open");
+        tracing::info!(controller = %stream.addr(), "control channel open");
         let mut decoder = FrameDecoder::new(MAX_CONTROL_FRAME);
         loop {
             let chunk = tokio::select! {
@@ -125,7 +129,14 @@ impl Follower {
                 _ = sleep_until(self.machine.poll_timeout()) => {
                     self.machine.handle_timeout(Instant::now().into_std());
                     match drain(&mut self.machine, &mut self.publisher) {
-                        Some(end) => return end,
+                        Some(end) => {
+                            if matches!(end, SessionEnd::Silent(_)) {
+                                // A half-open connection: the next session tries another
+                                // controller first, if there is one.
+                                stream.mark_dead();
+                            }
+                            return end;
+                        }
                         None => continue,
                     }
                 }

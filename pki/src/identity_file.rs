@@ -9,6 +9,7 @@ use umbra_policies::{IdentityId, IdentityKind, Name};
 use zeroize::Zeroizing;
 
 use crate::cert::{parse_peer_cert, parse_pem_chain, parse_private_key_pem, PeerCert};
+use crate::controllers::{ControllerAddrs, ControllerAddrsError};
 use crate::csr::SecretString;
 use crate::error::{CertificateError, PkiError};
 use crate::fsutil;
@@ -34,7 +35,10 @@ pub struct IdentityFile {
     pub kind: IdentityKind,
     /// The trust domain the identity belongs to.
     pub trust_domain: TrustDomain,
-    /// The controller's address, `host:port`.
+    /// Where the controllers are: one `host:port`, or several separated by commas (see
+    /// [`ControllerAddrs`]). A string rather than a JSON list so that files written before
+    /// there could be several controllers load unchanged, and files written now are read by
+    /// the same field; [`IdentityFile::load`] refuses a file whose list does not parse.
     pub controller: String,
     /// The root CA certificate(s) to trust, PEM.
     pub ca_pem: String,
@@ -51,6 +55,9 @@ pub enum IdentityFileError {
     /// The file is not valid identity-file JSON.
     #[error("not a valid identity file: {0}")]
     Json(#[from] serde_json::Error),
+    /// The `controller` field is not an address or a list of addresses.
+    #[error("controller: {0}")]
+    Controllers(#[from] ControllerAddrsError),
     /// The file has a version this crate does not understand.
     #[error("unsupported identity file version {0} (expected {IDENTITY_FILE_VERSION})")]
     UnsupportedVersion(u32),
@@ -102,6 +109,7 @@ impl IdentityFile {
         if self.version != IDENTITY_FILE_VERSION {
             return Err(IdentityFileError::UnsupportedVersion(self.version).into());
         }
+        self.controllers()?;
         parse_pem_chain(&self.ca_pem)?;
         let chain = parse_pem_chain(&self.cert_pem)?;
         let key = parse_private_key_pem(&self.key_pem)?;
@@ -131,6 +139,11 @@ impl IdentityFile {
                 .map_err(|e| PkiError::from(IdentityFileError::from(e)).in_file(path))?,
         );
         crate::outfile::write_file(path, &json, fsutil::PRIVATE_MODE).map_err(PkiError::from)
+    }
+
+    /// The controllers this identity talks to, in order of preference.
+    pub fn controllers(&self) -> Result<ControllerAddrs, IdentityFileError> {
+        Ok(self.controller.parse()?)
     }
 
     /// The identity's SPIFFE id, from the file's trust domain, kind and name.

@@ -17,6 +17,7 @@
 
 pub mod ca;
 pub mod cert;
+pub mod controllers;
 pub mod csr;
 pub mod error;
 pub mod fingerprint;
@@ -34,6 +35,7 @@ pub use ca::{
     ENROLL_SERVER_NAME, MAX_CSR_SIZE,
 };
 pub use cert::{parse_peer_cert, parse_pem_chain, parse_private_key_pem, unix_timestamp, PeerCert};
+pub use controllers::{ControllerAddrs, ControllerAddrsError, MAX_CONTROLLERS};
 pub use csr::{csr_for_key, generate_key_and_csr, KeyAndCsr, SecretString};
 pub use error::{CertificateError, CsrError, KeyError, PkiError};
 pub use fingerprint::{fingerprint, Fingerprint, FingerprintError};

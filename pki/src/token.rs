@@ -46,7 +46,10 @@ const MAX_KEY_FILE: u64 = 16 * 1024;
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct EnrollmentClaims {
-    /// The controller's address as `host:port`, where the enrollee sends its CSR.
+    /// Where the enrollee sends its CSR: the controller's address as `host:port`, or the
+    /// addresses of several controllers separated by commas (see
+    /// [`crate::ControllerAddrs`]; a string, so that tokens of either kind read the same way).
+    /// It becomes the identity file's `controller`.
     pub iss: String,
     /// The id of the identity being enrolled.
     pub sub: IdentityId,

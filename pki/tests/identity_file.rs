@@ -136,3 +136,49 @@ fn load_refuses_bad_files() {
         Err(PkiError::Io { .. })
     ));
 }
+
+/// A file written before controller lists existed names one controller; it loads unchanged and
+/// reads as a list of one. A list loads too, and a broken list is refused at load with the
+/// reason, not at the first connection.
+#[test]
+fn one_controller_or_a_list_loads_and_a_broken_list_is_refused() {
+    let ca = ca();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("id.json");
+    let mut id = enroll(&ca, IdentityKind::Agent, "agent-1");
+
+    // The old format, byte for byte as it was written: a single `host:port`.
+    id.save(&path).expect("save");
+    let json = std::fs::read_to_string(&path).expect("read");
+    assert!(
+        json.contains("\"controller\": \"127.0.0.1:7443\""),
+        "{json}"
+    );
+    let loaded = IdentityFile::load(&path).expect("an old single-address file loads");
+    let list = loaded.controllers().expect("controllers");
+    assert_eq!(list.len(), 1);
+    assert_eq!(list.to_string(), "127.0.0.1:7443");
+
+    id.controller = "10.0.0.1:7443,[::1]:7443, ctrl.example:443".into();
+    id.save(&path).expect("save");
+    let loaded = IdentityFile::load(&path).expect("a list loads");
+    assert_eq!(
+        loaded.controllers().expect("controllers").to_string(),
+        "10.0.0.1:7443,[::1]:7443,ctrl.example:443"
+    );
+
+    for bad in ["", "10.0.0.1:7443,,10.0.0.2:7443", "10.0.0.1"] {
+        id.controller = bad.into();
+        id.save(&path).expect("save");
+        let err = IdentityFile::load(&path).expect_err(bad);
+        assert!(
+            matches!(
+                err,
+                PkiError::File { ref cause, .. }
+                    if matches!(**cause, PkiError::IdentityFile(IdentityFileError::Controllers(_)))
+            ),
+            "{bad:?}: {err:?}"
+        );
+        assert!(err.to_string().contains("controller"), "{bad:?}: {err}");
+    }
+}

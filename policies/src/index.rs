@@ -326,6 +326,23 @@ impl Index {
         out
     }
 
+    /// The policies (of both actions) whose service side selects `service`, by name: read from
+    /// the service's own lists, so a service change costs the controller what selects it, not
+    /// a scan of every policy. Empty for an unknown service.
+    pub fn policies_selecting(&self, service: &str) -> Vec<&ServicePolicy> {
+        let Some(record) = self.services.get(service) else {
+            return Vec::new();
+        };
+        let mut out: Vec<&ServicePolicy> = (record.dial.list().iter())
+            .chain(record.bind.list().iter())
+            .filter_map(|&p| self.policy_slots.get(p))
+            .filter_map(|p| self.state.policies.get(&p.name))
+            .collect();
+        out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+        out.dedup_by(|a, b| a.name == b.name);
+        out
+    }
+
     /// The identities a policy's identity side selects, active or not, sorted by id: found
     /// through the terms' member sets, at a cost proportional to the answer. The policy need
     /// not be in the index (the controller asks about the old and new version of a changed

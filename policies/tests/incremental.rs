@@ -194,6 +194,13 @@ fn answers_agree(got: &Index, want: &Index, extra: &[ServicePolicy], now: Timest
             "{service}"
         );
     }
+    for service in &services {
+        assert_eq!(
+            got.policies_selecting(service),
+            want.policies_selecting(service),
+            "{service}"
+        );
+    }
     for policy in state.policies.values().chain(extra) {
         assert_eq!(
             got.identities_selected_by(policy),
@@ -257,6 +264,13 @@ proptest! {
             prop_assert_eq!(index.identities_selected_by(policy), want);
             let want = naive_selected(index.state().services.values(), &policy.services, policy.semantic, |s| (&s.name, &s.roles));
             prop_assert_eq!(index.services_selected_by(policy), want);
+        }
+        // Which policies select a service, against the definition.
+        for service in index.state().services.values() {
+            let want: Vec<&ServicePolicy> = (index.state().policies.values())
+                .filter(|p| p.selects_service(service))
+                .collect();
+            prop_assert_eq!(index.policies_selecting(service.name.as_str()), want);
         }
     }
 

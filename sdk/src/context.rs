@@ -211,7 +211,9 @@ impl Context {
         Self::with_controller(identity, None)
     }
 
-    /// Like [`Context::new`], with another controller address.
+    /// Like [`Context::new`], with other controllers: `controller` is one `host:port` or
+    /// several separated by commas (`a:443,b:443`), tried as [`ControllerClient`] says (the
+    /// one that answered last first, a dead one given up within about a second).
     ///
     /// The context renews its certificate in the background from then on (from the first
     /// async call if it is created outside a Tokio runtime); see
@@ -411,6 +413,8 @@ impl Context {
 
     /// Follows this identity's view (`GET /v1/edge/watch`): the current one first, then each
     /// change, pushed by the controller. The watch ends when the identity loses its own access.
+    /// When a watch fails, the controller it came from goes to the back of the context's order,
+    /// so the next `watch_edge` goes to another controller first, if there are several.
     pub async fn watch_edge(&self) -> Result<EdgeWatch, SdkError> {
         self.start_renewal();
         let stream = self.inner.controller.stream("/v1/edge/watch").await?;
@@ -966,11 +970,16 @@ impl EdgeWatch {
             {
                 return Ok(Some(view.clone()));
             }
-            let chunk = tokio::time::timeout(silence, self.stream.chunk())
-                .await
-                .map_err(|_| {
-                    SdkError::Protocol(format!("no word from the controller for {silence:?}"))
-                })?;
+            let chunk = match tokio::time::timeout(silence, self.stream.chunk()).await {
+                Ok(c) => c,
+                Err(_) => {
+                    // The next watch tries another controller first, if there is one.
+                    self.stream.mark_dead();
+                    return Err(SdkError::Protocol(format!(
+                        "no word from the controller for {silence:?}"
+                    )));
+                }
+            };
             match chunk? {
                 Some(bytes) => self.decoder.push(&bytes),
                 None => return Ok(None),

@@ -23,6 +23,23 @@ pub enum SdkError {
         /// The cause.
         source: std::io::Error,
     },
+    /// None of several controllers could be reached: each one's error, in the order tried.
+    #[error("no controller could be reached: {}", list(.0))]
+    NoController(Vec<SdkError>),
+    /// The connection to the controller failed after the request was sent, so the controller
+    /// may have carried it out; a request that changes something is not sent again to another
+    /// controller (an enrollment may have spent its token, a create may have happened).
+    #[error("the connection to {addr} failed after the request was sent; it may have been carried out: {reason}")]
+    Interrupted {
+        /// Where the request went.
+        addr: String,
+        /// What ended the connection.
+        reason: String,
+    },
+    /// A controller address list that does not parse (`--controller`, an identity file, a
+    /// token).
+    #[error("invalid controller address: {0}")]
+    Controllers(#[from] umbra_pki::ControllerAddrsError),
     /// The controller answered with an error.
     #[error("{message} ({status})")]
     Api {
@@ -67,6 +84,15 @@ pub enum SdkError {
     /// Reading or writing a stream failed locally.
     #[error("stream I/O: {0}")]
     Io(std::io::Error),
+}
+
+/// Errors one after the other, each with the address it names.
+fn list(errors: &[SdkError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl SdkError {

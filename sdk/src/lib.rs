@@ -16,6 +16,7 @@ mod context;
 mod credentials;
 mod enroll;
 mod error;
+mod failover;
 mod listener;
 mod renewal;
 mod splice;

@@ -26,6 +26,7 @@ use umbra_policies::Timestamp;
 use crate::client::ControllerClient;
 use crate::credentials::Credentials;
 use crate::error::SdkError;
+use crate::failover::Rotation;
 use crate::sync::lock;
 
 /// How far the CA backdates `notBefore` for clock skew (`CertificateAuthority::issue`); not part
@@ -78,8 +79,12 @@ pub struct RenewingIdentity {
 
 struct Shared {
     tx: watch::Sender<Arc<Credentials>>,
-    /// The controller address, if not the one in the identity file.
-    controller: Option<String>,
+    /// The controllers' addresses (the identity file's, or the ones given instead).
+    controllers: Arc<[String]>,
+    /// Which controller answered last and which failed, shared by every client of this
+    /// identity (the renewal's, a router's control channel, a context's calls and watches),
+    /// so that all go to a controller known to answer.
+    rotation: Arc<Mutex<Rotation>>,
     /// Where each renewal is saved (0600), if anywhere.
     path: Mutex<Option<PathBuf>>,
     /// One renewal at a time: two concurrent ones would both succeed and the earlier result
@@ -98,20 +103,26 @@ impl std::fmt::Debug for RenewingIdentity {
 }
 
 impl RenewingIdentity {
-    /// Starts from `identity`, renewing with the controller at `controller` (default: the
-    /// address in the file) on the schedule `clock` tells (production: `Clock::system()`).
-    /// Nothing runs until [`RenewingIdentity::run`] is spawned.
+    /// Starts from `identity`, renewing with the controllers at `controller` (one `host:port`
+    /// or a comma-separated list; default: the file's) on the schedule `clock` tells
+    /// (production: `Clock::system()`). Nothing runs until [`RenewingIdentity::run`] is
+    /// spawned. Renewals keep the file's own controller list, whatever `controller` says.
     pub fn new(
         identity: IdentityFile,
         controller: Option<&str>,
         clock: Clock,
     ) -> Result<RenewingIdentity, SdkError> {
+        let controllers: Arc<[String]> = crate::client::controllers(&identity, controller)?
+            .iter()
+            .map(ToString::to_string)
+            .collect();
         let creds = Credentials::new(identity, clock.clone())?;
         let (tx, _) = watch::channel(Arc::new(creds));
         Ok(RenewingIdentity {
             shared: Arc::new(Shared {
                 tx,
-                controller: controller.map(str::to_owned),
+                rotation: Arc::new(Mutex::new(Rotation::new(controllers.len()))),
+                controllers,
                 path: Mutex::new(None),
                 renewing: tokio::sync::Mutex::new(()),
                 clock,
@@ -141,13 +152,14 @@ impl RenewingIdentity {
     }
 
     /// A controller client that authenticates with the current certificate on every new
-    /// connection.
+    /// connection. Every client made here shares what it learns about which controller
+    /// answers.
     pub fn controller(&self) -> ControllerClient {
-        let addr = match &self.shared.controller {
-            Some(a) => a.clone(),
-            None => self.current().identity().controller.clone(),
-        };
-        ControllerClient::live(addr, self.subscribe())
+        ControllerClient::live(
+            Arc::clone(&self.shared.controllers),
+            Arc::clone(&self.shared.rotation),
+            self.subscribe(),
+        )
     }
 
     /// Renews now: a fresh key, a certificate for it, saved (if a path is set) and published.
@@ -156,11 +168,9 @@ impl RenewingIdentity {
         let old = self.current();
         let renewed = tokio::time::timeout(
             ATTEMPT_TIMEOUT,
-            crate::enroll::renew_via(
-                old.identity(),
-                self.shared.controller.as_deref(),
-                &self.shared.clock,
-            ),
+            // The live client presents `old`: one renewal at a time, and this one has not
+            // been published yet.
+            crate::enroll::renew_via(old.identity(), &self.controller()),
         )
         .await
         .map_err(|_| SdkError::Timeout("renewal".into()))??;

@@ -15,7 +15,9 @@ use umbra_pki::{IdentityFile, TrustDomain};
 use umbra_sdk::ControllerClient;
 
 pub mod dataplane;
+pub mod docker;
 pub mod fake_llm;
+pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
 pub struct TestController {
     /// The controller's directory (CA, store, admin.json).
@@ -192,6 +194,7 @@ pub fn umbra_cmd(args: &[&str], env: &[(&str, &std::ffi::OsStr)]) -> Output {
     cmd.args(args)
         .env_remove("UMBRA_ADMIN")
         .env_remove("UMBRA_CONTROLLER")
+        .env_remove("UMBRA_STORE")
         .env("UMBRA_LOG", "error");
     for (k, v) in env {
         cmd.env(k, v);

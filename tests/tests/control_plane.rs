@@ -337,7 +337,11 @@ async fn raw_enroll(
 ) -> Result<EnrollResponse, SdkError> {
     let claims = umbra_pki::decode_unverified(token).unwrap();
     let tls = umbra_pki::client_config_pinned(claims.ca, &[b"http/1.1"]);
-    let c = ControllerClient::new(t.addr(), umbra_pki::ENROLL_SERVER_NAME, tls);
+    let c = ControllerClient::new(
+        &t.addr().parse().unwrap(),
+        umbra_pki::ENROLL_SERVER_NAME,
+        tls,
+    );
     let req = EnrollRequest {
         token: token.to_owned(),
         csr: base64::engine::general_purpose::STANDARD.encode(csr),
@@ -391,7 +395,11 @@ async fn the_management_api_takes_only_admins() {
 
     // No client certificate at all: the handshake is refused.
     let tls = umbra_pki::client_config_pinned(t.ctrl.ca().fingerprint(), &[b"http/1.1"]);
-    let anon = ControllerClient::new(t.addr(), umbra_pki::CONTROLLER_SERVER_NAME, tls);
+    let anon = ControllerClient::new(
+        &t.addr().parse().unwrap(),
+        umbra_pki::CONTROLLER_SERVER_NAME,
+        tls,
+    );
     let e = anon
         .call::<Vec<IdentityView>>(Method::GET, "/v1/identities", NONE)
         .await
@@ -1193,7 +1201,11 @@ async fn enrollment_bodies_are_small() {
     let tok = create(&t.admin_client(), "agent-1", IdentityKind::Agent, &[]).await;
     let claims = umbra_pki::decode_unverified(&tok.token).unwrap();
     let tls = umbra_pki::client_config_pinned(claims.ca, &[b"http/1.1"]);
-    let c = ControllerClient::new(t.addr(), umbra_pki::ENROLL_SERVER_NAME, tls);
+    let c = ControllerClient::new(
+        &t.addr().parse().unwrap(),
+        umbra_pki::ENROLL_SERVER_NAME,
+        tls,
+    );
     let big = serde_json::json!({"token": tok.token, "csr": "A".repeat(100 * 1024)});
     let e = c
         .call::<EnrollResponse>(Method::POST, "/v1/enroll", Some(&big))

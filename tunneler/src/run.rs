@@ -24,7 +24,9 @@ use crate::plan::{desired, Mapping};
 /// How the tunneler runs.
 #[derive(Clone)]
 pub struct TunnelerConfig {
-    /// Controller address, if not the identity file's.
+    /// Controller addresses (one `host:port` or a comma-separated list), if not the identity
+    /// file's. Informational: the tunneler talks to the controllers its [`Context`] was made
+    /// with (`Context::with_controller`).
     pub controller: Option<String>,
     /// Keep this file updated with `/etc/hosts` lines for the names it serves.
     pub hosts_file: Option<PathBuf>,
@@ -283,7 +285,10 @@ impl Listeners {
 }
 
 /// Follows `/v1/edge/watch` for as long as the tunneler runs, reconnecting with backoff; when a
-/// watch counts as dead and what follows its end are decided by `WatchFollower`.
+/// watch counts as dead and what follows its end are decided by `WatchFollower`. A watch that
+/// failed or fell silent sends the next one to another controller first (the client's
+/// rotation), after the shortest backoff (100 ms): each attempt walks every controller
+/// address, so the backoff grows only once all of them failed.
 async fn follow(client: ControllerClient, state: &mut Listeners) {
     let mut machine = WatchFollower::new(umbra_proto::follow::DEFAULT_HEARTBEAT);
     loop {
@@ -341,9 +346,11 @@ async fn watch_once(
         {
             state.reconcile(view).await;
         }
-        let chunk = timeout_at(machine.deadline(), stream.chunk())
-            .await
-            .ok_or_else(silent)?;
+        let Some(chunk) = timeout_at(machine.deadline(), stream.chunk()).await else {
+            // The next watch tries another controller first, if there is one.
+            stream.mark_dead();
+            return Err(silent());
+        };
         match chunk? {
             Some(bytes) => {
                 machine.bytes_received(std::time::Instant::now());

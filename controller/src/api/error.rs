@@ -51,6 +51,17 @@ impl ApiError {
         }
     }
 
+    /// A 503: the database cannot be used now; the request can be retried. The cause is
+    /// logged, not sent (it may name hosts).
+    pub fn unavailable(what: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %what, "request failed: the store is unavailable");
+        ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: "unavailable",
+            message: "the database is unavailable; try again".into(),
+        }
+    }
+
     /// A 500 that hides internals from the client (they are logged).
     pub fn internal(what: impl std::fmt::Display) -> Self {
         tracing::error!(error = %what, "internal error");
@@ -68,12 +79,15 @@ impl From<ControllerError> for ApiError {
         let (status, code) = match &e {
             E::Invalid(_) | E::Rejected(_) => (StatusCode::BAD_REQUEST, "invalid"),
             E::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
-            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             E::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             E::Forbidden(_) => return ApiError::forbidden(),
             E::Enrollment(_) => (StatusCode::UNAUTHORIZED, "enrollment_refused"),
             E::Pki(umbra_pki::PkiError::Csr(_)) => (StatusCode::BAD_REQUEST, "invalid_csr"),
-            E::Setup(_) | E::Pki(_) | E::Db(_) | E::Corrupt(_) | E::Io { .. } => {
+            E::Unavailable(_) => return ApiError::unavailable(e),
+            // Another controller committed first, nothing was written: the same request can be
+            // sent again (a controller that catches up on its own retries before it gets here).
+            E::Stale { .. } => (StatusCode::SERVICE_UNAVAILABLE, "stale"),
+            E::Setup(_) | E::Pki(_) | E::Db(_) | E::Postgres(_) | E::Corrupt(_) | E::Io { .. } => {
                 return ApiError::internal(e)
             }
         };
@@ -92,5 +106,27 @@ impl IntoResponse for ApiError {
             message: self.message,
         };
         (self.status, axum::Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database that cannot be reached is a 503 the client may retry, and what the client
+    /// reads names no host.
+    #[test]
+    fn an_unavailable_database_is_a_503_without_details() {
+        let e = ApiError::from(ControllerError::Unavailable(
+            "error connecting to server: db.internal:5432 refused".into(),
+        ));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(!e.message.contains("db.internal"), "{}", e.message);
+        let e = ApiError::from(ControllerError::Stale {
+            expected: 1,
+            found: 2,
+        });
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.code, "stale");
     }
 }

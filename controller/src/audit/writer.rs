@@ -1,21 +1,23 @@
 //! The one thread that stores reported events: a bounded queue in, many rows per transaction
-//! out, on a SQLite connection of its own (never under the controller's command lock), with the
+//! out, on a store connection of its own (never under the controller's command lock), with the
 //! suppressed summaries and the retention pass between batches.
 
-use std::path::Path;
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection};
 use umbra_policies::Timestamp;
 
 use super::limiter::{Limiter, Suppressed};
-use super::prune::{prune, AGENT};
+use super::prune::prune;
 use super::{AuditConfig, Recorded};
 use crate::clock::Clock;
 use crate::error::ControllerError;
+use crate::store::{Store, StoreConfig};
+
+// One row to store.
+pub(crate) use crate::store::AgentEvent as Row;
 
 /// Most rows in one transaction.
 const MAX_BATCH: usize = 1000;
@@ -32,16 +34,6 @@ enum Msg {
 
 /// How long a report waits for its rows to be committed before answering anyway.
 const ACK_WAIT: Duration = Duration::from_secs(5);
-
-/// One row to store.
-#[derive(Debug)]
-pub(crate) struct Row {
-    pub at: Timestamp,
-    pub actor: String,
-    pub action: &'static str,
-    pub target: String,
-    pub detail: String,
-}
 
 /// The queue's sending side and the buckets; dropping it flushes the queue and the summaries
 /// and joins the thread.
@@ -62,13 +54,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl AuditSink {
-    /// Opens a connection to the store at `db` (already created and migrated) and starts the
+    /// Opens a connection of its own to the store (already created and migrated) and starts the
     /// writer thread; prunes once before returning, so a restart applies the retention at once.
-    pub fn start(db: &Path, cfg: AuditConfig, clock: Clock) -> Result<AuditSink, ControllerError> {
-        let conn = Connection::open(db)?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        let gone = prune(&conn, clock.timestamp(), cfg.retention, cfg.max_agent_rows)?;
+    pub fn start(
+        store: &StoreConfig,
+        cfg: AuditConfig,
+        clock: Clock,
+    ) -> Result<AuditSink, ControllerError> {
+        let mut conn = store.open()?;
+        let gone = prune(
+            conn.as_mut(),
+            clock.timestamp(),
+            cfg.retention,
+            cfg.max_agent_rows,
+        )?;
         if gone > 0 {
             tracing::info!(
                 rows = gone,
@@ -149,7 +148,7 @@ fn summary_row(s: Suppressed, at: Timestamp) -> Row {
 }
 
 fn run(
-    mut conn: Connection,
+    mut conn: Box<dyn Store>,
     rx: mpsc::Receiver<Msg>,
     limiter: Arc<Mutex<Limiter>>,
     cfg: AuditConfig,
@@ -184,7 +183,7 @@ fn run(
         let summaries = lock(&limiter).summaries(Instant::now(), period);
         batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
         if !batch.is_empty() {
-            if let Err(e) = write(&mut conn, &batch) {
+            if let Err(e) = conn.append_agent_events(&batch) {
                 tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events");
             }
         }
@@ -193,7 +192,12 @@ fn run(
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
             last_prune = Instant::now();
-            match prune(&conn, clock.timestamp(), cfg.retention, cfg.max_agent_rows) {
+            match prune(
+                conn.as_mut(),
+                clock.timestamp(),
+                cfg.retention,
+                cfg.max_agent_rows,
+            ) {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     rows = n,
@@ -203,25 +207,4 @@ fn run(
             }
         }
     }
-}
-
-fn write(conn: &mut Connection, rows: &[Row]) -> Result<(), ControllerError> {
-    let tx = conn.transaction()?;
-    {
-        let mut stmt = tx.prepare_cached(
-            "INSERT INTO audit (at, actor, action, target, detail, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        )?;
-        for r in rows {
-            stmt.execute(params![
-                i64::try_from(r.at.0).unwrap_or(i64::MAX),
-                r.actor,
-                r.action,
-                r.target,
-                r.detail,
-                AGENT
-            ])?;
-        }
-    }
-    tx.commit()?;
-    Ok(())
 }

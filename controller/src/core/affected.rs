@@ -131,16 +131,7 @@ fn identity_changed(
 
 fn service_changed(out: &mut Affected, before: &Index, after: &Index, name: &Name) {
     for index in [before, after] {
-        let state = index.state();
-        let Some(service) = state.services.get(name) else {
-            continue;
-        };
-        // A scan of the policies (the index keeps each service's policies, but does not say).
-        for p in state
-            .policies
-            .values()
-            .filter(|p| p.selects_service(service))
-        {
+        for p in index.policies_selecting(name.as_str()) {
             out.identities
                 .extend(index.identities_selected_by(p).into_iter().cloned());
         }

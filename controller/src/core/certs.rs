@@ -57,7 +57,7 @@ impl Controller {
     /// either completes before it (and its certificate is revoked with the others) or fails.
     pub fn renew(&self, peer: &PeerCert, csr_der: &[u8]) -> Result<RenewResponse, ControllerError> {
         let mut inner = self.write()?;
-        let identity = self.authorize_locked(&inner, peer, None)?;
+        let identity = self.authorize_locked(&mut inner, peer, None)?;
         let mut batch = Batch::default();
         let issued = self.sign(&identity, csr_der, None, "identity.renew", &mut batch)?;
         // Which certificate vouched for the renewal, for whoever reads the audit log later.
@@ -152,14 +152,14 @@ impl Controller {
         peer: &PeerCert,
         kind: Option<IdentityKind>,
     ) -> Result<Identity, ControllerError> {
-        self.authorize_locked(&self.lock(), peer, kind)
+        self.authorize_locked(&mut self.lock(), peer, kind)
     }
 
     /// [`Controller::authorize_peer`] under a lock the caller already holds, so that what it
     /// checked is still true when the caller commits.
     pub(super) fn authorize_locked(
         &self,
-        inner: &Inner,
+        inner: &mut Inner,
         peer: &PeerCert,
         kind: Option<IdentityKind>,
     ) -> Result<Identity, ControllerError> {

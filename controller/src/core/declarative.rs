@@ -79,7 +79,7 @@ impl Controller {
                             "the document omits {name}, the admin applying it; an admin cannot delete itself"
                         )));
                     }
-                    Self::revoke_certs(&inner, &id, now, &mut revocations)?;
+                    Self::revoke_certs(&mut inner, &id, now, &mut revocations)?;
                     batch.changes.push(ChangeEvent::IdentityDeleted { id });
                 }
                 Change::PutService(service) => {

@@ -53,8 +53,8 @@ impl Controller {
             )));
         }
         let identity = {
-            let inner = self.lock();
-            self.authorize_locked(&inner, peer, None)?
+            let mut inner = self.lock();
+            self.authorize_locked(&mut inner, peer, None)?
         };
         let label = SpiffeId::new(self.trust_domain(), identity.kind, &identity.name).to_string();
         let at = self.now();

@@ -49,25 +49,25 @@ impl Controller {
         // Under the command lock, which every commit and catch-up holds: no delta falls
         // between the state read below and the subscription.
         let rx = self.deltas.load().subscribe();
-        let router = self.authorize_locked(&inner, peer, Some(IdentityKind::Router))?;
+        let router = self.authorize_locked(&mut inner, peer, Some(IdentityKind::Router))?;
         if let Some(addr) = advertise {
             self.advertise_locked(&mut inner, &router, addr)?;
         }
-        let sub = self.subscription_locked(&inner, since, rx)?;
+        let sub = self.subscription_locked(&mut inner, since, rx)?;
         Ok((router, sub))
     }
 
     /// What a follower at `since` (epoch, seq) needs first (no authorization: for tests and
     /// in-process followers).
     pub fn subscribe(&self, since: Option<(&str, u64)>) -> Result<Subscription, ControllerError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let rx = self.deltas.load().subscribe();
-        self.subscription_locked(&inner, since, rx)
+        self.subscription_locked(&mut inner, since, rx)
     }
 
     fn subscription_locked(
         &self,
-        inner: &Inner,
+        inner: &mut Inner,
         since: Option<(&str, u64)>,
         rx: broadcast::Receiver<Arc<Delta>>,
     ) -> Result<Subscription, ControllerError> {
@@ -160,8 +160,8 @@ impl Controller {
     /// the registration unseen (one that comes after wakes the watcher). The caller computes
     /// the first view after this returns.
     pub fn watch_edge(&self, peer: &PeerCert) -> Result<(Identity, hub::Watcher), ControllerError> {
-        let inner = self.lock();
-        let identity = self.authorize_locked(&inner, peer, None)?;
+        let mut inner = self.lock();
+        let identity = self.authorize_locked(&mut inner, peer, None)?;
         let watcher = self.hub.register(&identity.id);
         Ok((identity, watcher))
     }

@@ -143,7 +143,7 @@ impl Controller {
         &self,
         kind: Option<IdentityKind>,
     ) -> Result<Vec<IdentityView>, ControllerError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let enrolled = inner.store.enrolled_ids()?;
         let mut out: Vec<IdentityView> = inner
             .state()
@@ -162,7 +162,7 @@ impl Controller {
 
     /// One identity with its certificates.
     pub fn show_identity(&self, name: &str) -> Result<IdentityView, ControllerError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let identity = inner
             .identity_named(name)
             .cloned()
@@ -176,7 +176,7 @@ impl Controller {
     }
 
     pub(super) fn revoke_certs(
-        inner: &Inner,
+        inner: &mut Inner,
         id: &IdentityId,
         now: Timestamp,
         batch: &mut Batch,
@@ -203,7 +203,7 @@ impl Controller {
         let now = self.now();
         let mut batch = Batch::default();
         // Revocations go first, so a router applying the deltas cuts before anything else.
-        Self::revoke_certs(&inner, &identity.id, now, &mut batch)?;
+        Self::revoke_certs(&mut inner, &identity.id, now, &mut batch)?;
         if !identity.revoked {
             identity.revoked = true;
             batch.changes.insert(
@@ -258,7 +258,7 @@ impl Controller {
         }
         let now = self.now();
         let mut batch = Batch::default();
-        Self::revoke_certs(&inner, &identity.id, now, &mut batch)?;
+        Self::revoke_certs(&mut inner, &identity.id, now, &mut batch)?;
         batch.changes.push(ChangeEvent::IdentityDeleted {
             id: identity.id.clone(),
         });
@@ -284,7 +284,7 @@ impl Controller {
 
     /// Routers with their advertised addresses.
     pub fn list_routers(&self) -> Result<Vec<RouterView>, ControllerError> {
-        let inner = self.lock();
+        let mut inner = self.lock();
         let enrolled = inner.store.enrolled_ids()?;
         let mut out: Vec<RouterView> = inner
             .state()

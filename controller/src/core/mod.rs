@@ -38,7 +38,7 @@ use crate::audit::writer::AuditSink;
 use crate::audit::AuditConfig;
 use crate::clock::Clock;
 use crate::error::ControllerError;
-use crate::store::{AuditRecord, Batch, Record, Store};
+use crate::store::{AuditRecord, Batch, Record, Store, StoreConfig};
 
 pub mod affected;
 mod certs;
@@ -58,10 +58,12 @@ const DELTA_CAPACITY: usize = 4096;
 
 /// File names inside the controller's directory.
 pub mod files {
-    /// The SQLite database.
+    /// The SQLite database (the default store).
     pub const DB: &str = "umbra.db";
     /// The enrollment-token signing key.
     pub const TOKEN_KEY: &str = "token.key";
+    /// The root CA certificate (its presence means the directory holds key material).
+    pub const CA_CERT: &str = "ca.crt";
     /// The first admin's identity file.
     pub const ADMIN: &str = "admin.json";
 }
@@ -69,8 +71,12 @@ pub mod files {
 /// How a controller runs.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// The directory made by `umbra controller init`.
+    /// The directory made by `umbra controller init`: the CA and token keys (always files
+    /// here, never in the database).
     pub dir: PathBuf,
+    /// Where the state is kept: SQLite in the directory by default, or PostgreSQL shared by
+    /// several controllers.
+    pub store: StoreConfig,
     /// Lifetime of identity certificates (short, so that a lost key expires on its own).
     pub cert_validity: Duration,
     /// Lifetime of an enrollment token when the request names none.
@@ -90,8 +96,10 @@ pub struct ControllerConfig {
 impl ControllerConfig {
     /// Defaults for a directory: 24 h certificates, 30 min tokens (at most 7 days).
     pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let dir = dir.into();
         ControllerConfig {
-            dir: dir.into(),
+            store: StoreConfig::Sqlite(dir.join(files::DB)),
+            dir,
             cert_validity: Duration::from_secs(24 * 3600),
             default_token_ttl: Duration::from_secs(30 * 60),
             max_token_ttl: Duration::from_secs(7 * 24 * 3600),
@@ -150,7 +158,7 @@ impl RevocationCheck for RevokedSerials {
 }
 
 struct Inner {
-    store: Store,
+    store: Box<dyn Store>,
     replica: Replica,
     names: HashMap<Name, IdentityId>,
     /// The compiled index of `replica.state`, kept current by every commit.
@@ -233,23 +241,43 @@ pub fn init(
     address: &str,
 ) -> Result<PathBuf, ControllerError> {
     let dir = &cfg.dir;
-    if dir.join(files::DB).exists() {
-        return Err(ControllerError::Setup(format!(
-            "{} is already initialized",
-            dir.display()
-        )));
+    let initialized = match &cfg.store {
+        StoreConfig::Sqlite(db) => db.exists(),
+        // A shared database is initialized once; other controllers join it. Key files already
+        // in DIR are never replaced.
+        StoreConfig::Postgres(_) => {
+            dir.join(files::CA_CERT).exists() || cfg.store.open()?.meta(meta::EPOCH)?.is_some()
+        }
+    };
+    if initialized {
+        return Err(ControllerError::Setup(already_initialized(cfg)));
     }
     std::fs::create_dir_all(dir).map_err(ControllerError::io(dir))?;
     set_mode(dir, 0o700)?;
     let ca = CertificateAuthority::generate(trust_domain, cfg.clock.now())?;
     ca.save(dir)?;
-    TokenSigner::generate().save(&dir.join(files::TOKEN_KEY))?;
-    let store = Store::open(&dir.join(files::DB))?;
+    let signer = TokenSigner::generate();
+    signer.save(&dir.join(files::TOKEN_KEY))?;
+    let mut store = cfg.store.open()?;
     let mut epoch = [0u8; 16];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut epoch);
-    store.set_meta("trust_domain", trust_domain.as_str())?;
-    store.set_meta("epoch", &hex::encode(epoch))?;
-    store.set_meta("address", address)?;
+    // Under the write lock, so that of two `init`s racing on one database exactly one wins.
+    store.lock_writes()?;
+    let values = [
+        (meta::TRUST_DOMAIN, trust_domain.as_str().to_owned()),
+        (meta::CA_FINGERPRINT, ca.fingerprint().to_string()),
+        (meta::TOKEN_KEY, token_key_id(&signer)),
+        (meta::ADDRESS, address.to_owned()),
+        // Last: its presence is what "initialized" means.
+        (meta::EPOCH, hex::encode(epoch)),
+    ];
+    let written = match store.meta(meta::EPOCH) {
+        Ok(Some(_)) => Err(ControllerError::Setup(already_initialized(cfg))),
+        Ok(None) => (values.iter()).try_for_each(|(k, v)| store.set_meta(k, v)),
+        Err(e) => Err(e),
+    };
+    store.unlock_writes();
+    written?;
     drop(store);
 
     let ctrl = Controller::open(cfg.clone())?;
@@ -264,6 +292,108 @@ pub fn init(
     let path = dir.join(files::ADMIN);
     file.save(&path)?;
     Ok(path)
+}
+
+/// Keys of the store's metadata.
+mod meta {
+    /// The trust domain.
+    pub const TRUST_DOMAIN: &str = "trust_domain";
+    /// The history's random id; its presence means the store is initialized.
+    pub const EPOCH: &str = "epoch";
+    /// Where clients reach the controller.
+    pub const ADDRESS: &str = "address";
+    /// The SHA-256 fingerprint of the root CA certificate the store was initialized with.
+    pub const CA_FINGERPRINT: &str = "ca_fingerprint";
+    /// The public key that verifies enrollment tokens (public: it identifies the key only).
+    pub const TOKEN_KEY: &str = "token_key";
+}
+
+fn already_initialized(cfg: &ControllerConfig) -> String {
+    match &cfg.store {
+        StoreConfig::Sqlite(_) => format!("{} is already initialized", cfg.dir.display()),
+        StoreConfig::Postgres(_) => format!(
+            "{} or the database {} is already initialized (to run another controller on it: \
+             `umbra controller join --dir NEW --from DIR --store URL`)",
+            cfg.dir.display(),
+            cfg.store
+        ),
+    }
+}
+
+/// The token verifying key as stored in the metadata: public, it names the key.
+fn token_key_id(signer: &TokenSigner) -> String {
+    hex::encode(signer.verifying_key().to_bytes())
+}
+
+/// Gives a new controller directory `cfg.dir` the key material of an existing controller's
+/// directory `from` (the CA and the token key), so that it can run on the same database
+/// (`cfg.store`). The keys are checked against the fingerprints the database was initialized
+/// with before anything is written; the files are created with their final modes (0600 keys in a
+/// 0700 directory); nothing is written to the database. Keys never go through the database.
+pub fn join_dir(cfg: &ControllerConfig, from: &Path) -> Result<(), ControllerError> {
+    let dir = &cfg.dir;
+    for f in [files::CA_CERT, files::TOKEN_KEY] {
+        if dir.join(f).exists() {
+            return Err(ControllerError::Setup(format!(
+                "{} already holds key material ({f})",
+                dir.display()
+            )));
+        }
+    }
+    let mut store = cfg.store.open()?;
+    if store.meta(meta::EPOCH)?.is_none() {
+        return Err(ControllerError::Setup(format!(
+            "the store {} is not initialized (run `umbra controller init` first)",
+            cfg.store
+        )));
+    }
+    let td = trust_domain_of(store.as_mut())?;
+    let ca = CertificateAuthority::load(from, &td)?;
+    let signer = TokenSigner::load(&from.join(files::TOKEN_KEY))?;
+    check_keys(store.as_mut(), &ca, &signer, from)?;
+    drop(store);
+    ca.save(dir)?;
+    set_mode(dir, 0o700)?;
+    signer.save(&dir.join(files::TOKEN_KEY))?;
+    Ok(())
+}
+
+fn trust_domain_of(store: &mut dyn Store) -> Result<TrustDomain, ControllerError> {
+    let td = store
+        .meta(meta::TRUST_DOMAIN)?
+        .ok_or_else(|| ControllerError::Corrupt("no trust domain in the store".into()))?;
+    td.parse()
+        .map_err(|e| ControllerError::Corrupt(format!("trust domain: {e}")))
+}
+
+/// Refuses key material other than the one the store was initialized with: a controller given
+/// the wrong directory would otherwise issue certificates no peer trusts, or tokens no other
+/// controller accepts. A store made before the fingerprints were kept gets them now.
+fn check_keys(
+    store: &mut dyn Store,
+    ca: &CertificateAuthority,
+    signer: &TokenSigner,
+    dir: &Path,
+) -> Result<(), ControllerError> {
+    let checks = [
+        (meta::CA_FINGERPRINT, ca.fingerprint().to_string(), "CA"),
+        (meta::TOKEN_KEY, token_key_id(signer), "token key"),
+    ];
+    for (key, ours, what) in checks {
+        match store.meta(key)? {
+            Some(stored) if stored != ours => {
+                return Err(ControllerError::Setup(format!(
+                    "the {what} in {} is not the one the store was initialized with \
+                     ({key} {ours}, the store has {stored}): run every controller of a store \
+                     with the key material of the first (`umbra controller join`)",
+                    dir.display()
+                )))
+            }
+            Some(_) => {}
+            None => store.set_meta(key, &ours)?,
+        }
+    }
+    Ok(())
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<(), ControllerError> {
@@ -287,31 +417,42 @@ impl Controller {
     /// Opens an initialized directory.
     pub fn open(cfg: ControllerConfig) -> Result<Controller, ControllerError> {
         let dir = &cfg.dir;
-        let db = dir.join(files::DB);
-        if !db.exists() {
-            return Err(ControllerError::Setup(format!(
-                "{} is not initialized (run `umbra controller init --dir {}`)",
-                dir.display(),
-                dir.display()
-            )));
+        let not_initialized = || {
+            ControllerError::Setup(match &cfg.store {
+                StoreConfig::Sqlite(_) => format!(
+                    "{} is not initialized (run `umbra controller init --dir {}`)",
+                    dir.display(),
+                    dir.display()
+                ),
+                StoreConfig::Postgres(_) => format!(
+                    "the store {} is not initialized (run `umbra controller init --dir {} --store URL`)",
+                    cfg.store,
+                    dir.display()
+                ),
+            })
+        };
+        if let StoreConfig::Sqlite(db) = &cfg.store {
+            if !db.exists() {
+                return Err(not_initialized());
+            }
         }
-        let store = Store::open(&db)?;
-        let audit = AuditSink::start(&db, cfg.audit.clone(), cfg.clock.clone())?;
-        let td = store
-            .meta("trust_domain")?
-            .ok_or_else(|| ControllerError::Corrupt("no trust domain in the store".into()))?;
-        let td: TrustDomain = td
-            .parse()
-            .map_err(|e| ControllerError::Corrupt(format!("trust domain: {e}")))?;
-        let epoch = store
-            .meta("epoch")?
-            .ok_or_else(|| ControllerError::Corrupt("no epoch in the store".into()))?;
+        let mut store = cfg.store.open()?;
+        let epoch = store.meta(meta::EPOCH)?;
+        let Some(epoch) = epoch else {
+            return Err(match cfg.store {
+                StoreConfig::Sqlite(_) => ControllerError::Corrupt("no epoch in the store".into()),
+                StoreConfig::Postgres(_) => not_initialized(),
+            });
+        };
+        let td = trust_domain_of(store.as_mut())?;
         let address = store
-            .meta("address")?
+            .meta(meta::ADDRESS)?
             .unwrap_or_else(|| "127.0.0.1:1280".into());
         let ca = CertificateAuthority::load(dir, &td)?;
         let signer = TokenSigner::load(&dir.join(files::TOKEN_KEY))?;
+        check_keys(store.as_mut(), &ca, &signer, dir)?;
         let verifier = signer.verifying_key();
+        let audit = AuditSink::start(&cfg.store, cfg.audit.clone(), cfg.clock.clone())?;
         let replica = store.load(epoch, cfg.clock.timestamp())?;
         let names = replica
             .state

@@ -1,10 +1,7 @@
-//! Durable state in SQLite: the model, enrollment tokens, issued certificates, the ordered change
-//! log that the control channel replays, and the audit log.
-//!
-//! Every write is one transaction that persists the model changes, appends them to the change log
-//! with their sequence numbers, and records the audit entries, so either all of a command takes
-//! effect or none of it does. WAL with `synchronous=FULL`: a committed write survives a crash.
+//! The SQLite store: one file, owned by one controller process. WAL with `synchronous=FULL`:
+//! a committed write survives a crash.
 
+use std::collections::HashSet;
 use std::path::Path;
 
 use rusqlite::{params, Connection, OptionalExtension, Transaction};
@@ -12,6 +9,7 @@ use umbra_policies::{Identity, IdentityId, Service, ServicePolicy, State, Timest
 use umbra_proto::api::{AuditEntry, CertInfo};
 use umbra_proto::{ChangeEvent, Delta, Replica, RevokedCert, RouterInfo};
 
+use super::{AgentEvent, Batch, Record, Store, TokenRow, AGENT_ORIGIN, MAX_REPLAY, TRIM_EVERY};
 use crate::error::ControllerError;
 
 const SCHEMA: &str = "
@@ -36,81 +34,14 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
 ";
 
-/// The most deltas replayed to a resuming follower; further behind, it gets a snapshot.
-pub const MAX_REPLAY: u64 = 10_000;
-
-/// The change log keeps the last [`MAX_REPLAY`] changes (older ones could never be replayed)
-/// and is trimmed whenever a commit crosses a multiple of this many, so that it stays bounded
-/// without a delete in every commit.
-const TRIM_EVERY: u64 = 1024;
-
-/// An audit record before it is stored.
-#[derive(Debug, Clone)]
-pub struct AuditRecord {
-    /// Who acted: a SPIFFE id, or `controller`.
-    pub actor: String,
-    /// What was done, e.g. `identity.create`.
-    pub action: &'static str,
-    /// On what.
-    pub target: String,
-    /// Details as JSON; never a secret.
-    pub detail: serde_json::Value,
-}
-
-/// Bookkeeping that is not part of the replicated model.
-#[derive(Debug, Clone)]
-pub enum Record {
-    /// A new enrollment token; earlier unused tokens of the same identity stop working.
-    Token {
-        jti: String,
-        identity: IdentityId,
-        expires_at: Timestamp,
-    },
-    /// A token was spent.
-    TokenUsed { jti: String },
-    /// A certificate was issued.
-    Cert {
-        serial: String,
-        identity: IdentityId,
-        not_after: Timestamp,
-    },
-}
-
-/// Everything one command writes.
-#[derive(Debug, Default)]
-pub struct Batch {
-    /// Model changes, replicated to routers in this order.
-    pub changes: Vec<ChangeEvent>,
-    /// Local bookkeeping.
-    pub records: Vec<Record>,
-    /// Audit entries.
-    pub audit: Vec<AuditRecord>,
-}
-
-impl Batch {
-    /// Whether the batch writes nothing at all.
-    pub fn is_empty(&self) -> bool {
-        self.changes.is_empty() && self.records.is_empty() && self.audit.is_empty()
-    }
-}
-
-/// A token row.
-#[derive(Debug, Clone)]
-pub struct TokenRow {
-    /// The identity it enrolls.
-    pub identity: IdentityId,
-    /// When it was spent or superseded by a newer token, if it was.
-    pub used_at: Option<Timestamp>,
-}
-
 /// The SQLite store.
-pub struct Store {
+pub struct SqliteStore {
     conn: Connection,
 }
 
-impl std::fmt::Debug for Store {
+impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").finish_non_exhaustive()
+        f.debug_struct("SqliteStore").finish_non_exhaustive()
     }
 }
 
@@ -122,9 +53,9 @@ fn sql_ts(t: Timestamp) -> i64 {
     i64::try_from(t.0).unwrap_or(i64::MAX)
 }
 
-impl Store {
+impl SqliteStore {
     /// Opens (creating if needed) the database at `path`.
-    pub fn open(path: &Path) -> Result<Store, ControllerError> {
+    pub fn open(path: &Path) -> Result<SqliteStore, ControllerError> {
         // Every identity, policy and the audit log: the controller's user alone reads them.
         umbra_pki::private_database(path).map_err(|e| ControllerError::Setup(e.to_string()))?;
         let conn = Connection::open(path)?;
@@ -133,11 +64,13 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         migrate_audit_origin(&conn)?;
-        Ok(Store { conn })
+        Ok(SqliteStore { conn })
     }
+}
 
+impl Store for SqliteStore {
     /// Reads a metadata value.
-    pub fn meta(&self, key: &str) -> Result<Option<String>, ControllerError> {
+    fn meta(&mut self, key: &str) -> Result<Option<String>, ControllerError> {
         Ok(self
             .conn
             .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
@@ -145,7 +78,7 @@ impl Store {
     }
 
     /// Writes a metadata value.
-    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), ControllerError> {
+    fn set_meta(&mut self, key: &str, value: &str) -> Result<(), ControllerError> {
         self.conn.execute(
             "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             params![key, value],
@@ -154,7 +87,7 @@ impl Store {
     }
 
     /// Loads everything the controller keeps in memory.
-    pub fn load(&self, epoch: String, now: Timestamp) -> Result<Replica, ControllerError> {
+    fn load(&mut self, epoch: String, now: Timestamp) -> Result<Replica, ControllerError> {
         let mut state = State::default();
         let mut stmt = self.conn.prepare("SELECT body FROM identities")?;
         for body in stmt.query_map([], |r| r.get::<_, String>(0))? {
@@ -173,7 +106,7 @@ impl Store {
         }
         let mut replica = Replica {
             epoch,
-            seq: self.last_seq()?,
+            seq: last_seq(&self.conn)?,
             state,
             ..Default::default()
         };
@@ -209,16 +142,13 @@ impl Store {
     }
 
     /// The sequence number of the last committed change (0 when there is none).
-    pub fn last_seq(&self) -> Result<u64, ControllerError> {
-        let seq: Option<i64> = self
-            .conn
-            .query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
-        Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
+    fn last_seq(&mut self) -> Result<u64, ControllerError> {
+        last_seq(&self.conn)
     }
 
     /// The changes after `seq`, in order, or `None` when they are no longer all kept or are
     /// more than [`MAX_REPLAY`] (a snapshot is then cheaper and bounded).
-    pub fn changes_since(&self, seq: u64) -> Result<Option<Vec<Delta>>, ControllerError> {
+    fn changes_since(&mut self, seq: u64) -> Result<Option<Vec<Delta>>, ControllerError> {
         if self.last_seq()?.saturating_sub(seq) > MAX_REPLAY {
             return Ok(None);
         }
@@ -257,7 +187,7 @@ impl Store {
     }
 
     /// Looks up a token by its nonce.
-    pub fn token(&self, jti: &str) -> Result<Option<TokenRow>, ControllerError> {
+    fn token(&mut self, jti: &str) -> Result<Option<TokenRow>, ControllerError> {
         let row = self
             .conn
             .query_row(
@@ -278,7 +208,7 @@ impl Store {
     }
 
     /// The identity a certificate was issued to, and whether it was revoked.
-    pub fn cert_owner(&self, serial: &str) -> Result<Option<(IdentityId, bool)>, ControllerError> {
+    fn cert_owner(&mut self, serial: &str) -> Result<Option<(IdentityId, bool)>, ControllerError> {
         let row = self
             .conn
             .query_row(
@@ -296,7 +226,7 @@ impl Store {
     }
 
     /// Certificates issued to an identity, newest first.
-    pub fn certs_of(&self, identity: &IdentityId) -> Result<Vec<CertInfo>, ControllerError> {
+    fn certs_of(&mut self, identity: &IdentityId) -> Result<Vec<CertInfo>, ControllerError> {
         let mut stmt = self.conn.prepare(
             "SELECT serial, issued_at, not_after, revoked_at IS NOT NULL FROM certs WHERE identity_id = ?1 ORDER BY issued_at DESC, rowid DESC",
         )?;
@@ -312,7 +242,7 @@ impl Store {
     }
 
     /// The set of identity ids that have enrolled.
-    pub fn enrolled_ids(&self) -> Result<std::collections::HashSet<String>, ControllerError> {
+    fn enrolled_ids(&mut self) -> Result<HashSet<String>, ControllerError> {
         let mut stmt = self
             .conn
             .prepare("SELECT DISTINCT identity_id FROM certs")?;
@@ -321,8 +251,8 @@ impl Store {
     }
 
     /// Unrevoked, unexpired certificates of an identity (what revoking it must add to the list).
-    pub fn live_certs_of(
-        &self,
+    fn live_certs_of(
+        &mut self,
         identity: &IdentityId,
         now: Timestamp,
     ) -> Result<Vec<RevokedCert>, ControllerError> {
@@ -340,7 +270,7 @@ impl Store {
     }
 
     /// The newest audit entries, newest last.
-    pub fn audit(&self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+    fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
         let mut stmt = self.conn.prepare(
             "SELECT id, at, actor, action, target, detail FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
         )?;
@@ -371,13 +301,27 @@ impl Store {
 
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`.
     /// Returns the deltas as committed.
-    pub fn commit(
+    fn commit(
         &mut self,
         batch: &Batch,
         seq: u64,
         now: Timestamp,
     ) -> Result<Vec<Delta>, ControllerError> {
-        let tx = self.conn.transaction()?;
+        // Immediate: the write lock is taken at BEGIN, so the sequence read below and the
+        // writes after it cannot interleave with another connection's commit.
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // One process owns the file, so this holds unless the store was written behind the
+        // controller's back; checked anyway (it costs one index lookup) so that both stores
+        // refuse a batch built on an old state the same way.
+        let found = last_seq(&tx)?;
+        if found != seq {
+            return Err(ControllerError::Stale {
+                expected: seq,
+                found,
+            });
+        }
         let mut deltas = Vec::with_capacity(batch.changes.len());
         let n = batch.changes.len();
         for (i, change) in batch.changes.iter().enumerate() {
@@ -461,6 +405,67 @@ impl Store {
         tx.commit()?;
         Ok(deltas)
     }
+
+    /// One process owns the file and serializes its commands with its own mutex.
+    fn lock_writes(&mut self) -> Result<(), ControllerError> {
+        Ok(())
+    }
+
+    fn unlock_writes(&mut self) {}
+
+    fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT INTO audit (at, actor, action, target, detail, origin) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?;
+            for e in events {
+                stmt.execute(params![
+                    sql_ts(e.at),
+                    e.actor,
+                    e.action,
+                    e.target,
+                    e.detail,
+                    AGENT_ORIGIN
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn prune_agent_events(
+        &mut self,
+        before: Option<Timestamp>,
+        keep: u64,
+    ) -> Result<u64, ControllerError> {
+        let mut deleted = 0;
+        if let Some(before) = before {
+            deleted += self.conn.execute(
+                "DELETE FROM audit WHERE origin = ?1 AND at < ?2",
+                params![AGENT_ORIGIN, sql_ts(before)],
+            )? as u64;
+        }
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM audit WHERE origin = ?1",
+            [AGENT_ORIGIN],
+            |r| r.get(0),
+        )?;
+        let over = u64::try_from(n).unwrap_or(0).saturating_sub(keep);
+        if over > 0 {
+            deleted += self.conn.execute(
+                "DELETE FROM audit WHERE id IN \
+                 (SELECT id FROM audit WHERE origin = ?1 ORDER BY at, id LIMIT ?2)",
+                params![AGENT_ORIGIN, i64::try_from(over).unwrap_or(i64::MAX)],
+            )? as u64;
+        }
+        Ok(deleted)
+    }
+}
+
+fn last_seq(conn: &Connection) -> Result<u64, ControllerError> {
+    let seq: Option<i64> = conn.query_row("SELECT MAX(seq) FROM changes", [], |r| r.get(0))?;
+    Ok(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0)))
 }
 
 /// Adds `audit.origin` (`operator` or `agent`) to a store made before it existed; rows that
@@ -543,7 +548,6 @@ fn persist_change(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use umbra_policies::{IdentityId, Timestamp};
 
     fn revocation(i: u64) -> ChangeEvent {
         ChangeEvent::CertRevoked {
@@ -560,7 +564,7 @@ mod tests {
     #[test]
     fn the_change_log_keeps_only_what_can_be_replayed() {
         let dir = tempfile::tempdir().unwrap();
-        let mut store = Store::open(&dir.path().join("t.db")).unwrap();
+        let mut store = SqliteStore::open(&dir.path().join("t.db")).unwrap();
         let mut seq = 0;
         // Commits of 700 changes: trims happen inside commits, not at their edges.
         while seq < 3 * MAX_REPLAY {
