@@ -77,6 +77,22 @@ impl TestController {
         }
     }
 
+    /// A second controller on this one's store (PostgreSQL), as `umbra controller join` makes
+    /// it: the same keys copied into a directory of its own, the first admin's identity file
+    /// beside them, its own listener.
+    pub async fn join(&self) -> TestController {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut cfg = self.ctrl.config().clone();
+        cfg.dir = dir.path().join("ctrl");
+        let (c, from) = (cfg.clone(), self.ctrl_dir());
+        tokio::task::spawn_blocking(move || umbra_controller::join_dir(&c, &from))
+            .await
+            .expect("join")
+            .expect("join_dir");
+        std::fs::copy(self.admin_path(), cfg.dir.join("admin.json")).expect("copy admin.json");
+        Self::boot(dir, cfg, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
     fn refresh_admin(&mut self) {
         self.admin = IdentityFile::load(self.admin_path()).expect("admin.json");
     }
@@ -123,6 +139,14 @@ impl TestController {
         drop(self.ctrl);
         let (_, ()) = tokio::join!(tokio::time::sleep(outage), between);
         Self::boot(dir, cfg, listen).await
+    }
+
+    /// Stops serving, as a controller that dies would: its clients' connections end. The
+    /// controller itself is dropped with the rest of this value.
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
     }
 
     /// The controller's address.

@@ -495,20 +495,24 @@ fn a_commit_wakes_the_watchers_of_other_controllers() {
     assert!(started.elapsed() >= Duration::from_millis(100));
 }
 
-/// While one controller holds the write lock, another controller's commit waits for it, and
-/// then finds the log moved by the holder's commit: stale, nothing written.
+/// While one controller holds the command lock (on a connection of its own), another
+/// controller's command waits for it, and then finds the log moved by the holder's commit
+/// (made on the holder's other connection, which does not wait for its own command): stale,
+/// nothing written.
 #[test]
-fn the_write_lock_serializes_whole_commands_across_controllers() {
+fn the_command_lock_serializes_whole_commands_across_controllers() {
     let b = Backend::postgres();
-    let mut holder = b.open();
-    let mut other = b.open();
-    holder.lock_writes().unwrap();
+    let (mut holder_lock, mut holder) = (b.open(), b.open());
+    let (mut other_lock, mut other) = (b.open(), b.open());
+    holder_lock.lock_writes().unwrap();
     // Re-entrant: a command may take it again.
-    holder.lock_writes().unwrap();
+    holder_lock.lock_writes().unwrap();
     let seq = holder.last_seq().unwrap();
-    let (started_tx, started_rx) = std::sync::mpsc::channel();
+    let locked = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = locked.clone();
     let waiter = std::thread::spawn(move || {
-        started_tx.send(()).unwrap();
+        other_lock.lock_writes().unwrap();
+        seen.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = other.commit(
             &Batch {
                 changes: vec![service("theirs")],
@@ -517,12 +521,14 @@ fn the_write_lock_serializes_whole_commands_across_controllers() {
             seq,
             Timestamp(1),
         );
-        (r, other)
+        other_lock.unlock_writes();
+        (r, other, other_lock)
     });
-    started_rx.recv().unwrap();
-    // Give the other commit time to reach the lock; if the lock did not hold it, it would
-    // commit first and the holder's commit below would be the stale one.
     std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        !locked.load(std::sync::atomic::Ordering::SeqCst),
+        "another controller's command ran while the lock was held"
+    );
     holder
         .commit(
             &Batch {
@@ -532,9 +538,9 @@ fn the_write_lock_serializes_whole_commands_across_controllers() {
             seq,
             Timestamp(1),
         )
-        .expect("the holder commits under its own lock");
-    holder.unlock_writes();
-    let (r, mut other) = waiter.join().unwrap();
+        .expect("the holder commits on its other connection under its own command");
+    holder_lock.unlock_writes();
+    let (r, mut other, mut other_lock) = waiter.join().unwrap();
     assert!(matches!(r, Err(ControllerError::Stale { .. })), "{r:?}");
     let names: Vec<String> = (other
         .load("e".into(), Timestamp(0))
@@ -545,11 +551,10 @@ fn the_write_lock_serializes_whole_commands_across_controllers() {
     .map(|n| n.to_string())
     .collect();
     assert_eq!(names, ["ours"]);
-    // Released: the other controller takes it at once now.
-    other.lock_writes().unwrap();
-    other.unlock_writes();
-    // Unlocking what is not held is harmless.
-    other.unlock_writes();
+    // Released: taken at once now; unlocking what is not held is harmless.
+    other_lock.lock_writes().unwrap();
+    other_lock.unlock_writes();
+    other_lock.unlock_writes();
 }
 
 /// The PostgreSQL server stops and starts again under a running store: meanwhile every call

@@ -90,8 +90,8 @@ impl Controller {
             self.revoked.add(revoked);
         }
         // What the watchers need, taken before the deltas go to the routers.
-        let events: Option<Vec<ChangeEvent>> = (!self.hub.is_empty())
-            .then(|| deltas.iter().map(|d| d.change.clone()).collect());
+        let events: Option<Vec<ChangeEvent>> =
+            (!self.hub.is_empty()).then(|| deltas.iter().map(|d| d.change.clone()).collect());
         // Routers first: a revocation reaches them before the watchers' views are worked out.
         let sender = self.deltas.load();
         for d in deltas {

@@ -48,8 +48,8 @@ mod events;
 pub mod follow;
 pub mod hub;
 mod identities;
-pub mod shared;
 mod policies;
+pub mod shared;
 pub mod views;
 
 /// Deltas a router's control channel may fall behind by before it is dropped (it then resumes
@@ -471,10 +471,9 @@ impl Controller {
             .store(Arc::new(replica.revoked.keys().cloned().collect()));
         let (deltas, _) = broadcast::channel(DELTA_CAPACITY);
         let shared = match &cfg.store {
-            crate::store::StoreConfig::Postgres(_) => Some(shared::Shared::open(
-                &cfg.store,
-                std::time::Instant::now(),
-            )?),
+            crate::store::StoreConfig::Postgres(_) => {
+                Some(shared::Shared::open(&cfg.store, std::time::Instant::now())?)
+            }
             _ => None,
         };
         let replica_state = replica.state.clone();

@@ -192,8 +192,10 @@ pub trait Store: Send {
     ) -> Result<Vec<Delta>, ControllerError>;
 
     /// Serializes whole commands across every controller on this database: held from before a
-    /// command reads the state until after its commit, so that no other controller commits in
-    /// between (which [`Store::commit`] would otherwise refuse as stale). A no-op where one
+    /// command reads the state until after its commit, so that no other controller's command
+    /// commits in between (which [`Store::commit`] would otherwise refuse as stale). A
+    /// controller takes it on a store opened for it alone, not the one it commits on (see
+    /// `postgres`: the two locks have different keys). A no-op where one
     /// process owns the database (SQLite, whose controller already holds its command mutex).
     /// Taking it again while held is a no-op. Waiting longer than the lock timeout (30 s on
     /// PostgreSQL) fails as [`ControllerError::Unavailable`]. If the connection is lost while

@@ -10,11 +10,15 @@
 //! batch built on an old state impossible to commit. `pg_notify('umbra_changes', last seq)` in
 //! the same transaction tells the other controllers, at commit and only if it commits.
 //!
-//! [`Store::lock_writes`] takes the *session-level* advisory lock on the same key, so that a
-//! whole command (read the state, build the batch, commit) runs with no other controller
-//! committing in between. The same key on purpose: a session that holds it takes the
-//! transaction-level lock again at once (advisory locks are re-entrant within a session), while
-//! any other controller's commit, with or without `lock_writes`, waits for the command to end.
+//! [`Store::lock_writes`] takes the *session-level* advisory lock [`COMMAND_LOCK`], so that a
+//! whole command (read the state, build the batch, commit) runs with no other controller's
+//! command in between. A controller takes it on a connection kept for it alone, not the one it
+//! commits on, so that a command waiting for another controller's does not hold the command
+//! lock that every read of that controller needs; hence a key of its own (the same key would be
+//! held by one session and asked for again, at commit, by another of the same controller).
+//! Every commit a controller makes is inside such a command, so commands and commits from all
+//! controllers form one queue; the transaction-level lock and the sequence check keep the log
+//! whole even for a commit made outside one.
 //! If the session dies (the database restarted), the lock dies with it; a commit made after
 //! reconnecting is still safe, since the sequence check does not depend on the session lock.
 //!
@@ -45,6 +49,10 @@ use crate::error::ControllerError;
 /// (session level, [`Store::lock_writes`]) across controllers: "umbra" and a 1, so that it is
 /// unlikely to collide with another application's keys in a shared database.
 pub const WRITE_LOCK: i64 = 0x756d_6272_6100_0001;
+
+/// The advisory lock key that serializes whole commands across controllers (session level,
+/// [`Store::lock_writes`]), apart from [`WRITE_LOCK`]: see the module's documentation.
+pub const COMMAND_LOCK: i64 = 0x756d_6272_6100_0002;
 
 /// The channel commits are announced on; the payload is the change log's last sequence.
 pub const CHANNEL: &str = "umbra_changes";
@@ -617,7 +625,7 @@ impl Store for PostgresStore {
             return Ok(());
         }
         self.idempotent(|c| {
-            c.execute("SELECT pg_advisory_lock($1)", &[&WRITE_LOCK])
+            c.execute("SELECT pg_advisory_lock($1)", &[&COMMAND_LOCK])
                 .map_err(pg)
         })?;
         self.locked = true;
@@ -632,7 +640,7 @@ impl Store for PostgresStore {
         let Some(client) = self.client.as_mut() else {
             return;
         };
-        if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&WRITE_LOCK]) {
+        if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&COMMAND_LOCK]) {
             // Dropping the session is what releases the lock for certain.
             tracing::warn!(store = %self.what, error = %e, "cannot release the write lock; closing the connection");
             self.lost();
