@@ -34,9 +34,18 @@ CREATE TABLE IF NOT EXISTS audit (
     action TEXT NOT NULL, target TEXT NOT NULL, detail TEXT NOT NULL);
 ";
 
+/// WAL pages a commit may leave before it checkpoints itself: a backstop only (64 MiB of 4 KiB
+/// pages), since [`checkpointer`] moves the WAL into the database off the commit path.
+const AUTOCHECKPOINT_PAGES: i64 = 16_384;
+
+/// How often the checkpointer runs.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The SQLite store.
 pub struct SqliteStore {
     conn: Connection,
+    /// Dropping it stops the store's checkpointer.
+    _checkpointer: Option<std::sync::mpsc::Sender<()>>,
 }
 
 impl std::fmt::Debug for SqliteStore {
@@ -62,9 +71,54 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // SQLite checkpoints in the commit that crosses its threshold (1,000 pages by
+        // default): with a large database that commit copies a thousand scattered pages and
+        // syncs the file, tens of milliseconds at a million identities, so about one
+        // revocation in a hundred took 40 ms instead of 5. A thread of the store's own does it
+        // every second instead; the commit path checkpoints only past the backstop.
+        conn.pragma_update(None, "wal_autocheckpoint", AUTOCHECKPOINT_PAGES)?;
         conn.execute_batch(SCHEMA)?;
         migrate_audit_origin(&conn)?;
-        Ok(SqliteStore { conn })
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let file = path.to_owned();
+        let checkpointer = std::thread::Builder::new()
+            .name("umbra-sqlite-checkpoint".into())
+            .spawn(move || checkpointer(&file, &stopped))
+            .map_err(|e| tracing::warn!(error = %e, "no checkpoint thread: commits checkpoint"))
+            .ok()
+            .map(|_| stop);
+        Ok(SqliteStore {
+            conn,
+            _checkpointer: checkpointer,
+        })
+    }
+}
+
+/// Moves the WAL into the database every [`CHECKPOINT_EVERY`] (`PASSIVE`: it never waits for,
+/// nor blocks, a writer) until `stop`'s sender is dropped, on a connection of its own.
+fn checkpointer(path: &Path, stop: &std::sync::mpsc::Receiver<()>) {
+    let conn = match Connection::open(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "the checkpoint thread cannot open the database");
+            return;
+        }
+    };
+    let mut failing = false;
+    loop {
+        match stop.recv_timeout(CHECKPOINT_EVERY) {
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            Ok(()) => failing = false,
+            Err(e) => {
+                if !failing {
+                    tracing::warn!(error = %e, "checkpoint failed");
+                }
+                failing = true;
+            }
+        }
     }
 }
 
@@ -556,6 +610,48 @@ mod tests {
                 identity: IdentityId::new("i1").unwrap(),
                 not_after: Timestamp(1),
             },
+        }
+    }
+
+    /// A commit reaches the database file itself within a couple of seconds with no further
+    /// write (the checkpointer, not a later commit, moves it out of the WAL); read with
+    /// `immutable=1`, which ignores the WAL.
+    #[test]
+    fn commits_are_checkpointed_off_the_commit_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let mut store = SqliteStore::open(&path).unwrap();
+        let autocheckpoint: i64 = (store.conn)
+            .query_row("PRAGMA wal_autocheckpoint", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(autocheckpoint, AUTOCHECKPOINT_PAGES);
+        store
+            .commit(
+                &Batch {
+                    changes: vec![revocation(1)],
+                    ..Default::default()
+                },
+                0,
+                Timestamp(1),
+            )
+            .unwrap();
+        let uri = format!("file:{}?immutable=1", path.display());
+        let flags =
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_URI;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let file = Connection::open_with_flags(&uri, flags).unwrap();
+            let n: i64 = file
+                .query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0))
+                .unwrap_or(0);
+            if n == 1 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the commit never reached the database file"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
     }
 
