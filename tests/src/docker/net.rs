@@ -2,6 +2,7 @@
 //! killed test process left.
 
 use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -30,6 +31,8 @@ pub struct RunSpec {
     user: Option<String>,
     env: Vec<(String, String)>,
     args: Vec<String>,
+    segments: Vec<(Segment, u8)>,
+    files: Vec<(PathBuf, String)>,
 }
 
 impl RunSpec {
@@ -42,7 +45,23 @@ impl RunSpec {
             user: None,
             env: Vec::new(),
             args: Vec::new(),
+            segments: Vec::new(),
+            files: Vec::new(),
         }
+    }
+
+    /// Puts it on `segment` too, as host number `host` there, before its command starts (where
+    /// [`Container::join`] after [`TestNet::run`] would race with the command's first packets).
+    pub fn on(mut self, segment: &Segment, host: u8) -> RunSpec {
+        self.segments.push((segment.clone(), host));
+        self
+    }
+
+    /// Copies `src` (a file or a directory of this machine) to `dest` inside before its
+    /// command starts (`docker cp`): key material another container made, say.
+    pub fn file(mut self, src: &Path, dest: &str) -> RunSpec {
+        self.files.push((src.to_path_buf(), dest.to_owned()));
+        self
     }
 
     /// Runs the command as `user` (a name from the image's passwd, or `uid:gid`).
@@ -334,9 +353,14 @@ impl TestNet {
         }
         let full = format!("{}-{}", self.name, sanitize(name));
         let ip = self.ip(spec.host);
-        let mut args: Vec<String> = vec![
-            "run".into(),
-            "-d".into(),
+        // What must be in place before the command starts: created, set up, then started.
+        let staged = !spec.segments.is_empty() || !spec.files.is_empty();
+        let mut args: Vec<String> = if staged {
+            vec!["create".into()]
+        } else {
+            vec!["run".into(), "-d".into()]
+        };
+        args.extend([
             "--name".into(),
             full.clone(),
             "--hostname".into(),
@@ -349,7 +373,7 @@ impl TestNet {
             format!("{LABEL_SCOPE}={}", self.scope),
             "--label".into(),
             format!("{LABEL_OWNER}={}", owner_label()),
-        ];
+        ]);
         if let Some(u) = &spec.user {
             args.push("--user".into());
             args.push(u.clone());
@@ -361,6 +385,25 @@ impl TestNet {
         args.push(spec.image.tag.clone());
         args.extend(spec.args.iter().cloned());
         docker(&args)?;
+        if staged {
+            // A failure leaves a created container, removed with the network like any other.
+            for (segment, host) in &spec.segments {
+                docker([
+                    "network",
+                    "connect",
+                    "--ip",
+                    &segment.ip(*host).to_string(),
+                    &segment.name,
+                    &full,
+                ])?;
+            }
+            for (src, dest) in &spec.files {
+                let mut c = docker_cmd(["cp"]);
+                c.arg(src).arg(format!("{full}:{dest}"));
+                checked(c, QUICK)?;
+            }
+            docker(["start", &full])?;
+        }
         Ok(Container {
             name: full,
             network: self.name.clone(),
@@ -580,6 +623,15 @@ impl Container {
     /// Cuts it off `segment` only: a partition of that link, its other networks kept.
     pub fn leave(&self, segment: &Segment) -> Result<()> {
         docker(["network", "disconnect", &segment.name, &self.name]).map(drop)
+    }
+
+    /// Copies `path` (a file or a directory) out of it to `dest` on this machine (`docker cp`),
+    /// running or not.
+    pub fn copy_out(&self, path: &str, dest: &Path) -> Result<()> {
+        ensure_engine()?;
+        let mut c = docker_cmd(["cp"]);
+        c.arg(format!("{}:{path}", self.name)).arg(dest);
+        checked(c, QUICK).map(drop)
     }
 
     /// Kills it (SIGKILL), as a crash or the loss of its host would.
