@@ -265,3 +265,66 @@ async fn a_controller_cut_off_from_the_database_stops_vouching_and_recovers() {
     );
     service(&a, "after", echo.hosting()).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunneler_fails_over_when_its_controller_dies_and_follows_the_other() {
+    let url = PgServer::shared().database();
+    let mut a = on_postgres(&url).await;
+    let b = a.join().await;
+    let _router = start_router(&a, "r1", |c| {
+        c.controller = Some(format!("{},{}", a.addr(), b.addr()))
+    })
+    .await;
+    let echo = Echo::start().await;
+    let file = agent(&a, "agent-1").await;
+    echo_service(&a, &echo, "echo", "agent-1").await;
+    let both = format!("{},{}", a.addr(), b.addr());
+    let ctx = Context::with_controller(file, Some(&both)).expect("context");
+    let cfg = umbra_tunneler::TunnelerConfig {
+        controller: Some(both.clone()),
+        name_base: "127.93.0.1".parse().expect("base"),
+        ..Default::default()
+    };
+    let tun = umbra_tunneler::Tunneler::start(ctx, cfg)
+        .await
+        .expect("tunneler");
+    let mappings = tun.mappings();
+    let wait_for = |want: &'static str, present: bool| {
+        let mut rx = mappings.clone();
+        async move {
+            tokio::time::timeout(BOUND, async {
+                loop {
+                    let has = rx
+                        .borrow_and_update()
+                        .iter()
+                        .any(|m| m.service.as_str() == want);
+                    if has == present {
+                        return;
+                    }
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            })
+            .await
+            .unwrap_or_else(|_| {
+                panic!("{want}: never {}", if present { "listed" } else { "gone" })
+            });
+        }
+    };
+    wait_for("echo", true).await;
+
+    a.stop().await;
+    // Written through B after A died: the tunneler's watch, now on B, follows it.
+    let died = Instant::now();
+    service(&b, "later", echo.hosting()).await;
+    grant(&b, "later-dial", Action::Dial, "agent-1", "later").await;
+    wait_for("later", true).await;
+    println!(
+        "after A died, a grant through B reached the tunneler in {:?}",
+        died.elapsed()
+    );
+    revoke_policy(&b, "agent-1-echo").await;
+    wait_for("echo", false).await;
+    tun.shutdown().await;
+}
