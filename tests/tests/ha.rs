@@ -171,9 +171,17 @@ async fn a_router_fails_over_when_its_controller_dies_and_keeps_enforcing() {
     let mut s = dial_when_granted(&ctx, "echo").await;
     assert_eq!(round_trip(&mut s, b"x").await.expect("echo"), b"x");
 
+    // The router's first channel, to A, began with a snapshot; B has served none.
+    assert!(a.ctrl.snapshots_served() >= 1);
+    assert_eq!(b.ctrl.snapshots_served(), 0);
     a.stop().await;
     // Past the router's stale window: had it not found B, it would refuse everything now.
     tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(
+        b.ctrl.snapshots_served(),
+        0,
+        "the router resumed on B from its last sequence number, without a snapshot"
+    );
     assert_eq!(
         round_trip(&mut s, b"still").await.expect("still served"),
         b"still"

@@ -81,6 +81,9 @@ impl Controller {
             _ => None,
         };
         let snapshot = resumed.is_none();
+        if snapshot {
+            (self.snapshots_served).fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let catch_up: Box<dyn Iterator<Item = ControlMessage> + Send> = match resumed {
             Some(deltas) => Box::new(
                 deltas
@@ -112,6 +115,13 @@ impl Controller {
             deltas: rx,
             snapshot,
         })
+    }
+
+    /// How many control channels this controller opened with a whole snapshot (the rest
+    /// resumed from the change log).
+    pub fn snapshots_served(&self) -> u64 {
+        self.snapshots_served
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records where a router is reached; the router must still exist and be active.

@@ -216,6 +216,9 @@ pub struct Controller {
     streams: Arc<Mutex<HashMap<IdentityId, usize>>>,
     /// Open edge-view watches, woken by commits that can alter their views.
     hub: Arc<hub::WatchHub>,
+    /// Control channels opened with a whole snapshot rather than resumed from the log: a
+    /// router that fails over between controllers sharing a store should never need one.
+    snapshots_served: std::sync::atomic::AtomicU64,
     /// Reported events: buckets, queue and writer thread, apart from the command lock.
     audit: AuditSink,
 }
@@ -495,6 +498,7 @@ impl Controller {
             audit,
             streams: Default::default(),
             hub: Default::default(),
+            snapshots_served: Default::default(),
         })
     }
 
