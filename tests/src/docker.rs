@@ -32,6 +32,7 @@ use std::time::Duration;
 mod cmd;
 mod image;
 mod net;
+pub mod probe;
 
 pub use image::{postgres_image, umbra_binary, umbra_image, Image};
 pub use net::{owner_label, Container, RunSpec, Segment, TestNet};

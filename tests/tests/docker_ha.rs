@@ -26,12 +26,11 @@
 //! (`UMBRA_DOCKER_TESTS=skip` skips it) and the `umbra` binary built beside the tests (`cargo
 //! build -p umbra`) or named by `UMBRA_BIN`.
 
-use std::net::SocketAddr;
 use std::process::Output;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use umbra_sdk::{Context, SdkError};
+use umbra_sdk::Context;
+use umbra_tests::docker::probe::{blocking, must, probe, round_trip, HostEcho as Echo, Probe};
 use umbra_tests::docker::{self, Container, RunSpec, Segment, TestNet, PG_PORT, UMBRA_IN_IMAGE};
 
 /// Long enough for anything on a loaded two-core machine; short enough to fail fast.
@@ -63,91 +62,6 @@ const ROUTER_PORT: u16 = 3022;
 /// The first admin's identity file: made in A's directory, copied with it into B's container.
 const ADMIN_A: &str = "/data/a/admin.json";
 const ADMIN_B: &str = "/data/from-a/admin.json";
-
-/// Runs blocking `docker` work without stalling the runtime's other tasks (the echo service,
-/// the SDK's connections).
-fn blocking<T>(f: impl FnOnce() -> T) -> T {
-    tokio::task::block_in_place(f)
-}
-
-fn must<T>(r: docker::Result<T>, what: &str) -> T {
-    r.unwrap_or_else(|e| panic!("{what}: {e}"))
-}
-
-/// An echo service listening on this machine's side of the front segment. Stops when dropped.
-struct Echo {
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Echo {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Echo {
-    async fn start(ip: std::net::Ipv4Addr) -> Echo {
-        let listener = tokio::net::TcpListener::bind((ip, 0))
-            .await
-            .expect("bind the echo service on the front segment");
-        let addr = listener.local_addr().expect("echo address");
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            while let Ok((mut sock, _)) = listener.accept().await {
-                conns.spawn(async move {
-                    let (mut r, mut w) = sock.split();
-                    let _ = tokio::io::copy(&mut r, &mut w).await;
-                    let _ = w.shutdown().await;
-                });
-                while conns.try_join_next().is_some() {}
-            }
-        });
-        Echo { addr, task }
-    }
-}
-
-/// What one attempt to use the service through a router gave.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Probe {
-    /// Dialed, and the bytes came back.
-    Served,
-    /// The router refused as one without a policy does (stale: it fails closed).
-    Closed,
-    /// The router refused by policy.
-    Denied,
-    /// Anything else (unreachable router, timeout...): never expected here.
-    Other(String),
-}
-
-async fn round_trip(s: &mut umbra_sdk::Stream) -> Result<(), String> {
-    s.write_all(b"ping").await.map_err(|e| e.to_string())?;
-    let mut buf = [0u8; 4];
-    s.read_exact(&mut buf).await.map_err(|e| e.to_string())?;
-    if &buf != b"ping" {
-        return Err(format!("echoed {buf:?}"));
-    }
-    Ok(())
-}
-
-/// Dials `echo` through the router at `router` (only that one) and round-trips four bytes.
-async fn probe(ctx: &Context, router: &str) -> Probe {
-    let attempt = async {
-        let mut s = match ctx.dial_via(router, "echo").await {
-            Ok(s) => s,
-            Err(SdkError::Unavailable(_)) => return Probe::Closed,
-            Err(SdkError::Denied { .. }) => return Probe::Denied,
-            Err(e) => return Probe::Other(e.to_string()),
-        };
-        match round_trip(&mut s).await {
-            Ok(()) => Probe::Served,
-            Err(e) => Probe::Other(format!("dialed, then {e}")),
-        }
-    };
-    tokio::time::timeout(Duration::from_secs(3), attempt)
-        .await
-        .unwrap_or_else(|_| Probe::Other("no answer within 3 s".into()))
-}
 
 /// Probes until `done` holds for the result, at most `bound`; returns the last result and when
 /// it came, from `since`.
