@@ -36,6 +36,15 @@ pub enum AllowanceError {
     /// A requests-per-minute cap that is not a number from 1 to [`crate::MAX_RPM`].
     #[error("rpm must be between 1 and {max}", max = crate::MAX_RPM)]
     Rpm,
+    /// A concurrent-stream cap that is not a number from 1 to [`crate::MAX_CONNECTIONS`].
+    #[error("connections must be between 1 and {max}", max = crate::MAX_CONNECTIONS)]
+    Connections,
+    /// Not `COUNT/UNIT` with a count from 1 to [`crate::MAX_RATE_COUNT`].
+    #[error("invalid rate {0:?}: expected COUNT/UNIT such as 600/min or 10/s (s, min or h), COUNT from 1 to {max}", max = crate::MAX_RATE_COUNT)]
+    Rate(String),
+    /// Not a positive bandwidth such as `10MiB/s`, or above [`crate::MAX_BANDWIDTH`].
+    #[error("invalid bandwidth {0:?}: expected a whole number, a unit (B, KB, MB, GB, KiB, MiB, GiB) and /s, such as 10MiB/s, from 1B/s to 1024GiB/s")]
+    Bandwidth(String),
 }
 
 /// A list of glob patterns (`*` any run, `?` one character), each possibly negated with `!`.

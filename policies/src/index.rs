@@ -326,6 +326,31 @@ impl Index {
         out
     }
 
+    /// Every policy that grants `identity` `action` on `service` at `now`, by name (empty when
+    /// none does or the identity is not active): a router charges a stream to one of them when
+    /// they carry limits (`throttle::admit_stream`), so it must see them all, not only the first.
+    pub fn granting_policies(
+        &self,
+        identity: &IdentityId,
+        service: &str,
+        action: Action,
+        now: Timestamp,
+    ) -> Vec<&ServicePolicy> {
+        let (Ok(record), Some(svc)) = (self.active(identity, now), self.services.get(service))
+        else {
+            return Vec::new();
+        };
+        let mut names: Vec<&Name> = self
+            .granting(record, svc, action)
+            .map(|p| &p.name)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        (names.into_iter())
+            .filter_map(|n| self.state.policies.get(n))
+            .collect()
+    }
+
     /// The policies (of both actions) whose service side selects `service`, by name: read from
     /// the service's own lists, so a service change costs the controller what selects it, not
     /// a scan of every policy. Empty for an unknown service.

@@ -26,6 +26,8 @@ mod rules;
 mod selector;
 #[cfg(test)]
 mod testing;
+mod throttle;
+mod throughput;
 
 pub use allowance::{AllowanceError, Patterns, Period, TokenBudget};
 pub use apply::apply_plan;
@@ -39,6 +41,11 @@ pub use judge::{
     StreamRequest, Target,
 };
 pub use limits::{GrantLimits, Rpm, MAX_RPM};
+pub use throttle::{admit_stream, Bucket, GrantBook, GrantLimit, Refill};
+pub use throughput::{
+    Bandwidth, MaxConnections, Rate, RateUnit, Throughput, MAX_BANDWIDTH, MAX_CONNECTIONS,
+    MAX_RATE_COUNT,
+};
 
 pub use model::{
     Action, HostPort, Hosting, Identity, IdentityId, IdentityKind, ParseHostPortError, Semantic,

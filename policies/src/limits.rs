@@ -1,7 +1,8 @@
 //! The limits a grant carries to the gateway hosting its service, as one validated value.
 //!
 //! A service policy, a grant request, the grant a hosting gateway sees and the YAML document
-//! all carry the same six optional limits. They used to be six loose fields copied into each of
+//! all carry the same optional limits: six the gateways enforce, and three the routers enforce
+//! for any service (`connections`, `rate`, `bandwidth`; see the `throughput` module). They used to be six loose fields copied into each of
 //! those places, and the requests-per-minute range was checked by hand in three of them. Here
 //! they are one [`GrantLimits`] whose fields are newtypes that cannot hold a bad value
 //! ([`Rpm`], [`TokenBudget`], [`Patterns`]), so the checks exist once and every place that
@@ -13,7 +14,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{AllowanceError, Patterns, TokenBudget};
+use crate::{AllowanceError, Bandwidth, MaxConnections, Patterns, Rate, Throughput, TokenBudget};
 
 /// The most requests per minute a grant may carry.
 pub const MAX_RPM: u32 = 1_000_000;
@@ -88,12 +89,32 @@ pub struct GrantLimits {
     /// Which MCP prompts (`server__prompt`); absent: all.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompts: Option<Patterns>,
+    /// Streams each identity may hold open at once through this grant, per router; absent: no
+    /// cap beyond the router's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<MaxConnections>,
+    /// New streams per period each identity may open through this grant, per router.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Bytes per second all of an identity's streams through this grant may move (both
+    /// directions together), per router: streams are slowed down to it, never cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<Bandwidth>,
 }
 
 impl GrantLimits {
     /// Whether the grant lets its identities use `model`.
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.as_ref().is_none_or(|m| m.matches(model))
+    }
+
+    /// The part of the limits that routers enforce.
+    pub fn throughput(&self) -> Throughput {
+        Throughput {
+            connections: self.connections,
+            rate: self.rate,
+            bandwidth: self.bandwidth,
+        }
     }
 
     /// Whether no limit is set.
@@ -103,7 +124,8 @@ impl GrantLimits {
 }
 
 impl fmt::Display for GrantLimits {
-    /// The set limits on one line, `models=a,b tokens=1000/day rpm=60`, or `-` for none.
+    /// The set limits on one line, `models=a,b tokens=1000/day rpm=60 rate=600/min`, or `-` for
+    /// none.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.is_unlimited() {
             return f.write_str("-");
@@ -132,6 +154,15 @@ impl fmt::Display for GrantLimits {
                 field(f, k, v)?;
             }
         }
+        if let Some(c) = &self.connections {
+            field(f, "connections", c)?;
+        }
+        if let Some(r) = &self.rate {
+            field(f, "rate", r)?;
+        }
+        if let Some(b) = &self.bandwidth {
+            field(f, "bandwidth", b)?;
+        }
         Ok(())
     }
 }
@@ -152,6 +183,12 @@ pub(crate) struct RawLimits {
     pub(crate) resources: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub(crate) prompts: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) connections: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) rate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) bandwidth: Option<String>,
 }
 
 impl RawLimits {
@@ -177,6 +214,14 @@ impl RawLimits {
         let prompts = field(e, "prompts", patterns(self.prompts));
         let tokens = field(e, "tokens", self.tokens.map(|t| t.parse()).transpose());
         let rpm = field(e, "rpm", self.rpm.map(Rpm::try_from).transpose());
+        let connections = self.connections.map(MaxConnections::try_from);
+        let connections = field(e, "connections", connections.transpose());
+        let rate = field(e, "rate", self.rate.map(|r| r.parse()).transpose());
+        let bandwidth = field(
+            e,
+            "bandwidth",
+            self.bandwidth.map(|b| b.parse()).transpose(),
+        );
         let limits = GrantLimits {
             models,
             tokens,
@@ -184,6 +229,9 @@ impl RawLimits {
             tools,
             resources,
             prompts,
+            connections,
+            rate,
+            bandwidth,
         };
         if errors.is_empty() {
             Ok(limits)
@@ -203,6 +251,9 @@ impl From<&GrantLimits> for RawLimits {
             tools: strings(&l.tools),
             resources: strings(&l.resources),
             prompts: strings(&l.prompts),
+            connections: l.connections.map(MaxConnections::get),
+            rate: l.rate.map(|r| r.to_string()),
+            bandwidth: l.bandwidth.map(|b| b.to_string()),
         }
     }
 }

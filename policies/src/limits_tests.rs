@@ -20,14 +20,27 @@ fn limits() -> impl Strategy<Value = GrantLimits> {
     let tokens = proptest::option::of((1u64..=1_000_000_000_000, period))
         .prop_map(|t| t.map(|(n, p)| format!("{n}/{p}").parse().expect("valid budget")));
     let rpm = proptest::option::of(1..=MAX_RPM).prop_map(|r| r.map(|r| Rpm::try_from(r).unwrap()));
-    (patterns(), tokens, rpm, patterns(), patterns(), patterns()).prop_map(
-        |(models, tokens, rpm, tools, resources, prompts)| GrantLimits {
-            models,
-            tokens,
-            rpm,
-            tools,
-            resources,
-            prompts,
+    let connections = proptest::option::of(1..=crate::MAX_CONNECTIONS)
+        .prop_map(|c| c.map(|c| crate::MaxConnections::try_from(c).unwrap()));
+    let unit = prop_oneof![Just("s"), Just("min"), Just("h")];
+    let rate = proptest::option::of((1..=crate::MAX_RATE_COUNT, unit))
+        .prop_map(|r| r.map(|(n, u)| format!("{n}/{u}").parse().unwrap()));
+    let bandwidth = proptest::option::of(1..=crate::MAX_BANDWIDTH)
+        .prop_map(|b| b.map(|b| crate::Bandwidth::try_from(b).unwrap()));
+    let gateway = (patterns(), tokens, rpm, patterns(), patterns(), patterns());
+    (gateway, connections, rate, bandwidth).prop_map(
+        |((models, tokens, rpm, tools, resources, prompts), connections, rate, bandwidth)| {
+            GrantLimits {
+                models,
+                tokens,
+                rpm,
+                tools,
+                resources,
+                prompts,
+                connections,
+                rate,
+                bandwidth,
+            }
         },
     )
 }
@@ -80,6 +93,9 @@ fn every_invalid_field_is_reported_in_order() {
         tools: Some(vec![]),
         resources: Some(vec!["ok".into()]),
         prompts: None,
+        connections: Some(0),
+        rate: Some("5/day".into()),
+        bandwidth: Some("0MiB/s".into()),
     };
     let fields: Vec<&str> = raw
         .parse()
@@ -87,7 +103,18 @@ fn every_invalid_field_is_reported_in_order() {
         .into_iter()
         .map(|(f, _)| f)
         .collect();
-    assert_eq!(fields, ["models", "tools", "tokens", "rpm"]);
+    assert_eq!(
+        fields,
+        [
+            "models",
+            "tools",
+            "tokens",
+            "rpm",
+            "connections",
+            "rate",
+            "bandwidth"
+        ]
+    );
 }
 
 #[test]
@@ -120,4 +147,33 @@ fn flat_limits_keep_unknown_fields_refused() {
     let doc = doc.replace("rpms", "rpm");
     let parsed = crate::parse_document(&doc).unwrap();
     assert_eq!(parsed.policies[0].limits.rpm.map(Rpm::get), Some(5));
+}
+
+#[test]
+fn router_limits_are_flat_fields_in_json_and_yaml() {
+    let doc = "policies:\n  - name: p\n    identities: [\"#all\"]\n    services: [\"#all\"]\n    connections: 2\n    rate: 600/min\n    bandwidth: 10MiB/s\n";
+    let parsed = crate::parse_document(doc).unwrap();
+    let l = &parsed.policies[0].limits;
+    assert_eq!(l.connections.map(crate::MaxConnections::get), Some(2));
+    assert_eq!(l.rate.map(|r| r.to_string()).as_deref(), Some("600/min"));
+    assert_eq!(
+        l.bandwidth.map(crate::Bandwidth::bytes_per_sec),
+        Some(10 << 20)
+    );
+    assert_eq!(
+        l.to_string(),
+        "connections=2 rate=600/min bandwidth=10MiB/s"
+    );
+    assert!(!l.throughput().is_unlimited() && !l.is_unlimited());
+    let json = serde_json::to_value(&parsed.policies[0]).unwrap();
+    assert_eq!(json["bandwidth"], "10MiB/s");
+    assert_eq!(json["rate"], "600/min");
+    assert_eq!(json["connections"], 2);
+    let bad = doc
+        .replace("10MiB/s", "0MiB/s")
+        .replace("600/min", "ten/min");
+    let errs = crate::parse_document(&bad).unwrap_err();
+    let err: Vec<String> = errs.iter().map(|e| e.to_string()).collect();
+    let err = err.join("\n");
+    assert!(err.contains("bandwidth") && err.contains("rate"), "{err}");
 }

@@ -131,6 +131,9 @@ fn controller_state() -> impl Strategy<Value = State> {
                         tools: limits.then(|| patterns("github__*")),
                         resources: limits.then(|| patterns("docs__*")),
                         prompts: limits.then(|| patterns("*")),
+                        connections: limits.then(|| 2.try_into().unwrap()),
+                        rate: limits.then(|| "600/min".parse().unwrap()),
+                        bandwidth: limits.then(|| "10MiB/s".parse().unwrap()),
                     },
                 })
                 .map(|p| (p.name.clone(), p))
