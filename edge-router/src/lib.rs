@@ -24,6 +24,7 @@ mod control;
 pub mod egress;
 mod error;
 mod gate;
+mod grant_limits;
 mod handshakes;
 mod hosts;
 mod lanes;
@@ -33,6 +34,7 @@ mod publish;
 mod quota;
 mod reset_key;
 mod server;
+mod shaping;
 mod slots;
 mod splice;
 mod stats;
@@ -50,6 +52,7 @@ use umbra_sdk::{Credentials, RenewingIdentity};
 
 pub use config::{Limits, RouterConfig};
 pub use error::RouterError;
+pub use grant_limits::GrantLimitHit;
 pub use policy::{Policy, PolicyRx};
 pub use stats::{RouterStats, Usage};
 

@@ -27,6 +27,8 @@ pub(crate) struct Shared {
     pub gate: Arc<crate::gate::Gate>,
     /// What each identity holds: connections, streams, window bytes.
     pub books: Arc<crate::slots::Books>,
+    /// What each identity holds through each grant that limits it (`grant_limits`).
+    pub grants: Arc<crate::grant_limits::GrantBooks>,
     pub hosts: Hosts,
     pub stats: Counters,
     /// The wall time admission and expiry are judged at.
@@ -48,6 +50,7 @@ impl Shared {
     pub fn new(limits: Limits, policy: PolicyRx, lanes: usize, clock: umbra_clock::Clock) -> Self {
         Shared {
             books: crate::slots::Books::new(&limits),
+            grants: crate::grant_limits::GrantBooks::new(crate::grant_limits::MAX_GRANT_BOOKS),
             lanes: (0..lanes).map(|_| AtomicUsize::new(0)).collect(),
             gate: crate::gate::Gate::new(crate::handshakes::HandshakeLimits {
                 in_flight: limits.handshakes_in_flight,

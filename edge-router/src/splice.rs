@@ -7,6 +7,8 @@ use quinn::{RecvStream, SendStream};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use umbra_transport::splice::{io_to_quic, quic_to_io, quic_to_quic};
 
+use crate::shaping::{self, Paced, Shaper};
+
 pub(crate) use umbra_transport::splice::SpliceError;
 
 /// Bytes moved: client to service, service to client.
@@ -20,18 +22,28 @@ pub(crate) enum ServiceSide<'a> {
     Host(&'a mut SendStream, &'a mut RecvStream),
 }
 
-/// Runs until both directions have ended, or one fails.
+/// Runs until both directions have ended, or one fails. With a shaper (the grant limits
+/// bandwidth), both directions are charged to it and wait for it (see `shaping`).
 pub(crate) async fn run(
     send: &mut SendStream,
     recv: &mut RecvStream,
     service: ServiceSide<'_>,
+    pace: Option<&Shaper>,
 ) -> Result<Moved, SpliceError> {
-    match service {
-        ServiceSide::Tcp(mut r, mut w) => {
+    match (service, pace) {
+        (ServiceSide::Tcp(mut r, mut w), None) => {
             tokio::try_join!(quic_to_io(recv, &mut w), io_to_quic(&mut r, send))
         }
-        ServiceSide::Host(hsend, hrecv) => {
+        (ServiceSide::Host(hsend, hrecv), None) => {
             tokio::try_join!(quic_to_quic(recv, hsend), quic_to_quic(hrecv, send))
         }
+        (ServiceSide::Tcp(r, w), Some(shaper)) => {
+            let (mut r, mut w) = (Paced::new(r, shaper), Paced::new(w, shaper));
+            tokio::try_join!(quic_to_io(recv, &mut w), io_to_quic(&mut r, send))
+        }
+        (ServiceSide::Host(hsend, hrecv), Some(shaper)) => tokio::try_join!(
+            shaping::quic_to_quic(recv, hsend, shaper),
+            shaping::quic_to_quic(hrecv, send, shaper)
+        ),
     }
 }

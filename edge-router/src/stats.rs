@@ -24,6 +24,9 @@ pub struct RouterStats {
     /// Streams and connections refused for a limit of their identity or of the router (see
     /// [`crate::Limits`]).
     pub limited: u64,
+    /// Dial streams refused by a `connections` or `rate` limit of the grant they came through
+    /// (see `GrantLimitHit`).
+    pub grant_limited: u64,
     /// Connection attempts answered with a stateless Retry (address validation) because
     /// handshakes piled up or their source had its share in flight.
     pub handshakes_retried: u64,
@@ -67,6 +70,7 @@ pub(crate) struct Counters {
     pub streams_terminated: AtomicU64,
     pub bad_requests: AtomicU64,
     pub limited: AtomicU64,
+    pub grant_limited: AtomicU64,
     pub handshakes_retried: AtomicU64,
     pub handshakes_refused: AtomicU64,
 }
@@ -88,6 +92,7 @@ impl Counters {
             streams_terminated: g(&self.streams_terminated),
             bad_requests: g(&self.bad_requests),
             limited: g(&self.limited),
+            grant_limited: g(&self.grant_limited),
             handshakes_retried: g(&self.handshakes_retried),
             handshakes_refused: g(&self.handshakes_refused),
             handshakes_in_flight: 0,

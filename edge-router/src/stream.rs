@@ -143,6 +143,11 @@ async fn dial(
             return;
         }
     };
+    let Ok(grant) = crate::grant_limits::charge(ctx, &policy, &service, &permit) else {
+        refuse(&mut send, &mut recv, Verdict::LIMIT).await;
+        return;
+    };
+    let pace = grant.as_ref().and_then(|g| g.shaper());
     tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
     drop(policy);
@@ -183,7 +188,10 @@ async fn dial(
             let caller =
                 |p: &Policy| judge(ctx, p, request, ctx.shared.clock.timestamp()).map(drop);
             let service = splice::ServiceSide::Tcp(r, w);
-            watched(&mut send, &mut recv, service, caller, &mut rx, &cancel).await
+            watched(
+                &mut send, &mut recv, service, caller, &mut rx, &cancel, pace,
+            )
+            .await
         }
         Target::SdkHost => {
             let Some((host, hsend, hrecv)) = to_host(ctx, &service).await else {
@@ -201,7 +209,7 @@ async fn dial(
                 check_stream(&p.index, &host, StreamRequest::Bind(service.as_str()), t).map(drop)
             };
             let service = splice::ServiceSide::Host(&mut hsend, &mut hrecv);
-            let out = watched(&mut send, &mut recv, service, both, &mut rx, &cancel).await;
+            let out = watched(&mut send, &mut recv, service, both, &mut rx, &cancel, pace).await;
             if let Some(code) = end_code(&out) {
                 let _ = hsend.reset(VarInt::from_u32(code));
             }
@@ -260,8 +268,9 @@ async fn watched(
     allowed: impl Fn(&Policy) -> Result<(), Deny>,
     rx: &mut PolicyRx,
     cancel: &CancellationToken,
+    pace: Option<&crate::shaping::Shaper>,
 ) -> End {
-    let splice = splice::run(send, recv, service);
+    let splice = splice::run(send, recv, service, pace);
     tokio::pin!(splice);
     loop {
         tokio::select! {
