@@ -449,6 +449,9 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
             tools,
             resources,
             prompts,
+            connections,
+            rate,
+            bandwidth,
         } => {
             let patterns = |flag: &str, v: Option<String>| {
                 v.map(|m| {
@@ -478,6 +481,9 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
                     tools: patterns("tools", tools)?,
                     resources: patterns("resources", resources)?,
                     prompts: patterns("prompts", prompts)?,
+                    connections,
+                    rate,
+                    bandwidth,
                 },
             };
             let p: umbra_policies::ServicePolicy =
@@ -562,6 +568,9 @@ async fn policy(c: &ControllerClient, json: bool, cmd: PolicyCmd) -> anyhow::Res
             );
             if !r.granting.is_empty() {
                 println!("granted by: {}", output::list(&r.granting));
+            }
+            for (policy, limits) in &r.limits {
+                println!("limits of {policy}: {limits}");
             }
             Ok(())
         }

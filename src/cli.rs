@@ -302,6 +302,17 @@ pub enum PolicyCmd {
         /// MCP prompts shown (globs on server__prompt)
         #[arg(long)]
         prompts: Option<String>,
+        /// Streams each identity may hold open at once through this grant, per router
+        #[arg(long)]
+        connections: Option<umbra_policies::MaxConnections>,
+        /// New streams each identity may open through this grant, per router (600/min, 10/s,
+        /// 100/h); up to that many at once, then refilled evenly
+        #[arg(long)]
+        rate: Option<umbra_policies::Rate>,
+        /// Bytes per second all of an identity's streams through this grant may move, both
+        /// directions together, per router (10MiB/s, 500KB/s); slowed down, never cut
+        #[arg(long)]
+        bandwidth: Option<umbra_policies::Bandwidth>,
     },
     /// Delete a policy; access it alone granted is cut
     Revoke { name: String },

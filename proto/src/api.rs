@@ -172,6 +172,9 @@ pub struct ExplainResponse {
     pub granting: Vec<Name>,
     /// Why, in one sentence.
     pub reason: String,
+    /// The limits of each granting policy that has any (what routers and gateways enforce).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub limits: std::collections::BTreeMap<Name, umbra_policies::GrantLimits>,
 }
 
 /// `POST /v1/apply`: make the controller match a document.

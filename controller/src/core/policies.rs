@@ -168,11 +168,18 @@ impl Controller {
                 .map(|i| i.id.clone())
                 .ok_or_else(|| ControllerError::NotFound(format!("no identity named {identity}")))?
         };
-        let ex = self.index().explain(&id, service, action, self.now());
+        let index = self.index();
+        let ex = index.explain(&id, service, action, self.now());
+        let limits = (ex.granting.iter())
+            .filter_map(|n| index.state().policies.get(n))
+            .filter(|p| !p.limits.is_unlimited())
+            .map(|p| (p.name.clone(), p.limits.clone()))
+            .collect();
         Ok(ExplainResponse {
             allowed: ex.decision.is_ok(),
             granting: ex.granting,
             reason: ex.reason,
+            limits,
         })
     }
 }
