@@ -51,6 +51,17 @@ async fn router_sees(router: &RouterHandle, policy: &str, limits: &GrantLimits) 
     assert!(seen.is_some(), "the router learns {policy}'s limits");
 }
 
+/// Changes `policy`'s limits declaratively (export, edit, apply) and waits for the router.
+async fn set_limits(t: &TestController, router: &RouterHandle, policy: &str, l: GrantLimits) {
+    let mut doc = umbra_policies::export(&t.ctrl.state());
+    let p = doc.policies.iter_mut().find(|p| p.name.as_str() == policy);
+    p.expect("exported").limits = l.clone();
+    t.ctrl
+        .apply(&umbra_controller::Actor::controller(), doc.to_yaml(), false)
+        .expect("apply");
+    router_sees(router, policy, &l).await;
+}
+
 /// An admitted connection presenting `identity`.
 async fn connect(router: &RouterHandle, identity: &IdentityFile) -> Connection {
     let (ep, cfg) = agent_raw_client(identity);
@@ -156,6 +167,53 @@ async fn connections_cap_an_identitys_streams_across_its_connections_and_a_freed
     let _third = open_echo(&a1, "echo").await;
     refused(&a2, "echo").await;
     assert_eq!(router.stats().grant_limited, 4);
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_grants_admit_while_any_has_room_an_unlimited_one_wins_and_changes_apply() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-a").await;
+    service(&t, "echo", echo.hosting()).await;
+    let one = limits(|l| l.connections = Some(1.try_into().unwrap()));
+    grant(&t, "one-x", &["agent-a"], "echo", one.clone()).await;
+    grant(&t, "one-y", &["agent-a"], "echo", one.clone()).await;
+    router_sees(&router, "one-y", &one).await;
+    let conn = connect(&router, &a).await;
+
+    // Each grant has room for one: two streams, then a refusal.
+    let _s = (
+        open_echo(&conn, "echo").await,
+        open_echo(&conn, "echo").await,
+    );
+    refused(&conn, "echo").await;
+    // A limit raised applies to the next stream.
+    let three = limits(|l| l.connections = Some(3.try_into().unwrap()));
+    set_limits(&t, &router, "one-x", three).await;
+    let _more = (
+        open_echo(&conn, "echo").await,
+        open_echo(&conn, "echo").await,
+    );
+    refused(&conn, "echo").await;
+    // A grant without limits wins over limited ones.
+    grant(
+        &t,
+        "unlimited",
+        &["agent-a"],
+        "echo",
+        GrantLimits::default(),
+    )
+    .await;
+    let seen = eventually(BOUND, || {
+        let p = router.policy().borrow().clone()?;
+        p.index.state().policies.get(&name("unlimited")).map(drop)
+    })
+    .await;
+    assert!(seen.is_some());
+    let _free: Vec<_> = futures::future::join_all((0..4).map(|_| open_echo(&conn, "echo"))).await;
+    assert_eq!(router.stats().grant_limited, 2);
     router.shutdown().await;
 }
 
@@ -318,6 +376,36 @@ async fn bandwidth_holds_an_identitys_streams_together_to_the_limit_and_spares_a
         router.stats().grant_limited,
         0,
         "bandwidth slows, never refuses"
+    );
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_stream_follows_its_grants_new_bandwidth() {
+    let t = TestController::start().await;
+    let router = start_router(&t, "r1", |_| {}).await;
+    let (addr, _sink) = sink().await;
+    let a = agent(&t, "agent-a").await;
+    let hosting = Hosting::Address(addr.to_string().parse().expect("hostport"));
+    service(&t, "sink", hosting).await;
+    let slow = limits(|l| l.bandwidth = Some("256KiB/s".parse().unwrap()));
+    grant(&t, "shaped", &["agent-a"], "sink", slow.clone()).await;
+    router_sees(&router, "shaped", &slow).await;
+    let conn = connect(&router, &a).await;
+
+    // 4 MiB at 256 KiB/s would take 16 s; raised to 1 GiB/s after 0.5 s, it is done at once.
+    let start = Instant::now();
+    let upload = tokio::spawn(upload(conn, "sink", 4 << 20));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!upload.is_finished(), "still shaped to 256 KiB/s");
+    let fast = limits(|l| l.bandwidth = Some("1GiB/s".parse().unwrap()));
+    set_limits(&t, &router, "shaped", fast).await;
+    let done = tokio::time::timeout(BOUND, upload).await.expect("timely");
+    let took = done.expect("upload") - start;
+    eprintln!("4 MiB took {took:?}");
+    assert!(
+        took < Duration::from_secs(4),
+        "the live stream sped up: {took:?}"
     );
     router.shutdown().await;
 }
