@@ -196,3 +196,94 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    /// Against a model of open counts: a stream is admitted exactly when a grant is unlimited
+    /// or one has a free slot, and it is charged to the first such grant.
+    #[test]
+    fn admit_stream_charges_the_first_grant_with_room(
+        caps in proptest::collection::vec(proptest::option::of(1u32..4), 1..4),
+        ops in proptest::collection::vec((any::<bool>(), 0usize..4), 1..60),
+    ) {
+        let limits: Vec<Throughput> = caps.iter().map(|c| c.map_or(Throughput::default(), conns)).collect();
+        let unlimited = caps.iter().any(Option::is_none);
+        let mut books = vec![GrantBook::default(); caps.len()];
+        let mut model = vec![0u32; caps.len()];
+        for (open, which) in ops {
+            if open {
+                let mut grants: Vec<(Throughput, &mut GrantBook)> =
+                    limits.iter().copied().zip(books.iter_mut()).collect();
+                let got = admit_stream(&mut grants, ms(0));
+                let want = if unlimited {
+                    Ok(None)
+                } else {
+                    let room = (0..caps.len()).find(|&i| caps[i].is_some_and(|c| model[i] < c));
+                    room.map(Some).ok_or(GrantLimit::Connections)
+                };
+                prop_assert_eq!(got, want);
+                if let Ok(Some(i)) = got {
+                    model[i] += 1;
+                }
+            } else if let Some(i) = (which < caps.len()).then_some(which).filter(|&i| model[i] > 0) {
+                books[i].close();
+                model[i] -= 1;
+            }
+            for (b, m) in books.iter().zip(&model) {
+                prop_assert_eq!(b.open(), *m);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_index_lists_every_granting_policy_by_name() {
+    use crate::testing::{agent, id, policy, service, state};
+    use crate::{Action, Index, Semantic, Timestamp};
+    let mut limited = policy(
+        "b-limited",
+        Action::Dial,
+        Semantic::AnyOf,
+        &["@ann"],
+        &["@svc"],
+    );
+    limited.limits.connections = Some(MaxConnections::try_from(2).unwrap());
+    let s = state(
+        [agent("ann", &["ops"]), agent("bob", &[])],
+        [service("svc", &[])],
+        [
+            limited,
+            policy("a-ops", Action::Dial, Semantic::AnyOf, &["#ops"], &["@svc"]),
+            policy("c-bob", Action::Dial, Semantic::AnyOf, &["@bob"], &["@svc"]),
+            policy(
+                "d-bind",
+                Action::Bind,
+                Semantic::AnyOf,
+                &["@ann"],
+                &["@svc"],
+            ),
+        ],
+    );
+    let index = Index::build(&s);
+    let t = Timestamp(0);
+    let names = |who: &str, action| -> Vec<String> {
+        (index.granting_policies(&id(who), "svc", action, t).iter())
+            .map(|p| p.name.to_string())
+            .collect()
+    };
+    assert_eq!(names("id-ann", Action::Dial), ["a-ops", "b-limited"]);
+    assert_eq!(names("id-ann", Action::Bind), ["d-bind"]);
+    assert_eq!(names("id-bob", Action::Dial), ["c-bob"]);
+    assert!(names("id-nobody", Action::Dial).is_empty());
+    assert!(index
+        .granting_policies(&id("id-ann"), "ghost", Action::Dial, t)
+        .is_empty());
+    let got = index.granting_policies(&id("id-ann"), "svc", Action::Dial, t);
+    assert_eq!(
+        got[1]
+            .limits
+            .throughput()
+            .connections
+            .map(MaxConnections::get),
+        Some(2)
+    );
+}
