@@ -115,13 +115,21 @@ impl Shaper {
         s.bucket.is_full(&refill, now)
     }
 
-    /// Waits until the bucket is out of debt.
+    /// Waits until the bucket is out of debt, looking again at least every [`MAX_WAIT`].
     pub(crate) async fn ready(&self) {
         while let Some(at) = self.ready_at() {
-            tokio::time::sleep_until(at).await;
+            tokio::time::sleep_until(at.min(Instant::now() + MAX_WAIT)).await;
         }
     }
 }
+
+/// The most bytes moved between two looks at the bucket: a write or read of more would put the
+/// bucket that much in debt at once (quinn can hand over megabytes in one chunk), and the wait
+/// that follows would be computed at the old rate however the policy changes meanwhile.
+const MAX_STEP: usize = 64 * 1024;
+
+/// The longest wait before looking at the bucket (and the policy) again.
+const MAX_WAIT: Duration = Duration::from_millis(100);
 
 /// A byte stream whose reads and writes are charged to a shaper, waiting while it is in debt.
 pub(crate) struct Paced<'a, T> {
@@ -148,7 +156,10 @@ impl<'a, T> Paced<'a, T> {
             }
             match self.shaper.ready_at() {
                 None => return Poll::Ready(()),
-                Some(at) => self.sleep = Some(Box::pin(tokio::time::sleep_until(at))),
+                Some(at) => {
+                    let at = at.min(Instant::now() + MAX_WAIT);
+                    self.sleep = Some(Box::pin(tokio::time::sleep_until(at)));
+                }
             }
         }
     }
@@ -162,6 +173,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for Paced<'_, T> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         ready!(this.poll_ready(cx));
+        // `io_to_quic` reads into at most 64 KiB (its largest buffer): each read is one step.
         let before = buf.filled().len();
         ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
         this.shaper.charge(buf.filled().len() - before);
@@ -177,6 +189,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Paced<'_, T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_ready(cx));
+        let buf = &buf[..buf.len().min(MAX_STEP)];
         let n = ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
         this.shaper.charge(n);
         Poll::Ready(Ok(n))
@@ -189,7 +202,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Paced<'_, T> {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         ready!(this.poll_ready(cx));
-        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, bufs))?;
+        // At most MAX_STEP bytes of the slices, the last one cut short.
+        let mut step: Vec<io::IoSlice<'_>> = Vec::with_capacity(bufs.len());
+        let mut room = MAX_STEP;
+        for b in bufs {
+            if room == 0 {
+                break;
+            }
+            let k = b.len().min(room);
+            step.push(io::IoSlice::new(&b[..k]));
+            room -= k;
+        }
+        let n = ready!(Pin::new(&mut this.inner).poll_write_vectored(cx, &step))?;
         this.shaper.charge(n);
         Poll::Ready(Ok(n))
     }
@@ -207,27 +231,24 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Paced<'_, T> {
     }
 }
 
-/// Most received segments moved at once, as in `umbra_transport::splice`.
-const BATCH: usize = 64;
-
-/// `umbra_transport::splice::quic_to_quic`, waiting for the shaper before each batch: copies
-/// one QUIC stream into another until it finishes, then finishes the other.
+/// `umbra_transport::splice::quic_to_quic`, waiting for the shaper before each chunk (of at
+/// most [`MAX_STEP`] bytes): copies one QUIC stream into another until it finishes, then
+/// finishes the other.
 pub(crate) async fn quic_to_quic(
     recv: &mut RecvStream,
     send: &mut SendStream,
     shaper: &Shaper,
 ) -> Result<u64, SpliceError> {
     let mut n = 0u64;
-    let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
     loop {
         shaper.ready().await;
-        let Some(k) = recv.read_chunks(&mut batch).await? else {
+        let Some(chunk) = recv.read_chunk(MAX_STEP, true).await? else {
             break;
         };
-        let bytes: usize = batch[..k].iter().map(Bytes::len).sum();
-        shaper.charge(bytes);
-        n += bytes as u64;
-        match send.write_all_chunks(&mut batch[..k]).await {
+        let bytes: Bytes = chunk.bytes;
+        shaper.charge(bytes.len());
+        n += bytes.len() as u64;
+        match send.write_chunk(bytes).await {
             Ok(()) => {}
             Err(quinn::WriteError::Stopped(code)) => {
                 let _ = recv.stop(code);
