@@ -860,7 +860,7 @@ pub(crate) async fn request(
             Status::Denied => Err(SdkError::Denied {
                 service: what.to_owned(),
             }),
-            Status::Unavailable => Err(SdkError::Unavailable(what.to_owned())),
+            Status::Unavailable => Err(unavailable_or_limit(&send, what).await),
             Status::BadRequest => Err(SdkError::Protocol(
                 "the router refused the request as malformed".into(),
             )),
@@ -870,6 +870,23 @@ pub(crate) async fn request(
         .await
         .map_err(|_| SdkError::Timeout(what.to_owned()))?
 }
+
+/// What an "unavailable" answer meant. The status byte is shared by a router that cannot serve
+/// (try another) and a limit of ours (a grant's `connections` or `rate`, or the router's books:
+/// another router would only spread the load a limit exists to bound); the router tells them
+/// apart with the code it stops our half of the stream with, which arrives with the answer.
+async fn unavailable_or_limit(send: &quinn::SendStream, what: &str) -> SdkError {
+    match tokio::time::timeout(STOP_CODE_WAIT, send.stopped()).await {
+        Ok(Ok(Some(code))) => match SdkError::from_code(code.into_inner(), what) {
+            SdkError::Limit => SdkError::Limit,
+            _ => SdkError::Unavailable(what.to_owned()),
+        },
+        _ => SdkError::Unavailable(what.to_owned()),
+    }
+}
+
+/// How long an "unavailable" answer waits for the stream's stop code (it is sent at once).
+const STOP_CODE_WAIT: Duration = Duration::from_millis(100);
 
 /// Accepts the streams a router opens towards us (callers of services we host) until the
 /// connection or the context ends.

@@ -453,13 +453,13 @@ async fn an_sdk_hosted_service_is_limited_the_same_way() {
         .await
         .expect("timely")
         .expect("dial");
-    // The SDK reads the status byte, which a LIMIT refusal shares with "unavailable" (the
-    // stream's stop code says LIMIT); the router counts it as a grant limit.
+    // The status byte a LIMIT refusal shares with "unavailable" is told apart by the stream's
+    // stop code, so the caller learns it hit a limit (and does not try other routers).
     let e = ctx
         .dial("bulk")
         .await
         .expect_err("a second stream is over the limit");
-    assert!(matches!(e, SdkError::Unavailable(_)), "{e}");
+    assert!(matches!(e, SdkError::Limit), "{e}");
     assert_eq!(router.stats().grant_limited, 1);
 
     const BYTES: usize = 1 << 20;
