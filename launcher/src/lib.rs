@@ -13,10 +13,14 @@
 //! the DNS responder and the hosts writer (task sets that abort on drop). An early return
 //! leaves nothing running.
 
+pub mod attach;
+mod inside;
 pub mod report;
 mod resolver;
 mod run;
 pub mod verify;
 
+pub use attach::{attach, AttachError, AttachOptions, Target};
+pub use inside::Namespace;
 pub use resolver::DNS_ADDR;
 pub use run::{interrupted, run, Ending, RunError, RunOptions, RunOutcome, SANDBOX_CONNECTIONS};

@@ -184,7 +184,10 @@ mod tests {
         let two = with_block(&one, &["127.77.0.2\tdb.umbra".into()]);
         assert!(two.contains("db.umbra") && !two.contains("echo.umbra"));
         assert!(two.starts_with("127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n"));
-        assert_eq!(with_block(&two, &[]), "127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n");
+        assert_eq!(
+            with_block(&two, &[]),
+            "127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n"
+        );
     }
 
     #[test]
@@ -197,15 +200,18 @@ mod tests {
     fn resolv_points_at_the_responder_only() {
         let orig = "search corp\nnameserver 8.8.8.8\noptions ndots:5\n";
         let r = resolv_with(orig, "127.0.0.53".parse().unwrap());
-        let servers: Vec<&str> = r
-            .lines()
-            .filter(|l| l.starts_with("nameserver"))
-            .collect();
+        let servers: Vec<&str> = r.lines().filter(|l| l.starts_with("nameserver")).collect();
         assert_eq!(servers, ["nameserver 127.0.0.53"]);
         assert!(r.contains("search corp") && r.contains("options ndots:5"));
         // Applied twice, still one.
         let again = resolv_with(&r, "127.0.0.53".parse().unwrap());
-        assert_eq!(again.lines().filter(|l| l.starts_with("nameserver")).count(), 1);
+        assert_eq!(
+            again
+                .lines()
+                .filter(|l| l.starts_with("nameserver"))
+                .count(),
+            1
+        );
     }
 
     #[test]

@@ -74,7 +74,12 @@ impl JoinedNetNs {
             source,
         })?;
         let own = std::fs::metadata("/proc/thread-self/ns/net")
-            .map(|m| (std::os::linux::fs::MetadataExt::st_dev(&m), std::os::linux::fs::MetadataExt::st_ino(&m)))
+            .map(|m| {
+                (
+                    std::os::linux::fs::MetadataExt::st_dev(&m),
+                    std::os::linux::fs::MetadataExt::st_ino(&m),
+                )
+            })
             .ok();
         let (tx, rx) = mpsc::channel::<Job>();
         let (ready_tx, ready_rx) = mpsc::sync_channel::<io::Result<()>>(1);
@@ -203,7 +208,11 @@ fn interface_names() -> io::Result<Vec<String>> {
             break;
         }
         // SAFETY: a NUL-terminated name owned by the array.
-        out.push(unsafe { CStr::from_ptr(entry.if_name) }.to_string_lossy().into_owned());
+        out.push(
+            unsafe { CStr::from_ptr(entry.if_name) }
+                .to_string_lossy()
+                .into_owned(),
+        );
         i += 1;
     }
     // SAFETY: the array from if_nameindex, freed once.
@@ -249,8 +258,14 @@ mod tests {
     #[test]
     fn own_namespace_needs_no_setns_and_lists_lo() {
         let ns = JoinedNetNs::open(Path::new("/proc/self/ns/net")).expect("own namespace");
-        assert!(ns.interfaces().expect("interfaces").iter().any(|n| n == "lo"));
-        let l = ns.listen_tcp("127.0.0.1:0".parse().unwrap()).expect("listen");
+        assert!(ns
+            .interfaces()
+            .expect("interfaces")
+            .iter()
+            .any(|n| n == "lo"));
+        let l = ns
+            .listen_tcp("127.0.0.1:0".parse().unwrap())
+            .expect("listen");
         assert!(l.local_addr().unwrap().port() != 0);
         assert!(!ns.is_gone());
     }
