@@ -43,9 +43,8 @@ impl ContainerRoot {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: a fresh descriptor we own.
-        Ok(ContainerRoot {
-            root: unsafe { OwnedFd::from_raw_fd(fd) },
-        })
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(ContainerRoot { root })
     }
 
     /// Opens `rel` (e.g. `etc/hosts`) beneath the root for reading and writing: no symbolic
