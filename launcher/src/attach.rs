@@ -117,6 +117,14 @@ pub enum AttachError {
         /// What went wrong.
         source: std::io::Error,
     },
+    /// The `--hosts-file` could not be opened.
+    #[error("the hosts file {path}: {source}")]
+    HostsFile {
+        /// The file.
+        path: PathBuf,
+        /// What the system said.
+        source: std::io::Error,
+    },
     /// The tunneler could not start or never heard from the controller.
     #[error("{0}")]
     Tunnel(String),
@@ -260,10 +268,9 @@ impl Attached {
     pub async fn stop(self, code: i32) {
         self.names.stop();
         self.tunneler.shutdown().await;
-        for mut f in self.hosts {
-            let r = container_files::read_all(&mut f).and_then(|old| {
-                container_files::rewrite(&mut f, &container_files::without_block(&old))
-            });
+        for f in &self.hosts {
+            let r = container_files::read_all(f)
+                .and_then(|old| container_files::rewrite(f, &container_files::without_block(&old)));
             if let Err(e) = r {
                 tracing::debug!(error = %e, "cannot take Umbra's lines out of a hosts file");
             }
@@ -299,17 +306,23 @@ fn hosts_writer(
             .mode(0o644)
             .custom_flags(libc::O_NOFOLLOW)
             .open(&p)
-            .map_err(|e| AttachError::Tunnel(format!("the hosts file {}: {e}", p.display())))?;
+            .map_err(|source| AttachError::HostsFile {
+                path: p.clone(),
+                source,
+            })?;
         targets.push(f);
     }
     let cleanup = targets
         .iter()
         .map(std::fs::File::try_clone)
         .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| AttachError::Tunnel(format!("a hosts file: {e}")))?;
+        .map_err(|source| AttachError::HostsFile {
+            path: PathBuf::from("/etc/hosts"),
+            source,
+        })?;
     let write: HostsWriter = Box::new(move |pairs: &[(String, IpAddr)]| {
         let lines: Vec<String> = pairs.iter().map(|(n, ip)| format!("{ip}\t{n}")).collect();
-        for f in &mut targets {
+        for f in &targets {
             let r = container_files::read_all(f).and_then(|old| {
                 container_files::rewrite(f, &container_files::with_block(&old, &lines))
             });
@@ -325,7 +338,7 @@ fn hosts_writer(
 struct ContainerFiles {
     pid: u32,
     hosts: std::fs::File,
-    resolv: std::sync::Mutex<(std::fs::File, Option<(String, String)>)>,
+    resolv: std::fs::File,
 }
 
 impl ContainerFiles {
@@ -333,33 +346,28 @@ impl ContainerFiles {
         Ok(ContainerFiles {
             pid,
             hosts: root.open_file("etc/hosts")?,
-            resolv: std::sync::Mutex::new((root.open_file("etc/resolv.conf")?, None)),
+            resolv: root.open_file("etc/resolv.conf")?,
         })
     }
 
-    /// Makes the responder the container's only name server, remembering what was there.
+    /// Makes the responder the container's only name server.
     fn point_resolver(&self) -> std::io::Result<()> {
-        let mut g = self
-            .resolv
-            .lock()
-            .map_err(|_| std::io::Error::other("poisoned"))?;
-        let (file, saved) = &mut *g;
+        let file = &self.resolv;
         let old = container_files::read_all(file)?;
-        let new = container_files::resolv_with(&old, crate::DNS_ADDR.ip());
-        container_files::rewrite(file, &new)?;
-        *saved = Some((old, new));
-        Ok(())
+        container_files::rewrite(
+            file,
+            &container_files::resolv_with(&old, crate::DNS_ADDR.ip()),
+        )
     }
 
-    /// Puts `resolv.conf` back as it was, unless something else rewrote it meanwhile.
+    /// Gives the container its own name servers back.
     fn restore_resolver(&self) {
-        if let Ok(mut g) = self.resolv.lock() {
-            let (file, saved) = &mut *g;
-            if let Some((orig, ours)) = saved.take() {
-                if container_files::read_all(file).is_ok_and(|now| now == ours) {
-                    let _ = container_files::rewrite(file, &orig);
-                }
-            }
+        let file = &self.resolv;
+        let r = container_files::read_all(file).and_then(|now| {
+            container_files::rewrite(file, &container_files::resolv_restored(&now))
+        });
+        if let Err(e) = r {
+            tracing::debug!(error = %e, "cannot restore the container's resolv.conf");
         }
     }
 }

@@ -93,7 +93,7 @@ impl ContainerRoot {
 }
 
 /// Reads the whole file (bounded) from its start.
-pub fn read_all(file: &mut File) -> io::Result<String> {
+pub fn read_all(mut file: &File) -> io::Result<String> {
     file.rewind()?;
     let mut s = String::new();
     file.take(MAX_FILE + 1).read_to_string(&mut s)?;
@@ -104,7 +104,7 @@ pub fn read_all(file: &mut File) -> io::Result<String> {
 }
 
 /// Replaces the file's content in place (the inode stays: it is what is bind-mounted).
-pub fn rewrite(file: &mut File, content: &str) -> io::Result<()> {
+pub fn rewrite(mut file: &File, content: &str) -> io::Result<()> {
     file.rewind()?;
     file.write_all(content.as_bytes())?;
     file.set_len(content.len() as u64)?;
@@ -160,13 +160,27 @@ pub fn resolv_with(text: &str, server: std::net::IpAddr) -> String {
     out.push('\n');
     for line in without_block(text).lines() {
         if line.trim_start().starts_with("nameserver") {
-            out.push_str("# umbra: ");
+            out.push_str(COMMENTED);
         }
         out.push_str(line);
         out.push('\n');
     }
     out
 }
+
+/// What [`resolv_with`] changed, undone: Umbra's block out, the container's name servers back.
+/// Works on the file as found, so a tunnel that died before undoing it is undone by the next.
+pub fn resolv_restored(text: &str) -> String {
+    let mut out = String::new();
+    for line in without_block(text).lines() {
+        out.push_str(line.strip_prefix(COMMENTED).unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// How [`resolv_with`] comments out the container's own name servers.
+const COMMENTED: &str = "# umbra: ";
 
 #[cfg(test)]
 mod tests {
@@ -231,9 +245,9 @@ mod tests {
         assert!(root.open_file("etc/hosts").is_err());
         assert!(root.open_file("etc/resolv.conf").is_err());
         assert!(root.open_file("etc/a").is_err());
-        let mut ok = root.open_file("etc/ok").unwrap();
-        rewrite(&mut ok, "longer content\n").unwrap();
-        rewrite(&mut ok, "y\n").unwrap();
-        assert_eq!(read_all(&mut ok).unwrap(), "y\n");
+        let ok = root.open_file("etc/ok").unwrap();
+        rewrite(&ok, "longer content\n").unwrap();
+        rewrite(&ok, "y\n").unwrap();
+        assert_eq!(read_all(&ok).unwrap(), "y\n");
     }
 }
