@@ -49,10 +49,11 @@ pub async fn attach(a: Attach, controller: Option<String>) -> anyhow::Result<()>
     let mut mappings = attached.mappings();
     let printer = async {
         let mut shown = std::collections::BTreeSet::new();
+        let mut first = true;
         loop {
             let now: std::collections::BTreeSet<_> =
                 mappings.borrow_and_update().iter().cloned().collect();
-            if now != shown {
+            if now != shown || std::mem::take(&mut first) {
                 println!("services: {}", now.len());
                 for m in shown.difference(&now) {
                     println!("  - {} -> {} ({})", m.intercept, m.listen, m.service);
