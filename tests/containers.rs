@@ -404,6 +404,17 @@ async fn a_namespace_with_another_interface_is_refused_unless_allowed() {
     assert!(allowed.err.lock().unwrap().contains("NOT its only path"));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_sharing_the_hosts_filesystem_is_no_container() {
+    let w = world().await;
+    let hosts_before = std::fs::read_to_string("/etc/hosts").unwrap();
+    let mut t = Tunnel::start(&w, &["--pid", &std::process::id().to_string()]);
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("shares this host's filesystem"), "{err}");
+    assert_eq!(std::fs::read_to_string("/etc/hosts").unwrap(), hosts_before);
+}
+
 /// A real `docker run --network none` container, served from the host by `umbra tunnel --pid`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_docker_container_with_no_network_reaches_its_services_through_umbra() {

@@ -109,6 +109,10 @@ pub enum AttachError {
         /// The other interfaces.
         names: String,
     },
+    /// `--pid` named a process in this host's own mount namespace, whose `/etc/hosts` and
+    /// `resolv.conf` are the host's.
+    #[error("process {0} shares this host's filesystem, so its /etc is the host's: give --netns /proc/{0}/ns/net (with --hosts-file if wanted) instead")]
+    NotAContainer(u32),
     /// The container's files could not be opened or written.
     #[error("the container of pid {pid}: {source}")]
     Container {
@@ -158,10 +162,17 @@ pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, Attac
     let path = opts.target.netns_path();
     // The container's root is opened before its namespace, both while the process lives.
     let root = match opts.target {
-        Target::Pid(pid) => Some((
-            pid,
-            ContainerRoot::open(pid).map_err(|source| AttachError::Container { pid, source })?,
-        )),
+        Target::Pid(pid) => {
+            // A process that shares our filesystem is no container: its /etc is the host's.
+            if same_file("/proc/self/ns/mnt", &format!("/proc/{pid}/ns/mnt")) {
+                return Err(AttachError::NotAContainer(pid));
+            }
+            Some((
+                pid,
+                ContainerRoot::open(pid)
+                    .map_err(|source| AttachError::Container { pid, source })?,
+            ))
+        }
         Target::NetNs(_) => None,
     };
     let ns = Arc::new(JoinedNetNs::open(&path)?);
@@ -279,6 +290,15 @@ impl Attached {
             f.restore_resolver();
         }
         self.events.emit(EventKind::Exited { code });
+    }
+}
+
+/// Whether two paths name the same file (two namespace files: the same namespace).
+fn same_file(a: &str, b: &str) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+        _ => false,
     }
 }
 
