@@ -382,6 +382,50 @@ async fn a_namespace_made_with_ip_netns_gets_umbra_as_its_only_path() {
     );
 }
 
+/// A namespace held by a process (`unshare --net`), named by `/proc/PID/ns/net`: served while
+/// the process lives, and the tunnel ends when it exits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_namespace_is_served_until_the_process_exits() {
+    let w = world().await;
+    let mut holder = tokio::process::Command::new("unshare")
+        .args(["--net", "sleep", "120"])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare");
+    let pid = holder.id().unwrap();
+    let path = format!("/proc/{pid}/ns/net");
+    // `unshare` has made the namespace once its file differs from ours.
+    let own = std::fs::metadata("/proc/self/ns/net").unwrap();
+    let made = eventually(Duration::from_secs(5), || {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(&path).ok()?;
+        (m.ino() != own.ino()).then_some(())
+    })
+    .await;
+    assert!(made.is_some(), "unshare made no namespace");
+    let mut tunnel = Tunnel::start(&w, &["--netns", &path]);
+    tunnel.printed("+ echo.umbra:443").await;
+    let o = std::process::Command::new("nsenter")
+        .arg(format!("--net={path}"))
+        .args([
+            "/usr/bin/python3",
+            "-c",
+            CLIENT,
+            "echo",
+            "127.77.0.1",
+            "443",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(stdout(&o).trim(), "through the overlay", "{}", stderr(&o));
+    let t0 = Instant::now();
+    holder.kill().await.unwrap();
+    let (code, err) = tunnel.ended().await;
+    println!("process exit to tunnel exit: {:?}", t0.elapsed());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(tunnel.out.lock().unwrap().contains("the namespace is gone"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_namespace_with_another_interface_is_refused_unless_allowed() {
     let w = world().await;
