@@ -65,12 +65,14 @@ pub enum Command {
     /// Manage edge routers
     #[command(subcommand)]
     Router(RouterCmd),
-    /// Expose, on loopback, exactly the services an identity may dial
+    /// Expose, on loopback, exactly the services an identity may dial (on this host, or inside
+    /// a container's network namespace with --netns/--pid)
     Tunnel {
         /// The agent's identity file
         #[arg(long)]
         identity: PathBuf,
-        /// Keep this file updated with /etc/hosts lines for the intercept names
+        /// Keep this file updated with /etc/hosts lines for the intercept names (with
+        /// --netns/--pid: as a block, the file's other lines kept)
         #[arg(long)]
         hosts_file: Option<PathBuf>,
         /// Threads carrying connections, each with its own connection to each router, so that

@@ -2,7 +2,7 @@
 //! make: a `docker run --network none` container, a Podman one, a Kubernetes pod's sandbox, or
 //! one made with `ip netns add`.
 //!
-//! The same parts as `umbra run` ([`crate::inside`]): listeners that follow the identity's view
+//! The same parts as `umbra run` (`inside`): listeners that follow the identity's view
 //! live, made inside the namespace by a thread that joined it, the DNS responder at
 //! [`crate::DNS_ADDR`] inside, refused dials and names as events for the events file and the
 //! controller's audit. The tunneler itself (its key, its connections to controller and routers)
