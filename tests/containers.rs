@@ -710,3 +710,47 @@ async fn a_flood_of_connections_costs_the_tunnel_at_most_its_bound() {
         fds()
     );
 }
+
+/// An agent that can unmount Docker's `/etc/hosts` (it was given `CAP_SYS_ADMIN`) plants a
+/// link there to a host file its container only reads: the tunnel, root outside, must not
+/// follow it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_link_planted_in_the_containers_etc_is_not_followed() {
+    use umbra_tests::docker;
+    if docker::skip_requested() {
+        eprintln!("skipped: UMBRA_DOCKER_TESTS=skip");
+        return;
+    }
+    let vol = tempfile::tempdir().unwrap();
+    let secret = vol.path().join("file");
+    std::fs::write(&secret, "host data\n").unwrap();
+    let image = docker::client_image().expect("client image");
+    let mount = format!("{}:/data:ro", vol.path().display());
+    let c = docker::Isolated::start_with(
+        "planted-link",
+        &image,
+        Duration::from_secs(300),
+        &[
+            "--cap-add",
+            "SYS_ADMIN",
+            "--security-opt",
+            "apparmor=unconfined",
+            "-v",
+            &mount,
+        ],
+    )
+    .expect("container");
+    c.exec("umount /etc/hosts && ln -sf /data/file /etc/hosts")
+        .expect("the agent plants its link");
+    assert_eq!(c.exec("cat /etc/hosts").unwrap(), "host data\n");
+    let w = world().await;
+    let mut tunnel = Tunnel::start(&w, &["--pid", &c.pid().to_string()]);
+    let (code, err) = tunnel.ended().await;
+    assert_ne!(code, Some(0));
+    // ELOOP: RESOLVE_NO_SYMLINKS met the link.
+    assert!(
+        err.contains("/etc/hosts") && err.contains("os error 40"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host data\n");
+}

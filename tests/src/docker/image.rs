@@ -489,8 +489,8 @@ pub fn umbra_image() -> Result<Image> {
 pub const CLIENT_REPO: &str = "umbra-test-client";
 
 /// A client image for containers that Umbra serves from outside (`umbra tunnel --pid`):
-/// `bash` (whose `/dev/tcp` makes TCP round trips), `getent`, `cat`, `sleep` and `timeout`,
-/// with their libraries, and the `base` files (`nsswitch.conf` says `hosts: files dns`).
+/// `bash` (whose `/dev/tcp` makes TCP round trips), `getent`, `cat`, `sleep`, `timeout`, and
+/// `ln` and `umount` for an agent that plants links, with their libraries, and the `base` files (`nsswitch.conf` says `hosts: files dns`).
 pub fn client_image() -> Result<Image> {
     ensure_engine()?;
     static IMAGE: OnceLock<std::result::Result<Image, String>> = OnceLock::new();
@@ -498,7 +498,7 @@ pub fn client_image() -> Result<Image> {
         .get_or_init(|| {
             let build = || -> Result<Image> {
                 let mut fs = base()?;
-                for bin in ["bash", "getent", "cat", "sleep", "timeout"] {
+                for bin in ["bash", "getent", "cat", "sleep", "timeout", "ln", "umount"] {
                     let src = ["/usr/bin", "/bin"]
                         .iter()
                         .map(|d| Path::new(d).join(bin))

@@ -20,6 +20,16 @@ impl Isolated {
     /// Starts `image` as `--network none`, sleeping for at most `life` (so a container
     /// survives no test process for long even if nothing removes it).
     pub fn start(test: &str, image: &Image, life: Duration) -> Result<Isolated> {
+        Self::start_with(test, image, life, &[])
+    }
+
+    /// Like [`Isolated::start`], with more `docker run` options (`--cap-add`, `-v`...).
+    pub fn start_with(
+        test: &str,
+        image: &Image,
+        life: Duration,
+        options: &[&str],
+    ) -> Result<Isolated> {
         ensure_engine()?;
         let name = format!(
             "umbra-iso-{}-{}",
@@ -31,7 +41,12 @@ impl Isolated {
             std::process::id()
         );
         let _ = docker(["rm", "-f", &name]);
-        docker([
+        let (scope, owner) = (
+            format!("{LABEL_SCOPE}={name}"),
+            format!("{LABEL_OWNER}={}", owner_label()),
+        );
+        let life = life.as_secs().to_string();
+        let mut args = vec![
             "run",
             "-d",
             "--name",
@@ -39,13 +54,13 @@ impl Isolated {
             "--network",
             "none",
             "--label",
-            &format!("{LABEL_SCOPE}={name}"),
+            &scope,
             "--label",
-            &format!("{LABEL_OWNER}={}", owner_label()),
-            image.tag(),
-            "/bin/sleep",
-            &life.as_secs().to_string(),
-        ])?;
+            &owner,
+        ];
+        args.extend_from_slice(options);
+        args.extend_from_slice(&[image.tag(), "/bin/sleep", &life]);
+        docker(&args)?;
         // Owned from here: a failure below removes it.
         let mut c = Isolated { name, pid: 0 };
         let pid = docker(["inspect", "-f", "{{.State.Pid}}", &c.name])?;
