@@ -65,12 +65,14 @@ pub enum Command {
     /// Manage edge routers
     #[command(subcommand)]
     Router(RouterCmd),
-    /// Expose, on loopback, exactly the services an identity may dial
+    /// Expose, on loopback, exactly the services an identity may dial (on this host, or inside
+    /// a container's network namespace with --netns/--pid)
     Tunnel {
         /// The agent's identity file
         #[arg(long)]
         identity: PathBuf,
-        /// Keep this file updated with /etc/hosts lines for the intercept names
+        /// Keep this file updated with /etc/hosts lines for the intercept names (with
+        /// --netns/--pid: as a block, the file's other lines kept)
         #[arg(long)]
         hosts_file: Option<PathBuf>,
         /// Threads carrying connections, each with its own connection to each router, so that
@@ -81,6 +83,21 @@ pub enum Command {
         /// trip then finds it awake); 0 turns it off
         #[arg(long, default_value = "200us", value_parser = parse_poll_window)]
         busy_poll: std::time::Duration,
+        /// Listen inside this existing network namespace instead of on the host's loopback
+        /// (`/var/run/netns/NAME`, `/proc/PID/ns/net`), with a DNS responder at 127.0.0.53 there
+        #[arg(long, value_name = "PATH", conflicts_with = "pid")]
+        netns: Option<PathBuf>,
+        /// Serve the network namespace of this process (a container's), and write its
+        /// /etc/hosts and /etc/resolv.conf through /proc/PID/root
+        #[arg(long)]
+        pid: Option<u32>,
+        /// With --netns/--pid: serve a namespace that has interfaces besides lo (Umbra is then
+        /// not its only path)
+        #[arg(long)]
+        allow_network: bool,
+        /// With --netns/--pid: append events (refused dials and names) to this JSON-lines file
+        #[arg(long, value_name = "FILE")]
+        events: Option<PathBuf>,
     },
     /// Run a command in a sealed sandbox whose only network is the overlay
     Run(SandboxRunArgs),

@@ -6,6 +6,7 @@ mod cli;
 mod demo;
 mod output;
 mod sandbox_cmd;
+mod tunnel_cmd;
 
 use std::process::ExitCode;
 
@@ -252,7 +253,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             hosts_file,
             lanes,
             busy_poll,
+            netns,
+            pid,
+            allow_network,
+            events,
         } => {
+            let target = match (netns, pid) {
+                (Some(p), _) => Some(umbra_launcher::Target::NetNs(p)),
+                (None, Some(pid)) => Some(umbra_launcher::Target::Pid(pid)),
+                (None, None) => None,
+            };
+            if let Some(target) = target {
+                let opts = tunnel_cmd::Attach {
+                    identity,
+                    target,
+                    hosts_file,
+                    allow_network,
+                    events,
+                    lanes: lanes.into(),
+                    busy_poll,
+                };
+                return tunnel_cmd::attach(opts, cli.controller).await;
+            }
+            if allow_network || events.is_some() {
+                anyhow::bail!("--allow-network and --events go with --netns or --pid");
+            }
             tunnel(
                 identity,
                 hosts_file,

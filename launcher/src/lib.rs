@@ -5,6 +5,10 @@
 //! knows nothing of sandboxes). Both stay usable alone, and the dependency runs one way only:
 //! launcher → tunneler → SDK, launcher → sandbox.
 //!
+//! `umbra tunnel --netns/--pid` ([`attach()`]) gives an agent that already runs in a container
+//! the same network: the listeners, names and audit of `umbra run` (shared in `inside`), made in
+//! a network namespace Umbra did not create.
+//!
 //! It also holds the escape suite behind `umbra verify` ([`verify`]), which runs the escape
 //! probe through the same launcher and judges from the host what the probe cannot see.
 //!
@@ -13,10 +17,14 @@
 //! the DNS responder and the hosts writer (task sets that abort on drop). An early return
 //! leaves nothing running.
 
+pub mod attach;
+mod inside;
 pub mod report;
 mod resolver;
 mod run;
 pub mod verify;
 
+pub use attach::{attach, AttachError, AttachOptions, Target};
+pub use inside::Namespace;
 pub use resolver::DNS_ADDR;
 pub use run::{interrupted, run, Ending, RunError, RunOptions, RunOutcome, SANDBOX_CONNECTIONS};

@@ -28,12 +28,8 @@ fn names_of(list: &[Mapping]) -> Vec<(String, IpAddr)> {
     out
 }
 
-pub(crate) fn publish_names(
-    id: &str,
-    hosts_path: &std::path::Path,
-    names: &Names,
-    list: &[Mapping],
-) {
+/// Updates the names the responder answers from `list` and returns them, for the hosts file.
+pub(crate) fn publish_names(names: &Names, list: &[Mapping]) -> Vec<(String, IpAddr)> {
     let pairs = names_of(list);
     if let Ok(mut n) = names.write() {
         n.clear();
@@ -43,10 +39,7 @@ pub(crate) fn publish_names(
             }
         }
     }
-    // Written in place: the file is bind-mounted into the sandbox, so its inode must stay.
-    if let Err(e) = std::fs::write(hosts_path, umbra_sandbox::hosts_file(id, &pairs)) {
-        tracing::warn!(error = %e, "cannot update the sandbox's hosts file");
-    }
+    pairs
 }
 
 /// Where the DNS responder listens inside the sandbox.
@@ -64,7 +57,7 @@ impl Resolver {
     /// Binds the responder inside the sandbox's network namespace and starts answering from
     /// `names`; refused and malformed queries become events in `events`.
     pub(crate) fn start(
-        netns: &umbra_sandbox::NetNs,
+        netns: &dyn crate::inside::Namespace,
         names: Names,
         events: EventSink,
     ) -> std::io::Result<Resolver> {

@@ -8,14 +8,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 use umbra_sandbox::events::{EventKind, EventSink};
 use umbra_sandbox::{exit, Prepared, SandboxConfig, SandboxError};
 use umbra_sdk::Context;
-use umbra_tunneler::{Tunneler, TunnelerConfig};
+use umbra_tunneler::TunnelerConfig;
 
-use crate::resolver::{publish_names, Names, Resolver};
+use crate::inside::{start_tunneler, HostsWriter, NameService, Namespace};
 
 /// Connections the tunneler carries for one sandbox at once. Each costs the launcher a
 /// descriptor and buffers; over the bound, the agent's connections wait in the kernel's backlog.
@@ -91,75 +90,32 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
     let netns = prepared.netns().clone();
     let hosts_path = prepared.hosts_path().to_path_buf();
 
-    let mut tcfg = opts.tunnel;
-    tcfg.max_connections = tcfg.max_connections.min(SANDBOX_CONNECTIONS);
-    let ns = netns.clone();
-    tcfg.listen = Some(Arc::new(move |addr| ns.listen_tcp(addr)));
-    let events = opts.events.clone();
-    tcfg.on_denied = Some(Arc::new(move |service, e| {
-        events.emit(EventKind::DialDenied {
-            service: service.to_string(),
-            reason: e.to_string(),
-        })
-    }));
-    tcfg.hosts_file = None;
-    let tunneler = Tunneler::start(ctx, tcfg)
-        .await
-        .map_err(|e| RunError::Tunnel(e.to_string()))?;
-    let mut mappings = tunneler.mappings();
-    let mut refused = tunneler.refused();
-
-    // The agent starts only once the tunneler knows what it may reach.
-    let first = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            if *refused.borrow() {
-                return Err("the controller refused this identity".to_string());
-            }
-            tokio::select! {
-                r = mappings.changed() => {
-                    r.map_err(|_| "the tunneler stopped".to_string())?;
-                    // An emptied list because the identity was refused is no first view.
-                    if *refused.borrow() {
-                        return Err("the controller refused this identity".to_string());
-                    }
-                    return Ok(());
-                }
-                r = refused.changed() => {
-                    r.map_err(|_| "the tunneler stopped".to_string())?;
-                }
-            }
-        }
-    })
-    .await;
+    let ns: Arc<dyn Namespace> = Arc::new(netns.clone());
     // On the early returns from here on, the tunneler and the sandbox are stopped by their
     // owners' `Drop`.
-    match first {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => return Err(RunError::Tunnel(e)),
-        Err(_) => {
-            return Err(RunError::Tunnel(
-                "no answer from the controller within 15 s".into(),
-            ))
-        }
-    }
-
-    let names: Names = Arc::default();
-    publish_names(&id, &hosts_path, &names, &mappings.borrow_and_update());
-    let resolver = Resolver::start(&netns, names.clone(), opts.events.clone())
-        .map_err(|e| RunError::Tunnel(format!("cannot start the sandbox's DNS responder: {e}")))?;
-    // Every task of the launcher's is owned here: whichever way this function returns, they
-    // end with it (the tunneler, the sandbox and the resolver own theirs likewise).
-    let mut tasks = JoinSet::new();
-    {
-        let (id, hosts_path, names) = (id.clone(), hosts_path.clone(), names.clone());
-        let mut mappings = mappings.clone();
-        tasks.spawn(async move {
-            while mappings.changed().await.is_ok() {
-                let list = mappings.borrow_and_update().clone();
-                publish_names(&id, &hosts_path, &names, &list);
+    let tunneler = start_tunneler(
+        ctx,
+        opts.tunnel,
+        ns.clone(),
+        &opts.events,
+        SANDBOX_CONNECTIONS,
+    )
+    .await
+    .map_err(RunError::Tunnel)?;
+    let mut refused = tunneler.refused();
+    // The file is bind-mounted into the sandbox: written in place, so its inode stays.
+    let write: HostsWriter = {
+        let id = id.clone();
+        Box::new(move |pairs| {
+            if let Err(e) = std::fs::write(&hosts_path, umbra_sandbox::hosts_file(&id, pairs)) {
+                tracing::warn!(error = %e, "cannot update the sandbox's hosts file");
             }
-        });
-    }
+        })
+    };
+    // Owned here: whichever way this function returns, the responder and the hosts writer end
+    // with it (the tunneler and the sandbox own theirs likewise).
+    let names = NameService::start(tunneler.mappings(), &*ns, opts.events.clone(), write)
+        .map_err(|e| RunError::Tunnel(format!("cannot start the sandbox's DNS responder: {e}")))?;
 
     let started = Instant::now();
     let mut running = prepared.start().await?;
@@ -233,9 +189,8 @@ pub async fn run(ctx: Context, opts: RunOptions) -> Result<RunOutcome, RunError>
     let elapsed = started.elapsed();
     running.kill();
     tracing::debug!(?elapsed, code, ?ending, "agent ended");
-    resolver.stop();
+    names.stop();
     opts.events.emit(EventKind::Exited { code });
-    tasks.abort_all();
     tunneler.shutdown().await;
     running.shutdown().await;
     let stdout = match stdout {

@@ -13,6 +13,7 @@
 //! itself (capabilities, `no_new_privs`, Landlock, seccomp) and executes the command.
 
 pub mod cgroup;
+pub mod container_files;
 pub mod dns;
 pub mod events;
 pub mod exposure;
@@ -21,6 +22,7 @@ pub mod idmap;
 pub mod init;
 pub mod landlock;
 mod launch;
+pub mod netns_join;
 pub mod nofile;
 pub mod probe;
 

@@ -31,10 +31,12 @@ use std::time::Duration;
 
 mod cmd;
 mod image;
+mod isolated;
 mod net;
 pub mod probe;
 
-pub use image::{postgres_image, umbra_binary, umbra_image, Image};
+pub use image::{client_image, postgres_image, umbra_binary, umbra_image, Image, CLIENT_REPO};
+pub use isolated::Isolated;
 pub use net::{owner_label, Container, RunSpec, Segment, TestNet};
 
 use cmd::output_bounded;

@@ -485,6 +485,40 @@ pub fn umbra_image() -> Result<Image> {
         .map_err(DockerError::NotReady)
 }
 
+/// The repository of the client image ([`client_image`]).
+pub const CLIENT_REPO: &str = "umbra-test-client";
+
+/// A client image for containers that Umbra serves from outside (`umbra tunnel --pid`):
+/// `bash` (whose `/dev/tcp` makes TCP round trips), `getent`, `cat`, `sleep`, `timeout`, and
+/// `ln` and `umount` for an agent that plants links, with their libraries, and the `base` files (`nsswitch.conf` says `hosts: files dns`).
+pub fn client_image() -> Result<Image> {
+    ensure_engine()?;
+    static IMAGE: OnceLock<std::result::Result<Image, String>> = OnceLock::new();
+    IMAGE
+        .get_or_init(|| {
+            let build = || -> Result<Image> {
+                let mut fs = base()?;
+                for bin in ["bash", "getent", "cat", "sleep", "timeout", "ln", "umount"] {
+                    let src = ["/usr/bin", "/bin"]
+                        .iter()
+                        .map(|d| Path::new(d).join(bin))
+                        .find(|p| p.exists())
+                        .ok_or_else(|| DockerError::Missing(format!("{bin} is not installed")))?;
+                    let real = std::fs::canonicalize(&src)
+                        .map_err(|e| DockerError::Missing(format!("{}: {e}", src.display())))?;
+                    fs.program(&real, &Path::new("/bin").join(bin))?;
+                }
+                // Docker bind-mounts its own hosts and resolv.conf over these.
+                fs.bytes("/etc/hosts", "127.0.0.1\tlocalhost\n", 0o644);
+                fs.bytes("/etc/resolv.conf", "", 0o644);
+                fs.image(CLIENT_REPO)
+            };
+            build().map_err(|e| e.to_string())
+        })
+        .clone()
+        .map_err(DockerError::NotReady)
+}
+
 /// The PostgreSQL 15 image, from this machine's Debian package (`postgresql-15`): the server
 /// and client binaries under [`PG_BIN`], the modules `initdb` needs, `/usr/share/postgresql/15`,
 /// UTC time zone data, and a `postgres` user (uid [`PG_UID`]). Start one with

@@ -1,0 +1,253 @@
+//! A running container's `/etc/hosts` and `/etc/resolv.conf`, rewritten in place from the host
+//! through `/proc/PID/root` (Docker, Podman and the kubelet bind-mount host files there).
+//!
+//! The container's root is the agent's to shape: it may have made `/etc/hosts` a symbolic link
+//! to a file the container only reads (a volume of host files mounted read-only), or a hard link
+//! to one. We write as root outside, where read-only mounts inside mean nothing, so a file is
+//! opened with `openat2` beneath the container's root (`RESOLVE_IN_ROOT`), refusing every
+//! symbolic link on the way (`RESOLVE_NO_SYMLINKS`, so no link is followed at all, even one that
+//! stays inside), and used only if it is a regular file with one name. Reads are bounded: the
+//! agent may have filled the file.
+
+use std::fs::File;
+use std::io::{self, Read, Seek, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+/// The line that opens Umbra's block in a file it shares with the container.
+pub const BEGIN: &str = "# BEGIN umbra tunnel (rewritten as grants change; do not edit)";
+/// The line that closes it.
+pub const END: &str = "# END umbra tunnel";
+
+/// The largest file read back (a hosts file of tens of thousands of lines).
+const MAX_FILE: u64 = 4 << 20;
+
+/// A container's root directory, held open: the files are found beneath it, never by a path
+/// walked again from the host's root.
+#[derive(Debug)]
+pub struct ContainerRoot {
+    root: OwnedFd,
+}
+
+impl ContainerRoot {
+    /// Opens the root of process `pid`'s mount namespace (`/proc/PID/root`).
+    pub fn open(pid: u32) -> io::Result<ContainerRoot> {
+        let path = format!("/proc/{pid}/root\0");
+        // SAFETY: a NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr().cast(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh descriptor we own.
+        let root = unsafe { OwnedFd::from_raw_fd(fd) };
+        Ok(ContainerRoot { root })
+    }
+
+    /// Opens `rel` (e.g. `etc/hosts`) beneath the root for reading and writing: no symbolic
+    /// link anywhere on the way, a regular file, one name.
+    pub fn open_file(&self, rel: &str) -> io::Result<File> {
+        let c = std::ffi::CString::new(rel).map_err(|_| io::Error::other("NUL in a path"))?;
+        // SAFETY: open_how is plain data; zeroed is valid.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags =
+            (libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
+                as u64;
+        how.resolve =
+            libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: a valid directory descriptor, C string and open_how of its size.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.root.as_raw_fd(),
+                c.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            let e = io::Error::last_os_error();
+            return Err(io::Error::new(
+                e.kind(),
+                format!("the container's /{rel}: {e} (a symbolic link on its path is refused)"),
+            ));
+        }
+        // SAFETY: a fresh descriptor we own.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
+        let meta = file.metadata()?;
+        if !meta.file_type().is_file() {
+            return Err(io::Error::other(format!(
+                "the container's /{rel} is not a regular file"
+            )));
+        }
+        if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+            return Err(io::Error::other(format!(
+                "the container's /{rel} has other names (hard links); refusing to write it"
+            )));
+        }
+        Ok(file)
+    }
+}
+
+/// Reads the whole file (bounded) from its start.
+pub fn read_all(mut file: &File) -> io::Result<String> {
+    file.rewind()?;
+    let mut s = String::new();
+    file.take(MAX_FILE + 1).read_to_string(&mut s)?;
+    if s.len() as u64 > MAX_FILE {
+        return Err(io::Error::other("the file is larger than 4 MiB"));
+    }
+    Ok(s)
+}
+
+/// Replaces the file's content in place (the inode stays: it is what is bind-mounted).
+pub fn rewrite(mut file: &File, content: &str) -> io::Result<()> {
+    file.rewind()?;
+    file.write_all(content.as_bytes())?;
+    file.set_len(content.len() as u64)?;
+    file.flush()
+}
+
+/// `text` without Umbra's block (an unterminated block runs to the end).
+pub fn without_block(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut inside = false;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        if bare == BEGIN {
+            inside = true;
+        } else if bare == END && inside {
+            inside = false;
+        } else if !inside {
+            out.push_str(line);
+        }
+    }
+    out
+}
+
+/// `text` with Umbra's block replaced by `lines` (the container's own lines kept as they are,
+/// in front of it); with no lines, without the block.
+pub fn with_block(text: &str, lines: &[String]) -> String {
+    let mut out = without_block(text);
+    if lines.is_empty() {
+        return out;
+    }
+    if !out.is_empty() && !out.ends_with('\n') {
+        out.push('\n');
+    }
+    out.push_str(BEGIN);
+    out.push('\n');
+    for l in lines {
+        out.push_str(l);
+        out.push('\n');
+    }
+    out.push_str(END);
+    out.push('\n');
+    out
+}
+
+/// A `resolv.conf` whose only name server is `server` (in Umbra's block, first): the
+/// container's own name servers are commented out, its `search` and `options` lines kept.
+pub fn resolv_with(text: &str, server: std::net::IpAddr) -> String {
+    let mut out = String::new();
+    out.push_str(BEGIN);
+    out.push('\n');
+    out.push_str(&format!("nameserver {server}\n"));
+    out.push_str(END);
+    out.push('\n');
+    for line in without_block(text).lines() {
+        if line.trim_start().starts_with("nameserver") {
+            out.push_str(COMMENTED);
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
+/// What [`resolv_with`] changed, undone: Umbra's block out, the container's name servers back.
+/// Works on the file as found, so a tunnel that died before undoing it is undone by the next.
+pub fn resolv_restored(text: &str) -> String {
+    let mut out = String::new();
+    for line in without_block(text).lines() {
+        out.push_str(line.strip_prefix(COMMENTED).unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// How [`resolv_with`] comments out the container's own name servers.
+const COMMENTED: &str = "# umbra: ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_block_is_replaced_and_the_containers_lines_kept() {
+        let orig = "127.0.0.1\tlocalhost\n172.17.0.2\tabc123";
+        let one = with_block(orig, &["127.77.0.1\techo.umbra".into()]);
+        assert_eq!(
+            one,
+            format!("127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n{BEGIN}\n127.77.0.1\techo.umbra\n{END}\n")
+        );
+        let two = with_block(&one, &["127.77.0.2\tdb.umbra".into()]);
+        assert!(two.contains("db.umbra") && !two.contains("echo.umbra"));
+        assert!(two.starts_with("127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n"));
+        assert_eq!(
+            with_block(&two, &[]),
+            "127.0.0.1\tlocalhost\n172.17.0.2\tabc123\n"
+        );
+    }
+
+    #[test]
+    fn a_lone_end_marker_is_the_containers_line() {
+        let text = format!("{END}\n1.2.3.4 x\n");
+        assert_eq!(without_block(&text), text);
+    }
+
+    #[test]
+    fn resolv_points_at_the_responder_only() {
+        let orig = "search corp\nnameserver 8.8.8.8\noptions ndots:5\n";
+        let r = resolv_with(orig, "127.0.0.53".parse().unwrap());
+        let servers: Vec<&str> = r.lines().filter(|l| l.starts_with("nameserver")).collect();
+        assert_eq!(servers, ["nameserver 127.0.0.53"]);
+        assert!(r.contains("search corp") && r.contains("options ndots:5"));
+        // Applied twice, still one.
+        let again = resolv_with(&r, "127.0.0.53".parse().unwrap());
+        assert_eq!(
+            again
+                .lines()
+                .filter(|l| l.starts_with("nameserver"))
+                .count(),
+            1
+        );
+    }
+
+    #[test]
+    fn links_and_non_files_are_refused_beneath_a_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let etc = dir.path().join("etc");
+        std::fs::create_dir(&etc).unwrap();
+        let outside = tempfile::NamedTempFile::new().unwrap();
+        std::os::unix::fs::symlink(outside.path(), etc.join("hosts")).unwrap();
+        std::fs::create_dir(etc.join("resolv.conf")).unwrap();
+        std::fs::write(etc.join("a"), "x").unwrap();
+        std::fs::hard_link(etc.join("a"), etc.join("b")).unwrap();
+        std::fs::write(etc.join("ok"), "x").unwrap();
+        let root = File::open(dir.path()).unwrap();
+        let root = ContainerRoot {
+            root: OwnedFd::from(root),
+        };
+        assert!(root.open_file("etc/hosts").is_err());
+        assert!(root.open_file("etc/resolv.conf").is_err());
+        assert!(root.open_file("etc/a").is_err());
+        let ok = root.open_file("etc/ok").unwrap();
+        rewrite(&ok, "longer content\n").unwrap();
+        rewrite(&ok, "y\n").unwrap();
+        assert_eq!(read_all(&ok).unwrap(), "y\n");
+    }
+}
