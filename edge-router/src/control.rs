@@ -37,6 +37,8 @@ pub(crate) struct Follower {
     /// Turns the machine's batches into enforced policies.
     pub publisher: Publisher,
     pub cancel: CancellationToken,
+    /// Contact and announced sequence numbers, for the lag and staleness gauges.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Follower {
@@ -160,6 +162,7 @@ impl Follower {
                     Ok(None) => break,
                     Err(e) => return SessionEnd::Transport(e.to_string()),
                 };
+                self.metrics.heard(now, announced(&msg));
                 if let Err(end) = self.machine.handle(msg, now) {
                     return end;
                 }
@@ -185,6 +188,15 @@ fn drain(machine: &mut ControlFollower, publisher: &mut Publisher) -> Option<Ses
         }
     }
     end
+}
+
+/// The sequence number a message says the controller has reached, if it says one.
+fn announced(msg: &ControlMessage) -> Option<u64> {
+    match msg {
+        ControlMessage::Heartbeat { seq } | ControlMessage::SnapshotBegin { seq, .. } => Some(*seq),
+        ControlMessage::Delta(d) => Some(d.seq),
+        _ => None,
+    }
 }
 
 /// Waits until `at`; never resolves without one.

@@ -78,7 +78,10 @@ impl MetricsServer {
 
     /// Connections held now (never more than [`ServeOptions::max_connections`]).
     pub fn connections(&self) -> usize {
-        self.open.lock().unwrap_or_else(PoisonError::into_inner).len()
+        self.open
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// Stops accepting and ends every connection.

@@ -16,6 +16,7 @@ use umbra_sdk::ControllerClient;
 
 pub mod dataplane;
 pub mod docker;
+pub mod exposition;
 pub mod fake_llm;
 pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
