@@ -30,8 +30,9 @@ async fn endpoint(registry: &Registry) -> umbra_metrics::MetricsServer {
 
 #[tokio::test]
 async fn router_counts_decisions_bytes_revocations_and_control_lag() {
-    let t = TestController::start().await;
     let registry = Registry::new();
+    let r = registry.clone();
+    let t = TestController::start_with(move |c| c.metrics = Some(r)).await;
     let server = endpoint(&registry).await;
     let router = start_router(&t, "r1", |c| c.metrics = Some(registry.clone())).await;
     let echo = Echo::start().await;
