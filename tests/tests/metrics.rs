@@ -193,3 +193,89 @@ async fn a_non_loopback_address_needs_consent() {
 fn an_exposition_without_eof_is_refused() {
     assert!(Exposition::parse("# TYPE x gauge\nx 1\n").is_err());
 }
+
+/// A free loopback port (bound and released: the process under test binds it next).
+fn free_port() -> std::net::SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr")
+}
+
+/// Kills the child when dropped, however the test ends.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn umbra_tunnel_serves_its_metrics() {
+    use std::io::BufRead;
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo-metrics", "agent-1").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.json");
+    a.save(&file).expect("save");
+    let metrics = free_port();
+    let mut child = std::process::Command::new(umbra_tests::umbra_bin());
+    child
+        .args(["--controller", &t.addr(), "tunnel", "--identity"])
+        .arg(&file)
+        .args(["--metrics", &metrics.to_string()])
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut child = Child(child.spawn().expect("umbra tunnel"));
+    // `  + echo-metrics.umbra:443 -> 127.x.y.z:443 (echo-metrics)`
+    let stdout = child.0.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if let Some(addr) = line.split(" -> ").nth(1).and_then(|r| r.split(' ').next()) {
+                let _ = tx.send(addr.to_owned());
+            }
+        }
+    });
+    let listen: std::net::SocketAddr = rx
+        .recv_timeout(BOUND)
+        .expect("a listener is printed")
+        .parse()
+        .expect("an address");
+    let payload = vec![3u8; 10_000];
+    let mut s = tokio::net::TcpStream::connect(listen)
+        .await
+        .expect("connect");
+    s.write_all(&payload).await.expect("send");
+    s.shutdown().await.expect("half-close");
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await.expect("echo");
+    assert_eq!(back, payload);
+    drop(s);
+
+    let carried = [("service", "echo-metrics"), ("outcome", "carried")];
+    let mut m = Exposition::default();
+    let deadline = Instant::now() + BOUND;
+    while Instant::now() < deadline {
+        m = scrape(metrics).await.unwrap_or_default();
+        if m.value("umbra_tunneler_connections_total", &carried) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        m.value("umbra_tunneler_connections_total", &carried),
+        Some(1.0)
+    );
+    let up = [("service", "echo-metrics"), ("direction", "up")];
+    let sent = m.value("umbra_tunneler_service_bytes_total", &up);
+    assert!(sent >= Some(10_000.0), "{sent:?}");
+    assert_eq!(m.value("umbra_tunneler_listeners", &[]), Some(1.0));
+}

@@ -473,8 +473,11 @@ async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(u64, u64
     // less for protocols in which the client speaks first.
     let mut early = Early::new(first_bytes(&tcp));
     let stream = dial(ctx, service, &mut early).await?;
+    // Bytes sent with the request count as carried up.
+    let sent = early.taken().map_or(0, |b| b.len() as u64);
     drop(early);
-    umbra_sdk::splice(tcp, stream).await
+    let (up, down) = umbra_sdk::splice(tcp, stream).await?;
+    Ok((up + sent, down))
 }
 
 /// How much of a client's first flight may travel with the dial request.
