@@ -202,7 +202,9 @@ async fn run_with(
     let (to_controller, upload) = umbra_launcher::report::to_controller(ctx.controller());
     let metrics = crate::metrics::start(&args.metrics).await?;
     let registry = metrics.as_ref().map(|(r, _)| r.clone());
-    let counted = registry.as_ref().map(crate::metrics::sandbox_events);
+    let counted = registry
+        .as_ref()
+        .map(umbra_launcher::metrics::sandbox_events);
     let forward = move |ev: &umbra_sandbox::events::Event| {
         if let Some(count) = &counted {
             count(ev);

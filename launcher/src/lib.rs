@@ -13,6 +13,7 @@
 //! the DNS responder and the hosts writer (task sets that abort on drop). An early return
 //! leaves nothing running.
 
+pub mod metrics;
 pub mod report;
 mod resolver;
 mod run;

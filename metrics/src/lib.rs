@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 pub use prometheus_client;
 use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Metric;
 pub use server::{serve, MetricsServer, ServeError, ServeOptions};
 
@@ -58,9 +60,11 @@ impl Registry {
     }
 
     /// Registers a metric (a counter, gauge, histogram, or a family of one of them) under
-    /// `umbra_<name>`; counters gain the `_total` suffix in the exposition.
+    /// `umbra_<name>`; counters gain the `_total` suffix in the exposition. A family is
+    /// declared (`# HELP`, `# TYPE`) even before its first sample, so that a dashboard or an
+    /// alert can tell "none yet" from "not exposed".
     pub fn register(&self, name: &str, help: &str, metric: impl Metric) {
-        self.with(|r| r.register(name, help, metric));
+        self.with(|r| r.register(name, help, Declared(metric)));
     }
 
     /// Registers a collector, asked for its metrics at each scrape: for values that already
@@ -80,6 +84,20 @@ impl Registry {
             }
         });
         out
+    }
+}
+
+/// A metric always declared, samples or not (`prometheus-client` leaves an empty family out).
+#[derive(Debug)]
+struct Declared<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Declared<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
     }
 }
 
@@ -109,6 +127,19 @@ mod tests {
         let text = r.encode();
         assert!(text.contains("umbra_things_total 3"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn an_empty_family_is_declared() {
+        use prometheus_client::metrics::family::Family;
+        let r = Registry::new();
+        r.register(
+            "empty",
+            "None yet.",
+            Family::<Vec<(String, String)>, Counter>::default(),
+        );
+        let text = r.encode();
+        assert!(text.contains("# TYPE umbra_empty counter"), "{text}");
     }
 
     #[test]

@@ -279,3 +279,230 @@ async fn umbra_tunnel_serves_its_metrics() {
     assert!(sent >= Some(10_000.0), "{sent:?}");
     assert_eq!(m.value("umbra_tunneler_listeners", &[]), Some(1.0));
 }
+
+/// Sends one HTTP/1.1 POST over an overlay stream; returns the status.
+async fn post_over(stream: umbra_sdk::Stream, path: &str, body: serde_json::Value) -> u16 {
+    use http_body_util::BodyExt;
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut send, conn) = hyper::client::conn::http1::handshake(io)
+        .await
+        .expect("http handshake");
+    tokio::spawn(conn);
+    let req = http::Request::post(path)
+        .header(http::header::HOST, "llm.umbra")
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .body(http_body_util::Full::new(bytes::Bytes::from(
+            body.to_string(),
+        )))
+        .expect("request");
+    let resp = send.send_request(req).await.expect("response");
+    let status = resp.status().as_u16();
+    let _ = resp.into_body().collect().await;
+    status
+}
+
+/// The LLM gateway hosting `llm` for `agent-1`, reporting to `registry`, with a fake provider
+/// offering one model. Returns the gateway, the caller's context and what must outlive them.
+async fn llm_gateway(
+    t: &TestController,
+    registry: &Registry,
+) -> (
+    umbra_gateway::Gateway,
+    Context,
+    umbra_tests::fake_llm::FakeLlm,
+    tempfile::TempDir,
+) {
+    use umbra_policies::{Hosting, Service};
+    let svc = Service {
+        name: name("llm"),
+        roles: Default::default(),
+        hosting: Hosting::Sdk,
+        intercepts: vec!["llm.umbra:8080".parse().expect("intercept")],
+        proxy_protocol: false,
+    };
+    let _: serde_json::Value = t
+        .admin_client()
+        .call(http::Method::POST, "/v1/services", Some(&svc))
+        .await
+        .expect("service");
+    let gw = agent(t, "gateway").await;
+    grant(t, "gateway-binds-llm", Action::Bind, "gateway", "llm").await;
+    let caller = agent(t, "agent-1").await;
+    grant(t, "agent-1-llm", Action::Dial, "agent-1", "llm").await;
+    let fake = umbra_tests::fake_llm::FakeLlm::start().await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let yaml = format!(
+        "service: llm\ndefault_max_tokens: 40\nproviders:\n  openai: {{ kind: openai, base_url: \"{}/v1\", api_key_env: KEY }}\nmodels:\n  - {{ name: gpt-4o-mini, provider: openai }}\n",
+        fake.base_url()
+    );
+    let mut cfg = umbra_gateway::Config::parse(&yaml, std::path::Path::new("."), |k| {
+        (k == "KEY").then(|| "sk-test".to_owned())
+    })
+    .expect("config");
+    cfg.ledger = dir.path().join("ledger.db");
+    cfg.metrics = Some(registry.clone());
+    let gw_ctx = Context::with_controller(gw, Some(&t.addr())).expect("context");
+    let gateway = umbra_gateway::Gateway::start(gw_ctx, cfg)
+        .await
+        .expect("gateway");
+    let ctx = Context::with_controller(caller, Some(&t.addr())).expect("context");
+    (gateway, ctx, fake, dir)
+}
+
+#[tokio::test]
+async fn llm_gateway_counts_requests_and_tokens_by_configured_model() {
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let registry = Registry::new();
+    let server = endpoint(&registry).await;
+    let (_gateway, ctx, _fake, _dir) = llm_gateway(&t, &registry).await;
+    let ask = |model: &str| serde_json::json!({"model": model, "messages": [{"role": "user", "content": "hi"}]});
+    let dial = || async {
+        let deadline = Instant::now() + BOUND;
+        loop {
+            match ctx.dial("llm").await {
+                Ok(s) => return s,
+                Err(e) if Instant::now() > deadline => panic!("dial llm: {e}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    };
+    let path = "/v1/chat/completions";
+    assert_eq!(post_over(dial().await, path, ask("gpt-4o-mini")).await, 200);
+    assert_eq!(
+        post_over(dial().await, path, ask("made-up-model")).await,
+        404
+    );
+
+    let m = scrape(server.local_addr()).await.expect("scrape");
+    let requests = "umbra_llm_requests_total";
+    let ok = [
+        ("model", "gpt-4o-mini"),
+        ("decision", "allowed"),
+        ("reason", "completed"),
+    ];
+    assert_eq!(m.value(requests, &ok), Some(1.0));
+    let refused = [
+        ("model", ""),
+        ("decision", "denied"),
+        ("reason", "unknown_model"),
+    ];
+    assert_eq!(m.value(requests, &refused), Some(1.0));
+    assert!(m
+        .matching(requests, &[("model", "made-up-model")])
+        .next()
+        .is_none());
+    for direction in ["input", "output"] {
+        let tokens = [("model", "gpt-4o-mini"), ("direction", direction)];
+        let n = m.value("umbra_llm_tokens_total", &tokens);
+        assert!(n > Some(0.0), "{direction}: {n:?}");
+    }
+    assert_eq!(m.value("umbra_llm_upstream_seconds_count", &[]), Some(1.0));
+}
+
+/// The metric families a dashboard expression reads: every `umbra_...` name in it, less the
+/// suffixes the exposition adds to a family's name.
+fn families_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(i) = rest.find("umbra_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        let name = &tail[..end];
+        let family = ["_bucket", "_total", "_count", "_sum"]
+            .iter()
+            .find_map(|s| name.strip_suffix(s))
+            .unwrap_or(name);
+        out.push(family.to_owned());
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_reads_only_metrics_the_processes_expose() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/grafana/umbra.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read")).expect("JSON");
+
+    // Every component, each registering into one registry as its process would its own.
+    let registry = Registry::new();
+    let r = registry.clone();
+    let t = TestController::start_with(move |c| c.metrics = Some(r)).await;
+    let _router = start_router(&t, "r1", |c| c.metrics = Some(registry.clone())).await;
+    let server = endpoint(&registry).await;
+    let (_llm, ctx, _fake, _dir) = llm_gateway(&t, &registry).await;
+    let tunnel = umbra_tunneler::TunnelerConfig {
+        name_base: "127.93.0.1".parse().expect("base"),
+        metrics: Some(registry.clone()),
+        ..Default::default()
+    };
+    let _tunneler = umbra_tunneler::Tunneler::start(ctx, tunnel)
+        .await
+        .expect("tunneler");
+    let mcp_yaml = "service: mcp\nservers:\n  notes:\n    url: \"http://127.0.0.1:9/mcp\"\n";
+    let mut mcp =
+        umbra_gateway::mcp::McpConfig::parse(mcp_yaml, std::path::Path::new("."), |_| None)
+            .expect("mcp config");
+    mcp.metrics = Some(registry.clone());
+    umbra_tests::dataplane::sdk_service(&t, "mcp", "gateway", "agent-1").await;
+    let gw = umbra_sdk::Context::with_controller(agent(&t, "mcp-gw").await, Some(&t.addr()))
+        .expect("context");
+    grant(&t, "mcp-gw-binds", Action::Bind, "mcp-gw", "mcp").await;
+    let _mcp = umbra_gateway::mcp::McpGateway::start(gw, mcp)
+        .await
+        .expect("mcp gateway");
+    // `umbra run` counts its sandbox's events so.
+    let count = umbra_launcher::metrics::sandbox_events(&registry);
+    count(&umbra_sandbox::events::Event {
+        at: String::new(),
+        sandbox: "s1".into(),
+        identity: "agent-1".into(),
+        kind: umbra_sandbox::events::EventKind::DnsRefused {
+            name: "exfil.example".into(),
+        },
+    });
+
+    let m = scrape(server.local_addr()).await.expect("scrape");
+    let dns = [("kind", "dns_refused")];
+    assert_eq!(m.value("umbra_sandbox_events_total", &dns), Some(1.0));
+    assert!(m
+        .samples
+        .iter()
+        .all(|s| !s.labels.values().any(|v| v == "exfil.example")));
+
+    // The data source is a variable, so the dashboard imports into any Grafana.
+    let vars = dash["templating"]["list"].as_array().expect("variables");
+    assert!(vars
+        .iter()
+        .any(|v| v["type"] == "datasource" && v["query"] == "prometheus"));
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut queried = std::collections::BTreeSet::new();
+    for p in panels.iter().filter(|p| p["type"] != "row") {
+        assert_eq!(p["datasource"]["uid"], "${datasource}", "{}", p["title"]);
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for target in targets {
+            let expr = target["expr"].as_str().expect("expr");
+            let names = families_in(expr);
+            assert!(!names.is_empty(), "{expr}");
+            queried.extend(names);
+        }
+    }
+    let missing: Vec<_> = queried.iter().filter(|n| !m.has_family(n)).collect();
+    assert!(
+        missing.is_empty(),
+        "the dashboard reads metrics nothing exposes: {missing:?}"
+    );
+    // And it shows every family the components expose.
+    let unshown: Vec<_> = (m.families.keys())
+        .filter(|f| !queried.contains(*f))
+        .collect();
+    assert!(
+        unshown.is_empty(),
+        "families the dashboard does not show: {unshown:?}"
+    );
+    println!("{} panels, {} families", panels.len(), queried.len());
+}
