@@ -145,11 +145,19 @@ impl Metrics {
         Metrics(Some(Arc::new(inner)))
     }
 
-    fn stream(&self, action: Action, outcome: &'static str, service: String, why: &'static str) {
+    fn stream(
+        &self,
+        action: Option<Action>,
+        outcome: &'static str,
+        service: String,
+        why: &'static str,
+    ) {
         if let Some(m) = &self.0 {
             let action = match action {
-                Action::Dial => "dial",
-                Action::Bind => "bind",
+                Some(Action::Dial) => "dial",
+                Some(Action::Bind) => "bind",
+                // Refused before the request said which.
+                None => "",
             };
             let labels = StreamLabels {
                 action,
@@ -163,7 +171,7 @@ impl Metrics {
 
     /// A stream allowed by policy.
     pub fn allowed(&self, action: Action, service: &Name) {
-        self.stream(action, "allowed", service.to_string(), "");
+        self.stream(Some(action), "allowed", service.to_string(), "");
     }
 
     /// A stream refused by policy; the service is named only if `policy` has it.
@@ -175,20 +183,20 @@ impl Metrics {
             } else {
                 String::new()
             };
-            self.stream(action, "denied", service, reason(why));
+            self.stream(Some(action), "denied", service, reason(why));
         }
     }
 
     /// A stream refused before the judge (a limit, a bad request, no policy).
     pub fn refused(&self, outcome: &'static str) {
-        self.stream(Action::Dial, outcome, String::new(), "");
+        self.stream(None, outcome, String::new(), "");
     }
 
     /// A live stream cut because the policy no longer allows it: counted, and the time since
     /// the change that cut it was published observed.
     pub fn cut(&self, action: Action, service: &Name, why: Deny) {
         if let Some(m) = &self.0 {
-            self.stream(action, "terminated", service.to_string(), reason(why));
+            self.stream(Some(action), "terminated", service.to_string(), reason(why));
             if let Some(at) = *lock(&m.control.published) {
                 m.cut.observe(at.elapsed().as_secs_f64());
             }
