@@ -281,16 +281,26 @@ async fn umbra_tunnel_serves_its_metrics() {
 }
 
 /// Sends one HTTP/1.1 POST over an overlay stream; returns the status.
-async fn post_over(stream: umbra_sdk::Stream, path: &str, body: serde_json::Value) -> u16 {
+async fn post_over(
+    stream: umbra_sdk::Stream,
+    path: &str,
+    body: serde_json::Value,
+    headers: &[(&str, &str)],
+) -> u16 {
     use http_body_util::BodyExt;
     let io = hyper_util::rt::TokioIo::new(stream);
     let (mut send, conn) = hyper::client::conn::http1::handshake(io)
         .await
         .expect("http handshake");
     tokio::spawn(conn);
-    let req = http::Request::post(path)
+    let mut req = http::Request::post(path)
         .header(http::header::HOST, "llm.umbra")
         .header(http::header::CONTENT_TYPE, "application/json")
+        .header(http::header::ACCEPT, "application/json, text/event-stream");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req
         .body(http_body_util::Full::new(bytes::Bytes::from(
             body.to_string(),
         )))
@@ -368,9 +378,12 @@ async fn llm_gateway_counts_requests_and_tokens_by_configured_model() {
         }
     };
     let path = "/v1/chat/completions";
-    assert_eq!(post_over(dial().await, path, ask("gpt-4o-mini")).await, 200);
     assert_eq!(
-        post_over(dial().await, path, ask("made-up-model")).await,
+        post_over(dial().await, path, ask("gpt-4o-mini"), &[]).await,
+        200
+    );
+    assert_eq!(
+        post_over(dial().await, path, ask("made-up-model"), &[]).await,
         404
     );
 
@@ -439,7 +452,7 @@ async fn the_grafana_dashboard_reads_only_metrics_the_processes_expose() {
         metrics: Some(registry.clone()),
         ..Default::default()
     };
-    let _tunneler = umbra_tunneler::Tunneler::start(ctx, tunnel)
+    let _tunneler = umbra_tunneler::Tunneler::start(ctx.clone(), tunnel)
         .await
         .expect("tunneler");
     let mcp_yaml = "service: mcp\nservers:\n  notes:\n    url: \"http://127.0.0.1:9/mcp\"\n";
@@ -454,6 +467,26 @@ async fn the_grafana_dashboard_reads_only_metrics_the_processes_expose() {
     let _mcp = umbra_gateway::mcp::McpGateway::start(gw, mcp)
         .await
         .expect("mcp gateway");
+    // A call of a tool nobody offers (stateless MCP): refused, and counted without its name.
+    let call = serde_json::json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+        "params": {"name": "notes__exfiltrate", "arguments": {}}});
+    let headers = [
+        (
+            "mcp-protocol-version",
+            umbra_gateway::mcp::server::STATELESS_VERSION,
+        ),
+        ("mcp-method", "tools/call"),
+        ("mcp-name", "notes__exfiltrate"),
+    ];
+    let deadline = Instant::now() + BOUND;
+    let stream = loop {
+        match ctx.dial("mcp").await {
+            Ok(s) => break s,
+            Err(e) if Instant::now() > deadline => panic!("dial mcp: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert_eq!(post_over(stream, "/mcp", call, &headers).await, 200);
     // `umbra run` counts its sandbox's events so.
     let count = umbra_launcher::metrics::sandbox_events(&registry);
     count(&umbra_sandbox::events::Event {
@@ -466,6 +499,12 @@ async fn the_grafana_dashboard_reads_only_metrics_the_processes_expose() {
     });
 
     let m = scrape(server.local_addr()).await.expect("scrape");
+    let refused = [("kind", "tools"), ("name", ""), ("decision", "denied")];
+    assert_eq!(m.value("umbra_mcp_calls_total", &refused), Some(1.0));
+    assert!(m
+        .matching("umbra_mcp_calls_total", &[("name", "notes__exfiltrate")])
+        .next()
+        .is_none());
     let dns = [("kind", "dns_refused")];
     assert_eq!(m.value("umbra_sandbox_events_total", &dns), Some(1.0));
     assert!(m
