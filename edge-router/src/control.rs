@@ -162,7 +162,7 @@ impl Follower {
                     Ok(None) => break,
                     Err(e) => return SessionEnd::Transport(e.to_string()),
                 };
-                self.metrics.heard(now, announced(&msg));
+                self.metrics.heard(now, &msg);
                 if let Err(end) = self.machine.handle(msg, now) {
                     return end;
                 }
@@ -188,15 +188,6 @@ fn drain(machine: &mut ControlFollower, publisher: &mut Publisher) -> Option<Ses
         }
     }
     end
-}
-
-/// The sequence number a message says the controller has reached, if it says one.
-fn announced(msg: &ControlMessage) -> Option<u64> {
-    match msg {
-        ControlMessage::Heartbeat { seq } | ControlMessage::SnapshotBegin { seq, .. } => Some(*seq),
-        ControlMessage::Delta(d) => Some(d.seq),
-        _ => None,
-    }
 }
 
 /// Waits until `at`; never resolves without one.

@@ -2,6 +2,9 @@
 //! and service; bytes per service; how long handshakes, policy checks, compilations and
 //! revocations take; and how closely it follows the controller.
 //!
+//! Revocation to cut runs from the arrival of the first change of the batch that cut a stream
+//! (the controller's commit time, `Delta::at`, is whole seconds: too coarse to start from).
+//!
 //! Counters that need no label are read from the router's own atomics at each scrape
 //! ([`RouterCollector`]); labelled ones are counted here. Labels are bounded: a service name
 //! only when the service exists in the enforced policy (a peer dialing made-up names gets
@@ -20,6 +23,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
 use umbra_metrics::{latency_histogram, Registry};
 use umbra_policies::{Deny, Name};
+use umbra_proto::ControlMessage;
 
 use crate::policy::{Policy, PolicyRx};
 
@@ -78,8 +82,10 @@ struct ControlState {
     announced: AtomicU64,
     /// When anything last arrived from the controller.
     contact: Mutex<Option<Instant>>,
-    /// When the last batch of changes was published: the start of a revocation's way to the
-    /// streams it cuts.
+    /// When the first change not yet published arrived.
+    unpublished: Mutex<Option<Instant>>,
+    /// When the changes of the last batch published began to arrive: the start of a
+    /// revocation's way to the streams it cuts.
     published: Mutex<Option<Instant>>,
 }
 
@@ -136,7 +142,7 @@ impl Metrics {
             "Time to decide a stream request (check_stream).",
             inner.check.clone(),
         );
-        r.register("router_revocation_cut_seconds", "From publishing a batch of changes received from the controller to a live stream it revokes being cut.", inner.cut.clone());
+        r.register("router_revocation_cut_seconds", "From the arrival of a batch of changes from the controller to a live stream it revokes being cut.", inner.cut.clone());
         r.register(
             "router_policy_compile_seconds",
             "Compiling a whole policy from a snapshot.",
@@ -193,7 +199,7 @@ impl Metrics {
     }
 
     /// A live stream cut because the policy no longer allows it: counted, and the time since
-    /// the change that cut it was published observed.
+    /// the change that cut it arrived observed.
     pub fn cut(&self, action: Action, service: &Name, why: Deny) {
         if let Some(m) = &self.0 {
             self.stream(Some(action), "terminated", service.to_string(), reason(why));
@@ -254,20 +260,31 @@ impl Metrics {
         }
     }
 
-    /// Something arrived from the controller at `now`; `seq` is a sequence number it announced.
-    pub fn heard(&self, now: Instant, seq: Option<u64>) {
+    /// `msg` arrived from the controller at `now`.
+    pub fn heard(&self, now: Instant, msg: &ControlMessage) {
         if let Some(m) = &self.0 {
             *lock(&m.control.contact) = Some(now);
+            let seq = match msg {
+                ControlMessage::Heartbeat { seq } | ControlMessage::SnapshotBegin { seq, .. } => {
+                    Some(*seq)
+                }
+                ControlMessage::Delta(d) => {
+                    lock(&m.control.unpublished).get_or_insert(now);
+                    Some(d.seq)
+                }
+                _ => None,
+            };
             if let Some(seq) = seq {
                 m.control.announced.fetch_max(seq, Ordering::Relaxed);
             }
         }
     }
 
-    /// A batch of changes is about to be enforced.
+    /// The changes received since the last batch are about to be enforced.
     pub fn publishing(&self) {
         if let Some(m) = &self.0 {
-            *lock(&m.control.published) = Some(Instant::now());
+            let since = lock(&m.control.unpublished).take();
+            *lock(&m.control.published) = Some(since.unwrap_or_else(Instant::now));
         }
     }
 
