@@ -545,3 +545,71 @@ async fn the_grafana_dashboard_reads_only_metrics_the_processes_expose() {
     );
     println!("{} panels, {} families", panels.len(), queried.len());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn umbra_run_counts_its_sandboxs_refusals() {
+    let t = TestController::start().await;
+    let _router = start_router(&t, "r1", |_| {}).await;
+    let echo = Echo::start().await;
+    let a = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("agent.json");
+    a.save(&file).expect("save");
+    let workspace = tempfile::Builder::new()
+        .prefix("umbra-ws-")
+        .tempdir()
+        .expect("workspace");
+    let metrics = free_port();
+    // One refused name, then the agent waits to be stopped.
+    let script = "getent hosts exfil.example; getent hosts echo.umbra; exec sleep 60";
+    let mut cmd = std::process::Command::new(umbra_tests::umbra_bin());
+    cmd.arg("run")
+        .arg("--identity")
+        .arg(&file)
+        .arg("--workspace")
+        .arg(workspace.path())
+        .args([
+            "--metrics",
+            &metrics.to_string(),
+            "--",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .env("UMBRA_CONTROLLER", t.addr())
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let child = Child(cmd.spawn().expect("umbra run"));
+
+    let refused = [("kind", "dns_refused")];
+    let mut m = Exposition::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        m = scrape(metrics).await.unwrap_or_default();
+        if m.value("umbra_sandbox_events_total", &refused) == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(m.value("umbra_sandbox_events_total", &refused), Some(1.0));
+    assert_eq!(
+        m.value("umbra_sandbox_events_total", &[("kind", "started")]),
+        Some(1.0)
+    );
+    assert_eq!(m.value("umbra_tunneler_listeners", &[]), Some(1.0));
+    assert!(m
+        .samples
+        .iter()
+        .all(|s| !s.labels.values().any(|v| v.contains("exfil"))));
+    // Interrupted, `umbra run` removes its sandbox before it exits.
+    let pid = rustix::process::Pid::from_raw(child.0.id() as i32).expect("pid");
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).expect("interrupt");
+    let mut child = child;
+    let deadline = Instant::now() + BOUND;
+    while child.0.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "umbra run ends when interrupted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
