@@ -127,8 +127,8 @@ impl Metrics {
         }
     }
 
-    /// Counts every request `app` answers, by its matched route (the middleware runs after
-    /// routing, so unmatched paths count as `route=""`).
+    /// Counts every request `app` routes, by its matched route; a path no route matches is
+    /// not counted (a client could make up any number of them).
     pub(crate) fn layer(&self, app: axum::Router) -> axum::Router {
         match &self.0 {
             None => app,

@@ -613,3 +613,99 @@ async fn umbra_run_counts_its_sandboxs_refusals() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn umbra_controller_run_and_router_run_serve_their_metrics() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path().join("ctrl");
+    let listen = free_port();
+    let o = umbra_tests::umbra_cmd(
+        &[
+            "controller",
+            "init",
+            "--dir",
+            &d.display().to_string(),
+            "--address",
+            &listen.to_string(),
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", umbra_tests::stderr(&o));
+    let metrics = free_port();
+    let mut cmd = std::process::Command::new(umbra_tests::umbra_bin());
+    cmd.args(["controller", "run", "--dir", &d.display().to_string()])
+        .args([
+            "--listen",
+            &listen.to_string(),
+            "--metrics",
+            &metrics.to_string(),
+        ])
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _child = Child(cmd.spawn().expect("umbra controller run"));
+    let admin = d.join("admin.json").display().to_string();
+    let listed = eventually(BOUND, || {
+        let o = umbra_tests::umbra_cmd(&["--admin", &admin, "identity", "list"], &[]);
+        o.status.success().then_some(())
+    })
+    .await;
+    assert!(listed.is_some(), "the controller answers");
+    let m = scrape(metrics).await.expect("scrape");
+    let list = [
+        ("route", "/v1/identities"),
+        ("method", "GET"),
+        ("status", "200"),
+    ];
+    assert!(m.value("umbra_controller_requests_total", &list) >= Some(1.0));
+    assert_eq!(m.value("umbra_controller_store_in_touch", &[]), Some(1.0));
+    assert_eq!(m.value("umbra_controller_store_shared", &[]), Some(0.0));
+
+    // A router enrolled and run from the command line, following that controller.
+    let token = dir.path().join("router.token").display().to_string();
+    let o = umbra_tests::umbra_cmd(
+        &["--admin", &admin, "router", "create", "r1", "-o", &token],
+        &[],
+    );
+    assert!(o.status.success(), "{}", umbra_tests::stderr(&o));
+    let rdir = dir.path().join("router").display().to_string();
+    let ctrl = listen.to_string();
+    let o = umbra_tests::umbra_cmd(
+        &[
+            "--controller",
+            &ctrl,
+            "router",
+            "enroll",
+            &token,
+            "--dir",
+            &rdir,
+        ],
+        &[],
+    );
+    assert!(o.status.success(), "{}", umbra_tests::stderr(&o));
+    let router_metrics = free_port();
+    let mut cmd = std::process::Command::new(umbra_tests::umbra_bin());
+    cmd.args(["--controller", &ctrl, "router", "run", "--dir", &rdir])
+        .args(["--listen", "127.0.0.1:0", "--lanes", "1"])
+        .args(["--metrics", &router_metrics.to_string()])
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    let _router = Child(cmd.spawn().expect("umbra router run"));
+    let mut m = Exposition::default();
+    let deadline = Instant::now() + BOUND;
+    while Instant::now() < deadline {
+        m = scrape(router_metrics).await.unwrap_or_default();
+        if m.value("umbra_router_control_failing_closed", &[]) == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        m.value("umbra_router_control_failing_closed", &[]),
+        Some(0.0)
+    );
+    assert_eq!(m.value("umbra_router_control_lag", &[]), Some(0.0));
+    let stale = m.value("umbra_router_control_staleness_seconds", &[]);
+    assert!(stale < Some(5.0), "{stale:?}");
+}
