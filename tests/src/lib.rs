@@ -18,6 +18,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod exposition;
 pub mod fake_llm;
+pub mod metrics;
 pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
 pub struct TestController {
