@@ -47,6 +47,9 @@ pub fn reason(why: Deny) -> &'static str {
 pub(crate) const NO_POLICY: &str = "no_policy";
 /// A limit of the identity or of the router.
 pub(crate) const LIMIT: &str = "limit";
+/// The handshake failed or timed out, or TLS refused the certificate (unknown issuer, revoked
+/// serial, expired): refused before any identity was admitted.
+pub(crate) const HANDSHAKE: &str = "handshake";
 
 /// A stream's kind.
 #[derive(Debug, Clone, Copy)]

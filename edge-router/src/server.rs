@@ -147,6 +147,7 @@ pub(crate) async fn accept_loop(
                         Ok(c) => c,
                         Err(e) => {
                             tracing::info!(error = %e, "handshake failed");
+                            shared.metrics.connection("refused", crate::metrics::HANDSHAKE);
                             return;
                         }
                     },

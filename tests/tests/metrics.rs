@@ -69,6 +69,20 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
     .expect("cut within the bound");
     assert!(matches!(cut, SdkError::Revoked), "{cut}");
 
+    // A client without a certificate is refused at the handshake.
+    let frame = umbra_proto::stream::encode_request(
+        umbra_proto::stream::Op::Dial,
+        &umbra_proto::stream::ServiceRequest {
+            service: name("echo"),
+        },
+    )
+    .expect("frame");
+    let (ep, cfg) = raw_client(None);
+    let r = tokio::time::timeout(BOUND, raw_request(&ep, &cfg, router.local_addr(), &frame))
+        .await
+        .expect("timely");
+    assert!(r.is_err(), "a client without a certificate got {r:?}");
+
     // The bytes are counted when the router sees the stream end; wait for that.
     let done = eventually(BOUND, || (echo.open() == 0).then_some(())).await;
     assert!(done.is_some(), "the service connections closed");
@@ -119,6 +133,11 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
     assert!((0.0..1.0).contains(&took), "revocation to cut: {took} s");
     assert_eq!(
         m.value("umbra_router_connections_total", &[("outcome", "admitted")]),
+        Some(1.0)
+    );
+    let handshake = [("outcome", "refused"), ("reason", "handshake")];
+    assert_eq!(
+        m.value("umbra_router_connections_total", &handshake),
         Some(1.0)
     );
     assert!(m.value("umbra_router_handshake_seconds_count", &[]) >= Some(1.0));
