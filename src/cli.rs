@@ -26,6 +26,18 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// `--metrics`: where this process serves Prometheus metrics.
+#[derive(Debug, Clone, Args)]
+pub struct MetricsArgs {
+    /// Serve Prometheus metrics on http://ADDR/metrics (a loopback address unless
+    /// --metrics-non-loopback: the metrics name services, models and tools)
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Allow --metrics on an address other than loopback
+    #[arg(long, requires = "metrics")]
+    pub metrics_non_loopback: bool,
+}
+
 /// The log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -98,6 +110,8 @@ pub enum Command {
         /// With --netns/--pid: append events (refused dials and names) to this JSON-lines file
         #[arg(long, value_name = "FILE")]
         events: Option<PathBuf>,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// Run a command in a sealed sandbox whose only network is the overlay
     Run(SandboxRunArgs),
@@ -189,6 +203,8 @@ pub struct RunArgs {
     /// routers
     #[arg(long, default_value_t = 3584)]
     pub max_agent_connections: usize,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -391,6 +407,8 @@ pub enum RouterCmd {
         /// sleeps; 0 turns it off
         #[arg(long, default_value = "200us", value_parser = parse_poll_window)]
         busy_poll: std::time::Duration,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
 }
 
@@ -541,6 +559,8 @@ pub struct SandboxRunArgs {
     /// Environment variable for the agent, KEY=VALUE or KEY to copy it (repeatable)
     #[arg(long = "env")]
     pub env: Vec<String>,
+    #[command(flatten)]
+    pub metrics: MetricsArgs,
     /// The command and its arguments
     #[arg(
         trailing_var_arg = true,
@@ -577,6 +597,8 @@ pub enum GatewayCmd {
         /// Providers, keys and models (YAML)
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
     /// The MCP gateway: which tools, resources and prompts, by the caller's identity
     Mcp {
@@ -586,5 +608,7 @@ pub enum GatewayCmd {
         /// Upstream MCP servers (YAML)
         #[arg(long)]
         config: PathBuf,
+        #[command(flatten)]
+        metrics: MetricsArgs,
     },
 }

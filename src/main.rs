@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod demo;
+mod metrics;
 mod output;
 mod sandbox_cmd;
 mod tunnel_cmd;
@@ -231,7 +232,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             stale_after,
             lanes,
             busy_poll,
+            metrics,
         }) => {
+            let metrics = metrics::start(&metrics).await?;
             let identity = umbra_pki::IdentityFile::load(dir.join(ROUTER_FILE))?;
             let mut cfg = umbra_edge_router::RouterConfig::new(identity, listen);
             cfg.advertise = advertise;
@@ -242,6 +245,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.limits.lanes = n.into();
             }
             cfg.limits.busy_poll = busy_poll;
+            cfg.metrics = metrics.as_ref().map(|(r, _)| r.clone());
             let router = umbra_edge_router::Router::start(cfg).await?;
             println!("router listening on {} (udp)", router.local_addr());
             shutdown_signal().await;
@@ -257,7 +261,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             pid,
             allow_network,
             events,
+            metrics,
         } => {
+            let metrics = metrics::start(&metrics).await?;
             let target = match (netns, pid) {
                 (Some(p), _) => Some(umbra_launcher::Target::NetNs(p)),
                 (None, Some(pid)) => Some(umbra_launcher::Target::Pid(pid)),
@@ -272,6 +278,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     events,
                     lanes: lanes.into(),
                     busy_poll,
+                    metrics: metrics.as_ref().map(|(r, _)| r.clone()),
                 };
                 return tunnel_cmd::attach(opts, cli.controller).await;
             }
@@ -281,17 +288,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel(
                 identity,
                 hosts_file,
-                lanes.into(),
-                busy_poll,
+                (lanes.into(), busy_poll),
                 cli.controller,
+                metrics.as_ref().map(|(r, _)| r.clone()),
             )
             .await
         }
-        Command::Gateway(cli::GatewayCmd::Llm { identity, config }) => {
-            gateway_llm(identity, config, cli.controller).await
+        Command::Gateway(cli::GatewayCmd::Llm {
+            identity,
+            config,
+            metrics,
+        }) => {
+            let metrics = metrics::start(&metrics).await?;
+            let registry = metrics.as_ref().map(|(r, _)| r.clone());
+            gateway_llm(identity, config, cli.controller, registry).await
         }
-        Command::Gateway(cli::GatewayCmd::Mcp { identity, config }) => {
-            gateway_mcp(identity, config, cli.controller).await
+        Command::Gateway(cli::GatewayCmd::Mcp {
+            identity,
+            config,
+            metrics,
+        }) => {
+            let metrics = metrics::start(&metrics).await?;
+            let registry = metrics.as_ref().map(|(r, _)| r.clone());
+            gateway_mcp(identity, config, cli.controller, registry).await
         }
         command => admin::run(&cli.admin, cli.controller.as_deref(), cli.json, command).await,
     }
@@ -304,9 +323,9 @@ const ROUTER_FILE: &str = "router.json";
 async fn tunnel(
     identity: std::path::PathBuf,
     hosts_file: Option<std::path::PathBuf>,
-    lanes: usize,
-    busy_poll: std::time::Duration,
+    (lanes, busy_poll): (usize, std::time::Duration),
     controller: Option<String>,
+    metrics: Option<umbra_metrics::Registry>,
 ) -> anyhow::Result<()> {
     let file = umbra_pki::IdentityFile::load(&identity)?;
     let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
@@ -316,6 +335,7 @@ async fn tunnel(
         hosts_file,
         lanes,
         busy_poll,
+        metrics,
         ..Default::default()
     };
     let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;
@@ -353,8 +373,10 @@ async fn gateway_llm(
     identity: std::path::PathBuf,
     config: std::path::PathBuf,
     controller: Option<String>,
+    metrics: Option<umbra_metrics::Registry>,
 ) -> anyhow::Result<()> {
-    let cfg = umbra_gateway::Config::load(&config)?;
+    let mut cfg = umbra_gateway::Config::load(&config)?;
+    cfg.metrics = metrics;
     let file = umbra_pki::IdentityFile::load(&identity)
         .with_context(|| format!("identity {}", identity.display()))?;
     let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
@@ -373,8 +395,10 @@ async fn gateway_mcp(
     identity: std::path::PathBuf,
     config: std::path::PathBuf,
     controller: Option<String>,
+    metrics: Option<umbra_metrics::Registry>,
 ) -> anyhow::Result<()> {
-    let cfg = umbra_gateway::mcp::McpConfig::load(&config)?;
+    let mut cfg = umbra_gateway::mcp::McpConfig::load(&config)?;
+    cfg.metrics = metrics;
     let file = umbra_pki::IdentityFile::load(&identity)
         .with_context(|| format!("identity {}", identity.display()))?;
     let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
@@ -429,8 +453,12 @@ async fn quickstart(
         audit_max_agent_rows: cfg.audit.max_agent_rows,
         max_connections: cfg.connections.total,
         max_agent_connections: cfg.connections.agents,
+        metrics: cli::MetricsArgs {
+            metrics: None,
+            metrics_non_loopback: false,
+        },
     };
-    let (ctrl, server) = start_controller(&args).await?;
+    let (ctrl, server) = start_controller(&args, None).await?;
 
     // One router, enrolled on first use like any other.
     let router_path = dir.join(ROUTER_FILE);
@@ -480,6 +508,7 @@ async fn quickstart(
 /// controller really is.
 async fn start_controller(
     args: &cli::RunArgs,
+    metrics: Option<umbra_metrics::Registry>,
 ) -> anyhow::Result<(
     std::sync::Arc<umbra_controller::Controller>,
     umbra_controller::Server,
@@ -489,6 +518,7 @@ async fn start_controller(
         cfg.store = parse_store(s)?;
     }
     cfg.cert_validity = args.cert_validity;
+    cfg.metrics = metrics;
     cfg.audit.retention = (!args.audit_retention.is_zero()).then_some(args.audit_retention);
     cfg.audit.max_agent_rows = args.audit_max_agent_rows;
     if args.max_agent_connections >= args.max_connections {
@@ -534,7 +564,9 @@ fn parse_store(s: &str) -> anyhow::Result<umbra_controller::StoreConfig> {
 }
 
 async fn run_controller(args: cli::RunArgs) -> anyhow::Result<()> {
-    let (_ctrl, server) = start_controller(&args).await?;
+    let metrics = metrics::start(&args.metrics).await?;
+    let registry = metrics.as_ref().map(|(r, _)| r.clone());
+    let (_ctrl, server) = start_controller(&args, registry).await?;
     println!("controller listening on {}", server.local_addr());
     shutdown_signal().await;
     eprintln!("shutting down");

@@ -199,7 +199,18 @@ async fn run_with(
         Some(ev) => Some(events_file(ev, &cfg)?),
         None => None,
     };
-    let (forward, upload) = umbra_launcher::report::to_controller(ctx.controller());
+    let (to_controller, upload) = umbra_launcher::report::to_controller(ctx.controller());
+    let metrics = crate::metrics::start(&args.metrics).await?;
+    let registry = metrics.as_ref().map(|(r, _)| r.clone());
+    let counted = registry
+        .as_ref()
+        .map(umbra_launcher::metrics::sandbox_events);
+    let forward = move |ev: &umbra_sandbox::events::Event| {
+        if let Some(count) = &counted {
+            count(ev);
+        }
+        to_controller(ev);
+    };
     let sink = EventSink::new(
         &cfg.id,
         file.name.as_str(),
@@ -220,6 +231,7 @@ async fn run_with(
         keep_on_revoke: args.keep_on_revoke,
         tunnel: TunnelerConfig {
             controller,
+            metrics: registry,
             ..Default::default()
         },
     };

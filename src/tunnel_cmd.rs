@@ -17,6 +17,7 @@ pub struct Attach {
     pub events: Option<PathBuf>,
     pub lanes: usize,
     pub busy_poll: Duration,
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 /// Serves the namespace until it is gone (exit 0), we are interrupted (exit 0) or the identity
@@ -25,7 +26,17 @@ pub async fn attach(a: Attach, controller: Option<String>) -> anyhow::Result<()>
     let file = umbra_pki::IdentityFile::load(&a.identity)?;
     let ctx = umbra_sdk::Context::with_controller(file.clone(), controller.as_deref())?;
     ctx.set_identity_path(&a.identity);
-    let (forward, upload) = umbra_launcher::report::to_controller(ctx.controller());
+    let (to_controller, upload) = umbra_launcher::report::to_controller(ctx.controller());
+    let counted = a
+        .metrics
+        .as_ref()
+        .map(umbra_launcher::metrics::sandbox_events);
+    let forward = move |ev: &umbra_sandbox::events::Event| {
+        if let Some(count) = &counted {
+            count(ev);
+        }
+        to_controller(ev);
+    };
     let events = EventSink::new(
         &a.target.event_id(),
         file.name.as_str(),
@@ -42,6 +53,7 @@ pub async fn attach(a: Attach, controller: Option<String>) -> anyhow::Result<()>
             controller,
             lanes: a.lanes,
             busy_poll: a.busy_poll,
+            metrics: a.metrics,
             ..Default::default()
         },
     };

@@ -16,6 +16,7 @@ pub mod audit;
 mod clock;
 mod core;
 mod error;
+pub mod metrics;
 mod server;
 pub mod sessions;
 pub mod store;

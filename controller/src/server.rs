@@ -99,8 +99,10 @@ impl Server {
         // With a shared store: learn the other controllers' commits as they happen.
         crate::core::shared::follow(&ctrl);
         let tls = Arc::new(ArcSwap::from_pointee(TlsConfigs::issue(&ctrl)?));
-        let enroll_app = api::enroll_router(ctrl.clone());
-        let main_app = api::main_router(ctrl.clone());
+        let metrics = ctrl.metrics.clone();
+        crate::metrics::collect(ctrl.config().metrics.as_ref(), &ctrl);
+        let enroll_app = metrics.layer(api::enroll_router(ctrl.clone()));
+        let main_app = metrics.layer(api::main_router(ctrl.clone()));
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let limits = ctrl.config().connections;
@@ -135,9 +137,10 @@ impl Server {
                 };
                 let (tls, authenticated) = (tls.load_full(), authenticated.clone());
                 let (enroll_app, main_app) = (enroll_app.clone(), main_app.clone());
+                let metrics = metrics.clone();
                 conns.spawn(async move {
                     tokio::select! {
-                        r = serve_conn(tcp, pending, &tls, authenticated, enroll_app, main_app) => {
+                        r = serve_conn(tcp, pending, &tls, (authenticated, &metrics), enroll_app, main_app) => {
                             if let Err(e) = r {
                                 tracing::debug!(%remote, error = %e, "connection ended with an error");
                             }
@@ -276,7 +279,7 @@ async fn serve_conn(
     tcp: TcpStream,
     pending: Pending,
     tls: &TlsConfigs,
-    authenticated: Arc<Mutex<AuthBudget>>,
+    (authenticated, metrics): (Arc<Mutex<AuthBudget>>, &crate::metrics::Metrics),
     enroll_app: axum::Router,
     main_app: axum::Router,
 ) -> Result<(), BoxError> {
@@ -315,8 +318,10 @@ async fn serve_conn(
     } else {
         drop(pending);
         let peer = umbra_pki::peer_identity(tls.get_ref().1)?;
-        let slot = AuthSlot::take(authenticated, &peer)
-            .map_err(|why| format!("authenticated connections: {why:?}; closed"))?;
+        let slot = AuthSlot::take(authenticated, &peer).map_err(|why| {
+            metrics.refused(&why);
+            format!("authenticated connections: {why:?}; closed")
+        })?;
         (
             main_app.layer(axum::Extension(Peer(Arc::new(peer)))),
             None,

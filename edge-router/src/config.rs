@@ -135,6 +135,9 @@ pub struct RouterConfig {
     /// Where the router reads the wall time: certificate renewal, and whether an identity has
     /// expired. `Clock::system()` in production; tests move a manual one.
     pub clock: umbra_clock::Clock,
+    /// Where to register the router's metrics (see `umbra_metrics`); `None` counts nothing
+    /// beyond [`crate::RouterStats`].
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 impl RouterConfig {
@@ -149,6 +152,7 @@ impl RouterConfig {
             stale_after: Duration::from_secs(60),
             limits: Limits::default(),
             clock: umbra_clock::Clock::system(),
+            metrics: None,
         }
     }
 }

@@ -37,6 +37,8 @@ pub(crate) struct Follower {
     /// Turns the machine's batches into enforced policies.
     pub publisher: Publisher,
     pub cancel: CancellationToken,
+    /// Contact and announced sequence numbers, for the lag and staleness gauges.
+    pub metrics: crate::metrics::Metrics,
 }
 
 impl Follower {
@@ -160,6 +162,7 @@ impl Follower {
                     Ok(None) => break,
                     Err(e) => return SessionEnd::Transport(e.to_string()),
                 };
+                self.metrics.heard(now, &msg);
                 if let Err(end) = self.machine.handle(msg, now) {
                     return end;
                 }

@@ -28,6 +28,7 @@ mod grant_limits;
 mod handshakes;
 mod hosts;
 mod lanes;
+mod metrics;
 mod policy;
 pub mod proxy;
 mod publish;
@@ -53,6 +54,7 @@ use umbra_sdk::{Credentials, RenewingIdentity};
 pub use config::{Limits, RouterConfig};
 pub use error::RouterError;
 pub use grant_limits::GrantLimitHit;
+pub use metrics::reason as refusal_label;
 pub use policy::{Policy, PolicyRx};
 pub use stats::{RouterStats, Usage};
 
@@ -159,6 +161,7 @@ impl Router {
             .clone()
             .unwrap_or_else(|| local_addr.to_string());
 
+        let metrics = metrics::Metrics::new(cfg.metrics.as_ref());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let follower = control::Follower {
@@ -166,8 +169,9 @@ impl Router {
             renewed: live.subscribe(),
             advertise: advertise.clone(),
             machine,
-            publisher: publish::Publisher::new(tx, cfg.clock.clone()),
+            publisher: publish::Publisher::new(tx, cfg.clock.clone()).metered(metrics.clone()),
             cancel: cancel.clone(),
+            metrics: metrics.clone(),
         };
         tasks.spawn(follower.run());
         tasks.spawn(live.clone().run(cancel.clone()));
@@ -182,7 +186,9 @@ impl Router {
             rx.clone(),
             endpoints.len(),
             cfg.clock.clone(),
+            metrics.clone(),
         ));
+        metrics.collect(cfg.metrics.as_ref(), Arc::clone(&shared));
         let mut data_plane_done = Vec::with_capacity(lanes.len());
         let mut polling = Vec::with_capacity(lanes.len());
         for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {

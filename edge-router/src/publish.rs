@@ -28,6 +28,8 @@ pub(crate) struct Publisher {
     building: Option<Build>,
     /// The wall time revocations are pruned at.
     clock: umbra_clock::Clock,
+    /// Compilation times, and when each batch was published (revocation-to-cut latency).
+    metrics: crate::metrics::Metrics,
 }
 
 /// A compilation running on a blocking thread.
@@ -65,13 +67,21 @@ impl Publisher {
             compiled: None,
             building: None,
             clock,
+            metrics: Default::default(),
         }
+    }
+
+    /// The same publisher, reporting to `metrics`.
+    pub(crate) fn metered(mut self, metrics: crate::metrics::Metrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The follower said [`umbra_proto::follow::Output::Publish`]: the copy holds whole commits
     /// from a live controller.
     pub(crate) fn publish(&mut self, machine: &mut ControlFollower) {
         let changes = machine.take_changes();
+        self.metrics.publishing();
         let Some(r) = machine.replica_mut() else {
             return;
         };
@@ -143,9 +153,11 @@ impl Publisher {
         let copy = replica.clone();
         let (tx, done) = oneshot::channel();
         tracing::info!(seq = copy.seq, "compiling the policy");
+        let metrics = self.metrics.clone();
         tokio::task::spawn_blocking(move || {
             let started = std::time::Instant::now();
             let policy = Policy::build(&copy);
+            metrics.compiled(started.elapsed());
             tracing::info!(seq = policy.seq, took = ?started.elapsed(), "policy compiled");
             let _ = tx.send(policy);
         });

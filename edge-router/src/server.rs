@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub stats: Counters,
     /// The wall time admission and expiry are judged at.
     pub clock: umbra_clock::Clock,
+    /// Labelled counters and latencies (nothing without a registry).
+    pub metrics: crate::metrics::Metrics,
     /// Admitted connections open now, per data-plane lane.
     lanes: Vec<AtomicUsize>,
 }
@@ -47,7 +49,13 @@ impl Drop for OnLane<'_> {
 }
 
 impl Shared {
-    pub fn new(limits: Limits, policy: PolicyRx, lanes: usize, clock: umbra_clock::Clock) -> Self {
+    pub fn new(
+        limits: Limits,
+        policy: PolicyRx,
+        lanes: usize,
+        clock: umbra_clock::Clock,
+        metrics: crate::metrics::Metrics,
+    ) -> Self {
         Shared {
             books: crate::slots::Books::new(&limits),
             grants: crate::grant_limits::GrantBooks::new(crate::grant_limits::MAX_GRANT_BOOKS),
@@ -62,6 +70,7 @@ impl Shared {
             hosts: Hosts::default(),
             stats: Counters::default(),
             clock,
+            metrics,
         }
     }
 
@@ -135,11 +144,13 @@ pub(crate) async fn accept_loop(
         conns.spawn(
             async move {
                 let shed = permit.shed();
+                let started = std::time::Instant::now();
                 let conn = tokio::select! {
                     r = handshake(incoming, &shared) => match r {
                         Ok(c) => c,
                         Err(e) => {
                             tracing::info!(error = %e, "handshake failed");
+                            shared.metrics.connection("refused", crate::metrics::HANDSHAKE);
                             return;
                         }
                     },
@@ -147,6 +158,7 @@ pub(crate) async fn accept_loop(
                     _ = shed.cancelled() => return,
                 };
                 drop(permit);
+                shared.metrics.handshake(started);
                 serve(conn, lane, shared, cancel).await;
             }
             .instrument(span),
@@ -221,12 +233,18 @@ async fn serve(
         Err(None) => {
             tracing::warn!("no current policy: connection refused");
             bump(&shared.stats.connections_refused);
+            shared
+                .metrics
+                .connection("refused", crate::metrics::NO_POLICY);
             close(&conn, Verdict::NO_POLICY);
             return;
         }
         Err(Some(why)) => {
             tracing::info!(decision = "deny", reason = %why, "connection refused");
             bump(&shared.stats.connections_refused);
+            shared
+                .metrics
+                .connection("refused", crate::metrics::reason(why));
             close(&conn, Verdict::of(why, Moment::Request));
             return;
         }
@@ -236,12 +254,14 @@ async fn serve(
         Err(limit) => {
             tracing::warn!(decision = "deny", %limit, "connection refused");
             bump(&shared.stats.limited);
+            shared.metrics.connection("refused", crate::metrics::LIMIT);
             close(&conn, Verdict::LIMIT);
             return;
         }
     };
     tracing::info!(decision = "allow", serial = %peer.serial, "connection admitted");
     bump(&shared.stats.connections_admitted);
+    shared.metrics.connection("admitted", "");
     let _on_lane = shared.on_lane(lane);
     let ctx = Arc::new(crate::stream::ConnCtx {
         id,
@@ -276,6 +296,7 @@ async fn serve(
                 tracing::info!(decision = "terminate", reason = %ends, "connection closed");
                 close(&conn, Verdict::of(ends, Moment::Open));
                 bump(&shared.stats.connections_terminated);
+                shared.metrics.connection("terminated", crate::metrics::reason(ends));
                 break;
             }
             changed = policy.changed() => {
@@ -296,6 +317,7 @@ async fn serve(
                     Err(Lost::Refused(why)) => {
                         tracing::info!(decision = "terminate", reason = %why, "connection closed");
                         bump(&shared.stats.connections_terminated);
+                        shared.metrics.connection("terminated", crate::metrics::reason(why));
                         cut_streams_first(&conn, &mut streams).await;
                         close(&conn, Verdict::of(why, Moment::Open));
                         break;

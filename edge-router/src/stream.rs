@@ -15,6 +15,7 @@ use umbra_proto::stream::{
 use umbra_proto::verdict::{Moment, Verdict};
 
 use crate::hosts::Host;
+use crate::metrics::Action;
 use crate::policy::{Policy, PolicyRx};
 use crate::server::Shared;
 use crate::splice;
@@ -87,6 +88,7 @@ pub(crate) async fn handle(
         Err(limit) => {
             tracing::warn!(%limit, "stream refused");
             bump(&ctx.shared.stats.limited);
+            ctx.shared.metrics.refused("limited");
             reset(&mut send, &mut recv, Verdict::LIMIT.code);
             return;
         }
@@ -99,6 +101,7 @@ pub(crate) async fn handle(
         Err(e) => {
             tracing::info!(error = %e, "bad request refused");
             bump(&ctx.shared.stats.bad_requests);
+            ctx.shared.metrics.refused("bad_request");
             refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
             return;
         }
@@ -133,12 +136,16 @@ async fn dial(
         return;
     };
     let request = StreamRequest::Dial(service.as_str());
-    let permit = match judge(ctx, &policy, request, ctx.shared.clock.timestamp()) {
+    let t = ctx.shared.clock.timestamp();
+    let permit = match ctx.shared.metrics.check(|| judge(ctx, &policy, request, t)) {
         Ok(p) => p,
         Err(why) => {
             // The same answer whether the service exists or not (`Verdict::of`).
             tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
             bump(&ctx.shared.stats.streams_denied);
+            ctx.shared
+                .metrics
+                .denied(Action::Dial, &service, &policy, why);
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
@@ -150,6 +157,7 @@ async fn dial(
     let pace = grant.as_ref().and_then(|g| g.shaper());
     tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
+    ctx.shared.metrics.allowed(Action::Dial, &service);
     drop(policy);
     let end = match permit.target {
         Target::Address {
@@ -222,10 +230,14 @@ async fn dial(
         }
     };
     match &end {
-        End::Done((up, down)) => tracing::debug!(up, down, "stream done"),
+        End::Done((up, down)) => {
+            tracing::debug!(up, down, "stream done");
+            ctx.shared.metrics.moved(&service, (*up, *down));
+        }
         End::Refused(why) => {
             tracing::info!(decision = "terminate", reason = %why, "stream closed");
             bump(&ctx.shared.stats.streams_terminated);
+            ctx.shared.metrics.cut(Action::Dial, &service, *why);
         }
         End::NoPolicy => tracing::warn!("no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
@@ -350,7 +362,9 @@ async fn bind(
 ) {
     let mut rx = ctx.shared.policy.clone();
     let request = StreamRequest::Bind(service.as_str());
-    let verdict = current(&mut rx).map(|p| judge(ctx, &p, request, ctx.shared.clock.timestamp()));
+    let policy = current(&mut rx);
+    let t = ctx.shared.clock.timestamp();
+    let verdict = (policy.as_ref()).map(|p| ctx.shared.metrics.check(|| judge(ctx, p, request, t)));
     match verdict {
         None => {
             refuse(&mut send, &mut recv, Verdict::NO_POLICY).await;
@@ -359,12 +373,16 @@ async fn bind(
         Some(Err(why)) => {
             tracing::info!(decision = "deny", action = "bind", reason = %why, "bind refused");
             bump(&ctx.shared.stats.streams_denied);
+            if let Some(p) = &policy {
+                ctx.shared.metrics.denied(Action::Bind, &service, p, why);
+            }
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
         Some(Ok(permit)) => {
             tracing::info!(decision = "allow", action = "bind", policy = %permit.policy, "host registered");
             bump(&ctx.shared.stats.streams_allowed);
+            ctx.shared.metrics.allowed(Action::Bind, &service);
         }
     }
     let host = Host {
@@ -396,6 +414,7 @@ async fn bind(
         if let End::Refused(why) = &end {
             tracing::info!(decision = "terminate", action = "bind", reason = %why, "bind ended");
             bump(&ctx.shared.stats.streams_terminated);
+            ctx.shared.metrics.cut(Action::Bind, &service, *why);
         }
         match end_code(&end) {
             Some(code) => reset(&mut send, &mut recv, code),

@@ -167,6 +167,8 @@ pub struct Config {
     /// Where the gateway reads the wall time: which budget period a request falls in, and the
     /// ledger's timestamps. The system clock unless a test sets a manual one.
     pub clock: umbra_clock::Clock,
+    /// Where to register the gateway's metrics (see `umbra_metrics`); `None` counts nothing.
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 pub(crate) fn parse_base(url: &str) -> Result<(bool, String, u16, String), String> {
@@ -344,6 +346,7 @@ impl Config {
             ),
             max_request_bytes: file.max_request_bytes,
             clock: umbra_clock::Clock::system(),
+            metrics: None,
         })
     }
 }

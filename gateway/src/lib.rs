@@ -14,6 +14,7 @@ pub mod ledger;
 pub mod llm;
 pub mod mcp;
 pub mod meter;
+mod metrics;
 pub mod sse;
 pub mod upstream;
 

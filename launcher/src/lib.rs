@@ -19,6 +19,7 @@
 
 pub mod attach;
 mod inside;
+pub mod metrics;
 pub mod report;
 mod resolver;
 mod run;

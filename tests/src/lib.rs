@@ -16,7 +16,9 @@ use umbra_sdk::ControllerClient;
 
 pub mod dataplane;
 pub mod docker;
+pub mod exposition;
 pub mod fake_llm;
+pub mod metrics;
 pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
 pub struct TestController {

@@ -9,6 +9,7 @@
 pub mod accept;
 mod addresses;
 mod lanes;
+mod metrics;
 mod plan;
 mod run;
 

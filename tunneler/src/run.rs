@@ -48,6 +48,8 @@ pub struct TunnelerConfig {
     /// How long a lane keeps polling after it last moved bytes before its thread sleeps (see
     /// `umbra_transport::busy_poll`; only lanes on current-thread runtimes poll). Zero turns it off.
     pub busy_poll: std::time::Duration,
+    /// Where to register the tunneler's metrics (see `umbra_metrics`); `None` counts nothing.
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 /// See [`TunnelerConfig::on_denied`]: the service and the SDK's error.
@@ -68,6 +70,7 @@ impl Default for TunnelerConfig {
             on_denied: None,
             lanes: 2,
             busy_poll: umbra_transport::busy_poll::DEFAULT_WINDOW,
+            metrics: None,
         }
     }
 }
@@ -82,6 +85,7 @@ impl std::fmt::Debug for TunnelerConfig {
             .field("listen", &self.listen.as_ref().map(|_| "custom"))
             .field("lanes", &self.lanes)
             .field("busy_poll", &self.busy_poll)
+            .field("metrics", &self.metrics.is_some())
             .finish()
     }
 }
@@ -111,6 +115,7 @@ impl Tunneler {
         // The context's client presents the newest certificate as the context renews it.
         let client = ctx.controller();
         let (tx, mappings) = watch::channel(Vec::new());
+        let metrics = crate::metrics::Metrics::new(cfg.metrics.as_ref(), mappings.clone());
         let (refused_tx, refused) = watch::channel(false);
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
@@ -129,6 +134,7 @@ impl Tunneler {
                 listen: cfg.listen,
                 on_denied: cfg.on_denied,
                 refused: refused_tx,
+                metrics,
             };
             tokio::select! {
                 _ = follow(client, &mut state) => {}
@@ -203,6 +209,7 @@ struct Listeners {
     listen: Option<ListenFn>,
     on_denied: Option<DeniedFn>,
     refused: watch::Sender<bool>,
+    metrics: crate::metrics::Metrics,
 }
 
 impl Listeners {
@@ -245,7 +252,7 @@ impl Listeners {
                         Arc::clone(&self.lanes),
                         self.limit.clone(),
                         token.clone(),
-                        self.on_denied.clone(),
+                        (self.on_denied.clone(), self.metrics.clone()),
                     )));
                     let active = Active {
                         mapping: m,
@@ -380,7 +387,7 @@ async fn accept_loop(
     lanes: Arc<Lanes>,
     limit: std::sync::Arc<Semaphore>,
     token: CancellationToken,
-    on_denied: Option<DeniedFn>,
+    (on_denied, metrics): (Option<DeniedFn>, crate::metrics::Metrics),
 ) {
     let mut backoff = AcceptBackoff::new();
     let what = m.listen.to_string();
@@ -404,7 +411,7 @@ async fn accept_loop(
             _ = token.cancelled() => return,
         };
         let (service, token) = (m.service.clone(), token.clone());
-        let on_denied = on_denied.clone();
+        let (on_denied, metrics) = (on_denied.clone(), metrics.clone());
         let (lane, busy) = lanes.pick();
         let ctx = lane.ctx.clone();
         // A socket moving to another lane leaves this runtime's reactor for the lane's, so
@@ -434,6 +441,7 @@ async fn accept_loop(
             };
             tokio::select! {
                 r = carry(tcp, &ctx, service.as_str()) => {
+                    metrics.carried(service.as_str(), &r);
                     if let Err(e) = r {
                         tracing::info!(%service, %peer, error = %e, "connection ended");
                         if let (Some(f), SdkError::Denied { .. } | SdkError::Revoked) = (&on_denied, &e) {
@@ -459,15 +467,17 @@ enum Accepted {
 
 /// Carries one TCP connection as one overlay stream, both directions, with half-close, without
 /// copying bytes through user space more than the kernel requires.
-async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(), SdkError> {
+async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(u64, u64), SdkError> {
     let _ = tcp.set_nodelay(true);
     // What the client sends while the router decides travels with the request: a round trip
     // less for protocols in which the client speaks first.
     let mut early = Early::new(first_bytes(&tcp));
     let stream = dial(ctx, service, &mut early).await?;
+    // Bytes sent with the request count as carried up.
+    let sent = early.taken().map_or(0, |b| b.len() as u64);
     drop(early);
-    umbra_sdk::splice(tcp, stream).await?;
-    Ok(())
+    let (up, down) = umbra_sdk::splice(tcp, stream).await?;
+    Ok((up + sent, down))
 }
 
 /// How much of a client's first flight may travel with the dial request.

@@ -16,6 +16,15 @@ impl Controller {
     /// state. A problem the stored state already had (a store written before a rule existed,
     /// logged at start) does not block unrelated writes.
     pub(super) fn commit(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
+        let started = std::time::Instant::now();
+        let out = self.commit_timed(inner, batch);
+        if let Some(outcome) = outcome(&out) {
+            self.metrics.commit(started, outcome);
+        }
+        out
+    }
+
+    fn commit_timed(&self, inner: &mut Inner, batch: Batch) -> Result<(), ControllerError> {
         if batch.is_empty() {
             return Ok(());
         }
@@ -159,5 +168,18 @@ fn refused(errors: Vec<umbra_policies::DocError>, batch: &Batch) -> ControllerEr
     match errors.iter().map(conflict).collect::<Option<Vec<String>>>() {
         Some(conflicts) if !conflicts.is_empty() => ControllerError::Conflict(conflicts.join("; ")),
         _ => rejected(errors),
+    }
+}
+
+/// How a commit ended, for the metrics (`None`: nothing to commit).
+fn outcome(out: &Result<(), ControllerError>) -> Option<Result<(), bool>> {
+    match out {
+        Ok(()) => Some(Ok(())),
+        Err(
+            ControllerError::Invalid(_)
+            | ControllerError::Rejected(_)
+            | ControllerError::Conflict(_),
+        ) => Some(Err(true)),
+        Err(_) => Some(Err(false)),
     }
 }

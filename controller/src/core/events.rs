@@ -86,6 +86,7 @@ impl Controller {
             rows.push((row, size));
         }
         let rec = self.audit.submit(&label, rows, Instant::now());
+        self.metrics.audit(rec.accepted, rec.suppressed);
         if rec.suppressed > 0 {
             tracing::debug!(identity = %label, suppressed = rec.suppressed, "reported events over the limit");
         }

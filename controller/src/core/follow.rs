@@ -182,6 +182,12 @@ impl Controller {
         self.hub.stats()
     }
 
+    /// Long-lived streams open now, over all identities.
+    pub fn streams_open(&self) -> usize {
+        let counts = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        counts.values().sum()
+    }
+
     /// Takes one of an identity's long-lived stream slots, so that no identity can hold the
     /// controller's connection budget.
     pub fn open_stream(&self, id: &IdentityId) -> Result<StreamGuard, ControllerError> {

@@ -91,6 +91,8 @@ pub struct ControllerConfig {
     /// tunneler, SDK host and gateway holds one for its edge-view watch, so a deployment with
     /// more agents than `connections.agents` must raise it (and the file descriptor limit).
     pub connections: crate::sessions::AuthLimits,
+    /// Where to register the controller's metrics (see `umbra_metrics`); `None` counts nothing.
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 impl ControllerConfig {
@@ -106,6 +108,7 @@ impl ControllerConfig {
             clock: Clock::system(),
             audit: AuditConfig::default(),
             connections: crate::sessions::AuthLimits::default(),
+            metrics: None,
         }
     }
 }
@@ -221,6 +224,8 @@ pub struct Controller {
     snapshots_served: std::sync::atomic::AtomicU64,
     /// Reported events: buckets, queue and writer thread, apart from the command lock.
     audit: AuditSink,
+    /// Commits, audit reports and refusals counted (nothing without a registry).
+    pub(crate) metrics: crate::metrics::Metrics,
 }
 
 impl std::fmt::Debug for Controller {
@@ -481,6 +486,7 @@ impl Controller {
         };
         let replica_state = replica.state.clone();
         Ok(Controller {
+            metrics: crate::metrics::Metrics::new(cfg.metrics.as_ref()),
             cfg,
             ca,
             signer,

@@ -176,6 +176,7 @@ pub(super) fn settle(
         input = usage.input, output = usage.output, estimated = usage.estimated, reason,
         "llm request"
     );
+    (s.metrics).record(&rec, true);
     if let Err(e) = s.ledger.settle(adm.reservation, &rec) {
         tracing::warn!(error = %e, "cannot record a request");
     }

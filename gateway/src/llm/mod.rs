@@ -62,6 +62,7 @@ struct Shared {
     grants: watch::Receiver<Arc<Grants>>,
     rate: RateWindows,
     upstream: Upstream,
+    metrics: crate::metrics::LlmMetrics,
 }
 
 /// A running gateway.
@@ -95,6 +96,7 @@ impl Gateway {
         let (grants, watcher) = crate::grants::follow(ctx.clone(), service.as_str()).await?;
         let listener = ctx.bind(service.as_str()).await?;
         let shared = Arc::new(Shared {
+            metrics: crate::metrics::LlmMetrics::new(cfg.metrics.as_ref()),
             cfg,
             ledger,
             grants,
@@ -245,6 +247,7 @@ fn deny(s: &Shared, mut rec: Record, reason: &str) {
     rec.decision = "denied";
     rec.reason = reason.to_string();
     tracing::info!(identity = %rec.name, model = %rec.model, reason, "llm request denied");
+    (s.metrics).record(&rec, s.cfg.models.contains_key(&rec.model));
     if let Err(e) = s.ledger.insert(&rec) {
         tracing::warn!(error = %e, "cannot record a request");
     }
@@ -425,7 +428,11 @@ async fn complete(
             return errors::response(format, Kind::Upstream, None, &e, None);
         }
     };
-    let resp = match s.upstream.send(&provider, upstream_req).await {
+    let resp = match s
+        .metrics
+        .upstream(s.upstream.send(&provider, upstream_req))
+        .await
+    {
         Ok(r) => r,
         Err(e) => {
             settle(

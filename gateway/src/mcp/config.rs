@@ -109,6 +109,8 @@ pub struct McpConfig {
     /// Where the gateway reads the wall time (the audit records' timestamps). The system clock
     /// unless a test sets a manual one.
     pub clock: umbra_clock::Clock,
+    /// Where to register the gateway's metrics (see `umbra_metrics`); `None` counts nothing.
+    pub metrics: Option<umbra_metrics::Registry>,
 }
 
 /// Replaces `${VAR}` with the variable's value; a missing variable is an error.
@@ -215,6 +217,7 @@ impl McpConfig {
             max_request_bytes: f.max_request_bytes,
             servers,
             clock: umbra_clock::Clock::system(),
+            metrics: None,
         })
     }
 }

@@ -106,6 +106,7 @@ struct Shared {
     sessions: Mutex<HashMap<String, ClientSession>>,
     cursors: Cursors,
     audit: Option<Mutex<std::fs::File>>,
+    metrics: crate::metrics::McpMetrics,
     /// Woken when an upstream's lists changed; a task then tells the sessions concerned.
     changes: tokio::sync::Notify,
 }
@@ -170,6 +171,7 @@ impl McpGateway {
                 }
             });
             Shared {
+                metrics: crate::metrics::McpMetrics::new(cfg.metrics.as_ref()),
                 cfg,
                 grants,
                 upstream: Upstream::new(),
@@ -871,6 +873,7 @@ fn audit(s: &Shared, caller: &Caller, kind: Kind, name: &str, out: Outcome<'_>, 
         }
     }
     tracing::info!(identity = %caller.name, %name, decision = out.decision, "mcp call");
+    (s.metrics).call(kind.key(), name, out.decision, out.took);
     if let Some(f) = &s.audit {
         if let Ok(mut f) = f.lock() {
             use std::io::Write;
