@@ -264,11 +264,13 @@ pub(crate) fn charge(
                 "stream refused: grant limit"
             );
             bump(&shared.stats.grant_limited);
+            shared.metrics.grant_limited(service, hit.limit.as_str());
             Err(Verdict::LIMIT)
         }
         Err(Refused::Full) => {
             tracing::warn!(books = MAX_GRANT_BOOKS, "stream refused: grant books full");
             bump(&shared.stats.limited);
+            shared.metrics.refused("limited");
             Err(Verdict::LIMIT)
         }
     }

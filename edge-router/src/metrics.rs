@@ -196,6 +196,17 @@ impl Metrics {
         }
     }
 
+    /// A dial the judge allowed, refused by its grant's `connections` or `rate`
+    /// (`limit`, the limit's fixed name): the service exists, so it is named.
+    pub fn grant_limited(&self, service: &Name, limit: &'static str) {
+        self.stream(
+            Some(Action::Dial),
+            "grant_limited",
+            service.to_string(),
+            limit,
+        );
+    }
+
     /// A stream refused before the judge (a limit, a bad request, no policy).
     pub fn refused(&self, outcome: &'static str) {
         self.stream(None, outcome, String::new(), "");

@@ -223,7 +223,10 @@ async fn several_grants_admit_while_any_has_room_an_unlimited_one_wins_and_chang
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() {
     let t = TestController::start().await;
-    let router = start_router(&t, "r1", |_| {}).await;
+    let registry = umbra_metrics::Registry::new();
+    let r = registry.clone();
+    let router = start_router(&t, "r1", |c| c.metrics = Some(r)).await;
+    let scraped = umbra_tests::metrics::endpoint(&registry).await;
     let echo = Echo::start().await;
     let (a, b) = (agent(&t, "agent-a").await, agent(&t, "agent-b").await);
     service(&t, "echo", echo.hosting()).await;
@@ -260,6 +263,19 @@ async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() 
     assert!(admitted >= 5, "the burst is admitted: {admitted}");
     assert!(refusals >= 1, "streams past the bucket are refused");
     assert_eq!(u64::from(refusals), router.stats().grant_limited);
+    // The same refusals in the exposition, under the service and the limit's name.
+    let exposition = umbra_tests::exposition::scrape(scraped.local_addr())
+        .await
+        .expect("scrape");
+    let labels = [
+        ("outcome", "grant_limited"),
+        ("service", "echo"),
+        ("reason", "rate"),
+    ];
+    assert_eq!(
+        exposition.sum("umbra_router_streams_total", &labels),
+        f64::from(refusals)
+    );
     // Another identity is not slowed by agent-a's bucket.
     for _ in 0..8 {
         close_echo(open_echo(&b1, "echo").await).await;
