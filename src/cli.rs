@@ -172,6 +172,10 @@ pub struct RunArgs {
     /// routers
     #[arg(long, default_value_t = 3584)]
     pub max_agent_connections: usize,
+    /// Deliver audit events to the sinks this YAML file lists (JSON-lines file, syslog, HTTPS
+    /// webhook), each filtered by event kind
+    #[arg(long)]
+    pub sinks: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -404,6 +404,7 @@ async fn quickstart(
         audit_max_agent_rows: cfg.audit.max_agent_rows,
         max_connections: cfg.connections.total,
         max_agent_connections: cfg.connections.agents,
+        sinks: None,
     };
     let (ctrl, server) = start_controller(&args).await?;
 
@@ -475,6 +476,10 @@ async fn start_controller(
     }
     cfg.connections.total = args.max_connections;
     cfg.connections.agents = args.max_agent_connections;
+    if let Some(path) = &args.sinks {
+        cfg.sinks = umbra_controller::sinks::config::load(path, |k| std::env::var(k).ok())
+            .with_context(|| format!("--sinks {}", path.display()))?;
+    }
     let ctrl = std::sync::Arc::new(
         tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??,
     );

@@ -18,6 +18,7 @@ mod core;
 mod error;
 mod server;
 pub mod sessions;
+pub mod sinks;
 pub mod store;
 
 pub use clock::{to_timestamp, Clock};

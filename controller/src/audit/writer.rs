@@ -60,6 +60,7 @@ impl AuditSink {
         store: &StoreConfig,
         cfg: AuditConfig,
         clock: Clock,
+        bell: super::AuditBell,
     ) -> Result<AuditSink, ControllerError> {
         let mut conn = store.open()?;
         let gone = prune(
@@ -79,7 +80,7 @@ impl AuditSink {
         let l = limiter.clone();
         let thread = std::thread::Builder::new()
             .name("umbra-audit".into())
-            .spawn(move || run(conn, rx, l, cfg, clock))
+            .spawn(move || run(conn, rx, l, cfg, clock, bell))
             .map_err(|e| ControllerError::Setup(format!("audit writer thread: {e}")))?;
         Ok(AuditSink {
             tx: Some(tx),
@@ -153,6 +154,7 @@ fn run(
     limiter: Arc<Mutex<Limiter>>,
     cfg: AuditConfig,
     clock: Clock,
+    bell: super::AuditBell,
 ) {
     let mut last_prune = Instant::now();
     let mut open = true;
@@ -183,8 +185,11 @@ fn run(
         let summaries = lock(&limiter).summaries(Instant::now(), period);
         batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
         if !batch.is_empty() {
-            if let Err(e) = conn.append_agent_events(&batch) {
-                tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events");
+            match conn.append_agent_events(&batch) {
+                Ok(()) => bell.ring(),
+                Err(e) => {
+                    tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events")
+                }
             }
         }
         for a in acks {

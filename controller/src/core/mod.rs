@@ -91,6 +91,8 @@ pub struct ControllerConfig {
     /// tunneler, SDK host and gateway holds one for its edge-view watch, so a deployment with
     /// more agents than `connections.agents` must raise it (and the file descriptor limit).
     pub connections: crate::sessions::AuthLimits,
+    /// Where audit events are delivered (`--sinks FILE`); none by default.
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 impl ControllerConfig {
@@ -106,6 +108,7 @@ impl ControllerConfig {
             clock: Clock::system(),
             audit: AuditConfig::default(),
             connections: crate::sessions::AuthLimits::default(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -221,6 +224,8 @@ pub struct Controller {
     snapshots_served: std::sync::atomic::AtomicU64,
     /// Reported events: buckets, queue and writer thread, apart from the command lock.
     audit: AuditSink,
+    /// Rung after every commit that stored audit rows.
+    bell: crate::audit::AuditBell,
 }
 
 impl std::fmt::Debug for Controller {
@@ -455,7 +460,13 @@ impl Controller {
         let signer = TokenSigner::load(&dir.join(files::TOKEN_KEY))?;
         check_keys(store.as_mut(), &ca, &signer, dir)?;
         let verifier = signer.verifying_key();
-        let audit = AuditSink::start(&cfg.store, cfg.audit.clone(), cfg.clock.clone())?;
+        let bell = crate::audit::AuditBell::default();
+        let audit = AuditSink::start(
+            &cfg.store,
+            cfg.audit.clone(),
+            cfg.clock.clone(),
+            bell.clone(),
+        )?;
         let replica = store.load(epoch, cfg.clock.timestamp())?;
         let names = replica
             .state
@@ -496,6 +507,7 @@ impl Controller {
             shared,
             address: Mutex::new(address),
             audit,
+            bell,
             streams: Default::default(),
             hub: Default::default(),
             snapshots_served: Default::default(),
@@ -508,6 +520,11 @@ impl Controller {
 
     fn now(&self) -> Timestamp {
         self.cfg.clock.timestamp()
+    }
+
+    /// Rings after every commit that stored audit rows (see [`crate::audit::AuditBell`]).
+    pub fn audit_bell(&self) -> &crate::audit::AuditBell {
+        &self.bell
     }
 
     /// The configuration.

@@ -174,6 +174,14 @@ pub trait Store: Send {
     /// The newest audit entries, newest last.
     fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError>;
 
+    /// Audit entries with an id above `after`, oldest first, at most `limit`: what an event
+    /// sink or an `audit --follow` has not seen yet (ids only grow).
+    fn audit_after(&mut self, after: u64, limit: u32) -> Result<Vec<AuditEntry>, ControllerError>;
+
+    /// How many audit entries have an id above `after`, and the largest id of all (0 when the
+    /// log is empty): how far behind a reader is.
+    fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError>;
+
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`,
     /// which must be the change log's last sequence: otherwise another writer committed since
     /// the batch was built, nothing is written and the error is [`ControllerError::Stale`].

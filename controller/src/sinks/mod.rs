@@ -1,0 +1,414 @@
+//! Event sinks: the controller delivers audit rows (operators' actions, agents' reported
+//! refusals, routers' decisions) to a JSON-lines file, syslog (RFC 5424) or an HTTPS webhook,
+//! each filtered by event kind, configured by a file (`umbra controller run --sinks FILE`,
+//! [`config`]).
+//!
+//! Delivery is at least once, and bounded. The audit log in the store is the queue: each sink
+//! keeps a cursor (the last audit id it delivered, in a 0600 file `DIR/sinks/NAME.cursor`),
+//! reads the rows after it, delivers those its filter takes, and only then moves the cursor. A
+//! sink that fails retries the same rows with exponential backoff and jitter ([`plan`]), so an
+//! outage loses nothing and repeats at most the batch in flight (and, after a crash, the batch
+//! delivered but not yet recorded); receivers tell repeats apart by `id`. Memory holds one
+//! batch a sink. A sink more than `max_lag_events` rows or `max_lag` behind skips to the newest
+//! row and delivers a `sinks.dropped` event saying how many it skipped, so that a long outage
+//! costs a visible gap, never unbounded work. Rows reach a sink within milliseconds of their
+//! commit: every commit that stores audit rows rings [`crate::audit::AuditBell`].
+//!
+//! With several controllers on one PostgreSQL database, each controller's sinks read the whole
+//! shared audit log (rows the others commit are found within a second, by a periodic look), so
+//! a sinks file given to every controller delivers each event once per controller: give it to
+//! one. PostgreSQL hands out ids before commit, so a row committed after a higher id another
+//! transaction already committed can be passed over by a cursor; SQLite commits in id order.
+
+pub mod config;
+mod file;
+pub mod filter;
+pub mod plan;
+pub mod syslog;
+pub mod webhook;
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use umbra_policies::Timestamp;
+use umbra_proto::api::AuditEntry;
+
+use crate::core::Controller;
+use crate::store::{Store, StoreConfig};
+
+pub use config::{SinkConfig, SinkKind};
+
+/// Why a delivery failed; the sink retries.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// Writing, connecting or sending failed.
+    #[error("{0}")]
+    Io(String),
+    /// The webhook answered something other than 2xx.
+    #[error("the receiver answered {0}")]
+    Status(u16),
+    /// The sink cannot be set up (a CA file that does not parse).
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// One event as sinks deliver it: an audit row, its kind being the row's action.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// The audit row's id (increasing; a receiver drops repeats by it).
+    pub id: u64,
+    /// When it was stored, RFC 3339 UTC.
+    pub time: String,
+    /// The kind, e.g. `sandbox.dial_denied`, `identity.revoke`, `router.stream_refused`.
+    pub kind: String,
+    /// Who acted or reported (a SPIFFE id, or `controller`).
+    pub actor: String,
+    /// On what.
+    pub target: String,
+    /// Details.
+    pub detail: serde_json::Value,
+}
+
+/// RFC 3339 for a unix time in seconds.
+pub fn rfc3339(t: Timestamp) -> String {
+    let secs = i64::try_from(t.0).unwrap_or(i64::MAX);
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "1970-01-01T00:00:00Z".into())
+}
+
+impl From<&AuditEntry> for Event {
+    fn from(e: &AuditEntry) -> Event {
+        Event {
+            id: e.id,
+            time: rfc3339(e.at),
+            kind: e.action.clone(),
+            actor: e.actor.clone(),
+            target: e.target.clone(),
+            detail: e.detail.clone(),
+        }
+    }
+}
+
+/// The kind of the record a sink delivers after skipping rows.
+pub const DROPPED: &str = "sinks.dropped";
+
+/// What a sink persists: the last id it is done with, and a skip not yet reported.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+struct Cursor {
+    after: u64,
+    #[serde(default)]
+    dropped: Option<Dropped>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Dropped {
+    count: u64,
+    first_after: u64,
+    through: u64,
+    at: u64,
+}
+
+fn load_cursor(path: &Path) -> Option<Cursor> {
+    let text = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&text).ok()
+}
+
+fn save_cursor(path: &Path, c: &Cursor) {
+    let text = serde_json::to_vec(c).unwrap_or_default();
+    if let Err(e) = umbra_pki::write_file(path, &text, 0o600) {
+        tracing::warn!(path = %path.display(), error = %e, "cannot record a sink's cursor");
+    }
+}
+
+/// A store connection of the sinks' own, shared by them (never the command connection).
+#[derive(Clone)]
+struct Reader {
+    cfg: StoreConfig,
+    conn: Arc<Mutex<Option<Box<dyn Store>>>>,
+}
+
+impl Reader {
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut dyn Store) -> Result<T, crate::ControllerError> + Send + 'static,
+    ) -> Result<T, crate::ControllerError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = me.conn.lock().unwrap_or_else(|e| e.into_inner());
+            if guard.is_none() {
+                *guard = Some(me.cfg.open()?);
+            }
+            match guard.as_mut() {
+                Some(s) => f(s.as_mut()),
+                None => Err(crate::ControllerError::Unavailable("no store".into())),
+            }
+        })
+        .await
+        .map_err(|e| crate::ControllerError::Unavailable(e.to_string()))?
+    }
+}
+
+/// How long a sink with nothing to do waits for a ring before looking anyway (rows committed
+/// by other controllers on a shared store ring nothing here).
+const IDLE_LOOK: Duration = Duration::from_secs(1);
+
+/// Starts one task per configured sink; they end when `cancel` is.
+pub fn spawn(ctrl: &Arc<Controller>, cancel: &CancellationToken) -> JoinSet<()> {
+    let mut set = JoinSet::new();
+    let cfg = ctrl.config();
+    if cfg.sinks.is_empty() {
+        return set;
+    }
+    let reader = Reader {
+        cfg: cfg.store.clone(),
+        conn: Arc::new(Mutex::new(None)),
+    };
+    let dir = cfg.dir.join("sinks");
+    if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+    }) {
+        tracing::error!(dir = %dir.display(), error = %e, "cannot create the sinks' directory");
+    }
+    for sink in cfg.sinks.clone() {
+        let out = match Output::new(&sink.kind) {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::error!(sink = %sink.name, error = %e, "sink not started");
+                continue;
+            }
+        };
+        let task = SinkTask {
+            cursor_path: dir.join(format!("{}.cursor", sink.name)),
+            sink,
+            out,
+            reader: reader.clone(),
+            ctrl: ctrl.clone(),
+        };
+        set.spawn(task.run(cancel.clone()));
+    }
+    set
+}
+
+enum Output {
+    File(Option<file::FileSink>),
+    Syslog(syslog::SyslogSink),
+    Webhook(Box<webhook::WebhookSink>),
+}
+
+impl Output {
+    fn new(kind: &SinkKind) -> Result<Output, SinkError> {
+        Ok(match kind.clone() {
+            SinkKind::File {
+                path,
+                max_bytes,
+                keep,
+            } => Output::File(Some(file::FileSink::new(path, max_bytes, keep))),
+            SinkKind::Syslog {
+                transport,
+                facility,
+                app_name,
+            } => Output::Syslog(syslog::SyslogSink::new(transport, facility, app_name)),
+            SinkKind::Webhook {
+                url,
+                secret,
+                ca_file,
+                timeout,
+            } => Output::Webhook(Box::new(webhook::WebhookSink::new(
+                url,
+                secret,
+                ca_file.as_deref(),
+                timeout,
+            )?)),
+        })
+    }
+
+    async fn send(&mut self, events: &[Event], now: u64) -> Result<(), SinkError> {
+        match self {
+            Output::Syslog(s) => s.send(events).await,
+            Output::Webhook(w) => w.send(events, now).await,
+            Output::File(slot) => {
+                let mut lines = Vec::new();
+                for e in events {
+                    serde_json::to_writer(&mut lines, e).map_err(|e| SinkError::Io(e.to_string()))?;
+                    lines.push(b'\n');
+                }
+                let Some(mut f) = slot.take() else {
+                    return Err(SinkError::Io("the file sink is busy".into()));
+                };
+                let (f, r) = tokio::task::spawn_blocking(move || {
+                    let r = f.write(&lines);
+                    (f, r)
+                })
+                .await
+                .map_err(|e| SinkError::Io(e.to_string()))?;
+                *slot = Some(f);
+                r
+            }
+        }
+    }
+}
+
+struct SinkTask {
+    sink: SinkConfig,
+    out: Output,
+    reader: Reader,
+    ctrl: Arc<Controller>,
+    cursor_path: PathBuf,
+}
+
+impl SinkTask {
+    fn now(&self) -> Timestamp {
+        self.ctrl.config().clock.timestamp()
+    }
+
+    /// Where a sink without a cursor starts: after the newest row (it delivers what happens
+    /// from now on, not the whole history).
+    async fn first_cursor(&self, cancel: &CancellationToken) -> Option<Cursor> {
+        if let Some(c) = load_cursor(&self.cursor_path) {
+            return Some(c);
+        }
+        let mut attempt = 0;
+        loop {
+            match self.reader.with(|s| s.audit_span(u64::MAX)).await {
+                Ok((_, head)) => {
+                    let c = Cursor {
+                        after: head,
+                        dropped: None,
+                    };
+                    save_cursor(&self.cursor_path, &c);
+                    return Some(c);
+                }
+                Err(e) => {
+                    tracing::warn!(sink = %self.sink.name, error = %e, "cannot read the audit log");
+                    if !self.pause(attempt, cancel).await {
+                        return None;
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+    }
+
+    /// Waits the backoff for `attempt`; false when cancelled.
+    async fn pause(&self, attempt: u32, cancel: &CancellationToken) -> bool {
+        let d = plan::backoff(attempt, rand::random::<f64>());
+        tokio::select! {
+            _ = tokio::time::sleep(d) => true,
+            _ = cancel.cancelled() => false,
+        }
+    }
+
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut bell = self.ctrl.audit_bell().subscribe();
+        let Some(mut cursor) = self.first_cursor(&cancel).await else {
+            return;
+        };
+        let bounds = plan::Bounds {
+            max_events: self.sink.max_lag_events,
+            max_age: self.sink.max_lag,
+        };
+        let batch = self.sink.batch;
+        tracing::info!(sink = %self.sink.name, after = cursor.after, "event sink started");
+        let mut attempt = 0u32;
+        while !cancel.is_cancelled() {
+            // Marked seen before reading: a ring after the read wakes the wait below.
+            bell.borrow_and_update();
+            let after = cursor.after;
+            let rows = match self.reader.with(move |s| s.audit_after(after, batch)).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(sink = %self.sink.name, error = %e, "cannot read the audit log");
+                    if !self.pause(attempt.min(6), &cancel).await {
+                        return;
+                    }
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+            };
+            let now = self.now();
+            if let Some(first) = rows.first() {
+                let may_be_behind = attempt > 0
+                    || rows.len() >= batch as usize
+                    || now.0.saturating_sub(first.at.0) > bounds.max_age.as_secs();
+                if may_be_behind {
+                    let span = self.reader.with(move |s| s.audit_span(after)).await;
+                    if let Ok((pending, head)) = span {
+                        if plan::must_skip(bounds, pending, first.at, now) {
+                            tracing::warn!(sink = %self.sink.name, skipped = pending, "event sink too far behind; skipping ahead");
+                            let d = cursor.dropped.get_or_insert(Dropped {
+                                count: 0,
+                                first_after: after,
+                                through: head,
+                                at: now.0,
+                            });
+                            d.count += pending;
+                            d.through = head;
+                            cursor.after = head;
+                            save_cursor(&self.cursor_path, &cursor);
+                            continue;
+                        }
+                    }
+                }
+            } else if cursor.dropped.is_none() {
+                tokio::select! {
+                    _ = bell.changed() => {}
+                    _ = tokio::time::sleep(IDLE_LOOK) => {}
+                    _ = cancel.cancelled() => return,
+                }
+                continue;
+            }
+            let mut events: Vec<Event> = Vec::new();
+            if let Some(d) = &cursor.dropped {
+                events.push(Event {
+                    id: d.through,
+                    time: rfc3339(Timestamp(d.at)),
+                    kind: DROPPED.into(),
+                    actor: "controller".into(),
+                    target: self.sink.name.clone(),
+                    detail: serde_json::json!({
+                        "count": d.count,
+                        "after": d.first_after,
+                        "through": d.through,
+                        "reason": "the sink fell further behind than its bounds",
+                    }),
+                });
+            }
+            events.extend(
+                (rows.iter())
+                    .filter(|r| self.sink.filter.matches(&r.action))
+                    .map(Event::from),
+            );
+            if !events.is_empty() {
+                if let Err(e) = self.out.send(&events, now.0).await {
+                    if attempt == 0 || attempt % 10 == 0 {
+                        tracing::warn!(sink = %self.sink.name, error = %e, attempt, "event delivery failed; retrying");
+                    }
+                    if !self.pause(attempt, &cancel).await {
+                        return;
+                    }
+                    attempt = attempt.saturating_add(1);
+                    continue;
+                }
+                if attempt > 0 {
+                    tracing::info!(sink = %self.sink.name, "event delivery recovered");
+                }
+            }
+            attempt = 0;
+            cursor.dropped = None;
+            if let Some(last) = rows.last() {
+                cursor.after = last.id;
+            }
+            save_cursor(&self.cursor_path, &cursor);
+        }
+    }
+}
