@@ -17,6 +17,7 @@ use umbra_sdk::ControllerClient;
 pub mod dataplane;
 pub mod docker;
 pub mod fake_llm;
+pub mod fake_webhook;
 pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
 pub struct TestController {

@@ -199,8 +199,7 @@ pub fn parse(
         let mut err = |m: String| errors.push(format!("sink {:?}: {m}", s.name));
         let name_ok = !s.name.is_empty()
             && s.name.len() <= 64
-            && s
-                .name
+            && s.name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
         if !name_ok {
@@ -215,11 +214,16 @@ pub fn parse(
                 continue;
             }
         };
-        let dur = |v: &Option<String>, default: Duration, what: &str, err: &mut dyn FnMut(String)| {
+        let dur = |v: &Option<String>,
+                   default: Duration,
+                   what: &str,
+                   err: &mut dyn FnMut(String)| {
             match v {
                 None => default,
                 Some(t) => parse_duration(t).unwrap_or_else(|| {
-                    err(format!("{what}: {t:?} is not a duration such as 30s, 5m or 1h"));
+                    err(format!(
+                        "{what}: {t:?} is not a duration such as 30s, 5m or 1h"
+                    ));
                     default
                 }),
             }
@@ -248,7 +252,10 @@ pub fn parse(
                         ("tcp", s.tcp.is_some()),
                         ("unix", s.unix.is_some()),
                         ("url", s.url.is_some()),
-                        ("secret", s.secret.is_some() || s.secret_env.is_some() || s.secret_file.is_some()),
+                        (
+                            "secret",
+                            s.secret.is_some() || s.secret_env.is_some() || s.secret_file.is_some(),
+                        ),
                         ("ca_file", s.ca_file.is_some()),
                     ],
                     &mut err,
@@ -276,7 +283,10 @@ pub fn parse(
                     &[
                         ("path", s.path.is_some()),
                         ("url", s.url.is_some()),
-                        ("secret", s.secret.is_some() || s.secret_env.is_some() || s.secret_file.is_some()),
+                        (
+                            "secret",
+                            s.secret.is_some() || s.secret_env.is_some() || s.secret_file.is_some(),
+                        ),
                         ("ca_file", s.ca_file.is_some()),
                     ],
                     &mut err,
@@ -342,7 +352,10 @@ pub fn parse(
                         }
                     },
                     _ => {
-                        err("a webhook sink needs exactly one of secret, secret_env or secret_file".into());
+                        err(
+                            "a webhook sink needs exactly one of secret, secret_env or secret_file"
+                                .into(),
+                        );
                         None
                     }
                 };
@@ -412,7 +425,10 @@ sinks:
         assert!(sinks[0].filter.matches("sandbox.dial_denied"));
         assert!(!sinks[0].filter.matches("policy.grant"));
         assert!(sinks[1].filter.matches("policy.grant"));
-        assert!(matches!(sinks[2].kind, SinkKind::Syslog { facility: 13, .. }));
+        assert!(matches!(
+            sinks[2].kind,
+            SinkKind::Syslog { facility: 13, .. }
+        ));
     }
 
     #[test]
@@ -447,7 +463,11 @@ sinks:
         ] {
             assert!(all.contains(needle), "{needle} missing from {all}");
         }
-        assert!(parse("sinks: [{name: x, kind: file, path: /t, colour: red}]", no_env).is_err());
+        assert!(parse(
+            "sinks: [{name: x, kind: file, path: /t, colour: red}]",
+            no_env
+        )
+        .is_err());
     }
 
     #[test]

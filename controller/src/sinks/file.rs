@@ -103,7 +103,12 @@ mod tests {
         names.sort();
         assert_eq!(
             names,
-            ["events.jsonl", "events.jsonl.1", "events.jsonl.2", "events.jsonl.3"]
+            [
+                "events.jsonl",
+                "events.jsonl.1",
+                "events.jsonl.2",
+                "events.jsonl.3"
+            ]
         );
         for n in names {
             let meta = std::fs::metadata(dir.path().join(&n)).unwrap();

@@ -18,9 +18,7 @@ impl KindFilter {
                     b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'*')
                 });
             if !ok {
-                return Err(format!(
-                    "event pattern {p:?} is not 1 to 64 of [a-z0-9._*]"
-                ));
+                return Err(format!("event pattern {p:?} is not 1 to 64 of [a-z0-9._*]"));
             }
         }
         Ok(KindFilter(patterns))

@@ -239,7 +239,8 @@ impl Output {
             Output::File(slot) => {
                 let mut lines = Vec::new();
                 for e in events {
-                    serde_json::to_writer(&mut lines, e).map_err(|e| SinkError::Io(e.to_string()))?;
+                    serde_json::to_writer(&mut lines, e)
+                        .map_err(|e| SinkError::Io(e.to_string()))?;
                     lines.push(b'\n');
                 }
                 let Some(mut f) = slot.take() else {

@@ -128,7 +128,11 @@ impl SyslogSink {
         let io = |e: std::io::Error| SinkError::Io(e.to_string());
         match &self.transport {
             SyslogTransport::Udp(addr) => {
-                let bind = if addr.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" };
+                let bind = if addr.is_ipv4() {
+                    "0.0.0.0:0"
+                } else {
+                    "[::]:0"
+                };
                 let sock = UdpSocket::bind(bind).await.map_err(io)?;
                 sock.connect(addr).await.map_err(io)?;
                 for m in &msgs {
