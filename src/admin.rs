@@ -168,10 +168,17 @@ pub async fn run(
             print!("{}", r.document);
             Ok(())
         }
-        Command::Audit { limit } => {
+        Command::Audit { limit, follow } => {
             let r: Vec<AuditEntry> = c
                 .call(Method::GET, &format!("/v1/audit?limit={limit}"), none)
                 .await?;
+            if follow {
+                for e in &r {
+                    crate::follow::print(e, json)?;
+                }
+                let after = r.last().map(|e| e.id);
+                return crate::follow::follow(&c, after, json).await;
+            }
             if json {
                 return output::json(&r);
             }

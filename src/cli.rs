@@ -98,6 +98,10 @@ pub enum Command {
         /// How many entries
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Then keep printing entries as they are recorded (operators' actions, agents'
+        /// refusals, routers' decisions), resuming after a reconnect where it left off
+        #[arg(long)]
+        follow: bool,
     },
 }
 

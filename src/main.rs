@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod demo;
+mod follow;
 mod output;
 mod sandbox_cmd;
 

@@ -6,6 +6,7 @@
 mod control;
 pub mod error;
 mod extract;
+mod follow;
 mod handlers;
 mod watch;
 
@@ -103,5 +104,6 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/export", get(handlers::export))
         .route("/v1/audit", get(handlers::audit))
         .route("/v1/audit/events", post(handlers::report_events))
+        .route("/v1/audit/follow", get(follow::follow))
         .with_state(state)
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 pub mod limiter;
 pub mod prune;
+pub mod reader;
 pub(crate) mod writer;
 
 pub use limiter::Limits;

@@ -226,6 +226,8 @@ pub struct Controller {
     audit: AuditSink,
     /// Rung after every commit that stored audit rows.
     bell: crate::audit::AuditBell,
+    /// Reads the audit log as it grows, on a connection of its own.
+    audit_reader: crate::audit::reader::Reader,
 }
 
 impl std::fmt::Debug for Controller {
@@ -491,6 +493,7 @@ impl Controller {
             _ => None,
         };
         let replica_state = replica.state.clone();
+        let audit_reader = crate::audit::reader::Reader::new(cfg.store.clone());
         Ok(Controller {
             cfg,
             ca,
@@ -508,6 +511,7 @@ impl Controller {
             address: Mutex::new(address),
             audit,
             bell,
+            audit_reader,
             streams: Default::default(),
             hub: Default::default(),
             snapshots_served: Default::default(),
@@ -525,6 +529,11 @@ impl Controller {
     /// Rings after every commit that stored audit rows (see [`crate::audit::AuditBell`]).
     pub fn audit_bell(&self) -> &crate::audit::AuditBell {
         &self.bell
+    }
+
+    /// Reads the audit log as it grows (sinks, followers), apart from the command connection.
+    pub fn audit_reader(&self) -> &crate::audit::reader::Reader {
+        &self.audit_reader
     }
 
     /// The configuration.

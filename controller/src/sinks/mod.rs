@@ -28,7 +28,7 @@ pub mod syslog;
 pub mod webhook;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -37,8 +37,8 @@ use tokio_util::sync::CancellationToken;
 use umbra_policies::Timestamp;
 use umbra_proto::api::AuditEntry;
 
+use crate::audit::reader::Reader;
 use crate::core::Controller;
-use crate::store::{Store, StoreConfig};
 
 pub use config::{SinkConfig, SinkKind};
 
@@ -129,34 +129,6 @@ fn save_cursor(path: &Path, c: &Cursor) {
     }
 }
 
-/// A store connection of the sinks' own, shared by them (never the command connection).
-#[derive(Clone)]
-struct Reader {
-    cfg: StoreConfig,
-    conn: Arc<Mutex<Option<Box<dyn Store>>>>,
-}
-
-impl Reader {
-    async fn with<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&mut dyn Store) -> Result<T, crate::ControllerError> + Send + 'static,
-    ) -> Result<T, crate::ControllerError> {
-        let me = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = me.conn.lock().unwrap_or_else(|e| e.into_inner());
-            if guard.is_none() {
-                *guard = Some(me.cfg.open()?);
-            }
-            match guard.as_mut() {
-                Some(s) => f(s.as_mut()),
-                None => Err(crate::ControllerError::Unavailable("no store".into())),
-            }
-        })
-        .await
-        .map_err(|e| crate::ControllerError::Unavailable(e.to_string()))?
-    }
-}
-
 /// How long a sink with nothing to do waits for a ring before looking anyway (rows committed
 /// by other controllers on a shared store ring nothing here).
 const IDLE_LOOK: Duration = Duration::from_secs(1);
@@ -168,10 +140,7 @@ pub fn spawn(ctrl: &Arc<Controller>, cancel: &CancellationToken) -> JoinSet<()> 
     if cfg.sinks.is_empty() {
         return set;
     }
-    let reader = Reader {
-        cfg: cfg.store.clone(),
-        conn: Arc::new(Mutex::new(None)),
-    };
+    let reader = ctrl.audit_reader().clone();
     let dir = cfg.dir.join("sinks");
     if let Err(e) = std::fs::create_dir_all(&dir).and_then(|()| {
         use std::os::unix::fs::PermissionsExt;
@@ -280,7 +249,7 @@ impl SinkTask {
         }
         let mut attempt = 0;
         loop {
-            match self.reader.with(|s| s.audit_span(u64::MAX)).await {
+            match self.reader.span(u64::MAX).await {
                 Ok((_, head)) => {
                     let c = Cursor {
                         after: head,
@@ -325,7 +294,7 @@ impl SinkTask {
             // Marked seen before reading: a ring after the read wakes the wait below.
             bell.borrow_and_update();
             let after = cursor.after;
-            let rows = match self.reader.with(move |s| s.audit_after(after, batch)).await {
+            let rows = match self.reader.after(after, batch).await {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(sink = %self.sink.name, error = %e, "cannot read the audit log");
@@ -342,7 +311,7 @@ impl SinkTask {
                     || rows.len() >= batch as usize
                     || now.0.saturating_sub(first.at.0) > bounds.max_age.as_secs();
                 if may_be_behind {
-                    let span = self.reader.with(move |s| s.audit_span(after)).await;
+                    let span = self.reader.span(after).await;
                     if let Ok((pending, head)) = span {
                         if plan::must_skip(bounds, pending, first.at, now) {
                             tracing::warn!(sink = %self.sink.name, skipped = pending, "event sink too far behind; skipping ahead");

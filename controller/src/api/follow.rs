@@ -1,0 +1,140 @@
+//! `GET /v1/audit/follow?after=ID`: the audit log as it grows, for admins (`umbra audit
+//! --follow`), as JSON lines: one [`AuditEntry`] a line, an empty line as a keepalive, and a
+//! last `{"error": ...}` line when the controller ends the stream.
+//!
+//! Bounds: at most [`MAX_FOLLOWERS`](crate::audit::reader::MAX_FOLLOWERS) followers at once
+//! (and each counts against its identity's stream limit); a follower's buffer holds
+//! [`QUEUED_LINES`] lines; one that takes nothing for [`SLOW`] while lines wait is dropped with
+//! a message saying so (it resumes with `after=` the last id it printed). Rows are read from the
+//! store after the follower's own cursor, woken by every audit commit, so a follower costs a
+//! query per wake-up and holds one batch, however far behind it starts.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Extension, State};
+use axum::response::Response;
+use serde::Deserialize;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::SendTimeoutError;
+
+use super::error::ApiError;
+use super::extract::{Admin, Peer, Query};
+use super::AppState;
+use crate::error::ControllerError;
+
+/// Lines a follower's buffer holds.
+pub const QUEUED_LINES: usize = 256;
+/// How long a follower may leave a full buffer untouched before it is dropped.
+pub const SLOW: Duration = Duration::from_secs(10);
+/// Rows read per query.
+const BATCH: u32 = 200;
+/// A keepalive after this much silence, so a follower notices a dead controller.
+const HEARTBEAT: Duration = umbra_proto::follow::DEFAULT_HEARTBEAT;
+/// How often a follower looks without a ring (rows other controllers commit on a shared store).
+const IDLE_LOOK: Duration = Duration::from_secs(1);
+
+/// The query: where to start.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FollowQuery {
+    /// Rows after this id; the newest row's id (only what comes next) when absent.
+    pub after: Option<u64>,
+}
+
+fn line(v: &impl serde::Serialize) -> Bytes {
+    let mut b = serde_json::to_vec(v).unwrap_or_default();
+    b.push(b'\n');
+    Bytes::from(b)
+}
+
+/// `GET /v1/audit/follow`.
+pub async fn follow(
+    State(s): State<AppState>,
+    Admin(actor): Admin,
+    Extension(Peer(peer)): Extension<Peer>,
+    Query(q): Query<FollowQuery>,
+) -> Result<Response, ApiError> {
+    let reader = s.audit_reader().clone();
+    let Some(slot) = reader.follower() else {
+        return Err(ApiError::from(ControllerError::Conflict(format!(
+            "at most {} audit followers at once",
+            crate::audit::reader::MAX_FOLLOWERS
+        ))));
+    };
+    let guard = match &actor.id {
+        Some(id) => Some(s.open_stream(id).map_err(ApiError::from)?),
+        None => None,
+    };
+    let mut after = match q.after {
+        Some(a) => a,
+        None => reader.span(u64::MAX).await.map_err(ApiError::from)?.1,
+    };
+    let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_LINES);
+    let mut bell = s.audit_bell().subscribe();
+    let ctrl = s.clone();
+    tokio::spawn(async move {
+        let (_slot, _guard) = (slot, guard);
+        let end = |why: String| line(&serde_json::json!({ "error": why }));
+        let mut last_check = std::time::Instant::now();
+        loop {
+            bell.borrow_and_update();
+            let rows = match reader.after(after, BATCH).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = tx.try_send(end(format!("the audit log cannot be read: {e}")));
+                    return;
+                }
+            };
+            if rows.is_empty() {
+                tokio::select! {
+                    _ = bell.changed() => {}
+                    _ = tokio::time::sleep(IDLE_LOOK) => {}
+                    _ = tx.closed() => return,
+                }
+                if last_check.elapsed() < HEARTBEAT {
+                    continue;
+                }
+                // A keepalive; a full buffer already tells the reader the stream is alive.
+                let _ = tx.try_send(Bytes::from_static(b"\n"));
+            }
+            for r in &rows {
+                match tx.send_timeout(line(r), SLOW).await {
+                    Ok(()) => after = r.id,
+                    Err(SendTimeoutError::Timeout(_)) => {
+                        tracing::info!(follower = %actor.label, "dropping an audit follower that reads too slowly");
+                        // Sent only if the reader makes room after all; else the stream ends.
+                        let _ = tx.try_send(end(format!(
+                            "dropped: this follower took nothing for {}s while the log grew; resume with after={after}",
+                            SLOW.as_secs()
+                        )));
+                        return;
+                    }
+                    Err(SendTimeoutError::Closed(_)) => return,
+                }
+            }
+            // The follower's own access is checked again after every batch and heartbeat: a
+            // revoked admin's stream ends.
+            last_check = std::time::Instant::now();
+            let (c, p) = (ctrl.clone(), peer.clone());
+            let ok = tokio::task::spawn_blocking(move || {
+                c.authorize_peer(&p, Some(umbra_policies::IdentityKind::Admin))
+            })
+            .await;
+            if !matches!(ok, Ok(Ok(_))) {
+                let _ = tx.try_send(end(
+                    "this identity may no longer follow the audit log".into()
+                ));
+                return;
+            }
+        }
+    });
+    let body = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(Body::from_stream(body))
+        .map_err(ApiError::internal)
+}
