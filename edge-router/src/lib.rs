@@ -31,6 +31,7 @@ mod policy;
 pub mod proxy;
 mod publish;
 mod quota;
+mod reports;
 mod reset_key;
 mod server;
 mod slots;
@@ -180,6 +181,7 @@ impl Router {
             endpoints.len(),
             cfg.clock.clone(),
         ));
+        shared.reports.start(live.controller(), cancel.clone());
         let mut data_plane_done = Vec::with_capacity(lanes.len());
         let mut polling = Vec::with_capacity(lanes.len());
         for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {

@@ -33,6 +33,8 @@ pub(crate) struct Shared {
     pub clock: umbra_clock::Clock,
     /// Admitted connections open now, per data-plane lane.
     lanes: Vec<AtomicUsize>,
+    /// Stream decisions for the controller's audit log.
+    pub reports: crate::reports::Reports,
 }
 
 /// An admitted connection counted on its lane; the count drops with it.
@@ -59,6 +61,7 @@ impl Shared {
             hosts: Hosts::default(),
             stats: Counters::default(),
             clock,
+            reports: Default::default(),
         }
     }
 

@@ -133,12 +133,14 @@ async fn dial(
         return;
     };
     let request = StreamRequest::Dial(service.as_str());
+    let started = std::time::Instant::now();
     let permit = match judge(ctx, &policy, request, ctx.shared.clock.timestamp()) {
         Ok(p) => p,
         Err(why) => {
             // The same answer whether the service exists or not (`Verdict::of`).
             tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
             bump(&ctx.shared.stats.streams_denied);
+            (ctx.shared.reports).refused(&ctx.peer.spiffe, service.as_str(), "dial", why);
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
@@ -146,6 +148,9 @@ async fn dial(
     tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
     drop(policy);
+    let spiffe = &ctx.peer.spiffe;
+    let (svc, granted) = (service.as_str(), permit.policy.as_str());
+    let report = (ctx.shared.reports).allowed(spiffe, svc, "dial", granted, started);
     let end = match permit.target {
         Target::Address {
             address: target,
@@ -222,6 +227,7 @@ async fn dial(
         End::NoPolicy => tracing::warn!("no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
     }
+    report.finish(end.moved(), end.reason(), matches!(end, End::Refused(_)));
     if let Some(code) = end_code(&end) {
         reset(&mut send, &mut recv, code);
     }
@@ -239,6 +245,27 @@ enum End {
     Refused(Deny),
     /// The router lost its policy (stale controller): it fails closed.
     NoPolicy,
+}
+
+impl End {
+    /// Bytes moved, when both directions finished.
+    fn moved(&self) -> Option<splice::Moved> {
+        match self {
+            End::Done(m) => Some(*m),
+            _ => None,
+        }
+    }
+
+    /// Why it ended otherwise, for the decision report.
+    fn reason(&self) -> Option<String> {
+        match self {
+            End::Done(_) => None,
+            End::Failed => Some("failed".into()),
+            End::Cancelled => Some("router stopping".into()),
+            End::Refused(why) => Some(why.to_string()),
+            End::NoPolicy => Some("no current policy".into()),
+        }
+    }
 }
 
 /// The code to reset the stream's remaining directions with, if any.
@@ -350,6 +377,7 @@ async fn bind(
         Some(Err(why)) => {
             tracing::info!(decision = "deny", action = "bind", reason = %why, "bind refused");
             bump(&ctx.shared.stats.streams_denied);
+            (ctx.shared.reports).refused(&ctx.peer.spiffe, service.as_str(), "bind", why);
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }

@@ -40,6 +40,8 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct AuditSink {
     tx: Option<SyncSender<Msg>>,
     limiter: Arc<Mutex<Limiter>>,
+    /// Routers' decision reports have buckets of their own, sized for a router's stream rate.
+    routers: Arc<Mutex<Limiter>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -76,8 +78,9 @@ impl AuditSink {
             );
         }
         let limiter = Arc::new(Mutex::new(Limiter::new(cfg.limits)));
+        let routers = Arc::new(Mutex::new(Limiter::new(super::Limits::ROUTERS)));
         let (tx, rx) = mpsc::sync_channel(cfg.queue);
-        let l = limiter.clone();
+        let l = [limiter.clone(), routers.clone()];
         let thread = std::thread::Builder::new()
             .name("umbra-audit".into())
             .spawn(move || run(conn, rx, l, cfg, clock, bell))
@@ -85,6 +88,7 @@ impl AuditSink {
         Ok(AuditSink {
             tx: Some(tx),
             limiter,
+            routers,
             thread: Some(thread),
         })
     }
@@ -92,8 +96,33 @@ impl AuditSink {
     /// Queues the rows `who` may have stored (each with its serialized size) and counts the
     /// rest as suppressed.
     pub fn submit(&self, who: &str, rows: Vec<(Row, usize)>, now: Instant) -> Recorded {
+        self.submit_to(&self.limiter, who, rows, now)
+    }
+
+    /// [`AuditSink::submit`] for a router's decisions, with the routers' buckets; `dropped`
+    /// decisions the router could not queue are counted as suppressed too.
+    pub fn submit_router(
+        &self,
+        who: &str,
+        rows: Vec<(Row, usize)>,
+        dropped: u64,
+        now: Instant,
+    ) -> Recorded {
+        if dropped > 0 {
+            lock(&self.routers).suppress(who, dropped, 0, now);
+        }
+        self.submit_to(&self.routers, who, rows, now)
+    }
+
+    fn submit_to(
+        &self,
+        limiter: &Mutex<Limiter>,
+        who: &str,
+        rows: Vec<(Row, usize)>,
+        now: Instant,
+    ) -> Recorded {
         let sizes: Vec<usize> = rows.iter().map(|(_, n)| *n).collect();
-        let admitted = lock(&self.limiter).admit(who, &sizes, now);
+        let admitted = lock(limiter).admit(who, &sizes, now);
         let mut rec = Recorded {
             accepted: 0,
             suppressed: 0,
@@ -115,7 +144,7 @@ impl AuditSink {
         }
         if lost > 0 {
             tracing::warn!(%who, events = lost, "audit queue full; events counted as suppressed");
-            lock(&self.limiter).suppress(who, lost, lost_bytes, now);
+            lock(limiter).suppress(who, lost, lost_bytes, now);
         }
         if rec.accepted > 0 {
             let (ack, done) = mpsc::sync_channel(1);
@@ -151,7 +180,7 @@ fn summary_row(s: Suppressed, at: Timestamp) -> Row {
 fn run(
     mut conn: Box<dyn Store>,
     rx: mpsc::Receiver<Msg>,
-    limiter: Arc<Mutex<Limiter>>,
+    limiters: [Arc<Mutex<Limiter>>; 2],
     cfg: AuditConfig,
     clock: Clock,
     bell: super::AuditBell,
@@ -182,8 +211,10 @@ fn run(
             Duration::ZERO
         };
         let now = clock.timestamp();
-        let summaries = lock(&limiter).summaries(Instant::now(), period);
-        batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
+        for limiter in &limiters {
+            let summaries = lock(limiter).summaries(Instant::now(), period);
+            batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
+        }
         if !batch.is_empty() {
             match conn.append_agent_events(&batch) {
                 Ok(()) => bell.ring(),

@@ -43,6 +43,7 @@ use crate::store::{AuditRecord, Batch, Record, Store, StoreConfig};
 pub mod affected;
 mod certs;
 mod commit;
+mod decisions;
 mod declarative;
 mod events;
 pub mod follow;
