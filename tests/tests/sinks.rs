@@ -14,6 +14,7 @@ use umbra_proto::api::{AuditEntry, ReportEventsRequest, ReportedEvent};
 use umbra_sdk::ControllerClient;
 use umbra_tests::dataplane::{agent, revoke_identity};
 use umbra_tests::fake_webhook::FakeWebhook;
+use umbra_tests::pg::PgServer;
 use umbra_tests::{eventually, TestController};
 
 const SECRET: &str = "a-webhook-secret-of-32-bytes-...";
@@ -332,4 +333,82 @@ async fn a_sink_down_too_long_skips_ahead_and_says_how_many_it_dropped() {
         backlog, 0,
         "the backlog past the bound is skipped, not delivered"
     );
+}
+
+/// On PostgreSQL shared by two controllers, a file sink on the first delivers what agents
+/// report to either and what operators do on either, in id order, and `audit --follow` on the
+/// second sees rows the first commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_sink_delivers_what_every_controller_commits() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let jsonl = work.path().join("events.jsonl");
+    let yaml = format!(
+        "sinks:\n  - {{name: archive, kind: file, path: '{}', events: ['sandbox.*', 'identity.*']}}\n",
+        jsonl.display()
+    );
+    let store: umbra_controller::StoreConfig =
+        PgServer::shared().database().parse().expect("store url");
+    let parsed = umbra_controller::sinks::config::parse(&yaml, |_| None).expect("sinks file");
+    let first = TestController::start_with(move |c| {
+        c.store = store;
+        c.sinks = parsed;
+    })
+    .await;
+    // Every controller given a sinks file delivers the whole shared log: one is given it.
+    let mut second = first.join_with(|c| c.sinks.clear()).await;
+    let a = agent(&first, "agent-a").await;
+    let mut follow = second
+        .admin_client()
+        .stream("/v1/audit/follow")
+        .await
+        .expect("follow on the second");
+    let t0 = Instant::now();
+    report(&first.client_for(&a), "dial_denied", "via-first", 1).await;
+    report(&second.client_for(&a), "dns_refused", "via-second", 1).await;
+    let kinds = eventually(BOUND, || {
+        let text = std::fs::read_to_string(&jsonl).ok()?;
+        let rows: Vec<serde_json::Value> = (text.lines())
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect();
+        let kinds: Vec<String> = (rows.iter())
+            .filter_map(|v| v["kind"].as_str().map(str::to_owned))
+            .collect();
+        let ids: Vec<u64> = rows.iter().filter_map(|v| v["id"].as_u64()).collect();
+        assert!(ids.windows(2).all(|w| w[0] < w[1]), "in id order: {ids:?}");
+        kinds
+            .iter()
+            .any(|k| k == "sandbox.dns_refused")
+            .then_some(kinds)
+    })
+    .await
+    .expect("the sink on the first controller delivers the second's rows");
+    println!(
+        "both controllers' reports in the first's sink after {:?}",
+        t0.elapsed()
+    );
+    assert!(
+        kinds.iter().any(|k| k == "sandbox.dial_denied"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "identity.enroll"), "{kinds:?}");
+
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + BOUND;
+    let mut seen = Vec::new();
+    while !seen.iter().any(|k: &String| k == "sandbox.dial_denied") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, follow.chunk())
+            .await
+            .expect("in time")
+            .expect("stream")
+            .expect("open");
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            if let Ok(e) = serde_json::from_slice::<AuditEntry>(&line) {
+                seen.push(e.action);
+            }
+        }
+    }
+    second.stop().await;
 }

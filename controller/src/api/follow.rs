@@ -32,8 +32,6 @@ pub const SLOW: Duration = Duration::from_secs(10);
 const BATCH: u32 = 200;
 /// A keepalive after this much silence, so a follower notices a dead controller.
 const HEARTBEAT: Duration = umbra_proto::follow::DEFAULT_HEARTBEAT;
-/// How often a follower looks without a ring (rows other controllers commit on a shared store).
-const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// The query: where to start.
 #[derive(Debug, Deserialize)]
@@ -90,7 +88,7 @@ pub async fn follow(
             if rows.is_empty() {
                 tokio::select! {
                     _ = bell.changed() => {}
-                    _ = tokio::time::sleep(IDLE_LOOK) => {}
+                    _ = tokio::time::sleep(reader.idle_look()) => {}
                     _ = tx.closed() => return,
                 }
                 if last_check.elapsed() < HEARTBEAT {

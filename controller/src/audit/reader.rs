@@ -48,6 +48,17 @@ impl Reader {
         }
     }
 
+    /// How long a reader with nothing to read waits for a ring before looking anyway: rows
+    /// other controllers commit to a shared store ring nothing here, so it looks four times a
+    /// second there; alone on SQLite every commit rings, and the look is only a backstop.
+    pub fn idle_look(&self) -> std::time::Duration {
+        if self.cfg.is_shared() {
+            std::time::Duration::from_millis(250)
+        } else {
+            std::time::Duration::from_secs(1)
+        }
+    }
+
     /// A place for one more follower, or `None` when [`MAX_FOLLOWERS`] are open.
     pub fn follower(&self) -> Option<FollowerSlot> {
         let n = self.followers.fetch_add(1, Ordering::SeqCst);

@@ -15,10 +15,12 @@
 //! commit: every commit that stores audit rows rings [`crate::audit::AuditBell`].
 //!
 //! With several controllers on one PostgreSQL database, each controller's sinks read the whole
-//! shared audit log (rows the others commit are found within a second, by a periodic look), so
-//! a sinks file given to every controller delivers each event once per controller: give it to
-//! one. PostgreSQL hands out ids before commit, so a row committed after a higher id another
-//! transaction already committed can be passed over by a cursor; SQLite commits in id order.
+//! shared audit log (rows the others commit ring nothing here and are found by a look four
+//! times a second), so a sinks file given to every controller delivers each event once per
+//! controller: give it to one. PostgreSQL hands out ids before commit, so a row whose
+//! transaction commits after a higher id was already delivered can be passed over by a cursor
+//! (two transactions racing on the same table, e.g. a command's commit and the report writer's);
+//! SQLite commits in id order, so there the cursor sees every row.
 
 pub mod config;
 mod file;
@@ -29,7 +31,6 @@ pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinSet;
@@ -128,10 +129,6 @@ fn save_cursor(path: &Path, c: &Cursor) {
         tracing::warn!(path = %path.display(), error = %e, "cannot record a sink's cursor");
     }
 }
-
-/// How long a sink with nothing to do waits for a ring before looking anyway (rows committed
-/// by other controllers on a shared store ring nothing here).
-const IDLE_LOOK: Duration = Duration::from_secs(1);
 
 /// Starts one task per configured sink; they end when `cancel` is.
 pub fn spawn(ctrl: &Arc<Controller>, cancel: &CancellationToken) -> JoinSet<()> {
@@ -332,7 +329,7 @@ impl SinkTask {
             } else if cursor.dropped.is_none() {
                 tokio::select! {
                     _ = bell.changed() => {}
-                    _ = tokio::time::sleep(IDLE_LOOK) => {}
+                    _ = tokio::time::sleep(self.reader.idle_look()) => {}
                     _ = cancel.cancelled() => return,
                 }
                 continue;
