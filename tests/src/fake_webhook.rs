@@ -26,6 +26,8 @@ pub struct Received {
     pub event: serde_json::Value,
     /// When its batch arrived.
     pub at: Instant,
+    /// The same, by the wall clock (to compare with times other processes write down).
+    pub wall: SystemTime,
 }
 
 #[derive(Default)]
@@ -210,13 +212,13 @@ async fn handle(
     let Ok(doc) = serde_json::from_slice::<serde_json::Value>(&body) else {
         return reply(400);
     };
-    let at = Instant::now();
+    let (at, wall) = (Instant::now(), SystemTime::now());
     let events = doc["events"].as_array().cloned().unwrap_or_default();
     shared
         .received
         .lock()
         .unwrap_or_else(|e| e.into_inner())
-        .extend(events.into_iter().map(|event| Received { event, at }));
+        .extend(events.into_iter().map(|event| Received { event, at, wall }));
     shared.batches.fetch_add(1, Ordering::SeqCst);
     reply(200)
 }

@@ -12,10 +12,10 @@ use http::Method;
 use umbra_controller::ControllerConfig;
 use umbra_proto::api::{AuditEntry, ReportEventsRequest, ReportedEvent};
 use umbra_sdk::ControllerClient;
-use umbra_tests::dataplane::{agent, revoke_identity};
+use umbra_tests::dataplane::{agent, echo_service, revoke_identity, start_router, Echo};
 use umbra_tests::fake_webhook::FakeWebhook;
 use umbra_tests::pg::PgServer;
-use umbra_tests::{eventually, TestController};
+use umbra_tests::{eventually, umbra_bin, TestController};
 
 const SECRET: &str = "a-webhook-secret-of-32-bytes-...";
 /// Asserted per event: the "an alert within a second".
@@ -411,4 +411,80 @@ async fn on_postgresql_a_sink_delivers_what_every_controller_commits() {
         }
     }
     second.stop().await;
+}
+
+/// A real sandboxed agent (`umbra run`) asks for a name it has no grant for: the refusal raises
+/// a webhook alert within a second of the attempt inside the sandbox.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_inside_a_sandbox_raises_a_webhook_alert_within_a_second() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let hook = FakeWebhook::start(work.path(), SECRET).await;
+    let yaml = format!(
+        "sinks:\n  - {{name: secops, kind: webhook, url: '{}', secret: '{SECRET}', ca_file: '{}', events: [sandbox.dial_denied, sandbox.dns_refused]}}\n",
+        hook.url(),
+        hook.ca_file.display()
+    );
+    let t = TestController::start_with(sinks(&yaml)).await;
+    let _router = start_router(&t, "router-1", |_| {}).await;
+    let echo = Echo::start().await;
+    let file = agent(&t, "agent-1").await;
+    echo_service(&t, &echo, "echo", "agent-1").await;
+    let identity = t.path("agent-1.json");
+    file.save(&identity).expect("save identity");
+    let ws = tempfile::Builder::new()
+        .prefix("umbra-ws-")
+        .tempdir()
+        .expect("workspace");
+    // The time of the attempt, written down inside the sandbox just before it.
+    let script = "date +%s%N > before; getent hosts exfil.example.com; sleep 3";
+    let mut run = std::process::Command::new(umbra_bin())
+        .args(["run", "--identity"])
+        .arg(&identity)
+        .arg("--workspace")
+        .arg(ws.path())
+        .args(["--", "/bin/sh", "-c", script])
+        .env("UMBRA_ADMIN", t.admin_path())
+        .env("UMBRA_CONTROLLER", t.addr())
+        .env("UMBRA_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("umbra run");
+    let alert = eventually(BOUND, || {
+        hook.received()
+            .into_iter()
+            .find(|r| r.event["kind"] == "sandbox.dns_refused")
+    })
+    .await
+    .expect("the sandbox's refusal reaches the webhook");
+    let before: u128 = std::fs::read_to_string(ws.path().join("before"))
+        .expect("the attempt's time")
+        .trim()
+        .parse()
+        .expect("nanoseconds");
+    let arrived = alert
+        .wall
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_nanos();
+    let took =
+        Duration::from_nanos(u64::try_from(arrived.saturating_sub(before)).unwrap_or(u64::MAX));
+    println!("a refused name inside a sandbox alerted the webhook {took:?} after the attempt");
+    assert!(took < ALERT_WITHIN, "{took:?}");
+    assert!(
+        alert.event["detail"]
+            .to_string()
+            .contains("exfil.example.com"),
+        "{}",
+        alert.event
+    );
+    assert!(alert.event["actor"]
+        .as_str()
+        .is_some_and(|a| a.ends_with("/agent/agent-1")));
+    let status = eventually(BOUND, || run.try_wait().ok().flatten()).await;
+    if status.is_none() {
+        let _ = run.kill();
+        let _ = run.wait();
+    }
+    assert!(status.is_some_and(|s| s.success()), "umbra run: {status:?}");
 }
