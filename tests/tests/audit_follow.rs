@@ -9,9 +9,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use http::Method;
-use umbra_proto::api::{AuditEntry, ReportEventsRequest, ReportedEvent};
+use umbra_proto::api::{
+    AuditEntry, DecisionReport, ReportEventsRequest, ReportedEvent, StreamDecision, StreamOutcome,
+};
 use umbra_sdk::ControllerClient;
-use umbra_tests::dataplane::{agent, revoke_identity};
+use umbra_tests::dataplane::{agent, revoke_identity, router_identity};
 use umbra_tests::{umbra_bin, TestController};
 
 const BOUND: Duration = Duration::from_secs(20);
@@ -191,4 +193,80 @@ async fn the_cli_follows_and_resumes_after_a_controller_restart() {
     let first = ids[0];
     let want: Vec<u64> = all.iter().map(|e| e.id).filter(|&i| i >= first).collect();
     assert_eq!(ids, want, "none missed");
+}
+
+/// A follower that stops reading while the log grows by tens of megabytes is dropped after
+/// `SLOW` (10 s): its stream ends, and after the lines already queued, in order, it reads why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_stops_reading_is_dropped_and_told_why() {
+    let t = TestController::start().await;
+    let mut s = t
+        .admin_client()
+        .stream("/v1/audit/follow")
+        .await
+        .expect("follow");
+    // Routers' decision reports are the fastest way to grow the log: 8 routers x 5,000 rows of
+    // about 400 bytes, more than the socket buffers between us hold.
+    let pad = "x".repeat(200);
+    let mut tasks = tokio::task::JoinSet::new();
+    for r in 0..8 {
+        let client = t.client_for(&router_identity(&t, &format!("r{r}")).await);
+        let pad = pad.clone();
+        tasks.spawn(async move {
+            for round in 0..25 {
+                let report = DecisionReport {
+                    decisions: (0..200)
+                        .map(|i| StreamDecision {
+                            identity: "spiffe://test.umbra/agent/a".into(),
+                            service: format!("svc-{round}-{i}"),
+                            action: "dial".into(),
+                            outcome: StreamOutcome::Refused,
+                            policy: None,
+                            reason: Some(pad.clone()),
+                            bytes_up: 0,
+                            bytes_down: 0,
+                            duration_ms: 0,
+                        })
+                        .collect(),
+                    dropped: 0,
+                };
+                let _: serde_json::Value = client
+                    .call(Method::POST, "/v1/audit/decisions", Some(&report))
+                    .await
+                    .expect("report");
+            }
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    // Stalled past SLOW.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.chunk())
+            .await
+            .expect("the stream ends")
+        {
+            Ok(Some(b)) => buf.extend_from_slice(&b),
+            Ok(None) | Err(_) => break,
+        }
+    }
+    let lines: Vec<serde_json::Value> = (buf.split(|&b| b == b'\n'))
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_slice(l).expect("JSON lines"))
+        .collect();
+    let last = lines.last().expect("lines");
+    let why = last["error"].as_str().expect("the last line says why");
+    assert!(why.contains("dropped") && why.contains("after="), "{why}");
+    let ids: Vec<u64> = lines.iter().filter_map(|l| l["id"].as_u64()).collect();
+    assert!(
+        ids.windows(2).all(|w| w[0] + 1 == w[1]),
+        "in order, none missing"
+    );
+    println!(
+        "a stalled follower got {} of 40,000+ rows, then: {why}",
+        ids.len()
+    );
+    assert!(ids.len() < 40_000, "the follower was not dropped");
 }

@@ -1,15 +1,16 @@
 //! `GET /v1/audit/follow?after=ID`: the audit log as it grows, for admins (`umbra audit
-//! --follow`), as JSON lines: one [`AuditEntry`] a line, an empty line as a keepalive, and a
+//! --follow`), as JSON lines: one [`umbra_proto::api::AuditEntry`] a line, an empty line as a keepalive, and a
 //! last `{"error": ...}` line when the controller ends the stream.
 //!
 //! Bounds: at most [`MAX_FOLLOWERS`](crate::audit::reader::MAX_FOLLOWERS) followers at once
 //! (and each counts against its identity's stream limit); a follower's buffer holds
-//! [`QUEUED_LINES`] lines; one that takes nothing for [`SLOW`] while lines wait is dropped with
-//! a message saying so (it resumes with `after=` the last id it printed). Rows are read from the
+//! [`QUEUED_LINES`] lines; one that takes nothing for [`SLOW`] while lines wait is dropped, and
+//! reads why after the lines already queued (it resumes with `after=` the last id it printed). Rows are read from the
 //! store after the follower's own cursor, woken by every audit commit, so a follower costs a
 //! query per wake-up and holds one batch, however far behind it starts.
 
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -70,18 +71,25 @@ pub async fn follow(
         None => reader.span(u64::MAX).await.map_err(ApiError::from)?.1,
     };
     let (tx, rx) = mpsc::channel::<Bytes>(QUEUED_LINES);
+    // Why the controller ended the stream: sent after every line already queued, so that a
+    // follower dropped for a full buffer still reads the reason last.
+    let epitaph = Arc::new(Mutex::new(None::<Bytes>));
+    let last_words = epitaph.clone();
     let mut bell = s.audit_bell().subscribe();
     let ctrl = s.clone();
     tokio::spawn(async move {
         let (_slot, _guard) = (slot, guard);
-        let end = |why: String| line(&serde_json::json!({ "error": why }));
+        let end = |why: String| {
+            let words = line(&serde_json::json!({ "error": why }));
+            *last_words.lock().unwrap_or_else(|e| e.into_inner()) = Some(words);
+        };
         let mut last_check = std::time::Instant::now();
         loop {
             bell.borrow_and_update();
             let rows = match reader.after(after, BATCH).await {
                 Ok(r) => r,
                 Err(e) => {
-                    let _ = tx.try_send(end(format!("the audit log cannot be read: {e}")));
+                    end(format!("the audit log cannot be read: {e}"));
                     return;
                 }
             };
@@ -102,11 +110,10 @@ pub async fn follow(
                     Ok(()) => after = r.id,
                     Err(SendTimeoutError::Timeout(_)) => {
                         tracing::info!(follower = %actor.label, "dropping an audit follower that reads too slowly");
-                        // Sent only if the reader makes room after all; else the stream ends.
-                        let _ = tx.try_send(end(format!(
+                        end(format!(
                             "dropped: this follower took nothing for {}s while the log grew; resume with after={after}",
                             SLOW.as_secs()
-                        )));
+                        ));
                         return;
                     }
                     Err(SendTimeoutError::Closed(_)) => return,
@@ -121,15 +128,23 @@ pub async fn follow(
             })
             .await;
             if !matches!(ok, Ok(Ok(_))) {
-                let _ = tx.try_send(end(
-                    "this identity may no longer follow the audit log".into()
-                ));
+                end("this identity may no longer follow the audit log".into());
                 return;
             }
         }
     });
-    let body = futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    let body = futures::stream::unfold(Some(rx), move |rx| {
+        let epitaph = epitaph.clone();
+        async move {
+            let mut rx = rx?;
+            match rx.recv().await {
+                Some(b) => Some((Ok::<_, Infallible>(b), Some(rx))),
+                None => {
+                    let words = epitaph.lock().unwrap_or_else(|e| e.into_inner()).take()?;
+                    Some((Ok(words), None))
+                }
+            }
+        }
     });
     Response::builder()
         .header("content-type", "application/x-ndjson")
