@@ -488,3 +488,84 @@ async fn a_refusal_inside_a_sandbox_raises_a_webhook_alert_within_a_second() {
     }
     assert!(status.is_some_and(|s| s.success()), "umbra run: {status:?}");
 }
+
+/// On PostgreSQL an id is taken at insert and becomes visible at commit, so a row can commit
+/// after a higher id was delivered: the sink looks for the id it saw missing and delivers the
+/// row when its transaction commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_postgresql_a_row_committed_out_of_id_order_is_still_delivered() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let jsonl = work.path().join("events.jsonl");
+    let yaml = format!(
+        "sinks:\n  - {{name: archive, kind: file, path: '{}', events: ['sandbox.*']}}\n",
+        jsonl.display()
+    );
+    let url = PgServer::shared().database();
+    let store: umbra_controller::StoreConfig = url.parse().expect("store url");
+    let parsed = umbra_controller::sinks::config::parse(&yaml, |_| None).expect("sinks file");
+    let t = TestController::start_with(move |c| {
+        c.store = store;
+        c.sinks = parsed;
+    })
+    .await;
+    let a = agent(&t, "agent-a").await;
+    // A transaction that takes an id now and commits later, as a slow writer would.
+    let (release, released) = std::sync::mpsc::channel::<()>();
+    let (took, taken) = std::sync::mpsc::channel::<i64>();
+    let holder = std::thread::spawn(move || {
+        let mut c = postgres::Client::connect(&url, postgres::NoTls).expect("connect");
+        let mut tx = c.transaction().expect("begin");
+        let row = tx
+            .query_one(
+                "INSERT INTO audit (at, actor, action, target, detail, origin) VALUES \
+                 (extract(epoch from now())::bigint, 'spiffe://test.umbra/agent/slow', \
+                  'sandbox.dial_denied', 'late-row', '{}', 'agent') RETURNING id",
+                &[],
+            )
+            .expect("insert");
+        took.send(row.get::<_, i64>(0)).expect("send id");
+        released.recv().expect("release");
+        tx.commit().expect("commit");
+    });
+    let held = taken.recv_timeout(BOUND).expect("the held id");
+    report(&t.client_for(&a), "dial_denied", "after-held", 1).await;
+    let targets = |text: &str| -> Vec<(u64, String)> {
+        (text.lines())
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| {
+                let host = v["detail"]["event"]["host"].as_str().map(str::to_owned);
+                let target = v["target"].as_str().unwrap_or_default().to_owned();
+                (v["id"].as_u64().unwrap_or(0), host.unwrap_or(target))
+            })
+            .collect()
+    };
+    eventually(BOUND, || {
+        let text = std::fs::read_to_string(&jsonl).ok()?;
+        targets(&text)
+            .iter()
+            .any(|(_, h)| h == "after-held-0.example")
+            .then_some(())
+    })
+    .await
+    .unwrap_or_else(|| {
+        let text = std::fs::read_to_string(&jsonl).unwrap_or_default();
+        panic!("the later row is not delivered while the earlier id {held} is held:\n{text}")
+    });
+    let t0 = Instant::now();
+    release.send(()).expect("release");
+    holder.join().expect("holder");
+    let got = eventually(BOUND, || {
+        let text = std::fs::read_to_string(&jsonl).ok()?;
+        let got = targets(&text);
+        got.iter().any(|(_, h)| h == "late-row").then_some(got)
+    })
+    .await
+    .expect("the row committed late is delivered");
+    println!(
+        "a row committed out of id order delivered {:?} after its commit",
+        t0.elapsed()
+    );
+    let late = got.iter().find(|(_, h)| h == "late-row").expect("late");
+    assert_eq!(late.0, u64::try_from(held).expect("id"));
+    assert_eq!(got.iter().filter(|(_, h)| h == "late-row").count(), 1);
+}

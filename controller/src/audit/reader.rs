@@ -91,6 +91,17 @@ impl Reader {
         self.with(move |s| s.audit_after(after, limit)).await
     }
 
+    /// The rows among `ids` that exist now.
+    pub async fn ids(&self, ids: Vec<u64>) -> Result<Vec<AuditEntry>, ControllerError> {
+        self.with(move |s| s.audit_ids(&ids)).await
+    }
+
+    /// Whether ids can commit out of order (a shared PostgreSQL store), so that readers must
+    /// look again for ids they saw missing.
+    pub fn out_of_order(&self) -> bool {
+        self.cfg.is_shared()
+    }
+
     /// How many rows follow `after`, and the newest id.
     pub async fn span(&self, after: u64) -> Result<(u64, u64), ControllerError> {
         self.with(move |s| s.audit_span(after)).await

@@ -17,14 +17,15 @@
 //! With several controllers on one PostgreSQL database, each controller's sinks read the whole
 //! shared audit log (rows the others commit ring nothing here and are found by a look four
 //! times a second), so a sinks file given to every controller delivers each event once per
-//! controller: give it to one. PostgreSQL hands out ids before commit, so a row whose
-//! transaction commits after a higher id was already delivered can be passed over by a cursor
-//! (two transactions racing on the same table, e.g. a command's commit and the report writer's);
-//! SQLite commits in id order, so there the cursor sees every row.
+//! controller: give it to one. PostgreSQL assigns ids at insert, not at commit, so a row whose
+//! transaction commits after a higher id was delivered arrives below the cursor: on a shared
+//! store a sink remembers the ids it saw missing ([`holes`], at most 1,024, for 60 s) and
+//! delivers them when they turn up, out of id order. SQLite commits in id order.
 
 pub mod config;
 mod file;
 pub mod filter;
+pub mod holes;
 pub mod plan;
 pub mod syslog;
 pub mod webhook;
@@ -287,6 +288,7 @@ impl SinkTask {
         let batch = self.sink.batch;
         tracing::info!(sink = %self.sink.name, after = cursor.after, "event sink started");
         let mut attempt = 0u32;
+        let mut holes = holes::Holes::default();
         while !cancel.is_cancelled() {
             // Marked seen before reading: a ring after the read wakes the wait below.
             bell.borrow_and_update();
@@ -303,6 +305,16 @@ impl SinkTask {
                 }
             };
             let now = self.now();
+            // On a shared store, ids seen missing below the cursor are looked for again.
+            let late = if self.reader.out_of_order() && !holes.is_empty() {
+                holes.expire(now, holes::GRACE_SECS);
+                match holes.is_empty() {
+                    true => Vec::new(),
+                    false => self.reader.ids(holes.wanted()).await.unwrap_or_default(),
+                }
+            } else {
+                Vec::new()
+            };
             if let Some(first) = rows.first() {
                 let may_be_behind = attempt > 0
                     || rows.len() >= batch as usize
@@ -326,7 +338,7 @@ impl SinkTask {
                         }
                     }
                 }
-            } else if cursor.dropped.is_none() {
+            } else if cursor.dropped.is_none() && late.is_empty() {
                 tokio::select! {
                     _ = bell.changed() => {}
                     _ = tokio::time::sleep(self.reader.idle_look()) => {}
@@ -351,7 +363,7 @@ impl SinkTask {
                 });
             }
             events.extend(
-                (rows.iter())
+                (late.iter().chain(&rows))
                     .filter(|r| self.sink.filter.matches(&r.action))
                     .map(Event::from),
             );
@@ -372,6 +384,13 @@ impl SinkTask {
             }
             attempt = 0;
             cursor.dropped = None;
+            for r in &late {
+                holes.filled(r.id);
+            }
+            if self.reader.out_of_order() {
+                let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+                holes.saw(after, &ids, now);
+            }
             if let Some(last) = rows.last() {
                 cursor.after = last.id;
             }

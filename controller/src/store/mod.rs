@@ -182,6 +182,10 @@ pub trait Store: Send {
     /// log is empty): how far behind a reader is.
     fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError>;
 
+    /// The audit entries among `ids` that exist now, oldest first: a reader on a shared store
+    /// looks again for ids it saw missing, which a transaction still open held then.
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError>;
+
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`,
     /// which must be the change log's last sequence: otherwise another writer committed since
     /// the batch was built, nothing is written and the error is [`ControllerError::Stale`].

@@ -633,6 +633,32 @@ impl Store for PostgresStore {
         )
     }
 
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
+        self.idempotent(|c| {
+            let rows = c
+                .query(
+                    "SELECT id, at, actor, action, target, detail FROM audit \
+                     WHERE id = ANY($1) ORDER BY id",
+                    &[&ids],
+                )
+                .map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    let detail: String = r.try_get(5).map_err(pg)?;
+                    Ok(AuditEntry {
+                        id: u64::try_from(r.try_get::<_, i64>(0).map_err(pg)?).unwrap_or(0),
+                        at: ts(r.try_get(1).map_err(pg)?),
+                        actor: r.try_get(2).map_err(pg)?,
+                        action: r.try_get(3).map_err(pg)?,
+                        target: r.try_get(4).map_err(pg)?,
+                        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                    })
+                })
+                .collect()
+        })
+    }
+
     fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         self.idempotent(|c| {

@@ -342,6 +342,19 @@ impl Store for SqliteStore {
         )
     }
 
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend(audit_rows(
+                &self.conn,
+                "SELECT id, at, actor, action, target, detail FROM audit WHERE id = ?1 AND ?2 > 0",
+                id,
+                1,
+            )?);
+        }
+        Ok(out)
+    }
+
     fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let (n, max): (i64, i64) = self.conn.query_row(
