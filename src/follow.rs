@@ -87,7 +87,9 @@ pub async fn follow(
                             }
                         };
                         print(&entry, json)?;
-                        after = Some(entry.id);
+                        // A row committed late on a shared store comes after higher ids: resume after the
+                        // highest.
+                        after = Some(after.map_or(entry.id, |a| a.max(entry.id)));
                         pause = Duration::from_secs(1);
                     }
                     if buf.len() > MAX_LINE {

@@ -509,6 +509,11 @@ async fn on_postgresql_a_row_committed_out_of_id_order_is_still_delivered() {
     })
     .await;
     let a = agent(&t, "agent-a").await;
+    let mut follow = t
+        .admin_client()
+        .stream("/v1/audit/follow")
+        .await
+        .expect("follow");
     // A transaction that takes an id now and commits later, as a slow writer would.
     let (release, released) = std::sync::mpsc::channel::<()>();
     let (took, taken) = std::sync::mpsc::channel::<i64>();
@@ -568,4 +573,24 @@ async fn on_postgresql_a_row_committed_out_of_id_order_is_still_delivered() {
     let late = got.iter().find(|(_, h)| h == "late-row").expect("late");
     assert_eq!(late.0, u64::try_from(held).expect("id"));
     assert_eq!(got.iter().filter(|(_, h)| h == "late-row").count(), 1);
+
+    // A follower gets it too, after the rows it had already seen.
+    let mut buf = Vec::new();
+    let mut targets_seen = Vec::new();
+    let deadline = Instant::now() + BOUND;
+    while !targets_seen.iter().any(|t: &String| t == "late-row") {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let chunk = tokio::time::timeout(left, follow.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("the follower gets the late row; saw {targets_seen:?}"))
+            .expect("stream")
+            .expect("open");
+        buf.extend_from_slice(&chunk);
+        while let Some(i) = buf.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=i).collect();
+            if let Ok(e) = serde_json::from_slice::<AuditEntry>(&line) {
+                targets_seen.push(e.target);
+            }
+        }
+    }
 }

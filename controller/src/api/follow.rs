@@ -84,15 +84,33 @@ pub async fn follow(
             *last_words.lock().unwrap_or_else(|e| e.into_inner()) = Some(words);
         };
         let mut last_check = std::time::Instant::now();
+        // On a shared store, ids seen missing are looked for again (see `sinks::holes`).
+        let mut holes = crate::sinks::holes::Holes::default();
         loop {
             bell.borrow_and_update();
-            let rows = match reader.after(after, BATCH).await {
+            let now = ctrl.config().clock.timestamp();
+            let from = after;
+            let mut rows = match reader.after(after, BATCH).await {
                 Ok(r) => r,
                 Err(e) => {
                     end(format!("the audit log cannot be read: {e}"));
                     return;
                 }
             };
+            if reader.out_of_order() {
+                holes.expire(now, crate::sinks::holes::GRACE_SECS);
+                let ids: Vec<u64> = rows.iter().map(|r| r.id).collect();
+                let late = match holes.is_empty() {
+                    true => Vec::new(),
+                    false => reader.ids(holes.wanted()).await.unwrap_or_default(),
+                };
+                for r in &late {
+                    holes.filled(r.id);
+                }
+                holes.saw(from, &ids, now);
+                // Late rows first: they are what the follower missed.
+                rows.splice(0..0, late);
+            }
             if rows.is_empty() {
                 tokio::select! {
                     _ = bell.changed() => {}
@@ -107,7 +125,7 @@ pub async fn follow(
             }
             for r in &rows {
                 match tx.send_timeout(line(r), SLOW).await {
-                    Ok(()) => after = r.id,
+                    Ok(()) => after = after.max(r.id),
                     Err(SendTimeoutError::Timeout(_)) => {
                         tracing::info!(follower = %actor.label, "dropping an audit follower that reads too slowly");
                         end(format!(

@@ -208,6 +208,56 @@ mod tests {
         assert_eq!(body["detail"]["host"], "evil.example");
     }
 
+    #[tokio::test]
+    async fn tcp_frames_are_octet_counted_and_unix_datagrams_whole() {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut sink = SyslogSink::new(SyslogTransport::Tcp(addr), 13, "umbra".into());
+        let events = [
+            event("sandbox.dial_denied", "a"),
+            event("identity.revoke", "b"),
+        ];
+        let (sent, accepted) = tokio::join!(sink.send(&events), listener.accept());
+        sent.unwrap();
+        let (mut conn, _) = accepted.unwrap();
+        sink.send(&events[..1]).await.unwrap();
+        drop(sink);
+        let mut all = Vec::new();
+        conn.read_to_end(&mut all).await.unwrap();
+        // RFC 6587 3.4.1: MSG-LEN SP SYSLOG-MSG, back to back.
+        let mut rest = &all[..];
+        let mut ids = Vec::new();
+        while !rest.is_empty() {
+            let sp = rest.iter().position(|&b| b == b' ').unwrap();
+            let len: usize = std::str::from_utf8(&rest[..sp]).unwrap().parse().unwrap();
+            let msg = std::str::from_utf8(&rest[sp + 1..sp + 1 + len]).unwrap();
+            ids.push(syslog_rfc5424::parse_message(msg).unwrap().msgid.unwrap());
+            rest = &rest[sp + 1 + len..];
+        }
+        assert_eq!(
+            ids,
+            [
+                "sandbox.dial_denied",
+                "identity.revoke",
+                "sandbox.dial_denied"
+            ]
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let rx = tokio::net::UnixDatagram::bind(&path).unwrap();
+        let mut sink = SyslogSink::new(SyslogTransport::Unix(path), 4, "umbra".into());
+        sink.send(&events).await.unwrap();
+        let mut buf = vec![0u8; MAX_MESSAGE];
+        for want in ["sandbox.dial_denied", "identity.revoke"] {
+            let n = rx.recv(&mut buf).await.unwrap();
+            let m = syslog_rfc5424::parse_message(std::str::from_utf8(&buf[..n]).unwrap()).unwrap();
+            assert_eq!(m.msgid.as_deref(), Some(want));
+            assert_eq!(m.facility as i32, 4);
+        }
+    }
+
     #[test]
     fn fields_are_bounded_and_long_messages_cut() {
         let mut e = event("identity.revoke", "spiffe://t/admin/root");
