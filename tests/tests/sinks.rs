@@ -594,3 +594,40 @@ async fn on_postgresql_a_row_committed_out_of_id_order_is_still_delivered() {
         }
     }
 }
+
+/// `umbra controller run --sinks FILE` refuses a bad file before serving, naming every problem
+/// and never echoing a secret.
+#[test]
+fn the_binary_refuses_a_bad_sinks_file_with_every_problem() {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("ctrl");
+    let d = dir.to_str().expect("utf-8");
+    let init = umbra_tests::umbra_cmd(&["controller", "init", "--dir", d], &[]);
+    assert!(init.status.success(), "{}", umbra_tests::stderr(&init));
+    let bad = work.path().join("sinks.yaml");
+    std::fs::write(
+        &bad,
+        "sinks:\n  - {name: hook, kind: webhook, url: 'http://plain/', secret: 'hunter2-hunter2-hunter2'}\n  - {name: f, kind: file}\n",
+    )
+    .expect("write");
+    let out = umbra_tests::umbra_cmd(
+        &[
+            "controller",
+            "run",
+            "--dir",
+            d,
+            "--listen",
+            "127.0.0.1:0",
+            "--sinks",
+            bad.to_str().expect("utf-8"),
+        ],
+        &[],
+    );
+    let err = umbra_tests::stderr(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("https://") && err.contains("needs path"),
+        "{err}"
+    );
+    assert!(!err.contains("hunter2"), "{err}");
+}
