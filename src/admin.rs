@@ -185,16 +185,21 @@ pub async fn run(
             let rows = r
                 .into_iter()
                 .map(|e| {
+                    let summary = crate::follow::summary(&e);
                     vec![
                         e.id.to_string(),
                         output::time(e.at),
                         e.actor,
                         e.action,
                         e.target,
+                        summary,
                     ]
                 })
                 .collect();
-            output::table(&["id", "time (utc)", "actor", "action", "target"], rows);
+            output::table(
+                &["id", "time (utc)", "actor", "action", "target", "detail"],
+                rows,
+            );
             Ok(())
         }
         Command::Controller(_)

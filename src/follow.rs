@@ -12,6 +12,32 @@ use crate::output;
 /// Longest line accepted from the controller (an entry's detail is bounded far below this).
 const MAX_LINE: usize = 1 << 20;
 
+/// A short account of a router's stream decision (policy or reason, bytes each way,
+/// duration), so that the audit table says who reached what under which policy; empty for
+/// other entries.
+pub fn summary(e: &AuditEntry) -> String {
+    if !e.action.starts_with("router.") {
+        return String::new();
+    }
+    let d = &e.detail;
+    let mut parts = Vec::new();
+    if let Some(p) = d["policy"].as_str() {
+        parts.push(format!("policy={p}"));
+    }
+    if let Some(r) = d["reason"].as_str() {
+        parts.push(format!("reason={r:?}"));
+    }
+    if e.action != "router.stream_refused" {
+        parts.push(format!(
+            "bytes={}/{} {}ms",
+            d["bytes_up"].as_u64().unwrap_or(0),
+            d["bytes_down"].as_u64().unwrap_or(0),
+            d["duration_ms"].as_u64().unwrap_or(0)
+        ));
+    }
+    parts.join(" ")
+}
+
 /// Prints one entry.
 pub fn print(e: &AuditEntry, json: bool) -> anyhow::Result<()> {
     let mut out = std::io::stdout().lock();

@@ -130,6 +130,8 @@ async fn the_audit_log_says_who_reached_what_under_which_policy() {
         "router.stream_refused",
         "router.stream_terminated",
         "secret",
+        "policy=agent-a-echo bytes=11/11",
+        "reason=\"not granted\"",
     ] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
