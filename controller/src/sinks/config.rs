@@ -41,6 +41,19 @@ impl fmt::Debug for Secret {
     }
 }
 
+/// A webhook's URL. Many receivers put a token in the path or query (`/services/T0/B0/XYZ`),
+/// so `Debug` shows the scheme and authority only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WebhookUrl(pub hyper::Uri);
+
+impl fmt::Debug for WebhookUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self.0.scheme_str().unwrap_or("https");
+        let authority = self.0.authority().map_or("", |a| a.as_str());
+        write!(f, "\"{scheme}://{authority}/...\"")
+    }
+}
+
 /// Where a syslog sink sends its messages.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SyslogTransport {
@@ -76,7 +89,7 @@ pub enum SinkKind {
     /// HTTPS POSTs of JSON batches, signed.
     Webhook {
         /// An `https://` URL.
-        url: hyper::Uri,
+        url: WebhookUrl,
         /// The HMAC-SHA256 key.
         secret: Secret,
         /// Trust anchors for the receiver (PEM); the system's web roots when absent.
@@ -365,7 +378,7 @@ pub fn parse(
                 }
                 let timeout = dur(&s.timeout, Duration::from_secs(10), "timeout", &mut err);
                 SinkKind::Webhook {
-                    url,
+                    url: WebhookUrl(url),
                     secret: Secret(secret.into_bytes()),
                     ca_file: s.ca_file.clone(),
                     timeout,
@@ -406,7 +419,7 @@ mod tests {
 sinks:
   - name: secops
     kind: webhook
-    url: https://127.0.0.1:9/hook
+    url: https://127.0.0.1:9/hook/t0k3n
     secret_env: HOOK_SECRET
     events: ["sandbox.*", identity.revoke]
   - name: local
@@ -422,6 +435,8 @@ sinks:
         assert_eq!(sinks.len(), 3);
         let shown = format!("{sinks:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(!shown.contains("t0k3n"), "{shown}");
+        assert!(shown.contains("https://127.0.0.1:9/..."), "{shown}");
         assert!(sinks[0].filter.matches("sandbox.dial_denied"));
         assert!(!sinks[0].filter.matches("policy.grant"));
         assert!(sinks[1].filter.matches("policy.grant"));

@@ -191,7 +191,7 @@ impl Output {
                 ca_file,
                 timeout,
             } => Output::Webhook(Box::new(webhook::WebhookSink::new(
-                url,
+                url.0,
                 secret,
                 ca_file.as_deref(),
                 timeout,

@@ -44,7 +44,7 @@ pub struct WebhookSink {
 impl std::fmt::Debug for WebhookSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookSink")
-            .field("url", &self.url)
+            .field("url", &super::config::WebhookUrl(self.url.clone()))
             .field("secret", &self.secret)
             .finish_non_exhaustive()
     }
