@@ -91,6 +91,21 @@ impl Reader {
         self.with(move |s| s.audit_after(after, limit)).await
     }
 
+    /// Whether this reader's connection leads `key` (see [`Store::try_lead`]).
+    pub async fn try_lead(&self, key: i64) -> Result<bool, ControllerError> {
+        self.with(move |s| s.try_lead(key)).await
+    }
+
+    /// A metadata value (a sink's cursor on a shared store).
+    pub async fn meta(&self, key: String) -> Result<Option<String>, ControllerError> {
+        self.with(move |s| s.meta(&key)).await
+    }
+
+    /// Writes a metadata value.
+    pub async fn set_meta(&self, key: String, value: String) -> Result<(), ControllerError> {
+        self.with(move |s| s.set_meta(&key, &value)).await
+    }
+
     /// The rows among `ids` that exist now.
     pub async fn ids(&self, ids: Vec<u64>) -> Result<Vec<AuditEntry>, ControllerError> {
         self.with(move |s| s.audit_ids(&ids)).await

@@ -14,13 +14,17 @@
 //! costs a visible gap, never unbounded work. Rows reach a sink within milliseconds of their
 //! commit: every commit that stores audit rows rings [`crate::audit::AuditBell`].
 //!
-//! With several controllers on one PostgreSQL database, each controller's sinks read the whole
-//! shared audit log (rows the others commit ring nothing here and are found by a look four
-//! times a second), so a sinks file given to every controller delivers each event once per
-//! controller: give it to one. PostgreSQL assigns ids at insert, not at commit, so a row whose
-//! transaction commits after a higher id was delivered arrives below the cursor: on a shared
-//! store a sink remembers the ids it saw missing ([`holes`], at most 1,024, for 60 s) and
-//! delivers them when they turn up, out of id order. SQLite commits in id order.
+//! With several controllers on one PostgreSQL database given the same sinks file, one at a time
+//! delivers each sink: its task holds a session lock in the store (`Store::try_lead`, on a
+//! connection of its own) and keeps its cursor in the store's metadata, so that when the leader
+//! stops (its connection, and so the lock, goes) another controller takes over within a second
+//! from where it stopped, repeating at most the batch in flight. Rows other controllers commit
+//! ring nothing here and are found by a look four times a second. PostgreSQL assigns ids at
+//! insert, not at commit, so a row whose transaction commits after a higher id was delivered
+//! arrives below the cursor: on a shared store a sink remembers the ids it saw missing
+//! ([`holes`], at most 1,024, for 60 s; not carried over to a new leader) and delivers them when
+//! they turn up, out of id order. SQLite commits in id order. A file sink's path is the same on
+//! every controller: a file each controller writes only while it leads.
 
 pub mod config;
 mod file;
@@ -160,6 +164,10 @@ pub fn spawn(ctrl: &Arc<Controller>, cancel: &CancellationToken) -> JoinSet<()> 
             out,
             reader: reader.clone(),
             ctrl: ctrl.clone(),
+            lead: cfg
+                .store
+                .is_shared()
+                .then(|| Reader::new(cfg.store.clone())),
         };
         set.spawn(task.run(cancel.clone()));
     }
@@ -232,6 +240,20 @@ struct SinkTask {
     reader: Reader,
     ctrl: Arc<Controller>,
     cursor_path: PathBuf,
+    /// On a shared store: a connection of this sink's own that holds its leadership lock, and
+    /// keeps its cursor in the store, so that one controller at a time delivers it and another
+    /// takes over where it stopped.
+    lead: Option<Reader>,
+}
+
+/// The lock key of a sink's leadership on a shared store: "umbr" and the FNV-1a hash of its
+/// name.
+fn lead_key(name: &str) -> i64 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    (0x756d_6272_i64 << 32) | i64::from(h)
 }
 
 impl SinkTask {
@@ -239,21 +261,75 @@ impl SinkTask {
         self.ctrl.config().clock.timestamp()
     }
 
-    /// Where a sink without a cursor starts: after the newest row (it delivers what happens
-    /// from now on, not the whole history).
-    async fn first_cursor(&self, cancel: &CancellationToken) -> Option<Cursor> {
-        if let Some(c) = load_cursor(&self.cursor_path) {
-            return Some(c);
+    fn meta_key(&self) -> String {
+        format!("sink.cursor.{}", self.sink.name)
+    }
+
+    /// The cursor as recorded: in the store when shared, else in the sink's file.
+    async fn load(&self) -> Result<Option<Cursor>, crate::ControllerError> {
+        match &self.lead {
+            Some(l) => Ok(l
+                .meta(self.meta_key())
+                .await?
+                .and_then(|t| serde_json::from_str(&t).ok())),
+            None => Ok(load_cursor(&self.cursor_path)),
         }
+    }
+
+    async fn save(&self, c: &Cursor) {
+        match &self.lead {
+            Some(l) => {
+                let text = serde_json::to_string(c).unwrap_or_default();
+                if let Err(e) = l.set_meta(self.meta_key(), text).await {
+                    tracing::warn!(sink = %self.sink.name, error = %e, "cannot record a sink's cursor");
+                }
+            }
+            None => save_cursor(&self.cursor_path, c),
+        }
+    }
+
+    /// Whether this controller delivers the sink now (always, alone on SQLite).
+    async fn leading(&self) -> bool {
+        match &self.lead {
+            Some(l) => match l.try_lead(lead_key(&self.sink.name)).await {
+                Ok(leads) => leads,
+                Err(e) => {
+                    tracing::warn!(sink = %self.sink.name, error = %e, "cannot tell whether this controller leads the sink");
+                    false
+                }
+            },
+            None => true,
+        }
+    }
+
+    /// Waits until this controller leads the sink; false when cancelled.
+    async fn wait_to_lead(&self, cancel: &CancellationToken) -> bool {
+        while !self.leading().await {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = cancel.cancelled() => return false,
+            }
+        }
+        true
+    }
+
+    /// Where the sink resumes: its recorded cursor, or, the first time, after the newest row
+    /// (it delivers what happens from now on, not the whole history).
+    async fn first_cursor(&self, cancel: &CancellationToken) -> Option<Cursor> {
         let mut attempt = 0;
         loop {
-            match self.reader.span(u64::MAX).await {
+            let found = match self.load().await {
+                Ok(Some(c)) => return Some(c),
+                Ok(None) => self.reader.span(u64::MAX).await,
+                Err(e) => Err(e),
+            };
+            match found {
                 Ok((_, head)) => {
                     let c = Cursor {
                         after: head,
                         dropped: None,
                     };
-                    save_cursor(&self.cursor_path, &c);
+                    self.save(&c).await;
                     return Some(c);
                 }
                 Err(e) => {
@@ -278,6 +354,9 @@ impl SinkTask {
 
     async fn run(mut self, cancel: CancellationToken) {
         let mut bell = self.ctrl.audit_bell().subscribe();
+        if !self.wait_to_lead(&cancel).await {
+            return;
+        }
         let Some(mut cursor) = self.first_cursor(&cancel).await else {
             return;
         };
@@ -290,6 +369,19 @@ impl SinkTask {
         let mut attempt = 0u32;
         let mut holes = holes::Holes::default();
         while !cancel.is_cancelled() {
+            if !self.leading().await {
+                tracing::info!(sink = %self.sink.name, "another controller delivers this sink now");
+                if !self.wait_to_lead(&cancel).await {
+                    return;
+                }
+                // Where the last leader stopped.
+                match self.first_cursor(&cancel).await {
+                    Some(c) => cursor = c,
+                    None => return,
+                }
+                holes = holes::Holes::default();
+                tracing::info!(sink = %self.sink.name, after = cursor.after, "delivering this sink");
+            }
             // Marked seen before reading: a ring after the read wakes the wait below.
             bell.borrow_and_update();
             let after = cursor.after;
@@ -333,7 +425,7 @@ impl SinkTask {
                             d.count += pending;
                             d.through = head;
                             cursor.after = head;
-                            save_cursor(&self.cursor_path, &cursor);
+                            self.save(&cursor).await;
                             continue;
                         }
                     }
@@ -394,7 +486,7 @@ impl SinkTask {
             if let Some(last) = rows.last() {
                 cursor.after = last.id;
             }
-            save_cursor(&self.cursor_path, &cursor);
+            self.save(&cursor).await;
         }
     }
 }

@@ -218,6 +218,12 @@ pub trait Store: Send {
     /// and if releasing fails otherwise the connection is dropped, which releases it.
     fn unlock_writes(&mut self);
 
+    /// Whether this connection holds the session-level lock `key`, taking it if it is free: how
+    /// one controller among several on a shared store leads a named task (an event sink). Held
+    /// until the connection closes; asking again while holding it takes nothing more. Always
+    /// true where one process owns the store (SQLite).
+    fn try_lead(&mut self, key: i64) -> Result<bool, ControllerError>;
+
     /// Stores reported events as `agent` audit rows, in one transaction.
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError>;
 

@@ -710,6 +710,22 @@ impl Store for PostgresStore {
         }
     }
 
+    fn try_lead(&mut self, key: i64) -> Result<bool, ControllerError> {
+        self.idempotent(|c| {
+            let row = c
+                .query_one(
+                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                     AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+                     AND classid::bigint = ($1::bigint >> 32) \
+                     AND objid::bigint = ($1::bigint & 4294967295)) \
+                     THEN true ELSE pg_try_advisory_lock($1::bigint) END",
+                    &[&key],
+                )
+                .map_err(pg)?;
+            row.try_get::<_, bool>(0).map_err(pg)
+        })
+    }
+
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError> {
         if events.is_empty() {
             return Ok(());

@@ -479,6 +479,10 @@ impl Store for SqliteStore {
 
     fn unlock_writes(&mut self) {}
 
+    fn try_lead(&mut self, _key: i64) -> Result<bool, ControllerError> {
+        Ok(true)
+    }
+
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError> {
         let tx = self.conn.transaction()?;
         {
