@@ -168,26 +168,38 @@ pub async fn run(
             print!("{}", r.document);
             Ok(())
         }
-        Command::Audit { limit } => {
+        Command::Audit { limit, follow } => {
             let r: Vec<AuditEntry> = c
                 .call(Method::GET, &format!("/v1/audit?limit={limit}"), none)
                 .await?;
+            if follow {
+                for e in &r {
+                    crate::follow::print(e, json)?;
+                }
+                let after = r.last().map(|e| e.id);
+                return crate::follow::follow(&c, after, json).await;
+            }
             if json {
                 return output::json(&r);
             }
             let rows = r
                 .into_iter()
                 .map(|e| {
+                    let summary = crate::follow::summary(&e);
                     vec![
                         e.id.to_string(),
                         output::time(e.at),
                         e.actor,
                         e.action,
                         e.target,
+                        summary,
                     ]
                 })
                 .collect();
-            output::table(&["id", "time (utc)", "actor", "action", "target"], rows);
+            output::table(
+                &["id", "time (utc)", "actor", "action", "target", "detail"],
+                rows,
+            );
             Ok(())
         }
         Command::Controller(_)

@@ -129,6 +129,10 @@ pub enum Command {
         /// How many entries
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Then keep printing entries as they are recorded (operators' actions, agents'
+        /// refusals, routers' decisions), resuming after a reconnect where it left off
+        #[arg(long)]
+        follow: bool,
     },
 }
 
@@ -205,6 +209,10 @@ pub struct RunArgs {
     pub max_agent_connections: usize,
     #[command(flatten)]
     pub metrics: MetricsArgs,
+    /// Deliver audit events to the sinks this YAML file lists (JSON-lines file, syslog, HTTPS
+    /// webhook), each filtered by event kind
+    #[arg(long)]
+    pub sinks: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]

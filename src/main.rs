@@ -4,6 +4,7 @@
 mod admin;
 mod cli;
 mod demo;
+mod follow;
 mod metrics;
 mod output;
 mod sandbox_cmd;
@@ -457,6 +458,7 @@ async fn quickstart(
             metrics: None,
             metrics_non_loopback: false,
         },
+        sinks: None,
     };
     let (ctrl, server) = start_controller(&args, None).await?;
 
@@ -530,6 +532,10 @@ async fn start_controller(
     }
     cfg.connections.total = args.max_connections;
     cfg.connections.agents = args.max_agent_connections;
+    if let Some(path) = &args.sinks {
+        cfg.sinks = umbra_controller::sinks::config::load(path, |k| std::env::var(k).ok())
+            .with_context(|| format!("--sinks {}", path.display()))?;
+    }
     let ctrl = std::sync::Arc::new(
         tokio::task::spawn_blocking(move || umbra_controller::Controller::open(cfg)).await??,
     );

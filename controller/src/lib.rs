@@ -19,6 +19,7 @@ mod error;
 pub mod metrics;
 mod server;
 pub mod sessions;
+pub mod sinks;
 pub mod store;
 
 pub use clock::{to_timestamp, Clock};

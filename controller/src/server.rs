@@ -106,6 +106,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let limits = ctrl.config().connections;
+        let mut sinks = crate::sinks::spawn(&ctrl, &shutdown);
         let task = tokio::spawn(async move {
             let admission = Arc::new(Mutex::new(Admission::new(Limits::DEFAULT)));
             let authenticated = Arc::new(Mutex::new(AuthBudget::new(limits)));
@@ -152,6 +153,7 @@ impl Server {
                 while conns.try_join_next().is_some() {}
             }
             conns.shutdown().await;
+            while sinks.join_next().await.is_some() {}
         });
         tracing::info!(%local_addr, %advertise, "controller listening");
         Ok(Server {

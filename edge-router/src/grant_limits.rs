@@ -265,12 +265,16 @@ pub(crate) fn charge(
             );
             bump(&shared.stats.grant_limited);
             shared.metrics.grant_limited(service, hit.limit.as_str());
+            let (svc, policy) = (service.as_str(), Some(hit.policy.as_str()));
+            (shared.reports).limited(&ctx.peer.spiffe, svc, "dial", policy, hit.limit.as_str());
             Err(Verdict::LIMIT)
         }
         Err(Refused::Full) => {
             tracing::warn!(books = MAX_GRANT_BOOKS, "stream refused: grant books full");
             bump(&shared.stats.limited);
             shared.metrics.refused("limited");
+            let svc = service.as_str();
+            (shared.reports).limited(&ctx.peer.spiffe, svc, "dial", None, "grant books full");
             Err(Verdict::LIMIT)
         }
     }

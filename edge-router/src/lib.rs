@@ -33,6 +33,7 @@ mod policy;
 pub mod proxy;
 mod publish;
 mod quota;
+mod reports;
 mod reset_key;
 mod server;
 mod shaping;
@@ -189,6 +190,7 @@ impl Router {
             metrics.clone(),
         ));
         metrics.collect(cfg.metrics.as_ref(), Arc::clone(&shared));
+        shared.reports.start(live.controller(), cancel.clone());
         let mut data_plane_done = Vec::with_capacity(lanes.len());
         let mut polling = Vec::with_capacity(lanes.len());
         for (i, (runtime, endpoint)) in lanes.into_iter().enumerate() {

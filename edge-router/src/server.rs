@@ -37,6 +37,8 @@ pub(crate) struct Shared {
     pub metrics: crate::metrics::Metrics,
     /// Admitted connections open now, per data-plane lane.
     lanes: Vec<AtomicUsize>,
+    /// Stream decisions for the controller's audit log.
+    pub reports: crate::reports::Reports,
 }
 
 /// An admitted connection counted on its lane; the count drops with it.
@@ -71,6 +73,7 @@ impl Shared {
             stats: Counters::default(),
             clock,
             metrics,
+            reports: Default::default(),
         }
     }
 

@@ -136,6 +136,7 @@ async fn dial(
         return;
     };
     let request = StreamRequest::Dial(service.as_str());
+    let started = std::time::Instant::now();
     let t = ctx.shared.clock.timestamp();
     let permit = match ctx.shared.metrics.check(|| judge(ctx, &policy, request, t)) {
         Ok(p) => p,
@@ -146,6 +147,7 @@ async fn dial(
             ctx.shared
                 .metrics
                 .denied(Action::Dial, &service, &policy, why);
+            (ctx.shared.reports).refused(&ctx.peer.spiffe, service.as_str(), "dial", why);
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }
@@ -159,6 +161,9 @@ async fn dial(
     bump(&ctx.shared.stats.streams_allowed);
     ctx.shared.metrics.allowed(Action::Dial, &service);
     drop(policy);
+    let spiffe = &ctx.peer.spiffe;
+    let (svc, granted) = (service.as_str(), permit.policy.as_str());
+    let report = (ctx.shared.reports).allowed(spiffe, svc, "dial", granted, started);
     let end = match permit.target {
         Target::Address {
             address: target,
@@ -242,6 +247,7 @@ async fn dial(
         End::NoPolicy => tracing::warn!("no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
     }
+    report.finish(end.moved(), end.reason(), matches!(end, End::Refused(_)));
     if let Some(code) = end_code(&end) {
         reset(&mut send, &mut recv, code);
     }
@@ -259,6 +265,27 @@ enum End {
     Refused(Deny),
     /// The router lost its policy (stale controller): it fails closed.
     NoPolicy,
+}
+
+impl End {
+    /// Bytes moved, when both directions finished.
+    fn moved(&self) -> Option<splice::Moved> {
+        match self {
+            End::Done(m) => Some(*m),
+            _ => None,
+        }
+    }
+
+    /// Why it ended otherwise, for the decision report.
+    fn reason(&self) -> Option<String> {
+        match self {
+            End::Done(_) => None,
+            End::Failed => Some("failed".into()),
+            End::Cancelled => Some("router stopping".into()),
+            End::Refused(why) => Some(why.to_string()),
+            End::NoPolicy => Some("no current policy".into()),
+        }
+    }
 }
 
 /// The code to reset the stream's remaining directions with, if any.
@@ -376,6 +403,7 @@ async fn bind(
             if let Some(p) = &policy {
                 ctx.shared.metrics.denied(Action::Bind, &service, p, why);
             }
+            (ctx.shared.reports).refused(&ctx.peer.spiffe, service.as_str(), "bind", why);
             refuse(&mut send, &mut recv, Verdict::of(why, Moment::Request)).await;
             return;
         }

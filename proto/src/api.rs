@@ -401,3 +401,62 @@ pub struct ReportedEvent {
     #[serde(default)]
     pub detail: serde_json::Value,
 }
+
+/// What a router decided about streams (`POST /v1/audit/decisions`, routers only), so that the
+/// controller's audit log says who reached what under which policy, and who was refused why.
+/// The router is trusted for what it saw (it verified the caller's certificate); the
+/// controller takes the router's own identity from the router's certificate.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionReport {
+    /// At most [`MAX_DECISIONS`].
+    pub decisions: Vec<StreamDecision>,
+    /// Decisions the router could not queue (its queue was full) since its last report: the
+    /// controller counts them in an `audit.suppressed` row.
+    #[serde(default)]
+    pub dropped: u64,
+}
+
+/// Most decisions in one report.
+pub const MAX_DECISIONS: usize = 200;
+
+/// How a stream decision turned out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StreamOutcome {
+    /// Refused when asked for (the audit kind `router.stream_refused`).
+    Refused,
+    /// Allowed, and ended by its ends, or failed (`router.stream`).
+    Ended,
+    /// Allowed, then cut because the grant no longer held (`router.stream_terminated`).
+    Terminated,
+}
+
+/// One stream as a router saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamDecision {
+    /// The caller's SPIFFE id, from its verified certificate.
+    pub identity: String,
+    /// The service asked for.
+    pub service: String,
+    /// `dial` or `bind`.
+    pub action: String,
+    /// How it turned out.
+    pub outcome: StreamOutcome,
+    /// The granting policy, when one granted it.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Why it was refused, terminated or failed.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// Bytes from the caller to the service.
+    #[serde(default)]
+    pub bytes_up: u64,
+    /// Bytes from the service to the caller.
+    #[serde(default)]
+    pub bytes_down: u64,
+    /// From the request to the end, in milliseconds.
+    #[serde(default)]
+    pub duration_ms: u64,
+}

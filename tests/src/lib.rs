@@ -18,6 +18,7 @@ pub mod dataplane;
 pub mod docker;
 pub mod exposition;
 pub mod fake_llm;
+pub mod fake_webhook;
 pub mod metrics;
 pub mod pg;
 /// A controller running in this process on an ephemeral loopback port.
@@ -83,9 +84,16 @@ impl TestController {
     /// it: the same keys copied into a directory of its own, the first admin's identity file
     /// beside them, its own listener.
     pub async fn join(&self) -> TestController {
+        self.join_with(|_| {}).await
+    }
+
+    /// Like `join`, with a chance to change the second controller's configuration (say,
+    /// without the first one's event sinks).
+    pub async fn join_with(&self, tweak: impl FnOnce(&mut ControllerConfig)) -> TestController {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = self.ctrl.config().clone();
         cfg.dir = dir.path().join("ctrl");
+        tweak(&mut cfg);
         let (c, from) = (cfg.clone(), self.ctrl_dir());
         tokio::task::spawn_blocking(move || umbra_controller::join_dir(&c, &from))
             .await

@@ -6,7 +6,9 @@
 mod control;
 pub mod error;
 mod extract;
+mod follow;
 mod handlers;
+mod reports;
 mod watch;
 
 use std::sync::Arc;
@@ -103,5 +105,7 @@ pub fn main_router(state: AppState) -> axum::Router {
         .route("/v1/export", get(handlers::export))
         .route("/v1/audit", get(handlers::audit))
         .route("/v1/audit/events", post(handlers::report_events))
+        .route("/v1/audit/follow", get(follow::follow))
+        .route("/v1/audit/decisions", post(reports::decisions))
         .with_state(state)
 }

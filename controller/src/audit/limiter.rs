@@ -34,6 +34,18 @@ impl Limits {
     };
 }
 
+impl Limits {
+    /// For routers' decision reports: a router reports every stream it decides, so 500
+    /// decisions (and 256 KiB) a second sustained, bursts of 5,000 (and 2 MiB); past that its
+    /// decisions are summarized like an agent's events.
+    pub const ROUTERS: Limits = Limits {
+        events_per_sec: 500.0,
+        event_burst: 5000.0,
+        bytes_per_sec: 256.0 * 1024.0,
+        byte_burst: 2.0 * 1024.0 * 1024.0,
+    };
+}
+
 /// Events held back for one identity since `since`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Suppressed {

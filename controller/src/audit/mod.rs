@@ -15,9 +15,36 @@ use std::time::Duration;
 
 pub mod limiter;
 pub mod prune;
+pub mod reader;
 pub(crate) mod writer;
 
 pub use limiter::Limits;
+
+/// Rings after every commit that stored audit rows (a command's or the writer's), so that event
+/// sinks and `audit --follow` read the new rows at once instead of polling. It carries only a
+/// count: readers always read the store after their own cursor, so a ring they missed costs
+/// nothing but latency, and on a shared store rows other controllers commit are found by the
+/// readers' periodic look.
+#[derive(Debug, Clone)]
+pub struct AuditBell(std::sync::Arc<tokio::sync::watch::Sender<u64>>);
+
+impl Default for AuditBell {
+    fn default() -> Self {
+        AuditBell(std::sync::Arc::new(tokio::sync::watch::Sender::new(0)))
+    }
+}
+
+impl AuditBell {
+    /// Says that rows were committed.
+    pub fn ring(&self) {
+        self.0.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// A receiver whose `changed()` completes after the next ring.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.subscribe()
+    }
+}
 
 /// How reported events are limited and kept.
 #[derive(Debug, Clone, PartialEq)]

@@ -40,6 +40,8 @@ const ACK_WAIT: Duration = Duration::from_secs(5);
 pub(crate) struct AuditSink {
     tx: Option<SyncSender<Msg>>,
     limiter: Arc<Mutex<Limiter>>,
+    /// Routers' decision reports have buckets of their own, sized for a router's stream rate.
+    routers: Arc<Mutex<Limiter>>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -60,6 +62,7 @@ impl AuditSink {
         store: &StoreConfig,
         cfg: AuditConfig,
         clock: Clock,
+        bell: super::AuditBell,
     ) -> Result<AuditSink, ControllerError> {
         let mut conn = store.open()?;
         let gone = prune(
@@ -75,15 +78,17 @@ impl AuditSink {
             );
         }
         let limiter = Arc::new(Mutex::new(Limiter::new(cfg.limits)));
+        let routers = Arc::new(Mutex::new(Limiter::new(super::Limits::ROUTERS)));
         let (tx, rx) = mpsc::sync_channel(cfg.queue);
-        let l = limiter.clone();
+        let l = [limiter.clone(), routers.clone()];
         let thread = std::thread::Builder::new()
             .name("umbra-audit".into())
-            .spawn(move || run(conn, rx, l, cfg, clock))
+            .spawn(move || run(conn, rx, l, cfg, clock, bell))
             .map_err(|e| ControllerError::Setup(format!("audit writer thread: {e}")))?;
         Ok(AuditSink {
             tx: Some(tx),
             limiter,
+            routers,
             thread: Some(thread),
         })
     }
@@ -91,8 +96,33 @@ impl AuditSink {
     /// Queues the rows `who` may have stored (each with its serialized size) and counts the
     /// rest as suppressed.
     pub fn submit(&self, who: &str, rows: Vec<(Row, usize)>, now: Instant) -> Recorded {
+        self.submit_to(&self.limiter, who, rows, now)
+    }
+
+    /// [`AuditSink::submit`] for a router's decisions, with the routers' buckets; `dropped`
+    /// decisions the router could not queue are counted as suppressed too.
+    pub fn submit_router(
+        &self,
+        who: &str,
+        rows: Vec<(Row, usize)>,
+        dropped: u64,
+        now: Instant,
+    ) -> Recorded {
+        if dropped > 0 {
+            lock(&self.routers).suppress(who, dropped, 0, now);
+        }
+        self.submit_to(&self.routers, who, rows, now)
+    }
+
+    fn submit_to(
+        &self,
+        limiter: &Mutex<Limiter>,
+        who: &str,
+        rows: Vec<(Row, usize)>,
+        now: Instant,
+    ) -> Recorded {
         let sizes: Vec<usize> = rows.iter().map(|(_, n)| *n).collect();
-        let admitted = lock(&self.limiter).admit(who, &sizes, now);
+        let admitted = lock(limiter).admit(who, &sizes, now);
         let mut rec = Recorded {
             accepted: 0,
             suppressed: 0,
@@ -114,7 +144,7 @@ impl AuditSink {
         }
         if lost > 0 {
             tracing::warn!(%who, events = lost, "audit queue full; events counted as suppressed");
-            lock(&self.limiter).suppress(who, lost, lost_bytes, now);
+            lock(limiter).suppress(who, lost, lost_bytes, now);
         }
         if rec.accepted > 0 {
             let (ack, done) = mpsc::sync_channel(1);
@@ -150,9 +180,10 @@ fn summary_row(s: Suppressed, at: Timestamp) -> Row {
 fn run(
     mut conn: Box<dyn Store>,
     rx: mpsc::Receiver<Msg>,
-    limiter: Arc<Mutex<Limiter>>,
+    limiters: [Arc<Mutex<Limiter>>; 2],
     cfg: AuditConfig,
     clock: Clock,
+    bell: super::AuditBell,
 ) {
     let mut last_prune = Instant::now();
     let mut open = true;
@@ -180,11 +211,16 @@ fn run(
             Duration::ZERO
         };
         let now = clock.timestamp();
-        let summaries = lock(&limiter).summaries(Instant::now(), period);
-        batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
+        for limiter in &limiters {
+            let summaries = lock(limiter).summaries(Instant::now(), period);
+            batch.extend(summaries.into_iter().map(|s| summary_row(s, now)));
+        }
         if !batch.is_empty() {
-            if let Err(e) = conn.append_agent_events(&batch) {
-                tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events");
+            match conn.append_agent_events(&batch) {
+                Ok(()) => bell.ring(),
+                Err(e) => {
+                    tracing::error!(error = %e, rows = batch.len(), "cannot store reported audit events")
+                }
             }
         }
         for a in acks {

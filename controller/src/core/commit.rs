@@ -39,6 +39,9 @@ impl Controller {
         let now = self.now();
         let deltas = inner.store.commit(&batch, inner.replica.seq, now)?;
         self.absorb(inner, deltas, now);
+        if !batch.audit.is_empty() {
+            self.bell.ring();
+        }
         Ok(())
     }
 

@@ -43,6 +43,7 @@ use crate::store::{AuditRecord, Batch, Record, Store, StoreConfig};
 pub mod affected;
 mod certs;
 mod commit;
+mod decisions;
 mod declarative;
 mod events;
 pub mod follow;
@@ -93,6 +94,8 @@ pub struct ControllerConfig {
     pub connections: crate::sessions::AuthLimits,
     /// Where to register the controller's metrics (see `umbra_metrics`); `None` counts nothing.
     pub metrics: Option<umbra_metrics::Registry>,
+    /// Where audit events are delivered (`--sinks FILE`); none by default.
+    pub sinks: Vec<crate::sinks::SinkConfig>,
 }
 
 impl ControllerConfig {
@@ -109,6 +112,7 @@ impl ControllerConfig {
             audit: AuditConfig::default(),
             connections: crate::sessions::AuthLimits::default(),
             metrics: None,
+            sinks: Vec::new(),
         }
     }
 }
@@ -226,6 +230,10 @@ pub struct Controller {
     audit: AuditSink,
     /// Commits, audit reports and refusals counted (nothing without a registry).
     pub(crate) metrics: crate::metrics::Metrics,
+    /// Rung after every commit that stored audit rows.
+    bell: crate::audit::AuditBell,
+    /// Reads the audit log as it grows, on a connection of its own.
+    audit_reader: crate::audit::reader::Reader,
 }
 
 impl std::fmt::Debug for Controller {
@@ -460,7 +468,13 @@ impl Controller {
         let signer = TokenSigner::load(&dir.join(files::TOKEN_KEY))?;
         check_keys(store.as_mut(), &ca, &signer, dir)?;
         let verifier = signer.verifying_key();
-        let audit = AuditSink::start(&cfg.store, cfg.audit.clone(), cfg.clock.clone())?;
+        let bell = crate::audit::AuditBell::default();
+        let audit = AuditSink::start(
+            &cfg.store,
+            cfg.audit.clone(),
+            cfg.clock.clone(),
+            bell.clone(),
+        )?;
         let replica = store.load(epoch, cfg.clock.timestamp())?;
         let names = replica
             .state
@@ -485,6 +499,7 @@ impl Controller {
             _ => None,
         };
         let replica_state = replica.state.clone();
+        let audit_reader = crate::audit::reader::Reader::new(cfg.store.clone());
         Ok(Controller {
             metrics: crate::metrics::Metrics::new(cfg.metrics.as_ref()),
             cfg,
@@ -502,6 +517,8 @@ impl Controller {
             shared,
             address: Mutex::new(address),
             audit,
+            bell,
+            audit_reader,
             streams: Default::default(),
             hub: Default::default(),
             snapshots_served: Default::default(),
@@ -514,6 +531,16 @@ impl Controller {
 
     fn now(&self) -> Timestamp {
         self.cfg.clock.timestamp()
+    }
+
+    /// Rings after every commit that stored audit rows (see [`crate::audit::AuditBell`]).
+    pub fn audit_bell(&self) -> &crate::audit::AuditBell {
+        &self.bell
+    }
+
+    /// Reads the audit log as it grows (sinks, followers), apart from the command connection.
+    pub fn audit_reader(&self) -> &crate::audit::reader::Reader {
+        &self.audit_reader
     }
 
     /// The configuration.

@@ -174,6 +174,18 @@ pub trait Store: Send {
     /// The newest audit entries, newest last.
     fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError>;
 
+    /// Audit entries with an id above `after`, oldest first, at most `limit`: what an event
+    /// sink or an `audit --follow` has not seen yet (ids only grow).
+    fn audit_after(&mut self, after: u64, limit: u32) -> Result<Vec<AuditEntry>, ControllerError>;
+
+    /// How many audit entries have an id above `after`, and the largest id of all (0 when the
+    /// log is empty): how far behind a reader is.
+    fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError>;
+
+    /// The audit entries among `ids` that exist now, oldest first: a reader on a shared store
+    /// looks again for ids it saw missing, which a transaction still open held then.
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError>;
+
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`,
     /// which must be the change log's last sequence: otherwise another writer committed since
     /// the batch was built, nothing is written and the error is [`ControllerError::Stale`].
@@ -205,6 +217,12 @@ pub trait Store: Send {
     /// Releases [`Store::lock_writes`]. Never fails: if the connection is gone, so is the lock,
     /// and if releasing fails otherwise the connection is dropped, which releases it.
     fn unlock_writes(&mut self);
+
+    /// Whether this connection holds the session-level lock `key`, taking it if it is free: how
+    /// one controller among several on a shared store leads a named task (an event sink). Held
+    /// until the connection closes; asking again while holding it takes nothing more. Always
+    /// true where one process owns the store (SQLite).
+    fn try_lead(&mut self, key: i64) -> Result<bool, ControllerError>;
 
     /// Stores reported events as `agent` audit rows, in one transaction.
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError>;

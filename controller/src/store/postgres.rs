@@ -314,6 +314,32 @@ impl PostgresStore {
     /// Runs `f`, which must be safe to run twice (a read, or a write that is the same done
     /// twice), retrying once on a fresh connection if the one it found had died meanwhile (the
     /// database restarted since the last call).
+    /// Audit rows from `sql`, which takes an id (`$1`) and a limit (`$2`).
+    fn audit_rows(
+        &mut self,
+        sql: &str,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<AuditEntry>, ControllerError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.idempotent(|c| {
+            let rows = c.query(sql, &[&after, &i64::from(limit)]).map_err(pg)?;
+            rows.iter()
+                .map(|r| {
+                    let detail: String = r.try_get(5).map_err(pg)?;
+                    Ok(AuditEntry {
+                        id: u64::try_from(r.try_get::<_, i64>(0).map_err(pg)?).unwrap_or(0),
+                        at: ts(r.try_get(1).map_err(pg)?),
+                        actor: r.try_get(2).map_err(pg)?,
+                        action: r.try_get(3).map_err(pg)?,
+                        target: r.try_get(4).map_err(pg)?,
+                        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+                    })
+                })
+                .collect()
+        })
+    }
+
     fn idempotent<T>(
         &mut self,
         mut f: impl FnMut(&mut Client) -> Result<T, ControllerError>,
@@ -590,12 +616,31 @@ impl Store for PostgresStore {
     }
 
     fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+        self.audit_rows(
+            "SELECT id, at, actor, action, target, detail FROM \
+             (SELECT * FROM audit ORDER BY id DESC LIMIT $2) AS newest WHERE id > $1 ORDER BY id",
+            0,
+            limit,
+        )
+    }
+
+    fn audit_after(&mut self, after: u64, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+        self.audit_rows(
+            "SELECT id, at, actor, action, target, detail FROM audit \
+             WHERE id > $1 ORDER BY id LIMIT $2",
+            after,
+            limit,
+        )
+    }
+
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError> {
+        let ids: Vec<i64> = ids.iter().filter_map(|&i| i64::try_from(i).ok()).collect();
         self.idempotent(|c| {
             let rows = c
                 .query(
-                    "SELECT id, at, actor, action, target, detail FROM \
-                     (SELECT * FROM audit ORDER BY id DESC LIMIT $1) AS newest ORDER BY id",
-                    &[&i64::from(limit)],
+                    "SELECT id, at, actor, action, target, detail FROM audit \
+                     WHERE id = ANY($1) ORDER BY id",
+                    &[&ids],
                 )
                 .map_err(pg)?;
             rows.iter()
@@ -611,6 +656,21 @@ impl Store for PostgresStore {
                     })
                 })
                 .collect()
+        })
+    }
+
+    fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        self.idempotent(|c| {
+            let r = c
+                .query_one(
+                    "SELECT (SELECT COUNT(*) FROM audit WHERE id > $1), \
+                     (SELECT COALESCE(MAX(id), 0) FROM audit)",
+                    &[&after],
+                )
+                .map_err(pg)?;
+            let (n, max): (i64, i64) = (r.try_get(0).map_err(pg)?, r.try_get(1).map_err(pg)?);
+            Ok((n.max(0) as u64, max.max(0) as u64))
         })
     }
 
@@ -648,6 +708,22 @@ impl Store for PostgresStore {
             tracing::warn!(store = %self.what, error = %e, "cannot release the write lock; closing the connection");
             self.lost();
         }
+    }
+
+    fn try_lead(&mut self, key: i64) -> Result<bool, ControllerError> {
+        self.idempotent(|c| {
+            let row = c
+                .query_one(
+                    "SELECT CASE WHEN EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' \
+                     AND pid = pg_backend_pid() AND granted AND objsubid = 1 \
+                     AND classid::bigint = ($1::bigint >> 32) \
+                     AND objid::bigint = ($1::bigint & 4294967295)) \
+                     THEN true ELSE pg_try_advisory_lock($1::bigint) END",
+                    &[&key],
+                )
+                .map_err(pg)?;
+            row.try_get::<_, bool>(0).map_err(pg)
+        })
     }
 
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError> {

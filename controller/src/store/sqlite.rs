@@ -325,32 +325,44 @@ impl Store for SqliteStore {
 
     /// The newest audit entries, newest last.
     fn audit(&mut self, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
-        let mut stmt = self.conn.prepare(
-            "SELECT id, at, actor, action, target, detail FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?1) ORDER BY id",
-        )?;
-        let rows = stmt.query_map([limit], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, i64>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-            ))
-        })?;
+        audit_rows(
+            &self.conn,
+            "SELECT id, at, actor, action, target, detail FROM (SELECT * FROM audit ORDER BY id DESC LIMIT ?2) WHERE id > ?1 ORDER BY id",
+            0,
+            limit,
+        )
+    }
+
+    fn audit_after(&mut self, after: u64, limit: u32) -> Result<Vec<AuditEntry>, ControllerError> {
+        audit_rows(
+            &self.conn,
+            "SELECT id, at, actor, action, target, detail FROM audit WHERE id > ?1 ORDER BY id LIMIT ?2",
+            after,
+            limit,
+        )
+    }
+
+    fn audit_ids(&mut self, ids: &[u64]) -> Result<Vec<AuditEntry>, ControllerError> {
         let mut out = Vec::new();
-        for row in rows {
-            let (id, at, actor, action, target, detail) = row?;
-            out.push(AuditEntry {
-                id: u64::try_from(id).unwrap_or(0),
-                at: ts(at),
-                actor,
-                action,
-                target,
-                detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-            });
+        for &id in ids {
+            out.extend(audit_rows(
+                &self.conn,
+                "SELECT id, at, actor, action, target, detail FROM audit WHERE id = ?1 AND ?2 > 0",
+                id,
+                1,
+            )?);
         }
         Ok(out)
+    }
+
+    fn audit_span(&mut self, after: u64) -> Result<(u64, u64), ControllerError> {
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let (n, max): (i64, i64) = self.conn.query_row(
+            "SELECT (SELECT COUNT(*) FROM audit WHERE id > ?1), (SELECT COALESCE(MAX(id), 0) FROM audit)",
+            [after],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n.max(0) as u64, max.max(0) as u64))
     }
 
     /// Commits a batch in one transaction; its changes get the sequence numbers after `seq`.
@@ -467,6 +479,10 @@ impl Store for SqliteStore {
 
     fn unlock_writes(&mut self) {}
 
+    fn try_lead(&mut self, _key: i64) -> Result<bool, ControllerError> {
+        Ok(true)
+    }
+
     fn append_agent_events(&mut self, events: &[AgentEvent]) -> Result<(), ControllerError> {
         let tx = self.conn.transaction()?;
         {
@@ -515,6 +531,40 @@ impl Store for SqliteStore {
         }
         Ok(deleted)
     }
+}
+
+/// Audit rows from `sql`, which takes an id (`?1`) and a limit (`?2`).
+fn audit_rows(
+    conn: &Connection,
+    sql: &str,
+    after: u64,
+    limit: u32,
+) -> Result<Vec<AuditEntry>, ControllerError> {
+    let mut stmt = conn.prepare_cached(sql)?;
+    let after = i64::try_from(after).unwrap_or(i64::MAX);
+    let rows = stmt.query_map(rusqlite::params![after, limit], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, String>(4)?,
+            r.get::<_, String>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, at, actor, action, target, detail) = row?;
+        out.push(AuditEntry {
+            id: u64::try_from(id).unwrap_or(0),
+            at: ts(at),
+            actor,
+            action,
+            target,
+            detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+        });
+    }
+    Ok(out)
 }
 
 fn last_seq(conn: &Connection) -> Result<u64, ControllerError> {
