@@ -276,6 +276,29 @@ async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() 
         exposition.sum("umbra_router_streams_total", &labels),
         f64::from(refusals)
     );
+    // Each refusal is in the audit log, naming the grant and the limit.
+    let deadline = Instant::now() + BOUND;
+    loop {
+        let rows: Vec<umbra_proto::api::AuditEntry> = t
+            .admin_client()
+            .call(Method::GET, "/v1/audit?limit=1000", None::<&()>)
+            .await
+            .expect("audit");
+        let limited = rows
+            .iter()
+            .filter(|e| e.action == "router.stream_refused" && e.target == "echo")
+            .filter(|e| e.detail["policy"] == "paced" && e.detail["reason"] == "limit: rate")
+            .filter(|e| e.actor.ends_with("/agent/agent-a"))
+            .count();
+        if limited == refusals as usize {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{limited} of {refusals} refusals audited"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     // Another identity is not slowed by agent-a's bucket.
     for _ in 0..8 {
         close_echo(open_echo(&b1, "echo").await).await;

@@ -86,7 +86,17 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
     // The bytes are counted when the router sees the stream end; wait for that.
     let done = eventually(BOUND, || (echo.open() == 0).then_some(())).await;
     assert!(done.is_some(), "the service connections closed");
-    let m = scrape(server.local_addr()).await.expect("scrape");
+    // The client may see the handshake fail before the router's task has counted it.
+    let handshake = [("outcome", "refused"), ("reason", "handshake")];
+    let deadline = std::time::Instant::now() + BOUND;
+    let m = loop {
+        let m = scrape(server.local_addr()).await.expect("scrape");
+        let counted = m.value("umbra_router_connections_total", &handshake);
+        if counted.is_some() || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let streams = "umbra_router_streams_total";
     let allowed = [
         ("action", "dial"),
@@ -135,7 +145,6 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
         m.value("umbra_router_connections_total", &[("outcome", "admitted")]),
         Some(1.0)
     );
-    let handshake = [("outcome", "refused"), ("reason", "handshake")];
     assert_eq!(
         m.value("umbra_router_connections_total", &handshake),
         Some(1.0)
