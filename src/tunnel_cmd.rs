@@ -1,5 +1,5 @@
 //! `umbra tunnel --netns PATH | --pid PID`: argument handling and printing around
-//! [`umbra_launcher::attach`].
+//! [`umbra_launcher::attach()`].
 
 use std::path::PathBuf;
 use std::time::Duration;

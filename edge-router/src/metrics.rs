@@ -134,7 +134,7 @@ impl Metrics {
             "Connections by outcome (admitted, refused, terminated) and refusal reason.",
             inner.connections.clone(),
         );
-        r.register("router_service_bytes", "Bytes carried by streams that ended normally, per service and direction (up: client to service).", inner.bytes.clone());
+        r.register("router_service_bytes", "Bytes carried, counted as they move, per service and direction (up: client to service).", inner.bytes.clone());
         r.register(
             "router_handshake_seconds",
             "QUIC handshake duration, admitted attempts.",
@@ -223,17 +223,19 @@ impl Metrics {
         }
     }
 
-    /// A dialed stream ended normally after moving these bytes.
-    pub fn moved(&self, service: &Name, (up, down): (u64, u64)) {
-        if let Some(m) = &self.0 {
-            for (direction, n) in [("up", up), ("down", down)] {
+    /// The tallies an allowed stream to `service` (which exists) counts its bytes with as they
+    /// move: up (client to service), down.
+    pub fn tallies(&self, service: &Name) -> (Tally, Tally) {
+        let counter = |direction| {
+            self.0.as_ref().map(|m| {
                 let l = BytesLabels {
                     service: service.to_string(),
                     direction,
                 };
-                m.bytes.get_or_create(&l).inc_by(n);
-            }
-        }
+                m.bytes.get_or_create(&l).clone()
+            })
+        };
+        (Tally::new(counter("up")), Tally::new(counter("down")))
     }
 
     /// A connection decision: `outcome` admitted, refused or terminated.
@@ -412,4 +414,36 @@ impl Collector for RouterCollector {
 
 fn enforced_seq(rx: &PolicyRx) -> Option<u64> {
     rx.borrow().as_ref().map(|p| p.seq)
+}
+
+/// One direction of a stream's bytes, counted as they move: into the service's counter (with a
+/// registry), and into a total of its own for the stream's decision report, whichever way the
+/// stream ends.
+pub(crate) struct Tally {
+    total: std::sync::atomic::AtomicU64,
+    counter: Option<Counter>,
+}
+
+impl Tally {
+    fn new(counter: Option<Counter>) -> Tally {
+        Tally {
+            total: std::sync::atomic::AtomicU64::new(0),
+            counter,
+        }
+    }
+
+    /// The bytes moved so far.
+    pub fn total(&self) -> u64 {
+        self.total.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+impl umbra_transport::splice::Meter for Tally {
+    fn moved(&self, n: u64) {
+        self.total
+            .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        if let Some(c) = &self.counter {
+            c.inc_by(n);
+        }
+    }
 }

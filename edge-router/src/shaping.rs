@@ -238,6 +238,7 @@ pub(crate) async fn quic_to_quic(
     recv: &mut RecvStream,
     send: &mut SendStream,
     shaper: &Shaper,
+    meter: &dyn umbra_transport::splice::Meter,
 ) -> Result<u64, SpliceError> {
     let mut n = 0u64;
     loop {
@@ -247,9 +248,10 @@ pub(crate) async fn quic_to_quic(
         };
         let bytes: Bytes = chunk.bytes;
         shaper.charge(bytes.len());
-        n += bytes.len() as u64;
+        let k = bytes.len() as u64;
+        n += k;
         match send.write_chunk(bytes).await {
-            Ok(()) => {}
+            Ok(()) => meter.moved(k),
             Err(quinn::WriteError::Stopped(code)) => {
                 let _ = recv.stop(code);
                 return Ok(n);

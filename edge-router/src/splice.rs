@@ -5,7 +5,7 @@
 
 use quinn::{RecvStream, SendStream};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use umbra_transport::splice::{io_to_quic, quic_to_io, quic_to_quic};
+use umbra_transport::splice::{io_to_quic, quic_to_io, quic_to_quic, Meter};
 
 use crate::shaping::{self, Paced, Shaper};
 
@@ -22,28 +22,42 @@ pub(crate) enum ServiceSide<'a> {
     Host(&'a mut SendStream, &'a mut RecvStream),
 }
 
-/// Runs until both directions have ended, or one fails. With a shaper (the grant limits
-/// bandwidth), both directions are charged to it and wait for it (see `shaping`).
+/// What a stream's bytes are charged to as they move.
+#[derive(Clone, Copy)]
+pub(crate) struct Charges<'a> {
+    /// The grant's shaper, when it limits bandwidth: both directions wait for it.
+    pub pace: Option<&'a Shaper>,
+    /// Told of the bytes from the client to the service.
+    pub up: &'a dyn Meter,
+    /// Told of the bytes from the service to the client.
+    pub down: &'a dyn Meter,
+}
+
+/// Runs until both directions have ended, or one fails, charging the bytes as they move.
 pub(crate) async fn run(
     send: &mut SendStream,
     recv: &mut RecvStream,
     service: ServiceSide<'_>,
-    pace: Option<&Shaper>,
+    charges: Charges<'_>,
 ) -> Result<Moved, SpliceError> {
-    match (service, pace) {
+    let (up, down) = (charges.up, charges.down);
+    match (service, charges.pace) {
         (ServiceSide::Tcp(mut r, mut w), None) => {
-            tokio::try_join!(quic_to_io(recv, &mut w), io_to_quic(&mut r, send))
+            tokio::try_join!(quic_to_io(recv, &mut w, up), io_to_quic(&mut r, send, down))
         }
         (ServiceSide::Host(hsend, hrecv), None) => {
-            tokio::try_join!(quic_to_quic(recv, hsend), quic_to_quic(hrecv, send))
+            tokio::try_join!(
+                quic_to_quic(recv, hsend, up),
+                quic_to_quic(hrecv, send, down)
+            )
         }
         (ServiceSide::Tcp(r, w), Some(shaper)) => {
             let (mut r, mut w) = (Paced::new(r, shaper), Paced::new(w, shaper));
-            tokio::try_join!(quic_to_io(recv, &mut w), io_to_quic(&mut r, send))
+            tokio::try_join!(quic_to_io(recv, &mut w, up), io_to_quic(&mut r, send, down))
         }
         (ServiceSide::Host(hsend, hrecv), Some(shaper)) => tokio::try_join!(
-            shaping::quic_to_quic(recv, hsend, shaper),
-            shaping::quic_to_quic(hrecv, send, shaper)
+            shaping::quic_to_quic(recv, hsend, shaper, up),
+            shaping::quic_to_quic(hrecv, send, shaper, down)
         ),
     }
 }

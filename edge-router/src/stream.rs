@@ -164,6 +164,12 @@ async fn dial(
     let spiffe = &ctx.peer.spiffe;
     let (svc, granted) = (service.as_str(), permit.policy.as_str());
     let report = (ctx.shared.reports).allowed(spiffe, svc, "dial", granted, started);
+    let (up, down) = ctx.shared.metrics.tallies(&service);
+    let charges = splice::Charges {
+        pace,
+        up: &up,
+        down: &down,
+    };
     let end = match permit.target {
         Target::Address {
             address: target,
@@ -202,7 +208,7 @@ async fn dial(
                 |p: &Policy| judge(ctx, p, request, ctx.shared.clock.timestamp()).map(drop);
             let service = splice::ServiceSide::Tcp(r, w);
             watched(
-                &mut send, &mut recv, service, caller, &mut rx, &cancel, pace,
+                &mut send, &mut recv, service, caller, &mut rx, &cancel, charges,
             )
             .await
         }
@@ -222,7 +228,10 @@ async fn dial(
                 check_stream(&p.index, &host, StreamRequest::Bind(service.as_str()), t).map(drop)
             };
             let service = splice::ServiceSide::Host(&mut hsend, &mut hrecv);
-            let out = watched(&mut send, &mut recv, service, both, &mut rx, &cancel, pace).await;
+            let out = watched(
+                &mut send, &mut recv, service, both, &mut rx, &cancel, charges,
+            )
+            .await;
             if let Some(code) = end_code(&out) {
                 let _ = hsend.reset(VarInt::from_u32(code));
             }
@@ -235,10 +244,7 @@ async fn dial(
         }
     };
     match &end {
-        End::Done((up, down)) => {
-            tracing::debug!(up, down, "stream done");
-            ctx.shared.metrics.moved(&service, (*up, *down));
-        }
+        End::Done((up, down)) => tracing::debug!(up, down, "stream done"),
         End::Refused(why) => {
             tracing::info!(decision = "terminate", reason = %why, "stream closed");
             bump(&ctx.shared.stats.streams_terminated);
@@ -247,7 +253,8 @@ async fn dial(
         End::NoPolicy => tracing::warn!("no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
     }
-    report.finish(end.moved(), end.reason(), matches!(end, End::Refused(_)));
+    let moved = Some((up.total(), down.total()));
+    report.finish(moved, end.reason(), matches!(end, End::Refused(_)));
     if let Some(code) = end_code(&end) {
         reset(&mut send, &mut recv, code);
     }
@@ -268,14 +275,6 @@ enum End {
 }
 
 impl End {
-    /// Bytes moved, when both directions finished.
-    fn moved(&self) -> Option<splice::Moved> {
-        match self {
-            End::Done(m) => Some(*m),
-            _ => None,
-        }
-    }
-
     /// Why it ended otherwise, for the decision report.
     fn reason(&self) -> Option<String> {
         match self {
@@ -307,9 +306,9 @@ async fn watched(
     allowed: impl Fn(&Policy) -> Result<(), Deny>,
     rx: &mut PolicyRx,
     cancel: &CancellationToken,
-    pace: Option<&crate::shaping::Shaper>,
+    charges: splice::Charges<'_>,
 ) -> End {
-    let splice = splice::run(send, recv, service, pace);
+    let splice = splice::run(send, recv, service, charges);
     tokio::pin!(splice);
     loop {
         tokio::select! {

@@ -30,5 +30,5 @@ pub use enroll::{enroll, renew};
 pub use error::SdkError;
 pub use listener::Listener;
 pub use renewal::{renewal_delay, RenewingIdentity, ISSUE_BACKDATE, MIN_RENEW_INTERVAL};
-pub use splice::splice;
+pub use splice::{splice, splice_metered, Meter};
 pub use stream::Stream;

@@ -4,6 +4,7 @@
 //! stream itself.
 
 use tokio::net::TcpStream;
+pub use umbra_transport::splice::Meter;
 use umbra_transport::splice::{io_to_quic, quic_to_io, SpliceError};
 
 use crate::error::SdkError;
@@ -13,16 +14,27 @@ use crate::stream::{read_error, write_error, Stream};
 /// one fails; the fast equivalent of `tokio::io::copy_bidirectional(&mut tcp, &mut stream)`.
 /// Returns the bytes moved (TCP to stream, stream to TCP). A revocation ends it with
 /// [`SdkError::Revoked`], as reading or writing the [`Stream`] would.
-pub async fn splice(mut tcp: TcpStream, stream: Stream) -> Result<(u64, u64), SdkError> {
+pub async fn splice(tcp: TcpStream, stream: Stream) -> Result<(u64, u64), SdkError> {
+    splice_metered(tcp, stream, (&(), &())).await
+}
+
+/// [`splice`], telling `up` (TCP to stream) and `down` (stream to TCP) of the bytes as they
+/// move, so that a long-lived connection, or one that fails midway, is counted too.
+pub async fn splice_metered(
+    mut tcp: TcpStream,
+    stream: Stream,
+    (up, down): (&dyn Meter, &dyn Meter),
+) -> Result<(u64, u64), SdkError> {
     let (mut send, mut recv, service) = stream.into_parts();
     let (mut r, mut w) = tcp.split();
+    let (meter_up, meter_down) = (up, down);
     let up = async {
-        io_to_quic(&mut r, &mut send)
+        io_to_quic(&mut r, &mut send, meter_up)
             .await
             .map_err(|e| splice_error(e, &service))
     };
     let down = async {
-        quic_to_io(&mut recv, &mut w)
+        quic_to_io(&mut recv, &mut w, meter_down)
             .await
             .map_err(|e| splice_error(e, &service))
     };

@@ -42,6 +42,14 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
     let payload = vec![7u8; 100_000];
     let mut s = ctx.dial("echo").await.expect("dial echo");
     assert_eq!(round_trip(&mut s, &payload).await.expect("echo"), payload);
+    // Counted as the bytes move: the stream is still open.
+    let live = scrape(server.local_addr()).await.expect("scrape");
+    let echo_up = [("service", "echo"), ("direction", "up")];
+    let counted = live.value("umbra_router_service_bytes_total", &echo_up);
+    assert!(
+        counted >= Some(100_000.0),
+        "an open stream's bytes: {counted:?}"
+    );
     s.shutdown().await.expect("half-close");
     let mut rest = Vec::new();
     tokio::time::timeout(BOUND, s.read_to_end(&mut rest))
@@ -134,6 +142,11 @@ async fn router_counts_decisions_bytes_revocations_and_control_lag() {
             sent.is_some_and(|b| b >= 100_000.0),
             "{direction}: {sent:?}"
         );
+    }
+    // A stream cut by a revocation counted what it moved before the cut.
+    for direction in ["up", "down"] {
+        let cut = m.value(bytes, &[("service", "echo-b"), ("direction", direction)]);
+        assert!(cut >= Some(1.0), "the cut stream's {direction}: {cut:?}");
     }
     let revocations = "umbra_router_revocation_cut_seconds";
     assert_eq!(m.value(&format!("{revocations}_count"), &[]), Some(1.0));

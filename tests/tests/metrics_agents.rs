@@ -59,10 +59,21 @@ async fn umbra_tunnel_serves_its_metrics() {
         .await
         .expect("connect");
     s.write_all(&payload).await.expect("send");
-    s.shutdown().await.expect("half-close");
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await.expect("echo");
+    let mut back = vec![0u8; payload.len()];
+    s.read_exact(&mut back).await.expect("echo");
     assert_eq!(back, payload);
+    // Counted as the bytes move: the connection is still open.
+    let up = [("service", "echo-metrics"), ("direction", "up")];
+    let live = scrape(metrics).await.expect("scrape");
+    let counted = live.value("umbra_tunneler_service_bytes_total", &up);
+    assert!(
+        counted >= Some(10_000.0),
+        "an open connection's bytes: {counted:?}"
+    );
+    s.shutdown().await.expect("half-close");
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest).await.expect("end");
+    assert!(rest.is_empty());
     drop(s);
 
     let carried = [("service", "echo-metrics"), ("outcome", "carried")];
@@ -79,7 +90,6 @@ async fn umbra_tunnel_serves_its_metrics() {
         m.value("umbra_tunneler_connections_total", &carried),
         Some(1.0)
     );
-    let up = [("service", "echo-metrics"), ("direction", "up")];
     let sent = m.value("umbra_tunneler_service_bytes_total", &up);
     assert!(sent >= Some(10_000.0), "{sent:?}");
     assert_eq!(m.value("umbra_tunneler_listeners", &[]), Some(1.0));

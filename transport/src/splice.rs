@@ -29,6 +29,20 @@ const FIRST_READ: usize = 4 * 1024;
 /// The largest read buffer, reached while reads keep filling it (bulk transfer).
 const MAX_READ: usize = 64 * 1024;
 
+/// Told of the bytes a direction moves as it moves them, so that a stream is counted while it
+/// runs (a long-lived one shows up before its end) and whatever way it ends (a stream cut by a
+/// revocation or reset midway has moved bytes too; the totals the splice returns exist only
+/// when it ends normally).
+pub trait Meter: Sync {
+    /// `n` more bytes were moved (written to the destination, or queued on the QUIC stream).
+    fn moved(&self, n: u64);
+}
+
+/// No meter.
+impl Meter for () {
+    fn moved(&self, _: u64) {}
+}
+
 /// Why a splice ended early.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
@@ -48,7 +62,11 @@ pub enum SpliceError {
 
 /// Copies a QUIC stream into `to` until the stream finishes, then shuts `to`'s write side down.
 /// Returns the bytes moved.
-pub async fn quic_to_io<W>(recv: &mut RecvStream, to: &mut W) -> Result<u64, SpliceError>
+pub async fn quic_to_io<W>(
+    recv: &mut RecvStream,
+    to: &mut W,
+    meter: &dyn Meter,
+) -> Result<u64, SpliceError>
 where
     W: AsyncWrite + Unpin + ?Sized,
 {
@@ -57,7 +75,10 @@ where
     while let Some(k) = recv.read_chunks(&mut batch).await? {
         busy_poll::moved(batch[..k].iter().map(Bytes::len).sum());
         match write_all_vectored(to, &mut batch[..k]).await {
-            Ok(m) => n += m,
+            Ok(m) => {
+                n += m;
+                meter.moved(m);
+            }
             Err(e) if reader_gone(&e) => {
                 // The reader left; the stream's sender learns it and the other way goes on.
                 let _ = recv.stop(STOPPED);
@@ -86,7 +107,11 @@ fn reader_gone(e: &io::Error) -> bool {
 
 /// Copies `from` into a QUIC stream until end of file, then finishes the stream. Returns the
 /// bytes moved.
-pub async fn io_to_quic<R>(from: &mut R, send: &mut SendStream) -> Result<u64, SpliceError>
+pub async fn io_to_quic<R>(
+    from: &mut R,
+    send: &mut SendStream,
+    meter: &dyn Meter,
+) -> Result<u64, SpliceError>
 where
     R: AsyncRead + Unpin + ?Sized,
 {
@@ -110,7 +135,7 @@ where
             size = (size * 4).min(MAX_READ);
         }
         match send.write_chunk(buf.split().freeze()).await {
-            Ok(()) => {}
+            Ok(()) => meter.moved(k as u64),
             Err(quinn::WriteError::Stopped(_)) => {
                 discard_to_eof(from, &mut buf).await?;
                 return Ok(n);
@@ -145,6 +170,7 @@ where
 pub async fn quic_to_quic(
     recv: &mut RecvStream,
     send: &mut SendStream,
+    meter: &dyn Meter,
 ) -> Result<u64, SpliceError> {
     let mut n = 0u64;
     let mut batch: [Bytes; BATCH] = std::array::from_fn(|_| Bytes::new());
@@ -153,7 +179,7 @@ pub async fn quic_to_quic(
         busy_poll::moved(bytes);
         n += bytes as u64;
         match send.write_all_chunks(&mut batch[..k]).await {
-            Ok(()) => {}
+            Ok(()) => meter.moved(bytes as u64),
             Err(quinn::WriteError::Stopped(code)) => {
                 // Passed back to the sender with the receiver's own code.
                 let _ = recv.stop(code);

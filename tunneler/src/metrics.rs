@@ -57,7 +57,7 @@ impl Metrics {
         };
         let inner = Inner::default();
         r.register("tunneler_connections", "Connections accepted on the listeners, by service and outcome (carried, denied, revoked, unavailable, failed).", inner.connections.clone());
-        r.register("tunneler_service_bytes", "Bytes carried by connections that ended normally, per service and direction (up: agent to service).", inner.bytes.clone());
+        r.register("tunneler_service_bytes", "Bytes carried, counted as they move, per service and direction (up: agent to service).", inner.bytes.clone());
         r.register_collector(Listeners(mappings));
         Metrics(Some(Arc::new(inner)))
     }
@@ -70,15 +70,31 @@ impl Metrics {
                 outcome: outcome(r),
             };
             m.connections.get_or_create(&l).inc();
-            if let Ok((up, down)) = r {
-                for (direction, n) in [("up", *up), ("down", *down)] {
-                    let l = BytesLabels {
-                        service: service.to_owned(),
-                        direction,
-                    };
-                    m.bytes.get_or_create(&l).inc_by(n);
-                }
-            }
+        }
+    }
+
+    /// The meters a connection to `service` counts its bytes with as they move (up, down).
+    pub fn meters(&self, service: &str) -> (ByteMeter, ByteMeter) {
+        let counter = |direction| {
+            self.0.as_ref().map(|m| {
+                let l = BytesLabels {
+                    service: service.to_owned(),
+                    direction,
+                };
+                m.bytes.get_or_create(&l).clone()
+            })
+        };
+        (ByteMeter(counter("up")), ByteMeter(counter("down")))
+    }
+}
+
+/// One direction's bytes, counted as they move (nothing without a registry).
+pub(crate) struct ByteMeter(Option<Counter>);
+
+impl umbra_sdk::Meter for ByteMeter {
+    fn moved(&self, n: u64) {
+        if let Some(c) = &self.0 {
+            c.inc_by(n);
         }
     }
 }

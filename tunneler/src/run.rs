@@ -14,11 +14,12 @@ use tokio_util::task::AbortOnDropHandle;
 use umbra_proto::api::EdgeView;
 use umbra_proto::edge::EdgeWatchDecoder;
 use umbra_proto::follow::{WatchEnd, WatchFollower};
-use umbra_sdk::{Context, ControllerClient, Early, SdkError};
+use umbra_sdk::{Context, ControllerClient, Early, Meter, SdkError};
 
 use crate::accept::{accept_with_backoff, AcceptBackoff};
 use crate::addresses::AddressBook;
 use crate::lanes::Lanes;
+use crate::metrics::ByteMeter;
 use crate::plan::{desired, Mapping};
 
 /// How the tunneler runs.
@@ -440,7 +441,7 @@ async fn accept_loop(
                 },
             };
             tokio::select! {
-                r = carry(tcp, &ctx, service.as_str()) => {
+                r = carry(tcp, &ctx, service.as_str(), metrics.meters(service.as_str())) => {
                     metrics.carried(service.as_str(), &r);
                     if let Err(e) = r {
                         tracing::info!(%service, %peer, error = %e, "connection ended");
@@ -467,7 +468,12 @@ enum Accepted {
 
 /// Carries one TCP connection as one overlay stream, both directions, with half-close, without
 /// copying bytes through user space more than the kernel requires.
-async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(u64, u64), SdkError> {
+async fn carry(
+    tcp: TcpStream,
+    ctx: &Context,
+    service: &str,
+    (up, down): (ByteMeter, ByteMeter),
+) -> Result<(u64, u64), SdkError> {
     let _ = tcp.set_nodelay(true);
     // What the client sends while the router decides travels with the request: a round trip
     // less for protocols in which the client speaks first.
@@ -476,8 +482,9 @@ async fn carry(tcp: TcpStream, ctx: &Context, service: &str) -> Result<(u64, u64
     // Bytes sent with the request count as carried up.
     let sent = early.taken().map_or(0, |b| b.len() as u64);
     drop(early);
-    let (up, down) = umbra_sdk::splice(tcp, stream).await?;
-    Ok((up + sent, down))
+    up.moved(sent);
+    let (n_up, n_down) = umbra_sdk::splice_metered(tcp, stream, (&up, &down)).await?;
+    Ok((n_up + sent, n_down))
 }
 
 /// How much of a client's first flight may travel with the dial request.
