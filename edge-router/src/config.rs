@@ -33,6 +33,10 @@ pub struct Limits {
     /// its identity is known and its grant set: small, since nothing bounds it per identity.
     pub handshake_window: u32,
     /// Bidirectional streams a peer may open at once on one connection (QUIC flow control).
+    /// By default as many as its identity may hold open (`streams_per_identity`), the bound
+    /// that counts: a client's one connection (the SDK makes one per router and lane) can then
+    /// carry everything its identity may, where 256 left a tunneler's 257th connection waiting
+    /// for a stream and an SDK opening more connections that the router refuses past 32.
     pub streams_per_connection: u32,
     /// How long a new stream has to deliver its whole request frame.
     pub request_timeout: Duration,
@@ -91,7 +95,7 @@ impl Default for Limits {
             buffer_per_identity: 64 * 1024 * 1024,
             buffer_total: 1024 * 1024 * 1024,
             handshake_window: 64 * 1024,
-            streams_per_connection: 256,
+            streams_per_connection: 1024,
             request_timeout: Duration::from_secs(5),
             handshakes_in_flight: 256,
             handshakes_before_retry: 64,

@@ -175,6 +175,13 @@ struct Inner {
     endpoints: Mutex<HashMap<(bool, u32), Endpoint>>,
     /// One connection per router and lane, with the serial of the certificate it was made with.
     conns: Mutex<HashMap<(RouterTarget, u32), (Connection, Serial)>>,
+    /// One connection attempt at a time per router and lane, holding when the last one failed:
+    /// dials that arrive together wait for one attempt and share its connection.
+    connecting: Mutex<HashMap<(RouterTarget, u32), Arc<ConnectGate>>>,
+    /// Router-list refreshes, one at a time, holding when the last one ended: the dials of a
+    /// burst that all failed over ask the controller once, not once each (it refuses an
+    /// identity's connections past its bound, the tunneler's watch among them).
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
     /// The last lane id given out (lane 0 is the default lane).
     lanes: std::sync::atomic::AtomicU32,
     /// Random: the first byte of the initial connection ID of lane 0's connections; lane `n`
@@ -188,6 +195,9 @@ struct Inner {
     listeners: Arc<Mutex<HashMap<Name, mpsc::Sender<Incoming>>>>,
     cancel: CancellationToken,
 }
+
+/// Held while connecting to one router on one lane; holds when the last attempt failed.
+type ConnectGate = tokio::sync::Mutex<Option<Instant>>;
 
 impl Drop for Inner {
     fn drop(&mut self) {
@@ -256,6 +266,8 @@ impl Context {
                 quic: Mutex::new(None),
                 endpoints: Mutex::new(HashMap::new()),
                 conns: Mutex::new(HashMap::new()),
+                connecting: Mutex::new(HashMap::new()),
+                refreshed: tokio::sync::Mutex::new(None),
                 lanes: std::sync::atomic::AtomicU32::new(0),
                 slot_base: umbra_transport::quic::initial_cid(0)[1],
                 backoff: Mutex::new(HashMap::new()),
@@ -587,14 +599,24 @@ impl Context {
     /// The listed routers (address and name): the cached list, or a fresh one from the
     /// controller.
     pub(crate) async fn routers(&self, refresh: bool) -> Result<Vec<RouterTarget>, SdkError> {
+        let cached = || lock(&self.inner.routers).clone().filter(|c| !c.is_empty());
         if !refresh {
-            let cached = lock(&self.inner.routers).clone();
-            if let Some(cached) = cached.filter(|c| !c.is_empty()) {
+            if let Some(cached) = cached() {
+                return Ok(cached);
+            }
+        }
+        let asked = Instant::now();
+        let mut refreshed = self.inner.refreshed.lock().await;
+        if refreshed.is_some_and(|at| at >= asked) {
+            // A refresh ended while this one waited for its turn: its answer is as fresh.
+            if let Some(cached) = cached() {
                 return Ok(cached);
             }
         }
         // `edge` caches the list.
-        Ok(targets(self.edge().await?.routers))
+        let view = self.edge().await;
+        *refreshed = Some(Instant::now());
+        Ok(targets(view?.routers))
     }
 
     /// The live connection to a router made with the current certificate, connecting if there
@@ -613,19 +635,32 @@ impl Context {
     ) -> Result<(Connection, Serial), SdkError> {
         self.start_renewal();
         let (serial, quic) = self.quic_config(router.name.as_ref())?;
+        let key = (router.clone(), self.lane_id());
+        let live = |allow_older: bool| {
+            let conns = lock(&self.inner.conns);
+            let (c, s) = conns
+                .get(&key)
+                .filter(|(c, _)| c.close_reason().is_none())?;
+            (*s == serial || allow_older).then(|| (c.clone(), s.clone()))
+        };
+        if let Some(current) = live(false) {
+            return Ok(current);
+        }
+        // A burst of dials with no connection (an agent's connections arriving together at a
+        // tunneler) makes one attempt, not one each: the router refuses an identity's
+        // connections past its bound, and each refused one cost its dial a backoff.
+        let started = Instant::now();
+        let gate = Arc::clone(lock(&self.inner.connecting).entry(key.clone()).or_default());
+        let mut last_failure = gate.lock().await;
+        if let Some(current) = live(false) {
+            return Ok(current);
+        }
         // A live connection made with an earlier certificate: replaced, but still usable if
         // a new connection cannot be made right now.
-        let mut older = None;
-        let key = (router.clone(), self.lane_id());
-        if let Some((c, s)) = lock(&self.inner.conns).get(&key) {
-            if c.close_reason().is_none() {
-                if *s == serial {
-                    return Ok((c.clone(), serial));
-                }
-                if allow_older {
-                    older = Some((c.clone(), s.clone()));
-                }
-            }
+        let older = live(allow_older);
+        if last_failure.is_some_and(|failed| failed >= started) {
+            // The attempt this dial waited for failed: no second one for the same burst.
+            return older.ok_or_else(|| SdkError::Unavailable(router.addr.clone()));
         }
         if let Some(c) = &older {
             // Do not pay a failing connection attempt on every stream while backing off.
@@ -646,6 +681,7 @@ impl Context {
                 conn
             }
             Err(e) => {
+                *last_failure = Some(Instant::now());
                 if e.try_another_router() {
                     self.back_off(router);
                 }
