@@ -286,7 +286,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             if allow_network || events.is_some() {
                 anyhow::bail!("--allow-network and --events go with --netns or --pid");
             }
-            tunnel(
+            tunnel_cmd::plain(
                 identity,
                 hosts_file,
                 (lanes.into(), busy_poll),
@@ -319,55 +319,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 /// The router's identity file inside its directory.
 const ROUTER_FILE: &str = "router.json";
-
-/// Runs a tunneler for an identity until interrupted, printing its listeners as they change.
-async fn tunnel(
-    identity: std::path::PathBuf,
-    hosts_file: Option<std::path::PathBuf>,
-    (lanes, busy_poll): (usize, std::time::Duration),
-    controller: Option<String>,
-    metrics: Option<umbra_metrics::Registry>,
-) -> anyhow::Result<()> {
-    let file = umbra_pki::IdentityFile::load(&identity)?;
-    let ctx = umbra_sdk::Context::with_controller(file, controller.as_deref())?;
-    ctx.set_identity_path(&identity);
-    let cfg = umbra_tunneler::TunnelerConfig {
-        controller,
-        hosts_file,
-        lanes,
-        busy_poll,
-        metrics,
-        ..Default::default()
-    };
-    let tunneler = umbra_tunneler::Tunneler::start(ctx, cfg).await?;
-    let mut mappings = tunneler.mappings();
-    // What changed, not the whole list: an agent with thousands of services would otherwise
-    // print them all on every grant.
-    let printer = async {
-        let mut shown = std::collections::BTreeSet::new();
-        loop {
-            if mappings.changed().await.is_err() {
-                return;
-            }
-            let now: std::collections::BTreeSet<_> =
-                mappings.borrow_and_update().iter().cloned().collect();
-            println!("services: {}", now.len());
-            for m in shown.difference(&now) {
-                println!("  - {} -> {} ({})", m.intercept, m.listen, m.service);
-            }
-            for m in now.difference(&shown) {
-                println!("  + {} -> {} ({})", m.intercept, m.listen, m.service);
-            }
-            shown = now;
-        }
-    };
-    tokio::select! {
-        _ = printer => {}
-        _ = shutdown_signal() => {}
-    }
-    tunneler.shutdown().await;
-    Ok(())
-}
 
 /// Runs the LLM gateway until interrupted.
 async fn gateway_llm(

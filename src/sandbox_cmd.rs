@@ -202,15 +202,7 @@ async fn run_with(
     let (to_controller, upload) = umbra_launcher::report::to_controller(ctx.controller());
     let metrics = crate::metrics::start(&args.metrics).await?;
     let registry = metrics.as_ref().map(|(r, _)| r.clone());
-    let counted = registry
-        .as_ref()
-        .map(umbra_launcher::metrics::sandbox_events);
-    let forward = move |ev: &umbra_sandbox::events::Event| {
-        if let Some(count) = &counted {
-            count(ev);
-        }
-        to_controller(ev);
-    };
+    let forward = umbra_launcher::metrics::counting(registry.as_ref(), to_controller);
     let sink = EventSink::new(
         &cfg.id,
         file.name.as_str(),

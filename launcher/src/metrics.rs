@@ -31,3 +31,18 @@ pub fn sandbox_events(registry: &Registry) -> impl Fn(&Event) + Send + Sync + 's
         family.get_or_create(&KindLabel { kind }).inc();
     }
 }
+
+/// `forward`, counting each event by kind first when there is a registry: what `umbra run` and
+/// `umbra tunnel --netns/--pid` hand their event sinks.
+pub fn counting(
+    registry: Option<&Registry>,
+    forward: impl Fn(&Event) + Send + Sync + 'static,
+) -> impl Fn(&Event) + Send + Sync + 'static {
+    let counted = registry.map(sandbox_events);
+    move |ev| {
+        if let Some(count) = &counted {
+            count(ev);
+        }
+        forward(ev);
+    }
+}

@@ -300,3 +300,25 @@ pub async fn echo_service(t: &TestController, echo: &Echo, svc: &str, who: &str)
     service(t, svc, echo.hosting()).await;
     grant(t, &format!("{who}-{svc}"), Action::Dial, who, svc).await;
 }
+
+/// Asks, on a raw client connection, to dial `svc`: the router's status byte and the stream,
+/// for tests that look at the wire answer itself rather than the SDK's reading of it.
+pub async fn raw_dial(
+    conn: &quinn::Connection,
+    svc: &str,
+) -> (
+    umbra_proto::stream::Status,
+    quinn::SendStream,
+    quinn::RecvStream,
+) {
+    use umbra_proto::stream::{decode_response, encode_request, Op, ServiceRequest};
+    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
+    let frame = encode_request(Op::Dial, &ServiceRequest { service: name(svc) }).expect("frame");
+    send.write_all(&frame).await.expect("request sent");
+    let mut answer = [0u8; 2];
+    tokio::time::timeout(Duration::from_secs(20), recv.read_exact(&mut answer))
+        .await
+        .expect("timely")
+        .expect("an answer");
+    (decode_response(answer).expect("a status"), send, recv)
+}

@@ -7,29 +7,16 @@
 use std::time::{Duration, Instant};
 
 use http::Method;
-use quinn::{Connection, RecvStream, SendStream};
 use umbra_policies::Hosting;
 use umbra_proto::api::{AuditEntry, DecisionReport, StreamDecision, StreamOutcome};
-use umbra_proto::stream::{decode_response, encode_request, Op, ServiceRequest, Status};
+use umbra_proto::stream::Status;
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, echo_service, name, revoke_policy, router_identity, service,
+    agent, agent_raw_client, echo_service, raw_dial, revoke_policy, router_identity, service,
     start_router, Echo,
 };
 use umbra_tests::TestController;
 
 const BOUND: Duration = Duration::from_secs(20);
-
-async fn dial(conn: &Connection, svc: &str) -> (Status, SendStream, RecvStream) {
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let frame = encode_request(Op::Dial, &ServiceRequest { service: name(svc) }).expect("frame");
-    send.write_all(&frame).await.expect("request sent");
-    let mut answer = [0u8; 2];
-    tokio::time::timeout(BOUND, recv.read_exact(&mut answer))
-        .await
-        .expect("timely")
-        .expect("an answer");
-    (decode_response(answer).expect("a status"), send, recv)
-}
 
 async fn audit(t: &TestController) -> Vec<AuditEntry> {
     t.admin_client()
@@ -71,7 +58,7 @@ async fn the_audit_log_says_who_reached_what_under_which_policy() {
         .expect("admitted");
 
     // An allowed dial: 11 bytes up, echoed 11 bytes down.
-    let (status, mut send, mut recv) = dial(&conn, "echo").await;
+    let (status, mut send, mut recv) = raw_dial(&conn, "echo").await;
     assert_eq!(status, Status::Ok);
     send.write_all(b"hello umbra").await.expect("write");
     send.finish().expect("finish");
@@ -82,11 +69,11 @@ async fn the_audit_log_says_who_reached_what_under_which_policy() {
     assert_eq!(back, b"hello umbra");
 
     // A refused dial: a service the agent has no grant for.
-    let (status, _s, _r) = dial(&conn, "secret").await;
+    let (status, _s, _r) = raw_dial(&conn, "secret").await;
     assert_ne!(status, Status::Ok);
 
     // A stream cut when its grant goes.
-    let (status, _cs, _cr) = dial(&conn, "cut").await;
+    let (status, _cs, _cr) = raw_dial(&conn, "cut").await;
     assert_eq!(status, Status::Ok);
     revoke_policy(&t, "agent-a-cut").await;
 

@@ -15,10 +15,10 @@ use umbra_edge_router::RouterHandle;
 use umbra_pki::IdentityFile;
 use umbra_policies::{GrantLimits, Hosting, Selector, Semantic, ServicePolicy};
 use umbra_proto::api::GrantRequest;
-use umbra_proto::stream::{codes, decode_response, encode_request, Op, ServiceRequest, Status};
+use umbra_proto::stream::{codes, Status};
 use umbra_sdk::{Context, SdkError};
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, name, sdk_service, service, start_router, Echo,
+    agent, agent_raw_client, name, raw_dial, sdk_service, service, start_router, Echo,
 };
 use umbra_tests::{eventually, stderr, stdout, TestController};
 
@@ -75,22 +75,9 @@ async fn connect(router: &RouterHandle, identity: &IdentityFile) -> Connection {
         .expect("admitted")
 }
 
-/// Asks to dial `svc`: the status, and the stream.
-async fn dial(conn: &Connection, svc: &str) -> (Status, SendStream, RecvStream) {
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let frame = encode_request(Op::Dial, &ServiceRequest { service: name(svc) }).expect("frame");
-    send.write_all(&frame).await.expect("request sent");
-    let mut answer = [0u8; 2];
-    tokio::time::timeout(BOUND, recv.read_exact(&mut answer))
-        .await
-        .expect("timely")
-        .expect("an answer");
-    (decode_response(answer).expect("a status"), send, recv)
-}
-
 /// Dials `svc` and expects a LIMIT refusal: the status and the code the router stopped us with.
 async fn refused(conn: &Connection, svc: &str) {
-    let (status, send, _recv) = dial(conn, svc).await;
+    let (status, send, _recv) = raw_dial(conn, svc).await;
     assert_eq!(status, Status::Unavailable, "{svc}: refused for a limit");
     let stopped = tokio::time::timeout(BOUND, send.stopped())
         .await
@@ -102,7 +89,7 @@ async fn refused(conn: &Connection, svc: &str) {
 
 /// A stream to the echo service `svc` that carries bytes.
 async fn open_echo(conn: &Connection, svc: &str) -> (SendStream, RecvStream) {
-    let (status, mut send, mut recv) = dial(conn, svc).await;
+    let (status, mut send, mut recv) = raw_dial(conn, svc).await;
     assert_eq!(status, Status::Ok, "{svc}");
     send.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
@@ -245,7 +232,7 @@ async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() 
     let (mut admitted, mut refusals) = (0u32, 0u32);
     for i in 0..12 {
         let conn = if i % 2 == 0 { &a1 } else { &a2 };
-        let (status, mut send, _recv) = dial(conn, "echo").await;
+        let (status, mut send, _recv) = raw_dial(conn, "echo").await;
         match status {
             Status::Ok => admitted += 1,
             Status::Unavailable => refusals += 1,
@@ -309,7 +296,7 @@ async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() 
     let mut readmitted = None;
     while refused_at.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(50)).await;
-        let (status, mut send, _recv) = dial(&a1, "echo").await;
+        let (status, mut send, _recv) = raw_dial(&a1, "echo").await;
         let _ = send.finish();
         if status == Status::Ok {
             readmitted = Some(refused_at.elapsed());
@@ -351,7 +338,7 @@ async fn sink() -> (SocketAddr, tokio::task::JoinHandle<()>) {
 
 /// Sends `bytes` to the sink service `svc` on a new stream and waits for its count.
 async fn upload(conn: Connection, svc: &'static str, bytes: usize) -> Instant {
-    let (status, mut send, mut recv) = dial(&conn, svc).await;
+    let (status, mut send, mut recv) = raw_dial(&conn, svc).await;
     assert_eq!(status, Status::Ok);
     let chunk = vec![7u8; 32 * 1024];
     let mut left = bytes;

@@ -11,9 +11,9 @@ use umbra_controller::Actor;
 use umbra_edge_router::RouterHandle;
 use umbra_pki::IdentityFile;
 use umbra_policies::IdentityKind;
-use umbra_proto::stream::{codes, decode_response, encode_request, Op, ServiceRequest, Status};
+use umbra_proto::stream::{codes, Status};
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, echo_service, name, revoke_identity, revoke_policy, service,
+    agent, agent_raw_client, echo_service, name, raw_dial, revoke_identity, revoke_policy, service,
     start_router, Echo,
 };
 use umbra_tests::{eventually, TestController};
@@ -67,22 +67,9 @@ async fn closed_with(conn: &Connection) -> (u32, Vec<u8>) {
     }
 }
 
-/// Opens a stream asking to dial `svc`: the status byte, and the stream.
-async fn dial(conn: &Connection, svc: &str) -> (Status, SendStream, RecvStream) {
-    let (mut send, mut recv) = conn.open_bi().await.expect("stream");
-    let frame = encode_request(Op::Dial, &ServiceRequest { service: name(svc) }).expect("frame");
-    send.write_all(&frame).await.expect("request sent");
-    let mut answer = [0u8; 2];
-    tokio::time::timeout(BOUND, recv.read_exact(&mut answer))
-        .await
-        .expect("timely")
-        .expect("an answer");
-    (decode_response(answer).expect("a status"), send, recv)
-}
-
 /// A refused request: its status and the code the router stopped our side with.
 async fn refused_request(conn: &Connection, svc: &str) -> (Status, u32) {
-    let (status, send, _recv) = dial(conn, svc).await;
+    let (status, send, _recv) = raw_dial(conn, svc).await;
     let stopped = tokio::time::timeout(BOUND, send.stopped())
         .await
         .expect("timely")
@@ -110,7 +97,7 @@ async fn reset_with(recv: &mut RecvStream) -> u32 {
 
 /// A stream to `svc` that carries bytes.
 async fn open_stream(conn: &Connection, svc: &str) -> (SendStream, RecvStream) {
-    let (status, mut send, mut recv) = dial(conn, svc).await;
+    let (status, mut send, mut recv) = raw_dial(conn, svc).await;
     assert_eq!(status, Status::Ok, "{svc}");
     send.write_all(b"ping").await.expect("write");
     let mut back = [0u8; 4];
