@@ -12,6 +12,7 @@
 use std::fs::File;
 use std::io::{self, Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 /// The line that opens Umbra's block in a file it shares with the container.
 pub const BEGIN: &str = "# BEGIN umbra tunnel (rewritten as grants change; do not edit)";
@@ -48,14 +49,16 @@ impl ContainerRoot {
     }
 
     /// Opens `rel` (e.g. `etc/hosts`) beneath the root for reading and writing: no symbolic
-    /// link anywhere on the way, a regular file, one name.
+    /// link anywhere on the way, a regular file, one name. Everything is checked on an `O_PATH` descriptor, which opens nothing:
+    /// only a file that passes is opened for writing, so a device node the agent made there
+    /// (a watchdog arms when opened, a tape rewinds when closed) or a FIFO is never opened.
     pub fn open_file(&self, rel: &str) -> io::Result<File> {
         let c = std::ffi::CString::new(rel).map_err(|_| io::Error::other("NUL in a path"))?;
         // SAFETY: open_how is plain data; zeroed is valid.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags =
-            (libc::O_RDWR | libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_NONBLOCK)
-                as u64;
+        // No O_NOFOLLOW: with O_PATH it would open a trailing link itself; RESOLVE_NO_SYMLINKS
+        // refuses it (ELOOP) as it refuses every link on the way.
+        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
         how.resolve =
             libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_SYMLINKS | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: a valid directory descriptor, C string and open_how of its size.
@@ -76,20 +79,43 @@ impl ContainerRoot {
             ));
         }
         // SAFETY: a fresh descriptor we own.
-        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) });
-        let meta = file.metadata()?;
-        if !meta.file_type().is_file() {
+        let path_fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let meta = fstat(&path_fd)?;
+        if meta.st_mode & libc::S_IFMT != libc::S_IFREG {
             return Err(io::Error::other(format!(
                 "the container's /{rel} is not a regular file"
             )));
         }
-        if std::os::unix::fs::MetadataExt::nlink(&meta) != 1 {
+        if meta.st_nlink != 1 {
             return Err(io::Error::other(format!(
                 "the container's /{rel} has other names (hard links); refusing to write it"
             )));
         }
+        // The inode just checked, opened for writing (the O_PATH descriptor pins it).
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", path_fd.as_raw_fd()))?;
+        let again = fstat(&file)?;
+        if (again.st_dev, again.st_ino) != (meta.st_dev, meta.st_ino) {
+            return Err(io::Error::other(format!(
+                "the container's /{rel} changed while it was opened"
+            )));
+        }
         Ok(file)
     }
+}
+
+/// `fstat` of a descriptor (an `O_PATH` one too).
+fn fstat(fd: &impl AsRawFd) -> io::Result<libc::stat> {
+    // SAFETY: `stat` is plain data, for which all zeroes is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor and out-pointer.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
 }
 
 /// Reads the whole file (bounded) from its start.
@@ -249,5 +275,43 @@ mod tests {
         rewrite(&ok, "longer content\n").unwrap();
         rewrite(&ok, "y\n").unwrap();
         assert_eq!(read_all(&ok).unwrap(), "y\n");
+    }
+
+    fn root_of(dir: &std::path::Path) -> ContainerRoot {
+        ContainerRoot {
+            root: OwnedFd::from(File::open(dir).unwrap()),
+        }
+    }
+
+    /// The agent makes its `/etc/hosts` a FIFO (or a device node: a watchdog arms when
+    /// opened). The tunnel must refuse it without opening it: a reader waiting on the FIFO
+    /// would be released by any open for writing.
+    #[test]
+    fn a_fifo_or_device_is_refused_without_being_opened() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("etc")).unwrap();
+        let fifo = dir.path().join("etc/hosts");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            // Blocks until something opens the FIFO for writing.
+            let f = File::open(&reader_path);
+            let _ = tx.send(());
+            f.is_ok()
+        });
+        let root = root_of(dir.path());
+        let e = root.open_file("etc/hosts").unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the FIFO was opened for writing"
+        );
+        // Release the reader.
+        let _w = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+        assert!(reader.join().unwrap());
     }
 }
