@@ -755,6 +755,50 @@ async fn a_link_planted_in_the_containers_etc_is_not_followed() {
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host data\n");
 }
 
+/// A process in a mount (and network) namespace of its own but on the host's root filesystem
+/// (`unshare -m`, a systemd service with `PrivateTmp=`), with files mounted over its
+/// `/etc/hosts` and `/etc/resolv.conf`: its /etc is the host's, so `--pid` refuses it and
+/// writes nothing (before, only a shared mount namespace was refused, and the tunnel rewrote
+/// whatever that process's /etc held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_on_the_hosts_root_in_its_own_mount_namespace_is_no_container() {
+    let w = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (hosts, resolv) = (dir.path().join("hosts"), dir.path().join("resolv"));
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    std::fs::write(&resolv, "nameserver 10.9.9.9\n").unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && mount --bind {} /etc/resolv.conf && echo ready && exec sleep 60",
+        hosts.display(),
+        resolv.display()
+    );
+    let mut holder = tokio::process::Command::new("unshare")
+        .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare");
+    let mut out = tokio::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(5), out.next_line()).await;
+    assert!(
+        matches!(&ready, Ok(Ok(Some(l))) if l == "ready"),
+        "{ready:?}"
+    );
+    let pid = holder.id().unwrap().to_string();
+    let mut t = Tunnel::start(&w, &["--pid", &pid]);
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("shares this host's filesystem"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&hosts).unwrap(),
+        "127.0.0.1 localhost\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&resolv).unwrap(),
+        "nameserver 10.9.9.9\n"
+    );
+}
+
 /// An agent that is root only in its own user namespace (host ids from 100000, as in a rootless
 /// or user-namespaced container) bind-mounts host files it may read but not write over its
 /// `/etc/hosts` and `/etc/resolv.conf`. The tunnel, root outside, must not write for it what

@@ -109,8 +109,8 @@ pub enum AttachError {
         /// The other interfaces.
         names: String,
     },
-    /// `--pid` named a process in this host's own mount namespace, whose `/etc/hosts` and
-    /// `resolv.conf` are the host's.
+    /// `--pid` named a process in this host's own mount namespace, or one whose root is the
+    /// host's, so that its `/etc/hosts` and `resolv.conf` are the host's.
     #[error("process {0} shares this host's filesystem, so its /etc is the host's: give --netns /proc/{0}/ns/net (with --hosts-file if wanted) instead")]
     NotAContainer(u32),
     /// The container's files could not be opened or written.
@@ -164,7 +164,12 @@ pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, Attac
     let root = match opts.target {
         Target::Pid(pid) => {
             // A process that shares our filesystem is no container: its /etc is the host's.
-            if same_file("/proc/self/ns/mnt", &format!("/proc/{pid}/ns/mnt")) {
+            // So is one in a mount namespace of its own whose root is still the host's
+            // (`unshare -m`, a systemd service with `PrivateTmp=`): the same /etc, at most with
+            // files mounted over it, which the tunnel, root outside, must not rewrite.
+            if same_file("/proc/self/ns/mnt", &format!("/proc/{pid}/ns/mnt"))
+                || same_file("/", &format!("/proc/{pid}/root"))
+            {
                 return Err(AttachError::NotAContainer(pid));
             }
             Some((
