@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use umbra_sandbox::container_files::{self, ContainerRoot};
 use umbra_sandbox::events::{EventKind, EventSink};
 use umbra_sandbox::netns_join::{JoinError, JoinedNetNs};
+use umbra_sandbox::pidpin::Pinned;
 use umbra_sdk::Context;
 use umbra_tunneler::{Mapping, Tunneler, TunnelerConfig};
 
@@ -160,6 +161,15 @@ pub struct Attached {
 /// Joins the namespace, checks it, and serves it.
 pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, AttachError> {
     let path = opts.target.netns_path();
+    // The process is pinned first and checked once its root, id maps and namespace are open:
+    // had it exited in between, its PID could have been another process's (another
+    // container's) for some of them.
+    let pin = match opts.target {
+        Target::Pid(pid) => {
+            Some(Pinned::open(pid).map_err(|source| AttachError::Container { pid, source })?)
+        }
+        Target::NetNs(_) => None,
+    };
     // The container's root is opened before its namespace, both while the process lives.
     let root = match opts.target {
         Target::Pid(pid) => {
@@ -212,6 +222,14 @@ pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, Attac
         ),
         None => None,
     };
+    if let Some(pin) = &pin {
+        if !pin.alive() {
+            return Err(AttachError::Container {
+                pid: pin.pid(),
+                source: std::io::Error::other("the process exited while it was being attached"),
+            });
+        }
+    }
     let namespace: Arc<dyn Namespace> = ns.clone();
     let tunneler = start_tunneler(
         ctx,
