@@ -883,3 +883,29 @@ async fn a_host_file_mounted_in_a_user_namespaced_container_is_not_written() {
         .args(["-KILL", &pid])
         .output();
 }
+
+/// `--hosts-file` naming a FIFO (someone with a hand in its directory made one there): the
+/// tunnel reads the file back at every change, so it would wait on the FIFO forever. Refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_file_that_is_a_fifo_is_refused() {
+    let w = world().await;
+    let ns = Ns::create("fifo");
+    let fifo = w.t.path("hosts.fifo");
+    let o = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut t = Tunnel::start(
+        &w,
+        &[
+            "--netns",
+            ns.path().to_str().unwrap(),
+            "--hosts-file",
+            fifo.to_str().unwrap(),
+        ],
+    );
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not a regular file"), "{err}");
+}

@@ -347,8 +347,17 @@ fn hosts_writer(
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&p)
+            .and_then(|f| {
+                // Read back at every change, so a FIFO (or a device) there would hang the
+                // writer, or worse: only a regular file is taken.
+                if f.metadata()?.file_type().is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
             .map_err(|source| AttachError::HostsFile {
                 path: p.clone(),
                 source,
