@@ -45,23 +45,46 @@ pub fn print(e: &AuditEntry, json: bool) -> anyhow::Result<()> {
         serde_json::to_writer(&mut out, e)?;
         writeln!(out)?;
     } else {
-        let detail = match &e.detail {
-            serde_json::Value::Null => String::new(),
-            d => d.to_string(),
-        };
-        writeln!(
-            out,
-            "{:>6}  {}  {}  {}  {}  {}",
-            e.id,
-            output::time(e.at),
-            e.actor,
-            e.action,
-            e.target,
-            detail
-        )?;
+        writeln!(out, "{}", line(e))?;
     }
     out.flush()?;
     Ok(())
+}
+
+/// One entry as a line for a terminal. An agent chooses parts of what it reports (the names
+/// it asked for, its own events' details), and JSON leaves C1 controls (`U+009B` starts an
+/// escape sequence in terminals that honour it) and bidirectional overrides (which reorder
+/// what is shown) as they are: every such character is printed escaped.
+pub fn line(e: &AuditEntry) -> String {
+    let detail = match &e.detail {
+        serde_json::Value::Null => String::new(),
+        d => d.to_string(),
+    };
+    let text = format!(
+        "{:>6}  {}  {}  {}  {}  {}",
+        e.id,
+        output::time(e.at),
+        e.actor,
+        e.action,
+        e.target,
+        detail
+    );
+    printable(&text)
+}
+
+/// `s` with control characters (C0, DEL, C1) and bidirectional formatting characters
+/// escaped as `\u{..}`.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.push_str(&format!("\\u{{{:x}}}", u32::from(c)));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 /// Follows until interrupted: after a broken stream or a controller's `error` line it waits
@@ -130,5 +153,31 @@ pub async fn follow(
         }
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_agents_escape_sequences_and_overrides_print_escaped() {
+        let e = AuditEntry {
+            id: 7,
+            at: umbra_policies::Timestamp(0),
+            actor: "spiffe://t/agent/a".into(),
+            action: "sandbox.dns_refused".into(),
+            target: "umbra-1".into(),
+            detail: serde_json::json!({"event": {"name": "x\u{9b}2J\u{1b}[31m\u{202e}moc.live"}}),
+        };
+        let l = line(&e);
+        assert!(!l.chars().any(|c| c.is_control()), "{l:?}");
+        assert!(!l.contains('\u{202e}'), "{l:?}");
+        assert!(
+            l.contains("\\u{9b}2J") && l.contains("\\u{202e}moc.live"),
+            "{l}"
+        );
+        // Plain text is untouched.
+        assert_eq!(printable("héllo wörld"), "héllo wörld");
     }
 }

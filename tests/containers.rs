@@ -754,3 +754,158 @@ async fn a_link_planted_in_the_containers_etc_is_not_followed() {
     );
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "host data\n");
 }
+
+/// A process in a mount (and network) namespace of its own but on the host's root filesystem
+/// (`unshare -m`, a systemd service with `PrivateTmp=`), with files mounted over its
+/// `/etc/hosts` and `/etc/resolv.conf`: its /etc is the host's, so `--pid` refuses it and
+/// writes nothing (before, only a shared mount namespace was refused, and the tunnel rewrote
+/// whatever that process's /etc held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_on_the_hosts_root_in_its_own_mount_namespace_is_no_container() {
+    let w = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    let (hosts, resolv) = (dir.path().join("hosts"), dir.path().join("resolv"));
+    std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+    std::fs::write(&resolv, "nameserver 10.9.9.9\n").unwrap();
+    let script = format!(
+        "mount --bind {} /etc/hosts && mount --bind {} /etc/resolv.conf && echo ready && exec sleep 60",
+        hosts.display(),
+        resolv.display()
+    );
+    let mut holder = tokio::process::Command::new("unshare")
+        .args(["-m", "-n", "--propagation", "private", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("unshare");
+    let mut out = tokio::io::BufReader::new(holder.stdout.take().unwrap()).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(5), out.next_line()).await;
+    assert!(
+        matches!(&ready, Ok(Ok(Some(l))) if l == "ready"),
+        "{ready:?}"
+    );
+    let pid = holder.id().unwrap().to_string();
+    let mut t = Tunnel::start(&w, &["--pid", &pid]);
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("shares this host's filesystem"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(&hosts).unwrap(),
+        "127.0.0.1 localhost\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&resolv).unwrap(),
+        "nameserver 10.9.9.9\n"
+    );
+}
+
+/// An agent that is root only in its own user namespace (host ids from 100000, as in a rootless
+/// or user-namespaced container) bind-mounts host files it may read but not write over its
+/// `/etc/hosts` and `/etc/resolv.conf`. The tunnel, root outside, must not write for it what
+/// it could not write itself.
+const USERNS_AGENT: &str = r#"
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+croot, vhosts, vresolv = sys.argv[1:4]
+r, w = os.pipe(); r2, w2 = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w); os.close(r2)
+    # CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWNET
+    if libc.unshare(0x10000000 | 0x00020000 | 0x40000000) != 0:
+        os._exit(2)
+    os.write(w2, b"u"); os.close(w2)
+    os.read(r, 1)
+    os.setresgid(0, 0, 0); os.setresuid(0, 0, 0)
+    MS_BIND, MS_REC, MS_PRIVATE = 4096, 0x4000, 1 << 18
+    if libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None) != 0:
+        os._exit(3)
+    for src, dst in [(vhosts, "etc/hosts"), (vresolv, "etc/resolv.conf")]:
+        if libc.mount(src.encode(), os.path.join(croot, dst).encode(), None, MS_BIND, None) != 0:
+            os._exit(4)
+    os.chroot(croot); os.chdir("/")
+    try:
+        open("/etc/hosts", "a").write("x")
+        print("agent-wrote", flush=True)
+    except OSError:
+        print("agent-cannot-write", flush=True)
+    time.sleep(60)
+    os._exit(0)
+os.close(r); os.close(w2)
+os.read(r2, 1)
+open(f"/proc/{pid}/uid_map", "w").write("0 100000 65536")
+open(f"/proc/{pid}/gid_map", "w").write("0 100000 65536")
+print(pid, flush=True)
+os.write(w, b"g")
+os.waitpid(pid, 0)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_file_mounted_in_a_user_namespaced_container_is_not_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = world().await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let croot = dir.path().join("root");
+    std::fs::create_dir_all(croot.join("etc")).unwrap();
+    for f in ["etc/hosts", "etc/resolv.conf"] {
+        std::fs::write(croot.join(f), "").unwrap();
+        std::os::unix::fs::chown(croot.join(f), Some(100_000), Some(100_000)).unwrap();
+    }
+    let (vhosts, vresolv) = (dir.path().join("vhosts"), dir.path().join("vresolv"));
+    std::fs::write(&vhosts, "host data\n").unwrap();
+    std::fs::write(&vresolv, "nameserver 10.9.9.9\n").unwrap();
+    let mut agent = tokio::process::Command::new("/usr/bin/python3")
+        .args(["-c", USERNS_AGENT])
+        .args([&croot, &vhosts, &vresolv])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3");
+    let mut out = tokio::io::BufReader::new(agent.stdout.take().unwrap()).lines();
+    let line = |l: Result<Result<Option<String>, std::io::Error>, _>| match l {
+        Ok(Ok(Some(l))) => l,
+        other => panic!("the agent did not start: {other:?}"),
+    };
+    let pid = line(tokio::time::timeout(Duration::from_secs(5), out.next_line()).await);
+    let wrote = line(tokio::time::timeout(Duration::from_secs(5), out.next_line()).await);
+    assert_eq!(wrote, "agent-cannot-write");
+    let mut t = Tunnel::start(&w, &["--pid", &pid]);
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("does not map"), "{err}");
+    assert_eq!(std::fs::read_to_string(&vhosts).unwrap(), "host data\n");
+    assert_eq!(
+        std::fs::read_to_string(&vresolv).unwrap(),
+        "nameserver 10.9.9.9\n"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .output();
+}
+
+/// `--hosts-file` naming a FIFO (someone with a hand in its directory made one there): the
+/// tunnel reads the file back at every change, so it would wait on the FIFO forever. Refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_file_that_is_a_fifo_is_refused() {
+    let w = world().await;
+    let ns = Ns::create("fifo");
+    let fifo = w.t.path("hosts.fifo");
+    let o = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .output()
+        .unwrap();
+    assert!(o.status.success());
+    let mut t = Tunnel::start(
+        &w,
+        &[
+            "--netns",
+            ns.path().to_str().unwrap(),
+            "--hosts-file",
+            fifo.to_str().unwrap(),
+        ],
+    );
+    let (code, err) = t.ended().await;
+    assert_ne!(code, Some(0));
+    assert!(err.contains("not a regular file"), "{err}");
+}

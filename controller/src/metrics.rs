@@ -25,7 +25,7 @@ use crate::Controller;
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     route: String,
-    method: String,
+    method: &'static str,
     status: u16,
 }
 
@@ -145,10 +145,21 @@ impl Metrics {
     }
 }
 
+/// The method as a label: the methods HTTP defines by name, any other `other`. A client may
+/// send any token as a method, and each would otherwise be a new time series.
+fn method_label(m: &http::Method) -> &'static str {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    (KNOWN.iter().copied())
+        .find(|k| *k == m.as_str())
+        .unwrap_or("other")
+}
+
 async fn count(m: &Inner, req: Request, next: Next) -> Response {
     let route =
         (req.extensions().get::<MatchedPath>()).map_or_else(String::new, |p| p.as_str().to_owned());
-    let method = req.method().as_str().to_owned();
+    let method = method_label(req.method());
     let resp = next.run(req).await;
     let labels = RequestLabels {
         route,

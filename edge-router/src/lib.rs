@@ -57,6 +57,7 @@ pub use error::RouterError;
 pub use grant_limits::GrantLimitHit;
 pub use metrics::reason as refusal_label;
 pub use policy::{Policy, PolicyRx};
+pub use reports::{REPORTS_PER_SEC, REPORT_BURST};
 pub use stats::{RouterStats, Usage};
 
 /// How long shutdown waits for tasks to finish on their own before aborting them.

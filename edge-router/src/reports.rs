@@ -9,14 +9,20 @@
 //! or [`FLUSH`] after the first of them; a batch the controller does not take is tried
 //! [`ATTEMPTS`] times, then counted as dropped too, so a controller outage costs the router one
 //! queue and one batch of memory.
+//!
+//! The queue and the controller's budget for this router are shared by every identity it
+//! serves, so each identity has its own budget first ([`REPORTS_PER_SEC`], [`REPORT_BURST`]; a
+//! token bucket of `umbra_policies`): one agent flooding the router with refused (or short)
+//! streams has its excess counted as dropped, and cannot push another's decisions out.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use umbra_policies::Deny;
+use umbra_policies::{Bucket, Deny, Refill};
 use umbra_proto::api::{DecisionReport, StreamDecision, StreamOutcome, MAX_DECISIONS};
 use umbra_sdk::ControllerClient;
 
@@ -29,11 +35,64 @@ pub const FLUSH: Duration = Duration::from_secs(1);
 /// Tries per batch.
 const ATTEMPTS: u32 = 3;
 
+/// Decisions one identity may have reported a second, sustained: a fifth of what the
+/// controller takes from a router, so that no one identity can spend a router's whole budget.
+pub const REPORTS_PER_SEC: u32 = 100;
+/// Decisions one identity may have reported at once (a fifth of the controller's burst).
+pub const REPORT_BURST: u32 = 1000;
+/// Identities whose budgets are kept at most; a full budget is forgotten when room is needed
+/// (it holds nothing a fresh one would not), and beyond that a new identity's decision is
+/// counted as dropped.
+const MAX_BUDGETS: usize = 10_000;
+
+/// Each identity's budget of reported decisions.
+#[derive(Debug)]
+struct Budgets {
+    buckets: HashMap<String, Bucket>,
+    refill: Option<Refill>,
+    epoch: Instant,
+}
+
+impl Default for Budgets {
+    fn default() -> Self {
+        Budgets {
+            buckets: HashMap::new(),
+            refill: Refill::new(
+                u64::from(REPORTS_PER_SEC),
+                Duration::from_secs(1),
+                u64::from(REPORT_BURST),
+            ),
+            epoch: Instant::now(),
+        }
+    }
+}
+
+impl Budgets {
+    /// Takes one decision from `identity`'s budget, if it has one left.
+    fn take(&mut self, identity: &str) -> bool {
+        let Some(r) = self.refill else {
+            return true;
+        };
+        let now = self.epoch.elapsed();
+        if !self.buckets.contains_key(identity) && self.buckets.len() >= MAX_BUDGETS {
+            self.buckets.retain(|_, b| !b.is_full(&r, now));
+            if self.buckets.len() >= MAX_BUDGETS {
+                return false;
+            }
+        }
+        let b = (self.buckets)
+            .entry(identity.to_owned())
+            .or_insert_with(|| Bucket::full(&r, now));
+        b.take(&r, 1, now).is_ok()
+    }
+}
+
 /// The queue's sending side; inert until [`Reports::start`].
 #[derive(Debug, Default)]
 pub(crate) struct Reports {
     tx: OnceLock<mpsc::Sender<StreamDecision>>,
     dropped: Arc<AtomicU64>,
+    budgets: Mutex<Budgets>,
 }
 
 impl Reports {
@@ -46,8 +105,13 @@ impl Reports {
     }
 
     fn push(&self, d: StreamDecision) {
-        let queued = self.tx.get().is_some_and(|tx| tx.try_send(d).is_ok());
-        if !queued && self.tx.get().is_some() {
+        let Some(tx) = self.tx.get() else {
+            return;
+        };
+        let within = (self.budgets.lock())
+            .unwrap_or_else(|p| p.into_inner())
+            .take(&d.identity);
+        if !within || tx.try_send(d).is_err() {
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -233,5 +297,42 @@ mod tests {
         assert_eq!(ended.policy.as_deref(), Some("p1"));
         assert_eq!(ended.reason, None);
         assert!(rx.try_recv().is_err());
+    }
+
+    #[tokio::test]
+    async fn each_identity_has_its_own_budget() {
+        let r = Reports::default();
+        let (tx, mut rx) = mpsc::channel(4 * REPORT_BURST as usize);
+        r.tx.set(tx).unwrap();
+        for _ in 0..2 * REPORT_BURST {
+            r.refused(&"spiffe://t/agent/flood", "svc", "dial", Deny::NotGranted);
+        }
+        r.refused(&"spiffe://t/agent/other", "svc", "dial", Deny::NotGranted);
+        assert_eq!(
+            r.dropped.load(Ordering::Relaxed),
+            u64::from(REPORT_BURST),
+            "the excess of one identity is counted"
+        );
+        let mut from = HashMap::<String, u32>::new();
+        while let Ok(d) = rx.try_recv() {
+            *from.entry(d.identity).or_default() += 1;
+        }
+        assert!(from["spiffe://t/agent/flood"] <= REPORT_BURST + 1);
+        assert_eq!(from["spiffe://t/agent/other"], 1);
+    }
+
+    #[test]
+    fn budgets_are_bounded_and_full_ones_forgotten_first() {
+        let mut b = Budgets::default();
+        for i in 0..MAX_BUDGETS {
+            assert!(b.take(&format!("id-{i}")));
+        }
+        // Every budget was just used (not full): a new identity finds no room.
+        assert!(!b.take("one-more"));
+        assert_eq!(b.buckets.len(), MAX_BUDGETS);
+        // Once they have refilled they are forgotten to make room.
+        b.epoch -= Duration::from_secs(1);
+        assert!(b.take("one-more"));
+        assert!(b.buckets.len() <= 2);
     }
 }

@@ -19,6 +19,7 @@ use tokio::sync::watch;
 use umbra_sandbox::container_files::{self, ContainerRoot};
 use umbra_sandbox::events::{EventKind, EventSink};
 use umbra_sandbox::netns_join::{JoinError, JoinedNetNs};
+use umbra_sandbox::pidpin::Pinned;
 use umbra_sdk::Context;
 use umbra_tunneler::{Mapping, Tunneler, TunnelerConfig};
 
@@ -109,8 +110,8 @@ pub enum AttachError {
         /// The other interfaces.
         names: String,
     },
-    /// `--pid` named a process in this host's own mount namespace, whose `/etc/hosts` and
-    /// `resolv.conf` are the host's.
+    /// `--pid` named a process in this host's own mount namespace, or one whose root is the
+    /// host's, so that its `/etc/hosts` and `resolv.conf` are the host's.
     #[error("process {0} shares this host's filesystem, so its /etc is the host's: give --netns /proc/{0}/ns/net (with --hosts-file if wanted) instead")]
     NotAContainer(u32),
     /// The container's files could not be opened or written.
@@ -160,11 +161,25 @@ pub struct Attached {
 /// Joins the namespace, checks it, and serves it.
 pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, AttachError> {
     let path = opts.target.netns_path();
+    // The process is pinned first and checked once its root, id maps and namespace are open:
+    // had it exited in between, its PID could have been another process's (another
+    // container's) for some of them.
+    let pin = match opts.target {
+        Target::Pid(pid) => {
+            Some(Pinned::open(pid).map_err(|source| AttachError::Container { pid, source })?)
+        }
+        Target::NetNs(_) => None,
+    };
     // The container's root is opened before its namespace, both while the process lives.
     let root = match opts.target {
         Target::Pid(pid) => {
             // A process that shares our filesystem is no container: its /etc is the host's.
-            if same_file("/proc/self/ns/mnt", &format!("/proc/{pid}/ns/mnt")) {
+            // So is one in a mount namespace of its own whose root is still the host's
+            // (`unshare -m`, a systemd service with `PrivateTmp=`): the same /etc, at most with
+            // files mounted over it, which the tunnel, root outside, must not rewrite.
+            if same_file("/proc/self/ns/mnt", &format!("/proc/{pid}/ns/mnt"))
+                || same_file("/", &format!("/proc/{pid}/root"))
+            {
                 return Err(AttachError::NotAContainer(pid));
             }
             Some((
@@ -207,6 +222,14 @@ pub async fn attach(ctx: Context, opts: AttachOptions) -> Result<Attached, Attac
         ),
         None => None,
     };
+    if let Some(pin) = &pin {
+        if !pin.alive() {
+            return Err(AttachError::Container {
+                pid: pin.pid(),
+                source: std::io::Error::other("the process exited while it was being attached"),
+            });
+        }
+    }
     let namespace: Arc<dyn Namespace> = ns.clone();
     let tunneler = start_tunneler(
         ctx,
@@ -324,8 +347,17 @@ fn hosts_writer(
             .create(true)
             .truncate(false)
             .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&p)
+            .and_then(|f| {
+                // Read back at every change, so a FIFO (or a device) there would hang the
+                // writer, or worse: only a regular file is taken.
+                if f.metadata()?.file_type().is_file() {
+                    Ok(f)
+                } else {
+                    Err(std::io::Error::other("not a regular file"))
+                }
+            })
             .map_err(|source| AttachError::HostsFile {
                 path: p.clone(),
                 source,

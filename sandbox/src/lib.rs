@@ -24,6 +24,7 @@ pub mod landlock;
 mod launch;
 pub mod netns_join;
 pub mod nofile;
+pub mod pidpin;
 pub mod probe;
 
 pub mod seccomp;

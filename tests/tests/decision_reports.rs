@@ -192,3 +192,85 @@ async fn decision_reports_are_bounded_per_router_and_routers_only() {
         .await;
     assert!(r.is_err(), "an agent reported router decisions");
 }
+
+/// One agent floods a router with refused dials (tens of thousands a second, one connection) to
+/// spend the router's share of the audit (its queue to the controller and the controller's
+/// bucket for it) so that another agent's refusal right after is only counted, not stored. Each
+/// identity has its own budget on the router: the flood is cut to it, and the other agent's
+/// refusal is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_agents_flood_of_refusals_does_not_push_out_anothers() {
+    let t = TestController::start().await;
+    let a = agent(&t, "flooder").await;
+    let b = agent(&t, "victim").await;
+    service(
+        &t,
+        "secret",
+        Hosting::Address("127.0.0.1:9".parse().expect("hostport")),
+    )
+    .await;
+    let router = start_router(&t, "r1", |_| {}).await;
+    let connect = |file: &umbra_pki::IdentityFile| {
+        let (ep, cfg) = agent_raw_client(file);
+        let addr = router.local_addr();
+        async move {
+            let c = ep
+                .connect_with(cfg, addr, "router.umbra")
+                .expect("connect")
+                .await
+                .expect("admitted");
+            (ep, c)
+        }
+    };
+    let (_ea, conn) = connect(&a).await;
+    let t0 = Instant::now();
+    // Bounded: 3 s and 100,000 dials at most, 100 at a time, over one connection.
+    let flood = tokio::spawn(async move {
+        let mut refused = 0u64;
+        for _ in 0..1000 {
+            let dials = (0..100).map(|_| async {
+                let Ok((mut send, mut recv)) = conn.open_bi().await else {
+                    return false;
+                };
+                let request = ServiceRequest {
+                    service: name("secret"),
+                };
+                let frame = encode_request(Op::Dial, &request).expect("frame");
+                if send.write_all(&frame).await.is_err() {
+                    return false;
+                }
+                let mut answer = [0u8; 2];
+                recv.read_exact(&mut answer).await.is_ok()
+            });
+            let done = tokio::time::timeout(BOUND, futures::future::join_all(dials)).await;
+            let Ok(done) = done else { break };
+            refused += done.into_iter().filter(|ok| *ok).count() as u64;
+            if t0.elapsed() > Duration::from_secs(3) {
+                break;
+            }
+        }
+        refused
+    });
+    // The other agent's refusal, in the middle of the flood.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (_eb, conn_b) = connect(&b).await;
+    let (status, _s, _r) = dial(&conn_b, "secret").await;
+    assert_ne!(status, Status::Ok);
+    let refused = flood.await.expect("the flood");
+    println!("{refused} refused dials in {:?}", t0.elapsed());
+    assert!(refused >= 10_000, "the flood did not happen: {refused}");
+    let theirs = row(&t, |e| {
+        e.action == "router.stream_refused" && e.actor.ends_with("/agent/victim")
+    })
+    .await;
+    assert_eq!(theirs.target, "secret");
+    let stored = audit(&t)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "router.stream_refused" && e.actor.ends_with("/agent/flooder"))
+        .count() as f64;
+    let bound = f64::from(umbra_edge_router::REPORT_BURST)
+        + f64::from(umbra_edge_router::REPORTS_PER_SEC) * (t0.elapsed().as_secs_f64() + 1.0);
+    println!("the flooder's stored refusals: {stored} (its budget: {bound})");
+    assert!(stored <= bound, "{stored} > {bound}");
+}

@@ -325,3 +325,36 @@ async fn umbra_controller_run_and_router_run_serve_their_metrics() {
     let stale = m.value("umbra_router_control_staleness_seconds", &[]);
     assert!(stale < Some(5.0), "{stale:?}");
 }
+
+/// An agent (any enrolled identity may call the API) sends requests to a real route with
+/// methods it makes up: each would be a new time series if the method were a label as sent.
+/// The methods HTTP defines are labels; any other is `other`.
+#[tokio::test]
+async fn made_up_http_methods_add_no_series_to_the_controllers_metrics() {
+    let registry = Registry::new();
+    let r = registry.clone();
+    let t = TestController::start_with(move |c| c.metrics = Some(r)).await;
+    let a = agent(&t, "agent-1").await;
+    let client = t.client_for(&a);
+    for i in 0..50 {
+        let m = http::Method::from_bytes(format!("X{i}").as_bytes()).expect("a method");
+        let _: Result<serde_json::Value, _> = client.call(m, "/v1/audit/events", None::<&()>).await;
+    }
+    let _: Result<serde_json::Value, _> = client
+        .call(http::Method::GET, "/v1/audit/events", None::<&()>)
+        .await;
+    let m = Exposition::parse(&registry.encode()).expect("exposition");
+    let methods: std::collections::BTreeSet<String> = m
+        .matching("umbra_controller_requests_total", &[])
+        .filter_map(|s| s.labels.get("method").cloned())
+        .collect();
+    println!("method labels: {methods:?}");
+    // The test's own setup posted as an admin; the agent's made-up methods are all `other`.
+    let want: std::collections::BTreeSet<String> = ["GET", "POST", "other"]
+        .into_iter()
+        .map(String::from)
+        .collect();
+    assert_eq!(methods, want);
+    let made_up = m.sum("umbra_controller_requests_total", &[("method", "other")]);
+    assert_eq!(made_up, 50.0);
+}
