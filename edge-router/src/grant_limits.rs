@@ -254,7 +254,7 @@ pub(crate) fn charge(
     match (shared.grants).admit(policy, &ctx.id, service, permit, t, &shared.policy) {
         Ok(slot) => Ok(slot),
         Err(Refused::Grant(hit)) => {
-            tracing::info!(
+            tracing::debug!(
                 decision = "deny",
                 action = "dial",
                 identity = %hit.identity,
@@ -270,7 +270,12 @@ pub(crate) fn charge(
             Err(Verdict::LIMIT)
         }
         Err(Refused::Full) => {
-            tracing::warn!(books = MAX_GRANT_BOOKS, "stream refused: grant books full");
+            crate::logbudget::budgeted!(
+                shared.logs,
+                warn,
+                books = MAX_GRANT_BOOKS,
+                "stream refused: grant books full"
+            );
             bump(&shared.stats.limited);
             shared.metrics.refused("limited");
             let svc = service.as_str();

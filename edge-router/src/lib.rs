@@ -28,6 +28,7 @@ mod grant_limits;
 mod handshakes;
 mod hosts;
 mod lanes;
+mod logbudget;
 mod metrics;
 mod policy;
 pub mod proxy;

@@ -2,6 +2,7 @@
 //! and one task per connection that admits the peer and keeps re-admitting it whenever the
 //! policy changes.
 
+use crate::logbudget::budgeted;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -39,6 +40,8 @@ pub(crate) struct Shared {
     lanes: Vec<AtomicUsize>,
     /// Stream decisions for the controller's audit log.
     pub reports: crate::reports::Reports,
+    /// The budget of log lines peers can cause (see `logbudget`).
+    pub logs: crate::logbudget::LogBudget,
 }
 
 /// An admitted connection counted on its lane; the count drops with it.
@@ -74,6 +77,7 @@ impl Shared {
             clock,
             metrics,
             reports: Default::default(),
+            logs: Default::default(),
         }
     }
 
@@ -152,7 +156,7 @@ pub(crate) async fn accept_loop(
                     r = handshake(incoming, &shared) => match r {
                         Ok(c) => c,
                         Err(e) => {
-                            tracing::info!(error = %e, "handshake failed");
+                            budgeted!(shared.logs, info, error = %e, "handshake failed");
                             shared.metrics.connection("refused", crate::metrics::HANDSHAKE);
                             return;
                         }
@@ -234,7 +238,7 @@ async fn serve(
     let (id, (until, mut ends)) = match admitted {
         Ok(admitted) => admitted,
         Err(None) => {
-            tracing::warn!("no current policy: connection refused");
+            budgeted!(shared.logs, warn, "no current policy: connection refused");
             bump(&shared.stats.connections_refused);
             shared
                 .metrics
@@ -243,7 +247,7 @@ async fn serve(
             return;
         }
         Err(Some(why)) => {
-            tracing::info!(decision = "deny", reason = %why, "connection refused");
+            budgeted!(shared.logs, info, decision = "deny", reason = %why, "connection refused");
             bump(&shared.stats.connections_refused);
             shared
                 .metrics
@@ -255,14 +259,14 @@ async fn serve(
     let mut slot = match shared.books.open_connection(&id, &conn) {
         Ok(slot) => slot,
         Err(limit) => {
-            tracing::warn!(decision = "deny", %limit, "connection refused");
+            budgeted!(shared.logs, warn, decision = "deny", %limit, "connection refused");
             bump(&shared.stats.limited);
             shared.metrics.connection("refused", crate::metrics::LIMIT);
             close(&conn, Verdict::LIMIT);
             return;
         }
     };
-    tracing::info!(decision = "allow", serial = %peer.serial, "connection admitted");
+    budgeted!(shared.logs, info, decision = "allow", serial = %peer.serial, "connection admitted");
     bump(&shared.stats.connections_admitted);
     shared.metrics.connection("admitted", "");
     let _on_lane = shared.on_lane(lane);
@@ -296,7 +300,7 @@ async fn serve(
             // Certificates and identities can expire while connected: nothing else would end
             // such a connection, since no delta announces the passing of time.
             _ = &mut expired => {
-                tracing::info!(decision = "terminate", reason = %ends, "connection closed");
+                budgeted!(shared.logs, info, decision = "terminate", reason = %ends, "connection closed");
                 close(&conn, Verdict::of(ends, Moment::Open));
                 bump(&shared.stats.connections_terminated);
                 shared.metrics.connection("terminated", crate::metrics::reason(ends));
@@ -318,7 +322,7 @@ async fn serve(
                     }
                     // The same reason as at connect, so the same answer (`Verdict::of`).
                     Err(Lost::Refused(why)) => {
-                        tracing::info!(decision = "terminate", reason = %why, "connection closed");
+                        budgeted!(shared.logs, info, decision = "terminate", reason = %why, "connection closed");
                         bump(&shared.stats.connections_terminated);
                         shared.metrics.connection("terminated", crate::metrics::reason(why));
                         cut_streams_first(&conn, &mut streams).await;
@@ -326,7 +330,7 @@ async fn serve(
                         break;
                     }
                     Err(Lost::NoPolicy) => {
-                        tracing::warn!("no current policy: connection closed");
+                        budgeted!(shared.logs, warn, "no current policy: connection closed");
                         close(&conn, Verdict::NO_POLICY);
                         break;
                     }

@@ -15,6 +15,7 @@ use umbra_proto::stream::{
 use umbra_proto::verdict::{Moment, Verdict};
 
 use crate::hosts::Host;
+use crate::logbudget::budgeted;
 use crate::metrics::Action;
 use crate::policy::{Policy, PolicyRx};
 use crate::server::Shared;
@@ -86,7 +87,7 @@ pub(crate) async fn handle(
     let _slot = match ctx.shared.books.open_stream(&ctx.id) {
         Ok(slot) => slot,
         Err(limit) => {
-            tracing::warn!(%limit, "stream refused");
+            budgeted!(ctx.shared.logs, warn, %limit, "stream refused");
             bump(&ctx.shared.stats.limited);
             ctx.shared.metrics.refused("limited");
             reset(&mut send, &mut recv, Verdict::LIMIT.code);
@@ -99,7 +100,7 @@ pub(crate) async fn handle(
     let (op, service) = match req {
         Ok((op, r)) => (op, r.service),
         Err(e) => {
-            tracing::info!(error = %e, "bad request refused");
+            budgeted!(ctx.shared.logs, info, error = %e, "bad request refused");
             bump(&ctx.shared.stats.bad_requests);
             ctx.shared.metrics.refused("bad_request");
             refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
@@ -111,7 +112,11 @@ pub(crate) async fn handle(
         Op::Dial => dial(&ctx, send, recv, service, cancel).await,
         Op::Bind => bind(&ctx, send, recv, service, cancel).await,
         Op::Incoming => {
-            tracing::info!("a client may not send Incoming: refused");
+            budgeted!(
+                ctx.shared.logs,
+                info,
+                "a client may not send Incoming: refused"
+            );
             bump(&ctx.shared.stats.bad_requests);
             refuse(&mut send, &mut recv, Verdict::BAD_REQUEST).await;
         }
@@ -142,7 +147,7 @@ async fn dial(
         Ok(p) => p,
         Err(why) => {
             // The same answer whether the service exists or not (`Verdict::of`).
-            tracing::info!(decision = "deny", action = "dial", reason = %why, "stream refused");
+            tracing::debug!(decision = "deny", action = "dial", reason = %why, "stream refused");
             bump(&ctx.shared.stats.streams_denied);
             ctx.shared
                 .metrics
@@ -157,7 +162,7 @@ async fn dial(
         return;
     };
     let pace = grant.as_ref().and_then(|g| g.shaper());
-    tracing::info!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
+    tracing::debug!(decision = "allow", action = "dial", policy = %permit.policy, "stream allowed");
     bump(&ctx.shared.stats.streams_allowed);
     ctx.shared.metrics.allowed(Action::Dial, &service);
     drop(policy);
@@ -183,7 +188,7 @@ async fn dial(
             let (tcp, addr) = match connected {
                 Ok(c) => c,
                 Err(e) => {
-                    tracing::warn!(%target, error = %e, "service unreachable");
+                    budgeted!(ctx.shared.logs, warn, %target, error = %e, "service unreachable");
                     refuse(&mut send, &mut recv, Verdict::UNREACHABLE).await;
                     return;
                 }
@@ -195,7 +200,7 @@ async fn dial(
                 let header =
                     crate::proxy::header(ctx.conn.remote_address(), addr, &id, ctx.id.as_str());
                 if let Err(e) = tokio::io::AsyncWriteExt::write_all(&mut tcp, &header).await {
-                    tracing::warn!(error = %e, "service closed before the PROXY header");
+                    budgeted!(ctx.shared.logs, warn, error = %e, "service closed before the PROXY header");
                     refuse(&mut send, &mut recv, Verdict::UNREACHABLE).await;
                     return;
                 }
@@ -246,11 +251,11 @@ async fn dial(
     match &end {
         End::Done((up, down)) => tracing::debug!(up, down, "stream done"),
         End::Refused(why) => {
-            tracing::info!(decision = "terminate", reason = %why, "stream closed");
+            budgeted!(ctx.shared.logs, info, decision = "terminate", reason = %why, "stream closed");
             bump(&ctx.shared.stats.streams_terminated);
             ctx.shared.metrics.cut(Action::Dial, &service, *why);
         }
-        End::NoPolicy => tracing::warn!("no current policy: stream closed"),
+        End::NoPolicy => budgeted!(ctx.shared.logs, warn, "no current policy: stream closed"),
         End::Failed | End::Cancelled => {}
     }
     let moved = Some((up.total(), down.total()));
@@ -371,7 +376,9 @@ async fn to_host(ctx: &ConnCtx, service: &Name) -> Option<(IdentityId, SendStrea
                 tracing::debug!(host = %host.id, "handed to SDK host");
                 return Some((host.id, pair.0, pair.1));
             }
-            _ => tracing::info!(host = %host.id, "SDK host did not take the caller"),
+            _ => {
+                budgeted!(ctx.shared.logs, info, host = %host.id, "SDK host did not take the caller")
+            }
         }
     }
     None
@@ -397,7 +404,7 @@ async fn bind(
             return;
         }
         Some(Err(why)) => {
-            tracing::info!(decision = "deny", action = "bind", reason = %why, "bind refused");
+            tracing::debug!(decision = "deny", action = "bind", reason = %why, "bind refused");
             bump(&ctx.shared.stats.streams_denied);
             if let Some(p) = &policy {
                 ctx.shared.metrics.denied(Action::Bind, &service, p, why);
@@ -407,7 +414,7 @@ async fn bind(
             return;
         }
         Some(Ok(permit)) => {
-            tracing::info!(decision = "allow", action = "bind", policy = %permit.policy, "host registered");
+            budgeted!(ctx.shared.logs, info, decision = "allow", action = "bind", policy = %permit.policy, "host registered");
             bump(&ctx.shared.stats.streams_allowed);
             ctx.shared.metrics.allowed(Action::Bind, &service);
         }
@@ -439,7 +446,7 @@ async fn bind(
             }
         };
         if let End::Refused(why) = &end {
-            tracing::info!(decision = "terminate", action = "bind", reason = %why, "bind ended");
+            budgeted!(ctx.shared.logs, info, decision = "terminate", action = "bind", reason = %why, "bind ended");
             bump(&ctx.shared.stats.streams_terminated);
             ctx.shared.metrics.cut(Action::Bind, &service, *why);
         }
