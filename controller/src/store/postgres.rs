@@ -324,19 +324,7 @@ impl PostgresStore {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         self.idempotent(|c| {
             let rows = c.query(sql, &[&after, &i64::from(limit)]).map_err(pg)?;
-            rows.iter()
-                .map(|r| {
-                    let detail: String = r.try_get(5).map_err(pg)?;
-                    Ok(AuditEntry {
-                        id: u64::try_from(r.try_get::<_, i64>(0).map_err(pg)?).unwrap_or(0),
-                        at: ts(r.try_get(1).map_err(pg)?),
-                        actor: r.try_get(2).map_err(pg)?,
-                        action: r.try_get(3).map_err(pg)?,
-                        target: r.try_get(4).map_err(pg)?,
-                        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-                    })
-                })
-                .collect()
+            rows.iter().map(audit_row).collect()
         })
     }
 
@@ -643,19 +631,7 @@ impl Store for PostgresStore {
                     &[&ids],
                 )
                 .map_err(pg)?;
-            rows.iter()
-                .map(|r| {
-                    let detail: String = r.try_get(5).map_err(pg)?;
-                    Ok(AuditEntry {
-                        id: u64::try_from(r.try_get::<_, i64>(0).map_err(pg)?).unwrap_or(0),
-                        at: ts(r.try_get(1).map_err(pg)?),
-                        actor: r.try_get(2).map_err(pg)?,
-                        action: r.try_get(3).map_err(pg)?,
-                        target: r.try_get(4).map_err(pg)?,
-                        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
-                    })
-                })
-                .collect()
+            rows.iter().map(audit_row).collect()
         })
     }
 
@@ -1083,4 +1059,17 @@ impl Listener {
         }
         Ok(woke)
     }
+}
+
+/// An audit row read as `id, at, actor, action, target, detail`.
+fn audit_row(r: &::postgres::Row) -> Result<AuditEntry, ControllerError> {
+    let detail: String = r.try_get(5).map_err(pg)?;
+    Ok(AuditEntry {
+        id: u64::try_from(r.try_get::<_, i64>(0).map_err(pg)?).unwrap_or(0),
+        at: ts(r.try_get(1).map_err(pg)?),
+        actor: r.try_get(2).map_err(pg)?,
+        action: r.try_get(3).map_err(pg)?,
+        target: r.try_get(4).map_err(pg)?,
+        detail: serde_json::from_str(&detail).unwrap_or(serde_json::Value::Null),
+    })
 }
