@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 use http::Method;
 use umbra_policies::Hosting;
 use umbra_proto::api::{AuditEntry, DecisionReport, StreamDecision, StreamOutcome};
-use umbra_proto::stream::Status;
+use umbra_proto::stream::{encode_request, Op, ServiceRequest, Status};
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, echo_service, raw_dial, revoke_policy, router_identity, service,
+    agent, agent_raw_client, echo_service, name, raw_dial, revoke_policy, router_identity, service,
     start_router, Echo,
 };
 use umbra_tests::TestController;
@@ -254,7 +254,7 @@ async fn one_agents_flood_of_refusals_does_not_push_out_anothers() {
     // The other agent's refusal, in the middle of the flood.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (_eb, conn_b) = connect(&b).await;
-    let (status, _s, _r) = dial(&conn_b, "secret").await;
+    let (status, _s, _r) = raw_dial(&conn_b, "secret").await;
     assert_ne!(status, Status::Ok);
     let refused = flood.await.expect("the flood");
     println!("{refused} refused dials in {:?}", t0.elapsed());
