@@ -67,10 +67,19 @@ impl Entry {
     }
 }
 
+/// After a scan for idle books found none to forget, how long new books are refused without
+/// another: a full table of busy books costs one scan (100,000 books, under the lock every
+/// limited dial takes) per pause, not one per new stream.
+const SCAN_PAUSE: Duration = Duration::from_millis(100);
+
 /// The books, keyed by (identity, service, policy), at most `bound` of them.
 pub(crate) struct Table {
     entries: HashMap<Key, Entry>,
     bound: usize,
+    /// When the last scan for idle books freed too little.
+    fruitless_at: Option<Duration>,
+    /// Scans for idle books made.
+    scans: u64,
 }
 
 impl Table {
@@ -78,6 +87,8 @@ impl Table {
         Table {
             entries: HashMap::new(),
             bound,
+            fruitless_at: None,
+            scans: 0,
         }
     }
 
@@ -96,10 +107,16 @@ impl Table {
         };
         let new = missing(self);
         if new > 0 && self.entries.len() + new > self.bound {
-            self.entries.retain(|_, e| !e.is_idle(now));
-            if self.entries.len() + missing(self) > self.bound {
+            if self.fruitless_at.is_some_and(|at| now < at + SCAN_PAUSE) {
                 return Err(Refused::Full);
             }
+            self.scans += 1;
+            self.entries.retain(|_, e| !e.is_idle(now));
+            if self.entries.len() + missing(self) > self.bound {
+                self.fruitless_at = Some(now);
+                return Err(Refused::Full);
+            }
+            self.fruitless_at = None;
         }
         let taken = (keys.into_iter()).map(|(key, limits)| {
             let mut entry = self.entries.remove(&key).unwrap_or_else(|| Entry {

@@ -55,9 +55,9 @@ fn the_table_is_bounded_and_refuses_when_every_book_is_busy() {
         .unwrap();
     assert_eq!(taken.len(), 1);
     table.put_back(taken);
-    // Once a stream ends its book is idle and makes room.
+    // Once a stream ends its book is idle and makes room, at the next scan.
     table.entries.get_mut(&key("a", "p")).unwrap().book.close();
-    open(&mut table, &[key("c", "p")], one_stream(), now).unwrap();
+    open(&mut table, &[key("c", "p")], one_stream(), now + SCAN_PAUSE).unwrap();
     assert_eq!(table.len(), 2);
     assert!(!table.entries.contains_key(&key("a", "p")));
 }
@@ -106,4 +106,29 @@ async fn a_freed_slot_forgets_its_idle_book() {
     assert_eq!(books.len(), 1);
     drop(slot);
     assert_eq!(books.len(), 0);
+}
+
+#[test]
+fn a_full_table_of_busy_books_is_scanned_once_a_pause_not_once_a_stream() {
+    let now = Duration::from_secs(1);
+    let mut table = Table::new(2);
+    open(&mut table, &[key("a", "p")], one_stream(), now).unwrap();
+    open(&mut table, &[key("b", "p")], one_stream(), now).unwrap();
+    let refused = (0..1_000)
+        .filter(|i| {
+            let k = key(&format!("new-{i}"), "p");
+            open(&mut table, &[k], one_stream(), now) == Err(Refused::Full)
+        })
+        .count();
+    assert_eq!(refused, 1_000);
+    assert_eq!(table.scans, 1);
+    // Known keys are not held up by the pause.
+    let taken = table
+        .take(vec![(key("a", "p"), one_stream())], now)
+        .unwrap();
+    table.put_back(taken);
+    // After the pause, the next new book scans again (and finds room once a stream ended).
+    table.entries.get_mut(&key("b", "p")).unwrap().book.close();
+    open(&mut table, &[key("c", "p")], one_stream(), now + SCAN_PAUSE).unwrap();
+    assert_eq!(table.scans, 2);
 }
