@@ -270,3 +270,53 @@ async fn a_follower_that_stops_reading_is_dropped_and_told_why() {
     );
     assert!(ids.len() < 40_000, "the follower was not dropped");
 }
+
+/// Followers are bounded in all, not only per identity: five admins holding as many follows
+/// as each may get 32 between them, and the next is refused; one that ends frees its place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_are_bounded_in_all() {
+    let t = TestController::start().await;
+    let mut admins = Vec::new();
+    for i in 0..5 {
+        let req = umbra_proto::api::CreateIdentityRequest {
+            name: umbra_tests::dataplane::name(&format!("admin-{i}")),
+            kind: umbra_policies::IdentityKind::Admin,
+            roles: Default::default(),
+            token_ttl_secs: None,
+        };
+        let tok: umbra_proto::api::TokenResponse = t
+            .admin_client()
+            .call(Method::POST, "/v1/identities", Some(&req))
+            .await
+            .expect("create admin");
+        let file = umbra_sdk::enroll(&tok.token, Some(&t.addr()))
+            .await
+            .expect("enroll admin");
+        admins.push(t.client_for(&file));
+    }
+    let total = umbra_controller::audit::reader::MAX_FOLLOWERS;
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for admin in &admins {
+        for _ in 0..8 {
+            match admin.stream("/v1/audit/follow").await {
+                Ok(s) => held.push(s),
+                Err(_) => refused += 1,
+            }
+        }
+    }
+    assert_eq!(held.len(), total, "{refused} refused");
+    assert_eq!(refused, 5 * 8 - total);
+    // A follower that goes away frees its place for another.
+    drop(held.pop());
+    let again = tokio::time::timeout(BOUND, async {
+        loop {
+            if let Ok(s) = admins[4].stream("/v1/audit/follow").await {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(again.is_ok(), "a freed place is taken again");
+}
