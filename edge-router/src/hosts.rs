@@ -18,10 +18,13 @@ pub(crate) struct Host {
     pub conn: Connection,
 }
 
-/// Hosts by service; picks among them round-robin.
+/// Hosts by service, each with the number of its open registrations of that service (a host
+/// binding a service again on the same connection, as a gateway restarted in its process does
+/// before its old registration ends, holds two: the first one ending must not unregister it);
+/// picks among them round-robin.
 #[derive(Default)]
 pub(crate) struct Hosts {
-    by_service: Mutex<HashMap<Name, Vec<Host>>>,
+    by_service: Mutex<HashMap<Name, Vec<(Host, usize)>>>,
     next: AtomicUsize,
 }
 
@@ -31,26 +34,33 @@ impl Hosts {
     pub fn add(&self, service: Name, host: Host) -> bool {
         let mut map = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
         let stable = host.conn.stable_id();
-        let binds = map
+        let binds: usize = map
             .values()
             .flatten()
-            .filter(|h| h.conn.stable_id() == stable)
-            .count();
+            .filter(|(h, _)| h.conn.stable_id() == stable)
+            .map(|(_, n)| n)
+            .sum();
         if binds >= MAX_BINDS_PER_CONNECTION {
             return false;
         }
         let hosts = map.entry(service).or_default();
-        if !hosts.iter().any(|h| h.conn.stable_id() == stable) {
-            hosts.push(host);
+        match hosts.iter_mut().find(|(h, _)| h.conn.stable_id() == stable) {
+            Some((_, n)) => *n += 1,
+            None => hosts.push((host, 1)),
         }
         true
     }
 
-    /// Removes one binding.
+    /// Removes one binding: the host stops hosting the service when its last one ends.
     pub fn remove(&self, service: &Name, stable_id: usize) {
         let mut map = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(hosts) = map.get_mut(service) {
-            hosts.retain(|h| h.conn.stable_id() != stable_id);
+            for (h, n) in hosts.iter_mut() {
+                if h.conn.stable_id() == stable_id {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            hosts.retain(|(_, n)| *n > 0);
             if hosts.is_empty() {
                 map.remove(service);
             }
@@ -61,7 +71,7 @@ impl Hosts {
     pub fn remove_connection(&self, stable_id: usize) {
         let mut map = self.by_service.lock().unwrap_or_else(|p| p.into_inner());
         map.retain(|_, hosts| {
-            hosts.retain(|h| h.conn.stable_id() != stable_id);
+            hosts.retain(|(h, _)| h.conn.stable_id() != stable_id);
             !hosts.is_empty()
         });
     }
@@ -75,6 +85,7 @@ impl Hosts {
         };
         let live: Vec<Host> = hosts
             .iter()
+            .map(|(h, _)| h)
             .filter(|h| h.conn.close_reason().is_none() && allowed(&h.id))
             .cloned()
             .collect();

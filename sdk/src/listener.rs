@@ -31,18 +31,35 @@ impl Context {
             service: service.to_owned(),
         })?;
         let (tx, rx) = mpsc::channel(ACCEPT_BACKLOG);
+        let ours = tx.downgrade();
         lock(self.listeners()).insert(name.clone(), tx);
         match bind_all(self, &name, &HashSet::new(), false).await {
-            Ok(binds) if !binds.is_empty() => Ok(Listener::start(self.clone(), name, rx, binds)),
+            Ok(binds) if !binds.is_empty() => {
+                Ok(Listener::start(self.clone(), name, (rx, ours), binds))
+            }
             Ok(_) => {
-                lock(self.listeners()).remove(&name);
+                forget(self, &name, &ours);
                 Err(SdkError::Unavailable("every router".into()))
             }
             Err(e) => {
-                lock(self.listeners()).remove(&name);
+                forget(self, &name, &ours);
                 Err(e)
             }
         }
+    }
+}
+
+/// Removes `name`'s listener from the context if it is still the one whose channel `ours` is:
+/// a listener dropped late (its task aborted and dropped whenever the runtime got to it, as when
+/// a gateway is restarted in its process) must not remove the one a new `bind` of the same
+/// service put there meanwhile, which would then refuse every caller.
+fn forget(ctx: &Context, name: &Name, ours: &mpsc::WeakSender<Incoming>) {
+    let mut listeners = lock(ctx.listeners());
+    let still_ours = listeners
+        .get(name)
+        .is_some_and(|tx| ours.upgrade().is_some_and(|o| o.same_channel(tx)));
+    if still_ours {
+        listeners.remove(name);
     }
 }
 
@@ -117,6 +134,8 @@ async fn held(mut b: Binding) -> (RouterTarget, SdkError) {
 pub struct Listener {
     service: Name,
     rx: mpsc::Receiver<Incoming>,
+    /// Its entry in the context's listeners, to remove only that one.
+    ours: mpsc::WeakSender<Incoming>,
     keeper: tokio::task::JoinHandle<()>,
     ctx: Context,
 }
@@ -133,13 +152,14 @@ impl Listener {
     pub(crate) fn start(
         ctx: Context,
         service: Name,
-        rx: mpsc::Receiver<Incoming>,
+        (rx, ours): (mpsc::Receiver<Incoming>, mpsc::WeakSender<Incoming>),
         binds: Vec<Binding>,
     ) -> Listener {
-        let keeper = tokio::spawn(keep(ctx.clone(), service.clone(), binds));
+        let keeper = tokio::spawn(keep(ctx.clone(), service.clone(), binds, ours.clone()));
         Listener {
             service,
             rx,
+            ours,
             keeper,
             ctx,
         }
@@ -160,7 +180,7 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         self.keeper.abort();
-        lock(self.ctx.listeners()).remove(&self.service);
+        forget(&self.ctx, &self.service, &self.ours);
     }
 }
 
@@ -172,7 +192,7 @@ impl Drop for Listener {
 /// connection when the certificate it was made with expires, and callers should not see that
 /// moment. (A router takes one registration per service per connection, so the two are never on
 /// the same connection.)
-async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
+async fn keep(ctx: Context, service: Name, binds: Vec<Binding>, ours: mpsc::WeakSender<Incoming>) {
     let mut held_binds = JoinSet::new();
     // Each router's registration: the task holding it, and the certificate it was made with.
     let mut bound: HashMap<RouterTarget, (AbortHandle, Serial)> = HashMap::new();
@@ -231,7 +251,7 @@ async fn keep(ctx: Context, service: Name, binds: Vec<Binding>) {
             Err(SdkError::Denied { .. } | SdkError::Revoked) => {
                 tracing::warn!(service = %service, "no longer allowed to host: listener closed");
                 held_binds.shutdown().await;
-                lock(ctx.listeners()).remove(&service);
+                forget(&ctx, &service, &ours);
                 return;
             }
             Err(e) => {
