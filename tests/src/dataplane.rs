@@ -322,3 +322,21 @@ pub async fn raw_dial(
         .expect("an answer");
     (decode_response(answer).expect("a status"), send, recv)
 }
+
+/// A stream to the echo service `svc`, on a raw client connection, that has carried a ping
+/// both ways (so the router has spliced it).
+pub async fn raw_echo(
+    conn: &quinn::Connection,
+    svc: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (status, mut send, mut recv) = raw_dial(conn, svc).await;
+    assert_eq!(status, umbra_proto::stream::Status::Ok, "{svc}");
+    send.write_all(b"ping").await.expect("write");
+    let mut back = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(20), recv.read_exact(&mut back))
+        .await
+        .expect("timely")
+        .expect("echo");
+    assert_eq!(&back, b"ping");
+    (send, recv)
+}

@@ -18,7 +18,7 @@ use umbra_proto::api::GrantRequest;
 use umbra_proto::stream::{codes, Status};
 use umbra_sdk::{Context, SdkError};
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, name, raw_dial, sdk_service, service, start_router, Echo,
+    agent, agent_raw_client, name, raw_dial, raw_echo, sdk_service, service, start_router, Echo,
 };
 use umbra_tests::{eventually, stderr, stdout, TestController};
 
@@ -87,20 +87,6 @@ async fn refused(conn: &Connection, svc: &str) {
     assert_eq!(stopped.into_inner(), u64::from(codes::LIMIT));
 }
 
-/// A stream to the echo service `svc` that carries bytes.
-async fn open_echo(conn: &Connection, svc: &str) -> (SendStream, RecvStream) {
-    let (status, mut send, mut recv) = raw_dial(conn, svc).await;
-    assert_eq!(status, Status::Ok, "{svc}");
-    send.write_all(b"ping").await.expect("write");
-    let mut back = [0u8; 4];
-    tokio::time::timeout(BOUND, recv.read_exact(&mut back))
-        .await
-        .expect("timely")
-        .expect("echo");
-    assert_eq!(&back, b"ping");
-    (send, recv)
-}
-
 /// Ends an echo stream cleanly and waits for the echo's end, so the router's side is done.
 async fn close_echo((mut send, mut recv): (SendStream, RecvStream)) {
     send.finish().expect("finish");
@@ -137,14 +123,14 @@ async fn connections_cap_an_identitys_streams_across_its_connections_and_a_freed
         connect(&router, &a).await,
         connect(&router, &b).await,
     );
-    let first = open_echo(&a1, "echo").await;
-    let _second = open_echo(&a2, "echo").await;
+    let first = raw_echo(&a1, "echo").await;
+    let _second = raw_echo(&a2, "echo").await;
     // The third of agent-a's streams is refused, on either of its connections.
     refused(&a1, "echo").await;
     refused(&a2, "echo").await;
     assert_eq!(router.stats().grant_limited, 2);
     // agent-b, under the same policy, has its own two.
-    let _b = (open_echo(&b1, "echo").await, open_echo(&b1, "echo").await);
+    let _b = (raw_echo(&b1, "echo").await, raw_echo(&b1, "echo").await);
     refused(&b1, "echo").await;
 
     // A slot freed by a stream that ended admits again.
@@ -154,7 +140,7 @@ async fn connections_cap_an_identitys_streams_across_its_connections_and_a_freed
         again.is_some(),
         "agent-a's first stream ended on the router"
     );
-    let _third = open_echo(&a1, "echo").await;
+    let _third = raw_echo(&a1, "echo").await;
     refused(&a2, "echo").await;
     assert_eq!(router.stats().grant_limited, 4);
     router.shutdown().await;
@@ -174,18 +160,12 @@ async fn several_grants_admit_while_any_has_room_an_unlimited_one_wins_and_chang
     let conn = connect(&router, &a).await;
 
     // Each grant has room for one: two streams, then a refusal.
-    let _s = (
-        open_echo(&conn, "echo").await,
-        open_echo(&conn, "echo").await,
-    );
+    let _s = (raw_echo(&conn, "echo").await, raw_echo(&conn, "echo").await);
     refused(&conn, "echo").await;
     // A limit raised applies to the next stream.
     let three = limits(|l| l.connections = Some(3.try_into().unwrap()));
     set_limits(&t, &router, "one-x", three).await;
-    let _more = (
-        open_echo(&conn, "echo").await,
-        open_echo(&conn, "echo").await,
-    );
+    let _more = (raw_echo(&conn, "echo").await, raw_echo(&conn, "echo").await);
     refused(&conn, "echo").await;
     // A grant without limits wins over limited ones.
     grant(
@@ -202,7 +182,7 @@ async fn several_grants_admit_while_any_has_room_an_unlimited_one_wins_and_chang
     })
     .await;
     assert!(seen.is_some());
-    let _free: Vec<_> = futures::future::join_all((0..4).map(|_| open_echo(&conn, "echo"))).await;
+    let _free: Vec<_> = futures::future::join_all((0..4).map(|_| raw_echo(&conn, "echo"))).await;
     assert_eq!(router.stats().grant_limited, 2);
     router.shutdown().await;
 }
@@ -288,7 +268,7 @@ async fn a_rate_refuses_streams_past_its_bucket_and_admits_again_after_refill() 
     }
     // Another identity is not slowed by agent-a's bucket.
     for _ in 0..8 {
-        close_echo(open_echo(&b1, "echo").await).await;
+        close_echo(raw_echo(&b1, "echo").await).await;
     }
 
     // After a refill (200 ms for one token) agent-a is admitted again.

@@ -6,15 +6,15 @@
 
 use std::time::Duration;
 
-use quinn::{Connection, ConnectionError, ReadError, RecvStream, SendStream};
+use quinn::{Connection, ConnectionError, ReadError, RecvStream};
 use umbra_controller::Actor;
 use umbra_edge_router::RouterHandle;
 use umbra_pki::IdentityFile;
 use umbra_policies::IdentityKind;
 use umbra_proto::stream::{codes, Status};
 use umbra_tests::dataplane::{
-    agent, agent_raw_client, echo_service, name, raw_dial, revoke_identity, revoke_policy, service,
-    start_router, Echo,
+    agent, agent_raw_client, echo_service, name, raw_dial, raw_echo, revoke_identity,
+    revoke_policy, service, start_router, Echo,
 };
 use umbra_tests::{eventually, TestController};
 
@@ -95,20 +95,6 @@ async fn reset_with(recv: &mut RecvStream) -> u32 {
     u32::try_from(reset.into_inner()).expect("u32")
 }
 
-/// A stream to `svc` that carries bytes.
-async fn open_stream(conn: &Connection, svc: &str) -> (SendStream, RecvStream) {
-    let (status, mut send, mut recv) = raw_dial(conn, svc).await;
-    assert_eq!(status, Status::Ok, "{svc}");
-    send.write_all(b"ping").await.expect("write");
-    let mut back = [0u8; 4];
-    tokio::time::timeout(BOUND, recv.read_exact(&mut back))
-        .await
-        .expect("timely")
-        .expect("echo");
-    assert_eq!(&back, b"ping");
-    (send, recv)
-}
-
 /// Disables `who` declaratively (there is no other command for it) and waits for the router.
 async fn disable(t: &TestController, router: &RouterHandle, who: &str) {
     let mut doc = umbra_policies::export(&t.ctrl.state());
@@ -149,9 +135,9 @@ async fn a_missing_service_and_an_ungranted_one_read_the_same_on_both_paths() {
     assert_eq!(ungranted, missing);
 
     // Open: a withdrawn grant and a deleted service end their streams the same way.
-    let (_s1, mut withdrawn) = open_stream(&conn, "ungranted").await;
-    let (_s2, mut gone) = open_stream(&conn, "deleted").await;
-    let (mut s3, mut kept) = open_stream(&conn, "kept").await;
+    let (_s1, mut withdrawn) = raw_echo(&conn, "ungranted").await;
+    let (_s2, mut gone) = raw_echo(&conn, "deleted").await;
+    let (mut s3, mut kept) = raw_echo(&conn, "kept").await;
     revoke_policy(&t, "agent-1-ungranted").await;
     assert_eq!(reset_with(&mut withdrawn).await, codes::REVOKED);
     t.ctrl
@@ -179,7 +165,7 @@ async fn a_revoked_identity_is_told_revoked_on_every_path() {
     let a = agent(&t, "agent-1").await;
     echo_service(&t, &echo, "echo", "agent-1").await;
     let conn = connect(&router, &a).await;
-    let (_send, mut recv) = open_stream(&conn, "echo").await;
+    let (_send, mut recv) = raw_echo(&conn, "echo").await;
 
     revoke_identity(&t, "agent-1").await;
     assert_eq!(reset_with(&mut recv).await, codes::REVOKED);
@@ -201,7 +187,7 @@ async fn a_disabled_identity_is_denied_not_revoked_on_every_path() {
     let a = agent(&t, "agent-1").await;
     echo_service(&t, &echo, "echo", "agent-1").await;
     let conn = connect(&router, &a).await;
-    let (_send, mut recv) = open_stream(&conn, "echo").await;
+    let (_send, mut recv) = raw_echo(&conn, "echo").await;
 
     // Before, a policy change closed everything it refused as "revoked", while the same
     // identity connecting was "denied".
@@ -270,7 +256,7 @@ async fn a_deleted_namesakes_certificate_is_refused_by_router_and_controller() {
     );
     // The new agent-1 is served.
     let conn = connect(&router, &after).await;
-    open_stream(&conn, "echo").await;
+    raw_echo(&conn, "echo").await;
     assert_eq!(router.stats().connections_admitted, 1);
     router.shutdown().await;
 }
