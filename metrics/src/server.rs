@@ -50,7 +50,7 @@ impl Default for ServeOptions {
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     /// The address is not a loopback one and the operator did not allow that.
-    #[error("refusing to serve metrics on {0}, which is not a loopback address (the metrics name services and identities); allow it explicitly")]
+    #[error("refusing to serve metrics on {0}, which is not a loopback address (the metrics name services, models and tools); allow it explicitly")]
     NotLoopback(SocketAddr),
     /// Binding failed.
     #[error("binding the metrics endpoint on {addr}: {source}")]
